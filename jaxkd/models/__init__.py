@@ -1,0 +1,77 @@
+"""Model zoo and the model contract.
+
+``get(name, num_classes=...)`` builds a registered architecture as a :class:`Model`; every model
+sows its named features into the ``"intermediates"`` collection (see :mod:`jaxkd.models.base`).
+
+Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``, ``resnet8x4``,
+``resnet32x4``; keyword arguments: none), Wide ResNets (``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``;
+``dropout_rate=0.0``) and ``mlp`` (``hidden_sizes=(256, 256)``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxkd.models.base import (
+    Model,
+    Outputs,
+    from_linen,
+    get_feature,
+    merge_variables,
+    split_variables,
+)
+from jaxkd.models.cifar_resnet import CIFAR_RESNETS, cifar_resnet
+from jaxkd.models.mlp import MLP
+from jaxkd.models.wide_resnet import WIDE_RESNETS, wide_resnet
+
+__all__ = [
+    "Model",
+    "Outputs",
+    "available",
+    "from_linen",
+    "get",
+    "get_feature",
+    "merge_variables",
+    "split_variables",
+]
+
+
+def _mlp(
+    *, num_classes: int, dtype: Any = jnp.float32, hidden_sizes: Sequence[int] = (256, 256)
+) -> MLP:
+    return MLP(num_classes=num_classes, hidden_sizes=tuple(hidden_sizes), dtype=dtype)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    **{name: functools.partial(cifar_resnet, name) for name in CIFAR_RESNETS},
+    **{name: functools.partial(wide_resnet, name) for name in WIDE_RESNETS},
+    "mlp": _mlp,
+}
+
+
+def available() -> list[str]:
+    """The registered architecture names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs: Any) -> Model:
+    """Builds the registered architecture ``name`` as a :class:`Model`.
+
+    Args:
+      name: one of :func:`available`.
+      num_classes: classifier outputs.
+      dtype: compute dtype; parameters stay float32 and logits are returned in float32.
+      **kwargs: architecture-specific options (``dropout_rate`` for WRNs, ``hidden_sizes`` for mlp).
+
+    Raises:
+      ValueError: ``name`` is not registered.
+    """
+    try:
+        build = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {available()}") from None
+    return from_linen(build(num_classes=num_classes, dtype=dtype, **kwargs), name=name)

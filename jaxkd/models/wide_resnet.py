@@ -1,0 +1,108 @@
+"""Wide ResNets for CIFAR as used by knowledge-distillation benchmarks (RepDistiller / mdistiller).
+
+Architecture: Zagoruyko & Komodakis, "Wide Residual Networks" (BMVC 2016): WRN-d-k has a 3x3
+stem convolution to 16 channels, three stages of ``n = (d - 4) / 6`` pre-activation BasicBlocks of
+widths ``16k, 32k, 64k`` at strides 1, 2, 2, then BN + ReLU, global average pooling and a linear
+classifier. Conventions follow RepDistiller (Tian et al., ICLR 2020, ``models/wrn.py``):
+
+* a block whose width or stride changes pre-activates its input once and feeds the activation to
+  both the residual branch and a bias-free 1x1 convolution shortcut; other blocks keep the raw
+  input as the identity shortcut;
+* optional dropout between the two convolutions of a block (rate 0 by default);
+* convolutions have no bias and use Kaiming-normal (fan-out) initialisation.
+
+Layout is NHWC. Features sown (flat names on the top module): ``stage1_in`` (stem output),
+``stage2_in`` / ``stage3_in`` (outputs of stages 1 and 2, i.e. residual sums before the next
+block's pre-activation), ``prepool`` (``relu(bn(stage 3 output))``, the map that is pooled) and
+``pooled`` (the ``[B, C]`` embedding fed to the classifier).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxkd.models.cifar_resnet import batch_norm, conv, dense_init
+
+
+class PreActBlock(nn.Module):
+    """``conv3x3(dropout(relu(bn(conv3x3(relu(bn(x))))))) + shortcut``."""
+
+    features: int
+    strides: int = 1
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        act = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = conv(self.features, 1, self.strides, self.dtype, "shortcut_conv")(act)
+        else:
+            shortcut = x
+        out = conv(self.features, 3, self.strides, self.dtype, "conv1")(act)
+        out = nn.relu(batch_norm(train, self.dtype, "bn2")(out))
+        out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+        out = conv(self.features, 3, 1, self.dtype, "conv2")(out)
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """WRN-``depth``-``widen_factor`` (``depth = 6n + 4``).
+
+    Attributes:
+      depth: total number of weighted layers, ``6n + 4`` (16, 28, 40, …).
+      widen_factor: ``k``; stage widths are ``16k, 32k, 64k``.
+      num_classes: classifier outputs.
+      dropout_rate: dropout inside each block (needs a ``"dropout"`` rng when > 0 and training).
+      dtype: compute dtype (parameters stay float32); logits are returned in float32.
+    """
+
+    depth: int
+    widen_factor: int
+    num_classes: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if (self.depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
+        n = (self.depth - 4) // 6
+        widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
+
+        x = conv(16, 3, 1, self.dtype, "stem_conv")(x)
+        for stage, (width, strides) in enumerate(zip(widths, (1, 2, 2)), start=1):
+            self.sow("intermediates", f"stage{stage}_in", x)
+            for block in range(n):
+                x = PreActBlock(
+                    width, strides if block == 0 else 1, self.dropout_rate, dtype=self.dtype,
+                    name=f"stage{stage}_block{block}",
+                )(x, train)
+        x = nn.relu(batch_norm(train, self.dtype, "final_bn")(x))
+        self.sow("intermediates", "prepool", x)
+        x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "pooled", x)
+        logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
+        return logits.astype(jnp.float32)
+
+
+#: name -> (depth, widen_factor), as in RepDistiller's ``models/wrn.py``.
+WIDE_RESNETS: dict[str, tuple[int, int]] = {
+    "wrn_16_2": (16, 2),
+    "wrn_40_1": (40, 1),
+    "wrn_40_2": (40, 2),
+}
+
+
+def wide_resnet(
+    name: str, *, num_classes: int, dtype: Any = jnp.float32, dropout_rate: float = 0.0
+) -> WideResNet:
+    """Builds one of :data:`WIDE_RESNETS` by name."""
+    depth, widen_factor = WIDE_RESNETS[name]
+    return WideResNet(
+        depth=depth, widen_factor=widen_factor, num_classes=num_classes,
+        dropout_rate=dropout_rate, dtype=dtype,
+    )

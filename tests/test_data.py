@@ -1,0 +1,342 @@
+"""Tests of jaxkd.data: the digits TFDS builder, load_split and the Loader."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from jaxkd.data import pipeline
+from jaxkd.data.pipeline import Loader, Position, load_split
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> str:
+    """A data_dir with the digits builder prepared in it (once per module)."""
+    import tensorflow_datasets as tfds
+
+    from jaxkd.data.digits import Digits
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    builder = Digits(data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+        file_format="array_record",
+    )
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def digits_train(digits_dir):
+    return load_split("digits", "train", data_dir=digits_dir)
+
+
+# ---------------------------------------------------------------- builder
+
+
+def test_digits_builder_reads_back_through_data_source(digits_dir):
+    from jaxkd.data.digits import Digits
+
+    builder = Digits(data_dir=digits_dir)
+    assert builder.is_prepared()
+    assert str(builder.info.file_format.value) == "array_record"
+    assert builder.info.supervised_keys == ("image", "label")
+    assert builder.info.features["label"].num_classes == 10
+    train = builder.as_data_source(split="train")
+    test = builder.as_data_source(split="test")
+    assert (len(train), len(test)) == (1297, 500)
+    record = train[0]
+    assert record["image"].shape == (8, 8, 1)
+    assert record["image"].dtype == np.uint8
+    assert 0 <= int(record["label"]) < 10
+
+
+def test_digits_splits_sizes_disjoint_and_match_sklearn(digits_dir, digits_train):
+    from sklearn.datasets import load_digits
+
+    from jaxkd.data.digits.digits import split_indices
+
+    test = load_split("digits", "test", data_dir=digits_dir)
+    assert len(digits_train) == 1297 and len(test) == 500
+    assert digits_train.num_classes == test.num_classes == 10
+    for s in (digits_train, test):
+        assert s.images.shape[1:] == (8, 8, 1) and s.images.dtype == np.uint8
+        assert s.labels.dtype == np.int32
+        assert s.labels.min() >= 0 and s.labels.max() < 10
+    assert digits_train.images.max() == 255  # 16 -> 255
+
+    # The splits are the documented permutation of load_digits(); compare as
+    # sets of (image, label) rows since the stored order is TFDS's.
+    idx = split_indices()
+    assert len(np.intersect1d(idx["train"], idx["test"])) == 0
+    assert len(np.union1d(idx["train"], idx["test"])) == 1797
+    bunch = load_digits()
+    ref_images = np.rint(bunch.images * 255 / 16).astype(np.uint8)[..., None]
+
+    def rows(images, labels):
+        flat = np.concatenate([images.reshape(len(images), -1), labels[:, None]], axis=1)
+        return {r.tobytes() for r in flat.astype(np.int64)}
+
+    for name, s in (("train", digits_train), ("test", test)):
+        expected = rows(ref_images[idx[name]], bunch.target[idx[name]])
+        assert rows(s.images, s.labels) == expected
+    # Disjoint as examples too (no duplicated image+label across splits).
+    assert not rows(digits_train.images, digits_train.labels) & rows(test.images, test.labels)
+
+
+def test_digits_normalization_constants_match_train_split(digits_train):
+    mean, std = pipeline.channel_stats(digits_train.images)
+    np.testing.assert_allclose(mean, pipeline.DIGITS_MEAN, atol=1e-4)
+    np.testing.assert_allclose(std, pipeline.DIGITS_STD, atol=1e-4)
+
+
+def test_no_tensorflow_needed(tmp_path):
+    """Loads digits and mocked cifar100 in a fresh interpreter that cannot see
+    TensorFlow, whether or not it is installed."""
+    code = textwrap.dedent(
+        f"""
+            import importlib.abc, sys
+
+            finders = list(sys.meta_path)
+
+            class HideTF(importlib.abc.MetaPathFinder):
+                # As if TensorFlow were not installed: `find_spec` says "not found".
+                def find_spec(self, name, path=None, target=None):
+                    if name == "tensorflow" or name.startswith("tensorflow."):
+                        return None
+                    for finder in finders:
+                        spec = finder.find_spec(name, path, target)
+                        if spec is not None:
+                            return spec
+                    return None
+
+                def invalidate_caches(self):
+                    for finder in finders:
+                        getattr(finder, "invalidate_caches", lambda: None)()
+
+            sys.meta_path[:] = [HideTF()]
+            import importlib.util
+            assert importlib.util.find_spec("tensorflow") is None
+            import tensorflow_datasets.testing as tfds_testing
+            from jaxkd.data import load_split
+
+            # Prepared on first use (PNG encoding, array_record writing), then read.
+            s = load_split("digits", "test", data_dir={str(tmp_path)!r})
+            assert len(s) == 500, len(s)
+            with tfds_testing.mock_data(
+                    policy=tfds_testing.MockPolicy.USE_CODE, num_examples=5
+            ):
+                c = load_split("cifar100", "train", data_dir="/nonexistent")
+            assert c.images.shape == (5, 32, 32, 3), c.images.shape
+            assert "tensorflow" not in sys.modules
+            print("OK")
+            """
+    )
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- load_split
+
+
+def test_cifar100_through_load_split_with_mock_data():
+    import tensorflow_datasets.testing as tfds_testing
+
+    with tfds_testing.mock_data(policy=tfds_testing.MockPolicy.USE_CODE, num_examples=23):
+        split = load_split("cifar100", "train", data_dir="/nonexistent/tfds")
+    assert split.images.shape == (23, 32, 32, 3)
+    assert split.images.dtype == np.uint8
+    assert split.labels.shape == (23,) and split.labels.dtype == np.int32
+    assert split.num_classes == 100
+    assert split.labels.min() >= 0 and split.labels.max() < 100
+    assert split["image"] is split.images and split["label"] is split.labels
+    assert "tensorflow" not in sys.modules
+
+
+def test_unprepared_dataset_raises_file_not_found(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as info:
+        load_split("cifar10", "train", data_dir=str(empty))
+    assert time.monotonic() - start < 30  # no network attempts / retries
+    message = str(info.value)
+    assert "cifar10" in message and str(empty) in message
+    assert "tfds build cifar10" in message
+    assert "download_and_prepare(file_format='array_record')" in message
+    # Nothing was downloaded or prepared.
+    assert not (empty / "cifar10" / "3.0.2" / "dataset_info.json").exists()
+
+
+def test_label_out_of_range_raises():
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    with pytest.raises(ValueError, match="label 10 "):
+        pipeline.Split(images, np.array([0, 1, 10, 2], np.int32), num_classes=10)
+    with pytest.raises(ValueError, match="label -1 "):
+        pipeline.validate_labels(np.array([0, -1]), 10)
+    with pytest.raises(ValueError, match="label 3 "):
+        Loader(images, np.array([0, 1, 2, 3]), batch_size=2, num_classes=3)
+    pipeline.validate_labels(np.array([0, 9]), 10)  # in range: no error
+
+
+def test_subset_per_class():
+    labels = np.repeat(np.arange(5), 20)
+    np.random.default_rng(1).shuffle(labels)
+    a = pipeline.subset_per_class(labels, 3, seed=7)
+    b = pipeline.subset_per_class(labels, 3, seed=7)
+    c = pipeline.subset_per_class(labels, 3, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len(np.unique(a)) == 15
+    np.testing.assert_array_equal(np.bincount(labels[a]), [3] * 5)
+    with pytest.raises(ValueError, match="class"):
+        pipeline.subset_per_class(labels, 21, seed=0)
+
+
+# ---------------------------------------------------------------- Loader
+
+
+def _toy(n=50, hw=8, c=1):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, hw, hw, c), dtype=np.uint8)
+    # Encode the example index in pixel (0, 0) so batches can be traced back.
+    images[:, 0, 0, 0] = np.arange(n)
+    labels = np.arange(n) % 10
+    return images, labels
+
+
+def _ids(batch):
+    # mean 0 / std 1: image = uint8 / 255.
+    return np.rint(batch["image"][:, 0, 0, 0] * 255).astype(int)
+
+
+def test_loader_shuffling_reproducible_and_covers_each_epoch():
+    images, labels = _toy()
+    kw = dict(batch_size=8, seed=3, num_epochs=3, drop_remainder=False)
+    a = list(Loader(images, labels, **kw))
+    b = list(Loader(images, labels, **kw))
+    assert len(a) == 3 * 7
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    epochs = []
+    for e in range(3):
+        batches = a[7 * e : 7 * (e + 1)]
+        ids = np.concatenate([_ids(bt)[bt["mask"]] for bt in batches])
+        np.testing.assert_array_equal(np.sort(ids), np.arange(50))  # each once
+        labels_seen = np.concatenate([bt["label"][bt["mask"]] for bt in batches])
+        np.testing.assert_array_equal(labels_seen, labels[ids])
+        epochs.append(ids)
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[1], epochs[2])
+    other = list(Loader(images, labels, **{**kw, "seed": 4}))
+    assert not np.array_equal(_ids(other[0]), _ids(a[0]))
+
+
+def test_loader_train_drops_remainder_and_batch_format():
+    images, labels = _toy()
+    loader = Loader(images, labels, batch_size=8, seed=0, num_epochs=2, augment="shift")
+    assert len(loader) == 6
+    batches = list(loader)
+    assert len(batches) == 12
+    for bt in batches:
+        assert set(bt) == {"image", "label"}
+        assert bt["image"].shape == (8, 8, 8, 1) and bt["image"].dtype == np.float32
+        assert bt["label"].shape == (8,) and bt["label"].dtype == np.int32
+    assert loader.position == Position(2, 0)
+    # num_epochs=None: infinite.
+    inf = iter(Loader(images, labels, batch_size=8, num_epochs=None))
+    for _ in range(40):
+        next(inf)
+
+
+def test_loader_resume_from_position():
+    images, labels = _toy()
+    kw = dict(batch_size=8, seed=11, num_epochs=3, augment="crop_flip", pad=2)
+    full = list(Loader(images, labels, **kw))
+    loader = Loader(images, labels, **kw)
+    it = iter(loader)
+    for _ in range(8):  # into the second epoch
+        next(it)
+    pos = loader.position
+    assert pos == Position(1, 2)
+    resumed = list(Loader(images, labels, start=pos, **kw))
+    assert len(resumed) == len(full) - 8
+    for x, y in zip(full[8:], resumed):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    # batch() is pure and agrees with iteration.
+    np.testing.assert_array_equal(loader.batch((0, 3))["image"], full[3]["image"])
+
+
+def test_loader_eval_padding_and_mask():
+    images, labels = _toy(n=21)
+    loader = Loader(
+        images, labels, batch_size=8, shuffle=False, drop_remainder=False,
+        mean=(0.5,), std=(0.25,),
+    )
+    batches = list(loader)
+    assert len(batches) == 3
+    for bt in batches:
+        assert bt["image"].shape == (8, 8, 8, 1) and bt["mask"].shape == (8,)
+        assert bt["mask"].dtype == np.bool_
+    np.testing.assert_array_equal(batches[0]["mask"], np.ones(8, bool))
+    np.testing.assert_array_equal(batches[2]["mask"], [True] * 5 + [False] * 3)
+    assert np.all(batches[2]["image"][5:] == 0) and np.all(batches[2]["label"][5:] == 0)
+    # Unshuffled, unaugmented: the normalized images in order.
+    got = np.concatenate([bt["image"][bt["mask"]] for bt in batches])
+    expected = (images.astype(np.float32) / 255 - 0.5) / 0.25
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.concatenate([bt["label"][bt["mask"]] for bt in batches]), labels
+    )
+
+
+def test_augment_shapes_dtypes_and_none_is_identity():
+    rng = np.random.default_rng(0)
+    digits = rng.integers(0, 256, size=(16, 8, 8, 1), dtype=np.uint8)
+    cifar = rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    assert pipeline.augment(digits, "none", rng) is digits
+    for images, mode in ((digits, "shift"), (cifar, "crop_flip"), (cifar, "shift")):
+        out = pipeline.augment(images, mode, np.random.default_rng(1))
+        assert out.shape == images.shape and out.dtype == np.uint8
+        assert not np.array_equal(out, images)
+    # A shift moves content by at most `pad` pixels: values come from the image
+    # or the zero padding.
+    one = np.zeros((1, 8, 8, 1), np.uint8)
+    one[0, 4, 4, 0] = 200
+    for seed in range(10):
+        out = pipeline.augment(one, "shift", np.random.default_rng(seed), pad=1)
+        (y, x) = np.argwhere(out[0, :, :, 0] == 200)[0]
+        assert abs(y - 4) <= 1 and abs(x - 4) <= 1 and out.sum() == 200
+    # pad=0 crop_flip is a pure horizontal flip on some examples.
+    out = pipeline.augment(cifar, "crop_flip", np.random.default_rng(2), pad=0)
+    flipped = np.all(out == cifar[:, :, ::-1], axis=(1, 2, 3))
+    kept = np.all(out == cifar, axis=(1, 2, 3))
+    assert np.all(flipped | kept) and flipped.any() and kept.any()
+    with pytest.raises(ValueError):
+        pipeline.augment(digits, "rotate", rng)
+
+
+def test_loader_none_augmentation_is_identity_after_normalization(digits_train):
+    mean, std = pipeline.NORMALIZATION["digits"]
+    loader = Loader(
+        digits_train.images, digits_train.labels, batch_size=64, seed=5,
+        mean=mean, std=std, num_classes=digits_train.num_classes,
+    )
+    idx = loader.epoch_order(0)[:64]
+    batch = next(iter(loader))
+    np.testing.assert_allclose(
+        batch["image"], pipeline.normalize(digits_train.images[idx], mean, std), rtol=1e-6
+    )
+    np.testing.assert_array_equal(batch["label"], digits_train.labels[idx])

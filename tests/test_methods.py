@@ -1,0 +1,130 @@
+"""The method protocol: chains, weights, schedules, names, state and trainable method parameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxkd
+from jaxkd import losses, methods
+from jaxkd.methods import LossAux, LossInputs, Method, MethodVars
+from jaxkd.models import Outputs
+
+from tests.helpers import teacher_variables, tiny_batch, tiny_models
+
+
+def fake_inputs(seed=0, step=0):
+    rng = np.random.default_rng(seed)
+    zs, zt = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    batch = {"label": np.array([0, 1, 2, 3, 0, 1], np.int32)}
+    return LossInputs(
+        student=Outputs(jnp.asarray(zs), {}, {}),
+        teacher=Outputs(jnp.asarray(zt), {}, {}),
+        batch=batch,
+        step=jnp.asarray(step, jnp.int32),
+    )
+
+
+def run(method, inputs):
+    vars = method.init(jax.random.PRNGKey(0), inputs)
+    return method.loss(vars, inputs, jax.random.PRNGKey(1))
+
+
+def test_chain_is_weighted_sum_and_reports_every_term():
+    inputs = fake_inputs()
+    total, aux = run(methods.ce() + 0.5 * methods.kd(temperature=2.0), inputs)
+    ce = losses.cross_entropy(inputs.student.logits, inputs.batch["label"])
+    kd = losses.kd(inputs.student.logits, inputs.teacher.logits, temperature=2.0)
+    np.testing.assert_allclose(aux.metrics["ce"], ce, rtol=1e-6)
+    np.testing.assert_allclose(aux.metrics["kd"], kd, rtol=1e-6)
+    np.testing.assert_allclose(total, ce + 0.5 * kd, rtol=1e-6)
+    np.testing.assert_allclose(aux.metrics["loss"], total)
+
+
+def test_weight_schedule_follows_step():
+    warmup = lambda step: jnp.minimum(step / 10.0, 1.0)
+    method = methods.chain(methods.kd(temperature=1.0, weight=warmup))
+    for step, w in [(0, 0.0), (5, 0.5), (20, 1.0)]:
+        total, aux = run(method, fake_inputs(step=step))
+        np.testing.assert_allclose(aux.metrics["kd/weight"], w)
+        np.testing.assert_allclose(total, w * aux.metrics["kd"], rtol=1e-6)
+
+
+def test_chain_flattens_and_requires_unique_names():
+    c = methods.chain(methods.ce() + methods.kd(), methods.kd(temperature=8.0).named("kd_t8"))
+    assert [m.name for m in c.terms] == ["ce", "kd", "kd_t8"]
+    with pytest.raises(ValueError, match="unique"):
+        methods.ce() + methods.ce()
+    with pytest.raises(ValueError, match="temperature"):
+        methods.kd(temperature=0.0)
+
+
+def projection_method(feature="pooled", width=32):
+    """A user-written FitNets-style method: a trainable linear connector plus a step counter in state."""
+
+    def init(rng, inputs):
+        d_in = jaxkd.models.get_feature(inputs.student, feature, who="student").shape[-1]
+        kernel = jax.random.normal(rng, (d_in, width)) * 0.1
+        return MethodVars(params={"kernel": kernel}, state={"calls": jnp.zeros((), jnp.int32)})
+
+    def loss(vars, inputs, rng):
+        s = jaxkd.models.get_feature(inputs.student, feature, who="student") @ vars.params["kernel"]
+        t = jaxkd.models.get_feature(inputs.teacher, feature, who="teacher")
+        value = jnp.mean((s - t) ** 2)
+        return value, LossAux({"calls": vars.state["calls"]}, {"calls": vars.state["calls"] + 1})
+
+    return Method(name="hint", init=init, loss=loss, needs_teacher=True)
+
+
+def test_user_method_params_are_trained_and_state_is_carried():
+    teacher, student = tiny_models()
+    batch = tiny_batch()
+    state = jaxkd.create(
+        student=student, teacher=teacher, teacher_variables=teacher_variables(teacher, batch),
+        method=methods.ce() + projection_method(), tx=optax.sgd(0.1), sample_batch=batch,
+        rng=jax.random.PRNGKey(0),
+    )
+    kernel0 = np.asarray(state.method.params["hint"]["kernel"])
+    step = jaxkd.make_train_step()
+    first = None
+    for _ in range(20):
+        state, metrics = step(state, batch)
+        first = float(metrics["hint"]) if first is None else first
+    assert int(state.method.state["hint"]["calls"]) == 20
+    assert not np.allclose(kernel0, state.method.params["hint"]["kernel"])
+    assert float(metrics["hint"]) < first
+
+
+def test_missing_feature_error_lists_what_the_model_sows():
+    teacher, student = tiny_models()
+    batch = tiny_batch()
+    with pytest.raises(ValueError, match=r"does not sow a feature named 'stage9'.*pooled"):
+        jaxkd.create(
+            student=student, teacher=teacher, teacher_variables=teacher_variables(teacher, batch),
+            method=projection_method(feature="stage9"), tx=optax.sgd(0.1), sample_batch=batch,
+            rng=jax.random.PRNGKey(0),
+        )
+
+
+def test_parse_builds_the_same_chain_as_code():
+    inputs = fake_inputs()
+    parsed = methods.parse("ce(label_smoothing=0.1) + 0.5 * kd(temperature=2.0)")
+    coded = methods.ce(label_smoothing=0.1) + 0.5 * methods.kd(temperature=2.0)
+    assert [(m.name, m.weight) for m in parsed.terms] == [("ce", 1.0), ("kd", 0.5)]
+    np.testing.assert_allclose(run(parsed, inputs)[0], run(coded, inputs)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("ce + nope", "unknown method 'nope'"),
+        ("kd(4)", "keywords"),
+        ("kd(temperature=__import__('os'))", "literals"),
+        ("kd(temperature=-1)", "temperature"),
+        ("ce +", "cannot parse"),
+    ],
+)
+def test_parse_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        methods.parse(spec)
