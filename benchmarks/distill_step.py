@@ -1,0 +1,125 @@
+"""Time one distillation train step, resnet32x4 -> resnet8x4 (CIFAR-100 shapes), jaxkd vs PyTorch.
+
+    python benchmarks/distill_step.py                 # jaxkd, default XLA flags
+    python benchmarks/distill_step.py --variants      # + XLA CPU flag variants, each in a fresh process
+    python benchmarks/distill_step.py --variants --torch   # + the same step in PyTorch (pip install -e ".[bench]")
+
+The step is the library's own ``jaxkd.make_train_step`` (teacher forward in eval mode under
+stop_gradient, student forward/backward in train mode, ``ce + kd(temperature=4)``, SGD momentum 0.9
+with weight decay 5e-4), batch 64 of 32x32x3 random images, 100 classes. Reported: compile time
+(``lower().compile()``), the median ms/step over ``--steps`` individually timed steps after
+``--warmup`` steps, and examples/s. ``benchmarks/torch_step.py`` times the identical step in PyTorch.
+XLA flags are read when jax starts, so every variant runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {
+    "default": "",
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "onednn": "--xla_cpu_use_onednn=true",
+}
+
+
+def measure(batch_size: int, steps: int, warmup: int) -> dict:
+    import jax
+
+    jax.config.update("jax_default_prng_impl", "rbg")  # faster init compile; not part of the timing
+    import numpy as np
+    import optax
+
+    import jaxkd
+    from jaxkd import methods, models
+
+    teacher = models.get("resnet32x4", num_classes=100)
+    student = models.get("resnet8x4", num_classes=100)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 100, size=batch_size).astype(np.int32),
+    }
+    key = jax.random.PRNGKey(0)
+    teacher_vars = jax.jit(teacher.init)(key, batch["image"])
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+    state = jaxkd.create(student=student, teacher=teacher, teacher_variables=teacher_vars,
+                         method=methods.ce() + methods.kd(temperature=4.0), tx=tx, sample_batch=batch, rng=key)
+    step = jaxkd.make_train_step()
+    device_batch = jax.device_put(batch)  # time the step, not the host-to-device copy
+
+    start = time.perf_counter()
+    compiled = step.jitted.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, device_batch)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    ms = 1000 * float(np.median(times))
+    return {
+        "framework": "jaxkd",
+        "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compile_s": compile_s,
+        "ms_per_step": ms,
+        "examples_per_s": batch_size / (ms / 1000),
+        "loss": float(metrics["loss"]),
+    }
+
+
+def run_child(args: list[str], env_flags: str | None = None, python: str = sys.executable) -> dict:
+    env = dict(os.environ)
+    if env_flags is not None:
+        env["XLA_FLAGS"] = env_flags
+    out = subprocess.run([python, *args], env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", action="store_true", help="also time the XLA CPU flag variants")
+    parser.add_argument("--torch", action="store_true", help="also time benchmarks/torch_step.py")
+    parser.add_argument("--torch-python", default=sys.executable, help="the interpreter that has torch")
+    parser.add_argument("--json", action="store_true", help="(internal) measure once, print one JSON line")
+    args = parser.parse_args()
+    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.json:
+        print(json.dumps(measure(args.batch_size, args.steps, args.warmup)))
+        return
+
+    rows = []
+    names = VARIANTS if args.variants else {"default": VARIANTS["default"]}
+    for name, flags in names.items():
+        r = run_child([os.path.abspath(__file__), "--json", *common], env_flags=flags)
+        rows.append((f"jaxkd ({name})", r))
+    if args.torch:
+        for extra, label in (([], "PyTorch"), (["--channels-last"], "PyTorch (channels_last)")):
+            r = run_child([os.path.join(HERE, "torch_step.py"), "--json", *common, *extra], python=args.torch_python)
+            r["compile_s"] = r.get("first_step_s", float("nan"))
+            rows.append((label, r))
+
+    torch_ms = min((r["ms_per_step"] for n, r in rows if n.startswith("PyTorch")), default=None)
+    print(f"resnet32x4 -> resnet8x4 KD step, batch {args.batch_size}, 32x32x3, CPU ({os.cpu_count()} cores); "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print("| implementation | compile / first step (s) | ms/step | examples/s | step time vs best PyTorch |")
+    print("|---|---|---|---|---|")
+    for name, r in rows:
+        ratio = f"{r['ms_per_step'] / torch_ms:.2f}x" if torch_ms else "n/a"
+        print(f"| {name} | {r['compile_s']:.1f} | {r['ms_per_step']:.0f} | {r['examples_per_s']:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
