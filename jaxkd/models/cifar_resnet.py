@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxkd.models.conv import conv_general_dilated
+
 # PyTorch ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``: N(0, 2 / (k*k*out_channels)).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's default ``nn.Linear`` weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (biases start at 0,
@@ -36,11 +38,13 @@ def conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.
     """A bias-free ``kernel x kernel`` convolution with Kaiming fan-out init.
 
     Pads ``kernel // 2`` on every side like PyTorch's ``padding=1`` (XLA's ``"SAME"`` would pad a
-    stride-2 convolution asymmetrically and sample different pixels).
+    stride-2 convolution asymmetrically and sample different pixels). The kernel gradient goes
+    through :func:`jaxkd.models.conv.conv_general_dilated` (one GEMM on CPU instead of XLA's slow
+    full-map convolution; identical results).
     """
     return nn.Conv(
         features, (kernel, kernel), strides=strides, padding=kernel // 2, use_bias=False,
-        kernel_init=conv_init, dtype=dtype, name=name,
+        kernel_init=conv_init, dtype=dtype, name=name, conv_general_dilated=conv_general_dilated,
     )
 
 
