@@ -54,3 +54,13 @@ def test_overrides_are_typed_and_checked():
     assert cfg.methods["kd_t8"] == "ce + kd(temperature=8)" and "kd" in cfg.methods
     with pytest.raises(ValueError, match="unknown config key"):
         config_lib.apply_overrides(cfg, ["stpes=3"])
+
+
+@pytest.mark.slow
+def test_full_default_experiment(tmp_path):
+    """The README's default run (about 4 minutes on 2 cores): `pytest -m slow`."""
+    summary = distill.main(["--out", str(tmp_path / "run")])
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert rows["teacher"]["seeds"] == rows["kd"]["seeds"] == rows["scratch"]["seeds"] == 3
+    assert rows["teacher"]["top1_mean"] > 95.0
+    assert rows["scratch"]["top1_mean"] > 80.0
