@@ -70,7 +70,10 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Trai
     def loss_fn(trainable):
         variables = {"params": trainable["student"], **state.student.model_state}
         student_out = state.student_model.apply(variables, x, train=True, rngs={"dropout": dropout_rng})
-        inputs = LossInputs(student=student_out, teacher=teacher_out, batch=batch, step=state.step)
+        inputs = LossInputs(
+            student=student_out, teacher=teacher_out, batch=batch, step=state.step,
+            student_variables=variables, student_model=state.student_model, input_key=state.input_key,
+        )
         loss, aux = method.loss(MethodVars(trainable["method"], state.method.state), inputs, method_rng)
         return loss, (student_out, aux)
 
@@ -116,7 +119,9 @@ def make_train_step(*, mesh: Mesh | None = None, donate: bool = True) -> Callabl
 def _eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
     x = batch[state.input_key]
     out = state.student_model.apply(state.student_variables(), x, train=False)
-    correct, count = _accuracy_terms(out.logits, batch)
+    predict = state.method_def.predict
+    logits = out.logits if predict is None else predict(state.method, out)
+    correct, count = _accuracy_terms(logits, batch)
     metrics = {"correct": correct, "count": count}
     if state.teacher is not None:
         t_out = state.teacher_model.apply(state.teacher_variables(), x, train=False)

@@ -160,7 +160,10 @@ def create(
     _check_models_agree(student_out, teacher_out)
 
     batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype), dict(sample_batch))
-    inputs = LossInputs(student=student_out, teacher=teacher_out, batch=batch_spec, step=jnp.zeros((), jnp.int32))
+    inputs = LossInputs(
+        student=student_out, teacher=teacher_out, batch=batch_spec, step=jnp.zeros((), jnp.int32),
+        student_variables=dict(student_variables), student_model=student, input_key=input_key,
+    )
     method_vars = method.init(method_rng, inputs)
     # Trace the loss once on abstract values: raises every shape/key/feature error now.
     jax.eval_shape(lambda v, i: method.loss(v, i, method_rng), method_vars, inputs)

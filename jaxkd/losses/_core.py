@@ -15,6 +15,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Reduction = Literal["mean", "sum", "none"]
@@ -59,7 +60,9 @@ def check_labels(labels: Array, logits: Array) -> None:
     if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.asarray(labels).dtype}")
     if is_concrete(labels) and jnp.size(labels):
-        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        # NumPy, not jnp: inside a trace jnp would stage even a constant's min as a tracer.
+        values = np.asarray(labels)
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(f"label {bad} is outside [0, num_classes={num_classes})")

@@ -12,7 +12,12 @@ from jaxkd.methods.base import (
     require,
     require_teacher,
 )
+from jaxkd.methods import tgeo
+from jaxkd.methods.dual_head import dhkd, dho
+from jaxkd.methods.fantastic_gains import kd_dp
 from jaxkd.methods.logit import ce, kd
+from jaxkd.methods.taid import taid
+from jaxkd.methods.tgeo import tgeo_kd
 from jaxkd.methods.spec import REGISTRY, parse, register
 
 __all__ = [
@@ -25,10 +30,15 @@ __all__ = [
     "as_chain",
     "ce",
     "chain",
+    "dhkd",
+    "dho",
     "example_mask",
     "kd",
+    "kd_dp",
     "parse",
     "register",
     "require",
     "require_teacher",
+    "taid",
+    "tgeo_kd",
 ]

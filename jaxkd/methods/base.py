@@ -10,6 +10,8 @@ A :class:`Method` is a small record of pure functions:
   student parameters and ``vars.params``; ``state`` is the method state after this forward pass (for
   updates that need the forward's values, e.g. a memory bank write or the observed loss).
 * ``update(params, state, info) -> state`` — runs after the optimizer step (an EMA, a schedule).
+* ``predict(vars, student_outputs) -> logits`` (optional) — what evaluation scores, for methods that
+  change inference (a second head combined with the first).
 
 :func:`chain` (or ``+``) composes methods: each keeps its variables under its own name, the total is the
 weighted sum, and every term is reported as a metric. ``weight`` may be a float or a schedule
@@ -41,12 +43,24 @@ class LossInputs:
       teacher: the teacher's forward pass (eval mode, gradient stopped), or ``None`` without a teacher.
       batch: the batch mapping (``"image"``, ``"label"``, optional ``"mask"`` of valid examples, …).
       step: the optimizer step count before this update (int32 scalar).
+      student_variables: ``{"params": ..., **model_state}`` of the student *being differentiated* —
+        for methods that run the student again (a frozen copy, a one-step lookahead). At ``init`` these
+        are the student's initial variables.
+      student_model: the student :class:`~jaxkd.models.Model` (static), to apply those variables.
+      input_key: which batch entry is the model input (static).
     """
 
     student: Outputs
     teacher: Outputs | None
     batch: Mapping[str, Array]
     step: Array
+    student_variables: PyTree = None
+    student_model: Any = flax.struct.field(pytree_node=False, default=None)
+    input_key: str = flax.struct.field(pytree_node=False, default="image")
+
+    @property
+    def model_input(self) -> Array:
+        return self.batch[self.input_key]
 
 
 @flax.struct.dataclass
@@ -93,6 +107,8 @@ class Method:
       weight: multiplier (or schedule ``step -> multiplier``) of this term in a chain.
       batch_keys: batch entries the loss reads (checked when the train state is created).
       needs_teacher: whether the loss reads the teacher's outputs.
+      predict: ``(vars, student_outputs) -> logits`` used by evaluation, or ``None`` for the student's
+        own logits.
       terms: for a chain, its members (empty for a single method).
     """
 
@@ -103,6 +119,7 @@ class Method:
     weight: Weight = 1.0
     batch_keys: tuple[str, ...] = ()
     needs_teacher: bool = False
+    predict: Callable[[MethodVars, Outputs], Array] | None = None
     terms: tuple["Method", ...] = ()
 
     def named(self, name: str) -> "Method":
@@ -210,6 +227,18 @@ def chain(*methods: Method, name: str = "chain") -> Method:
     def update(params: PyTree, state: PyTree, info: StepInfo) -> PyTree:
         return {m.name: m.update(params[m.name], state[m.name], info) for m in terms}
 
+    predictors = [m for m in terms if m.predict is not None]
+    if len(predictors) > 1:
+        raise ValueError(
+            f"at most one method in a chain may change inference, got {[m.name for m in predictors]}"
+        )
+    predict = None
+    if predictors:
+        member = predictors[0]
+
+        def predict(vars: MethodVars, outputs: Outputs) -> Array:
+            return member.predict(MethodVars(vars.params[member.name], vars.state[member.name]), outputs)
+
     return Method(
         name=name,
         loss=loss,
@@ -217,6 +246,7 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         update=update,
         batch_keys=tuple(dict.fromkeys(k for m in terms for k in m.batch_keys)),
         needs_teacher=any(m.needs_teacher for m in terms),
+        predict=predict,
         terms=terms,
     )
 

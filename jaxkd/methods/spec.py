@@ -12,11 +12,20 @@ import ast
 from typing import Callable
 
 from jaxkd.methods.base import Method, chain
+from jaxkd.methods.dual_head import dhkd, dho
+from jaxkd.methods.fantastic_gains import kd_dp
 from jaxkd.methods.logit import ce, kd
+from jaxkd.methods.taid import taid
+from jaxkd.methods.tgeo import tgeo_kd
 
 REGISTRY: dict[str, Callable[..., Method]] = {
     "ce": ce,
     "kd": kd,
+    "taid": taid,
+    "kd_dp": kd_dp,
+    "dho": dho,
+    "dhkd": dhkd,
+    "tgeo_kd": tgeo_kd,
 }
 
 
