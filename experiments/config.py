@@ -44,6 +44,9 @@ class Config:
     labels_per_class: int | None = None
     steps: int = 600
     lr: float = 0.05
+    # Methods with a held-out meta objective (TGeo-KD) hold out this many of the student's labeled
+    # examples per class as their meta set and train on the rest.
+    meta_per_class: int = 2
     # The methods compared: run name -> method spec (see `jaxkd.methods.parse`).
     methods: dict = dataclasses.field(
         default_factory=lambda: {"scratch": "ce", "kd": "ce + kd(temperature=4)"}

@@ -78,6 +78,13 @@ def load_data(cfg: config_lib.Config) -> Data:
     return Data(train, student_train, list(test_loader), mean, std)
 
 
+def hold_out(split: data.Split, per_class: int, seed: int) -> tuple[data.Split, data.Split]:
+    """``(rest, held_out)`` with ``per_class`` examples of each class held out (a meta/validation set)."""
+    held = data.subset_per_class(split.labels, per_class, seed)
+    rest = np.setdiff1d(np.arange(len(split)), held)
+    return split.subset(rest), split.subset(held)
+
+
 class Runner:
     """Trains one (model, method) pair per call; jitted steps are built once and reused across seeds."""
 
@@ -94,15 +101,25 @@ class Runner:
     def _write(self, record: dict[str, Any]) -> None:
         self.log.write(json.dumps(record) + "\n")
 
-    def fit(self, *, run: str, seed: int, state, split: data.Split, steps: int, lr_schedule) -> tuple[Any, float]:
-        """Trains ``steps`` steps, evaluating every ``eval_every``; returns the state and final test accuracy."""
-        cfg = self.cfg
-        loader = data.Loader(
-            split.images, split.labels, batch_size=min(cfg.batch_size, len(split)), mean=self.data.mean,
+    def _batches(self, split: data.Split, seed: int):
+        return iter(data.Loader(
+            split.images, split.labels, batch_size=min(self.cfg.batch_size, len(split)), mean=self.data.mean,
             std=self.data.std, shuffle=True, seed=seed, drop_remainder=True, num_epochs=None,
-            augment=cfg.augment, num_classes=split.num_classes,
-        )
-        batches = iter(loader)
+            augment=self.cfg.augment, num_classes=split.num_classes,
+        ))
+
+    def fit(self, *, run: str, seed: int, state, split: data.Split, steps: int, lr_schedule,
+            meta: data.Split | None = None) -> tuple[Any, float]:
+        """Trains ``steps`` steps, evaluating every ``eval_every``; returns the state and final test accuracy.
+
+        With ``meta``, every batch also carries a batch of it as ``meta_image``/``meta_label`` (for
+        methods with a held-out meta objective, e.g. TGeo-KD).
+        """
+        cfg = self.cfg
+        batches = self._batches(split, seed)
+        if meta is not None:
+            train_batches, meta_batches = batches, self._batches(meta, seed + 10_000)
+            batches = ({**b, **{f"meta_{k}": v for k, v in next(meta_batches).items()}} for b in train_batches)
         pending: list[tuple[int, dict]] = []  # device metrics, fetched at eval points (no per-step sync)
 
         def flush_and_eval(step: int) -> float:
@@ -135,7 +152,8 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     num_classes = dataset.train.num_classes
     teacher = models.get(cfg.teacher, num_classes=num_classes, **cfg.teacher_kwargs)
     student = models.get(cfg.student, num_classes=num_classes, **cfg.student_kwargs)
-    run_methods = {name: methods.parse(spec) for name, spec in cfg.methods.items()}
+    # Specs may say `steps` for the student's step budget, e.g. "ce + taid(total_steps=steps)".
+    run_methods = {name: methods.parse(spec, {"steps": cfg.steps}) for name, spec in cfg.methods.items()}
     teacher_schedule = schedule_of(cfg, cfg.teacher_lr, cfg.teacher_steps)
     student_schedule = schedule_of(cfg, cfg.lr, cfg.steps)
     teacher_tx, student_tx = make_optimizer(cfg, teacher_schedule), make_optimizer(cfg, student_schedule)
@@ -167,13 +185,17 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             teacher_vars = load_variables(teacher_dir, abstract_teacher)
             for name, method in run_methods.items():
                 with_teacher = method.needs_teacher
+                train_split, meta_split = dataset.student_train, None
+                if "meta_label" in method.batch_keys:
+                    train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
+                method_sample = sample if meta_split is None else {**sample, **{f"meta_{k}": v for k, v in sample.items()}}
                 state = jaxkd.create(
-                    student=student, method=method, tx=student_tx, sample_batch=sample, rng=student_rng,
+                    student=student, method=method, tx=student_tx, sample_batch=method_sample, rng=student_rng,
                     teacher=teacher if with_teacher else None,
                     teacher_variables=teacher_vars if with_teacher else None,
                 )
-                state, accuracy = runner.fit(run=name, seed=seed, state=state, split=dataset.student_train,
-                                             steps=cfg.steps, lr_schedule=student_schedule)
+                state, accuracy = runner.fit(run=name, seed=seed, state=state, split=train_split,
+                                             steps=cfg.steps, lr_schedule=student_schedule, meta=meta_split)
                 results[name].append(accuracy)
             teacher_eval = jaxkd.create(student=teacher, method=teacher_method, tx=teacher_tx,
                                         sample_batch=sample, rng=teacher_rng, student_variables=teacher_vars)

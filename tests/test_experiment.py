@@ -33,6 +33,21 @@ def test_default_experiment_pipeline_on_tiny_settings(tmp_path):
     assert "| kd | mlp | `ce + kd(temperature=4)` |" in summary["table"]
 
 
+def test_stateful_and_meta_batch_methods_run_by_name(tmp_path):
+    summary = distill.main(
+        ["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
+        + sum((["--set", s] for s in TINY), [])
+        + ["--set", "seeds=(0,)", "--set", "labels_per_class=5",
+           "--set", "methods={'taid': 'ce + taid(total_steps=steps)', 'tgeo': 'tgeo_kd', 'dho': 'dho', 'kd_dp': 'kd_dp'}"]
+    )
+    assert {r["run"] for r in summary["rows"]} == {"teacher", "taid", "tgeo", "dho", "kd_dp"}
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    tgeo = [r for r in records if r["run"] == "tgeo" and "loss" in r]
+    assert len(tgeo) == 20 and "tgeo_kd/meta_ce" in tgeo[0]
+    taid_t = [r["taid/t"] for r in records if r["run"] == "taid" and "loss" in r]
+    assert taid_t[-1] > taid_t[0]
+
+
 def test_cifar100_through_tfds_mock_data(tmp_path):
     import tensorflow_datasets.testing as tfds_testing
 

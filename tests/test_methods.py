@@ -115,6 +115,13 @@ def test_parse_builds_the_same_chain_as_code():
     np.testing.assert_allclose(run(parsed, inputs)[0], run(coded, inputs)[0], rtol=1e-6)
 
 
+def test_parse_reads_named_constants():
+    method = methods.parse("ce + taid(total_steps=steps)", {"steps": 123})
+    assert [m.name for m in method.terms] == ["ce", "taid"]
+    with pytest.raises(ValueError, match="literals"):
+        methods.parse("taid(total_steps=steps)")
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

@@ -3,13 +3,14 @@
 Configs and command lines name methods with this small expression language, so every registered
 method is selectable from an experiment config. Grammar (a safe subset of Python, evaluated without
 ``eval``): a sum of terms; a term is ``[number *] name[(keyword=literal, ...)]``; ``name`` is a key of
-:data:`REGISTRY`. Literals are numbers, strings, booleans, ``None`` and tuples of those.
+:data:`REGISTRY`. Literals are numbers, strings, booleans, ``None`` and tuples of those, or a name from
+the ``constants`` passed to :func:`parse` (e.g. ``taid(total_steps=steps)`` with ``{"steps": 400}``).
 """
 
 from __future__ import annotations
 
 import ast
-from typing import Callable
+from typing import Callable, Mapping
 
 from jaxkd.methods.base import Method, chain
 from jaxkd.methods.dual_head import dhkd, dho
@@ -36,7 +37,9 @@ def register(name: str, factory: Callable[..., Method]) -> None:
     REGISTRY[name] = factory
 
 
-def _literal(node: ast.AST, source: str):
+def _literal(node: ast.AST, source: str, constants: Mapping[str, object]):
+    if isinstance(node, ast.Name) and node.id in constants:
+        return constants[node.id]
     try:
         return ast.literal_eval(node)
     except ValueError:
@@ -45,22 +48,22 @@ def _literal(node: ast.AST, source: str):
         ) from None
 
 
-def _term(node: ast.AST, source: str) -> Method:
+def _term(node: ast.AST, source: str, constants: Mapping[str, object]) -> Method:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
         left, right = node.left, node.right
         if isinstance(right, ast.Constant):
             left, right = right, left
-        weight = _literal(left, source)
+        weight = _literal(left, source, constants)
         if not isinstance(weight, (int, float)):
             raise ValueError(f"a method weight must be a number, got {weight!r} in {source!r}")
-        return float(weight) * _term(right, source)
+        return float(weight) * _term(right, source, constants)
     if isinstance(node, ast.Name):
         name, kwargs = node.id, {}
     elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         if node.args:
             raise ValueError(f"method arguments must be keywords (name=value) in {source!r}")
         name = node.func.id
-        kwargs = {kw.arg: _literal(kw.value, source) for kw in node.keywords}
+        kwargs = {kw.arg: _literal(kw.value, source, constants) for kw in node.keywords}
     else:
         raise ValueError(f"cannot read {ast.get_source_segment(source, node)!r} as a method in {source!r}")
     if name not in REGISTRY:
@@ -68,16 +71,19 @@ def _term(node: ast.AST, source: str) -> Method:
     return REGISTRY[name](**kwargs)
 
 
-def _terms(node: ast.AST, source: str) -> list[Method]:
+def _terms(node: ast.AST, source: str, constants: Mapping[str, object]) -> list[Method]:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _terms(node.left, source) + _terms(node.right, source)
-    return [_term(node, source)]
+        return _terms(node.left, source, constants) + _terms(node.right, source, constants)
+    return [_term(node, source, constants)]
 
 
-def parse(spec: str) -> Method:
-    """Builds a method chain from a string such as ``"ce(label_smoothing=0.1) + 0.9*kd(temperature=4)"``."""
+def parse(spec: str, constants: Mapping[str, object] | None = None) -> Method:
+    """Builds a method chain from a string such as ``"ce(label_smoothing=0.1) + 0.9*kd(temperature=4)"``.
+
+    ``constants`` names values the spec may use as arguments (the experiment passes ``steps``).
+    """
     try:
         tree = ast.parse(spec.strip(), mode="eval")
     except SyntaxError as e:
         raise ValueError(f"cannot parse method spec {spec!r}: {e.msg}") from None
-    return chain(*_terms(tree.body, spec))
+    return chain(*_terms(tree.body, spec, dict(constants or {})))
