@@ -13,6 +13,7 @@ from jaxkd.methods.base import (
     require_teacher,
 )
 from jaxkd.methods import tgeo
+from jaxkd.methods.divergences import ab, forward_kl, gjsd, jsd, reverse_kl, skl, sparse_kd, srkl, tvd
 from jaxkd.methods.dual_head import dhkd, dho
 from jaxkd.methods.fantastic_gains import kd_dp
 from jaxkd.methods.logit import ce, kd
@@ -21,6 +22,15 @@ from jaxkd.methods.tgeo import tgeo_kd
 from jaxkd.methods.spec import REGISTRY, parse, register
 
 __all__ = [
+    "ab",
+    "forward_kl",
+    "gjsd",
+    "jsd",
+    "reverse_kl",
+    "skl",
+    "sparse_kd",
+    "srkl",
+    "tvd",
     "REGISTRY",
     "LossAux",
     "LossInputs",

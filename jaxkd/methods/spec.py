@@ -13,6 +13,7 @@ import ast
 from typing import Callable, Mapping
 
 from jaxkd.methods.base import Method, chain
+from jaxkd.methods import divergences as div
 from jaxkd.methods.dual_head import dhkd, dho
 from jaxkd.methods.fantastic_gains import kd_dp
 from jaxkd.methods.logit import ce, kd
@@ -27,6 +28,15 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     "dho": dho,
     "dhkd": dhkd,
     "tgeo_kd": tgeo_kd,
+    "fkl": div.forward_kl,
+    "rkl": div.reverse_kl,
+    "jsd": div.jsd,
+    "gjsd": div.gjsd,
+    "skl": div.skl,
+    "srkl": div.srkl,
+    "tvd": div.tvd,
+    "ab": div.ab,
+    "sparse_kd": div.sparse_kd,
 }
 
 
