@@ -154,6 +154,18 @@ def test_dho_trains_its_head_and_evaluation_mixes_the_two_heads():
     np.testing.assert_allclose(metrics["dho"], 0.5 * metrics["dho/ce"] + 0.5 * metrics["dho/kd"], rtol=1e-6)
 
 
+def test_dhkd_trains_the_auxiliary_head_and_evaluates_the_model_head():
+    state = new_state(methods.dhkd(temperature=2.0, hidden=8))
+    state, metrics = STEP(state, BATCH)
+    head = jax.device_get(state.method.params["dhkd"]["aux_head"])
+    assert set(head) == {"hidden", "out"} and head["hidden"]["kernel"].shape == (16, 8)
+    np.testing.assert_allclose(metrics["dhkd"], metrics["dhkd/ce"] + metrics["dhkd/bkl"], rtol=1e-6)
+    out = STUDENT.apply(state.student_variables(), BATCH["image"], train=False)
+    expected = np.mean(np.argmax(out.logits, -1) == BATCH["label"])
+    result = jaxkd.evaluate(state, [dict(BATCH, mask=np.ones(16, bool))], jaxkd.make_eval_step())
+    np.testing.assert_allclose(result["accuracy"], expected)
+
+
 def test_only_one_method_in_a_chain_may_change_inference():
     with pytest.raises(ValueError, match="change inference"):
         methods.dho() + methods.dho().named("dho2")

@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 
 from jaxkd.methods.base import Method, chain
 from jaxkd.methods import divergences as div
+from jaxkd.methods import logit_methods as lm
 from jaxkd.methods.dual_head import dhkd, dho
 from jaxkd.methods.fantastic_gains import kd_dp
 from jaxkd.methods.logit import ce, kd
@@ -37,6 +38,14 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     "tvd": div.tvd,
     "ab": div.ab,
     "sparse_kd": div.sparse_kd,
+    "dkd": lm.dkd,
+    "kd_ls": lm.kd_ls,
+    "dist": lm.dist,
+    "nkd": lm.nkd,
+    "pld": lm.pld,
+    "sinkd": lm.sinkd,
+    "bdkd": lm.bdkd,
+    "swing": lm.swing,
 }
 
 
