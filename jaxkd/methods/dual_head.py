@@ -14,13 +14,12 @@ train state); the student model itself is unchanged.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.losses._core import check_in_range, check_positive
+from jaxkd.methods.heads import head_apply, head_init
 from jaxkd.methods.base import (
     LossAux,
     LossInputs,
@@ -32,33 +31,6 @@ from jaxkd.methods.base import (
     require_teacher,
 )
 from jaxkd.models.base import Outputs, get_feature
-
-
-def _dense_init(rng: jax.Array, d_in: int, d_out: int) -> dict:
-    """PyTorch's default ``nn.Linear`` init: weight and bias ~ U(−1/√d_in, 1/√d_in)."""
-    bound = 1.0 / math.sqrt(d_in)
-    k1, k2 = jax.random.split(rng)
-    return {
-        "kernel": jax.random.uniform(k1, (d_in, d_out), jnp.float32, -bound, bound),
-        "bias": jax.random.uniform(k2, (d_out,), jnp.float32, -bound, bound),
-    }
-
-
-def _dense(params: dict, x: jax.Array) -> jax.Array:
-    return jnp.asarray(x, jnp.float32) @ params["kernel"] + params["bias"]
-
-
-def _head_init(rng: jax.Array, d_in: int, num_classes: int, hidden: int | None) -> dict:
-    if hidden is None:
-        return {"out": _dense_init(rng, d_in, num_classes)}
-    k1, k2 = jax.random.split(rng)
-    return {"hidden": _dense_init(k1, d_in, hidden), "out": _dense_init(k2, hidden, num_classes)}
-
-
-def _head_apply(params: dict, x: jax.Array) -> jax.Array:
-    if "hidden" in params:
-        x = jax.nn.relu(_dense(params["hidden"], x))
-    return _dense(params["out"], x)
 
 
 def _feature_and_classes(inputs: LossInputs, feature: str) -> tuple[int, int]:
@@ -93,20 +65,20 @@ def dho(
 
     def init(rng: jax.Array, inputs: LossInputs) -> MethodVars:
         d, c = _feature_and_classes(inputs, feature)
-        return MethodVars(params={"kd_head": _head_init(rng, d, c, None)})
+        return MethodVars(params={"kd_head": head_init(rng, d, c, None)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng: jax.Array):
         del rng
         teacher = require_teacher(inputs, method=name)
         labels = require(inputs.batch, "label", method=name)
         mask = example_mask(inputs.batch)
-        z_kd = _head_apply(vars.params["kd_head"], get_feature(inputs.student, feature, who="student"))
+        z_kd = head_apply(vars.params["kd_head"], get_feature(inputs.student, feature, who="student"))
         ce = losses.cross_entropy(inputs.student.logits, labels, mask=mask)
         kd = losses.kd(z_kd, jax.lax.stop_gradient(teacher.logits), temperature=temperature, mask=mask)
         return ce_weight * ce + kd_weight * kd, LossAux({"ce": ce, "kd": kd}, vars.state)
 
     def predict(vars: MethodVars, outputs: Outputs) -> jax.Array:
-        z_kd = _head_apply(vars.params["kd_head"], get_feature(outputs, feature, who="student"))
+        z_kd = head_apply(vars.params["kd_head"], get_feature(outputs, feature, who="student"))
         p = mix * jax.nn.softmax(outputs.logits.astype(jnp.float32), -1) + (1 - mix) * jax.nn.softmax(
             z_kd / kd_head_temperature, -1
         )
@@ -140,14 +112,14 @@ def dhkd(
 
     def init(rng: jax.Array, inputs: LossInputs) -> MethodVars:
         d, c = _feature_and_classes(inputs, feature)
-        return MethodVars(params={"aux_head": _head_init(rng, d, c, hidden)})
+        return MethodVars(params={"aux_head": head_init(rng, d, c, hidden)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng: jax.Array):
         del rng
         teacher = require_teacher(inputs, method=name)
         labels = require(inputs.batch, "label", method=name)
         mask = example_mask(inputs.batch)
-        z_aux = _head_apply(vars.params["aux_head"], get_feature(inputs.student, feature, who="student"))
+        z_aux = head_apply(vars.params["aux_head"], get_feature(inputs.student, feature, who="student"))
         ce = losses.cross_entropy(inputs.student.logits, labels, mask=mask)
         bkl = losses.binary_kl_norm(z_aux, jax.lax.stop_gradient(teacher.logits), temperature=temperature, mask=mask)
         return ce_weight * ce + kd_weight * bkl, LossAux({"ce": ce, "bkl": bkl}, vars.state)

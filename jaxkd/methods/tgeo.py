@@ -25,19 +25,19 @@ from jaxkd import losses
 from jaxkd.losses._core import check_positive
 from jaxkd.losses.tgeo import fused_kd_ce, fusion_inputs
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight, example_mask, require, require_teacher
-from jaxkd.methods.dual_head import _dense, _dense_init
+from jaxkd.methods.heads import dense, dense_init
 
 
 def _fusion_init(rng: jax.Array, d_in: int, hidden: Sequence[int]) -> list[dict]:
     sizes = [d_in, *hidden, 1]
     keys = jax.random.split(rng, len(sizes) - 1)
-    return [_dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+    return [dense_init(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
 
 
 def _fusion_apply(layers: list[dict], x: jax.Array) -> jax.Array:
     for layer in layers[:-1]:
-        x = jax.nn.leaky_relu(_dense(layer, x), negative_slope=0.01)  # PyTorch's LeakyReLU default
-    return jax.nn.sigmoid(_dense(layers[-1], x))[..., 0]
+        x = jax.nn.leaky_relu(dense(layer, x), negative_slope=0.01)  # PyTorch's LeakyReLU default
+    return jax.nn.sigmoid(dense(layers[-1], x))[..., 0]
 
 
 def tgeo_kd(
