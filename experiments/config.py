@@ -3,14 +3,26 @@
 A config file is a Python module with ``get_config() -> Config`` (big_vision/scenic style, without the
 ml_collections dependency). Overrides are parsed as Python literals when they look like one
 (``--set steps=300 --set seeds=(0,1)``) and kept as strings otherwise (``--set student=resnet14``).
+Every config is checked by :func:`validate` (types and ranges of all fields) when it is loaded and
+after overrides, so a bad value is reported up front, naming the field, instead of failing later.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
+import math
+import numbers
+import types
+import typing
 from typing import Any, Sequence
+
+import numpy as np
+
+from jaxkd.checks import check_choice, check_int, check_nonnegative, check_number, check_positive
+from jaxkd.data import AUGMENTATIONS
 
 
 @dataclasses.dataclass
@@ -67,10 +79,152 @@ class Config:
     out_dir: str = "runs"
 
 
+SCHEDULES = ("cosine", "multistep")
+
+# Range checks beyond the field's type (the type is checked first, see `_check_field`).
+_AT_LEAST_ONE = ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class")
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _options(hint: Any) -> tuple[Any, ...]:
+    """The types a field annotated ``hint`` accepts: ``str | None -> (str, NoneType)``, ``int -> (int,)``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+_TYPE_NAMES = {
+    str: "a string", int: "an integer", float: "a number", bool: "True or False", dict: "a dict",
+    tuple: "a tuple", type(None): "None",
+}
+# What a field must be, where its type alone says too little.
+_EXPECTED = {
+    "seeds": "a non-empty tuple of distinct integers >= 0, e.g. (0, 1, 2)",
+    "milestones": "a tuple of increasing fractions of the steps in (0, 1), e.g. (0.5, 0.75)",
+    "methods": "a non-empty dict of run name -> method spec, e.g. {'kd': 'ce + kd(temperature=4)'}",
+    "teacher_kwargs": "a dict of model keyword arguments, e.g. {'hidden_sizes': (32,)}",
+    "student_kwargs": "a dict of model keyword arguments, e.g. {'hidden_sizes': (32,)}",
+}
+
+
+def _type_name(name: str, hint: Any) -> str:
+    if name in _EXPECTED:
+        return _EXPECTED[name]
+    return " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in _options(hint))
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """``value`` is of the annotated type ``hint`` (``int``, ``float``, ``X | None``, ``dict`` …).
+
+    Bools are not numbers here, int fields refuse floats (``1.5`` would be truncated), float fields
+    accept ints.
+    """
+    options = _options(hint)
+    if value is None and type(None) in options:
+        return
+    is_bool = isinstance(value, (bool, np.bool_))
+    for option in options:
+        if option is int:
+            ok = isinstance(value, numbers.Integral) and not is_bool
+        elif option is float:
+            ok = isinstance(value, numbers.Real) and not is_bool
+        else:
+            ok = option is not type(None) and isinstance(value, option)
+        if ok:
+            return
+    # For plain number fields, the shared checks phrase the error as everywhere else in jaxkd.
+    if options == (int,):
+        check_int(name, value)
+    if options == (float,):
+        check_number(name, value, finite=False)
+    raise ValueError(
+        f"{name} must be {_type_name(name, hint)}, got {name}={value!r} ({type(value).__name__})"
+    )
+
+
+def _check_field(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is a valid value of the :class:`Config` field ``name``."""
+    _check_type(name, value, _field_types()[name])
+    if name in _AT_LEAST_ONE:
+        check_int(name, value, low=1)
+    elif name in ("lr", "teacher_lr"):
+        check_positive(name, value)
+    elif name == "momentum":
+        check_number(name, value, low=0.0, high=1.0, high_open=True)
+    elif name == "weight_decay":
+        check_nonnegative(name, value)
+    elif name == "data_seed":
+        check_int(name, value, low=0)
+    elif name == "labels_per_class" and value is not None:
+        check_int(name, value, low=1)
+    elif name == "schedule":
+        check_choice(name, value, SCHEDULES)
+    elif name == "augment":
+        check_choice(name, value, AUGMENTATIONS)
+    elif name == "seeds":
+        if not value:
+            raise ValueError(f"seeds must be {_EXPECTED['seeds']}, got seeds={value!r}")
+        for i, seed in enumerate(value):
+            check_int(f"seeds[{i}]", seed, low=0)
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct (each run is repeated per seed), got seeds={value!r}")
+    elif name == "milestones":
+        for i, milestone in enumerate(value):
+            check_number(f"milestones[{i}]", milestone, low=0.0, high=1.0, low_open=True, high_open=True)
+        if any(a >= b for a, b in zip(value, value[1:])):
+            raise ValueError(
+                f"milestones must be strictly increasing fractions of the steps, got milestones={value!r}"
+            )
+    elif name == "methods":
+        if not value:
+            raise ValueError(f"methods must be {_EXPECTED['methods']}, got methods={value!r}")
+        for run, spec in value.items():
+            if not isinstance(run, str) or not run:
+                raise ValueError(f"methods keys must be non-empty strings (run names), got {run!r}")
+            if not isinstance(spec, str) or not spec.strip():
+                raise ValueError(
+                    f"methods[{run!r}] must be a non-empty method spec string "
+                    f"(e.g. 'ce + kd(temperature=4)'), got {spec!r}"
+                )
+    elif name in ("teacher_kwargs", "student_kwargs"):
+        for key in value:
+            if not isinstance(key, str):
+                raise ValueError(f"{name} keys must be strings (model keyword arguments), got {key!r}")
+
+
+def validate(config: Config) -> None:
+    """Checks every field of ``config`` against its annotated type and its valid range.
+
+    Ranges: ``steps``, ``teacher_steps``, ``batch_size``, ``eval_batch_size``, ``eval_every``,
+    ``meta_per_class`` >= 1; ``lr``, ``teacher_lr`` finite > 0; ``momentum`` in [0, 1);
+    ``weight_decay`` finite >= 0; ``seeds`` a non-empty tuple of distinct integers >= 0; ``data_seed``
+    >= 0; ``labels_per_class`` None or >= 1; ``schedule`` in :data:`SCHEDULES`; ``milestones`` strictly
+    increasing in (0, 1); ``augment`` in :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of
+    run name -> method spec string; ``teacher_kwargs`` / ``student_kwargs`` dicts with string keys.
+
+    Raises:
+      ValueError: naming the first invalid field, what it must be and the value it has.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"expected an experiments.config.Config, got {type(config).__name__}")
+    for field in dataclasses.fields(config):
+        _check_field(field.name, getattr(config, field.name))
+
+
 def load(path: str | None) -> Config:
-    """``get_config()`` of the Python file at ``path`` (the defaults when ``path`` is None)."""
+    """``get_config()`` of the Python file at ``path`` (the defaults when ``path`` is None), validated.
+
+    Raises:
+      ValueError: a field of the config is invalid (see :func:`validate`); the message names the file.
+    """
     if path is None:
-        return Config()
+        config = Config()
+        validate(config)
+        return config
     spec = importlib.util.spec_from_file_location("jaxkd_experiment_config", path)
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"no config file at {path}")
@@ -79,6 +233,10 @@ def load(path: str | None) -> Config:
     config = module.get_config()
     if not isinstance(config, Config):
         raise TypeError(f"{path}: get_config() must return experiments.config.Config")
+    try:
+        validate(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return config
 
 
@@ -89,22 +247,61 @@ def _value(text: str) -> Any:
         return text
 
 
+def _typed(text: str, value: Any, hint: Any) -> Any:
+    """Adapts a parsed override ``value`` to the field type ``hint`` where the intent is unambiguous.
+
+    A string field keeps the text as typed (``name=123`` is the name "123"; ``data_dir=None`` is None);
+    a float field reads ``nan`` / ``inf`` as floats (so they are refused as non-finite, not as
+    non-numbers); an int field takes an integral float (``steps=1e3``); lists become tuples.
+    """
+    options = _options(hint)
+    if str in options and not isinstance(value, str) and not (value is None and type(None) in options):
+        return text
+    if float in options and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if int in options and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """Applies ``key=value`` overrides; ``methods.kd=...`` sets one entry of a dict field."""
-    fields = {f.name for f in dataclasses.fields(config)}
+    """Applies ``key=value`` overrides; ``methods.kd=...`` sets one entry of a dict field.
+
+    Values are Python literals when they parse as one and strings otherwise, adapted to the field's
+    type (see :func:`_typed`); the result is validated.
+
+    Raises:
+      ValueError: an override is malformed, names an unknown key, or gives an invalid value; the
+        message quotes the override as typed (``--set steps=abc: steps must be an integer ...``).
+    """
+    types_ = _field_types()
     changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value")
-        key, value = key.strip(), _value(text.strip())
+        key, text = key.strip(), text.strip()
+        value = _value(text)
         top, _, sub = key.partition(".")
-        if top not in fields:
-            raise ValueError(f"unknown config key {top!r}; keys: {sorted(fields)}")
-        if sub:
-            current = dict(changes.get(top, getattr(config, top)))
-            current[sub] = value
-            changes[top] = current
-        else:
-            changes[top] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(config, **changes)
+        if top not in types_:
+            raise ValueError(f"unknown config key {top!r}; keys: {sorted(types_)}")
+        try:
+            if sub:
+                if types_[top] is not dict:
+                    raise ValueError(f"{top} is not a dict field, so {key!r} cannot set an entry of it")
+                current = dict(changes.get(top, getattr(config, top)))
+                current[sub] = value
+                changes[top] = current
+            else:
+                changes[top] = _typed(text, value, types_[top])
+            _check_field(top, changes[top])
+        except ValueError as e:
+            raise ValueError(f"--set {item}: {e}") from None
+    config = dataclasses.replace(config, **changes)
+    validate(config)
+    return config

@@ -1,6 +1,6 @@
 """Train a teacher, then the same student from scratch and with each distillation method; print a table.
 
-    python -m experiments.distill                                  # the default: digits, ~5 min on 2 CPU cores
+    python -m experiments.distill                                  # the default (digits; time in the README)
     python -m experiments.distill --config experiments/configs/cifar100_resnet32x4_resnet8x4.py \\
         --set data_dir=/data/tfds
     python -m experiments.distill --set steps=300 --set "methods.kd_t8=ce + kd(temperature=8)"
@@ -42,6 +42,20 @@ from experiments import config as config_lib  # noqa: E402
 from experiments import report  # noqa: E402
 
 
+def parse_methods(cfg: config_lib.Config) -> dict[str, methods.Method]:
+    """The config's method specs, parsed before anything trains. Specs may use the named constants
+    ``steps`` (the student's step budget), ``batch_size`` and ``lr`` (the student's learning rate), e.g.
+    ``"ce + taid(total_steps=steps)"``."""
+    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    parsed = {}
+    for name, spec in cfg.methods.items():
+        try:
+            parsed[name] = methods.parse(spec, constants)
+        except ValueError as e:
+            raise ValueError(f"config methods[{name!r}]: {e}") from None
+    return parsed
+
+
 def schedule_of(cfg: config_lib.Config, lr: float, steps: int) -> optax.Schedule:
     if cfg.schedule == "cosine":
         return optax.cosine_decay_schedule(lr, steps)
@@ -78,6 +92,13 @@ def load_data(cfg: config_lib.Config) -> Data:
     return Data(train, student_train, list(test_loader), mean, std)
 
 
+def with_meta(batch: dict, meta_batch: dict, prefix: str | None) -> dict:
+    """``batch`` plus ``meta_batch``'s entries under ``prefix`` (``batch`` itself when ``prefix`` is None)."""
+    if prefix is None:
+        return batch
+    return {**batch, **{f"{prefix}{k}": v for k, v in meta_batch.items()}}
+
+
 def hold_out(split: data.Split, per_class: int, seed: int) -> tuple[data.Split, data.Split]:
     """``(rest, held_out)`` with ``per_class`` examples of each class held out (a meta/validation set)."""
     held = data.subset_per_class(split.labels, per_class, seed)
@@ -109,17 +130,18 @@ class Runner:
         ))
 
     def fit(self, *, run: str, seed: int, state, split: data.Split, steps: int, lr_schedule,
-            meta: data.Split | None = None) -> tuple[Any, float]:
+            meta: data.Split | None = None, meta_prefix: str | None = None) -> tuple[Any, float]:
         """Trains ``steps`` steps, evaluating every ``eval_every``; returns the state and final test accuracy.
 
-        With ``meta``, every batch also carries a batch of it as ``meta_image``/``meta_label`` (for
-        methods with a held-out meta objective, e.g. TGeo-KD).
+        With ``meta``, every batch also carries a batch of it under ``meta_prefix`` (``meta_image``,
+        ``meta_label``: for methods with a held-out meta objective, e.g. TGeo-KD). A step whose loss or
+        gradients are not finite raises (``jaxkd.steps.NonFiniteError``): the run stops there.
         """
         cfg = self.cfg
         batches = self._batches(split, seed)
         if meta is not None:
             train_batches, meta_batches = batches, self._batches(meta, seed + 10_000)
-            batches = ({**b, **{f"meta_{k}": v for k, v in next(meta_batches).items()}} for b in train_batches)
+            batches = (with_meta(b, next(meta_batches), meta_prefix) for b in train_batches)
         pending: list[tuple[int, dict]] = []  # device metrics, fetched at eval points (no per-step sync)
 
         def flush_and_eval(step: int) -> float:
@@ -152,8 +174,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     num_classes = dataset.train.num_classes
     teacher = models.get(cfg.teacher, num_classes=num_classes, **cfg.teacher_kwargs)
     student = models.get(cfg.student, num_classes=num_classes, **cfg.student_kwargs)
-    # Specs may say `steps` for the student's step budget, e.g. "ce + taid(total_steps=steps)".
-    run_methods = {name: methods.parse(spec, {"steps": cfg.steps}) for name, spec in cfg.methods.items()}
+    run_methods = parse_methods(cfg)
     teacher_schedule = schedule_of(cfg, cfg.teacher_lr, cfg.teacher_steps)
     student_schedule = schedule_of(cfg, cfg.lr, cfg.steps)
     teacher_tx, student_tx = make_optimizer(cfg, teacher_schedule), make_optimizer(cfg, student_schedule)
@@ -177,7 +198,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                 state, _ = runner.fit(run="teacher", seed=seed, state=state, split=dataset.train,
                                       steps=cfg.teacher_steps, lr_schedule=teacher_schedule)
                 teacher_dir = os.path.join(out_dir, "teachers", f"seed{seed}")
-                save_variables(teacher_dir, jax.device_get(state.student_variables()))
+                save_variables(teacher_dir, jax.device_get(state.student.variables()))
                 del state
             else:
                 teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
@@ -186,16 +207,17 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             for name, method in run_methods.items():
                 with_teacher = method.needs_teacher
                 train_split, meta_split = dataset.student_train, None
-                if "meta_label" in method.batch_keys:
+                if method.meta_prefix is not None:
                     train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
-                method_sample = sample if meta_split is None else {**sample, **{f"meta_{k}": v for k, v in sample.items()}}
+                method_sample = with_meta(sample, sample, method.meta_prefix)
                 state = jaxkd.create(
                     student=student, method=method, tx=student_tx, sample_batch=method_sample, rng=student_rng,
                     teacher=teacher if with_teacher else None,
                     teacher_variables=teacher_vars if with_teacher else None,
                 )
                 state, accuracy = runner.fit(run=name, seed=seed, state=state, split=train_split,
-                                             steps=cfg.steps, lr_schedule=student_schedule, meta=meta_split)
+                                             steps=cfg.steps, lr_schedule=student_schedule, meta=meta_split,
+                                             meta_prefix=method.meta_prefix)
                 results[name].append(accuracy)
             teacher_eval = jaxkd.create(student=teacher, method=teacher_method, tx=teacher_tx,
                                         sample_batch=sample, rng=teacher_rng, student_variables=teacher_vars)

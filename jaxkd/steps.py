@@ -1,18 +1,24 @@
-"""The jitted train and eval steps.
+"""The jitted train and eval steps, and the host-side checks around them.
 
 ``make_train_step`` builds one function ``(state, batch) -> (state, metrics)``: teacher forward (eval
 mode, ``stop_gradient``), student forward, the method's loss, gradients, the Optax update and the
 method's post-step update — all in one compiled program, with the state donated so its buffers are
-updated in place. Metrics come back as device arrays; nothing in the step waits on the host.
+updated in place.
 
-The returned callable is a thin host-side wrapper: it checks integer labels of a NumPy batch against
-the number of classes (an out-of-range label would otherwise silently one-hot to zeros inside jit) and,
-with a mesh, places the batch on it. The jitted function itself is ``step.jitted``.
+Nothing wrong passes silently. Before dispatch, the host checks each batch against the sample batch the
+state was created with (keys, per-example shapes, dtypes, a non-empty batch, NumPy labels in range).
+Inside the program, what only the values can tell — a non-finite loss or gradient, a device-array label
+outside ``[0, num_classes)`` — sets a status word; the update is not applied when it is set, and the host
+reads that one integer after the step and raises (:class:`NonFiniteError`, ``ValueError``) or, with
+``on_nonfinite="skip"``, counts the skipped update in ``state.skipped_steps`` (as
+``optax.apply_if_finite`` does, but for the whole state: batch statistics and method state included).
+Reading the status waits for the step to finish; ``step.jitted`` is the raw compiled function for
+callers that check ``metrics["status"]`` themselves.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,40 +27,84 @@ import optax
 from jax.sharding import Mesh
 
 from jaxkd import sharding as shd
-from jaxkd.methods.base import LossInputs, MethodVars, StepInfo
-from jaxkd.train_state import StudentState, TrainState
+from jaxkd.checks import check_choice, check_label_values
+from jaxkd.losses.core import combine_masks
+from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo
+from jaxkd.train_state import ModelVariables, TrainState, check_sample_batch
 
 Metrics = dict[str, jax.Array]
 
+# Bits of the status word a step returns (metrics["status"]).
+NONFINITE_LOSS = 1
+NONFINITE_GRADS = 2
+LABEL_OUT_OF_RANGE = 4
 
-def check_batch_labels(batch: Mapping[str, Any], num_classes: int, *, label_key: str = "label") -> None:
-    """Raises ``ValueError`` for a host (NumPy) label outside ``[0, num_classes)``; device arrays pass."""
-    labels = batch.get(label_key)
-    if labels is None or isinstance(labels, jax.Array) or not num_classes:
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradients were not finite. The update was not applied: ``state`` is the train
+    state as it was before the step (the input state was donated), ``metrics`` the step's metrics."""
+
+    def __init__(self, message: str, state: TrainState, metrics: Metrics):
+        super().__init__(message)
+        self.state, self.metrics = state, metrics
+
+
+def check_batch(state: TrainState, batch: Mapping[str, Any]) -> None:
+    """Host-side checks of a batch against the sample batch ``state`` was created with.
+
+    Raises ``ValueError`` for a missing model input, an empty batch, an entry whose per-example shape or
+    dtype kind differs from the sample's (uint8 images where float ones were expected, another image
+    size or channel count), non-integer labels, and NumPy labels outside ``[0, num_classes)``. Device
+    labels are checked inside the step.
+    """
+    check_sample_batch(batch, input_key=state.input_key)
+    for key, shape, kind in state.batch_spec.examples:
+        if key not in batch:
+            continue  # e.g. eval batches carry no meta batch; the model input is checked above
+        got_shape, got_kind = tuple(np.shape(batch[key])[1:]), np.result_type(batch[key]).kind
+        if got_shape != shape or got_kind != kind:
+            raise ValueError(
+                f"batch[{key!r}] has examples of shape {got_shape} and dtype {np.result_type(batch[key])}, but the "
+                f"train state was created for shape {shape} and dtype kind {kind!r} "
+                f"({ {'f': 'float', 'i': 'int', 'u': 'unsigned int', 'b': 'bool'}.get(kind, kind) })"
+            )
+    labels = batch.get(state.label_key)
+    if labels is None or not state.num_classes:
         return
-    labels = np.asarray(labels)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels.min() if labels.min() < 0 else labels.max()
-        raise ValueError(f"batch[{label_key!r}] holds label {bad}, outside [0, num_classes={num_classes})")
+    name = f"batch[{state.label_key!r}]"
+    if isinstance(labels, jax.Array):
+        # Only the dtype: reading a device array's values here would wait for the device; the step
+        # checks them.
+        check_label_values(np.empty((0,), labels.dtype), state.num_classes, name=name)
+        return
+    flags = [np.asarray(batch[k], bool) for k in (MASK_KEY, LABELED_KEY) if k in batch]
+    where = np.logical_and.reduce(flags) if flags else None
+    check_label_values(np.asarray(labels), state.num_classes, where=where, name=name)
 
 
-def _accuracy_terms(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(number correct, number of valid examples) over the batch's ``mask``."""
-    labels = batch["label"]
-    valid = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
+def _label_status(labels: jax.Array, valid: jax.Array | None, num_classes: int) -> jax.Array:
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    if valid is not None:
+        out_of_range = out_of_range & valid
+    return jnp.where(jnp.any(out_of_range), LABEL_OUT_OF_RANGE, 0)
+
+
+def _labels_and_mask(state: TrainState, batch: Mapping[str, jax.Array]):
+    labels = batch.get(state.label_key)
+    valid = combine_masks(batch.get(MASK_KEY), batch.get(LABELED_KEY))
+    return labels, valid
+
+
+def _accuracy_terms(logits: jax.Array, labels: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(number correct, number of valid examples)."""
+    valid = jnp.ones(labels.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * valid
     return jnp.sum(correct), jnp.sum(valid)
 
 
-def _host_wrapper(jitted: Callable, mesh: Mesh | None) -> Callable:
-    def step(state: TrainState, batch: Mapping[str, Any]):
-        check_batch_labels(batch, state.num_classes)
-        if mesh is not None:
-            batch = shd.shard_batch(batch, mesh)
-        return jitted(state, batch)
-
-    step.jitted = jitted
-    return step
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.array(True)
 
 
 def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
@@ -62,17 +112,18 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Trai
     rng, dropout_rng, method_rng = jax.random.split(state.rng, 3)
     x = batch[state.input_key]
 
+    # The frozen teacher runs once, outside the differentiated function and under stop_gradient, so no
+    # method needs to detach it again.
     teacher_out = None
     if state.teacher is not None:
-        teacher_out = state.teacher_model.apply(state.teacher_variables(), x, train=False)
-        teacher_out = jax.lax.stop_gradient(teacher_out)
+        teacher_out = jax.lax.stop_gradient(state.teacher_model.apply(state.teacher.variables(), x, train=False))
 
     def loss_fn(trainable):
-        variables = {"params": trainable["student"], **state.student.model_state}
+        variables = ModelVariables(trainable["student"], state.student.model_state).variables()
         student_out = state.student_model.apply(variables, x, train=True, rngs={"dropout": dropout_rng})
         inputs = LossInputs(
-            student=student_out, teacher=teacher_out, batch=batch, step=state.step,
-            student_variables=variables, student_model=state.student_model, input_key=state.input_key,
+            student=student_out, teacher=teacher_out, batch=batch, step=state.step, student_variables=variables,
+            student_model=state.student_model, input_key=state.input_key, label_key=state.label_key,
         )
         loss, aux = method.loss(MethodVars(trainable["method"], state.method.state), inputs, method_rng)
         return loss, (student_out, aux)
@@ -84,62 +135,132 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Trai
     info = StepInfo(step=step, student_params=trainable["student"], metrics=aux.metrics)
     method_state = method.update(trainable["method"], aux.state, info)
 
+    status = jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS) + jnp.where(_all_finite(grads), 0, NONFINITE_GRADS)
     metrics: Metrics = {**aux.metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    if "label" in batch:
-        correct, count = _accuracy_terms(student_out.logits, batch)
+    labels, valid = _labels_and_mask(state, batch)
+    if labels is not None and jnp.issubdtype(labels.dtype, jnp.integer):
+        status = status + _label_status(labels, valid, state.num_classes)
+        correct, count = _accuracy_terms(student_out.logits, labels, valid)
         metrics["accuracy"] = correct / jnp.maximum(count, 1.0)
-    new_state = state.replace(
+    updated = state.replace(
         step=step,
-        student=StudentState(params=trainable["student"], model_state=student_out.model_state),
+        student=ModelVariables(params=trainable["student"], model_state=student_out.model_state),
         opt_state=opt_state,
         method=MethodVars(params=trainable["method"], state=method_state),
         rng=rng,
     )
+    # A bad step changes nothing but the key and the count of skipped steps: the update, the batch
+    # statistics and the method state of a NaN step would poison every later step.
+    ok = status == 0
+    kept = state.replace(rng=rng, skipped_steps=state.skipped_steps + 1)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, kept)
+    metrics["status"] = status.astype(jnp.int32)
+    metrics["skipped"] = (~ok).astype(jnp.float32)
     return new_state, metrics
 
 
-def make_train_step(*, mesh: Mesh | None = None, donate: bool = True) -> Callable:
+def _describe_status(status: int, label_key: str, num_classes: int) -> str:
+    parts = []
+    if status & NONFINITE_LOSS:
+        parts.append("the loss is not finite")
+    if status & NONFINITE_GRADS:
+        parts.append("a gradient is not finite")
+    if status & LABEL_OUT_OF_RANGE:
+        parts.append(f"batch[{label_key!r}] holds a label outside [0, num_classes={num_classes})")
+    return "; ".join(parts)
+
+
+def _host_wrapper(jitted: Callable, mesh: Mesh | None, on_bad_status: Callable) -> Callable:
+    def step(state: TrainState, batch: Mapping[str, Any]):
+        check_batch(state, batch)
+        if mesh is not None:
+            batch = shd.shard_batch(batch, mesh)
+        out = jitted(state, batch)
+        return on_bad_status(state, out)
+
+    step.jitted = jitted
+    return step
+
+
+def make_train_step(
+    *, mesh: Mesh | None = None, donate: bool = True, on_nonfinite: Literal["raise", "skip"] = "raise"
+) -> Callable:
     """Returns ``step(state, batch) -> (state, metrics)``, compiled once per batch shape.
 
     Args:
       mesh: shard the batch over the mesh's ``data`` axis and replicate the state; ``None`` runs on
         the default device.
       donate: donate the input state's buffers (the caller must not reuse the old state).
+      on_nonfinite: a step whose loss or gradients are not finite is never applied; ``"raise"``
+        (default) then raises :class:`NonFiniteError` (holding the unchanged state), ``"skip"`` goes on
+        and counts it in ``state.skipped_steps``. A label out of range always raises ``ValueError``.
 
-    Metrics: ``loss`` (the weighted total), one entry per method term, ``grad_norm`` and, when the batch
-    has labels, the student's train ``accuracy``.
+    Metrics: ``loss`` (the weighted total), one entry per method term, ``grad_norm``, ``skipped`` (1.0
+    for a skipped step), ``status`` (the check bits) and, when the batch has labels, the student's train
+    ``accuracy`` over the labeled examples.
     """
+    check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
     kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None:
         rep = shd.replicated(mesh)
         kwargs.update(in_shardings=(rep, shd.batch_sharding(mesh)), out_shardings=(rep, rep))
-    return _host_wrapper(jax.jit(_train_step, **kwargs), mesh)
+
+    def on_bad_status(old_state: TrainState, out):
+        new_state, metrics = out
+        status = int(metrics["status"])
+        if status & LABEL_OUT_OF_RANGE:
+            raise ValueError(_describe_status(status, new_state.label_key, new_state.num_classes))
+        if status and on_nonfinite == "raise":
+            message = _describe_status(status, new_state.label_key, new_state.num_classes)
+            raise NonFiniteError(
+                f"step {int(new_state.step)}: {message}; the update was not applied. Lower the learning rate, "
+                "check the inputs for NaN, or pass make_train_step(on_nonfinite='skip') to skip such steps",
+                new_state, metrics,
+            )
+        return new_state, metrics
+
+    return _host_wrapper(jax.jit(_train_step, **kwargs), mesh, on_bad_status)
 
 
 def _eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
     x = batch[state.input_key]
-    out = state.student_model.apply(state.student_variables(), x, train=False)
+    out = state.student_model.apply(state.student.variables(), x, train=False)
     predict = state.method_def.predict
     logits = out.logits if predict is None else predict(state.method, out)
-    correct, count = _accuracy_terms(logits, batch)
-    metrics = {"correct": correct, "count": count}
+    labels, valid = _labels_and_mask(state, batch)
+    correct, count = _accuracy_terms(logits, labels, valid)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    metrics = {
+        "correct": correct,
+        "count": count,
+        "nonfinite": jnp.sum(jnp.where(valid if valid is not None else True, ~finite, False).astype(jnp.int32)),
+        "status": _label_status(labels, valid, state.num_classes).astype(jnp.int32),
+    }
     if state.teacher is not None:
-        t_out = state.teacher_model.apply(state.teacher_variables(), x, train=False)
-        metrics["teacher_correct"], _ = _accuracy_terms(t_out.logits, batch)
+        t_out = state.teacher_model.apply(state.teacher.variables(), x, train=False)
+        metrics["teacher_correct"], _ = _accuracy_terms(t_out.logits, labels, valid)
     return metrics
 
 
 def make_eval_step(*, mesh: Mesh | None = None) -> Callable:
-    """Returns ``eval_step(state, batch) -> {"correct", "count"[, "teacher_correct"]}`` (sums).
+    """Returns ``eval_step(state, batch) -> {"correct", "count", "nonfinite", "status"[, "teacher_correct"]}``.
 
     Sums, not means, so padded eval batches (``batch["mask"]``) aggregate exactly: accumulate them on
-    device with :func:`accumulate` and divide once at the end.
+    device with :func:`accumulate` and divide once at the end (:func:`evaluate` does). A label out of
+    range raises ``ValueError``; predictions that are not finite are counted (``nonfinite``) and make
+    :func:`evaluate` raise, so a diverged model never reaches a results table.
     """
     kwargs: dict[str, Any] = {}
     if mesh is not None:
         rep = shd.replicated(mesh)
         kwargs.update(in_shardings=(rep, shd.batch_sharding(mesh)), out_shardings=rep)
-    return _host_wrapper(jax.jit(_eval_step, **kwargs), mesh)
+
+    def on_bad_status(state: TrainState, metrics):
+        if int(metrics["status"]) & LABEL_OUT_OF_RANGE:
+            raise ValueError(_describe_status(LABEL_OUT_OF_RANGE, state.label_key, state.num_classes))
+        return metrics
+
+    return _host_wrapper(jax.jit(_eval_step, **kwargs), mesh, on_bad_status)
 
 
 def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
@@ -150,13 +271,21 @@ def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
 
 
 def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float]:
-    """Top-1 accuracy of the student (and teacher) over an iterable of batches."""
+    """Top-1 accuracy of the student (and teacher) over an iterable of batches.
+
+    Raises ``FloatingPointError`` when the student's predictions for any example are not finite.
+    """
     total = None
     for batch in batches:
         total = accumulate(total, eval_step(state, batch))
     if total is None:
         raise ValueError("evaluate got no batches")
     total = jax.device_get(total)
+    if int(total["nonfinite"]):
+        raise FloatingPointError(
+            f"the student's predictions are not finite for {int(total['nonfinite'])} of "
+            f"{int(total['count'])} examples: the model has diverged (NaN or inf parameters)"
+        )
     count = max(float(total["count"]), 1.0)
     result = {"accuracy": float(total["correct"]) / count, "count": float(total["count"])}
     if "teacher_correct" in total:

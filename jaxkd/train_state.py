@@ -17,26 +17,37 @@ from typing import Any, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxkd.methods.base import LossInputs, Method, MethodVars, as_chain
-from jaxkd.models.base import Model, Outputs, split_variables
+from jaxkd.models.base import Model, Outputs, merge_variables, split_variables
 
 PyTree = Any
 
 
 @flax.struct.dataclass
-class StudentState:
+class ModelVariables:
+    """A model's parameters and model state (batch statistics …), as the train state holds them."""
+
     params: PyTree
     model_state: PyTree
+
+    def variables(self) -> dict[str, PyTree]:
+        """``{"params": ..., **model_state}``, the form ``Model.apply`` takes."""
+        return merge_variables(self.params, self.model_state)
 
 
 @flax.struct.dataclass
-class TeacherState:
-    """A frozen teacher: parameters and model state (batch statistics), no optimizer state."""
+class BatchSpec:
+    """What every batch must look like: per key, the shape of one example and the dtype kind (from the
+    sample batch the state was created with). Checked on the host before each step."""
 
-    params: PyTree
-    model_state: PyTree
+    examples: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+
+    @classmethod
+    def of(cls, batch: Mapping[str, Any]) -> "BatchSpec":
+        return cls(tuple((k, tuple(np.shape(v)[1:]), np.result_type(v).kind) for k, v in sorted(batch.items())))
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -49,33 +60,30 @@ class TrainState(flax.struct.PyTreeNode):
       teacher: the teacher's variables, or ``None`` (plain supervised training uses the same state).
       method: the method's variables, keyed by method name (see :func:`jaxkd.methods.chain`).
       rng: the PRNG key the step splits for dropout, augmentation inside losses, sampling.
-      student_model, teacher_model, method_def, tx, input_key, num_classes: static.
+      skipped_steps: updates skipped because the loss or a gradient was not finite (only with
+        ``make_train_step(on_nonfinite="skip")``; int32).
+      student_model, teacher_model, method_def, tx, input_key, label_key, num_classes, batch_spec: static.
     """
 
     step: jax.Array
-    student: StudentState
+    student: ModelVariables
     opt_state: optax.OptState
-    teacher: TeacherState | None
+    teacher: ModelVariables | None
     method: MethodVars
     rng: jax.Array
+    skipped_steps: jax.Array
     student_model: Model = flax.struct.field(pytree_node=False)
     teacher_model: Model | None = flax.struct.field(pytree_node=False)
     method_def: Method = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     input_key: str = flax.struct.field(pytree_node=False, default="image")
+    label_key: str = flax.struct.field(pytree_node=False, default="label")
     num_classes: int = flax.struct.field(pytree_node=False, default=0)
+    batch_spec: BatchSpec = flax.struct.field(pytree_node=False, default=BatchSpec())
 
     @property
     def trainable(self) -> dict[str, PyTree]:
         return {"student": self.student.params, "method": self.method.params}
-
-    def teacher_variables(self) -> dict[str, PyTree] | None:
-        if self.teacher is None:
-            return None
-        return {"params": self.teacher.params, **self.teacher.model_state}
-
-    def student_variables(self) -> dict[str, PyTree]:
-        return {"params": self.student.params, **self.student.model_state}
 
 
 def _own(tree: PyTree) -> PyTree:
@@ -83,15 +91,46 @@ def _own(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def _check_models_agree(student_out: Outputs, teacher_out: Outputs | None) -> None:
-    if teacher_out is None:
-        return
-    s, t = student_out.logits.shape[-1], teacher_out.logits.shape[-1]
-    if s != t:
-        raise ValueError(
-            f"teacher and student must predict the same classes: the student has {s} outputs, "
-            f"the teacher has {t}"
-        )
+def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, who: str) -> None:
+    """``variables`` has exactly the tree, shapes and dtypes of ``expected`` (e.g. ``eval_shape(model.init)``).
+
+    Variables of another architecture would otherwise be accepted whenever the parts the model reads
+    happen to exist; the error names the first path that differs.
+    """
+    got = dict(jax.tree_util.tree_flatten_with_path(dict(variables))[0])
+    want = dict(jax.tree_util.tree_flatten_with_path(dict(expected))[0])
+    describe = jax.tree_util.keystr
+    for path in sorted(set(got) | set(want), key=describe):
+        if path not in got:
+            raise ValueError(f"{who} variables do not match the model: missing {describe(path)}")
+        if path not in want:
+            raise ValueError(f"{who} variables do not match the model: unexpected {describe(path)}")
+        g, w = got[path], want[path]
+        if np.shape(g) != np.shape(w) or jnp.result_type(g) != jnp.result_type(w):
+            raise ValueError(
+                f"{who} variables do not match the model at {describe(path)}: got "
+                f"{jnp.result_type(g)}{list(np.shape(g))}, the model has {jnp.result_type(w)}{list(np.shape(w))}"
+            )
+
+
+def check_sample_batch(batch: Mapping[str, Any], *, input_key: str) -> int:
+    """A mapping of arrays with one leading example axis of the same size ``>= 1``; returns that size."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"a batch must be a mapping of arrays, got {type(batch).__name__}")
+    if input_key not in batch:
+        raise ValueError(f"the batch has no model input {input_key!r}; its keys are {sorted(batch)}")
+    sizes = {k: (np.shape(v)[0] if np.ndim(v) else None) for k, v in batch.items()}
+    if any(size is None for size in sizes.values()):
+        raise ValueError(f"every batch entry needs a leading example axis; got shapes "
+                         f"{ {k: np.shape(v) for k, v in batch.items()} }")
+    size = sizes[input_key]
+    if size == 0:
+        raise ValueError(f"the batch has no examples (batch[{input_key!r}] has shape {np.shape(batch[input_key])})")
+    different = {k: s for k, s in sizes.items() if s != size}
+    if different:
+        raise ValueError(f"batch entries disagree on the number of examples: {input_key!r} has {size}, "
+                         f"but {different}")
+    return size
 
 
 def create(
@@ -105,12 +144,14 @@ def create(
     teacher_variables: Mapping[str, PyTree] | None = None,
     student_variables: Mapping[str, PyTree] | None = None,
     input_key: str = "image",
+    label_key: str = "label",
 ) -> TrainState:
     """Initializes the student (unless ``student_variables`` is given), the method and the optimizer.
 
     The sample batch fixes shapes only: the models and the method's loss are traced once with
     ``jax.eval_shape`` (no compute), so every static error — a missing batch key, a feature the model
-    does not sow, teacher and student over different classes — is raised here, before training.
+    does not sow, teacher and student over different classes, variables of another architecture — is
+    raised here, before training.
 
     Args:
       student: the model to train.
@@ -119,16 +160,19 @@ def create(
       sample_batch: a batch with the shapes training will use (``batch[input_key]`` is the model input).
       rng: PRNG key.
       teacher: the teacher model, or ``None``.
-      teacher_variables: the trained teacher's ``{"params": ..., "batch_stats": ...}``; required
-        with a teacher (a randomly initialized teacher is almost always a bug). Copied: the state
-        owns its buffers, because train steps donate it.
-      student_variables: start the student from these (copied) instead of a fresh init.
+      teacher_variables: the trained teacher's ``{"params": ..., "batch_stats": ...}``; required with a
+        teacher (a randomly initialized teacher is almost always a bug) and checked to be exactly the
+        teacher model's variables. Copied: the state owns its buffers, because train steps donate it.
+      student_variables: start the student from these (copied, checked like the teacher's) instead of
+        a fresh init.
       input_key: which batch entry feeds the models.
+      label_key: which batch entry holds the integer labels (every method and the step's accuracy read
+        this one key; semi-supervised batches add a boolean ``"labeled"`` entry).
     """
     method = as_chain(method)
-    if input_key not in sample_batch:
-        raise ValueError(f"sample_batch has no model input {input_key!r}; keys: {sorted(sample_batch)}")
-    missing = [k for k in method.batch_keys if k not in sample_batch]
+    check_sample_batch(sample_batch, input_key=input_key)
+    needed = ([label_key] if method.needs_labels else []) + list(method.batch_keys)
+    missing = [k for k in needed if k not in sample_batch]
     if missing:
         raise ValueError(f"the method needs batch keys {missing}, the batch has {sorted(sample_batch)}")
     if method.needs_teacher and teacher is None:
@@ -143,26 +187,30 @@ def create(
         # PRNG ops one by one and is several times slower on CPU.
         student_variables = jax.jit(student.init)(student_rng, x)
     else:
+        check_variables_match(student_variables, jax.eval_shape(student.init, student_rng, x), who="student")
         student_variables = _own(student_variables)
-    if teacher_variables is not None:
-        teacher_variables = _own(teacher_variables)
     params, model_state = split_variables(student_variables)
 
-    def forward(variables, model, train):
+    def forward(model, variables, train):
         return model.apply(variables, x, train=train, rngs={"dropout": student_rng})
 
-    student_out = jax.eval_shape(lambda v: forward(v, student, True), dict(student_variables))
+    student_out = jax.eval_shape(lambda v: forward(student, v, True), dict(student_variables))
     teacher_state, teacher_out = None, None
     if teacher is not None:
-        t_params, t_model_state = split_variables(teacher_variables)
-        teacher_state = TeacherState(params=t_params, model_state=t_model_state)
-        teacher_out = jax.eval_shape(lambda v: forward(v, teacher, False), dict(teacher_variables))
-    _check_models_agree(student_out, teacher_out)
+        check_variables_match(teacher_variables, jax.eval_shape(teacher.init, student_rng, x), who="teacher")
+        teacher_state = ModelVariables(*split_variables(_own(teacher_variables)))
+        teacher_out = jax.eval_shape(lambda v: forward(teacher, v, False), teacher_state.variables())
+        s, t = student_out.logits.shape[-1], teacher_out.logits.shape[-1]
+        if s != t:
+            raise ValueError(
+                f"teacher and student must predict the same classes: the student has {s} outputs, "
+                f"the teacher has {t}"
+            )
 
-    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype), dict(sample_batch))
+    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)), dict(sample_batch))
     inputs = LossInputs(
         student=student_out, teacher=teacher_out, batch=batch_spec, step=jnp.zeros((), jnp.int32),
-        student_variables=dict(student_variables), student_model=student, input_key=input_key,
+        student_variables=dict(student_variables), student_model=student, input_key=input_key, label_key=label_key,
     )
     method_vars = method.init(method_rng, inputs)
     # Trace the loss once on abstract values: raises every shape/key/feature error now.
@@ -171,15 +219,18 @@ def create(
     trainable = {"student": params, "method": method_vars.params}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        student=StudentState(params=params, model_state=model_state),
+        student=ModelVariables(params=params, model_state=model_state),
         opt_state=tx.init(trainable),
         teacher=teacher_state,
         method=method_vars,
         rng=rng,
+        skipped_steps=jnp.zeros((), jnp.int32),
         student_model=student,
         teacher_model=teacher,
         method_def=method,
         tx=tx,
         input_key=input_key,
+        label_key=label_key,
         num_classes=int(student_out.logits.shape[-1]),
+        batch_spec=BatchSpec.of(sample_batch),
     )

@@ -340,3 +340,94 @@ def test_loader_none_augmentation_is_identity_after_normalization(digits_train):
         batch["image"], pipeline.normalize(digits_train.images[idx], mean, std), rtol=1e-6
     )
     np.testing.assert_array_equal(batch["label"], digits_train.labels[idx])
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"labels": np.arange(12, dtype=np.float32) % 3}, r"labels must have an integer dtype.*float32"),
+        ({"labels": np.full(12, 2**40)}, r"labels must fit in int32"),
+        ({"batch_size": 0}, r"batch_size must be an integer >= 1, got batch_size=0"),
+        ({"batch_size": 2.5}, r"batch_size must be an integer, got batch_size=2\.5"),
+        ({"seed": -1}, r"seed must be an integer >= 0, got seed=-1"),
+        ({"seed": 1.5}, r"seed must be an integer, got seed=1\.5"),
+        ({"num_epochs": 0}, r"num_epochs must be an integer >= 1, got num_epochs=0"),
+        ({"num_epochs": 1.5}, r"num_epochs must be an integer, got num_epochs=1\.5"),
+        ({"pad": -1}, r"pad must be an integer >= 0, got pad=-1"),
+        ({"std": (0.0,)}, r"std\[0\] must lie in \(0, inf\], got std\[0\]=0\.0"),
+        ({"std": (-0.5,)}, r"std\[0\] must lie in \(0, inf\], got std\[0\]=-0\.5"),
+        ({"std": (float("nan"),)}, r"std\[0\] must be a finite number, got std\[0\]=nan"),
+        ({"std": (float("inf"),)}, r"std\[0\] must be a finite number, got std\[0\]=inf"),
+        ({"mean": (float("nan"),)}, r"mean\[0\] must be a finite number, got mean\[0\]=nan"),
+        ({"mean": (0.1, 0.2)}, r"mean must have 1 entry \(one per channel of the 1-channel images\), got 2"),
+        ({"mean": "0.5"}, r"mean must be a number or a sequence"),
+        ({"augment": "rotate"}, r"augment must be one of \(.*\), got augment='rotate'"),
+        ({"num_classes": 0}, r"num_classes must be an integer >= 1, got num_classes=0"),
+        ({"start": (0.5, 0)}, r"position\.epoch must be an integer, got position\.epoch=0\.5"),
+        ({"start": (0, 1, 2)}, r"position must be a pair \(epoch, step\)"),
+    ],
+)
+def test_loader_refuses_bad_arguments(kwargs, match):
+    """Every bad argument is a ValueError naming it, instead of a quiet wrong number or NaN images."""
+    images = np.zeros((12, 4, 4, 1), np.uint8)
+    args = {"labels": np.arange(12) % 3, "batch_size": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Loader(images, **args)
+
+
+def test_loader_accepts_one_or_per_channel_constants():
+    """One mean/std value applies to every channel; C values apply per channel."""
+    images = np.full((4, 2, 2, 3), 51, np.uint8)  # 51 / 255 = 0.2
+    for mean, std in [((0.2,), (0.5,)), ((0.2, 0.2, 0.2), (0.5, 0.5, 0.5)), (0.2, 0.5)]:
+        batch = next(iter(Loader(images, np.zeros(4, np.int64), batch_size=4, mean=mean, std=std)))
+        np.testing.assert_allclose(batch["image"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(pipeline.normalize(images, np.float32(0.2), np.float64(0.5)), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mean, std, match",
+    [
+        ((0.1, 0.2), (1.0,), r"mean must have 1 or 3 entries .*3-channel.*got 2"),
+        ((0.5,), (1.0, 1.0, 1.0, 1.0), r"std must have 1 or 3 entries .*got 4"),
+        ((0.5,), (1.0, 0.0, 1.0), r"std\[1\] must lie in \(0, inf\], got std\[1\]=0\.0"),
+        ((0.5,), (float("inf"),), r"std\[0\] must be a finite number"),
+        ((0.5, float("-inf"), 0.5), (1.0,), r"mean\[1\] must be a finite number"),
+    ],
+)
+def test_normalize_refuses_bad_mean_std(mean, std, match):
+    """normalize checks mean/std like the Loader (a zero std used to give inf/NaN images)."""
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match=match):
+        pipeline.normalize(images, mean, std)
+
+
+@pytest.mark.parametrize("mode", ["none", "shift", "crop_flip"])
+@pytest.mark.parametrize("pad, match", [(-1, r"pad must be an integer >= 0, got pad=-1"),
+                                        (1.5, r"pad must be an integer, got pad=1\.5")])
+def test_augment_refuses_bad_pad(mode, pad, match):
+    """A negative pad used to be accepted silently (as no padding)."""
+    images = np.zeros((2, 4, 4, 1), np.uint8)
+    with pytest.raises(ValueError, match=match):
+        pipeline.augment(images, mode, np.random.default_rng(0), pad=pad)
+
+
+def test_augment_refusal_names_mode():
+    """An unknown augmentation names the ``mode`` argument and the choices."""
+    with pytest.raises(ValueError, match=r"mode must be one of .*got mode='rotate'"):
+        pipeline.augment(np.zeros((2, 4, 4, 1), np.uint8), "rotate", np.random.default_rng(0))
+
+
+def test_digits_unwritable_data_dir_names_it(tmp_path):
+    """Preparing digits into a data_dir that cannot be created says so, naming data_dir (tests run as
+    root, where permissions do not stop writes: a path below a regular file cannot be created)."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    data_dir = blocker / "tfds"
+    with pytest.raises(ValueError, match=r"data_dir must be a writable directory") as info:
+        load_split("digits", "train", data_dir=str(data_dir))
+    message = str(info.value)
+    assert str(data_dir) in message and "already prepared" in message
+    assert blocker.read_text() == "not a directory"

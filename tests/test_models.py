@@ -168,3 +168,87 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert bool(jnp.all(jnp.isfinite(out.logits)))
     assert out.features["prepool"].dtype == jnp.bfloat16
     assert {leaf.dtype for leaf in jax.tree.leaves(out.model_state)} == {jnp.dtype(jnp.float32)}
+
+
+# ---------------------------------------------------------------- argument and input checks
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("resnet8", {"num_classes": 0}, r"num_classes must be an integer >= 1, got num_classes=0"),
+        ("mlp", {"num_classes": -3}, r"num_classes must be an integer >= 1, got num_classes=-3"),
+        ("wrn_16_2", {"num_classes": 10.0}, r"num_classes must be an integer, got num_classes=10\.0"),
+        ("mlp", {"num_classes": 10, "hidden_sizes": (32, 0)}, r"hidden_sizes\[1\] must be an integer >= 1"),
+        ("mlp", {"num_classes": 10, "hidden_sizes": (32.5,)}, r"hidden_sizes\[0\] must be an integer"),
+        ("mlp", {"num_classes": 10, "hidden_sizes": 32}, r"hidden_sizes must be a sequence"),
+        ("wrn_16_2", {"num_classes": 10, "dropout_rate": 1.0}, r"dropout_rate must lie in \[0, 1\)"),
+        ("wrn_40_1", {"num_classes": 10, "dropout_rate": -0.1}, r"dropout_rate must lie in \[0, 1\)"),
+        ("wrn_40_2", {"num_classes": 10, "dropout_rate": float("nan")}, r"dropout_rate must be a finite"),
+    ],
+)
+def test_get_refuses_bad_arguments(name, kwargs, match):
+    """Bad constructor arguments fail in ``get`` naming the argument (num_classes=0 used to be a
+    ZeroDivisionError at init)."""
+    with pytest.raises(ValueError, match=match):
+        models.get(name, **kwargs)
+
+
+def _abstract_apply(model, variables, x):
+    """Output shapes of an eval-mode forward pass, traced without compiling."""
+    return jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+
+
+# Shape checks only: eval_shape traces init/apply without compiling.
+INPUT_MODELS = ["resnet8", "wrn_16_2", "mlp"]
+
+
+@pytest.mark.parametrize("name", INPUT_MODELS)
+def test_models_refuse_unnormalized_integer_images(name):
+    """uint8 images (0..255) would train unnormalized: refused at init and at apply."""
+    model = models.get(name, num_classes=10)
+    uint8 = jax.ShapeDtypeStruct(CIFAR.shape, jnp.uint8)
+    match = r"expects floating-point images normalized with jaxkd\.data\.normalize.*got uint8 input"
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(model.init, _key(), uint8)
+    variables = jax.eval_shape(model.init, _key(), CIFAR)
+    with pytest.raises(ValueError, match=match):
+        _abstract_apply(model, variables, uint8)
+    with pytest.raises(ValueError, match=r"got int32 input"):
+        _abstract_apply(model, variables, jax.ShapeDtypeStruct(CIFAR.shape, jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_2"])
+@pytest.mark.parametrize("shape", [(32, 32, 3), (BATCH, 1, 32, 32, 3)])
+def test_conv_nets_refuse_non_nhwc_input(name, shape):
+    """Unbatched or 5-d inputs are refused with the expected layout named."""
+    model = models.get(name, num_classes=10)
+    with pytest.raises(ValueError, match=r"expects images of shape \[batch, height, width, channels\]"):
+        jax.eval_shape(model.init, _key(), jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_2"])
+def test_conv_nets_name_channel_mismatch(name):
+    """Applying to another channel count names the input, not the stem kernel's shape."""
+    model = models.get(name, num_classes=10)
+    grey = jax.eval_shape(model.init, _key(), jax.ShapeDtypeStruct((BATCH, 8, 8, 1), jnp.float32))
+    match = r"initialized for 1-channel images, got 3 channels \(input shape \(2, 32, 32, 3\)\)"
+    with pytest.raises(ValueError, match=match):
+        _abstract_apply(model, grey, CIFAR)
+    # Another image size is fine (global average pooling), as is the right channel count.
+    out = _abstract_apply(model, grey, jax.ShapeDtypeStruct((BATCH, 16, 16, 1), jnp.float32))
+    assert out.logits.shape == (BATCH, 10)
+
+
+@pytest.mark.parametrize("hidden_sizes", [(16,), ()])
+def test_mlp_names_input_size_mismatch(hidden_sizes):
+    """The MLP compares the flattened input size with its first Dense kernel (dense1 or fc)."""
+    model = models.get("mlp", num_classes=10, hidden_sizes=hidden_sizes)
+    variables = jax.eval_shape(model.init, _key(), jax.ShapeDtypeStruct((BATCH, 8, 8, 1), jnp.float32))
+    match = r"initialized for inputs of 64 values per example .*got 3072 .*input shape \(2, 32, 32, 3\)"
+    with pytest.raises(ValueError, match=match):
+        _abstract_apply(model, variables, CIFAR)
+    with pytest.raises(ValueError, match=r"expects an input of shape \[batch, \.\.\.\]"):
+        _abstract_apply(model, variables, jax.ShapeDtypeStruct((64,), jnp.float32))
+    out = _abstract_apply(model, variables, jax.ShapeDtypeStruct((BATCH, 64), jnp.float32))
+    assert out.logits.shape == (BATCH, 10)

@@ -31,10 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
+
+from jaxkd.checks import check_choice, check_int, check_label_values, check_number, check_positive
 
 __all__ = [
     "AUGMENTATIONS",
@@ -138,18 +143,8 @@ class Split:
 
 def validate_labels(labels: np.ndarray, num_classes: int) -> None:
     """Raises ``ValueError`` unless every label is an integer in ``[0, num_classes)``."""
-    labels = np.asarray(labels)
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    if num_classes <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    bad = (labels < 0) | (labels >= num_classes)
-    if np.any(bad):
-        first = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"label {int(labels.flat[first])} (at index {first}) is outside"
-            f" [0, {num_classes}); {int(bad.sum())} labels out of range"
-        )
+    check_int("num_classes", num_classes, low=1)
+    check_label_values(np.asarray(labels), num_classes)
 
 
 def _prepare_instructions(name: str, data_dir: str) -> str:
@@ -175,6 +170,25 @@ def _resolve_data_dir(data_dir: str | None) -> str:
     return constants.get_default_data_dir()  # $TFDS_DATA_DIR or ~/tensorflow_datasets
 
 
+def _check_writable(data_dir: str | None, name: str) -> None:
+    """Raises ``ValueError`` unless ``data_dir`` can be created and a file written in it.
+
+    Without this, TFDS fails deep inside ``download_and_prepare`` with a message that does not name
+    the directory (e.g. "not enough disk space" for a read-only one).
+    """
+    path = _resolve_data_dir(data_dir)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"data_dir must be a writable directory to prepare {name!r} on first use, got"
+            f" data_dir={path!r} ({type(e).__name__}: {e.strerror or e}). Point data_dir at"
+            f" a writable directory, or at one where {name!r} is already prepared."
+        ) from e
+
+
 def _digits_builder(data_dir: str | None):
     """jaxkd's digits builder, prepared into ``data_dir`` on first use (offline)."""
     import tensorflow_datasets as tfds
@@ -183,6 +197,7 @@ def _digits_builder(data_dir: str | None):
 
     builder = Digits(data_dir=data_dir)
     if not builder.is_prepared():
+        _check_writable(data_dir, "digits")
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False),
             file_format="array_record",
@@ -303,14 +318,53 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(x.mean(axis=axes).tolist()), tuple(x.std(axis=axes).tolist())
 
 
+def _channel_values(
+    name: str, values: float | Sequence[float], channels: int, *, positive: bool
+) -> tuple[float, ...]:
+    """Checks a per-channel constant (``mean`` or ``std``) and returns it as a tuple of floats.
+
+    ``values`` is one number or a sequence of 1 or ``channels`` finite numbers (``> 0`` when
+    ``positive``); a single value applies to every channel.
+    """
+    if isinstance(values, (numbers.Real, np.generic)) or (
+        isinstance(values, np.ndarray) and values.ndim == 0
+    ):
+        values = (values,)
+    elif isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise ValueError(
+            f"{name} must be a number or a sequence of 1 or {channels} numbers (one per channel),"
+            f" got {name}={values!r}"
+        )
+    values = tuple(values)
+    if len(values) not in (1, channels):
+        expected = "1 entry" if channels == 1 else f"1 or {channels} entries"
+        raise ValueError(
+            f"{name} must have {expected} (one per channel of the {channels}-channel images),"
+            f" got {len(values)}: {name}={values!r}"
+        )
+    check = check_positive if positive else check_number
+    for i, value in enumerate(values):
+        check(f"{name}[{i}]", value)
+    return tuple(float(v) for v in values)
+
+
 def normalize(
     images: np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
-    """uint8 ``[..., W, C]`` -> float32 ``(x / 255 - mean) / std`` per channel."""
+    """uint8 ``[..., W, C]`` -> float32 ``(x / 255 - mean) / std`` per channel.
+
+    Raises:
+        ValueError: ``mean`` / ``std`` do not have 1 or ``C`` entries, an entry of ``mean`` is not
+            finite, or an entry of ``std`` is not finite and ``> 0``.
+    """
     images = np.asarray(images)
     w, c = images.shape[-2:] if images.ndim >= 2 else (1, images.shape[-1])
-    mean = np.broadcast_to(np.asarray(mean, dtype=np.float32), (c,))
-    std = np.broadcast_to(np.asarray(std, dtype=np.float32), (c,))
+    mean = np.broadcast_to(
+        np.asarray(_channel_values("mean", mean, c, positive=False), dtype=np.float32), (c,)
+    )
+    std = np.broadcast_to(
+        np.asarray(_channel_values("std", std, c, positive=True), dtype=np.float32), (c,)
+    )
     # NumPy is slow to broadcast a length-C vector over a short last axis (its
     # inner loops run C long); apply it to whole [W * C] rows instead.
     out = images.astype(np.float32).reshape(-1, w * c)
@@ -336,12 +390,17 @@ def augment(
             ``"crop_flip"`` (zero-pad by ``pad``, default 4, random crop, then flip
             horizontally with probability 1/2: the CIFAR standard).
         rng: the NumPy generator that draws the offsets and flips.
-        pad: padding in pixels (see ``mode``).
+        pad: padding in pixels (see ``mode``): None (the default) or an integer ``>= 0``.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`AUGMENTATIONS`, or ``pad`` is not None or an
+            integer ``>= 0``.
     """
+    check_choice("mode", mode, AUGMENTATIONS)
+    if pad is not None:
+        check_int("pad", pad, low=0)
     if mode == "none":
         return images
-    if mode not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
     if pad is None:
         pad = 1 if mode == "shift" else 4
     b, h, w, c = images.shape
@@ -389,20 +448,28 @@ class Loader:
 
     Args:
         images: uint8 ``[N, H, W, C]``.
-        labels: integer ``[N]``.
-        batch_size: examples per batch.
-        mean, std: per-channel normalization (see :data:`NORMALIZATION`).
+        labels: integer ``[N]`` (an integer dtype: float labels are refused, not
+            truncated).
+        batch_size: examples per batch, an integer ``>= 1``.
+        mean, std: per-channel normalization (see :data:`NORMALIZATION`): 1 or
+            ``C`` finite numbers each, every ``std`` entry ``> 0``.
         shuffle: reshuffle every epoch (training) or keep the order (eval).
-        seed: non-negative seed of the shuffling and augmentation.
+        seed: seed of the shuffling and augmentation, an integer ``>= 0``.
         drop_remainder: drop the last partial batch (training).  When False,
             the last batch is padded to ``batch_size`` and every batch has a
             ``"mask"`` (True for real examples).
-        num_epochs: epochs to run, counted from epoch 0 (a loader started at
-            epoch 3 with ``num_epochs=5`` runs epochs 3 and 4); None: forever.
+        num_epochs: epochs to run (an integer ``>= 1``), counted from epoch 0 (a
+            loader started at epoch 3 with ``num_epochs=5`` runs epochs 3 and 4);
+            None: forever.
         augment: ``"none"``, ``"shift"`` or ``"crop_flip"`` (see :func:`augment`).
-        pad: augmentation padding (default: 1 for shift, 4 for crop_flip).
+        pad: augmentation padding, an integer ``>= 0`` (default None: 1 for
+            shift, 4 for crop_flip).
         num_classes: if given, labels are checked to lie in ``[0, num_classes)``.
         start: the position to start from (default ``Position(0, 0)``).
+
+    Raises:
+        ValueError: an argument is outside what is described above (the message
+            names it, the expectation and the value given).
     """
 
     def __init__(
@@ -432,25 +499,37 @@ class Loader:
             raise ValueError(
                 f"labels shape {labels.shape} does not match {images.shape[0]} images"
             )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"labels must have an integer dtype (class indices), got labels of dtype"
+                f" {labels.dtype}; float labels would be silently truncated"
+            )
+        int32 = np.iinfo(np.int32)
+        if labels.size and (labels.min() < int32.min or labels.max() > int32.max):
+            raise ValueError(
+                f"labels must fit in int32, got labels in [{labels.min()}, {labels.max()}]"
+            )
         if num_classes is not None:
             validate_labels(labels, num_classes)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {augment!r}; expected one of {AUGMENTATIONS}")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
+        check_int("batch_size", batch_size, low=1)
+        channels = images.shape[-1]
+        self.mean = _channel_values("mean", mean, channels, positive=False)
+        self.std = _channel_values("std", std, channels, positive=True)
+        check_int("seed", seed, low=0)
+        if num_epochs is not None:
+            check_int("num_epochs", num_epochs, low=1)
+        check_choice("augment", augment, AUGMENTATIONS)
+        if pad is not None:
+            check_int("pad", pad, low=0)
         self.images = images
         self.labels = labels.astype(np.int32)
         self.batch_size = int(batch_size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_remainder = drop_remainder
-        self.num_epochs = num_epochs
+        self.num_epochs = None if num_epochs is None else int(num_epochs)
         self.augment = augment
-        self.pad = pad
+        self.pad = None if pad is None else int(pad)
         n = images.shape[0]
         if drop_remainder:
             self.steps_per_epoch = n // self.batch_size
@@ -478,10 +557,19 @@ class Loader:
         return self._position
 
     def seek(self, position: Position | tuple[int, int]) -> None:
-        """Moves to ``position``; a step past the epoch's end rolls over."""
-        epoch, step = (int(v) for v in position)
-        if epoch < 0 or step < 0:
-            raise ValueError(f"position must be non-negative, got {position}")
+        """Moves to ``position``; a step past the epoch's end rolls over.
+
+        Raises:
+            ValueError: ``position`` is not a pair of integers ``>= 0``.
+        """
+        try:
+            epoch, step = position
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"position must be a pair (epoch, step), got position={position!r}"
+            ) from None
+        epoch = check_int("position.epoch", epoch, low=0)
+        step = check_int("position.step", step, low=0)
         epoch += step // self.steps_per_epoch
         step %= self.steps_per_epoch
         self._position = Position(epoch, step)

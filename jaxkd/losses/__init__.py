@@ -1,101 +1,17 @@
 """Pure, jittable distillation objectives: functions of arrays, no state, no config objects.
 
-Every loss computes in float32, treats ``-inf`` logits as excluded entries (zero mass, zero gradient),
-takes explicit ``mask``/``weights``/``reduction`` arguments, and raises ``ValueError`` for bad
-hyper-parameters or mismatched shapes. See :mod:`jaxkd.losses._core` for the shared conventions.
+Each loss is written once, per example, and made public by
+:func:`jaxkd.losses.core.per_example_loss` (``mask``, ``weights``, ``reduction``); see
+:mod:`jaxkd.losses.core` for the conventions every loss shares (at least float32 inside, ``-inf`` =
+excluded class, NaN propagates, one reduction) and :mod:`jaxkd.checks` for the argument checks.
+
+Every public name of every module of this package (its ``__all__``) is exported here, so a new loss is
+one new file: ``jaxkd/losses/<method>.py``, named after the method it implements.
 """
 
-from jaxkd.losses._core import log_softmax, reduce_loss
-from jaxkd.losses.classification import cross_entropy, kd
-from jaxkd.losses.divergences import (
-    alpha_beta_divergence,
-    alpha_beta_divergence_per_example,
-    forward_kl,
-    forward_kl_per_example,
-    generalized_jsd,
-    generalized_jsd_per_example,
-    js_divergence,
-    js_divergence_per_example,
-    kl_divergence,
-    kl_per_example,
-    reverse_kl,
-    reverse_kl_per_example,
-    skew_kl,
-    skew_kl_per_example,
-    skew_reverse_kl,
-    skew_reverse_kl_per_example,
-    total_variation,
-    total_variation_per_example,
-)
-from jaxkd.losses.logit_methods import (
-    bdkd,
-    bdkd_terms,
-    bdkd_weights,
-    binary_kl_norm,
-    dist,
-    dist_terms,
-    dkd,
-    dkd_terms,
-    ls_kd,
-    nkd,
-    nkd_terms,
-    pld,
-    sinkhorn_distance,
-    sinkhorn_plan,
-    standardize_logits,
-    swing_kd,
-)
-from jaxkd.losses.fantastic_gains import data_partitioned_kd, teacher_is_more_confident
-from jaxkd.losses.sparse import sparse_forward_kl, sparse_forward_kl_per_example, topk_teacher
-from jaxkd.losses.taid import taid, taid_update
-from jaxkd.losses.tgeo import fused_kd_ce, fusion_inputs
+from jaxkd._packages import export_modules
+from jaxkd.losses.core import log_softmax, per_example_loss, reduce_loss
 
-__all__ = [
-    "alpha_beta_divergence",
-    "alpha_beta_divergence_per_example",
-    "bdkd",
-    "bdkd_terms",
-    "bdkd_weights",
-    "binary_kl_norm",
-    "cross_entropy",
-    "data_partitioned_kd",
-    "dist",
-    "dist_terms",
-    "dkd",
-    "dkd_terms",
-    "forward_kl",
-    "forward_kl_per_example",
-    "fused_kd_ce",
-    "fusion_inputs",
-    "generalized_jsd",
-    "generalized_jsd_per_example",
-    "js_divergence",
-    "js_divergence_per_example",
-    "kd",
-    "kl_divergence",
-    "kl_per_example",
-    "log_softmax",
-    "ls_kd",
-    "nkd",
-    "nkd_terms",
-    "pld",
-    "reduce_loss",
-    "reverse_kl",
-    "reverse_kl_per_example",
-    "sinkhorn_distance",
-    "sinkhorn_plan",
-    "skew_kl",
-    "skew_kl_per_example",
-    "skew_reverse_kl",
-    "skew_reverse_kl_per_example",
-    "sparse_forward_kl",
-    "sparse_forward_kl_per_example",
-    "standardize_logits",
-    "swing_kd",
-    "taid",
-    "taid_update",
-    "teacher_is_more_confident",
-    "topk_teacher",
-    "total_variation",
-    "total_variation_per_example",
-]
+__all__ = ["log_softmax", "per_example_loss", "reduce_loss"]
+__all__ += export_modules(globals(), skip={"core"})
+__all__.sort()

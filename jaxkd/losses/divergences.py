@@ -1,17 +1,16 @@
 """Divergences between the categorical distributions two sets of logits define.
 
-Every function takes the **student first and the teacher second** (``f(student_logits, teacher_logits)``),
-except the older :func:`kl_per_example` / :func:`kl_divergence`, which take the *target* first. Each
-divergence ``<name>`` comes as ``<name>_per_example(...) -> [...]`` and as a reduced ``<name>(...,
-mask=None, weights=None, reduction="mean")`` (see :func:`jaxkd.losses.reduce_loss`). No ``T²`` factor is
+Every function takes the **student first and the teacher second** (``f(student_logits, teacher_logits)``)
+and is written once, per example, then reduced by :func:`jaxkd.losses.core.per_example_loss` (``mask``,
+``weights``, ``reduction``; ``reduction="none"`` gives the per-example values). No ``T²`` factor is
 applied anywhere in this module (as in TRL and DistiLLM); :func:`jaxkd.losses.kd` is the ``T²`` form.
 
 Notation: ``p_T = softmax(teacher_logits / T)``, ``p_S = softmax(student_logits / T)``, ``KL(p‖q) =
 Σ_c p_c (log p_c − log q_c)``.
 
-Conventions shared by every divergence here (on top of :mod:`jaxkd.losses._core`):
+Conventions shared by every divergence here (on top of :mod:`jaxkd.losses.core`):
 
-* Everything is computed in float32 from log-probabilities; mixtures ``w·p + (1−w)·q`` are formed in log
+* Everything is computed in (at least) float32 from log-probabilities; mixtures ``w·p + (1−w)·q`` are formed in log
   space (a log-sum-exp that maps ``-inf`` to ``-inf`` with zero, never NaN, gradients).
 * A ``-inf`` logit is an excluded vocabulary entry: it has probability exactly 0 and receives a zero
   gradient. Divergences are then computed *exactly* with zero-mass entries (``0·log(0/q) = 0``), so an
@@ -27,132 +26,55 @@ Conventions shared by every divergence here (on top of :mod:`jaxkd.losses._core`
 
 from __future__ import annotations
 
-import math
-
-import jax
 import jax.numpy as jnp
 
-from jaxkd.losses._core import (
+from jaxkd.checks import check_in_range, check_number, check_same_logits, check_temperature, is_concrete
+from jaxkd.losses.core import (
     Array,
-    Reduction,
-    check_in_range,
-    check_positive,
-    check_same_logits,
-    is_concrete,
+    is_masked,
+    kl_from_log_probs,
+    log_mixture,
     log_softmax,
-    reduce_loss,
+    per_example_loss,
+    probs,
 )
 
-# ----- shared helpers -----
+__all__ = [
+    "alpha_beta_divergence",
+    "forward_kl",
+    "generalized_jsd",
+    "js_divergence",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "total_variation",
+]
 
 
 def _log_probs(student_logits: Array, teacher_logits: Array, temperature: float) -> tuple[Array, Array]:
-    """Checked float32 ``(log p_S, log p_T)`` at temperature ``T``."""
-    check_positive("temperature", temperature)
+    """Checked ``(log p_S, log p_T)`` at temperature ``T``."""
+    check_temperature("temperature", temperature)
     check_same_logits(student_logits, teacher_logits)
     return log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)
-
-
-def _kl_from_log_probs(log_p: Array, log_q: Array) -> Array:
-    """``Σ_c p_c (log p_c − log q_c)`` over the last axis, summing only entries with ``p_c > 0`` and ``q_c > 0``.
-
-    ``p_c = 0`` terms are 0 by ``0·log 0 = 0``; ``q_c = 0 < p_c`` terms (``+∞``) are dropped. Both are
-    masked before any arithmetic, so ``-inf`` inputs get zero gradients.
-    """
-    valid = jnp.isfinite(log_p) & jnp.isfinite(log_q)
-    lp = jnp.where(valid, log_p, 0.0)
-    lq = jnp.where(valid, log_q, 0.0)
-    return jnp.sum(jnp.where(valid, jnp.exp(lp) * (lp - lq), 0.0), axis=-1)
-
-
-def _log_mixture(log_a: Array, log_b: Array, w) -> Array:
-    """``log(w·a + (1 − w)·b)`` elementwise from ``log a``, ``log b``; ``w`` in ``[0, 1]``.
-
-    ``-inf`` inputs (zero mass) and ``w ∈ {0, 1}`` are exact; the result is ``-inf`` only where both
-    weighted terms vanish, and no input ever gets a NaN gradient (unlike ``jnp.logaddexp``).
-    """
-    w = jnp.asarray(w, jnp.float32)
-    la = log_a + jnp.log(w)
-    lb = log_b + jnp.log1p(-w)
-    fa, fb = jnp.isfinite(la), jnp.isfinite(lb)
-    hi = jax.lax.stop_gradient(jnp.maximum(jnp.where(fa, la, -jnp.inf), jnp.where(fb, lb, -jnp.inf)))
-    any_mass = jnp.isfinite(hi)
-    hi = jnp.where(any_mass, hi, 0.0)
-    total = jnp.where(fa, jnp.exp(jnp.where(fa, la - hi, 0.0)), 0.0) + jnp.where(
-        fb, jnp.exp(jnp.where(fb, lb - hi, 0.0)), 0.0
-    )
-    return jnp.where(any_mass, hi + jnp.log(jnp.where(any_mass, total, 1.0)), -jnp.inf)
-
-
-def _reduced(per_example: Array, mask, weights, reduction) -> Array:
-    return reduce_loss(per_example, mask=mask, weights=weights, reduction=reduction)
-
-
-# ----- KL (target-first, kept for backward compatibility) -----
-
-
-def kl_per_example(target_logits: Array, logits: Array, *, temperature: float = 1.0) -> Array:
-    """``KL(p ‖ q) = Σ_c p_c (log p_c − log q_c)`` per example, ``p = softmax(target/T)``,
-    ``q = softmax(logits/T)``.
-
-    Note the argument order: the *target* comes first (see :func:`forward_kl` for the student-first form).
-    Entries with ``p_c = 0`` (a ``-inf`` target logit) contribute 0 (convention ``0·log 0 = 0``); entries
-    where only ``q`` is masked (``-inf``) are dropped from the sum rather than making the loss infinite —
-    the convention DistiLLM uses for masked vocabulary. Returns float32 ``[...]``.
-    """
-    check_positive("temperature", temperature)
-    check_same_logits(logits, target_logits)
-    return _kl_from_log_probs(log_softmax(target_logits, temperature), log_softmax(logits, temperature))
-
-
-def kl_divergence(
-    target_logits: Array,
-    logits: Array,
-    *,
-    temperature: float = 1.0,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """Forward KL ``KL(softmax(target/T) ‖ softmax(logits/T))`` reduced over examples (target first).
-
-    The gradient flows into both arguments; wrap the target in ``jax.lax.stop_gradient`` to detach it.
-    See :func:`kl_per_example` for the masking conventions and :func:`jaxkd.losses.reduce_loss` for the
-    reduction (mean over unmasked examples by default).
-    """
-    per_example = kl_per_example(target_logits, logits, temperature=temperature)
-    return reduce_loss(per_example, mask=mask, weights=weights, reduction=reduction)
 
 
 # ----- forward / reverse KL (student first) -----
 
 
-def forward_kl_per_example(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
+@per_example_loss
+def forward_kl(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
     """Forward KL ``KL(p_T ‖ p_S) = Σ_c p_T,c (log p_T,c − log p_S,c)`` per example (mean-seeking).
 
     The divergence of Hinton et al., "Distilling the Knowledge in a Neural Network" (2015), here without
-    the ``T²`` factor; identical to ``kl_per_example(teacher_logits, student_logits)``. Classes only the
-    student masks (``-inf``) are dropped from the sum (see the module conventions).
+    the ``T²`` factor. Classes only the student masks (``-inf``) are dropped from the sum (see the module
+    conventions).
     """
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl_from_log_probs(log_t, log_s)
+    return kl_from_log_probs(log_t, log_s)
 
 
-def forward_kl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """Forward KL ``KL(p_T ‖ p_S)`` reduced over examples (no ``T²``). See :func:`forward_kl_per_example`."""
-    per_example = forward_kl_per_example(student_logits, teacher_logits, temperature=temperature)
-    return _reduced(per_example, mask, weights, reduction)
-
-
-def reverse_kl_per_example(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
+@per_example_loss
+def reverse_kl(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
     """Reverse KL ``KL(p_S ‖ p_T) = Σ_c p_S,c (log p_S,c − log p_T,c)`` per example (mode-seeking).
 
     The objective of Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR 2024) and
@@ -160,21 +82,7 @@ def reverse_kl_per_example(student_logits: Array, teacher_logits: Array, *, temp
     teacher masks (``-inf``) are dropped from the sum (the exact value would be ``+∞``), as in DistiLLM.
     """
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl_from_log_probs(log_s, log_t)
-
-
-def reverse_kl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """Reverse KL ``KL(p_S ‖ p_T)`` reduced over examples (no ``T²``). See :func:`reverse_kl_per_example`."""
-    per_example = reverse_kl_per_example(student_logits, teacher_logits, temperature=temperature)
-    return _reduced(per_example, mask, weights, reduction)
+    return kl_from_log_probs(log_s, log_t)
 
 
 # ----- Jensen–Shannon family -----
@@ -182,37 +90,25 @@ def reverse_kl(
 
 def _gjsd_mixture(log_s: Array, log_t: Array, beta) -> Array:
     """``β·KL(p_T‖m) + (1−β)·KL(p_S‖m)`` with ``m = β·p_T + (1−β)·p_S`` (no endpoint special-casing)."""
-    log_m = _log_mixture(log_t, log_s, beta)
-    beta = jnp.asarray(beta, jnp.float32)
-    return beta * _kl_from_log_probs(log_t, log_m) + (1.0 - beta) * _kl_from_log_probs(log_s, log_m)
+    log_m = log_mixture(log_t, log_s, beta)
+    beta = jnp.asarray(beta, log_m.dtype)
+    return beta * kl_from_log_probs(log_t, log_m) + (1.0 - beta) * kl_from_log_probs(log_s, log_m)
 
 
-def js_divergence_per_example(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
+@per_example_loss
+def js_divergence(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
     """Jensen–Shannon divergence ``JS = ½ KL(p_T ‖ m) + ½ KL(p_S ‖ m)``, ``m = ½ (p_T + p_S)``, per example.
 
     Lin, "Divergence Measures Based on the Shannon Entropy" (IEEE Trans. Inf. Theory, 1991). Symmetric,
     bounded by ``log 2``; always finite, so classes masked on one side only count exactly.
-    Equals :func:`generalized_jsd_per_example` at ``β = ½``.
+    Equals :func:`generalized_jsd` at ``β = ½``.
     """
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     return _gjsd_mixture(log_s, log_t, 0.5)
 
 
-def js_divergence(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """Jensen–Shannon divergence reduced over examples. See :func:`js_divergence_per_example`."""
-    per_example = js_divergence_per_example(student_logits, teacher_logits, temperature=temperature)
-    return _reduced(per_example, mask, weights, reduction)
-
-
-def generalized_jsd_per_example(
+@per_example_loss
+def generalized_jsd(
     student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0, beta: float = 0.5
 ) -> Array:
     """Generalized Jensen–Shannon divergence of GKD, in TRL's convention, per example.
@@ -240,40 +136,23 @@ def generalized_jsd_per_example(
     if is_concrete(beta):
         b = float(beta)
         if b == 0.0:
-            return _kl_from_log_probs(log_t, log_s)
+            return kl_from_log_probs(log_t, log_s)
         if b == 1.0:
-            return _kl_from_log_probs(log_s, log_t)
+            return kl_from_log_probs(log_s, log_t)
         return _gjsd_mixture(log_s, log_t, b)
     general = _gjsd_mixture(log_s, log_t, beta)
     return jnp.where(
         beta == 0.0,
-        _kl_from_log_probs(log_t, log_s),
-        jnp.where(beta == 1.0, _kl_from_log_probs(log_s, log_t), general),
+        kl_from_log_probs(log_t, log_s),
+        jnp.where(beta == 1.0, kl_from_log_probs(log_s, log_t), general),
     )
-
-
-def generalized_jsd(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """GKD's generalized JSD (TRL convention, no ``T²``) reduced over examples.
-
-    See :func:`generalized_jsd_per_example`.
-    """
-    per_example = generalized_jsd_per_example(student_logits, teacher_logits, temperature=temperature, beta=beta)
-    return _reduced(per_example, mask, weights, reduction)
 
 
 # ----- DistiLLM skew KL -----
 
 
-def skew_kl_per_example(
+@per_example_loss
+def skew_kl(
     student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0, alpha: float = 0.1
 ) -> Array:
     """Skew forward KL ``SKL_α = KL(p_T ‖ α·p_T + (1 − α)·p_S)`` per example.
@@ -290,25 +169,11 @@ def skew_kl_per_example(
     """
     check_in_range("alpha", alpha, 0.0, 1.0)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl_from_log_probs(log_t, _log_mixture(log_t, log_s, alpha))
+    return kl_from_log_probs(log_t, log_mixture(log_t, log_s, alpha))
 
 
-def skew_kl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    alpha: float = 0.1,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """DistiLLM skew forward KL reduced over examples (no ``T²``). See :func:`skew_kl_per_example`."""
-    per_example = skew_kl_per_example(student_logits, teacher_logits, temperature=temperature, alpha=alpha)
-    return _reduced(per_example, mask, weights, reduction)
-
-
-def skew_reverse_kl_per_example(
+@per_example_loss
+def skew_reverse_kl(
     student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0, alpha: float = 0.1
 ) -> Array:
     """Skew reverse KL ``SRKL_α = KL(p_S ‖ (1 − α)·p_T + α·p_S)`` per example.
@@ -323,28 +188,14 @@ def skew_reverse_kl_per_example(
     """
     check_in_range("alpha", alpha, 0.0, 1.0)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return _kl_from_log_probs(log_s, _log_mixture(log_s, log_t, alpha))
-
-
-def skew_reverse_kl(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    alpha: float = 0.1,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """DistiLLM skew reverse KL reduced over examples (no ``T²``). See :func:`skew_reverse_kl_per_example`."""
-    per_example = skew_reverse_kl_per_example(student_logits, teacher_logits, temperature=temperature, alpha=alpha)
-    return _reduced(per_example, mask, weights, reduction)
+    return kl_from_log_probs(log_s, log_mixture(log_s, log_t, alpha))
 
 
 # ----- total variation -----
 
 
-def total_variation_per_example(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
+@per_example_loss
+def total_variation(student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0) -> Array:
     """Total variation distance ``TV = ½ Σ_c |p_T,c − p_S,c|`` per example, in ``[0, 1]``.
 
     Temperature convention: both distributions are ``softmax(logits / T)`` (default ``T = 1``, the
@@ -353,23 +204,7 @@ def total_variation_per_example(student_logits: Array, teacher_logits: Array, *,
     on one side contributes ``½·p`` of the other side; masked on both, nothing.
     """
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    p_s = jnp.where(jnp.isfinite(log_s), jnp.exp(jnp.where(jnp.isfinite(log_s), log_s, 0.0)), 0.0)
-    p_t = jnp.where(jnp.isfinite(log_t), jnp.exp(jnp.where(jnp.isfinite(log_t), log_t, 0.0)), 0.0)
-    return 0.5 * jnp.sum(jnp.abs(p_t - p_s), axis=-1)
-
-
-def total_variation(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """Total variation distance reduced over examples. See :func:`total_variation_per_example`."""
-    per_example = total_variation_per_example(student_logits, teacher_logits, temperature=temperature)
-    return _reduced(per_example, mask, weights, reduction)
+    return 0.5 * jnp.sum(jnp.abs(probs(log_t) - probs(log_s)), axis=-1)
 
 
 # ----- alpha-beta divergence -----
@@ -425,7 +260,8 @@ def _ab_zero_p_term(b: Array, alpha: float, beta: float):
     return None
 
 
-def alpha_beta_divergence_per_example(
+@per_example_loss
+def alpha_beta_divergence(
     student_logits: Array,
     teacher_logits: Array,
     *,
@@ -461,11 +297,10 @@ def alpha_beta_divergence_per_example(
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not is_concrete(value):
             raise ValueError(f"{name} must be a concrete number for alpha_beta_divergence (it selects the formula)")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
+        check_number(name, value)
     alpha, beta = float(alpha), float(beta)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    fp, fq = jnp.isfinite(log_t), jnp.isfinite(log_s)
+    fp, fq = ~is_masked(log_t), ~is_masked(log_s)
     a = jnp.where(fp, log_t, 0.0)
     b = jnp.where(fq, log_s, 0.0)
     both = fp & fq
@@ -479,22 +314,3 @@ def alpha_beta_divergence_per_example(
     return jnp.sum(terms, axis=-1)
 
 
-def alpha_beta_divergence(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    temperature: float = 1.0,
-    alpha: float,
-    beta: float,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """AB-divergence ``D_AB^(α,β)(p_T ‖ p_S)`` reduced over examples.
-
-    See :func:`alpha_beta_divergence_per_example`.
-    """
-    per_example = alpha_beta_divergence_per_example(
-        student_logits, teacher_logits, temperature=temperature, alpha=alpha, beta=beta
-    )
-    return _reduced(per_example, mask, weights, reduction)

@@ -9,41 +9,29 @@ dropped ``+∞`` terms, masked reductions) are those of :mod:`jaxkd.losses.diver
 
 from __future__ import annotations
 
-import operator
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.losses._core import Array, Reduction, check_positive, is_concrete, log_softmax, reduce_loss
-from jaxkd.losses.divergences import _kl_from_log_probs
+from jaxkd.checks import check_choice, check_int, check_temperature, is_concrete
+from jaxkd.losses.core import Array, is_masked, kl_from_log_probs, log_softmax, masked_logsumexp, per_example_loss
+
+__all__ = ["sparse_forward_kl", "topk_teacher"]
 
 Tail = Literal["drop", "bucket"]
 
 
 def _check_k(k, vocab_size: int) -> int:
-    try:
-        if isinstance(k, bool):
-            raise TypeError
-        k = operator.index(k)
-    except TypeError:
-        raise ValueError(f"k must be a positive integer, got k={k!r}") from None
-    if k < 1:
-        raise ValueError(f"k must be a positive integer, got k={k}")
+    k = check_int("k", k, low=1)
     if k > vocab_size:
         raise ValueError(f"k={k} is larger than the vocabulary ({vocab_size} classes); use k <= {vocab_size}")
     return k
 
 
-def _log_sum(x: Array, axis: int = -1) -> Array:
-    """``log Σ exp(x)`` over ``axis`` (keepdims) that is ``-inf`` with zero gradients on an all-``-inf`` slice."""
-    finite = jnp.isfinite(x)
-    hi = jax.lax.stop_gradient(jnp.max(jnp.where(finite, x, -jnp.inf), axis=axis, keepdims=True))
-    has = jnp.isfinite(hi)
-    hi = jnp.where(has, hi, 0.0)
-    total = jnp.sum(jnp.where(finite, jnp.exp(jnp.where(finite, x - hi, 0.0)), 0.0), axis=axis, keepdims=True)
-    return jnp.where(has, hi + jnp.log(jnp.where(has, total, 1.0)), -jnp.inf)
+def _log_sum(x: Array) -> Array:
+    return masked_logsumexp(x, keepdims=True)
 
 
 def _log1mexp(x: Array) -> Array:
@@ -56,7 +44,7 @@ def _log1mexp(x: Array) -> Array:
         jnp.log(-jnp.expm1(jnp.where(near, xs, -1.0))),
         jnp.log1p(-jnp.exp(jnp.where(near, -1.0, xs))),
     )
-    return jnp.where(ok, value, -jnp.inf)
+    return jnp.where(ok, value, jnp.where(jnp.isnan(x), jnp.nan, -jnp.inf))
 
 
 def topk_teacher(teacher_logits: Array, k: int, *, temperature: float = 1.0) -> tuple[Array, Array]:
@@ -73,7 +61,7 @@ def topk_teacher(teacher_logits: Array, k: int, *, temperature: float = 1.0) -> 
       k: ``1 <= k <= V``.
       temperature: ``T > 0``.
     """
-    check_positive("temperature", temperature)
+    check_temperature("temperature", temperature)
     if jnp.ndim(teacher_logits) == 0:
         raise ValueError(f"teacher_logits must have a class axis, got shape {jnp.shape(teacher_logits)}")
     k = _check_k(k, jnp.shape(teacher_logits)[-1])
@@ -108,7 +96,8 @@ def _check_sparse(student_logits: Array, topk_indices: Array, topk_log_probs: Ar
             raise ValueError("topk_indices has a repeated index within a row; each row must list distinct classes")
 
 
-def sparse_forward_kl_per_example(
+@per_example_loss
+def sparse_forward_kl(
     student_logits: Array,
     topk_indices: Array,
     topk_log_probs: Array,
@@ -143,18 +132,17 @@ def sparse_forward_kl_per_example(
       temperature: ``T > 0`` for the student.
       tail: ``"drop"`` or ``"bucket"``.
     """
-    check_positive("temperature", temperature)
-    if tail not in ("drop", "bucket"):
-        raise ValueError(f"tail must be 'drop' or 'bucket', got tail={tail!r}")
+    check_temperature("temperature", temperature)
+    check_choice("tail", tail, ("drop", "bucket"))
     _check_sparse(student_logits, topk_indices, topk_log_probs)
     idx = jnp.asarray(topk_indices)
     log_q_full = log_softmax(student_logits, temperature)
     log_q = jnp.take_along_axis(log_q_full, idx, axis=-1)
-    log_p = jnp.asarray(topk_log_probs, jnp.float32)
+    log_p = jnp.asarray(topk_log_probs, log_q.dtype)
     if tail == "drop":
-        lp = jnp.where(jnp.isfinite(log_p), log_p - _log_sum(log_p), -jnp.inf)
-        lq = jnp.where(jnp.isfinite(log_q), log_q - _log_sum(log_q), -jnp.inf)
-        return _kl_from_log_probs(lp, lq)
+        lp = jnp.where(is_masked(log_p), -jnp.inf, log_p - _log_sum(log_p))
+        lq = jnp.where(is_masked(log_q), -jnp.inf, log_q - _log_sum(log_q))
+        return kl_from_log_probs(lp, lq)
     log_p_tail = _log1mexp(_log_sum(log_p))
     vocab_size = jnp.shape(log_q_full)[-1]
     flat_q = log_q_full.reshape(-1, vocab_size)
@@ -162,28 +150,8 @@ def sparse_forward_kl_per_example(
     rows = jnp.arange(flat_q.shape[0])[:, None]
     in_topk = jnp.zeros(flat_q.shape, bool).at[rows, flat_idx].set(True).reshape(log_q_full.shape)
     log_q_tail = _log_sum(jnp.where(in_topk, -jnp.inf, log_q_full))
-    return _kl_from_log_probs(
+    return kl_from_log_probs(
         jnp.concatenate([log_p, log_p_tail], axis=-1), jnp.concatenate([log_q, log_q_tail], axis=-1)
     )
 
 
-def sparse_forward_kl(
-    student_logits: Array,
-    topk_indices: Array,
-    topk_log_probs: Array,
-    *,
-    temperature: float = 1.0,
-    tail: Tail = "drop",
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
-    """Forward KL against a sparse top-k teacher, reduced over examples (no ``T²``).
-
-    See :func:`sparse_forward_kl_per_example` for the ``tail`` handling and :func:`jaxkd.losses.reduce_loss`
-    for ``mask``/``weights``/``reduction``.
-    """
-    per_example = sparse_forward_kl_per_example(
-        student_logits, topk_indices, topk_log_probs, temperature=temperature, tail=tail
-    )
-    return reduce_loss(per_example, mask=mask, weights=weights, reduction=reduction)

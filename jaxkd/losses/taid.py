@@ -2,25 +2,19 @@
 
 Shing, Misaki, Bao, Yokoi & Akiba, "TAID: Temporally Adaptive Interpolated Distillation for Efficient
 Knowledge Transfer in Language Models", ICLR 2025. Checked against the official code
-(SakanaAI/TAID ``src/distil_losses/taid.py``), see ``shared/FORMULAS.md`` §5.
+(``SakanaAI/TAID``, ``src/distil_losses/taid.py``).
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
-import flax.struct
 
-from jaxkd.losses._core import (
-    Array,
-    Reduction,
-    check_in_range,
-    check_positive,
-    check_same_logits,
-    finite_or_zero,
-    log_softmax,
-    reduce_loss,
-)
+from jaxkd.checks import check_in_range, check_int, check_same_logits
+from jaxkd.losses.core import Array, is_masked, log_softmax, per_example_loss, probs, to_float, zero_where_masked
+
+__all__ = ["TAIDState", "taid", "taid_init_state", "taid_target_log_probs", "taid_update"]
 
 
 def taid_target_log_probs(student_logits: Array, teacher_logits: Array, t) -> Array:
@@ -29,29 +23,22 @@ def taid_target_log_probs(student_logits: Array, teacher_logits: Array, t) -> Ar
     The interpolation is in logit space, as in the official code; an entry masked (``-inf``) on
     either side is masked in the target.
     """
-    zs = jax.lax.stop_gradient(jnp.asarray(student_logits, jnp.float32))
-    zt = jnp.asarray(teacher_logits, jnp.float32)
-    both = jnp.isfinite(zs) & jnp.isfinite(zt)
+    zs = jax.lax.stop_gradient(to_float(student_logits))
+    zt = to_float(teacher_logits)
+    both = ~is_masked(zs) & ~is_masked(zt)
     mixed = (1.0 - t) * jnp.where(both, zs, 0.0) + t * jnp.where(both, zt, 0.0)
     return log_softmax(jnp.where(both, mixed, -jnp.inf))
 
 
-def taid(
-    student_logits: Array,
-    teacher_logits: Array,
-    *,
-    t,
-    mask: Array | None = None,
-    weights: Array | None = None,
-    reduction: Reduction = "mean",
-) -> Array:
+@per_example_loss
+def taid(student_logits: Array, teacher_logits: Array, *, t) -> Array:
     """TAID's loss at interpolation ``t``: ``−Σ_v p_t(v) log softmax(z_s)(v)``, ``p_t = softmax((1−t)·sg(z_s) + t·z_t)``.
 
     The official code computes this cross-entropy form, and so does jaxkd: TAID's adaptive update of
     ``t`` reads the loss *value*, so the value must be the one the paper's rule was tuned on. The KL
     form ``KL(p_t ‖ p_s)`` differs by the entropy ``H(p_t)``, which does not depend on the student's
     parameters (``p_t`` is detached), so both have the same gradient (tested). No temperature (as in
-    the paper); averaged over unmasked examples/tokens.
+    the paper).
 
     Args:
       student_logits, teacher_logits: ``[..., V]``.
@@ -60,9 +47,7 @@ def taid(
     check_same_logits(student_logits, teacher_logits)
     check_in_range("t", t, 0.0, 1.0)
     log_target = taid_target_log_probs(student_logits, teacher_logits, t)
-    log_q = log_softmax(student_logits)
-    per_example = -jnp.sum(jnp.exp(log_target) * finite_or_zero(log_q), axis=-1)
-    return reduce_loss(per_example, mask=mask, weights=weights, reduction=reduction)
+    return -jnp.sum(probs(log_target) * zero_where_masked(log_softmax(student_logits)), axis=-1)
 
 
 @flax.struct.dataclass
@@ -101,7 +86,7 @@ def taid_update(
     ``m ← β m + (1 − β) δ``, ``t ← min(t_end, max(t_lin, t + α·sigmoid(m)·(1 − t)))`` with the linear
     floor ``t_lin = t_start + (t_end − t_start)·step/total_steps``.
     """
-    check_positive("total_steps", total_steps)
+    check_int("total_steps", total_steps, low=1)
     j = jax.lax.stop_gradient(jnp.asarray(loss_value, jnp.float32))
     delta = (state.prev_loss - j) / (state.prev_loss + 1e-15)
     momentum = beta * state.momentum + (1.0 - beta) * delta

@@ -1,64 +1,54 @@
-"""Distillation methods as composable transforms (see :mod:`jaxkd.methods.base`)."""
+"""Distillation methods as composable transforms (see :mod:`jaxkd.methods.base`).
 
+Every module of this package that defines methods registers them (:func:`register`) and lists them in
+its ``__all__``; all of them are imported and exported here, so a new method is its own file
+``jaxkd/methods/<method>.py`` (next to its loss, ``jaxkd/losses/<method>.py``) with one registration
+line — no list to edit.
+"""
+
+from jaxkd._packages import export_modules
 from jaxkd.methods.base import (
+    LABELED_KEY,
+    MASK_KEY,
     LossAux,
     LossInputs,
     Method,
     MethodVars,
     StepInfo,
+    Weight,
     as_chain,
     chain,
-    example_mask,
+    logit_method,
+    multiply_weights,
     require,
-    require_teacher,
+    stateless_method,
 )
-from jaxkd.methods import tgeo
-from jaxkd.methods.divergences import ab, forward_kl, gjsd, jsd, reverse_kl, skl, sparse_kd, srkl, tvd
-from jaxkd.methods.dual_head import dhkd, dho
-from jaxkd.methods.logit_methods import bdkd, dist, dkd, kd_ls, nkd, pld, sinkd, swing, warmup_schedule
-from jaxkd.methods.fantastic_gains import kd_dp
-from jaxkd.methods.logit import ce, kd
-from jaxkd.methods.taid import taid
-from jaxkd.methods.tgeo import tgeo_kd
-from jaxkd.methods.spec import REGISTRY, parse, register
+from jaxkd.methods.registry import REGISTRY, method_table, register
+from jaxkd.methods.spec import parse
 
 __all__ = [
+    "LABELED_KEY",
+    "MASK_KEY",
+    "REGISTRY",
     "LossAux",
     "LossInputs",
     "Method",
     "MethodVars",
-    "REGISTRY",
     "StepInfo",
-    "ab",
+    "Weight",
     "as_chain",
-    "bdkd",
-    "ce",
     "chain",
-    "dhkd",
-    "dho",
-    "dist",
-    "dkd",
-    "example_mask",
-    "forward_kl",
-    "gjsd",
-    "jsd",
-    "kd",
-    "kd_dp",
-    "kd_ls",
-    "nkd",
+    "logit_method",
+    "method_table",
+    "multiply_weights",
     "parse",
-    "pld",
     "register",
     "require",
-    "require_teacher",
-    "reverse_kl",
-    "sinkd",
-    "skl",
-    "sparse_kd",
-    "srkl",
-    "swing",
-    "taid",
-    "tgeo_kd",
-    "tvd",
-    "warmup_schedule",
+    "stateless_method",
 ]
+
+# The building blocks first, so the registry (and the README's method table) lists them first.
+__all__ += export_modules(
+    globals(), skip={"base", "registry", "spec", "heads"}, first=["classification", "divergences", "sparse"]
+)
+__all__.sort()

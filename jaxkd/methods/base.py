@@ -14,8 +14,9 @@ A :class:`Method` is a small record of pure functions:
   change inference (a second head combined with the first).
 
 :func:`chain` (or ``+``) composes methods: each keeps its variables under its own name, the total is the
-weighted sum, and every term is reported as a metric. ``weight`` may be a float or a schedule
-``step -> weight`` (as optax schedules are).
+weighted sum, and every term is reported as a metric. A weight is a finite number ``>= 0`` or a schedule
+``step -> weight`` (as optax schedules are); ``w * method`` multiplies whatever weight the method already
+has (a warm-up schedule stays a warm-up), and ``w * (a + b)`` weights every member.
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxkd.checks import check_nonnegative
+from jaxkd.losses.core import combine_masks
 from jaxkd.models.base import Outputs
 
 Array = jax.Array
 PyTree = Any
 Weight = Union[float, Callable[[Array], Array]]
+
+#: Batch entry marking the valid examples of a padded batch (eval batches are padded to a fixed size).
+MASK_KEY = "mask"
+#: Batch entry marking which examples carry a label, for semi-supervised batches (absent: all do).
+LABELED_KEY = "labeled"
+#: Metric names the train step writes itself; no method may be named like them.
+RESERVED_NAMES = ("loss", "grad_norm", "accuracy", "skipped")
 
 
 @flax.struct.dataclass
@@ -40,14 +50,18 @@ class LossInputs:
 
     Attributes:
       student: the student's forward pass (train mode).
-      teacher: the teacher's forward pass (eval mode, gradient stopped), or ``None`` without a teacher.
-      batch: the batch mapping (``"image"``, ``"label"``, optional ``"mask"`` of valid examples, …).
+      teacher: the teacher's forward pass (eval mode), or ``None`` without a teacher. The train step runs
+        the frozen teacher outside ``jax.value_and_grad`` and under ``stop_gradient``, once for every
+        method, so methods use ``teacher`` as it is and never detach it again.
+      batch: the batch mapping (the model input, labels, ``"mask"`` of valid examples, ``"labeled"`` …).
       step: the optimizer step count before this update (int32 scalar).
       student_variables: ``{"params": ..., **model_state}`` of the student *being differentiated* —
         for methods that run the student again (a frozen copy, a one-step lookahead). At ``init`` these
         are the student's initial variables.
       student_model: the student :class:`~jaxkd.models.Model` (static), to apply those variables.
       input_key: which batch entry is the model input (static).
+      label_key: which batch entry holds the integer labels (static; one convention for every method,
+        set when the train state is created).
     """
 
     student: Outputs
@@ -57,10 +71,40 @@ class LossInputs:
     student_variables: PyTree = None
     student_model: Any = flax.struct.field(pytree_node=False, default=None)
     input_key: str = flax.struct.field(pytree_node=False, default="image")
+    label_key: str = flax.struct.field(pytree_node=False, default="label")
 
     @property
     def model_input(self) -> Array:
-        return self.batch[self.input_key]
+        return require(self.batch, self.input_key, method="the student model")
+
+    @property
+    def example_mask(self) -> Array | None:
+        """Which examples are real (``batch["mask"]``), or ``None`` when all are."""
+        return self.batch.get(MASK_KEY)
+
+    @property
+    def labeled(self) -> Array | None:
+        """Which examples carry a label (``batch["labeled"]``), or ``None`` when all do."""
+        return self.batch.get(LABELED_KEY)
+
+    @property
+    def label_mask(self) -> Array | None:
+        """Which examples are real *and* labeled (``batch["mask"] & batch["labeled"]``), or ``None``."""
+        return combine_masks(self.example_mask, self.labeled)
+
+    def labels(self, method: str) -> Array:
+        """``batch[label_key]``, with the labels of unlabeled examples replaced by 0.
+
+        Unlabeled examples may carry any integer (e.g. ``-1``); label losses mask them with
+        :attr:`label_mask`, and the replacement keeps their (masked) values finite.
+        """
+        labels = require(self.batch, self.label_key, method=method)
+        return labels if self.labeled is None else jnp.where(self.labeled, labels, 0)
+
+    def teacher_outputs(self, method: str) -> Outputs:
+        if self.teacher is None:
+            raise ValueError(f"method {method!r} needs a teacher, but the train state has none")
+        return self.teacher
 
 
 @flax.struct.dataclass
@@ -95,6 +139,39 @@ def _keep_state(params: PyTree, state: PyTree, info: StepInfo) -> PyTree:
     return state
 
 
+def check_weight(weight: Weight) -> Weight:
+    """A weight is a schedule (checked when it runs) or a finite number ``>= 0``."""
+    if not callable(weight):
+        check_nonnegative("weight", weight)
+    return weight
+
+
+def resolve_weight(weight: Weight, step: Array) -> Array:
+    """The weight's value at ``step`` as a float32 scalar."""
+    return jnp.asarray(weight(step) if callable(weight) else weight, jnp.float32)
+
+
+def multiply_weights(a: Weight, b: Weight) -> Weight:
+    """``a · b`` for constants or schedules: a schedule times a constant stays a schedule of the product."""
+    check_weight(a)
+    check_weight(b)
+    if not callable(a) and not callable(b):
+        return check_weight(float(a) * float(b))
+    return lambda step: resolve_weight(a, step) * resolve_weight(b, step)
+
+
+def check_name(name: Any) -> str:
+    """A method name is a non-empty string without ``/`` (it prefixes its metrics), not a reserved one."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"a method name must be a non-empty string without '/', got {name!r}")
+    if name in RESERVED_NAMES:
+        raise ValueError(
+            f"a method may not be named {name!r}: the train step reports a metric of that name; "
+            f"reserved: {RESERVED_NAMES}. Rename it with .named()"
+        )
+    return name
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Method:
     """A distillation objective with its own variables. Build one with a factory (``jaxkd.methods.kd``).
@@ -105,8 +182,12 @@ class Method:
       init: ``(rng, inputs) -> MethodVars``; the default has no variables.
       update: ``(params, state, info) -> state`` after the optimizer step; the default keeps the state.
       weight: multiplier (or schedule ``step -> multiplier``) of this term in a chain.
-      batch_keys: batch entries the loss reads (checked when the train state is created).
       needs_teacher: whether the loss reads the teacher's outputs.
+      needs_labels: whether the loss reads the labels (``batch[label_key]``).
+      batch_keys: other batch entries the loss reads (checked when the train state is created).
+      meta_prefix: for methods with a held-out meta objective (TGeo-KD): the batch also carries a meta
+        batch under the same keys with this prefix (``"meta_image"``, ``"meta_label"``); ``None``
+        otherwise.
       predict: ``(vars, student_outputs) -> logits`` used by evaluation, or ``None`` for the student's
         own logits.
       terms: for a chain, its members (empty for a single method).
@@ -117,17 +198,21 @@ class Method:
     init: Callable[[Array, LossInputs], MethodVars] = _no_vars
     update: Callable[[PyTree, PyTree, StepInfo], PyTree] = _keep_state
     weight: Weight = 1.0
-    batch_keys: tuple[str, ...] = ()
     needs_teacher: bool = False
+    needs_labels: bool = False
+    batch_keys: tuple[str, ...] = ()
+    meta_prefix: str | None = None
     predict: Callable[[MethodVars, Outputs], Array] | None = None
     terms: tuple["Method", ...] = ()
+
+    def __post_init__(self):
+        if not self.terms:
+            check_name(self.name)
+        check_weight(self.weight)
 
     def named(self, name: str) -> "Method":
         """The same method under another name (to use one method twice in a chain)."""
         return dataclasses.replace(self, name=name)
-
-    def weighted(self, weight: Weight) -> "Method":
-        return dataclasses.replace(self, weight=weight)
 
     def __add__(self, other: "Method") -> "Method":
         if not isinstance(other, Method):
@@ -135,40 +220,62 @@ class Method:
         return chain(self, other)
 
     def __mul__(self, weight: Weight) -> "Method":
+        """``w * method``: the weight multiplies the method's own (constant or schedule); on a chain,
+        every member's."""
         if isinstance(weight, Method):
             return NotImplemented
-        if callable(weight):
-            return self.weighted(weight)
-        if callable(self.weight):
-            return self.weighted(lambda step, w=self.weight: weight * w(step))
-        return self.weighted(weight * self.weight)
+        if self.terms:
+            return chain(*(member * weight for member in self.terms), name=self.name)
+        return dataclasses.replace(self, weight=multiply_weights(weight, self.weight))
 
     __rmul__ = __mul__
 
 
 def require(batch: Mapping[str, Array], key: str, *, method: str) -> Array:
-    """``batch[key]`` with an error that names the method that needs it and the keys the batch has."""
+    """``batch[key]`` with an error that names who needs it and the keys the batch has."""
     try:
         return batch[key]
     except KeyError:
-        raise ValueError(
-            f"method {method!r} needs batch[{key!r}], but the batch has keys {sorted(batch)}"
-        ) from None
+        raise ValueError(f"{method!r} needs batch[{key!r}], but the batch has keys {sorted(batch)}") from None
 
 
-def require_teacher(inputs: LossInputs, *, method: str) -> Outputs:
-    if inputs.teacher is None:
-        raise ValueError(f"method {method!r} needs a teacher, but the train state has none")
-    return inputs.teacher
+def stateless_method(
+    name: str,
+    compute: Callable[[LossInputs, Array], Array | tuple[Array, Mapping[str, Array]]],
+    *,
+    weight: Weight = 1.0,
+    needs_teacher: bool = True,
+    needs_labels: bool = False,
+    batch_keys: tuple[str, ...] = (),
+) -> Method:
+    """A method without variables: its loss is ``compute(inputs, rng)``, a value or ``(value, metrics)``.
+
+    Most logit methods are this: a loss of :mod:`jaxkd.losses` applied to the student's and the
+    teacher's logits. A missing teacher is reported here, naming the method.
+    """
+
+    def loss(vars: MethodVars, inputs: LossInputs, rng: Array) -> tuple[Array, LossAux]:
+        if needs_teacher:
+            inputs.teacher_outputs(name)
+        out = compute(inputs, rng)
+        value, metrics = out if isinstance(out, tuple) else (out, {})
+        return value, LossAux(dict(metrics), vars.state)
+
+    return Method(
+        name=name, loss=loss, weight=weight, needs_teacher=needs_teacher, needs_labels=needs_labels,
+        batch_keys=batch_keys,
+    )
 
 
-def example_mask(batch: Mapping[str, Array]) -> Array | None:
-    """The per-example validity mask of a batch (eval batches are padded), or ``None``."""
-    return batch.get("mask")
-
-
-def resolve_weight(weight: Weight, step: Array) -> Array:
-    return jnp.asarray(weight(step) if callable(weight) else weight, jnp.float32)
+def logit_method(name: str, loss_fn: Callable[..., Array], *, weight: Weight = 1.0, **hyperparameters) -> Method:
+    """The method ``loss_fn(student_logits, teacher_logits, mask=example_mask, **hyperparameters)``."""
+    return stateless_method(
+        name,
+        lambda inputs, rng: loss_fn(
+            inputs.student.logits, inputs.teacher.logits, mask=inputs.example_mask, **hyperparameters
+        ),
+        weight=weight,
+    )
 
 
 def chain(*methods: Method, name: str = "chain") -> Method:
@@ -176,19 +283,14 @@ def chain(*methods: Method, name: str = "chain") -> Method:
 
     Each member's variables live under ``vars.params[member.name]`` / ``vars.state[member.name]``.
     Metrics: ``"<member>"`` is the member's unweighted loss, ``"<member>/<metric>"`` its own metrics,
-    ``"<member>/weight"`` the weight used, and ``"loss"`` the weighted total. Nested chains are
-    flattened; names must be unique (rename with ``method.named("kd2")``).
+    ``"<member>/weight"`` the weight used when it is a schedule, and ``"loss"`` the weighted total.
+    Nested chains are flattened; names must be unique (rename with ``method.named("kd2")``).
     """
     flat: list[Method] = []
     for m in methods:
         if not isinstance(m, Method):
             raise TypeError(f"chain takes Method objects, got {type(m).__name__}")
-        if m.terms:
-            if m.weight != 1.0:
-                raise ValueError("a weighted chain cannot be nested; weight its members instead")
-            flat.extend(m.terms)
-        else:
-            flat.append(m)
+        flat.extend(m.terms or (m,))
     if not flat:
         raise ValueError("chain needs at least one method")
     names = [m.name for m in flat]
@@ -211,15 +313,18 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         metrics: dict[str, Array] = {}
         new_state = {}
         for m, r in zip(terms, rngs):
-            member_vars = MethodVars(vars.params[m.name], vars.state[m.name])
-            value, aux = m.loss(member_vars, inputs, r)
+            value, aux = m.loss(MethodVars(vars.params[m.name], vars.state[m.name]), inputs, r)
             value = jnp.asarray(value, jnp.float32)
             w = resolve_weight(m.weight, inputs.step)
             total = total + w * value
             metrics[m.name] = value
             if callable(m.weight):
                 metrics[f"{m.name}/weight"] = w
-            metrics.update({f"{m.name}/{k}": v for k, v in aux.metrics.items()})
+            for key, metric in aux.metrics.items():
+                full = f"{m.name}/{key}"
+                if full in metrics:
+                    raise ValueError(f"method {m.name!r} reports a metric {key!r} that collides with {full!r}")
+                metrics[full] = metric
             new_state[m.name] = aux.state
         metrics["loss"] = total
         return total, LossAux(metrics, new_state)
@@ -227,6 +332,9 @@ def chain(*methods: Method, name: str = "chain") -> Method:
     def update(params: PyTree, state: PyTree, info: StepInfo) -> PyTree:
         return {m.name: m.update(params[m.name], state[m.name], info) for m in terms}
 
+    prefixes = sorted({m.meta_prefix for m in terms if m.meta_prefix is not None})
+    if len(prefixes) > 1:
+        raise ValueError(f"methods in a chain must share one meta batch, got meta prefixes {prefixes}")
     predictors = [m for m in terms if m.predict is not None]
     if len(predictors) > 1:
         raise ValueError(
@@ -244,8 +352,10 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         loss=loss,
         init=init,
         update=update,
-        batch_keys=tuple(dict.fromkeys(k for m in terms for k in m.batch_keys)),
         needs_teacher=any(m.needs_teacher for m in terms),
+        needs_labels=any(m.needs_labels for m in terms),
+        batch_keys=tuple(dict.fromkeys(k for m in terms for k in m.batch_keys)),
+        meta_prefix=prefixes[0] if prefixes else None,
         predict=predict,
         terms=terms,
     )

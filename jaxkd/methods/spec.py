@@ -2,107 +2,140 @@
 
 Configs and command lines name methods with this small expression language, so every registered
 method is selectable from an experiment config. Grammar (a safe subset of Python, evaluated without
-``eval``): a sum of terms; a term is ``[number *] name[(keyword=literal, ...)]``; ``name`` is a key of
-:data:`REGISTRY`. Literals are numbers, strings, booleans, ``None`` and tuples of those, or a name from
-the ``constants`` passed to :func:`parse` (e.g. ``taid(total_steps=steps)`` with ``{"steps": 400}``).
+``eval``): a sum of terms; a term is ``[number *] name[(keyword=value, ...)]`` where ``name`` is a key of
+:data:`jaxkd.methods.REGISTRY`. Values are literals (numbers, strings, booleans, ``None``, tuples) or
+arithmetic (``+ - * / // **``) over numbers and the named ``constants`` passed to :func:`parse` —
+``taid(total_steps=steps)`` or ``dkd(warmup_steps=steps // 12)`` with ``{"steps": 400}``. Weights may be
+arithmetic too: ``0.0008 * batch_size * sinkd``.
 """
 
 from __future__ import annotations
 
 import ast
-from typing import Callable, Mapping
+import operator
+from typing import Any, Mapping
 
 from jaxkd.methods.base import Method, chain
-from jaxkd.methods import divergences as div
-from jaxkd.methods import logit_methods as lm
-from jaxkd.methods.dual_head import dhkd, dho
-from jaxkd.methods.fantastic_gains import kd_dp
-from jaxkd.methods.logit import ce, kd
-from jaxkd.methods.taid import taid
-from jaxkd.methods.tgeo import tgeo_kd
+from jaxkd.methods.registry import REGISTRY
 
-REGISTRY: dict[str, Callable[..., Method]] = {
-    "ce": ce,
-    "kd": kd,
-    "taid": taid,
-    "kd_dp": kd_dp,
-    "dho": dho,
-    "dhkd": dhkd,
-    "tgeo_kd": tgeo_kd,
-    "fkl": div.forward_kl,
-    "rkl": div.reverse_kl,
-    "jsd": div.jsd,
-    "gjsd": div.gjsd,
-    "skl": div.skl,
-    "srkl": div.srkl,
-    "tvd": div.tvd,
-    "ab": div.ab,
-    "sparse_kd": div.sparse_kd,
-    "dkd": lm.dkd,
-    "kd_ls": lm.kd_ls,
-    "dist": lm.dist,
-    "nkd": lm.nkd,
-    "pld": lm.pld,
-    "sinkd": lm.sinkd,
-    "bdkd": lm.bdkd,
-    "swing": lm.swing,
+__all__ = ["parse"]
+
+_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Pow: operator.pow,
 }
 
 
-def register(name: str, factory: Callable[..., Method]) -> None:
-    """Makes ``factory`` selectable by ``name`` in :func:`parse` (for methods defined outside jaxkd)."""
-    if name in REGISTRY and REGISTRY[name] is not factory:
-        raise ValueError(f"a method named {name!r} is already registered")
-    REGISTRY[name] = factory
+class _Reader:
+    """Reads one spec; every error names the offending piece and the whole spec."""
+
+    def __init__(self, source: str, constants: Mapping[str, Any]):
+        self.source, self.constants = source, dict(constants)
+
+    def error(self, message: str, node: ast.AST | None = None) -> ValueError:
+        piece = "" if node is None else f" at {ast.get_source_segment(self.source, node)!r}"
+        return ValueError(f"{message}{piece} in method spec {self.source!r}")
+
+    def value(self, node: ast.AST) -> Any:
+        """A literal, a named constant, or arithmetic over numbers and constants."""
+        if isinstance(node, ast.Name):
+            if node.id in self.constants:
+                return self.constants[node.id]
+            raise self.error(f"unknown name {node.id!r} (known constants: {sorted(self.constants)})", node)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            left, right = self.number(node.left), self.number(node.right)
+            try:
+                return _OPERATORS[type(node.op)](left, right)
+            except (ArithmeticError, ValueError) as e:
+                raise self.error(f"cannot compute ({e})", node) from None
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            number = self.number(node.operand)
+            return -number if isinstance(node.op, ast.USub) else number
+        try:
+            return ast.literal_eval(node)
+        except (ValueError, TypeError, SyntaxError):
+            raise self.error("method arguments must be literals, named constants or arithmetic", node) from None
+
+    def number(self, node: ast.AST) -> int | float:
+        value = self.value(node)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"expected a number, got {value!r}", node)
+        return value
+
+    def is_method(self, node: ast.AST) -> bool:
+        if isinstance(node, ast.Call):
+            return True
+        if isinstance(node, ast.Name):
+            return node.id not in self.constants
+        return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and (
+            self.is_method(node.left) or self.is_method(node.right)
+        )
+
+    def term(self, node: ast.AST) -> Method:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            left, right = node.left, node.right
+            if self.is_method(left) and self.is_method(right):
+                raise self.error("two methods cannot be multiplied", node)
+            if self.is_method(left):
+                left, right = right, left
+            if not self.is_method(right):
+                raise self.error("a term must name a method", node)
+            weight, method = self.number(left), self.term(right)
+            try:
+                return weight * method
+            except ValueError as e:
+                raise self.error(f"bad weight: {e}", left) from None
+        if isinstance(node, ast.Name):
+            name, kwargs = node.id, {}
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name = node.func.id
+            if node.args or any(kw.arg is None for kw in node.keywords):
+                raise self.error("method arguments must be keywords (name=value)", node)
+            kwargs = {}
+            for kw in node.keywords:
+                if kw.arg in kwargs:
+                    raise self.error(f"keyword {kw.arg!r} is given twice", node)
+                kwargs[kw.arg] = self.value(kw.value)
+        else:
+            raise self.error("cannot read this as a method", node)
+        if name not in REGISTRY:
+            raise self.error(f"unknown method {name!r}; registered methods: {sorted(REGISTRY)}", node)
+        try:
+            return REGISTRY[name].factory(**kwargs)
+        except (TypeError, ValueError) as e:  # an unknown keyword or a bad value, named with its method
+            raise self.error(f"{name}: {e}", node) from None
+
+    def terms(self, node: ast.AST) -> list[Method]:
+        """The terms of ``a + b + c`` (a left-deep tree), read without recursion: specs may be long."""
+        right_terms = []
+        while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            right_terms.append(node.right)
+            node = node.left
+        return [self.term(n) for n in [node, *reversed(right_terms)]]
 
 
-def _literal(node: ast.AST, source: str, constants: Mapping[str, object]):
-    if isinstance(node, ast.Name) and node.id in constants:
-        return constants[node.id]
-    try:
-        return ast.literal_eval(node)
-    except ValueError:
-        raise ValueError(
-            f"method arguments must be literals, got {ast.get_source_segment(source, node)!r} in {source!r}"
-        ) from None
-
-
-def _term(node: ast.AST, source: str, constants: Mapping[str, object]) -> Method:
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-        left, right = node.left, node.right
-        if isinstance(right, ast.Constant):
-            left, right = right, left
-        weight = _literal(left, source, constants)
-        if not isinstance(weight, (int, float)):
-            raise ValueError(f"a method weight must be a number, got {weight!r} in {source!r}")
-        return float(weight) * _term(right, source, constants)
-    if isinstance(node, ast.Name):
-        name, kwargs = node.id, {}
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        if node.args:
-            raise ValueError(f"method arguments must be keywords (name=value) in {source!r}")
-        name = node.func.id
-        kwargs = {kw.arg: _literal(kw.value, source, constants) for kw in node.keywords}
-    else:
-        raise ValueError(f"cannot read {ast.get_source_segment(source, node)!r} as a method in {source!r}")
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(REGISTRY)}")
-    return REGISTRY[name](**kwargs)
-
-
-def _terms(node: ast.AST, source: str, constants: Mapping[str, object]) -> list[Method]:
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _terms(node.left, source, constants) + _terms(node.right, source, constants)
-    return [_term(node, source, constants)]
-
-
-def parse(spec: str, constants: Mapping[str, object] | None = None) -> Method:
+def parse(spec: str, constants: Mapping[str, Any] | None = None) -> Method:
     """Builds a method chain from a string such as ``"ce(label_smoothing=0.1) + 0.9*kd(temperature=4)"``.
 
-    ``constants`` names values the spec may use as arguments (the experiment passes ``steps``).
+    ``constants`` names values the spec may use in arguments and weights (the experiment passes
+    ``steps`` and ``batch_size``). Every mistake — an unknown method or keyword, a repeated keyword, a
+    string where a number belongs, a non-finite or negative weight — raises ``ValueError``.
     """
+    if not isinstance(spec, str):
+        raise ValueError(f"a method spec must be a string such as 'ce + kd(temperature=4)', got {spec!r}")
+    constants = dict(constants or {})
+    clash = sorted(set(constants) & set(REGISTRY))
+    if clash:
+        raise ValueError(f"constants {clash} have the names of registered methods")
+    source = spec.strip()
     try:
-        tree = ast.parse(spec.strip(), mode="eval")
+        tree = ast.parse(source, mode="eval")
     except SyntaxError as e:
         raise ValueError(f"cannot parse method spec {spec!r}: {e.msg}") from None
-    return chain(*_terms(tree.body, spec, dict(constants or {})))
+    except (RecursionError, MemoryError):
+        raise ValueError(f"method spec is too deeply nested to parse ({len(spec)} characters)") from None
+    return chain(*_Reader(source, constants).terms(tree.body))

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxkd.checks import check_int
 from jaxkd.models.base import (
     Model,
     Outputs,
@@ -43,7 +44,14 @@ __all__ = [
 def _mlp(
     *, num_classes: int, dtype: Any = jnp.float32, hidden_sizes: Sequence[int] = (256, 256)
 ) -> MLP:
-    return MLP(num_classes=num_classes, hidden_sizes=tuple(hidden_sizes), dtype=dtype)
+    """An :class:`MLP`; ``hidden_sizes`` must be a (possibly empty) sequence of integers ``>= 1``."""
+    if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
+        raise ValueError(
+            f"hidden_sizes must be a sequence of layer widths (integers >= 1), "
+            f"got hidden_sizes={hidden_sizes!r}"
+        )
+    hidden_sizes = tuple(check_int(f"hidden_sizes[{i}]", h, low=1) for i, h in enumerate(hidden_sizes))
+    return MLP(num_classes=num_classes, hidden_sizes=hidden_sizes, dtype=dtype)
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -68,10 +76,13 @@ def get(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs: Any)
       **kwargs: architecture-specific options (``dropout_rate`` for WRNs, ``hidden_sizes`` for mlp).
 
     Raises:
-      ValueError: ``name`` is not registered.
+      ValueError: ``name`` is not registered, ``num_classes`` is not an integer ``>= 1``, or an
+        architecture option is out of range (``hidden_sizes`` entries must be integers ``>= 1``,
+        ``dropout_rate`` must lie in ``[0, 1)``).
     """
     try:
         build = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {available()}") from None
+    num_classes = check_int("num_classes", num_classes, low=1)
     return from_linen(build(num_classes=num_classes, dtype=dtype, **kwargs), name=name)

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import flax.struct
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -106,6 +108,59 @@ def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
         return Outputs(logits=logits, features=features, model_state=model_state)
 
     return Model(init=init, apply=apply, name=name or type(module).__name__, module=module)
+
+
+def check_image_input(module: nn.Module, x: Array, *, first_layer: str, flatten: bool = False) -> None:
+    """Refuses an input ``x`` that ``module`` would silently mistrain on or fail on obscurely.
+
+    Checks, with a ``ValueError`` naming the module, the expectation and the input's dtype and shape:
+
+    * ``x`` has a floating dtype: uint8 images ``0..255`` must be normalized first (with
+      :func:`jaxkd.data.normalize` or a :class:`jaxkd.data.Loader`), and raw pixels would train;
+    * ``x`` is ``[batch, height, width, channels]`` (``flatten=False``, conv nets) or at least
+      ``[batch, ...]`` (``flatten=True``, models that flatten each example);
+    * at apply time only (while initializing, the parameters are being made to fit ``x``): ``x``
+      fits the kernel of the module's first layer ``first_layer`` (a conv kernel's in-channels, or
+      a Dense kernel's inputs for the flattened example), so a mismatch names the input instead of
+      a kernel shape deep inside the network.
+
+    Only shapes and dtypes are read, so this works on traced inputs inside ``jit``.
+    """
+    model = type(module).__name__
+    shape = tuple(np.shape(x))
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{model} expects floating-point images normalized with jaxkd.data.normalize / the "
+            f"Loader, got {dtype} input of shape {shape}"
+        )
+    if flatten:
+        if len(shape) < 2:
+            raise ValueError(f"{model} expects an input of shape [batch, ...], got input of shape {shape}")
+    elif len(shape) != 4:
+        raise ValueError(
+            f"{model} expects images of shape [batch, height, width, channels], got input of shape "
+            f"{shape} (rank {len(shape)})"
+        )
+    if module.is_initializing():
+        return
+    kernel = module.variables.get("params", {}).get(first_layer, {}).get("kernel")
+    if kernel is None:
+        return  # no parameters to compare with; Flax reports what is missing
+    if flatten:
+        expected, got = kernel.shape[0], int(np.prod(shape[1:]))
+        if got != expected:
+            raise ValueError(
+                f"{model}: the model was initialized for inputs of {expected} values per example "
+                f"(the flattened input size), got {got} values per example (input shape {shape})"
+            )
+    else:
+        expected, got = kernel.shape[-2], shape[-1]
+        if got != expected:
+            raise ValueError(
+                f"{model}: the model was initialized for {expected}-channel images, got {got} "
+                f"channels (input shape {shape})"
+            )
 
 
 def split_variables(variables: Mapping[str, PyTree]) -> tuple[PyTree, dict[str, PyTree]]:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxkd.models.base import check_image_input
 from jaxkd.models.conv import conv_general_dilated
 
 # PyTorch ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``: N(0, 2 / (k*k*out_channels)).
@@ -92,8 +93,10 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        """Logits ``[batch, num_classes]`` (float32) of normalized float images ``x`` ``[B, H, W, C]``."""
         if (self.depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
+        check_image_input(self, x, first_layer="stem_conv")
         n = (self.depth - 2) // 6
         stem, *widths = self.num_filters
 

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxkd.models.base import check_image_input
+
 
 class MLP(nn.Module):
     """``Dense(num_classes) o [ReLU o Dense(h) for h in hidden_sizes] o flatten``.
@@ -28,7 +30,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        """Logits ``[batch, num_classes]`` (float32) of float inputs ``x`` ``[batch, ...]`` (flattened)."""
         del train  # no train/eval-dependent layers
+        check_image_input(self, x, first_layer="dense1" if self.hidden_sizes else "fc", flatten=True)
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.hidden_sizes, start=1):
             x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x))

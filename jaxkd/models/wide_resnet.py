@@ -24,6 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxkd.checks import check_number
+from jaxkd.models.base import check_image_input
 from jaxkd.models.cifar_resnet import batch_norm, conv, dense_init
 
 
@@ -68,8 +70,10 @@ class WideResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        """Logits ``[batch, num_classes]`` (float32) of normalized float images ``x`` ``[B, H, W, C]``."""
         if (self.depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
+        check_image_input(self, x, first_layer="stem_conv")
         n = (self.depth - 4) // 6
         widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
 
@@ -100,7 +104,12 @@ WIDE_RESNETS: dict[str, tuple[int, int]] = {
 def wide_resnet(
     name: str, *, num_classes: int, dtype: Any = jnp.float32, dropout_rate: float = 0.0
 ) -> WideResNet:
-    """Builds one of :data:`WIDE_RESNETS` by name."""
+    """Builds one of :data:`WIDE_RESNETS` by name.
+
+    Raises:
+      ValueError: ``dropout_rate`` is not a number in ``[0, 1)``.
+    """
+    check_number("dropout_rate", dropout_rate, low=0.0, high=1.0, high_open=True)
     depth, widen_factor = WIDE_RESNETS[name]
     return WideResNet(
         depth=depth, widen_factor=widen_factor, num_classes=num_classes,

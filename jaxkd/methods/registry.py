@@ -1,0 +1,74 @@
+"""The method registry: every built-in method registers itself, with the paper it implements and the
+loss functions behind it, in one line in its own module::
+
+    @register("dkd", paper="Zhao et al., *Decoupled Knowledge Distillation*, CVPR 2022", losses=("dkd",))
+    def dkd(...) -> Method: ...
+
+:func:`jaxkd.methods.parse` selects methods by these names, and :func:`method_table` renders the
+README's method table from them (a test keeps the README in sync), so adding a method touches only the
+method's own files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from jaxkd.methods.base import Method
+
+__all__ = ["REGISTRY", "Registered", "method_table", "register"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    """A registered method: its factory and what the method table says about it."""
+
+    name: str
+    factory: Callable[..., Method]
+    paper: str = ""
+    losses: tuple[str, ...] = ()
+    status: str = "supported"
+
+
+#: name -> :class:`Registered`, for every method :func:`jaxkd.methods.parse` can build.
+REGISTRY: dict[str, Registered] = {}
+
+
+def register(
+    name: str,
+    factory: Callable[..., Method] | None = None,
+    *,
+    paper: str = "",
+    losses: tuple[str, ...] = (),
+    status: str = "supported",
+):
+    """Makes ``factory`` selectable by ``name`` in :func:`jaxkd.methods.parse`.
+
+    Use it as a decorator on a built-in factory (with the paper and the ``jaxkd.losses`` functions it
+    uses, for the method table) or call it with a factory defined outside jaxkd:
+    ``register("my_kd", my_kd)``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a registered name must be a Python identifier (it is parsed), got {name!r}")
+
+    def add(fn: Callable[..., Method]) -> Callable[..., Method]:
+        if not callable(fn):
+            raise ValueError(f"register({name!r}) needs a factory function returning a Method, got {fn!r}")
+        existing = REGISTRY.get(name)
+        if existing is not None and existing.factory is not fn:
+            raise ValueError(f"a method named {name!r} is already registered")
+        REGISTRY[name] = Registered(name, fn, paper, tuple(losses), status)
+        return fn
+
+    return add if factory is None else add(factory)
+
+
+def method_table() -> str:
+    """The README's method table (Markdown), one row per registered built-in method."""
+    rows = ["| name (`methods.parse`) | paper | loss functions (`jaxkd.losses`) | status |", "|---|---|---|---|"]
+    for entry in REGISTRY.values():
+        if not entry.paper:  # user-registered methods are not part of the table
+            continue
+        losses = ", ".join(f"`{fn}`" for fn in entry.losses)
+        rows.append(f"| `{entry.name}` | {entry.paper} | {losses} | {entry.status} |")
+    return "\n".join(rows)
