@@ -27,6 +27,11 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def dtype_of(x: Any) -> np.dtype:
+    """The dtype of an array-like without reading its values (no device transfer for jax arrays)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -137,8 +142,8 @@ def check_labels(labels: Any, logits: Any) -> None:
 def check_label_values(labels: Any, num_classes: int, *, where: Any = None, name: str = "labels") -> None:
     """Integer ``labels`` whose values (where ``where`` is true, when they are concrete) lie in
     ``[0, num_classes)``; the error names the first bad label and its index."""
-    if not np.issubdtype(np.result_type(labels), np.integer):
-        raise ValueError(f"{name} must be integers, got dtype {np.result_type(labels)}")
+    if not np.issubdtype(dtype_of(labels), np.integer):
+        raise ValueError(f"{name} must be integers, got dtype {dtype_of(labels)}")
     if not (is_concrete(labels) and is_concrete(where)) or not np.size(labels):
         return
     # NumPy, not jnp: inside a trace jnp would stage even a constant's min as a tracer.

@@ -57,14 +57,15 @@ def check_batch(state: TrainState, batch: Mapping[str, Any]) -> None:
     size or channel count), non-integer labels, and NumPy labels outside ``[0, num_classes)``. Device
     labels are checked inside the step.
     """
-    check_sample_batch(batch, input_key=state.input_key)
+    check_sample_batch(batch, input_key=state.input_key, label_key=state.label_key)
     for key, shape, kind in state.batch_spec.examples:
         if key not in batch:
             continue  # e.g. eval batches carry no meta batch; the model input is checked above
-        got_shape, got_kind = tuple(np.shape(batch[key])[1:]), np.result_type(batch[key]).kind
-        if got_shape != shape or got_kind != kind:
+        dtype = jnp.result_type(batch[key])
+        got_shape = tuple(np.shape(batch[key])[1:])
+        if got_shape != shape or dtype.kind != kind:
             raise ValueError(
-                f"batch[{key!r}] has examples of shape {got_shape} and dtype {np.result_type(batch[key])}, but the "
+                f"batch[{key!r}] has examples of shape {got_shape} and dtype {dtype}, but the "
                 f"train state was created for shape {shape} and dtype kind {kind!r} "
                 f"({ {'f': 'float', 'i': 'int', 'u': 'unsigned int', 'b': 'bool'}.get(kind, kind) })"
             )

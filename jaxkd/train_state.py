@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxkd.methods.base import LossInputs, Method, MethodVars, as_chain
-from jaxkd.models.base import Model, Outputs, merge_variables, split_variables
+from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, Method, MethodVars, as_chain
+from jaxkd.models.base import Model, merge_variables, split_variables
 
 PyTree = Any
 
@@ -47,7 +47,7 @@ class BatchSpec:
 
     @classmethod
     def of(cls, batch: Mapping[str, Any]) -> "BatchSpec":
-        return cls(tuple((k, tuple(np.shape(v)[1:]), np.result_type(v).kind) for k, v in sorted(batch.items())))
+        return cls(tuple((k, tuple(np.shape(v)[1:]), jnp.result_type(v).kind) for k, v in sorted(batch.items())))
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -113,24 +113,26 @@ def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, 
             )
 
 
-def check_sample_batch(batch: Mapping[str, Any], *, input_key: str) -> int:
-    """A mapping of arrays with one leading example axis of the same size ``>= 1``; returns that size."""
+def check_sample_batch(batch: Mapping[str, Any], *, input_key: str, label_key: str = "label") -> int:
+    """A mapping whose model input has a leading example axis of size ``>= 1``; the labels and the
+    ``"mask"`` / ``"labeled"`` flags have the same number of examples. Returns that number.
+
+    Other entries (a method's meta batch, stored top-k) may have their own sizes: the method reads them.
+    """
     if not isinstance(batch, Mapping):
         raise ValueError(f"a batch must be a mapping of arrays, got {type(batch).__name__}")
     if input_key not in batch:
         raise ValueError(f"the batch has no model input {input_key!r}; its keys are {sorted(batch)}")
-    sizes = {k: (np.shape(v)[0] if np.ndim(v) else None) for k, v in batch.items()}
-    if any(size is None for size in sizes.values()):
-        raise ValueError(f"every batch entry needs a leading example axis; got shapes "
-                         f"{ {k: np.shape(v) for k, v in batch.items()} }")
-    size = sizes[input_key]
-    if size == 0:
-        raise ValueError(f"the batch has no examples (batch[{input_key!r}] has shape {np.shape(batch[input_key])})")
-    different = {k: s for k, s in sizes.items() if s != size}
+    shape = np.shape(batch[input_key])
+    if len(shape) == 0 or shape[0] == 0:
+        raise ValueError(f"the batch has no examples (batch[{input_key!r}] has shape {shape})")
+    per_example = [k for k in (label_key, MASK_KEY, LABELED_KEY) if k in batch]
+    different = {k: np.shape(batch[k]) for k in per_example if np.shape(batch[k])[:1] != shape[:1]}
     if different:
-        raise ValueError(f"batch entries disagree on the number of examples: {input_key!r} has {size}, "
-                         f"but {different}")
-    return size
+        raise ValueError(
+            f"batch entries disagree on the number of examples: {input_key!r} has {shape[0]}, but {different}"
+        )
+    return shape[0]
 
 
 def create(
@@ -170,7 +172,7 @@ def create(
         this one key; semi-supervised batches add a boolean ``"labeled"`` entry).
     """
     method = as_chain(method)
-    check_sample_batch(sample_batch, input_key=input_key)
+    check_sample_batch(sample_batch, input_key=input_key, label_key=label_key)
     needed = ([label_key] if method.needs_labels else []) + list(method.batch_keys)
     missing = [k for k in needed if k not in sample_batch]
     if missing:
@@ -207,7 +209,7 @@ def create(
                 f"the teacher has {t}"
             )
 
-    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)), dict(sample_batch))
+    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), dict(sample_batch))
     inputs = LossInputs(
         student=student_out, teacher=teacher_out, batch=batch_spec, step=jnp.zeros((), jnp.int32),
         student_variables=dict(student_variables), student_model=student, input_key=input_key, label_key=label_key,

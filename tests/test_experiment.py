@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from experiments import config as config_lib
 from experiments import distill
+from jaxkd.steps import NonFiniteError
 
 TINY = [
     "teacher=mlp", "teacher_kwargs={'hidden_sizes': (32,)}", "student=mlp",
@@ -23,10 +23,13 @@ def test_default_experiment_pipeline_on_tiny_settings(tmp_path):
     assert sorted(os.listdir(run / "teachers")) == ["seed0", "seed1"]
     rows = {r["run"]: r for r in summary["rows"]}
     assert set(rows) == {"teacher", "scratch", "kd"}
-    assert all(r["seeds"] == 2 and 0.0 <= r["top1_mean"] <= 100.0 for r in rows.values())
     # The teacher, trained on the whole split, must have learned something (10 classes: chance 10%).
     assert rows["teacher"]["top1_mean"] > 50.0
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    # The table reports each student run's test accuracy after its last step, as logged.
+    for name in ("scratch", "kd"):
+        final = [r["test_accuracy"] for r in records if r["run"] == name and r.get("step") == 20 and "test_accuracy" in r]
+        assert [round(100 * a, 6) for a in final] == [round(a, 6) for a in rows[name]["top1_per_seed"]]
     train = [r for r in records if r["run"] == "kd" and r["seed"] == 1 and "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 21))  # every step logged
     assert {"ce", "kd", "loss", "lr", "grad_norm"} <= set(train[0])
@@ -61,21 +64,20 @@ def test_cifar100_through_tfds_mock_data(tmp_path):
     assert {r["run"] for r in summary["rows"]} == {"teacher", "scratch", "kd"}
 
 
-def test_overrides_are_typed_and_checked():
-    cfg = config_lib.apply_overrides(
-        config_lib.Config(), ["steps=7", "student=resnet14", "seeds=[3, 4]", "methods.kd_t8=ce + kd(temperature=8)"]
-    )
-    assert cfg.steps == 7 and cfg.student == "resnet14" and cfg.seeds == (3, 4)
-    assert cfg.methods["kd_t8"] == "ce + kd(temperature=8)" and "kd" in cfg.methods
-    with pytest.raises(ValueError, match="unknown config key"):
-        config_lib.apply_overrides(cfg, ["stpes=3"])
+def test_bad_method_specs_and_divergence_stop_the_run_before_any_table(tmp_path):
+    with pytest.raises(ValueError, match=r"config methods\['kd'\]: .*temperature must be a number"):
+        distill.main(["--out", str(tmp_path / "a"), "--set", "methods.kd=ce + kd(temperature='4')"])
+    with pytest.raises(NonFiniteError):
+        distill.main(["--out", str(tmp_path / "b"), "--set", f"data_dir={tmp_path / 'tfds'}", "--set", "teacher_lr=1e9"]
+                     + sum((["--set", s] for s in TINY), []))
+    assert not (tmp_path / "b" / "results.md").exists()
 
 
-@pytest.mark.slow
-def test_full_default_experiment(tmp_path):
-    """The README's default run (about 4 minutes on 2 cores): `pytest -m slow`."""
-    summary = distill.main(["--out", str(tmp_path / "run")])
+def test_default_experiment_distills(tmp_path):
+    """The README's default run, as printed there: on the default setting with the default seeds, the KD
+    student beats the same student trained from scratch, and the teacher is far above both."""
+    summary = distill.main(["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"])
     rows = {r["run"]: r for r in summary["rows"]}
     assert rows["teacher"]["seeds"] == rows["kd"]["seeds"] == rows["scratch"]["seeds"] == 3
     assert rows["teacher"]["top1_mean"] > 95.0
-    assert rows["scratch"]["top1_mean"] > 80.0
+    assert rows["kd"]["top1_mean"] > rows["scratch"]["top1_mean"] + 1.0

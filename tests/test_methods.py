@@ -27,6 +27,7 @@ def fake_inputs(seed=0, step=0):
 
 
 def run(method, inputs):
+    """The method's (loss, aux) on ``inputs``, initialized from a fixed key."""
     vars = method.init(jax.random.PRNGKey(0), inputs)
     return method.loss(vars, inputs, jax.random.PRNGKey(1))
 
@@ -49,6 +50,35 @@ def test_weight_schedule_follows_step():
         total, aux = run(method, fake_inputs(step=step))
         np.testing.assert_allclose(aux.metrics["kd/weight"], w)
         np.testing.assert_allclose(total, w * aux.metrics["kd"], rtol=1e-6)
+
+
+def test_weight_on_a_chain_scales_its_total():
+    """Bug: ``0.5 * (ce + kd)`` built a chain whose weight was never applied."""
+    inputs = fake_inputs()
+    unweighted, _ = run(methods.ce() + methods.kd(temperature=2.0), inputs)
+    weighted, aux = run(0.5 * (methods.ce() + methods.kd(temperature=2.0)), inputs)
+    np.testing.assert_allclose(weighted, 0.5 * unweighted, rtol=1e-6)
+    nested, _ = run(methods.chain(2.0 * (0.5 * (methods.ce() + methods.kd(temperature=2.0)))), inputs)
+    np.testing.assert_allclose(nested, unweighted, rtol=1e-6)
+
+
+def test_weight_multiplies_a_methods_own_schedule():
+    """Bug: ``schedule * dkd(warmup_steps=10)`` replaced the warm-up instead of multiplying it."""
+    schedule = lambda step: 2.0 + 0.0 * step
+    method = methods.chain(schedule * methods.dkd(warmup_steps=10))
+    for step, expected in [(0, 2.0 * 1 / 10), (4, 2.0 * 5 / 10), (50, 2.0)]:
+        _, aux = run(method, fake_inputs(step=step))
+        np.testing.assert_allclose(aux.metrics["dkd/weight"], expected, rtol=1e-6)
+    constant = methods.chain(3.0 * methods.dkd(warmup_steps=4))
+    _, aux = run(constant, fake_inputs(step=1))
+    np.testing.assert_allclose(aux.metrics["dkd/weight"], 3.0 * 2 / 4, rtol=1e-6)
+    assert (2.0 * (0.5 * methods.kd())).weight == 1.0
+
+
+@pytest.mark.parametrize("name", ["loss", "grad_norm", "accuracy", "skipped", "a/b", ""])
+def test_method_names_that_would_overwrite_metrics_are_refused(name):
+    with pytest.raises(ValueError, match="name"):
+        methods.kd(name=name)
 
 
 def test_chain_flattens_and_requires_unique_names():
@@ -118,7 +148,7 @@ def test_parse_builds_the_same_chain_as_code():
 def test_parse_reads_named_constants():
     method = methods.parse("ce + taid(total_steps=steps)", {"steps": 123})
     assert [m.name for m in method.terms] == ["ce", "taid"]
-    with pytest.raises(ValueError, match="literals"):
+    with pytest.raises(ValueError, match="unknown name 'steps'"):
         methods.parse("taid(total_steps=steps)")
 
 
@@ -130,8 +160,36 @@ def test_parse_reads_named_constants():
         ("kd(temperature=__import__('os'))", "literals"),
         ("kd(temperature=-1)", "temperature"),
         ("ce +", "cannot parse"),
+        ("kd(temperature=4, temperature=5)", "keyword 'temperature' is given twice"),
+        ("kd(temperature='4')", "temperature must be a number"),
+        ("kd(temprature=4)", "unexpected keyword"),
+        ("1e400 * kd", "weight must be a finite number"),
+        ("-1 * kd", r"weight must lie in \[0, inf\]"),
+        ("kd * ce", "two methods cannot be multiplied"),
+        ("kd(temperature=1e30)", r"temperature must lie in \[0.01, 100\]"),
+        ("kd(temperature=steps)", "unknown name 'steps'"),
     ],
 )
 def test_parse_rejects_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         methods.parse(spec)
+
+
+def test_parse_refuses_non_strings_and_survives_very_long_specs():
+    with pytest.raises(ValueError, match="must be a string"):
+        methods.parse(None)
+    # 1,200 terms used to overflow the recursion; now it is read and refused for its repeated names.
+    with pytest.raises(ValueError, match="unique"):
+        methods.parse(" + ".join(["kd"] * 1200))
+    with pytest.raises(ValueError, match="too deeply nested"):
+        methods.parse(" + ".join(["kd"] * 100_000))
+
+
+def test_parse_reads_arithmetic_over_named_constants():
+    method = methods.parse("ce + dkd(warmup_steps=steps * 20 // 240) + 0.0008 * batch_size * sinkd",
+                           {"steps": 400, "batch_size": 64})
+    dkd, sinkd = method.terms[1], method.terms[2]
+    np.testing.assert_allclose(dkd.weight(jnp.asarray(0)), 1 / 33, rtol=1e-6)  # warmup_steps = 33
+    np.testing.assert_allclose(sinkd.weight, 0.0512)
+    with pytest.raises(ValueError, match="names of registered methods"):
+        methods.parse("kd", {"kd": 3})

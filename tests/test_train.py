@@ -1,6 +1,7 @@
 """Train state, jitted steps, bad-input errors, sharding over a simulated mesh and exact Orbax resume."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -8,6 +9,7 @@ import pytest
 import jaxkd
 from jaxkd import methods, sharding
 from jaxkd.checkpoint import Checkpointer, load_variables, save_variables
+from jaxkd.steps import NonFiniteError
 
 from tests.helpers import NUM_CLASSES, teacher_variables, tiny_batch, tiny_models
 
@@ -61,7 +63,7 @@ def test_eval_step_counts_only_unpadded_examples():
     state = new_state()
     eval_step = jaxkd.make_eval_step()
     batch = dict(BATCH, mask=np.arange(16) < 10)
-    logits = STUDENT.apply(state.student_variables(), BATCH["image"], train=False).logits
+    logits = STUDENT.apply(state.student.variables(), BATCH["image"], train=False).logits
     expected = np.mean(np.argmax(logits, -1)[:10] == BATCH["label"][:10])
     result = jaxkd.evaluate(state, [batch], eval_step)
     assert result["count"] == 10
@@ -91,8 +93,133 @@ def test_method_that_needs_a_teacher_without_one_raises():
 def test_label_out_of_range_raises_before_the_step():
     state = new_state()
     bad = dict(BATCH, label=np.where(np.arange(16) == 3, NUM_CLASSES, BATCH["label"]).astype(np.int32))
-    with pytest.raises(ValueError, match=f"label {NUM_CLASSES}, outside"):
+    with pytest.raises(ValueError, match=rf"batch\['label'\]: label {NUM_CLASSES} at index \(3,\) is outside"):
         TRAIN_STEP(state, bad)
+
+
+@pytest.mark.parametrize("all_bad", [False, True])
+def test_device_labels_out_of_range_raise_after_the_step_and_change_nothing(all_bad):
+    """Bug: device-array labels were never checked (with all labels out of range the CE was 0)."""
+    state = new_state()
+    labels = np.full(16, NUM_CLASSES + 2) if all_bad else np.where(np.arange(16) == 5, -1, BATCH["label"])
+    with pytest.raises(ValueError, match="outside \\[0, num_classes=5\\)"):
+        TRAIN_STEP(state, dict(BATCH, label=jnp.asarray(labels, jnp.int32)))
+    with pytest.raises(ValueError, match="outside \\[0, num_classes=5\\)"):
+        jaxkd.evaluate(new_state(), [dict(BATCH, label=jnp.asarray(labels, jnp.int32))], jaxkd.make_eval_step())
+
+
+def test_nan_input_stops_the_step_and_leaves_the_state_as_it_was():
+    """Bug: one NaN pixel logged a finite loss, made every parameter NaN, then logged loss 0.0."""
+    state, _ = TRAIN_STEP(new_state(), BATCH)
+    before = jax.device_get(state)
+    image = BATCH["image"].copy()
+    image[3, 1, 1, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="the loss is not finite") as info:
+        TRAIN_STEP(state, dict(BATCH, image=image))
+    after = info.value.state
+    assert int(after.step) == 1 and int(after.skipped_steps) == 1
+    jax.tree.map(np.testing.assert_array_equal, before.student, jax.device_get(after.student))
+    jax.tree.map(np.testing.assert_array_equal, before.opt_state, jax.device_get(after.opt_state))
+
+
+def test_skip_policy_counts_skipped_steps_and_keeps_training():
+    skip_step = jaxkd.make_train_step(on_nonfinite="skip")
+    image = BATCH["image"].copy()
+    image[0, 0, 0, 0] = np.nan
+    state = new_state()
+    state, metrics = skip_step(state, dict(BATCH, image=image))
+    assert float(metrics["skipped"]) == 1.0 and int(state.skipped_steps) == 1 and int(state.step) == 0
+    state, metrics = skip_step(state, BATCH)
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(jax.device_get(state.student)))
+
+
+def test_divergence_from_a_huge_learning_rate_raises_instead_of_reaching_the_results():
+    """Bug: ``--set lr=1000`` gave NaN gradients, a finite logged loss and a results-table entry."""
+    state = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS, method=METHOD,
+                         tx=optax.sgd(1e12), sample_batch=BATCH, rng=jax.random.PRNGKey(0))
+    with pytest.raises(NonFiniteError, match="not finite"):
+        for _ in range(20):
+            state, _ = TRAIN_STEP(state, BATCH)
+
+
+def test_evaluate_refuses_non_finite_predictions():
+    state = new_state()
+    state = state.replace(student=state.student.replace(
+        params=jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), state.student.params)))
+    with pytest.raises(FloatingPointError, match="not finite for 16 of 16"):
+        jaxkd.evaluate(state, [BATCH], jaxkd.make_eval_step())
+
+
+def test_empty_batches_are_refused():
+    empty = {k: v[:0] for k, v in BATCH.items()}
+    with pytest.raises(ValueError, match="no examples"):
+        jaxkd.create(student=STUDENT, method=methods.ce(), tx=TX, sample_batch=empty, rng=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="no examples"):
+        TRAIN_STEP(new_state(), empty)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: {"label": b["label"]}, r"no model input 'image'; its keys are \['label'\]"),
+        (lambda b: dict(b, image=(b["image"] * 50 + 100).astype(np.uint8)), r"batch\['image'\].*dtype uint8"),
+        (lambda b: dict(b, image=np.repeat(b["image"], 3, axis=-1)), r"batch\['image'\].*shape \(4, 4, 3\)"),
+        (lambda b: dict(b, image=b["image"][:, :, :2]), r"batch\['image'\].*shape \(4, 2, 1\)"),
+        (lambda b: dict(b, label=b["label"].astype(np.float32)), r"batch\['label'\].*float32"),
+        (lambda b: dict(b, label=b["label"][:8]), "disagree on the number of examples"),
+    ],
+    ids=["missing input", "uint8 images", "channels", "size", "float labels", "ragged"],
+)
+def test_step_refuses_batches_unlike_the_sample_batch(change, message):
+    with pytest.raises(ValueError, match=message):
+        TRAIN_STEP(new_state(), change(BATCH))
+
+
+def test_teacher_variables_of_another_architecture_are_refused():
+    """Bug: a teacher accepted variables of another architecture and used part of them."""
+    wider = jaxkd.models.get("mlp", num_classes=NUM_CLASSES, hidden_sizes=(48,))
+    deeper = jaxkd.models.get("mlp", num_classes=NUM_CLASSES, hidden_sizes=(32, 32))
+    with pytest.raises(ValueError, match=r"teacher variables do not match the model at \['params'\]\['dense1'\]"):
+        new_state(teacher_variables=teacher_variables(wider, BATCH))
+    with pytest.raises(ValueError, match=r"teacher variables do not match the model: unexpected \['params'\]\['dense2'\]"):
+        new_state(teacher_variables=teacher_variables(deeper, BATCH))
+    with pytest.raises(ValueError, match=r"student variables do not match the model: missing"):
+        new_state(student_variables={"params": {}})
+
+
+def test_models_refuse_unnormalized_images_at_create_time():
+    conv = jaxkd.models.get("resnet8", num_classes=NUM_CLASSES)
+    images = {"image": np.zeros((2, 8, 8, 1), np.uint8), "label": np.zeros(2, np.int32)}
+    with pytest.raises(ValueError, match="floating-point images"):
+        jaxkd.create(student=conv, method=methods.ce(), tx=TX, sample_batch=images, rng=jax.random.PRNGKey(0))
+
+
+def test_semi_supervised_batches_train_ce_on_labeled_examples_only():
+    """DHO's unlabeled-data setting: KD on every example, CE only where ``batch["labeled"]``."""
+    labeled = np.arange(16) < 6
+    batch = dict(BATCH, label=np.where(labeled, BATCH["label"], -1).astype(np.int32), labeled=labeled)
+    state = new_state(method=methods.dho(temperature=2.0))
+    logits = np.asarray(STUDENT.apply(state.student.variables(), BATCH["image"], train=True).logits, np.float64)
+    _, metrics = TRAIN_STEP(state, batch)
+    log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    expected_ce = -np.mean(log_p[np.arange(16), BATCH["label"]][labeled])
+    np.testing.assert_allclose(metrics["dho/ce"], expected_ce, rtol=1e-5)
+    accuracy = np.mean((logits.argmax(1) == BATCH["label"])[labeled])
+    np.testing.assert_allclose(metrics["accuracy"], accuracy)
+    with pytest.raises(ValueError, match="label -1"):  # without the flags, -1 is a bad label
+        TRAIN_STEP(new_state(method=methods.dho()), dict(BATCH, label=batch["label"]))
+
+
+def test_label_key_is_one_convention_for_methods_accuracy_and_checks():
+    batch = {"image": BATCH["image"], "target": BATCH["label"]}
+    state = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS,
+                         method=methods.parse("ce + dkd + nkd + pld"), tx=TX, sample_batch=batch,
+                         rng=jax.random.PRNGKey(0), label_key="target")
+    state, metrics = TRAIN_STEP(state, batch)
+    assert {"ce", "dkd", "nkd", "pld", "accuracy"} <= set(metrics)
+    with pytest.raises(ValueError, match=r"batch\['target'\]: label 9"):
+        TRAIN_STEP(state, dict(batch, target=np.full(16, 9, np.int32)))
 
 
 # ----- sharding -----
