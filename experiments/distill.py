@@ -167,6 +167,7 @@ class Runner:
 
 
 def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
+    run_methods = parse_methods(cfg)  # a bad spec fails before anything is loaded or trained
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
@@ -174,7 +175,6 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     num_classes = dataset.train.num_classes
     teacher = models.get(cfg.teacher, num_classes=num_classes, **cfg.teacher_kwargs)
     student = models.get(cfg.student, num_classes=num_classes, **cfg.student_kwargs)
-    run_methods = parse_methods(cfg)
     teacher_schedule = schedule_of(cfg, cfg.teacher_lr, cfg.teacher_steps)
     student_schedule = schedule_of(cfg, cfg.lr, cfg.steps)
     teacher_tx, student_tx = make_optimizer(cfg, teacher_schedule), make_optimizer(cfg, student_schedule)

@@ -1,5 +1,6 @@
 """Train state, jitted steps, bad-input errors, sharding over a simulated mesh and exact Orbax resume."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,7 @@ def test_distillation_lowers_the_loss_and_leaves_the_teacher_alone():
     assert losses[-1] < 0.5 * losses[0]
     assert int(state.step) == 30
     assert set(metrics) >= {"loss", "ce", "kd", "grad_norm", "accuracy"}
-    jax.tree.map(np.testing.assert_array_equal, teacher_before, jax.device_get(state.teacher.params))
+    chex.assert_trees_all_equal(teacher_before, jax.device_get(state.teacher.params))
 
 
 def test_student_batch_stats_are_updated_in_train_mode():
@@ -118,8 +119,8 @@ def test_nan_input_stops_the_step_and_leaves_the_state_as_it_was():
         TRAIN_STEP(state, dict(BATCH, image=image))
     after = info.value.state
     assert int(after.step) == 1 and int(after.skipped_steps) == 1
-    jax.tree.map(np.testing.assert_array_equal, before.student, jax.device_get(after.student))
-    jax.tree.map(np.testing.assert_array_equal, before.opt_state, jax.device_get(after.opt_state))
+    chex.assert_trees_all_equal(before.student, jax.device_get(after.student))
+    chex.assert_trees_all_equal(before.opt_state, jax.device_get(after.opt_state))
 
 
 def test_skip_policy_counts_skipped_steps_and_keeps_training():
@@ -233,8 +234,7 @@ def test_step_sharded_over_eight_devices_matches_single_device():
         single, m1 = TRAIN_STEP(single, BATCH)
         sharded, m2 = sharded_step(sharded, BATCH)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params_of(single), params_of(sharded))
+    chex.assert_trees_all_close(params_of(single), params_of(sharded), rtol=1e-4, atol=1e-6)
     leaf = jax.tree.leaves(sharded.student.params)[0]
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
 
@@ -263,8 +263,8 @@ def test_orbax_resume_is_exact(tmp_path):
     assert position == {"epoch": 0, "batch": 2} and int(resumed.step) == 2
     for _ in range(2):
         resumed, _ = TRAIN_STEP(resumed, BATCH)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.opt_state), jax.device_get(resumed.opt_state))
-    jax.tree.map(np.testing.assert_array_equal, params_of(straight), params_of(resumed))
+    chex.assert_trees_all_equal(jax.device_get(straight.opt_state), jax.device_get(resumed.opt_state))
+    chex.assert_trees_all_equal(params_of(straight), params_of(resumed))
     np.testing.assert_array_equal(straight.rng, resumed.rng)
 
 
@@ -272,4 +272,4 @@ def test_teacher_variables_round_trip(tmp_path):
     save_variables(tmp_path / "teacher", TEACHER_VARS)
     blank = TEACHER.init(jax.random.PRNGKey(99), BATCH["image"])
     loaded = load_variables(tmp_path / "teacher", blank)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(TEACHER_VARS), jax.device_get(loaded))
+    chex.assert_trees_all_equal(jax.device_get(TEACHER_VARS), jax.device_get(loaded))

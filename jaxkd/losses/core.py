@@ -176,8 +176,11 @@ def reduce_loss(
     """Reduces a per-example loss ``[...]`` to a scalar.
 
     With ``w = mask · weights``: ``"mean"`` is ``Σ w·l / Σ w`` (0 when ``Σ w = 0``), ``"sum"`` is ``Σ w·l``,
-    ``"none"`` returns ``w·l`` unreduced. Examples with ``w = 0`` contribute exactly 0 even when their
-    value is NaN or infinite (padding may hold anything); every other NaN propagates.
+    ``"none"`` returns ``w·l`` unreduced. Examples with ``w = 0`` contribute exactly 0 to the value even
+    when it is NaN or infinite (padding may hold anything); every other NaN propagates. Only the value:
+    the gradient reaching a masked example is ``0``, and ``0 · NaN`` is NaN, so a masked example whose
+    *inputs* are NaN still makes the gradient NaN (the train step then refuses the update). Pad with
+    finite values (zeros), as :class:`jaxkd.data.Loader` does.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got reduction={reduction!r}")
