@@ -18,35 +18,19 @@ from jaxkd import losses, methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
-
-def np_probs(z, T=1.0):
-    z = np.asarray(z, np.float64) / T
-    e = np.exp(z - np.max(z, -1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_kl(p, q):
-    return np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(np.where(p > 0, q, 1))), 0.0), -1)
-
-
-def np_entropy(p):
-    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0.0), -1)
+from tests.numpy_reference import np_entropy, np_kl, np_softmax, rand_logits
 
 
 def np_bdkd_terms(zs, zt, T):
     """The two weighted terms T²·w_f·KL(p_t‖p_s) and T²·w_r·KL(p_s‖p_t), w = (H_t, H_s)/(H_s + H_t)."""
-    ps, pt = np_probs(zs, T), np_probs(zt, T)
+    ps, pt = np_softmax(zs, T), np_softmax(zt, T)
     hs, ht = np_entropy(ps), np_entropy(pt)
     return T**2 * ht / (hs + ht) * np_kl(pt, ps), T**2 * hs / (hs + ht) * np_kl(ps, pt)
 
 
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
-
-
 def test_weights_are_the_relative_entropies():
     zs, zt = rand_logits(27), rand_logits(28)
-    hs, ht = np_entropy(np_probs(zs, 3.0)), np_entropy(np_probs(zt, 3.0))
+    hs, ht = np_entropy(np_softmax(zs, 3.0)), np_entropy(np_softmax(zt, 3.0))
     w_f, w_r = losses.bdkd_weights(zs, zt, temperature=3.0)
     np.testing.assert_allclose(w_f, ht / (hs + ht), rtol=1e-5)
     np.testing.assert_allclose(w_r, hs / (hs + ht), rtol=1e-5)
@@ -56,7 +40,7 @@ def test_reverse_weight_of_a_near_one_hot_student_is_its_small_entropy_ratio_not
     # H_s ≈ 6e-12: 1 − w_f rounds to 0 in float32, H_s/(H_s + H_t) does not. (float32 cannot resolve
     # log p_max = −2e-13 here, a few per cent of H_s; the reference is float64.)
     zs, zt = np.array([[30.0, 0.0, 0.0]], np.float32), np.array([[1.0, 0.0, -1.0]], np.float32)
-    hs, ht = np_entropy(np_probs(zs)), np_entropy(np_probs(zt))
+    hs, ht = np_entropy(np_softmax(zs)), np_entropy(np_softmax(zt))
     w_f, w_r = losses.bdkd_weights(zs, zt, temperature=1.0)
     np.testing.assert_allclose(w_r, hs / (hs + ht), rtol=0.1)
     assert float(w_f[0]) == 1.0
@@ -112,7 +96,7 @@ def test_method_matches_numpy_over_the_unmasked_examples():
     method = methods.bdkd(temperature=2.0)
     value, aux = method.loss(method.init(jax.random.PRNGKey(0), inputs), inputs, jax.random.PRNGKey(1))
     forward, reverse = (t[mask].mean() for t in np_bdkd_terms(zs, zt, 2.0))
-    hs, ht = np_entropy(np_probs(zs, 2.0)), np_entropy(np_probs(zt, 2.0))
+    hs, ht = np_entropy(np_softmax(zs, 2.0)), np_entropy(np_softmax(zt, 2.0))
     np.testing.assert_allclose([aux.metrics["forward"], aux.metrics["reverse"]], [forward, reverse], rtol=1e-5)
     np.testing.assert_allclose(aux.metrics["w_forward"], (ht / (hs + ht))[mask].mean(), rtol=1e-5)
     np.testing.assert_allclose(value, forward + reverse, rtol=1e-5)

@@ -25,24 +25,7 @@ from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
-
-
-def np_log_softmax(z, temperature=1.0):
-    """float64 log-softmax; -inf entries stay -inf."""
-    z = np.asarray(z, np.float64) / temperature
-    hi = np.max(np.where(np.isfinite(z), z, -np.inf), -1, keepdims=True)
-    return z - hi - np.log(np.sum(np.exp(z - hi), -1, keepdims=True))
-
-
-def np_kl(p_logits, q_logits, temperature=1.0):
-    """KL(softmax(p/T) ‖ softmax(q/T)) per row, 0·log 0 = 0."""
-    lp, lq = np_log_softmax(p_logits, temperature), np_log_softmax(q_logits, temperature)
-    p = np.exp(lp)
-    return np.sum(np.where(p > 0, p * (np.where(p > 0, lp, 0.0) - lq), 0.0), -1)
-
-
-def rand_logits(seed, shape, scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+from tests.numpy_reference import np_kl_logits, np_log_softmax, rand_logits
 
 
 # ----- values against NumPy -----
@@ -64,7 +47,7 @@ def test_cross_entropy_label_smoothing_matches_numpy():
 
 def test_kd_matches_numpy_with_t_squared():
     zs, zt = rand_logits(2, (8, 10)), rand_logits(3, (8, 10))
-    np.testing.assert_allclose(losses.kd(zs, zt, temperature=4.0), 16 * np_kl(zt, zs, 4.0).mean(), rtol=1e-5)
+    np.testing.assert_allclose(losses.kd(zs, zt, temperature=4.0), 16 * np_kl_logits(zt, zs, 4.0).mean(), rtol=1e-5)
 
 
 def test_kd_high_temperature_gradient_approaches_logit_matching():
@@ -93,7 +76,7 @@ def test_kd_is_zero_on_equal_distributions(z):
 
 def test_mask_weights_and_reductions_match_numpy():
     zs, zt = rand_logits(5, (5, 4)), rand_logits(6, (5, 4))
-    per = 4.0 * np_kl(zt, zs, 2.0)
+    per = 4.0 * np_kl_logits(zt, zs, 2.0)
     mask = np.array([1, 0, 1, 1, 0], bool)
     w = np.array([0.5, 3.0, 1.0, 2.0, 1.0])
     kd = lambda **kw: losses.kd(zs, zt, temperature=2.0, **kw)
@@ -108,7 +91,7 @@ def test_sequence_shaped_logits_with_a_token_mask():
     zs, zt = rand_logits(9, (2, 3, 5)), rand_logits(10, (2, 3, 5))
     mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
     chex.assert_shape(losses.kd(zs, zt, reduction="none"), (2, 3))
-    expected = (4.0 * np_kl(zt, zs, 2.0))[mask].mean()
+    expected = (4.0 * np_kl_logits(zt, zs, 2.0))[mask].mean()
     np.testing.assert_allclose(losses.kd(zs, zt, temperature=2.0, mask=mask), expected, rtol=1e-5)
 
 
@@ -122,7 +105,7 @@ def test_masked_examples_do_not_change_the_value_even_when_nan():
     zs, zt = rand_logits(11, (3, 4)), rand_logits(12, (3, 4))
     zs[1] = np.nan  # padding may hold anything
     mask = np.array([1, 0, 1], bool)
-    np.testing.assert_allclose(losses.kd(zs, zt, mask=mask), 16 * np_kl(zt, zs, 4.0)[mask].mean(), rtol=1e-5)
+    np.testing.assert_allclose(losses.kd(zs, zt, mask=mask), 16 * np_kl_logits(zt, zs, 4.0)[mask].mean(), rtol=1e-5)
 
 
 # ----- excluded (-inf) classes: the conventions the contract does not cover -----
@@ -131,7 +114,7 @@ def test_kd_where_only_the_teacher_excludes_a_class_matches_numpy():
     # p_t = 0 there: the term is 0·log(0/q) = 0 exactly, the student keeps its mass on that class.
     zs, zt = rand_logits(15, (3, 6)), rand_logits(16, (3, 6))
     zt[0, 1] = zt[2, 4] = -np.inf
-    np.testing.assert_allclose(losses.kd(zs, zt, temperature=2.0, reduction="none"), 4 * np_kl(zt, zs, 2.0),
+    np.testing.assert_allclose(losses.kd(zs, zt, temperature=2.0, reduction="none"), 4 * np_kl_logits(zt, zs, 2.0),
                                rtol=1e-5)
 
 
@@ -229,7 +212,7 @@ def test_ce_and_kd_methods_match_numpy_over_the_labeled_real_examples():
     keep = mask & labeled
     target = 0.2 / 5 + 0.8 * np.eye(5)[np.where(keep, y, 0)]
     ce = -(target * np_log_softmax(zs)).sum(-1)[keep].mean()
-    kd = 4 * np_kl(zt, zs, 2.0)[mask].mean()
+    kd = 4 * np_kl_logits(zt, zs, 2.0)[mask].mean()
     np.testing.assert_allclose(aux.metrics["ce"], ce, rtol=1e-5)
     np.testing.assert_allclose(aux.metrics["kd"], kd, rtol=1e-5)
     np.testing.assert_allclose(total, ce + 0.5 * kd, rtol=1e-5)

@@ -19,26 +19,13 @@ import jaxkd
 from jaxkd import losses, methods
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
-
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+from tests.numpy_reference import np_ce, rand_logits
 
 
 def np_binary_kl_norm(zs, zt, T, eps=1e-8):
     """The official BinaryKLNorm per example (float64: its clamp at 1 − 1e-8 works there)."""
     d = np.clip(1 / (1 + np.exp(-(np.asarray(zs, np.float64) - zt) / T)), eps, 1 - eps)
     return T**2 * np.sum(0.5 * np.log(0.5 / d) + 0.5 * np.log(0.5 / (1 - d)), -1)
-
-
-def np_ce(z, y):
-    return -np_log_softmax(z)[np.arange(len(y)), y]
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
 def test_binary_kl_norm_matches_the_official_code():

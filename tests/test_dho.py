@@ -16,25 +16,12 @@ import jaxkd
 from jaxkd import losses, methods
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
-
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_ce(z, y):
-    return -np_log_softmax(z)[np.arange(len(y)), y]
+from tests.numpy_reference import np_ce, np_kl_logits, np_log_softmax, rand_logits
 
 
 def np_kd(zs, zt, T):
-    lt, ls = np_log_softmax(np.asarray(zt) / T), np_log_softmax(np.asarray(zs) / T)
-    return T**2 * np.sum(np.exp(lt) * (lt - ls), -1)
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+    """T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) per example, the logits divided by T in their own dtype."""
+    return T**2 * np_kl_logits(np.asarray(zt) / T, np.asarray(zs) / T)
 
 
 def test_dho_averages_ce_over_real_labeled_examples_and_kd_over_real_ones():

@@ -18,11 +18,7 @@ from jaxkd import losses, methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
-
-def np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+from tests.numpy_reference import np_softmax, rand_logits
 
 
 def np_pearson(a, b, eps=1e-8):
@@ -41,10 +37,6 @@ def np_dist_terms(zs, zt, tau):
 def np_dist(zs, zt, beta, gamma, tau):
     inter, intra = np_dist_terms(zs, zt, tau)
     return tau**2 * (beta * inter + gamma * intra)
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
 def test_matches_the_official_formula():

@@ -7,6 +7,8 @@ Gradients, bfloat16, jit == eager, classes excluded on both sides, NaN/+inf prop
 and shift invariance are checked for every loss in tests/test_loss_contract.py.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,69 +22,53 @@ from jaxkd import methods as M
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
+from tests.numpy_reference import np_kl_finite, np_masked_softmax, rand_logits
+
 T = 1.7  # a temperature != 1 for the reference tests
 # One logits shape almost everywhere: op-by-op (eager) execution then compiles each primitive once.
 SHAPE = (4, 7)
 NONE = {"reduction": "none"}
 
 
-# ----- NumPy references (float64, written from the formulas) -----
-
-def np_log_softmax(z, temperature=1.0):
-    z = np.asarray(z, np.float64) / temperature
-    fin = np.isfinite(z)
-    hi = np.max(np.where(fin, z, -np.inf), axis=-1, keepdims=True)
-    hi = np.where(np.isfinite(hi), hi, 0.0)
-    total = np.where(fin, np.exp(np.where(fin, z - hi, 0.0)), 0.0).sum(-1, keepdims=True)
-    return np.where(fin, z - hi - np.log(np.where(total > 0, total, 1.0)), -np.inf)
-
-
-def np_probs(z, temperature=1.0):
-    return np.exp(np_log_softmax(z, temperature))
-
-
-def np_kl(p, q):
-    """Σ p log(p/q) over entries with p > 0 and q > 0 (the documented convention: +inf terms dropped)."""
-    ok = (p > 0) & (q > 0)
-    return np.where(ok, p * np.log(np.where(ok, p, 1.0) / np.where(ok, q, 1.0)), 0.0).sum(-1)
-
+# ----- NumPy references (float64, written from the formulas; on tests/numpy_reference.py's masked
+# softmax, which gives excluded classes no mass, and np_kl_finite, which drops +inf terms) -----
 
 def np_fkl(zs, zt, temperature=1.0):
-    return np_kl(np_probs(zt, temperature), np_probs(zs, temperature))
+    return np_kl_finite(np_masked_softmax(zt, temperature), np_masked_softmax(zs, temperature))
 
 
 def np_rkl(zs, zt, temperature=1.0):
-    return np_kl(np_probs(zs, temperature), np_probs(zt, temperature))
+    return np_kl_finite(np_masked_softmax(zs, temperature), np_masked_softmax(zt, temperature))
 
 
 def np_gjsd(zs, zt, temperature=1.0, beta=0.5):
-    pt, ps = np_probs(zt, temperature), np_probs(zs, temperature)
+    pt, ps = np_masked_softmax(zt, temperature), np_masked_softmax(zs, temperature)
     if beta == 0:
-        return np_kl(pt, ps)
+        return np_kl_finite(pt, ps)
     if beta == 1:
-        return np_kl(ps, pt)
+        return np_kl_finite(ps, pt)
     m = beta * pt + (1 - beta) * ps
-    return beta * np_kl(pt, m) + (1 - beta) * np_kl(ps, m)
+    return beta * np_kl_finite(pt, m) + (1 - beta) * np_kl_finite(ps, m)
 
 
 def np_js(zs, zt, temperature=1.0):
-    pt, ps = np_probs(zt, temperature), np_probs(zs, temperature)
+    pt, ps = np_masked_softmax(zt, temperature), np_masked_softmax(zs, temperature)
     m = 0.5 * (pt + ps)
-    return 0.5 * np_kl(pt, m) + 0.5 * np_kl(ps, m)
+    return 0.5 * np_kl_finite(pt, m) + 0.5 * np_kl_finite(ps, m)
 
 
 def np_skl(zs, zt, temperature=1.0, alpha=0.1):
-    pt, ps = np_probs(zt, temperature), np_probs(zs, temperature)
-    return np_kl(pt, alpha * pt + (1 - alpha) * ps)
+    pt, ps = np_masked_softmax(zt, temperature), np_masked_softmax(zs, temperature)
+    return np_kl_finite(pt, alpha * pt + (1 - alpha) * ps)
 
 
 def np_srkl(zs, zt, temperature=1.0, alpha=0.1):
-    pt, ps = np_probs(zt, temperature), np_probs(zs, temperature)
-    return np_kl(ps, (1 - alpha) * pt + alpha * ps)
+    pt, ps = np_masked_softmax(zt, temperature), np_masked_softmax(zs, temperature)
+    return np_kl_finite(ps, (1 - alpha) * pt + alpha * ps)
 
 
 def np_tvd(zs, zt, temperature=1.0):
-    return 0.5 * np.abs(np_probs(zt, temperature) - np_probs(zs, temperature)).sum(-1)
+    return 0.5 * np.abs(np_masked_softmax(zt, temperature) - np_masked_softmax(zs, temperature)).sum(-1)
 
 
 def np_ab_probs(p, q, a, b):
@@ -105,11 +91,10 @@ def np_ab_probs(p, q, a, b):
 
 
 def np_ab(zs, zt, temperature=1.0, alpha=1.0, beta=1.0):
-    return np_ab_probs(np_probs(zt, temperature), np_probs(zs, temperature), alpha, beta)
+    return np_ab_probs(np_masked_softmax(zt, temperature), np_masked_softmax(zs, temperature), alpha, beta)
 
 
-def rand_logits(seed, shape, scale=2.5):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+logits = partial(rand_logits, scale=2.5)
 
 
 # (name, jax function, NumPy reference, hyper-parameters)
@@ -138,12 +123,12 @@ IDS = [c[0] for c in CASES]
 
 @pytest.mark.parametrize("name,fn,ref,kw", CASES, ids=IDS)
 def test_matches_numpy_reference(name, fn, ref, kw):
-    zs, zt = rand_logits(0, SHAPE), rand_logits(1, SHAPE)
+    zs, zt = logits(0, SHAPE), logits(1, SHAPE)
     np.testing.assert_allclose(fn(zs, zt, temperature=T, **kw, **NONE), ref(zs, zt, T, **kw), rtol=2e-5, atol=1e-6)
 
 
 def test_reduction_mask_weights_on_sequence_shaped_logits():
-    zs, zt = rand_logits(2, (2, 2, 7)), rand_logits(3, (2, 2, 7))
+    zs, zt = logits(2, (2, 2, 7)), logits(3, (2, 2, 7))
     per = np_js(zs, zt, T)
     mask = np.array([[1, 1], [0, 1]], bool)
     w = np.arange(1.0, 5.0).reshape(2, 2)
@@ -166,7 +151,7 @@ def test_zero_on_equal_distributions(z, shift):
 # ----- limits and closed forms -----
 
 def test_gjsd_with_a_traced_beta_takes_the_endpoint_branches():
-    zs, zt = rand_logits(12, SHAPE), rand_logits(13, SHAPE)
+    zs, zt = logits(12, SHAPE), logits(13, SHAPE)
     f = jax.jit(lambda b: D.generalized_jsd(zs, zt, beta=b, temperature=T, **NONE))
     for b in (0.0, 0.3, 1.0):
         np.testing.assert_allclose(f(b), np_gjsd(zs, zt, T, b), rtol=2e-5, atol=1e-6)
@@ -176,7 +161,7 @@ def test_gjsd_with_a_traced_beta_takes_the_endpoint_branches():
 def test_gjsd_small_beta_limit():
     # JSD_b = b KL(pT||pS) + O(b²), so JSD_b / b -> KL(pT||pS) as b -> 0, and JSD_b / (1 - b) -> KL(pS||pT)
     # as b -> 1 (why TRL's endpoint special cases are forward/reverse KL).
-    zs, zt = rand_logits(14, SHAPE, 1.0), rand_logits(15, SHAPE, 1.0)
+    zs, zt = logits(14, SHAPE, scale=1.0), logits(15, SHAPE, scale=1.0)
     fkl, rkl = np_fkl(zs, zt, T), np_rkl(zs, zt, T)
     for b in (1e-2, 1e-3):
         got = np.asarray(D.generalized_jsd(zs, zt, beta=b, temperature=T, **NONE))
@@ -191,35 +176,38 @@ def test_gjsd_small_beta_limit():
 
 def test_gjsd_beta_weights_the_teacher_not_the_student():
     # The swapped-beta bug (TRL PR #3043): the mixture must be beta*pT + (1-beta)*pS.
-    zs, zt = rand_logits(34, SHAPE, 3.0), rand_logits(35, SHAPE, 3.0)
+    zs, zt = logits(34, SHAPE, scale=3.0), logits(35, SHAPE, scale=3.0)
     beta = 0.1
-    pt, ps = np_probs(zt), np_probs(zs)
-    right = beta * np_kl(pt, beta * pt + (1 - beta) * ps) + (1 - beta) * np_kl(ps, beta * pt + (1 - beta) * ps)
-    swapped = beta * np_kl(pt, beta * ps + (1 - beta) * pt) + (1 - beta) * np_kl(ps, beta * ps + (1 - beta) * pt)
+    pt, ps = np_masked_softmax(zt), np_masked_softmax(zs)
+    right = (beta * np_kl_finite(pt, beta * pt + (1 - beta) * ps)
+             + (1 - beta) * np_kl_finite(ps, beta * pt + (1 - beta) * ps))
+    swapped = (beta * np_kl_finite(pt, beta * ps + (1 - beta) * pt)
+               + (1 - beta) * np_kl_finite(ps, beta * ps + (1 - beta) * pt))
     assert np.all(np.abs(right - swapped) > 0.1 * np.abs(right))
     np.testing.assert_allclose(D.generalized_jsd(zs, zt, beta=beta, **NONE), right, rtol=1e-5)
     # and small beta is close to forward KL / beta-scaled, not reverse KL
-    np.testing.assert_allclose(D.generalized_jsd(zs, zt, beta=1e-3) / 1e-3, np_kl(pt, ps).mean(), rtol=0.05)
-    assert abs(np_kl(pt, ps).mean() - np_kl(ps, pt).mean()) > 0.2
+    np.testing.assert_allclose(D.generalized_jsd(zs, zt, beta=1e-3) / 1e-3, np_kl_finite(pt, ps).mean(), rtol=0.05)
+    assert abs(np_kl_finite(pt, ps).mean() - np_kl_finite(ps, pt).mean()) > 0.2
 
 
 def test_skew_limits_and_which_side_alpha_weights():
-    zs, zt = rand_logits(16, SHAPE), rand_logits(17, SHAPE)
+    zs, zt = logits(16, SHAPE), logits(17, SHAPE)
     kw = {"temperature": T, **NONE}
     np.testing.assert_allclose(D.skew_kl(zs, zt, alpha=0.0, **kw), np_fkl(zs, zt, T), rtol=2e-5)
     np.testing.assert_allclose(D.skew_reverse_kl(zs, zt, alpha=0.0, **kw), np_rkl(zs, zt, T), rtol=2e-5)
     np.testing.assert_allclose(D.skew_kl(zs, zt, alpha=1.0, **kw), 0.0, atol=1e-7)
     np.testing.assert_allclose(D.skew_reverse_kl(zs, zt, alpha=1.0, **kw), 0.0, atol=1e-7)
     # alpha weights the teacher in SKL and the student in SRKL (distillm/losses.py)
-    pt, ps = np_probs(zt, T), np_probs(zs, T)
-    np.testing.assert_allclose(D.skew_kl(zs, zt, alpha=0.2, **kw), np_kl(pt, 0.2 * pt + 0.8 * ps), rtol=1e-5)
-    np.testing.assert_allclose(D.skew_reverse_kl(zs, zt, alpha=0.2, **kw), np_kl(ps, 0.8 * pt + 0.2 * ps), rtol=1e-5)
+    pt, ps = np_masked_softmax(zt, T), np_masked_softmax(zs, T)
+    np.testing.assert_allclose(D.skew_kl(zs, zt, alpha=0.2, **kw), np_kl_finite(pt, 0.2 * pt + 0.8 * ps), rtol=1e-5)
+    np.testing.assert_allclose(D.skew_reverse_kl(zs, zt, alpha=0.2, **kw), np_kl_finite(ps, 0.8 * pt + 0.2 * ps),
+                               rtol=1e-5)
 
 
 def test_skew_kl_gradient_matches_distillm_cross_entropy_form():
     # DistiLLM's skewed_forward_kl is -sum pT log(a pT + (1-a) pS) (token mean); it differs from the KL form
     # by H(pT), a constant in the student, so the student gradients agree.
-    zs, zt = jnp.asarray(rand_logits(18, SHAPE)), jnp.asarray(rand_logits(19, SHAPE))
+    zs, zt = jnp.asarray(logits(18, SHAPE)), jnp.asarray(logits(19, SHAPE))
     a = 0.1
 
     def distillm_ce(s):
@@ -228,13 +216,13 @@ def test_skew_kl_gradient_matches_distillm_cross_entropy_form():
 
     g_kl = jax.jit(jax.grad(lambda s: D.skew_kl(s, zt, alpha=a, temperature=T)))(zs)
     np.testing.assert_allclose(g_kl, jax.jit(jax.grad(distillm_ce))(zs), rtol=1e-4, atol=1e-7)
-    pt = np_probs(zt, T)
+    pt = np_masked_softmax(zt, T)
     entropy = -(pt * np.log(pt)).sum(-1).mean()
     np.testing.assert_allclose(jax.jit(distillm_ce)(zs) - D.skew_kl(zs, zt, alpha=a, temperature=T), entropy, rtol=1e-5)
 
 
 def test_ab_limits():
-    zs, zt = rand_logits(20, SHAPE, 1.5), rand_logits(21, SHAPE, 1.5)
+    zs, zt = logits(20, SHAPE, scale=1.5), logits(21, SHAPE, scale=1.5)
     ab = lambda a, b: np.asarray(D.alpha_beta_divergence(zs, zt, alpha=a, beta=b, temperature=T, **NONE))
     fkl, rkl = np_fkl(zs, zt, T), np_rkl(zs, zt, T)
     # exact limiting cases of Cichocki et al. (2011): (1, 0) is KL(P||Q), (0, 1) is KL(Q||P)
@@ -257,11 +245,12 @@ def test_ab_limits():
         np.testing.assert_allclose(ab(a, b), np_ab(zs, zt, T, a, b), rtol=1e-4)
         np.testing.assert_allclose(ab(a, b), np_ab(zs, zt, T, a0, b0), rtol=50 * eps)
     # (1, 1): half the squared Euclidean distance
-    np.testing.assert_allclose(ab(1.0, 1.0), 0.5 * ((np_probs(zt, T) - np_probs(zs, T)) ** 2).sum(-1), rtol=1e-4)
+    np.testing.assert_allclose(ab(1.0, 1.0), 0.5 * ((np_masked_softmax(zt, T) - np_masked_softmax(zs, T)) ** 2).sum(-1),
+                               rtol=1e-4)
 
 
 def test_ab_is_zero_only_on_equal_distributions():
-    zs, zt = rand_logits(22, SHAPE), rand_logits(23, SHAPE)
+    zs, zt = logits(22, SHAPE), logits(23, SHAPE)
     for a, b in [(0.5, 0.5), (1.0, 0.0), (0.7, -0.7), (0.0, 0.0), (2.0, -0.5)]:
         assert np.all(np.asarray(D.alpha_beta_divergence(zs, zt, alpha=a, beta=b, **NONE)) > 1e-3)
         np.testing.assert_allclose(D.alpha_beta_divergence(zt - 1.0, zt, alpha=a, beta=b, **NONE), 0.0, atol=1e-6)
@@ -270,7 +259,7 @@ def test_ab_is_zero_only_on_equal_distributions():
 # ----- excluded (-inf) classes on one side, and all-excluded rows -----
 
 def _one_sided_masks():
-    zs, zt = rand_logits(28, SHAPE), rand_logits(29, SHAPE)
+    zs, zt = logits(28, SHAPE), logits(29, SHAPE)
     zt[0, 1] = -np.inf    # teacher alone excludes a class
     zs[1, 2] = -np.inf    # student alone excludes a class
     zt[2, 3] = zs[2, 4] = -np.inf  # each excludes a different one
@@ -289,9 +278,9 @@ def test_one_sided_exclusions_follow_the_documented_convention(name, fn, ref, kw
 
 
 def test_one_sided_conventions_spelled_out():
-    zs, zt = rand_logits(36, SHAPE), rand_logits(37, SHAPE)
+    zs, zt = logits(36, SHAPE), logits(37, SHAPE)
     zs[:, 2] = -np.inf  # the student alone excludes class 2
-    pt, ps = np_probs(zt), np_probs(zs)
+    pt, ps = np_masked_softmax(zt), np_masked_softmax(zs)
     keep = [0, 1, 3, 4, 5, 6]
     # forward KL drops the +inf term of class 2 (DistiLLM's convention); JS and TV count it exactly
     fkl = (pt[:, keep] * np.log(pt[:, keep] / ps[:, keep])).sum(-1)
@@ -311,7 +300,7 @@ def test_one_sided_conventions_spelled_out():
 def test_all_excluded_rows(name, fn, ref, kw):
     # Two all -inf rows are two zero distributions: exactly 0. A teacher with no mass at all against a
     # real student: the NumPy reference with zero-mass entries. Gradients stay finite.
-    zs, zt = rand_logits(32, SHAPE), rand_logits(33, SHAPE)
+    zs, zt = logits(32, SHAPE), logits(33, SHAPE)
     zs[0] = zt[0] = -np.inf
     zt[1] = -np.inf
     f = lambda s, t: fn(s, t, temperature=T, **kw, **NONE)
@@ -374,7 +363,7 @@ METHODS = [
 
 
 def fake_inputs(seed=0, teacher=True):
-    zs, zt = rand_logits(seed, SHAPE), rand_logits(seed + 1, SHAPE)
+    zs, zt = logits(seed, SHAPE), logits(seed + 1, SHAPE)
     return LossInputs(student=Outputs(jnp.asarray(zs), {}, {}),
                       teacher=Outputs(jnp.asarray(zt), {}, {}) if teacher else None,
                       batch={"mask": MASK}, step=jnp.asarray(0, jnp.int32))

@@ -22,26 +22,7 @@ from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
-
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_softmax(z):
-    return np.exp(np_log_softmax(z))
-
-
-def np_kl(p, q):
-    return float(np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(np.where(p > 0, q, 1))), 0.0)))
-
-
-def np_standardize(z, eps=1e-7):
-    """The official ``normalize``: (z − mean) / (eps + unbiased std), over the finite entries."""
-    z = np.asarray(z, np.float64)
-    return (z - z.mean(-1, keepdims=True)) / (eps + z.std(-1, ddof=1, keepdims=True))
+from tests.numpy_reference import np_kl, np_log_softmax, np_softmax, np_standardize, rand_logits
 
 
 def np_dkd_official(zs, zt, y, T):
@@ -56,10 +37,6 @@ def np_dkd_official(zs, zt, y, T):
         lps, lpt = np_log_softmax(zs[n] / T - 1000 * g), np_log_softmax(zt[n] / T - 1000 * g)
         nckd.append(T**2 * np.sum(np.exp(lpt) * (lpt - lps)))
     return np.array(tckd), np.array(nckd)
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
 def test_dkd_matches_official_code_with_the_minus_1000_trick():

@@ -7,6 +7,8 @@ Gradients, bfloat16, jit == eager, classes excluded on both sides, NaN/+inf prop
 and shift invariance are checked in tests/test_loss_contract.py.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,17 +19,7 @@ import jaxkd
 from jaxkd import losses, methods
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
-
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_kl(p_logits, q_logits, T=1.0):
-    lp, lq = np_log_softmax(np.asarray(p_logits) / T), np_log_softmax(np.asarray(q_logits) / T)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
+from tests.numpy_reference import np_kl_logits, np_log_softmax, rand_logits
 
 
 def np_teacher_wins(zt, z0, y=None):
@@ -38,8 +30,7 @@ def np_teacher_wins(zt, z0, y=None):
     return p_t[np.arange(len(y)), y] > p_0[np.arange(len(y)), y]
 
 
-def logits(seed, shape=(6, 5), scale=2.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+logits = partial(rand_logits, scale=2.0)
 
 
 @pytest.mark.parametrize("supervised", [True, False])
@@ -48,7 +39,7 @@ def test_distils_from_the_more_confident_of_teacher_and_initial_student(supervis
     y = np.array([0, 1, 2, 3, 4, 0]) if supervised else None
     use_t = np_teacher_wins(zt, z0, y)
     assert 0 < use_t.sum() < 6  # both targets occur
-    expected = 4.0 * np_kl(np.where(use_t[:, None], zt, z0), zs, 2.0)
+    expected = 4.0 * np_kl_logits(np.where(use_t[:, None], zt, z0) / 2.0, zs / 2.0)
     np.testing.assert_allclose(losses.kd_dp(zs, zt, z0, y, temperature=2.0, reduction="none"), expected, rtol=1e-5)
     np.testing.assert_array_equal(losses.teacher_is_more_confident(zt, z0, y), use_t)
 

@@ -19,34 +19,11 @@ from jaxkd import losses, methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
-
-def np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_kl(p, q):
-    return np.sum(p * (np.log(p) - np.log(q)), -1)
-
-
-def np_standardize(z, eps=1e-7):
-    """The official ``normalize`` over each row's finite entries: (z − mean) / (eps + std(ddof=1))."""
-    z = np.asarray(z, np.float64)
-    out = np.full_like(z, -np.inf)
-    for n in range(z.shape[0]):
-        keep = np.isfinite(z[n])
-        v = z[n][keep]
-        out[n][keep] = (v - v.mean()) / (eps + v.std(ddof=1))
-    return out
+from tests.numpy_reference import np_kl, np_softmax, np_standardize, rand_logits
 
 
 def np_kd_ls(zs, zt, tau):
     return tau**2 * np_kl(np_softmax(np_standardize(zt) / tau), np_softmax(np_standardize(zs) / tau))
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
 # ----- standardize_logits -----

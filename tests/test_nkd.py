@@ -18,15 +18,7 @@ from jaxkd import losses, methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_softmax(z):
-    return np.exp(np_log_softmax(z))
+from tests.numpy_reference import np_entropy, np_log_softmax, np_softmax, rand_logits
 
 
 def np_nkd(zs, zt, y, temp, gamma):
@@ -38,14 +30,6 @@ def np_nkd(zs, zt, y, temp, gamma):
         t_hat = np_softmax(zt[n][keep] / temp)
         nontarget.append(-gamma * temp**2 * np.sum(t_hat * np_log_softmax(zs[n][keep] / temp)))
     return np.array(target), np.array(nontarget)
-
-
-def np_entropy(p):
-    return -np.sum(p * np.log(p))
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
 def test_matches_the_official_code():

@@ -15,11 +15,7 @@ from jaxkd import losses, methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
-
-def np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+from tests.numpy_reference import np_softmax, rand_logits
 
 
 def np_pld_example(s, t, label, tau):
@@ -40,10 +36,6 @@ def np_pld_example(s, t, label, tau):
 
 def np_pld(zs, zt, y, tau):
     return np.array([np_pld_example(zs[n], zt[n], y[n], tau) for n in range(zs.shape[0])])
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
 def test_matches_the_papers_code():

@@ -6,6 +6,8 @@ Gradients, bfloat16, jit == eager, classes excluded on both sides, NaN/+inf prop
 and shift invariance are checked in tests/test_loss_contract.py.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +17,7 @@ from jaxkd import losses, methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
-
-def np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+from tests.numpy_reference import np_softmax, rand_logits
 
 
 def np_cost(zs, zt, T):
@@ -49,18 +47,17 @@ def np_sinkhorn_log(zs, zt, T, eps, iters):
     return float((np.exp(-W / eps + f[:, None] + g[None, :]) * W).sum())
 
 
-def rand_logits(seed, shape=(6, 5), scale=2.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+logits = partial(rand_logits, scale=2.0)
 
 
 def test_matches_the_official_sinkhorn_times_the_batch_size():
-    zs, zt = rand_logits(21), rand_logits(22)
+    zs, zt = logits(21), logits(22)
     ours = losses.sinkd(zs, zt, temperature=2.0, epsilon=0.1, iterations=20)
     np.testing.assert_allclose(6 * float(ours), np_sinkhorn_official(zs, zt, 2.0, 0.1, 20), rtol=1e-4)
 
 
 def test_plan_marginals_are_uniform_and_masked_examples_are_absent():
-    zs, zt = rand_logits(23), rand_logits(24)
+    zs, zt = logits(23), logits(24)
     plan, cost = losses.sinkhorn_plan(zs, zt, epsilon=0.5, iterations=200)
     np.testing.assert_allclose(cost, np_cost(zs, zt, 2.0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.sum(plan, 1), np.full(6, 1 / 6), atol=1e-5)
@@ -76,7 +73,7 @@ def test_plan_marginals_are_uniform_and_masked_examples_are_absent():
 
 
 def test_log_domain_is_accurate_for_tiny_epsilon_where_the_plain_iteration_breaks_down():
-    zs, zt = rand_logits(25, scale=4.0), rand_logits(26, scale=4.0)
+    zs, zt = logits(25, scale=4.0), logits(26, scale=4.0)
     f = lambda s: losses.sinkd(s, zt, epsilon=1e-3, iterations=50)
     value, grad = jax.jit(jax.value_and_grad(f))(zs)
     np.testing.assert_allclose(value, np_sinkhorn_log(zs, zt, 2.0, 1e-3, 50), rtol=1e-3)
@@ -88,7 +85,7 @@ def test_log_domain_is_accurate_for_tiny_epsilon_where_the_plain_iteration_break
 
 
 def test_all_masked_batch_gives_zero_and_zero_gradient():
-    zs, zt = rand_logits(27), rand_logits(28)
+    zs, zt = logits(27), logits(28)
     value, g = jax.jit(jax.value_and_grad(lambda s: losses.sinkd(s, zt, iterations=5, mask=np.zeros(6, bool))))(zs)
     assert float(value) == 0.0 and np.all(np.asarray(g) == 0)
 
@@ -109,7 +106,7 @@ def test_bad_arguments_raise():
 
 
 def test_method_matches_the_official_sinkhorn_over_the_unmasked_examples():
-    zs, zt = rand_logits(29), rand_logits(30)
+    zs, zt = logits(29), logits(30)
     mask = np.array([1, 1, 0, 1, 1, 1], bool)
     inputs = LossInputs(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), {"mask": mask},
                         jnp.zeros((), jnp.int32))

@@ -7,6 +7,8 @@ Gradients, bfloat16, jit == eager, classes excluded on both sides, NaN/+inf prop
 and shift invariance are checked in tests/test_loss_contract.py.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,54 +19,42 @@ from jaxkd import methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
+from tests.numpy_reference import np_kl_finite, np_masked_softmax, rand_logits
+
 T = 1.7
 SHAPE = (4, 7)
 NONE = {"reduction": "none"}
 
 
-def np_probs(z, temperature=1.0):
-    z = np.asarray(z, np.float64) / temperature
-    fin = np.isfinite(z)
-    hi = np.max(np.where(fin, z, -np.inf), axis=-1, keepdims=True)
-    e = np.where(fin, np.exp(np.where(fin, z - hi, 0.0)), 0.0)
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_kl(p, q):
-    """Σ p log(p/q) over entries with p > 0 and q > 0 (+inf terms dropped, as documented)."""
-    ok = (p > 0) & (q > 0)
-    return np.where(ok, p * np.log(np.where(ok, p, 1.0) / np.where(ok, q, 1.0)), 0.0).sum(-1)
-
-
 def np_sparse(zs, idx, log_p, temperature, tail):
-    q = np_probs(zs, temperature)
+    q = np_masked_softmax(zs, temperature)
     qk = np.take_along_axis(q, idx, -1)
     pk = np.exp(np.asarray(log_p, np.float64))
     if tail == "drop":
-        with np.errstate(invalid="ignore"):  # a row with no student mass on K: 0/0, dropped by np_kl
-            return np_kl(pk / pk.sum(-1, keepdims=True), qk / qk.sum(-1, keepdims=True))
+        with np.errstate(invalid="ignore"):  # a row with no student mass on K: 0/0, dropped by np_kl_finite
+            return np_kl_finite(pk / pk.sum(-1, keepdims=True), qk / qk.sum(-1, keepdims=True))
     outside = np.ones_like(q, bool)
     np.put_along_axis(outside, idx, False, -1)
     p_tail = np.maximum(1 - pk.sum(-1, keepdims=True), 0.0)
     q_tail = np.where(outside, q, 0.0).sum(-1, keepdims=True)
-    return np_kl(np.concatenate([pk, p_tail], -1), np.concatenate([qk, q_tail], -1))
+    return np_kl_finite(np.concatenate([pk, p_tail], -1), np.concatenate([qk, q_tail], -1))
 
 
-def rand_logits(seed, shape=SHAPE, scale=2.5):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+logits = partial(rand_logits, shape=SHAPE, scale=2.5)
 
 
 def test_topk_teacher_matches_numpy():
-    zt = rand_logits(7)
+    zt = logits(7)
     idx, log_p = S.topk_teacher(zt, 3, temperature=T)
     assert idx.shape == log_p.shape == (4, 3) and log_p.dtype == jnp.float32
     np.testing.assert_array_equal(idx, np.argsort(-zt, -1)[:, :3])
-    np.testing.assert_allclose(log_p, np.log(np.take_along_axis(np_probs(zt, T), np.asarray(idx), -1)), rtol=1e-5)
+    np.testing.assert_allclose(log_p, np.log(np.take_along_axis(np_masked_softmax(zt, T), np.asarray(idx), -1)),
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("tail", ["drop", "bucket"])
 def test_sparse_forward_kl_matches_numpy(tail):
-    zs, zt = rand_logits(6), rand_logits(7)
+    zs, zt = logits(6), logits(7)
     idx, log_p = S.topk_teacher(zt, 3, temperature=T)
     got = S.sparse_forward_kl(zs, idx, log_p, temperature=T, tail=tail, **NONE)
     np.testing.assert_allclose(got, np_sparse(zs, np.asarray(idx), log_p, T, tail), rtol=2e-5, atol=1e-6)
@@ -72,19 +62,19 @@ def test_sparse_forward_kl_matches_numpy(tail):
 
 @pytest.mark.parametrize("tail", ["drop", "bucket"])
 def test_full_vocabulary_is_the_dense_forward_kl_and_equal_distributions_give_zero(tail):
-    zs, zt = rand_logits(8), rand_logits(9)
+    zs, zt = logits(8), logits(9)
     idx, log_p = S.topk_teacher(zt, SHAPE[-1], temperature=T)
-    dense = np_kl(np_probs(zt, T), np_probs(zs, T))
+    dense = np_kl_finite(np_masked_softmax(zt, T), np_masked_softmax(zs, T))
     np.testing.assert_allclose(S.sparse_forward_kl(zs, idx, log_p, temperature=T, tail=tail, **NONE), dense, rtol=1e-5)
     idx, log_p = S.topk_teacher(zt, 3, temperature=T)
     np.testing.assert_allclose(S.sparse_forward_kl(zt + 1.0, idx, log_p, temperature=T, tail=tail), 0.0, atol=1e-6)
 
 
 def test_bucket_is_a_lower_bound_and_only_it_sees_the_tail_mass():
-    zs, zt = rand_logits(10), rand_logits(11)
+    zs, zt = logits(10), logits(11)
     idx, log_p = S.topk_teacher(zt, 3)
     kl = lambda s, tail: np.asarray(S.sparse_forward_kl(s, idx, log_p, tail=tail, **NONE))
-    dense = np_kl(np_probs(zt), np_probs(zs))
+    dense = np_kl_finite(np_masked_softmax(zt), np_masked_softmax(zs))
     assert np.all(kl(zs, "bucket") <= dense + 1e-6)  # data processing inequality
     # Moving student mass between non-top-k classes changes neither tail form.
     outside = np.ones(SHAPE, bool)
@@ -102,7 +92,7 @@ def test_bucket_is_a_lower_bound_and_only_it_sees_the_tail_mass():
 
 
 def test_excluded_classes_in_the_top_k_and_a_student_with_one_class():
-    zs, zt = rand_logits(30), rand_logits(31)
+    zs, zt = logits(30), logits(31)
     zt[0, 2:] = -np.inf  # the teacher has 2 finite classes: k = 3 picks a -inf one (zero mass)
     zs[1, :] = -np.inf   # the student has one class left
     zs[1, 0] = 1.0
@@ -116,7 +106,7 @@ def test_excluded_classes_in_the_top_k_and_a_student_with_one_class():
 
 
 def test_bad_input_raises():
-    zs = rand_logits(38)
+    zs = logits(38)
     idx, lp = S.topk_teacher(zs, 2)
     good = np.array([[0, 1], [1, 2], [3, 4], [5, 6]])
     cases = [
@@ -145,7 +135,7 @@ def test_bad_input_raises():
 # ----- the sparse_kd method -----
 
 def fake_inputs(batch, teacher=True):
-    zs, zt = rand_logits(0), rand_logits(1)
+    zs, zt = logits(0), logits(1)
     return LossInputs(student=Outputs(jnp.asarray(zs), {}, {}),
                       teacher=Outputs(jnp.asarray(zt), {}, {}) if teacher else None,
                       batch=batch, step=jnp.asarray(0, jnp.int32))

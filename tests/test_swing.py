@@ -15,19 +15,7 @@ from jaxkd import losses, methods
 from jaxkd.methods import LossInputs
 from jaxkd.models import Outputs
 
-
-def np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_kl(p, q):
-    return np.sum(p * (np.log(p) - np.log(q)), -1)
-
-
-def rand_logits(seed, shape=(6, 5), scale=3.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+from tests.numpy_reference import np_kl, np_softmax, rand_logits
 
 
 def test_without_noise_and_with_a_constant_temperature_it_is_hinton_kd():

@@ -8,6 +8,8 @@ sides, NaN/+inf propagation, nonnegativity and shift invariance are checked in
 tests/test_loss_contract.py.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,16 +20,9 @@ import jaxkd
 from jaxkd import losses, methods
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
+from tests.numpy_reference import np_log_softmax, rand_logits
 
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def logits(seed, shape=(6, 5), scale=2.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+logits = partial(rand_logits, scale=2.0)
 
 
 def test_loss_is_the_official_cross_entropy_to_the_interpolated_target():

@@ -7,6 +7,8 @@ Gradients, bfloat16, jit == eager, classes excluded on both sides, NaN/+inf prop
 and shift invariance are checked in tests/test_loss_contract.py.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,21 +20,9 @@ from jaxkd import losses, methods
 from jaxkd.methods.tgeo_kd import _fusion_apply
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
+from tests.numpy_reference import np_kl_logits, np_log_softmax, rand_logits
 
-
-def np_log_softmax(z):
-    z = np.asarray(z, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_kl(p_logits, q_logits, T=1.0):
-    lp, lq = np_log_softmax(np.asarray(p_logits) / T), np_log_softmax(np.asarray(q_logits) / T)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
-def logits(seed, shape=(6, 5), scale=2.0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+logits = partial(rand_logits, scale=2.0)
 
 
 def test_fusion_inputs_match_the_official_option_3():
@@ -53,7 +43,7 @@ def test_fused_loss_matches_numpy():
     y = np.array([0, 1, 2, 3, 4, 0])
     ratio = np.linspace(0, 1, 6).astype(np.float32)
     ce = -np_log_softmax(zs)[np.arange(6), y]
-    expected = ratio * 1.5**2 * np_kl(zt, zs, 1.5) + (1 - ratio) * ce
+    expected = ratio * 1.5**2 * np_kl_logits(zt / 1.5, zs / 1.5) + (1 - ratio) * ce
     np.testing.assert_allclose(losses.tgeo_kd(zs, zt, y, ratio, temperature=1.5, reduction="none"), expected,
                                rtol=1e-5)
     with pytest.raises(ValueError, match="ratio"):
