@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from jaxkd import sharding as shd
 from jaxkd.checks import check_choice, check_label_values
 from jaxkd.losses.core import combine_masks
-from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo
+from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo, require
 from jaxkd.train_state import ModelVariables, TrainState, check_sample_batch
 
 Metrics = dict[str, jax.Array]
@@ -214,7 +214,7 @@ def make_train_step(
         if status and on_nonfinite == "raise":
             message = _describe_status(status, new_state.label_key, new_state.num_classes)
             raise NonFiniteError(
-                f"step {int(new_state.step)}: {message}; the update was not applied. Lower the learning rate, "
+                f"update {int(new_state.step) + 1}: {message}; it was not applied. Lower the learning rate, "
                 "check the inputs for NaN, or pass make_train_step(on_nonfinite='skip') to skip such steps",
                 new_state, metrics,
             )
@@ -228,6 +228,7 @@ def _eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
     out = state.student_model.apply(state.student.variables(), x, train=False)
     predict = state.method_def.predict
     logits = out.logits if predict is None else predict(state.method, out)
+    require(batch, state.label_key, method="evaluation")
     labels, valid = _labels_and_mask(state, batch)
     correct, count = _accuracy_terms(logits, labels, valid)
     finite = jnp.all(jnp.isfinite(logits), axis=-1)

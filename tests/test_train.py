@@ -152,6 +152,11 @@ def test_evaluate_refuses_non_finite_predictions():
         jaxkd.evaluate(state, [BATCH], jaxkd.make_eval_step())
 
 
+def test_evaluation_needs_labels():
+    with pytest.raises(ValueError, match=r"'evaluation' needs batch\['label'\]"):
+        jaxkd.evaluate(new_state(), [{"image": BATCH["image"]}], jaxkd.make_eval_step())
+
+
 def test_empty_batches_are_refused():
     empty = {k: v[:0] for k, v in BATCH.items()}
     with pytest.raises(ValueError, match="no examples"):
