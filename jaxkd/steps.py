@@ -30,7 +30,10 @@ from jaxkd import sharding as shd
 from jaxkd.checks import check_choice, check_label_values
 from jaxkd.losses.core import combine_masks
 from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo, require
+from jaxkd.participants import STUDENT
 from jaxkd.train_state import ModelVariables, TrainState, check_sample_batch
+
+PyTree = Any
 
 Metrics = dict[str, jax.Array]
 
@@ -57,10 +60,10 @@ def check_batch(state: TrainState, batch: Mapping[str, Any]) -> None:
     size or channel count), non-integer labels, and NumPy labels outside ``[0, num_classes)``. Device
     labels are checked inside the step.
     """
-    check_sample_batch(batch, input_key=state.input_key, label_key=state.label_key)
+    check_sample_batch(batch, dict(state.participants), label_key=state.label_key)
     for key, shape, kind in state.batch_spec.examples:
         if key not in batch:
-            continue  # e.g. eval batches carry no meta batch; the model input is checked above
+            continue  # e.g. eval batches carry no meta batch; the models' inputs are checked above
         dtype = jnp.result_type(batch[key])
         got_shape = tuple(np.shape(batch[key])[1:])
         if got_shape != shape or dtype.kind != kind:
@@ -108,32 +111,42 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.array(True)
 
 
+def _forward(state: TrainState, name: str, variables: PyTree, batch: Mapping[str, jax.Array], *, train: bool,
+             rng: jax.Array | None = None):
+    p = state.participant(name)
+    rngs = {} if rng is None else {"dropout": rng}
+    return p.model.apply(variables, p.model_input(batch, name=name), train=train, rngs=rngs)
+
+
 def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
     method = state.method_def
     rng, dropout_rng, method_rng = jax.random.split(state.rng, 3)
-    x = batch[state.input_key]
+    dropout_rngs = dict(zip(state.trained, jax.random.split(dropout_rng, len(state.trained))))
 
-    # The frozen teacher runs once, outside the differentiated function and under stop_gradient, so no
-    # method needs to detach it again.
-    teacher_out = None
-    if state.teacher is not None:
-        teacher_out = jax.lax.stop_gradient(state.teacher_model.apply(state.teacher.variables(), x, train=False))
+    # Frozen participants run once, outside the differentiated function and under stop_gradient, so no
+    # method needs to detach them again.
+    frozen_out = {
+        name: jax.lax.stop_gradient(_forward(state, name, v.variables(), batch, train=False))
+        for name, v in state.frozen.items()
+    }
 
     def loss_fn(trainable):
-        variables = ModelVariables(trainable["student"], state.student.model_state).variables()
-        student_out = state.student_model.apply(variables, x, train=True, rngs={"dropout": dropout_rng})
+        variables = {name: ModelVariables(trainable[name], v.model_state).variables() for name, v in state.trained.items()}
+        trained_out = {
+            name: _forward(state, name, variables[name], batch, train=True, rng=dropout_rngs[name]) for name in variables
+        }
         inputs = LossInputs(
-            student=student_out, teacher=teacher_out, batch=batch, step=state.step, student_variables=variables,
-            student_model=state.student_model, input_key=state.input_key, label_key=state.label_key,
+            outputs={**trained_out, **frozen_out}, batch=batch, step=state.step, variables=variables,
+            participants=state.participants, label_key=state.label_key,
         )
         loss, aux = method.loss(MethodVars(trainable["method"], state.method.state), inputs, method_rng)
-        return loss, (student_out, aux)
+        return loss, (trained_out, aux)
 
-    (loss, (student_out, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    (loss, (trained_out, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     step = state.step + 1
-    info = StepInfo(step=step, student_params=trainable["student"], metrics=aux.metrics)
+    info = StepInfo(step=step, student_params=trainable[STUDENT], metrics=aux.metrics)
     method_state = method.update(trainable["method"], aux.state, info)
 
     status = jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS) + jnp.where(_all_finite(grads), 0, NONFINITE_GRADS)
@@ -141,11 +154,12 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Trai
     labels, valid = _labels_and_mask(state, batch)
     if labels is not None and jnp.issubdtype(labels.dtype, jnp.integer):
         status = status + _label_status(labels, valid, state.num_classes)
-        correct, count = _accuracy_terms(student_out.logits, labels, valid)
-        metrics["accuracy"] = correct / jnp.maximum(count, 1.0)
+        for name, out in trained_out.items():
+            correct, count = _accuracy_terms(out.logits, labels, valid)
+            metrics["accuracy" if name == STUDENT else f"{name}/accuracy"] = correct / jnp.maximum(count, 1.0)
     updated = state.replace(
         step=step,
-        student=ModelVariables(params=trainable["student"], model_state=student_out.model_state),
+        trained={name: ModelVariables(trainable[name], trained_out[name].model_state) for name in state.trained},
         opt_state=opt_state,
         method=MethodVars(params=trainable["method"], state=method_state),
         rng=rng,
@@ -171,15 +185,36 @@ def _describe_status(status: int, label_key: str, num_classes: int) -> str:
     return "; ".join(parts)
 
 
-def _host_wrapper(jitted: Callable, mesh: Mesh | None, on_bad_status: Callable) -> Callable:
+def _compiled(fn: Callable, mesh: Mesh | None, *, donate: bool, metrics_out: bool = True) -> Callable:
+    """``fn(state, batch)`` compiled; with a mesh, the state keeps its own shardings (in and out: a
+    parameter sharded over ``fsdp`` stays sharded after the update) and the batch is split over
+    (``data``, ``fsdp``). One compiled function per state layout, built on first use."""
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if mesh is None:
+        return jax.jit(fn, **kwargs)
+    cache: dict[Any, Callable] = {}
+
+    def call(state, batch):
+        layout = jax.tree.map(lambda a: a.sharding, state)
+        key = jax.tree.structure(state), tuple(jax.tree.leaves(layout))
+        if key not in cache:
+            rep = shd.replicated(mesh)
+            out = (layout, rep) if metrics_out else rep
+            cache[key] = jax.jit(fn, in_shardings=(layout, shd.batch_sharding(mesh)), out_shardings=out, **kwargs)
+        return cache[key](state, batch)
+
+    return call
+
+
+def _host_wrapper(compiled: Callable, mesh: Mesh | None, on_bad_status: Callable) -> Callable:
     def step(state: TrainState, batch: Mapping[str, Any]):
         check_batch(state, batch)
         if mesh is not None:
             batch = shd.shard_batch(batch, mesh)
-        out = jitted(state, batch)
+        out = compiled(state, batch)
         return on_bad_status(state, out)
 
-    step.jitted = jitted
+    step.jitted = compiled
     return step
 
 
@@ -189,8 +224,9 @@ def make_train_step(
     """Returns ``step(state, batch) -> (state, metrics)``, compiled once per batch shape.
 
     Args:
-      mesh: shard the batch over the mesh's ``data`` axis and replicate the state; ``None`` runs on
-        the default device.
+      mesh: the mesh the state was created on (``jaxkd.create(..., mesh=mesh)``): the batch is split over
+        its ``data`` and ``fsdp`` axes, every state array keeps its sharding, and XLA inserts the
+        gradient reductions and the parameter all-gathers. ``None`` runs on the default device.
       donate: donate the input state's buffers (the caller must not reuse the old state).
       on_nonfinite: a step whose loss or gradients are not finite is never applied; ``"raise"``
         (default) then raises :class:`NonFiniteError` (holding the unchanged state), ``"skip"`` goes on
@@ -198,13 +234,9 @@ def make_train_step(
 
     Metrics: ``loss`` (the weighted total), one entry per method term, ``grad_norm``, ``skipped`` (1.0
     for a skipped step), ``status`` (the check bits) and, when the batch has labels, the student's train
-    ``accuracy`` over the labeled examples.
+    ``accuracy`` over the labeled examples (and ``<name>/accuracy`` for other trained participants).
     """
     check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
-    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
-    if mesh is not None:
-        rep = shd.replicated(mesh)
-        kwargs.update(in_shardings=(rep, shd.batch_sharding(mesh)), out_shardings=(rep, rep))
 
     def on_bad_status(old_state: TrainState, out):
         new_state, metrics = out
@@ -220,49 +252,44 @@ def make_train_step(
             )
         return new_state, metrics
 
-    return _host_wrapper(jax.jit(_train_step, **kwargs), mesh, on_bad_status)
+    return _host_wrapper(_compiled(_train_step, mesh, donate=donate), mesh, on_bad_status)
 
 
 def _eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
-    x = batch[state.input_key]
-    out = state.student_model.apply(state.student.variables(), x, train=False)
-    predict = state.method_def.predict
-    logits = out.logits if predict is None else predict(state.method, out)
     require(batch, state.label_key, method="evaluation")
     labels, valid = _labels_and_mask(state, batch)
-    correct, count = _accuracy_terms(logits, labels, valid)
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    metrics = {
-        "correct": correct,
-        "count": count,
-        "nonfinite": jnp.sum(jnp.where(valid if valid is not None else True, ~finite, False).astype(jnp.int32)),
-        "status": _label_status(labels, valid, state.num_classes).astype(jnp.int32),
-    }
-    if state.teacher is not None:
-        t_out = state.teacher_model.apply(state.teacher.variables(), x, train=False)
-        metrics["teacher_correct"], _ = _accuracy_terms(t_out.logits, labels, valid)
+    metrics = {"status": _label_status(labels, valid, state.num_classes).astype(jnp.int32)}
+    for name, _ in state.participants:
+        out = _forward(state, name, state.variables_of(name).variables(), batch, train=False)
+        logits = out.logits
+        if name == STUDENT and state.method_def.predict is not None:
+            logits = state.method_def.predict(state.method, out)
+        prefix = "" if name == STUDENT else f"{name}_"
+        metrics[f"{prefix}correct"], count = _accuracy_terms(logits, labels, valid)
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        metrics[f"{prefix}nonfinite"] = jnp.sum(
+            jnp.where(valid if valid is not None else True, ~finite, False).astype(jnp.int32)
+        )
+    metrics["count"] = count
     return metrics
 
 
 def make_eval_step(*, mesh: Mesh | None = None) -> Callable:
-    """Returns ``eval_step(state, batch) -> {"correct", "count", "nonfinite", "status"[, "teacher_correct"]}``.
+    """Returns ``eval_step(state, batch) -> {"correct", "count", "nonfinite", "status", "<name>_correct", ...}``.
 
-    Sums, not means, so padded eval batches (``batch["mask"]``) aggregate exactly: accumulate them on
-    device with :func:`accumulate` and divide once at the end (:func:`evaluate` does). A label out of
-    range raises ``ValueError``; predictions that are not finite are counted (``nonfinite``) and make
+    Every participant is evaluated (``"<name>_correct"`` for all but the student). Sums, not means, so
+    padded eval batches (``batch["mask"]``) aggregate exactly: accumulate them on device with
+    :func:`accumulate` and divide once at the end (:func:`evaluate` does). A label out of range raises
+    ``ValueError``; predictions that are not finite are counted (``nonfinite``) and make
     :func:`evaluate` raise, so a diverged model never reaches a results table.
     """
-    kwargs: dict[str, Any] = {}
-    if mesh is not None:
-        rep = shd.replicated(mesh)
-        kwargs.update(in_shardings=(rep, shd.batch_sharding(mesh)), out_shardings=rep)
 
     def on_bad_status(state: TrainState, metrics):
         if int(metrics["status"]) & LABEL_OUT_OF_RANGE:
             raise ValueError(_describe_status(LABEL_OUT_OF_RANGE, state.label_key, state.num_classes))
         return metrics
 
-    return _host_wrapper(jax.jit(_eval_step, **kwargs), mesh, on_bad_status)
+    return _host_wrapper(_compiled(_eval_step, mesh, donate=False, metrics_out=False), mesh, on_bad_status)
 
 
 def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
@@ -273,9 +300,10 @@ def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
 
 
 def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float]:
-    """Top-1 accuracy of the student (and teacher) over an iterable of batches.
+    """Top-1 accuracy of every participant over an iterable of batches: ``accuracy`` (the student) and
+    ``<name>_accuracy`` for the others (``teacher_accuracy``, ``peer_accuracy`` …), and ``count``.
 
-    Raises ``FloatingPointError`` when the student's predictions for any example are not finite.
+    Raises ``FloatingPointError`` when any participant's predictions for any example are not finite.
     """
     total = None
     for batch in batches:
@@ -283,13 +311,17 @@ def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float
     if total is None:
         raise ValueError("evaluate got no batches")
     total = jax.device_get(total)
-    if int(total["nonfinite"]):
-        raise FloatingPointError(
-            f"the student's predictions are not finite for {int(total['nonfinite'])} of "
-            f"{int(total['count'])} examples: the model has diverged (NaN or inf parameters)"
-        )
+    for name, _ in state.participants:
+        prefix = "" if name == STUDENT else f"{name}_"
+        bad = int(total[f"{prefix}nonfinite"])
+        if bad:
+            raise FloatingPointError(
+                f"the {name}'s predictions are not finite for {bad} of {int(total['count'])} examples: the "
+                "model has diverged (NaN or inf parameters)"
+            )
     count = max(float(total["count"]), 1.0)
     result = {"accuracy": float(total["correct"]) / count, "count": float(total["count"])}
-    if "teacher_correct" in total:
-        result["teacher_accuracy"] = float(total["teacher_correct"]) / count
+    for name, _ in state.participants:
+        if name != STUDENT:
+            result[f"{name}_accuracy"] = float(total[f"{name}_correct"]) / count
     return result

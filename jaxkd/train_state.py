@@ -1,13 +1,25 @@
-"""The teacher/student train state: one pytree holding everything a step reads or writes.
+"""The train state: one pytree over every participant of a distillation, created directly sharded.
 
 Like ``flax.training.train_state.TrainState``, the functions (models, optimizer, method) ride along as
-static fields, so a step is ``state, batch -> state, metrics`` and Orbax saves exactly the arrays needed
-to resume: step, student parameters and model state, the optimizer state, the teacher, the method's
-parameters and state, and the PRNG key.
+static fields, so a step is ``state, batch -> state, metrics``. The arrays are:
 
-One Optax state covers every trainable leaf — ``{"student": student params, "method": method params}``
-— so a connector (FitNets regressor, CRD embedding heads) is stepped by the student's optimizer, as
-RepDistiller and mdistiller do, and global-norm clipping sees all trained parameters at once.
+* ``trained`` — each trained participant's parameters and model state (the student, online teachers,
+  mutual-learning peers), keyed by participant name;
+* ``frozen`` — each frozen participant's variables (teachers). They are not part of a run's checkpoint
+  (:meth:`TrainState.run_tree`): a run records the teacher's fingerprint and loads it from its own
+  checkpoint;
+* ``opt_state`` — one Optax state over ``{<trained participant>: params, ..., "method": method params}``;
+* ``method`` — the method's parameters (connectors, heads) and state; ``step``, ``rng``,
+  ``skipped_steps``.
+
+One optimizer over all trained leaves, as RepDistiller and mdistiller step a connector with the
+student's optimizer: global-norm clipping sees every trained parameter at once and there is one
+state to save. A participant with its own ``tx`` (a peer with another learning rate) gets it through
+``optax.multi_transform`` over the top-level keys, so the state stays one tree.
+
+With a mesh, :func:`create` computes every array's sharding from the participants' rules first and
+builds the state inside ``jax.jit(..., out_shardings=...)``: no array is ever assembled whole on one
+device (a teacher too large for one device is loaded shard by shard).
 """
 
 from __future__ import annotations
@@ -19,9 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from jaxkd import participants as parts_lib
+from jaxkd import sharding as shd
 from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, Method, MethodVars, as_chain
 from jaxkd.models.base import Model, merge_variables, split_variables
+from jaxkd.participants import STUDENT, TEACHER, Participant
 
 PyTree = Any
 
@@ -51,44 +67,81 @@ class BatchSpec:
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Step, student, optimizer state, teacher, method variables and PRNG key, in one pytree.
+    """Every participant's variables, the optimizer and method state, the step and the PRNG key.
 
     Attributes:
       step: number of optimizer updates applied (int32).
-      student: student parameters and model state.
-      opt_state: Optax state over ``{"student": student.params, "method": method.params}``.
-      teacher: the teacher's variables, or ``None`` (plain supervised training uses the same state).
+      trained: trained participants' :class:`ModelVariables` by name (always holds ``"student"``).
+      frozen: frozen participants' :class:`ModelVariables` by name.
+      opt_state: Optax state over :attr:`trainable`.
       method: the method's variables, keyed by method name (see :func:`jaxkd.methods.chain`).
-      rng: the PRNG key the step splits for dropout, augmentation inside losses, sampling.
+      rng: the PRNG key the step splits for dropout and randomness inside losses.
       skipped_steps: updates skipped because the loss or a gradient was not finite (only with
         ``make_train_step(on_nonfinite="skip")``; int32).
-      student_model, teacher_model, method_def, tx, input_key, label_key, num_classes, batch_spec: static.
+      participants: ``((name, Participant), ...)`` without variables (static).
+      method_def, tx, label_key, num_classes, batch_spec: static.
     """
 
     step: jax.Array
-    student: ModelVariables
+    trained: dict[str, ModelVariables]
+    frozen: dict[str, ModelVariables]
     opt_state: optax.OptState
-    teacher: ModelVariables | None
     method: MethodVars
     rng: jax.Array
     skipped_steps: jax.Array
-    student_model: Model = flax.struct.field(pytree_node=False)
-    teacher_model: Model | None = flax.struct.field(pytree_node=False)
-    method_def: Method = flax.struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-    input_key: str = flax.struct.field(pytree_node=False, default="image")
+    participants: tuple = flax.struct.field(pytree_node=False, default=())
+    method_def: Method = flax.struct.field(pytree_node=False, default=None)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
     label_key: str = flax.struct.field(pytree_node=False, default="label")
     num_classes: int = flax.struct.field(pytree_node=False, default=0)
     batch_spec: BatchSpec = flax.struct.field(pytree_node=False, default=BatchSpec())
 
     @property
     def trainable(self) -> dict[str, PyTree]:
-        return {"student": self.student.params, "method": self.method.params}
+        """What the optimizer steps: every trained participant's parameters and the method's."""
+        return {**{name: v.params for name, v in self.trained.items()}, "method": self.method.params}
 
+    def participant(self, name: str) -> Participant:
+        for n, p in self.participants:
+            if n == name:
+                return p
+        raise ValueError(f"the train state has no participant {name!r}; it has {[n for n, _ in self.participants]}")
 
-def _own(tree: PyTree) -> PyTree:
-    """Copies caller arrays: train steps donate the state, which would delete the caller's buffers."""
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+    def variables_of(self, name: str) -> ModelVariables:
+        if name in self.trained:
+            return self.trained[name]
+        if name in self.frozen:
+            return self.frozen[name]
+        self.participant(name)  # raises, listing the names
+        raise AssertionError(name)
+
+    @property
+    def student(self) -> ModelVariables:
+        return self.trained[STUDENT]
+
+    @property
+    def teacher(self) -> ModelVariables | None:
+        """The participant named ``"teacher"`` (frozen or trained), or ``None``."""
+        return self.frozen.get(TEACHER, self.trained.get(TEACHER))
+
+    @property
+    def student_model(self) -> Model:
+        return self.participant(STUDENT).model
+
+    @property
+    def teacher_model(self) -> Model | None:
+        names = [n for n, _ in self.participants]
+        return self.participant(TEACHER).model if TEACHER in names else None
+
+    def run_tree(self) -> dict[str, PyTree]:
+        """The arrays a run's checkpoint holds: everything but the frozen participants (saved once, in
+        their own checkpoints, and named in the run's by fingerprint)."""
+        return {"step": self.step, "trained": self.trained, "opt_state": self.opt_state, "method": self.method,
+                "rng": self.rng, "skipped_steps": self.skipped_steps}
+
+    def with_run_tree(self, tree: Mapping[str, PyTree]) -> "TrainState":
+        """This state with the arrays of a restored :meth:`run_tree`."""
+        return self.replace(**tree)
 
 
 def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, who: str) -> None:
@@ -113,126 +166,259 @@ def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, 
             )
 
 
-def check_sample_batch(batch: Mapping[str, Any], *, input_key: str, label_key: str = "label") -> int:
-    """A mapping whose model input has a leading example axis of size ``>= 1``; the labels and the
-    ``"mask"`` / ``"labeled"`` flags have the same number of examples. Returns that number.
+def check_sample_batch(
+    batch: Mapping[str, Any], participants: Mapping[str, Participant], *, label_key: str = "label"
+) -> int:
+    """A mapping from which every participant's input can be read, with a leading example axis of size
+    ``>= 1``; the labels and the ``"mask"`` / ``"labeled"`` flags have the student's number of examples.
+    Returns that number.
 
     Other entries (a method's meta batch, stored top-k) may have their own sizes: the method reads them.
     """
     if not isinstance(batch, Mapping):
         raise ValueError(f"a batch must be a mapping of arrays, got {type(batch).__name__}")
-    if input_key not in batch:
-        raise ValueError(f"the batch has no model input {input_key!r}; its keys are {sorted(batch)}")
-    shape = np.shape(batch[input_key])
-    if len(shape) == 0 or shape[0] == 0:
-        raise ValueError(f"the batch has no examples (batch[{input_key!r}] has shape {shape})")
+    n = None
+    for name, p in participants.items():
+        x = p.model_input(batch, name=name)
+        size = parts_lib.num_examples(x)
+        if size == 0:
+            raise ValueError(f"the batch has no examples (participant {name!r}'s input has none)")
+        if name == STUDENT:
+            n = size
     per_example = [k for k in (label_key, MASK_KEY, LABELED_KEY) if k in batch]
-    different = {k: np.shape(batch[k]) for k in per_example if np.shape(batch[k])[:1] != shape[:1]}
+    different = {k: np.shape(batch[k]) for k in per_example if np.shape(batch[k])[:1] != (n,)}
     if different:
-        raise ValueError(
-            f"batch entries disagree on the number of examples: {input_key!r} has {shape[0]}, but {different}"
-        )
-    return shape[0]
+        raise ValueError(f"batch entries disagree on the number of examples: the student's input has {n}, but {different}")
+    return n
+
+
+def gather_participants(
+    *,
+    student: Model | None,
+    student_variables: PyTree | None,
+    teacher: Model | None,
+    teacher_variables: PyTree | None,
+    participants: Mapping[str, Participant] | None,
+    input_key: str,
+) -> dict[str, Participant]:
+    """The ``student=``/``teacher=`` shorthand and the explicit ``participants=`` as one mapping."""
+    out: dict[str, Participant] = {}
+    if student is not None:
+        out[STUDENT] = Participant(student, student_variables, trains=True, input=input_key)
+    elif student_variables is not None:
+        raise ValueError("student_variables were given without a student model")
+    if teacher is not None:
+        if teacher_variables is None:
+            raise ValueError("teacher_variables are required with a teacher (load the trained teacher's variables)")
+        out[TEACHER] = Participant(teacher, teacher_variables, trains=False, input=input_key)
+    elif teacher_variables is not None:
+        raise ValueError("teacher_variables were given without a teacher model")
+    for name, p in dict(participants or {}).items():
+        if name in out:
+            raise ValueError(f"participant {name!r} was given twice (as {name}= and in participants=)")
+        out[name] = p
+    parts_lib.check_names(out)
+    return out
+
+
+def combined_tx(tx: optax.GradientTransformation, parts: Mapping[str, Participant]) -> optax.GradientTransformation:
+    """``tx`` for every trained leaf, except participants that bring their own (``optax.multi_transform``
+    over the top-level keys of :attr:`TrainState.trainable`; the method's parameters follow ``tx``)."""
+    own = {name: p.tx for name, p in parts.items() if p.trains and p.tx is not None}
+    if not own:
+        return tx
+    default = "__default__"
+
+    def labels(trainable):
+        return {key: jax.tree.map(lambda _, k=key: k if k in own else default, sub) for key, sub in trainable.items()}
+
+    return optax.multi_transform({default: tx, **own}, labels)
+
+
+def _abstract_batch(batch: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for k, v in batch.items()}
 
 
 def create(
     *,
-    student: Model,
     method: Method,
     tx: optax.GradientTransformation,
     sample_batch: Mapping[str, Any],
     rng: jax.Array,
+    student: Model | None = None,
     teacher: Model | None = None,
     teacher_variables: Mapping[str, PyTree] | None = None,
     student_variables: Mapping[str, PyTree] | None = None,
+    participants: Mapping[str, Participant] | None = None,
     input_key: str = "image",
     label_key: str = "label",
+    mesh: Mesh | None = None,
 ) -> TrainState:
-    """Initializes the student (unless ``student_variables`` is given), the method and the optimizer.
+    """Initializes the trained participants (unless given variables), the method and the optimizer.
 
     The sample batch fixes shapes only: the models and the method's loss are traced once with
     ``jax.eval_shape`` (no compute), so every static error — a missing batch key, a feature the model
-    does not sow, teacher and student over different classes, variables of another architecture — is
-    raised here, before training.
+    does not sow, models over different classes, variables of another architecture, a participant the
+    method asks for that the state lacks — is raised here, before training.
 
     Args:
-      student: the model to train.
       method: a method or chain (a single method is wrapped in a chain of one).
-      tx: the Optax transformation for the student and the method's parameters.
-      sample_batch: a batch with the shapes training will use (``batch[input_key]`` is the model input).
+      tx: the Optax transformation for every trained participant (unless it has its own) and the
+        method's parameters.
+      sample_batch: a batch with the shapes training will use.
       rng: PRNG key.
-      teacher: the teacher model, or ``None``.
+      student: the student model (shorthand for ``participants={"student": jaxkd.student(model)}``).
+      teacher: a frozen teacher (shorthand for ``participants={"teacher": jaxkd.teacher(model, vars)}``).
       teacher_variables: the trained teacher's ``{"params": ..., "batch_stats": ...}``; required with a
-        teacher (a randomly initialized teacher is almost always a bug) and checked to be exactly the
-        teacher model's variables. Copied: the state owns its buffers, because train steps donate it.
-      student_variables: start the student from these (copied, checked like the teacher's) instead of
-        a fresh init.
-      input_key: which batch entry feeds the models.
+        teacher and checked to be exactly the teacher model's variables.
+      student_variables: start the student from these (checked like the teacher's).
+      participants: further (or all) participants by name: teachers, peers, online teachers
+        (:class:`jaxkd.Participant`); one must be ``"student"``.
+      input_key: the batch entry the ``student=``/``teacher=`` shorthands read.
       label_key: which batch entry holds the integer labels (every method and the step's accuracy read
         this one key; semi-supervised batches add a boolean ``"labeled"`` entry).
+      mesh: build the state sharded over this mesh (:func:`jaxkd.sharding.make_mesh`): each participant's
+        parameters (and their optimizer state) by its ``rules`` or the mesh default. Given variables are
+        copied shard by shard; nothing is assembled on one device. ``None``: the default device.
+
+    Returns the state; it owns its buffers (given variables are copied: train steps donate the state).
     """
     method = as_chain(method)
-    check_sample_batch(sample_batch, input_key=input_key, label_key=label_key)
+    parts = gather_participants(student=student, student_variables=student_variables, teacher=teacher,
+                                teacher_variables=teacher_variables, participants=participants, input_key=input_key)
+    check_sample_batch(sample_batch, parts, label_key=label_key)
     needed = ([label_key] if method.needs_labels else []) + list(method.batch_keys)
     missing = [k for k in needed if k not in sample_batch]
     if missing:
         raise ValueError(f"the method needs batch keys {missing}, the batch has {sorted(sample_batch)}")
-    if method.needs_teacher and teacher is None:
-        raise ValueError("the method needs a teacher (e.g. kd), but no teacher model was given")
-    if teacher is not None and teacher_variables is None:
-        raise ValueError("teacher_variables are required with a teacher (load the trained teacher's variables)")
+    if method.needs_teacher and TEACHER not in parts:
+        raise ValueError(
+            f"the method needs a teacher (e.g. kd): a participant named 'teacher', but the participants are "
+            f"{sorted(parts)}"
+        )
 
-    x = jnp.asarray(sample_batch[input_key])
-    rng, student_rng, method_rng = jax.random.split(rng, 3)
-    if student_variables is None:
-        # Compiled once per model (jit caches on the function): eager init dispatches hundreds of
-        # PRNG ops one by one and is several times slower on CPU.
-        student_variables = jax.jit(student.init)(student_rng, x)
-    else:
-        check_variables_match(student_variables, jax.eval_shape(student.init, student_rng, x), who="student")
-        student_variables = _own(student_variables)
-    params, model_state = split_variables(student_variables)
+    batch = {k: jnp.asarray(v) for k, v in sample_batch.items()}
+    rng, init_rng, method_rng, dropout_rng = jax.random.split(rng, 4)
+    init_rngs = dict(zip(parts, jax.random.split(init_rng, len(parts))))
 
-    def forward(model, variables, train):
-        return model.apply(variables, x, train=train, rngs={"dropout": student_rng})
-
-    student_out = jax.eval_shape(lambda v: forward(student, v, True), dict(student_variables))
-    teacher_state, teacher_out = None, None
-    if teacher is not None:
-        check_variables_match(teacher_variables, jax.eval_shape(teacher.init, student_rng, x), who="teacher")
-        teacher_state = ModelVariables(*split_variables(_own(teacher_variables)))
-        teacher_out = jax.eval_shape(lambda v: forward(teacher, v, False), teacher_state.variables())
-        s, t = student_out.logits.shape[-1], teacher_out.logits.shape[-1]
-        if s != t:
+    # Shapes first: every participant's variables (boxed when a model declares logical axes) and outputs.
+    boxed, abstract_vars, outputs = {}, {}, {}
+    for name, p in parts.items():
+        x = p.model_input(batch, name=name)
+        boxed[name] = jax.eval_shape(p.model.init, init_rngs[name], x)
+        abstract_vars[name] = shd.unbox(boxed[name])
+        if p.variables is not None:
+            check_variables_match(p.variables, abstract_vars[name], who=name)
+        outputs[name] = jax.eval_shape(
+            lambda v, x, p=p: p.model.apply(v, x, train=p.trains, rngs={"dropout": dropout_rng}), abstract_vars[name], x
+        )
+    num_classes = int(outputs[STUDENT].logits.shape[-1])
+    for name, out in outputs.items():
+        if name != STUDENT and out.logits.shape[-1] != num_classes:
             raise ValueError(
-                f"teacher and student must predict the same classes: the student has {s} outputs, "
-                f"the teacher has {t}"
+                f"participant {name!r} and the student must predict the same classes: the student has "
+                f"{num_classes} outputs, {name!r} has {out.logits.shape[-1]}"
             )
 
-    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), dict(sample_batch))
-    inputs = LossInputs(
-        student=student_out, teacher=teacher_out, batch=batch_spec, step=jnp.zeros((), jnp.int32),
-        student_variables=dict(student_variables), student_model=student, input_key=input_key, label_key=label_key,
-    )
-    method_vars = method.init(method_rng, inputs)
-    # Trace the loss once on abstract values: raises every shape/key/feature error now.
-    jax.eval_shape(lambda v, i: method.loss(v, i, method_rng), method_vars, inputs)
+    static = tuple((name, p.static()) for name, p in parts.items())
+    trained_names = [n for n, p in parts.items() if p.trains]
+    frozen_names = [n for n, p in parts.items() if not p.trains]
+    full_tx = combined_tx(tx, parts)
+    abstract_batch = _abstract_batch(sample_batch)
 
-    trainable = {"student": params, "method": method_vars.params}
+    def build(rng_method, given):
+        variables = {}
+        for name in trained_names:
+            p = parts[name]
+            if name in given:
+                variables[name] = given[name]
+            else:
+                variables[name] = shd.unbox(p.model.init(init_rngs[name], p.model_input(batch, name=name)))
+        inputs = LossInputs(outputs=outputs, batch=abstract_batch, step=jnp.zeros((), jnp.int32),
+                            variables=variables, participants=static, label_key=label_key)
+        method_vars = method.init(rng_method, inputs)
+        trained = {name: ModelVariables(*split_variables(variables[name])) for name in trained_names}
+        trainable = {**{n: v.params for n, v in trained.items()}, "method": method_vars.params}
+        return trained, method_vars, full_tx.init(trainable)
+
+    given = {n: parts[n].variables for n in trained_names if parts[n].variables is not None}
+    frozen_vars = {n: parts[n].variables for n in frozen_names}
+    if mesh is None:
+        given, frozen_vars = _owned_copy(given), _owned_copy(frozen_vars)
+        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,))(method_rng, given)
+    else:
+        var_shardings = {
+            name: shd.param_shardings(abstract_vars[name], mesh, parts[name].rules or shd.default_rules(mesh),
+                                      logical_specs=shd.logical_partition_specs(boxed[name]))
+            for name in parts
+        }
+        given = _owned_copy(given, {n: var_shardings[n] for n in given})
+        frozen_vars = _owned_copy(frozen_vars, {n: var_shardings[n] for n in frozen_vars})
+        out_abstract = jax.eval_shape(build, method_rng, given)
+        out_shardings = _state_shardings(out_abstract, var_shardings, full_tx, mesh, parts)
+        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,), out_shardings=out_shardings)(
+            method_rng, given
+        )
+
+    # Trace the loss once on abstract values: raises every shape/key/feature/participant error now.
+    def trace_loss(method_vars, outputs, batch, trained):
+        inputs = LossInputs(outputs=outputs, batch=batch, step=jnp.zeros((), jnp.int32),
+                            variables={n: v.variables() for n, v in trained.items()}, participants=static,
+                            label_key=label_key)
+        return method.loss(method_vars, inputs, method_rng)
+
+    jax.eval_shape(trace_loss, method_vars, outputs, abstract_batch, trained)
+
+    replicate = (lambda a: a) if mesh is None else (lambda a: jax.device_put(a, shd.replicated(mesh)))
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        student=ModelVariables(params=params, model_state=model_state),
-        opt_state=tx.init(trainable),
-        teacher=teacher_state,
+        step=replicate(jnp.zeros((), jnp.int32)),
+        trained=trained,
+        frozen={n: ModelVariables(*split_variables(v)) for n, v in frozen_vars.items()},
+        opt_state=opt_state,
         method=method_vars,
-        rng=rng,
-        skipped_steps=jnp.zeros((), jnp.int32),
-        student_model=student,
-        teacher_model=teacher,
+        rng=replicate(rng),
+        skipped_steps=replicate(jnp.zeros((), jnp.int32)),
+        participants=static,
         method_def=method,
-        tx=tx,
-        input_key=input_key,
+        tx=full_tx,
         label_key=label_key,
-        num_classes=int(student_out.logits.shape[-1]),
+        num_classes=num_classes,
         batch_spec=BatchSpec.of(sample_batch),
     )
+
+
+def _owned_copy(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
+    """Fresh buffers for ``tree`` (placed by ``shardings``): the state owns its buffers, because steps donate
+    it and the caller's arrays must survive. Host arrays are transferred shard by shard
+    (``device_put``); device arrays are copied by a jitted identity into the target layout, which never
+    gathers a sharded array onto one device (``device_put`` may alias a source buffer even with
+    ``may_alias=False`` when it replicates onto devices that include the source's)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
+    on_device = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+    out = [leaf if isinstance(leaf, jax.Array) else jax.device_put(np.asarray(leaf), target)
+           for leaf, target in zip(leaves, targets)]
+    if on_device:
+        copy = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=[targets[i] for i in on_device])
+        for i, copied in zip(on_device, copy([leaves[i] for i in on_device])):
+            out[i] = copied
+    return jax.tree.unflatten(treedef, out)
+
+
+def _state_shardings(out_abstract, var_shardings, tx, mesh: Mesh, parts) -> PyTree:
+    """Shardings of ``(trained, method vars, opt state)``: participants' variables by their rules, the
+    optimizer state like the parameters it tracks (``optax.tree_map_params``), the method's variables by
+    the mesh default (connectors are small; a big one is sharded over fsdp like any parameter)."""
+    trained_abstract, method_abstract, opt_abstract = out_abstract
+    default = shd.default_rules(mesh)
+    trained = {
+        name: ModelVariables(*split_variables(var_shardings[name])) for name in trained_abstract
+    }
+    method = shd.param_shardings(method_abstract, mesh, default)
+    trainable = {**{n: v.params for n, v in trained.items()}, "method": method.params}
+    opt = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_abstract, trainable,
+        transform_non_params=lambda leaf: shd.param_shardings(leaf, mesh, default),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+    return trained, method, opt

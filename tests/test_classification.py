@@ -205,7 +205,7 @@ def test_ce_and_kd_methods_match_numpy_over_the_labeled_real_examples():
     mask = np.array([1, 1, 0, 1, 1, 1], bool)
     labeled = np.array([1, 0, 1, 1, 1, 0], bool)
     y = np.array([0, -1, 2, 3, 4, -1], np.int32)  # unlabeled examples may carry any integer
-    inputs = LossInputs(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}),
+    inputs = LossInputs.of(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}),
                         {"label": y, "mask": mask, "labeled": labeled}, jnp.zeros((), jnp.int32))
     method = methods.ce(label_smoothing=0.2) + 0.5 * methods.kd(temperature=2.0)
     total, aux = method.loss(method.init(jax.random.PRNGKey(0), inputs), inputs, jax.random.PRNGKey(1))
@@ -233,7 +233,7 @@ def test_train_step_detaches_the_teacher():
 
     def loss(p):
         out = student.apply({"params": p}, batch["image"], train=True)
-        inputs = LossInputs(out, Outputs(constant, {}, {}), batch, jnp.zeros((), jnp.int32))
+        inputs = LossInputs.of(out, Outputs(constant, {}, {}), batch, jnp.zeros((), jnp.int32))
         return method.loss(state.method, inputs, jax.random.PRNGKey(0))[0]
 
     expected = jax.jit(jax.grad(loss))(params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -342,6 +343,174 @@ def test_loader_none_augmentation_is_identity_after_normalization(digits_train):
     np.testing.assert_array_equal(batch["label"], digits_train.labels[idx])
 
 
+def _assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+@pytest.mark.parametrize("num_threads", [0, 2])
+def test_loader_state_resume_is_bitwise_through_orbax_json(tmp_path, num_threads):
+    """7 batches uninterrupted == 3 batches, state saved (Orbax JSON item), fresh loader, 4 more;
+    with 6 batches per epoch, batches 4-7 cross the epoch boundary."""
+    import orbax.checkpoint as ocp
+
+    images, labels = _toy()
+    kw = dict(batch_size=8, seed=11, num_epochs=None, augment="crop_flip", pad=2,
+              mean=(0.5,), std=(0.25,), num_threads=num_threads)
+    full = _take(Loader(images, labels, **kw), 7)
+    first = Loader(images, labels, **kw)
+    _assert_same_batches(_take(first, 3), full[:3])
+    state = first.get_state()
+    assert state == {"epoch": 0, "step": 3, "seed": 11, "batch_size": 8, "num_examples": 50}
+    assert json.loads(json.dumps(state)) == state
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
+        ckpt.save(tmp_path / "data", args=ocp.args.JsonSave(state))
+        restored = ckpt.restore(tmp_path / "data", args=ocp.args.JsonRestore())
+    assert restored == state
+    fresh = Loader(images, labels, **kw)
+    fresh.set_state(restored)
+    assert fresh.position == Position(0, 3)
+    resumed = _take(fresh, 4)
+    _assert_same_batches(resumed, full[3:7])
+    assert fresh.position == Position(1, 1) and fresh.get_state()["epoch"] == 1
+    # The batches really differ from step to step (the comparison is not vacuous).
+    assert not np.array_equal(full[5]["image"], full[6]["image"])
+    # set_state on a loader mid-iteration rewinds Grain's live iterator.
+    _assert_same_batches(_take(first, 2), full[3:5])
+    first.set_state(state)
+    _assert_same_batches(_take(first, 4), full[3:7])
+    # An out-of-range restore on a finite loader: nothing left to iterate.
+    finite = Loader(images, labels, **{**kw, "num_epochs": 1})
+    finite.set_state({**state, "epoch": 1, "step": 0})
+    assert list(finite) == []
+
+
+def test_loader_state_refuses_another_stream():
+    images, labels = _toy()
+    loader = Loader(images, labels, batch_size=8, seed=1)
+    state = loader.get_state()
+    for key, value in (("seed", 2), ("batch_size", 4), ("num_examples", 49)):
+        with pytest.raises(ValueError, match=rf"state was saved by a loader with {key}={value}"):
+            loader.set_state({**state, key: value})
+    with pytest.raises(ValueError, match=r"state must be a dict with 'epoch' and 'step'"):
+        loader.set_state({"next_index": 3})
+    with pytest.raises(ValueError, match=r"position\.step must be an integer >= 0"):
+        loader.set_state({"epoch": 0, "step": -1})
+    # A bare position (no identifying entries) is accepted.
+    loader.set_state({"epoch": 2, "step": 7})
+    assert loader.position == Position(3, 1)
+
+
+def test_loader_same_seed_same_batches_other_seed_other_batches():
+    """Two constructions with one seed agree bitwise; another seed changes the order and, with the
+    order fixed (shuffle=False), the augmentation."""
+    images, labels = _toy()
+    kw = dict(batch_size=10, num_epochs=2, augment="crop_flip", pad=2)
+    a = list(Loader(images, labels, seed=5, **kw))
+    _assert_same_batches(a, list(Loader(images, labels, seed=5, **kw)))
+    b = list(Loader(images, labels, seed=6, **kw))
+    assert not np.array_equal(a[0]["label"], b[0]["label"])
+    c = next(Loader(images, labels, seed=5, shuffle=False, **kw))
+    d = next(Loader(images, labels, seed=6, shuffle=False, **kw))
+    np.testing.assert_array_equal(c["label"], d["label"])  # same examples ...
+    assert not np.array_equal(c["image"], d["image"])  # ... augmented differently
+    # Augmentation is a pure function of (seed, epoch, step): batch() agrees with iteration.
+    loader = Loader(images, labels, seed=5, **kw)
+    _assert_same_batches([loader.batch((1, 3))], [a[5 + 3]])
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+@pytest.mark.parametrize("train", [True, False])
+def test_loader_per_host_parts_make_up_the_single_host_batch(process_count, train):
+    """Process p of P gets rows p*B/P:(p+1)*B/P of every global batch: concatenated in process
+    order, the parts are bitwise the single-process batches (augmentation and padding included)."""
+    images, labels = _toy(n=21 if not train else 50)
+    if train:
+        kw = dict(batch_size=8, seed=3, num_epochs=2, augment="crop_flip", pad=2)
+    else:
+        kw = dict(batch_size=8, shuffle=False, drop_remainder=False, mean=(0.5,), std=(0.25,))
+    single = list(Loader(images, labels, process_index=0, process_count=1, **kw))
+    parts = [
+        list(Loader(images, labels, process_index=p, process_count=process_count, **kw))
+        for p in range(process_count)
+    ]
+    local = 8 // process_count
+    for p, batches in enumerate(parts):
+        assert len(batches) == len(single)
+        for bt in batches:
+            assert bt["image"].shape == (local, 8, 8, 1) and bt["label"].shape == (local,)
+        assert Loader(images, labels, process_index=p, process_count=process_count,
+                      **kw).local_batch_size == local
+    for i, whole in enumerate(single):
+        for k in whole:
+            np.testing.assert_array_equal(np.concatenate([parts[p][i][k] for p in range(process_count)]),
+                                          whole[k])
+    # Disjoint examples: read the example ids (pixel (0, 0), unaugmented, unnormalized).
+    plain = {**kw, "augment": "none", "mean": (0.0,), "std": (1.0,)}
+    first = [next(Loader(images, labels, process_index=p, process_count=process_count, **plain))
+             for p in range(process_count)]
+    ids = np.concatenate([_ids(bt) for bt in first])
+    assert len(set(ids.tolist())) == 8
+    np.testing.assert_array_equal(ids, Loader(images, labels, **plain).epoch_order(0)[:8])
+    if not train:  # last batch: 5 real examples of 8
+        last = [parts[p][-1]["mask"] for p in range(process_count)]
+        np.testing.assert_array_equal(np.concatenate(last), [True] * 5 + [False] * 3)
+        if process_count == 4:
+            assert not last[3].any() and np.all(parts[3][-1]["image"] == 0)
+
+
+def test_loader_state_moves_between_process_counts():
+    """The state counts global batches: a state saved with 2 processes resumes on 1 (and back)."""
+    images, labels = _toy()
+    kw = dict(batch_size=8, seed=2, num_epochs=None, augment="shift")
+    host0 = Loader(images, labels, process_index=0, process_count=2, **kw)
+    _take(host0, 5)
+    single = Loader(images, labels, process_index=0, process_count=1, **kw)
+    single.set_state(host0.get_state())
+    whole = _take(single, 3)
+    host1 = Loader(images, labels, process_index=1, process_count=2, **kw)
+    host1.set_state(host0.get_state())
+    for w, a, b in zip(whole, _take(host0, 3), _take(host1, 3)):
+        np.testing.assert_array_equal(np.concatenate([a["image"], b["image"]]), w["image"])
+        np.testing.assert_array_equal(np.concatenate([a["label"], b["label"]]), w["label"])
+
+
+def test_loader_is_a_grain_map_dataset_of_batches():
+    import grain
+
+    images, labels = _toy()
+    loader = Loader(images, labels, batch_size=8, seed=4, num_epochs=3, augment="shift")
+    ds = loader.dataset
+    assert isinstance(ds, grain.MapDataset)
+    assert len(ds) == 3 * len(loader) == 18
+    _assert_same_batches([ds[k] for k in (0, 7, 17)],
+                         [loader.batch((0, 0)), loader.batch((1, 1)), loader.batch((2, 5))])
+    _assert_same_batches(list(loader), [ds[k] for k in range(18)])
+    assert len(Loader(images, labels, batch_size=8, num_epochs=None).dataset) == sys.maxsize
+
+
+def test_loader_worker_processes_give_the_same_batches():
+    """Grain worker processes (mp_prefetch) build the same batches, in order, and resume."""
+    images, labels = _toy()
+    kw = dict(batch_size=8, seed=9, num_epochs=None, augment="crop_flip", pad=1)
+    reference = _take(Loader(images, labels, **kw), 9)
+    with Loader(images, labels, worker_count=2, **kw) as loader:
+        _assert_same_batches(_take(loader, 4), reference[:4])
+        state = loader.get_state()
+        loader.seek((0, 0))
+        _assert_same_batches(_take(loader, 2), reference[:2])
+        loader.set_state(state)
+        _assert_same_batches(_take(loader, 5), reference[4:9])
+
+
 # ---------------------------------------------------------------- argument checks
 
 
@@ -368,6 +537,14 @@ def test_loader_none_augmentation_is_identity_after_normalization(digits_train):
         ({"num_classes": 0}, r"num_classes must be an integer >= 1, got num_classes=0"),
         ({"start": (0.5, 0)}, r"position\.epoch must be an integer, got position\.epoch=0\.5"),
         ({"start": (0, 1, 2)}, r"position must be a pair \(epoch, step\)"),
+        ({"process_count": 0}, r"process_count must be an integer >= 1, got process_count=0"),
+        ({"process_index": 2, "process_count": 2},
+         r"process_index must be an integer in \[0, process_count=2\), got process_index=2"),
+        ({"process_index": -1, "process_count": 2}, r"process_index must be an integer >= 0"),
+        ({"process_index": 0, "process_count": 3},
+         r"batch_size must be divisible by process_count .*batch_size=4, process_count=3"),
+        ({"num_threads": -1}, r"num_threads must be an integer >= 0, got num_threads=-1"),
+        ({"worker_count": 1.0}, r"worker_count must be an integer, got worker_count=1\.0"),
     ],
 )
 def test_loader_refuses_bad_arguments(kwargs, match):

@@ -107,7 +107,7 @@ def test_bad_arguments_raise():
 def test_method_matches_the_official_formula_over_the_unmasked_examples():
     zs, zt = rand_logits(16), rand_logits(17)
     mask = np.array([1, 1, 1, 0, 1, 1], bool)
-    inputs = LossInputs(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), {"mask": mask},
+    inputs = LossInputs.of(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), {"mask": mask},
                         jnp.zeros((), jnp.int32))
     method = methods.dist(beta=2.0, gamma=0.5, temperature=4.0)
     value, aux = method.loss(method.init(jax.random.PRNGKey(0), inputs), inputs, jax.random.PRNGKey(1))

@@ -364,7 +364,7 @@ METHODS = [
 
 def fake_inputs(seed=0, teacher=True):
     zs, zt = logits(seed, SHAPE), logits(seed + 1, SHAPE)
-    return LossInputs(student=Outputs(jnp.asarray(zs), {}, {}),
+    return LossInputs.of(student=Outputs(jnp.asarray(zs), {}, {}),
                       teacher=Outputs(jnp.asarray(zt), {}, {}) if teacher else None,
                       batch={"mask": MASK}, step=jnp.asarray(0, jnp.int32))
 

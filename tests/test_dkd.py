@@ -144,7 +144,7 @@ def fake_inputs(step=0):
     batch = {"label": np.array([0, 1, -1, 3, 4, 0], np.int32),
              "mask": np.array([1, 1, 1, 0, 1, 1], bool),
              "labeled": np.array([1, 1, 0, 1, 1, 1], bool)}
-    return LossInputs(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), batch,
+    return LossInputs.of(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), batch,
                       jnp.asarray(step, jnp.int32))
 
 

@@ -108,7 +108,7 @@ def test_bad_arguments_raise():
 def test_method_matches_numpy_over_the_unmasked_examples():
     zs, zt = rand_logits(10), rand_logits(11)
     mask = np.array([1, 1, 0, 1, 1, 1], bool)
-    inputs = LossInputs(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), {"mask": mask},
+    inputs = LossInputs.of(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), {"mask": mask},
                         jnp.zeros((), jnp.int32))
     method = methods.kd_ls(temperature=3.0)
     value, _ = method.loss(method.init(jax.random.PRNGKey(0), inputs), inputs, jax.random.PRNGKey(1))

@@ -18,7 +18,7 @@ def fake_inputs(seed=0, step=0):
     rng = np.random.default_rng(seed)
     zs, zt = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
     batch = {"label": np.array([0, 1, 2, 3, 0, 1], np.int32)}
-    return LossInputs(
+    return LossInputs.of(
         student=Outputs(jnp.asarray(zs), {}, {}),
         teacher=Outputs(jnp.asarray(zt), {}, {}),
         batch=batch,

@@ -91,7 +91,7 @@ def test_method_matches_the_official_code_over_the_real_labeled_examples():
     zs, zt = rand_logits(18), rand_logits(19)
     y = np.array([0, -1, 2, 3, 4, 1], np.int32)
     mask, labeled = np.array([1, 1, 1, 1, 0, 1], bool), np.array([1, 0, 1, 1, 1, 1], bool)
-    inputs = LossInputs(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}),
+    inputs = LossInputs.of(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}),
                         {"label": y, "mask": mask, "labeled": labeled}, jnp.zeros((), jnp.int32))
     method = methods.nkd(temperature=3.0, gamma=3.5)
     value, aux = method.loss(method.init(jax.random.PRNGKey(0), inputs), inputs, jax.random.PRNGKey(1))

@@ -136,7 +136,7 @@ def test_bad_input_raises():
 
 def fake_inputs(batch, teacher=True):
     zs, zt = logits(0), logits(1)
-    return LossInputs(student=Outputs(jnp.asarray(zs), {}, {}),
+    return LossInputs.of(student=Outputs(jnp.asarray(zs), {}, {}),
                       teacher=Outputs(jnp.asarray(zt), {}, {}) if teacher else None,
                       batch=batch, step=jnp.asarray(0, jnp.int32))
 

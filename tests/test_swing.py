@@ -63,7 +63,7 @@ def test_bad_arguments_raise():
 
 def test_method_uses_the_step_key_and_the_privacy_scores():
     zs, zt = rand_logits(35), rand_logits(36)
-    inputs = LossInputs(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), {},
+    inputs = LossInputs.of(Outputs(jnp.asarray(zs), {}, {}), Outputs(jnp.asarray(zt), {}, {}), {},
                         jnp.zeros((), jnp.int32))
     run = lambda method, seed=1, x=inputs: float(method.loss(method.init(jax.random.PRNGKey(0), x), x,
                                                              jax.random.PRNGKey(seed))[0])

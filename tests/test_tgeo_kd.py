@@ -89,7 +89,7 @@ def test_hypergradient_is_the_one_step_lookahead_gradient():
     def total(trainable):
         variables = {"params": trainable["student"], **state.student.model_state}
         out = student.apply(variables, x, train=True)
-        inputs = methods.LossInputs(student=out, teacher=jaxkd.models.Outputs(t_logits, {}, {}), batch=batch,
+        inputs = methods.LossInputs.of(student=out, teacher=jaxkd.models.Outputs(t_logits, {}, {}), batch=batch,
                                     step=jnp.zeros((), jnp.int32), student_variables=variables, student_model=student)
         return chain.loss(methods.MethodVars(trainable["method"], state.method.state), inputs, jax.random.PRNGKey(0))[0]
 

@@ -146,8 +146,8 @@ def test_divergence_from_a_huge_learning_rate_raises_instead_of_reaching_the_res
 
 def test_evaluate_refuses_non_finite_predictions():
     state = new_state()
-    state = state.replace(student=state.student.replace(
-        params=jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), state.student.params)))
+    state = state.replace(trained={"student": state.student.replace(
+        params=jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), state.student.params))})
     with pytest.raises(FloatingPointError, match="not finite for 16 of 16"):
         jaxkd.evaluate(state, [BATCH], jaxkd.make_eval_step())
 
@@ -168,7 +168,7 @@ def test_empty_batches_are_refused():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda b: {"label": b["label"]}, r"no model input 'image'; its keys are \['label'\]"),
+        (lambda b: {"label": b["label"]}, r"participant 'student' reads batch entries \['image'\], but the batch has \['label'\]"),
         (lambda b: dict(b, image=(b["image"] * 50 + 100).astype(np.uint8)), r"batch\['image'\].*dtype uint8"),
         (lambda b: dict(b, image=np.repeat(b["image"], 3, axis=-1)), r"batch\['image'\].*shape \(4, 4, 3\)"),
         (lambda b: dict(b, image=b["image"][:, :, :2]), r"batch\['image'\].*shape \(4, 2, 1\)"),
@@ -234,7 +234,7 @@ def test_step_sharded_over_eight_devices_matches_single_device():
     assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
     mesh = sharding.make_mesh()
     sharded_step = jaxkd.make_train_step(mesh=mesh)
-    single, sharded = new_state(), new_state()
+    single, sharded = new_state(), new_state(mesh=mesh)
     for _ in range(3):
         single, m1 = TRAIN_STEP(single, BATCH)
         sharded, m2 = sharded_step(sharded, BATCH)
@@ -261,7 +261,7 @@ def test_orbax_resume_is_exact(tmp_path):
     for _ in range(2):
         resumed, _ = TRAIN_STEP(resumed, BATCH)
     with Checkpointer(tmp_path / "ckpt") as ckpt:
-        ckpt.save(int(resumed.step), resumed, data_position={"epoch": 0, "batch": 2})
+        ckpt.save(int(resumed.step), resumed, extra={"epoch": 0, "batch": 2})
     target = new_state(seed=123)  # different values, same structure: everything must come from disk
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         resumed, position = ckpt.restore(target)

@@ -1,4 +1,4 @@
-"""Data: TFDS loading without TensorFlow and a host-side NumPy batch pipeline.
+"""Data: TFDS loading without TensorFlow and a host-side batch pipeline (Grain + NumPy).
 
 See :mod:`jaxkd.data.pipeline` for the details and :mod:`jaxkd.data.digits`
 for the ``digits`` builder (scikit-learn's bundled 8x8 images, no download).

@@ -1,4 +1,4 @@
-"""Host-side NumPy input pipeline: load a TFDS split into memory, batch it.
+"""Host-side input pipeline: load a TFDS split into memory, batch it with Grain.
 
 Nothing here imports TensorFlow or touches the network.
 
@@ -12,10 +12,14 @@ Loading
     never downloads, it raises :class:`FileNotFoundError` with instructions.
 
 Batching
-    :class:`Loader` iterates over in-memory arrays.  Everything random is a pure
-    function of ``(seed, epoch)`` (the shuffling order) and
+    :class:`Loader` is a Grain pipeline over in-memory arrays: a ``grain.MapDataset``
+    whose element ``k`` is the whole batch ``k`` (gathered, augmented and normalized
+    in one vectorized NumPy call), iterated by Grain's iterator.  Everything random
+    is a pure function of ``(seed, epoch)`` (the shuffling order) and
     ``(seed, epoch, step)`` (the augmentation of one batch), so a run resumes
-    exactly from a :class:`Position` (``loader.position`` / ``start=``).
+    exactly from a :class:`Position` (``loader.position`` / ``start=``) or from the
+    JSON dict of ``loader.get_state()`` / ``loader.set_state()``.  With several JAX
+    processes each reads its own equal slice of every global batch.
     Each batch is ``{"image": float32 [B, H, W, C], "label": int32 [B]}``; with
     ``drop_remainder=False`` (evaluation) every batch also carries
     ``"mask": bool [B]`` and the last partial batch is padded to ``B`` (zero
@@ -34,8 +38,9 @@ import math
 import numbers
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
-from typing import Literal, NamedTuple
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -359,18 +364,76 @@ def normalize(
     """
     images = np.asarray(images)
     w, c = images.shape[-2:] if images.ndim >= 2 else (1, images.shape[-1])
-    mean = np.broadcast_to(
-        np.asarray(_channel_values("mean", mean, c, positive=False), dtype=np.float32), (c,)
-    )
-    std = np.broadcast_to(
-        np.asarray(_channel_values("std", std, c, positive=True), dtype=np.float32), (c,)
-    )
-    # NumPy is slow to broadcast a length-C vector over a short last axis (its
-    # inner loops run C long); apply it to whole [W * C] rows instead.
-    out = images.astype(np.float32).reshape(-1, w * c)
-    out *= np.tile(1.0 / (255.0 * std), w)
-    out -= np.tile(mean / std, w)
-    return out.reshape(images.shape)
+    return _Normalizer(mean, std, w, c)(images)
+
+
+class _Normalizer:
+    """:func:`normalize` with its per-row constants computed (and checked) once, for ``[..., w, c]``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], w: int, c: int):
+        mean = np.broadcast_to(
+            np.asarray(_channel_values("mean", mean, c, positive=False), dtype=np.float32), (c,)
+        )
+        std = np.broadcast_to(
+            np.asarray(_channel_values("std", std, c, positive=True), dtype=np.float32), (c,)
+        )
+        # NumPy is slow to broadcast a length-C vector over a short last axis (its
+        # inner loops run C long); apply it to whole [W * C] rows instead.
+        self.scale = np.tile(1.0 / (255.0 * std), w)
+        self.offset = np.tile(mean / std, w)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = images.astype(np.float32).reshape(-1, self.scale.shape[0])
+        out *= self.scale
+        out -= self.offset
+        return out.reshape(images.shape)
+
+
+class _Draws(NamedTuple):
+    """The random draws of one batch's augmentation (one entry per example), see :func:`augment`."""
+
+    pad: int
+    dy: np.ndarray | None  # crop offsets, rows (None when pad == 0)
+    dx: np.ndarray | None  # crop offsets, columns
+    flip: np.ndarray | None  # bool, flip horizontally (crop_flip only)
+
+    def rows(self, lo: int, hi: int) -> _Draws:
+        """The draws of examples ``lo:hi`` only."""
+        take = lambda a: None if a is None else a[lo:hi]  # noqa: E731
+        return _Draws(self.pad, take(self.dy), take(self.dx), take(self.flip))
+
+
+def _draw(mode: str, b: int, rng: np.random.Generator, pad: int | None) -> _Draws:
+    """Draws the offsets (and flips) of ``b`` examples, in :func:`augment`'s order."""
+    if pad is None:
+        pad = 1 if mode == "shift" else 4
+    dy = dx = flip = None
+    if pad > 0:
+        dy = rng.integers(0, 2 * pad + 1, size=b)
+        dx = rng.integers(0, 2 * pad + 1, size=b)
+    if mode == "crop_flip":
+        flip = rng.random(b) < 0.5
+    return _Draws(pad, dy, dx, flip)
+
+
+def _apply(images: np.ndarray, draws: _Draws) -> np.ndarray:
+    """Applies drawn offsets/flips to uint8 ``[B, H, W, C]`` (B = the draws' length)."""
+    b, h, w, c = images.shape
+    pad = draws.pad
+    if draws.dy is not None:
+        padded = np.zeros((b, h + 2 * pad, w + 2 * pad, c), dtype=images.dtype)
+        padded[:, pad : pad + h, pad : pad + w] = images
+        # All H x W windows of each padded image, as a view:
+        # [B, 2 * pad + 1, 2 * pad + 1, C, H, W]; pick one window per image.
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
+        out = np.ascontiguousarray(
+            windows[np.arange(b), draws.dy, draws.dx].transpose(0, 2, 3, 1)
+        )
+    else:
+        out = images.copy()
+    if draws.flip is not None:
+        out[draws.flip] = out[draws.flip, :, ::-1]
+    return out
 
 
 def augment(
@@ -389,7 +452,8 @@ def augment(
             translations by up to ``pad`` pixels, right for 8x8 digits), or
             ``"crop_flip"`` (zero-pad by ``pad``, default 4, random crop, then flip
             horizontally with probability 1/2: the CIFAR standard).
-        rng: the NumPy generator that draws the offsets and flips.
+        rng: the NumPy generator that draws the offsets and flips (in this order:
+            ``B`` row offsets, ``B`` column offsets, ``B`` flips).
         pad: padding in pixels (see ``mode``): None (the default) or an integer ``>= 0``.
 
     Raises:
@@ -401,24 +465,7 @@ def augment(
         check_int("pad", pad, low=0)
     if mode == "none":
         return images
-    if pad is None:
-        pad = 1 if mode == "shift" else 4
-    b, h, w, c = images.shape
-    if pad > 0:
-        padded = np.zeros((b, h + 2 * pad, w + 2 * pad, c), dtype=images.dtype)
-        padded[:, pad : pad + h, pad : pad + w] = images
-        dy = rng.integers(0, 2 * pad + 1, size=b)
-        dx = rng.integers(0, 2 * pad + 1, size=b)
-        # All H x W windows of each padded image, as a view:
-        # [B, 2 * pad + 1, 2 * pad + 1, C, H, W]; pick one window per image.
-        windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
-        out = np.ascontiguousarray(windows[np.arange(b), dy, dx].transpose(0, 2, 3, 1))
-    else:
-        out = images.copy()
-    if mode == "crop_flip":
-        flip = rng.random(b) < 0.5
-        out[flip] = out[flip, :, ::-1]
-    return out
+    return _apply(images, _draw(mode, images.shape[0], rng, pad))
 
 
 # --------------------------------------------------------------------------
@@ -433,24 +480,130 @@ class Position(NamedTuple):
     step: int
 
 
-class Loader:
-    """Batches in-memory arrays; reproducible and resumable.
+# The entries of `Loader.get_state()` besides the position: a state saved by a loader
+# with other values of these would give other batches, so `set_state` refuses it.
+_STATE_CHECKS = ("seed", "batch_size", "num_examples")
 
-    Iterating yields ``{"image": float32 [B,H,W,C], "label": int32 [B]}`` dicts
-    (plus ``"mask": bool [B]`` when ``drop_remainder=False``) from
-    :attr:`position` on, advancing it, until ``num_epochs`` epochs are done
-    (forever if ``num_epochs is None``).  The order of epoch ``e`` is
-    ``default_rng([seed, 0, e]).permutation(N)`` (identity when
-    ``shuffle=False``) and batch ``(e, s)`` is augmented with
-    ``default_rng([seed, 1, e, s])``, so the batches depend only on the
-    arguments and the position: ``Loader(..., start=pos)`` repeats exactly what
-    a loader that was at ``pos`` would have yielded.
+
+class _BatchMaker:
+    """The pure function ``(epoch, step) -> this host's part of the batch``.
+
+    It is what every Grain element is made by (``MapDataset.map_with_index``); it is picklable,
+    so Grain worker processes get their own copy.
+    """
+
+    def __init__(
+        self, images, labels, *, batch_size, mean, std, shuffle, seed, drop_remainder,
+        augment, pad, steps_per_epoch, process_index, process_count,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
+        self.augment, self.pad, self.steps_per_epoch = augment, pad, steps_per_epoch
+        self.local_batch_size = batch_size // process_count
+        self.lo = process_index * self.local_batch_size  # this host's rows: lo:lo + local
+        self.normalize = _Normalizer(mean, std, *images.shape[2:])
+        self._init_cache()
+
+    def _init_cache(self):
+        # Grain's reader threads may build batches of two epochs at once: keep two orders.
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_orders"], state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            order = self._orders.get(epoch)
+        if order is not None:
+            return order
+        n = self.labels.shape[0]
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        order.flags.writeable = False
+        with self._lock:
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = order
+        return order
+
+    def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        b, local, lo = self.batch_size, self.local_batch_size, self.lo
+        rows = self.epoch_order(epoch)[step * b : (step + 1) * b]  # the global batch
+        real = rows.shape[0]  # < b only for the last batch without drop_remainder
+        idx = rows[lo : lo + local]  # this host's rows of it
+        images = self.images[idx]
+        if self.augment != "none":
+            # Drawn for the whole global batch, so each example's draw does not depend on
+            # how many hosts share the batch.
+            rng = np.random.default_rng([self.seed, 1, epoch, step])
+            draws = _draw(self.augment, real, rng, self.pad)
+            images = _apply(images, draws.rows(lo, lo + local))
+        out = {"image": self.normalize(images), "label": self.labels[idx]}
+        if not self.drop_remainder:
+            have = idx.shape[0]
+            mask = np.zeros((local,), dtype=bool)
+            mask[:have] = True
+            if have < local:
+                out["image"] = np.concatenate(
+                    [out["image"], np.zeros((local - have, *images.shape[1:]), np.float32)]
+                )
+                out["label"] = np.concatenate(
+                    [out["label"], np.zeros((local - have,), np.int32)]
+                )
+            out["mask"] = mask
+        return out
+
+    def __call__(self, index: int, _step_in_epoch: int) -> dict[str, np.ndarray]:
+        """Grain's ``map_with_index`` transform: element ``index`` is global batch ``index``."""
+        return self.batch(*divmod(index, self.steps_per_epoch))
+
+
+class Loader:
+    """Batches in-memory arrays through a Grain pipeline; reproducible, resumable, per-host.
+
+    Iterating (``next(loader)``, ``for batch in loader``) yields
+    ``{"image": float32 [b,H,W,C], "label": int32 [b]}`` dicts (plus ``"mask": bool [b]``
+    when ``drop_remainder=False``) from :attr:`position` on, advancing it, until ``num_epochs``
+    epochs are done (forever if ``num_epochs is None``).  ``b = batch_size // process_count``.
+
+    Randomness.  The order of epoch ``e`` is ``default_rng([seed, 0, e]).permutation(N)``
+    (identity when ``shuffle=False``); batch ``(e, s)`` (examples ``s * batch_size`` to
+    ``(s + 1) * batch_size`` of that order) is augmented with ``default_rng([seed, 1, e, s])``.
+    So every batch is a pure function of the arguments and its position (:meth:`batch`), and
+    a loader restored to a position (``start=``, :meth:`seek`, :meth:`set_state`) yields
+    bitwise the batches an uninterrupted loader would have.
+
+    Grain.  :attr:`dataset` is a ``grain.MapDataset`` whose element ``k`` is global batch
+    ``divmod(k, len(loader))`` (``MapDataset.range(steps).repeat(num_epochs)
+    .map_with_index(...)``); iteration goes through its Grain iterator (optionally with reader
+    threads, ``num_threads``, or worker processes, ``worker_count``), whose checkpoint state
+    ``{"next_index": k}`` is the position.  Batches are built whole (one fancy-index gather,
+    vectorized augmentation and normalization), not example by example: see
+    ``benchmarks/data_pipeline.py`` for why.
+
+    Several hosts.  ``batch_size`` is the global batch.  Process ``p`` of ``P``
+    (``process_index``, ``process_count``; default ``jax.process_index()``,
+    ``jax.process_count()``) gets rows ``p * b : (p + 1) * b`` of every global batch, so the
+    batches of processes ``0 .. P-1`` concatenated in that order are exactly the batch one
+    process would get with ``process_count=1`` (images, labels, augmentation and mask alike),
+    and a state saved with one process count restores with another.  ``batch_size`` must be
+    divisible by ``process_count``.
 
     Args:
         images: uint8 ``[N, H, W, C]``.
         labels: integer ``[N]`` (an integer dtype: float labels are refused, not
             truncated).
-        batch_size: examples per batch, an integer ``>= 1``.
+        batch_size: examples per global batch, an integer ``>= 1``.
         mean, std: per-channel normalization (see :data:`NORMALIZATION`): 1 or
             ``C`` finite numbers each, every ``std`` entry ``> 0``.
         shuffle: reshuffle every epoch (training) or keep the order (eval).
@@ -466,6 +619,12 @@ class Loader:
             shift, 4 for crop_flip).
         num_classes: if given, labels are checked to lie in ``[0, num_classes)``.
         start: the position to start from (default ``Position(0, 0)``).
+        process_index, process_count: this host's index and the number of hosts (see above);
+            None: ``jax.process_index()`` / ``jax.process_count()``.
+        num_threads: Grain reader threads that build batches ahead of the consumer
+            (``ReadOptions.num_threads``); 0 (default): built on demand in the calling thread.
+        worker_count: Grain worker processes that build batches ahead (``mp_prefetch``); 0
+            (default): none.  Call :meth:`close` (or use ``with``) to stop them.
 
     Raises:
         ValueError: an argument is outside what is described above (the message
@@ -488,6 +647,10 @@ class Loader:
         pad: int | None = None,
         num_classes: int | None = None,
         start: Position | tuple[int, int] = Position(0, 0),
+        process_index: int | None = None,
+        process_count: int | None = None,
+        num_threads: int = 0,
+        worker_count: int = 0,
     ):
         images = np.asarray(images)
         labels = np.asarray(labels)
@@ -521,6 +684,26 @@ class Loader:
         check_choice("augment", augment, AUGMENTATIONS)
         if pad is not None:
             check_int("pad", pad, low=0)
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        process_count = check_int("process_count", process_count, low=1)
+        process_index = check_int("process_index", process_index, low=0)
+        if process_index >= process_count:
+            raise ValueError(
+                f"process_index must be an integer in [0, process_count={process_count}), got"
+                f" process_index={process_index}"
+            )
+        if batch_size % process_count:
+            raise ValueError(
+                f"batch_size must be divisible by process_count (each process reads an equal"
+                f" part of every global batch), got batch_size={batch_size},"
+                f" process_count={process_count}"
+            )
+        self.num_threads = check_int("num_threads", num_threads, low=0)
+        self.worker_count = check_int("worker_count", worker_count, low=0)
         self.images = images
         self.labels = labels.astype(np.int32)
         self.batch_size = int(batch_size)
@@ -530,6 +713,7 @@ class Loader:
         self.num_epochs = None if num_epochs is None else int(num_epochs)
         self.augment = augment
         self.pad = None if pad is None else int(pad)
+        self.process_index, self.process_count = process_index, process_count
         n = images.shape[0]
         if drop_remainder:
             self.steps_per_epoch = n // self.batch_size
@@ -539,9 +723,18 @@ class Loader:
             raise ValueError(
                 f"{n} examples give no full batch of {batch_size} with drop_remainder"
             )
-        self._order_cache: tuple[int, np.ndarray] | None = None
-        self._position = Position(0, 0)
+        self._maker = _BatchMaker(
+            self.images, self.labels, batch_size=self.batch_size, mean=self.mean,
+            std=self.std, shuffle=shuffle, seed=self.seed, drop_remainder=drop_remainder,
+            augment=augment, pad=self.pad, steps_per_epoch=self.steps_per_epoch,
+            process_index=process_index, process_count=process_count,
+        )
+        self._dataset = None
+        self._iterator = None  # Grain's, created on the first `next`
+        self._next_index = 0  # global batch index of the next batch: epoch * steps + step
         self.seek(start)
+
+    # ------------------------------------------------------------ geometry
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -552,9 +745,19 @@ class Loader:
         return int(self.images.shape[0])
 
     @property
+    def local_batch_size(self) -> int:
+        """Examples per batch on this process: ``batch_size // process_count``."""
+        return self.batch_size // self.process_count
+
+    # ------------------------------------------------------------ position and state
+
+    @property
     def position(self) -> Position:
         """Position of the next batch to be yielded (normalized: step < steps_per_epoch)."""
-        return self._position
+        return Position(*divmod(self._next_index, self.steps_per_epoch))
+
+    def _end(self) -> int | None:
+        return None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
 
     def seek(self, position: Position | tuple[int, int]) -> None:
         """Moves to ``position``; a step past the epoch's end rolls over.
@@ -570,51 +773,127 @@ class Loader:
             ) from None
         epoch = check_int("position.epoch", epoch, low=0)
         step = check_int("position.step", step, low=0)
-        epoch += step // self.steps_per_epoch
-        step %= self.steps_per_epoch
-        self._position = Position(epoch, step)
+        self._next_index = epoch * self.steps_per_epoch + step
+        end = self._end()
+        if self._iterator is not None:
+            if self.worker_count == 0 and (end is None or self._next_index <= end):
+                # Grain's own checkpoint state of the iterator is the batch index.
+                self._iterator.set_state({"next_index": self._next_index})
+            else:
+                self.close()
+
+    def get_state(self) -> dict[str, int]:
+        """The loader's state as a small JSON-serializable dict, e.g. for an Orbax ``JsonSave``.
+
+        ``{"epoch": e, "step": s, "seed": ..., "batch_size": ..., "num_examples": ...}``: the
+        next batch is batch ``s`` of epoch ``e`` (global batches, the same on every process);
+        the other entries identify the stream, so :meth:`set_state` can refuse a state saved
+        by a loader that would give other batches.
+        """
+        epoch, step = self.position
+        return {
+            "epoch": int(epoch),
+            "step": int(step),
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_examples": self.num_examples,
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a state from :meth:`get_state` (of this loader or one built alike).
+
+        The batches that follow are bitwise those that followed when the state was saved.
+
+        Raises:
+            ValueError: ``state`` lacks ``epoch``/``step``, or its ``seed``, ``batch_size`` or
+                ``num_examples`` differ from this loader's.
+        """
+        if not isinstance(state, Mapping) or not {"epoch", "step"} <= set(state):
+            raise ValueError(
+                f"state must be a dict with 'epoch' and 'step' (from Loader.get_state()),"
+                f" got state={state!r}"
+            )
+        for key in _STATE_CHECKS:
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state was saved by a loader with {key}={state[key]!r}, this loader has"
+                    f" {key}={getattr(self, key)!r}: its batches would differ"
+                )
+        self.seek((state["epoch"], state["step"]))
+
+    # ------------------------------------------------------------ batches
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The order in which epoch ``epoch`` visits the examples."""
-        if self._order_cache is not None and self._order_cache[0] == epoch:
-            return self._order_cache[1]
-        n = self.num_examples
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
-        else:
-            order = np.arange(n)
-        self._order_cache = (epoch, order)
-        return order
+        """The order in which epoch ``epoch`` visits the examples (read-only)."""
+        return self._maker.epoch_order(epoch)
 
     def batch(self, position: Position | tuple[int, int]) -> dict[str, np.ndarray]:
-        """The batch at ``position`` (pure: does not move the loader)."""
+        """This process's part of the batch at ``position`` (pure: does not move the loader)."""
         epoch, step = position
-        order = self.epoch_order(epoch)
-        idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-        images = self.images[idx]
-        rng = np.random.default_rng([self.seed, 1, epoch, step])
-        images = augment(images, self.augment, rng, pad=self.pad)
-        out = {
-            "image": normalize(images, self.mean, self.std),
-            "label": self.labels[idx],
-        }
-        if not self.drop_remainder:
-            real = idx.shape[0]
-            missing = self.batch_size - real
-            mask = np.ones((self.batch_size,), dtype=bool)
-            if missing:
-                mask[real:] = False
-                out["image"] = np.concatenate(
-                    [out["image"], np.zeros((missing, *out["image"].shape[1:]), np.float32)]
-                )
-                out["label"] = np.concatenate([out["label"], np.zeros((missing,), np.int32)])
-            out["mask"] = mask
-        return out
+        return self._maker.batch(int(epoch), int(step))
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while self.num_epochs is None or self._position.epoch < self.num_epochs:
-            batch = self.batch(self._position)
-            # Advance before yielding: while the consumer holds batch (e, s),
-            # `position` already names the batch that comes next (the resume point).
-            self.seek((self._position.epoch, self._position.step + 1))
-            yield batch
+    @property
+    def dataset(self):
+        """The ``grain.MapDataset`` of all batches: element ``k`` is ``batch(divmod(k, len(self)))``."""
+        if self._dataset is None:
+            import grain
+
+            self._dataset = (
+                grain.MapDataset.range(self.steps_per_epoch)
+                .repeat(self.num_epochs)
+                .map_with_index(self._maker)
+            )
+        return self._dataset
+
+    def _make_iterator(self):
+        import grain
+
+        if self.worker_count == 0:
+            read = grain.ReadOptions(
+                num_threads=self.num_threads, prefetch_buffer_size=2 * self.num_threads
+            )
+            iterator = self.dataset.to_iter_dataset(read).__iter__()
+            iterator.set_state({"next_index": self._next_index})
+            return iterator
+        # Each worker process builds every worker_count-th batch of what follows; Grain
+        # returns them in order.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.18's mp_prefetch reads an absl flag directly and raises
+            # UnparsedFlagAccessError outside an absl app; take the defaults.
+            flags.FLAGS.mark_as_parsed()
+        read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        workers = grain.MultiprocessingOptions(
+            num_workers=self.worker_count, per_worker_buffer_size=2
+        )
+        return (
+            self.dataset[self._next_index :].to_iter_dataset(read).mp_prefetch(workers).__iter__()
+        )
+
+    def __iter__(self) -> Loader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        end = self._end()
+        if end is not None and self._next_index >= end:
+            raise StopIteration
+        if self._iterator is None:
+            self._iterator = self._make_iterator()
+        batch = next(self._iterator)
+        # Advance before returning: while the consumer holds batch (e, s),
+        # `position` already names the batch that comes next (the resume point).
+        self._next_index += 1
+        return batch
+
+    def close(self) -> None:
+        """Stops Grain's reader threads / worker processes; iterating again restarts them."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

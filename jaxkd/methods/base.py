@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxkd.checks import check_nonnegative
 from jaxkd.losses.core import combine_masks
 from jaxkd.models.base import Outputs
+from jaxkd.participants import Participant
 
 Array = jax.Array
 PyTree = Any
@@ -49,33 +50,96 @@ class LossInputs:
     """Everything a method's loss may look at in one step.
 
     Attributes:
-      student: the student's forward pass (train mode).
-      teacher: the teacher's forward pass (eval mode), or ``None`` without a teacher. The train step runs
-        the frozen teacher outside ``jax.value_and_grad`` and under ``stop_gradient``, once for every
-        method, so methods use ``teacher`` as it is and never detach it again.
-      batch: the batch mapping (the model input, labels, ``"mask"`` of valid examples, ``"labeled"`` …).
+      outputs: every participant's forward pass by name (see :mod:`jaxkd.participants`): trained ones in
+        train mode, differentiated; frozen ones in eval mode. The train step runs frozen participants
+        outside ``jax.value_and_grad`` and under ``stop_gradient``, once for every method, so methods use
+        them as they are and never detach them again. A *trained* peer's outputs do carry gradients: a
+        method that teaches one trained model with another's predictions detaches the target itself
+        (deep mutual learning, online BD-KD).
+      batch: the batch mapping (model inputs, labels, ``"mask"`` of valid examples, ``"labeled"`` …).
       step: the optimizer step count before this update (int32 scalar).
-      student_variables: ``{"params": ..., **model_state}`` of the student *being differentiated* —
-        for methods that run the student again (a frozen copy, a one-step lookahead). At ``init`` these
-        are the student's initial variables.
-      student_model: the student :class:`~jaxkd.models.Model` (static), to apply those variables.
-      input_key: which batch entry is the model input (static).
+      variables: ``{"params": ..., **model_state}`` of each trained participant *being differentiated* —
+        for methods that run a model again (a frozen copy, a one-step lookahead). At ``init`` these are
+        the initial variables.
+      participants: ``((name, Participant), ...)`` without their variables (static).
       label_key: which batch entry holds the integer labels (static; one convention for every method,
         set when the train state is created).
     """
 
-    student: Outputs
-    teacher: Outputs | None
+    outputs: Mapping[str, Outputs]
     batch: Mapping[str, Array]
     step: Array
-    student_variables: PyTree = None
-    student_model: Any = flax.struct.field(pytree_node=False, default=None)
-    input_key: str = flax.struct.field(pytree_node=False, default="image")
+    variables: Mapping[str, PyTree] = flax.struct.field(default_factory=dict)
+    participants: tuple = flax.struct.field(pytree_node=False, default=())
     label_key: str = flax.struct.field(pytree_node=False, default="label")
+
+    @classmethod
+    def of(
+        cls,
+        student: Outputs,
+        teacher: Outputs | None = None,
+        batch: Mapping[str, Array] | None = None,
+        step: Array | int = 0,
+        *,
+        student_variables: PyTree = None,
+        student_model: Any = None,
+        input_key: str = "image",
+        label_key: str = "label",
+        **others: Outputs,
+    ) -> "LossInputs":
+        """The inputs of a one-student, one-teacher step (tests, notebooks): ``others`` adds participants."""
+        outputs = {"student": student, **({} if teacher is None else {"teacher": teacher}), **others}
+        participants = ()
+        if student_model is not None:
+            participants = (("student", Participant(student_model, input=input_key)),)
+        variables = {} if student_variables is None else {"student": student_variables}
+        return cls(outputs=outputs, batch={} if batch is None else batch, step=jnp.asarray(step, jnp.int32),
+                   variables=variables, participants=participants, label_key=label_key)
+
+    def output(self, name: str, *, method: str = "a method") -> Outputs:
+        """Participant ``name``'s outputs; the error lists the participants the state has."""
+        try:
+            return self.outputs[name]
+        except KeyError:
+            raise ValueError(
+                f"{method!r} needs the outputs of participant {name!r}, but the train state has participants "
+                f"{sorted(self.outputs)}"
+            ) from None
+
+    @property
+    def student(self) -> Outputs:
+        return self.outputs["student"]
+
+    @property
+    def teacher(self) -> Outputs | None:
+        """The participant named ``"teacher"``, or ``None``: the shorthand for single-teacher methods."""
+        return self.outputs.get("teacher")
+
+    def participant(self, name: str, *, method: str = "a method") -> Any:
+        for n, p in self.participants:
+            if n == name:
+                return p
+        raise ValueError(
+            f"{method!r} needs participant {name!r}, but the train state has {[n for n, _ in self.participants]}"
+        )
+
+    @property
+    def student_model(self) -> Any:
+        """The student :class:`~jaxkd.models.Model` (static)."""
+        return self.participant("student", method="the student model").model
+
+    @property
+    def student_variables(self) -> PyTree:
+        return self.variables.get("student")
 
     @property
     def model_input(self) -> Array:
-        return require(self.batch, self.input_key, method="the student model")
+        """What the student model is applied to in this batch."""
+        return self.participant("student").model_input(self.batch, name="student")
+
+    def model_input_of(self, batch: Mapping[str, Array], name: str = "student") -> Any:
+        """What participant ``name``'s model is applied to for another ``batch`` (e.g. a meta batch)."""
+        return self.participant(name).model_input(batch, name=name)
 
     @property
     def example_mask(self) -> Array | None:
@@ -103,7 +167,10 @@ class LossInputs:
 
     def teacher_outputs(self, method: str) -> Outputs:
         if self.teacher is None:
-            raise ValueError(f"method {method!r} needs a teacher, but the train state has none")
+            raise ValueError(
+                f"method {method!r} needs a teacher (a participant named 'teacher'), but the train state has "
+                f"participants {sorted(self.outputs)}"
+            )
         return self.teacher
 
 

@@ -79,8 +79,11 @@ def tgeo_kd(
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         teacher_logits = inputs.teacher_outputs(name).logits
         labels, mask = inputs.labels(name), inputs.label_mask
-        meta_x = require(inputs.batch, meta_prefix + inputs.input_key, method=name)
+        # The meta batch carries the training batch's keys under meta_prefix; the student reads it the way
+        # it reads its own batch (its input key, keys or function).
+        meta_batch = {k[len(meta_prefix):]: v for k, v in inputs.batch.items() if k.startswith(meta_prefix)}
         meta_y = require(inputs.batch, meta_prefix + inputs.label_key, method=name)
+        meta_x = inputs.model_input_of(meta_batch)
         geometry = losses.fusion_inputs(inputs.student.logits, teacher_logits, labels, mask)
         ratio = _fusion_apply(vars.params["fusion"], geometry)
         student_loss = losses.tgeo_kd(
