@@ -25,6 +25,7 @@ then spans all hosts' devices and :func:`shard_batch` takes each host's local sl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -259,8 +260,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> Any:
     """Places a host batch (a dict/pytree of arrays) on the mesh, split along the example axis.
 
-    One process: the batch is the global batch. Several processes: each passes its local slice and the
-    result is the global array of ``local * process_count`` examples.
+    One process: the batch is the global batch. Several processes: process ``p`` passes its local slice,
+    rows ``p*b:(p+1)*b`` of the global batch (what :class:`jaxkd.data.Loader` yields on each host), and
+    the result is the global array of ``b * process_count`` examples, the slices in process order. The
+    mesh must give each process's devices exactly that block (data x fsdp a multiple of the process
+    count, as :func:`make_mesh` lays devices out); otherwise ValueError.
     """
     sharding, n, processes = batch_sharding(mesh), batch_shards(mesh), jax.process_count()
 
@@ -275,9 +279,46 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> Any:
                              f"{mesh.shape[DATA]} x {mesh.shape[FSDP]} = {n}")
         if processes == 1:
             return jax.device_put(value, sharding)
-        return jax.make_array_from_process_local_data(sharding, value)
+        global_shape = (size, *value.shape[1:])
+        _check_process_rows(key, sharding, global_shape, value.shape[0])
+        return jax.make_array_from_process_local_data(sharding, value, global_shape)
 
     return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def _check_process_rows(key: str, sharding: NamedSharding, global_shape: tuple[int, ...], local: int) -> None:
+    """Process ``p``'s devices must hold exactly rows ``p*local:(p+1)*local`` of the global batch.
+
+    That is the slice each host passes (:class:`jaxkd.data.Loader`'s per-host rows), so the global batch
+    is the processes' slices concatenated in order. A mesh whose data x fsdp split is coarser than the
+    hosts (pure tensor parallelism across hosts, or two hosts in one data shard) would make hosts
+    replicas of each other: ``make_array_from_process_local_data`` would then silently assemble
+    inconsistent rows (or a batch of ``local`` examples), so it is refused here.
+    """
+    process = jax.process_index()
+    count, first, last = _process_rows(sharding, global_shape, process)
+    lo = process * local
+    if (count, first, last) != (local, lo, lo + local - 1):
+        held = f"rows {first}..{last} ({count} rows)" if count else "no rows"
+        mesh = sharding.mesh
+        raise ValueError(
+            f"batch[{key!r}]: process {process} of {jax.process_count()} passes its {local} examples (rows "
+            f"{lo}..{lo + local - 1} of the global batch of {global_shape[0]}), but the mesh gives its devices "
+            f"{held}. Each process must hold its own contiguous block of the batch: data x fsdp = "
+            f"{mesh.shape[DATA]} x {mesh.shape[FSDP]} must be a multiple of the process count, with each "
+            "process's devices consecutive along (data, fsdp) as make_mesh lays them out"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], process: int) -> tuple[int, int, int]:
+    """How many rows of the batch's example axis ``process``'s devices hold, the first and the last
+    (they are one contiguous block iff ``count == last - first + 1``); cached: it is checked every step."""
+    rows: set[int] = set()
+    for device, index in sharding.devices_indices_map(global_shape).items():
+        if device.process_index == process:
+            rows.update(range(*index[0].indices(global_shape[0])))
+    return (len(rows), min(rows), max(rows)) if rows else (0, -1, -1)
 
 
 # ----- multi-host -----

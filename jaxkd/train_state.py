@@ -296,6 +296,15 @@ def create(
             f"the method needs a teacher (e.g. kd): a participant named 'teacher', but the participants are "
             f"{sorted(parts)}"
         )
+    for name in method.participants:
+        if name not in parts:
+            raise ValueError(f"the method reads participant {name!r}, but the train state has participants {sorted(parts)}")
+    for name in method.trains:
+        if not parts[name].trains:
+            raise ValueError(
+                f"the method trains participant {name!r} (e.g. a mutual-learning peer or an online teacher), but it "
+                "is frozen: give it trains=True"
+            )
 
     batch = {k: jnp.asarray(v) for k, v in sample_batch.items()}
     rng, init_rng, method_rng, dropout_rng = jax.random.split(rng, 4)

@@ -95,6 +95,20 @@ def _sparse(tail):
     return make
 
 
+def _dml_frozen(labels, z1, z2):
+    # DML's targets are the networks' own logits, gradient-stopped: held at their base value here.
+    targets = jnp.stack([jnp.asarray(z1), jnp.asarray(z2)], axis=-2)
+    return lambda a, b: losses.dml(jnp.stack([a, b], axis=-2), targets, labels, temperature=1.5, **NONE)
+
+
+def _dml(labels):
+    def f(a, b):
+        z = jnp.stack([a, b], axis=-2)
+        return losses.dml(z, jax.lax.stop_gradient(z), labels, temperature=1.5, **NONE)
+
+    return f
+
+
 RATIO = np.linspace(0.1, 0.9, 6)  # tgeo_kd's fusion ratio; cases use B = 6
 
 
@@ -143,12 +157,16 @@ CASES = [
          num_logits=3, grad=(0, 1, 2), batch_level=True),
     Case("dho_terms", lambda y: lambda s, h, t: _sum(losses.dho_terms(s, h, t, y, temperature=2.5)),
          num_logits=3, grad=(0, 1, 2), batch_level=True),
+    Case("multi_teacher_kd", lambda y: lambda s, t1, t2: losses.multi_teacher_kd(
+        s, jnp.stack([t1, t2], axis=-2), teacher_weights=(0.7, 0.2), temperature=2.0, **NONE),
+        num_logits=3, grad=(0, 1, 2)),
+    Case("dml", _dml, frozen=_dml_frozen),
 ]
 
 #: Public names of ``jaxkd.losses`` that are not losses (helpers, state, transforms); each is tested
 #: against a reference in its method's test file.
 NOT_LOSSES = {
-    "TAIDState", "bdkd_weights", "class_mean_teacher_probs", "dho_log_probs", "fusion_inputs", "log_softmax",
+    "TAIDState", "bdkd_weights", "check_teacher_weights", "class_mean_teacher_probs", "dho_log_probs", "fusion_inputs", "log_softmax",
     "per_example_loss", "reduce_loss", "sinkhorn_plan", "standardize_logits", "taid_init_state",
     "taid_target_log_probs", "taid_update", "teacher_is_more_confident", "topk_teacher",
 }

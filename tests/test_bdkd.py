@@ -100,3 +100,48 @@ def test_method_matches_numpy_over_the_unmasked_examples():
     np.testing.assert_allclose([aux.metrics["forward"], aux.metrics["reverse"]], [forward, reverse], rtol=1e-5)
     np.testing.assert_allclose(aux.metrics["w_forward"], (ht / (hs + ht))[mask].mean(), rtol=1e-5)
     np.testing.assert_allclose(value, forward + reverse, rtol=1e-5)
+
+
+# ----- online BD-KD: the teacher is trained too -----
+
+def test_online_bdkd_trains_both_from_their_own_terms():
+    import optax
+
+    import jaxkd
+    from jaxkd import models
+    from tests.helpers import NUM_CLASSES, tiny_batch
+    from tests.numpy_reference import np_ce
+
+    batch = tiny_batch()
+    student = models.get("mlp", num_classes=NUM_CLASSES, hidden_sizes=(16,))
+    teacher = models.get("mlp", num_classes=NUM_CLASSES, hidden_sizes=(32,))
+    state = jaxkd.create(student=student, method=methods.parse("bdkd_online(temperature=2)"), tx=optax.sgd(0.1),
+                         sample_batch=batch, rng=jax.random.PRNGKey(0),
+                         participants={"teacher": jaxkd.Participant(teacher, trains=True)})
+    zs = np.asarray(student.apply(state.student.variables(), batch["image"], train=True).logits)
+    zt = np.asarray(teacher.apply(state.teacher.variables(), batch["image"], train=True).logits)
+    y = batch["label"]
+    expected = (np_ce(zs, y) + np_ce(zt, y) + sum(np_bdkd_terms(zs, zt, 2.0)) + sum(np_bdkd_terms(zt, zs, 2.0))).mean()
+    teacher_before = jax.device_get(state.teacher.params)
+    state, metrics = jaxkd.make_train_step()(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert not np.allclose(teacher_before["dense1"]["kernel"], jax.device_get(state.teacher.params)["dense1"]["kernel"])
+    assert {"accuracy", "teacher/accuracy"} <= set(metrics)
+    assert "teacher_accuracy" in jaxkd.evaluate(state, [batch], jaxkd.make_eval_step())
+
+
+def test_online_bdkd_gradients_reach_each_network_only_through_its_own_side():
+    # d/dz_t of the total = d/dz_t [CE(z_t) + BD(z_t ← z_s fixed)]: the student's term sends nothing back.
+    zs, zt = rand_logits(40).astype(np.float64), rand_logits(41).astype(np.float64)
+    y = jnp.asarray([0, 1, 2, 3, 4, 0])
+    method = methods.bdkd_online(temperature=2.0)
+
+    def total(zs, zt):
+        inputs = LossInputs.of(Outputs(zs, {}, {}), Outputs(zt, {}, {}), {"label": y})
+        return method.loss(methods.MethodVars(), inputs, jax.random.PRNGKey(0))[0]
+
+    with jax.enable_x64(True):
+        g_t = jax.grad(total, argnums=1)(jnp.asarray(zs), jnp.asarray(zt))
+        own = jax.grad(lambda t: losses.cross_entropy(t, y) + losses.bdkd(t, jnp.asarray(zs), temperature=2.0))(
+            jnp.asarray(zt))
+    np.testing.assert_allclose(g_t, own, rtol=1e-9, atol=1e-12)

@@ -252,3 +252,158 @@ def test_mlp_names_input_size_mismatch(hidden_sizes):
         _abstract_apply(model, variables, jax.ShapeDtypeStruct((64,), jnp.float32))
     out = _abstract_apply(model, variables, jax.ShapeDtypeStruct((BATCH, 64), jnp.float32))
     assert out.logits.shape == (BATCH, 10)
+
+
+# ----- from_linen(capture=...): layer outputs of a model that sows nothing -----
+
+import flax.linen as nn  # noqa: E402
+
+from jaxkd.models.base import from_linen  # noqa: E402
+
+
+class _Plain(nn.Module):
+    """Dense -> relu -> Dense with no ``sow`` at all."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        del train
+        h = nn.relu(nn.Dense(8)(x))  # Dense_0 (Linen numbers submodules in construction order)
+        return nn.Dense(3)(h)  # Dense_1
+
+
+class _Block(nn.Module):
+    sow_clash: bool = False
+
+    @nn.compact
+    def encode(self, x):
+        y = nn.Dense(4)(x)
+        if self.sow_clash:
+            self.sow("intermediates", "encode", y)
+        return y
+
+    def __call__(self, x):
+        return nn.relu(self.encode(x))
+
+
+class _Nested(nn.Module):
+    """A submodule with a second method, a BatchNorm and a sown feature."""
+
+    sow_clash: bool = False
+
+    @nn.compact
+    def __call__(self, x, train):
+        h = _Block(sow_clash=self.sow_clash, name="block")(x)
+        h = nn.BatchNorm(use_running_average=not train, name="bn")(h)
+        self.sow("intermediates", "hidden", h)
+        return nn.Dense(3, name="head")(h)
+
+
+def _plain_inputs():
+    return np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+
+
+def _run(model, x, *, train=False, variables=None):
+    variables = model.init(jax.random.key(0), x) if variables is None else variables
+    return variables, _apply(model, variables, x, train=train)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_capture_path_equals_hand_computed_layer_output(train):
+    x = _plain_inputs()
+    model = from_linen(_Plain(), capture=("Dense_0",))
+    variables, out = _run(model, x, train=train)
+    params = jax.tree.map(np.asarray, variables["params"])
+    w, b = params["Dense_0"]["kernel"].astype(np.float64), params["Dense_0"]["bias"].astype(np.float64)
+    assert set(out.features) == {"Dense_0"}
+    np.testing.assert_allclose(out.features["Dense_0"], x.astype(np.float64) @ w + b, rtol=1e-5, atol=1e-5)
+    # Capturing changes nothing else: same logits as the plain wrapper, which has no features.
+    _, plain = _run(from_linen(_Plain()), x, train=train, variables=variables)
+    assert plain.features == {}
+    np.testing.assert_array_equal(out.logits, plain.logits)
+
+
+def test_capture_true_lists_every_submodule_but_not_the_top_module():
+    x = _plain_inputs()
+    _, out = _run(from_linen(_Plain(), capture=True), x)
+    assert set(out.features) == {"Dense_0", "Dense_1"}
+    np.testing.assert_array_equal(out.features["Dense_1"], out.logits)  # the last layer's output
+
+    _, nested = _run(from_linen(_Nested(), capture=True), x, train=True)
+    # Every submodule's __call__ output (nested paths joined by "/"), next to the sown "hidden".
+    assert set(nested.features) == {"block", "block/Dense_0", "bn", "head", "hidden"}
+    np.testing.assert_array_equal(nested.features["bn"], nested.features["hidden"])
+    np.testing.assert_array_equal(nested.features["block"], jnp.maximum(nested.features["block/Dense_0"], 0))
+
+
+def test_capture_callable_filter_and_method_names():
+    x = _plain_inputs()
+    only_last = from_linen(_Plain(), capture=lambda mdl, method: method == "__call__" and mdl.name == "Dense_1")
+    _, out = _run(only_last, x)
+    assert set(out.features) == {"Dense_1"}
+
+    # A method other than __call__ is named "path/method", by a callable or by a path string.
+    by_method = from_linen(_Nested(), capture=lambda mdl, method: method == "encode")
+    _, out = _run(by_method, x)
+    assert set(out.features) == {"block/encode", "hidden"}
+    _, by_path = _run(from_linen(_Nested(), capture=["block/encode", "block/Dense_0"]), x)
+    assert set(by_path.features) == {"block/encode", "block/Dense_0", "hidden"}
+    np.testing.assert_array_equal(by_path.features["block/encode"], by_path.features["block/Dense_0"])
+    np.testing.assert_array_equal(out.features["block/encode"], by_path.features["block/encode"])
+
+
+def test_capture_in_train_and_eval_mode_with_batch_stats():
+    x = _plain_inputs()
+    model = from_linen(_Nested(), capture=("bn",))
+    variables, train_out = _run(model, x, train=True)
+    _, eval_out = _run(model, x, train=False, variables=variables)
+    # Train mode normalizes with the batch's statistics (per-feature mean 0), eval with the running ones.
+    np.testing.assert_allclose(np.asarray(train_out.features["bn"]).mean(axis=0), 0, atol=1e-5)
+    assert not np.allclose(train_out.features["bn"], eval_out.features["bn"])
+    assert set(train_out.model_state) == {"batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, eval_out.model_state, {"batch_stats": variables["batch_stats"]})
+
+
+def test_capture_unknown_path_lists_available_module_paths():
+    x = _plain_inputs()
+    model = from_linen(_Nested(), capture=("block", "blok/Dense_0"))
+    variables = model.init(jax.random.key(0), x)
+    for apply in (model.apply, jax.jit(model.apply, static_argnames="train")):
+        with pytest.raises(ValueError, match=r"\['blok/Dense_0'\]") as info:
+            apply(variables, x, train=False)
+        for path in ("block", "block/Dense_0", "block/encode", "bn", "head"):
+            assert repr(path) in str(info.value)
+
+
+@pytest.mark.parametrize("capture", [(), [1], "", ("ok", "")])
+def test_capture_refuses_malformed_values(capture):
+    with pytest.raises(ValueError, match="capture="):
+        from_linen(_Plain(), capture=capture)
+
+
+def test_capture_name_clash_with_a_sow_raises():
+    x = _plain_inputs()
+    model = from_linen(_Nested(sow_clash=True), capture=("block/encode",))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="block/encode") as info:
+        model.apply(variables, x, train=False)
+    assert "sow" in str(info.value)
+
+
+def test_capture_gradient_matches_closed_form():
+    x = _plain_inputs()
+    model = from_linen(_Plain(), capture=("Dense_0",))
+    variables = model.init(jax.random.key(0), x)
+    target = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+
+    def loss(params):
+        feature = model.apply({"params": params}, x, train=True).features["Dense_0"]
+        return 0.5 * jnp.sum((feature - target) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    x64 = x.astype(np.float64)
+    residual = x64 @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"] - target
+    np.testing.assert_allclose(grads["Dense_0"]["kernel"], x64.T @ residual, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads["Dense_0"]["bias"], residual.sum(axis=0), rtol=1e-4, atol=1e-4)
+    # The loss does not read the second layer, so its gradient is exactly zero.
+    assert all(not np.any(g) for g in jax.tree.leaves(grads["Dense_1"]))

@@ -25,9 +25,13 @@ def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_ste
     batch = dict(BATCH)
     if method.meta_prefix is not None:
         batch.update({method.meta_prefix + k: v for k, v in tiny_batch(seed=1).items()})
-    with_teacher = {"teacher": TEACHER, "teacher_variables": TEACHER_VARS} if method.needs_teacher else {}
+    # Every participant the method reads: trained ones fresh (peers, online teachers), others frozen.
+    participants = {
+        name: jaxkd.Participant(TEACHER, None if name in method.trains else TEACHER_VARS, trains=name in method.trains)
+        for name in method.participants
+    }
     state = jaxkd.create(student=STUDENT, method=method, tx=optax.sgd(0.05), sample_batch=batch,
-                         rng=jax.random.PRNGKey(0), **with_teacher)
+                         rng=jax.random.PRNGKey(0), participants=participants)
     before = jax.device_get(state.student.params)
     state, metrics = jaxkd.make_train_step()(state, batch)
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0

@@ -249,7 +249,11 @@ class Method:
       init: ``(rng, inputs) -> MethodVars``; the default has no variables.
       update: ``(params, state, info) -> state`` after the optimizer step; the default keeps the state.
       weight: multiplier (or schedule ``step -> multiplier``) of this term in a chain.
-      needs_teacher: whether the loss reads the teacher's outputs.
+      needs_teacher: whether the loss reads the participant named ``"teacher"``.
+      participants: every participant besides the student whose outputs the loss reads (checked when the
+        train state is created: the error lists the participants the state has).
+      trains: participants besides the student the method expects to be *trained* (a mutual-learning
+        peer, an online teacher); experiments create them trainable, and a frozen one is refused.
       needs_labels: whether the loss reads the labels (``batch[label_key]``).
       batch_keys: other batch entries the loss reads (checked when the train state is created).
       meta_prefix: for methods with a held-out meta objective (TGeo-KD): the batch also carries a meta
@@ -271,11 +275,17 @@ class Method:
     meta_prefix: str | None = None
     predict: Callable[[MethodVars, Outputs], Array] | None = None
     terms: tuple["Method", ...] = ()
+    participants: tuple[str, ...] = ()
+    trains: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.terms:
             check_name(self.name)
         check_weight(self.weight)
+        # needs_teacher is the shorthand for reading the participant named "teacher".
+        reads = tuple(dict.fromkeys((*self.participants, *(("teacher",) if self.needs_teacher else ()))))
+        object.__setattr__(self, "participants", tuple(n for n in reads if n != "student"))
+        object.__setattr__(self, "needs_teacher", "teacher" in self.participants)
 
     def named(self, name: str) -> "Method":
         """The same method under another name (to use one method twice in a chain)."""
@@ -314,34 +324,64 @@ def stateless_method(
     needs_teacher: bool = True,
     needs_labels: bool = False,
     batch_keys: tuple[str, ...] = (),
+    participants: tuple[str, ...] = (),
+    trains: tuple[str, ...] = (),
 ) -> Method:
     """A method without variables: its loss is ``compute(inputs, rng)``, a value or ``(value, metrics)``.
 
     Most logit methods are this: a loss of :mod:`jaxkd.losses` applied to the student's and the
-    teacher's logits. A missing teacher is reported here, naming the method.
+    teacher's logits. ``participants`` names the participants it reads besides the student (with
+    ``needs_teacher``, the one named ``"teacher"``); a missing one is reported here, naming the method.
     """
+    reads = tuple(dict.fromkeys((*participants, *(("teacher",) if needs_teacher else ()))))
 
     def loss(vars: MethodVars, inputs: LossInputs, rng: Array) -> tuple[Array, LossAux]:
-        if needs_teacher:
-            inputs.teacher_outputs(name)
+        for participant in (*reads, *trains):
+            if participant == "teacher":
+                inputs.teacher_outputs(name)
+            else:
+                inputs.output(participant, method=name)
         out = compute(inputs, rng)
         value, metrics = out if isinstance(out, tuple) else (out, {})
         return value, LossAux(dict(metrics), vars.state)
 
     return Method(
-        name=name, loss=loss, weight=weight, needs_teacher=needs_teacher, needs_labels=needs_labels,
-        batch_keys=batch_keys,
+        name=name, loss=loss, weight=weight, needs_labels=needs_labels, batch_keys=batch_keys,
+        participants=tuple(dict.fromkeys((*reads, *trains))), trains=tuple(t for t in trains if t != "student"),
     )
 
 
-def logit_method(name: str, loss_fn: Callable[..., Array], *, weight: Weight = 1.0, **hyperparameters) -> Method:
-    """The method ``loss_fn(student_logits, teacher_logits, mask=example_mask, **hyperparameters)``."""
+def target_logits(inputs: LossInputs, name: str, *, method: str) -> Array:
+    """Participant ``name``'s logits as a distillation target: gradient-stopped. A frozen teacher already
+    is; a *trained* one (a mutual-learning peer, an online teacher) learns from its own terms, never by
+    moving towards the model it teaches."""
+    return jax.lax.stop_gradient(inputs.output(name, method=method).logits)
+
+
+def logit_method(
+    name: str,
+    loss_fn: Callable[..., Array],
+    *,
+    weight: Weight = 1.0,
+    student: str = "student",
+    teacher: str = "teacher",
+    **hyperparameters,
+) -> Method:
+    """The method ``loss_fn(student_logits, teacher_logits, mask=example_mask, **hyperparameters)``.
+
+    ``student`` and ``teacher`` name the participants in those two roles: ``kd(student="peer",
+    teacher="student")`` teaches a peer with the student's predictions (the target is gradient-stopped,
+    see :func:`target_logits`).
+    """
+    if student == teacher:
+        raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
     return stateless_method(
         name,
         lambda inputs, rng: loss_fn(
-            inputs.student.logits, inputs.teacher.logits, mask=inputs.example_mask, **hyperparameters
+            inputs.output(student, method=name).logits, target_logits(inputs, teacher, method=name),
+            mask=inputs.example_mask, **hyperparameters,
         ),
-        weight=weight,
+        weight=weight, needs_teacher=False, participants=(student, teacher),
     )
 
 
@@ -421,6 +461,8 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         update=update,
         needs_teacher=any(m.needs_teacher for m in terms),
         needs_labels=any(m.needs_labels for m in terms),
+        participants=tuple(dict.fromkeys(n for m in terms for n in m.participants)),
+        trains=tuple(dict.fromkeys(n for m in terms for n in m.trains)),
         batch_keys=tuple(dict.fromkeys(k for m in terms for k in m.batch_keys)),
         meta_prefix=prefixes[0] if prefixes else None,
         predict=predict,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_temperature
-from jaxkd.methods.base import Method, Weight, stateless_method
+import jax
+
+from jaxkd.methods.base import Method, Weight, stateless_method, target_logits
 from jaxkd.methods.registry import register
 
-__all__ = ["bdkd"]
+__all__ = ["bdkd", "bdkd_online"]
 
 
 @register(
@@ -16,7 +18,10 @@ __all__ = ["bdkd"]
     losses=("bdkd", "bdkd_terms", "bdkd_weights"),
     status="from the paper's text",
 )
-def bdkd(*, temperature: float = 4.0, weight: Weight = 1.0, name: str = "bdkd") -> Method:
+def bdkd(
+    *, temperature: float = 4.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
+    name: str = "bdkd",
+) -> Method:
     """BD-KD's student loss: entropy-balanced forward + reverse KL (:func:`jaxkd.losses.bdkd`).
 
     Amara et al., "BD-KD: Balancing the Divergences for Online Knowledge Distillation", 2022. The
@@ -25,11 +30,52 @@ def bdkd(*, temperature: float = 4.0, weight: Weight = 1.0, name: str = "bdkd") 
     """
     check_temperature("temperature", temperature)
 
-    def compute(inputs, rng):
-        zs, zt, mask = inputs.student.logits, inputs.teacher.logits, inputs.example_mask
-        forward, reverse = losses.bdkd_terms(zs, zt, temperature=temperature, mask=mask)
-        w_forward, _ = losses.bdkd_weights(zs, zt, temperature=temperature)
-        metrics = {"forward": forward, "reverse": reverse, "w_forward": losses.reduce_loss(w_forward, mask=mask)}
-        return forward + reverse, metrics
+    if student == teacher:
+        raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
 
-    return stateless_method(name, compute, weight=weight)
+    def compute(inputs, rng):
+        zs, zt = inputs.output(student, method=name).logits, target_logits(inputs, teacher, method=name)
+        return _balanced(zs, zt, inputs.example_mask, temperature)
+
+    return stateless_method(name, compute, weight=weight, needs_teacher=False, participants=(student, teacher))
+
+
+def _balanced(zs, zt, mask, temperature):
+    forward, reverse = losses.bdkd_terms(zs, zt, temperature=temperature, mask=mask)
+    w_forward, _ = losses.bdkd_weights(zs, zt, temperature=temperature)
+    metrics = {"forward": forward, "reverse": reverse, "w_forward": losses.reduce_loss(w_forward, mask=mask)}
+    return forward + reverse, metrics
+
+
+@register(
+    "bdkd_online",
+    paper="Amara et al., *BD-KD: Balancing the Divergences for Online KD*, 2022 (online setting)",
+    losses=("bdkd", "cross_entropy"),
+    status="from the paper's text",
+)
+def bdkd_online(*, temperature: float = 4.0, weight: Weight = 1.0, name: str = "bdkd_online") -> Method:
+    """BD-KD's online setting: the teacher is trained together with the student, from scratch.
+
+    ``L = CE(z_s) + CE(z_t) + BD(z_s ← sg z_t) + BD(z_t ← sg z_s)`` with ``BD`` the balanced divergence
+    :func:`jaxkd.losses.bdkd` (the first argument learns, the second is a gradient-stopped target). Each
+    network learns from the labels and, through the same entropy-balanced forward + reverse KL, from the
+    other — the abstract's "conventional online distillation loss modified on both the student and the
+    teacher side". ASSUMPTION, as for :func:`bdkd`: the paper's method section could not be read, so the
+    teacher's side reuses the student's balanced divergence with the roles swapped. The whole objective:
+    do not add ``ce``. Needs a *trained* participant named ``"teacher"``.
+
+    Metrics: ``student_ce``, ``teacher_ce``, ``student_bd``, ``teacher_bd``.
+    """
+    check_temperature("temperature", temperature)
+
+    def compute(inputs, rng):
+        labels, mask, example_mask = inputs.labels(name), inputs.label_mask, inputs.example_mask
+        zs, zt = inputs.student.logits, inputs.output("teacher", method=name).logits
+        student_bd, _ = _balanced(zs, jax.lax.stop_gradient(zt), example_mask, temperature)
+        teacher_bd, _ = _balanced(zt, jax.lax.stop_gradient(zs), example_mask, temperature)
+        student_ce = losses.cross_entropy(zs, labels, mask=mask)
+        teacher_ce = losses.cross_entropy(zt, labels, mask=mask)
+        metrics = {"student_ce": student_ce, "teacher_ce": teacher_ce, "student_bd": student_bd, "teacher_bd": teacher_bd}
+        return student_ce + teacher_ce + student_bd + teacher_bd, metrics
+
+    return stateless_method(name, compute, weight=weight, needs_teacher=False, needs_labels=True, trains=("teacher",))

@@ -4,12 +4,34 @@ Losses ask for intermediate features by name; models publish them with Flax ``so
 ``"intermediates"`` collection (no hooks, no module paths). Any model — a Linen module, an NNX module
 split into graphdef and state, a plain function — plugs in through a :class:`Model`: a pair of pure
 functions ``init(rng, x) -> variables`` and ``apply(variables, x, *, train, rngs) -> Outputs``.
+
+Distilling a Linen model that sows nothing: ``from_linen(module, capture=...)`` records layer outputs
+with Flax's ``capture_intermediates`` and adds them to ``Outputs.features`` under the module's path,
+without editing the model::
+
+    model = from_linen(net, capture=("layer1", "layer2/block0"))   # those submodules' __call__ outputs
+    model = from_linen(net, capture=True)                          # every submodule's __call__ output
+    model = from_linen(net, capture=lambda mdl, method: method == "__call__" and "conv" in mdl.name)
+
+A module at path ``("layer2", "block0")`` gives the feature ``"layer2/block0"`` for its ``__call__``
+output and ``"layer2/block0/<method>"`` for another method's (a callable filter may select any method;
+a path string ``"layer2/block0/encode"`` selects the ``encode`` method's output). The top module's own
+``__call__`` output is :attr:`Outputs.logits` and is never a feature; ``setup`` is never captured. A
+module called several times in one forward pass (a shared layer) gives its last output, as a sown
+tuple does. Captured features sit next to the sown ones; a captured name that equals a sown name raises
+``ValueError`` naming both. A requested path that no module has raises ``ValueError`` at the first apply
+(at :func:`jaxkd.create`, which traces the models), listing the module paths the model does have: the
+check runs as the forward pass is traced, so a module called only in train mode must be requested
+of a model that is applied in train mode. Everything happens at trace time: it works under ``jit``, in
+train and eval mode, and gradients flow through captured features as through any activation. With
+``capture=None`` (the default) ``apply`` is exactly the plain ``module.apply``; unused captured features
+are dropped by XLA's dead-code elimination under ``jit``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import flax.linen as nn
 import flax.struct
@@ -81,13 +103,92 @@ def _flatten_intermediates(tree: Mapping[str, Any], prefix: str = "") -> dict[st
     return flat
 
 
-def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
+Capture = Union[bool, str, Sequence[str], Callable[[nn.Module, str], bool], None]
+
+
+def _capture_filter(capture: Capture) -> tuple[Callable[[nn.Module, str], bool] | None, tuple[str, ...]]:
+    """``capture`` as ``(filter(module, method) -> bool, requested paths)``; ``(None, ())`` for none."""
+    if capture is None or capture is False:
+        return None, ()
+    if capture is True:
+        return (lambda mdl, method: method == "__call__"), ()
+    if callable(capture):
+        return capture, ()
+    paths = (capture,) if isinstance(capture, str) else capture
+    if not isinstance(paths, Sequence) or not paths or not all(isinstance(p, str) and p.strip("/") for p in paths):
+        raise ValueError(
+            "capture= is True, a callable (module, method_name) -> bool, or a non-empty sequence of module "
+            f"paths such as ('layer1', 'layer2/block0'); got {capture!r}"
+        )
+    wanted = frozenset(p.strip("/") for p in paths)
+
+    def by_path(mdl: nn.Module, method: str) -> bool:
+        return _capture_name(mdl.path, method) in wanted
+
+    return by_path, tuple(dict.fromkeys(p.strip("/") for p in paths))
+
+
+def _capture_name(path: tuple[str, ...], method: str) -> str:
+    """``("layer2", "block0"), "__call__" -> "layer2/block0"``; another method -> ``"layer2/block0/method"``."""
+    parts = list(path) if method == "__call__" else [*path, method]
+    return "/".join(str(p) for p in parts)
+
+
+def _split_captured(
+    tree: Mapping[str, Any], captured: Mapping[tuple[tuple[str, ...], str], int]
+) -> tuple[dict[str, Any], dict[str, Array]]:
+    """Splits the ``"intermediates"`` tree into ``(sown tree, captured features by name)``.
+
+    ``captured`` counts how often each ``(module path, method)`` output was captured (at least once per
+    call; a lifted transform may trace a call more than once); Flax stores it in the same collection as
+    ``sow`` does, at ``tree[*path][method]``. A tuple longer than the count there means the module also
+    sowed a value under the method's name.
+    """
+
+    def copy(node):
+        return {k: copy(v) for k, v in node.items()} if isinstance(node, Mapping) else node
+
+    sown = copy(tree)
+    features: dict[str, Array] = {}
+    for (path, method), count in captured.items():
+        node = sown
+        for key in path:
+            node = node[key]
+        values = node.pop(method)
+        name = _capture_name(path, method)
+        if not isinstance(values, tuple) or len(values) > count:
+            raise ValueError(
+                f"the captured output of module {'/'.join(path) or '<top>'!r} method {method!r} (feature "
+                f"{name!r}) clashes with a value the module sows under the name {method!r} (sown feature "
+                f"{name if method != '__call__' else '/'.join([*path, method])!r}); rename the sow or "
+                "capture another module"
+            )
+        features[name] = values[-1]
+    return sown, features
+
+
+def from_linen(module: nn.Module, *, name: str | None = None, capture: Capture = None) -> Model:
     """Wraps a Linen module whose ``__call__(x, train)`` returns logits and sows features.
 
     Non-parameter collections (``batch_stats`` …) are mutable in train mode and returned as the new
     ``model_state``; features are read from the ``"intermediates"`` collection and flattened to
     ``"name"`` (or ``"submodule/name"`` for sows below the top module).
+
+    Args:
+      module: the Linen module.
+      name: a label (default: the module's class name).
+      capture: also publish layer outputs the module does not sow (Flax ``capture_intermediates``):
+        ``True`` for every submodule's ``__call__`` output; a sequence of module paths
+        (``("layer1", "layer2/block0")``; ``"path/method"`` for another method's output); or a callable
+        ``(module, method_name) -> bool`` as Flax takes it (``module.path`` is the module's path tuple).
+        Captured outputs are features named by the module path (``"layer2/block0"``, or
+        ``"layer2/block0/method"`` for a method other than ``__call__``). ``None``: nothing captured.
+
+    Raises:
+      ValueError: ``capture`` is malformed (here); at apply time, a requested path matches no module
+        (the message lists the module paths the model has), or a captured name equals a sown name.
     """
+    user_filter, requested = _capture_filter(capture)
 
     def init(rng: Array, x: Array) -> PyTree:
         variables = module.init({"params": rng, "dropout": rng}, x, train=False)
@@ -96,11 +197,45 @@ def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
     def apply(variables: PyTree, x: Array, *, train: bool, rngs: Mapping[str, Array] | None = None) -> Outputs:
         state_cols = [k for k in variables if k != "params"]
         mutable = [INTERMEDIATES] + (state_cols if train else [])
+        extra: dict[str, Any] = {}
+        # (path, method) -> times captured, and every (path, method) called; filled while tracing.
+        captured: dict[tuple[tuple[str, ...], str], int] = {}
+        seen: dict[tuple[tuple[str, ...], str], None] = {}
+        if user_filter is not None:
+            def capture_filter(mdl: nn.Module, method: str) -> bool:
+                path = tuple(mdl.path)
+                if method == "setup" or (not path and method == "__call__"):
+                    return False  # setup returns nothing; the top module's __call__ output is the logits
+                seen[(path, method)] = None
+                if not user_filter(mdl, method):
+                    return False
+                captured[(path, method)] = captured.get((path, method), 0) + 1
+                return True
+
+            extra["capture_intermediates"] = capture_filter
         logits, updated = module.apply(
-            variables, x, train=train, rngs=dict(rngs or {}), mutable=mutable
+            variables, x, train=train, rngs=dict(rngs or {}), mutable=mutable, **extra
         )
         updated = dict(updated)
-        features = _flatten_intermediates(updated.pop(INTERMEDIATES, {}))
+        intermediates = updated.pop(INTERMEDIATES, {})
+        captured_features: dict[str, Array] = {}
+        if user_filter is not None:
+            missing = [p for p in requested if p not in {_capture_name(*key) for key in captured}]
+            if missing:
+                available = sorted({_capture_name(*key) for key in seen})
+                raise ValueError(
+                    f"capture= names module path(s) {missing} that {type(module).__name__} does not call "
+                    f"(train={train}); its module paths are: {available}"
+                )
+            intermediates, captured_features = _split_captured(intermediates, captured)
+        features = _flatten_intermediates(intermediates)
+        for feature, value in captured_features.items():
+            if feature in features:
+                raise ValueError(
+                    f"the captured output {feature!r} (capture=) has the same name as the sown feature "
+                    f"{feature!r}; capture another module or rename the sow"
+                )
+            features[feature] = value
         if train:
             model_state = {k: updated[k] for k in state_cols}
         else:
