@@ -11,7 +11,7 @@ programs, collectives, smaller matmuls), not a speed-up. On 2 cores, 8 devices c
 1. The numbers tell what sharding costs here, not what it gains on real accelerators.
 
 (a) **Creating the state of a large frozen teacher.** A ~200M-parameter MLP teacher (hidden sizes
-    ``--teacher-hidden``, default 3 x 9216 over 32x32x3 inputs: 198M parameters, 793 MB in float32)
+    ``--teacher-hidden``, default 3 x 9216 over 32x32x3 inputs: 198.3M parameters, 793 MB = 756 MiB in float32)
     and a tiny MLP student, ``ce + kd``, built by ``jaxkd.create(..., participants={"teacher":
     Participant(teacher, teacher_vars, trains=False, rules=...)}, mesh=make_mesh({"data": 1, "fsdp": 8}))``
     with the teacher's rules ``Rules.replicated()`` vs ``Rules.fsdp_default()``. Reported: the
@@ -20,20 +20,22 @@ programs, collectives, smaller matmuls), not a speed-up. On 2 cores, 8 devices c
     after one train step. Each variant runs in a fresh subprocess so the peaks do not mix.
 
     The teacher's variables are host NumPy float32 arrays (what a checkpoint restore yields), filled
-    directly in float32 (no float64 temporary), so making them costs exactly their size, ~793 MB. The
+    directly in float32 (no float64 temporary), so making them costs exactly their size, 756 MiB. The
     "host teacher only" row makes them and stops: its peak is the floor under every other row
     (interpreter + jax + the host copy). Because the simulated devices live in the same process, their
-    buffers count towards the same RSS: the replicated teacher adds 8 copies (~6.3 GB) on top of that
+    buffers count towards the same RSS: the replicated teacher adds 8 copies (6052 MiB) on top of that
     floor, the fsdp teacher adds one (each device holds 1/8). On real accelerators the device bytes
     column is what matters, and the host copy can be dropped as soon as ``create`` returns.
 
 (b) **Step time per mesh.** ``ce + kd(T=4)`` with a resnet8x4 student and a resnet32x4 teacher
-    (CIFAR-100 shapes, global batch ``--batch-size`` = 64 of 32x32x3), ``jaxkd.make_train_step(mesh=...)``
+    (CIFAR-100 shapes, global batch ``--batch-size``, default 64, of 32x32x3), ``jaxkd.make_train_step(mesh=...)``
     over ``make_mesh({"data": n}, devices=jax.devices()[:n])`` for n = 1, 2, 4, 8 and over
     ``make_mesh({"fsdp": 8})`` (teacher, student and optimizer state sharded by the default fsdp rule).
-    Reported: compile time of the step (its first call), and the median step time over ``--steps``
-    steps after ``--warmup`` warm-up steps, each synchronized with ``jax.block_until_ready``. The
-    mesh rows run in one process one after the other (the device count is fixed when jax starts).
+    Reported: the step's first call (compile + one step), and the median step time over ``--steps``
+    steps after ``--warmup`` warm-up steps, each synchronized with ``jax.block_until_ready``. All meshes
+    live in one process (the device count is fixed when jax starts); each is compiled and warmed up,
+    then the timed steps go round-robin over the meshes, one step each per round, so a change in the
+    background load of a shared machine affects every row alike.
 """
 
 from __future__ import annotations
@@ -158,7 +160,15 @@ def step_times(batch_size: int, steps: int, warmup: int, meshes: list[str]) -> l
     teacher_vars = jax.device_get(jax.jit(teacher.init)(key, batch["image"]))  # host copy, placed by create
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
 
-    rows = []
+    def timed(step, state, batch):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        return state, metrics, time.perf_counter() - start
+
+    # Build, compile and warm up every mesh first; then time the meshes round-robin, one step each per
+    # round, so a change in the background load of a shared machine hits every row alike.
+    runs = {}
     for spec in meshes:
         axis, n = spec.split("=")
         n = int(n)
@@ -168,24 +178,28 @@ def step_times(batch_size: int, steps: int, warmup: int, meshes: list[str]) -> l
                              rng=key, mesh=mesh)
         step = jaxkd.make_train_step(mesh=mesh)
         device_batch = sharding.shard_batch(batch, mesh)  # time the step, not the host-to-device copy
-        times = []
-        for i in range(1 + warmup + steps):  # call 0 compiles
-            start = time.perf_counter()
-            state, metrics = step(state, device_batch)
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - start)
-        measured = times[1 + warmup:]
+        state, metrics, compile_s = timed(step, state, device_batch)  # the first call compiles
+        for _ in range(warmup):
+            state, metrics, _ = timed(step, state, device_batch)
+        runs[spec] = {"n": n, "step": step, "state": state, "batch": device_batch, "compile_s": compile_s,
+                      "times": [], "metrics": metrics}
+        print(f"  {spec}: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
+    for _ in range(steps):
+        for run in runs.values():
+            run["state"], run["metrics"], seconds = timed(run["step"], run["state"], run["batch"])
+            run["times"].append(seconds)
+
+    rows = []
+    for spec, run in runs.items():
+        n, measured, state = run["n"], run["times"], run["state"]
         rows.append({
             "mesh": spec, "devices": n, "per_device_batch": batch_size // n,
-            "compile_s": times[0], "ms_per_step": 1000 * float(np.median(measured)),
+            "compile_s": run["compile_s"], "ms_per_step": 1000 * float(np.median(measured)),
             "min_ms": 1000 * min(measured), "max_ms": 1000 * max(measured),
             "student_max_device_mb": max(sharding.per_device_bytes(state.trained["student"]).values()) / 2**20,
             "teacher_max_device_mb": max(sharding.per_device_bytes(state.frozen["teacher"]).values()) / 2**20,
-            "loss": float(metrics["loss"]),
+            "loss": float(run["metrics"]["loss"]),
         })
-        print(f"  {spec}: compile {times[0]:.1f} s, median {rows[-1]['ms_per_step']:.0f} ms/step",
-              file=sys.stderr, flush=True)
-        del state
     return rows
 
 
@@ -230,11 +244,13 @@ def part_b(args) -> None:
     rows = step_times(args.batch_size, args.steps, args.warmup, meshes)
     total = time.perf_counter() - start
     one = rows[0]["ms_per_step"]
+    load = os.getloadavg()[0]
     print(f"\n### (b) ce + kd(T=4) step, resnet32x4 teacher -> resnet8x4 student, 100 classes, global batch "
           f"{args.batch_size} of 32x32x3; median of {args.steps} steps after {args.warmup} warm-up "
           f"(+ 1 compiling call); {os.cpu_count()} host cores shared by the simulated devices "
-          f"(part took {total:.0f} s)\n")
-    print("| mesh | devices | examples per device | compile (s) | median ms/step | min–max ms | "
+          f"(1-min load average {load:.1f} at the end; part took {total:.0f} s); steps timed round-robin over "
+          "the meshes\n")
+    print("| mesh | devices | examples per device | first call: compile + step (s) | median ms/step | min–max ms | "
           "vs 1 device | student MiB / device | teacher MiB / device |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

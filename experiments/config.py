@@ -46,9 +46,15 @@ class Config:
     teacher_kwargs: dict = dataclasses.field(default_factory=dict)
     teacher_steps: int = 600
     teacher_lr: float = 0.05
-    # Load teachers instead of training them: an Orbax directory written by `save_variables`, with
-    # "{seed}" standing for the seed (e.g. "runs/teachers/seed{seed}").
+    # Load the teacher instead of training it: an Orbax directory written by `save_variables`, with
+    # "{seed}" standing for the seed (e.g. "runs/teachers/seed{seed}/teacher").
     teacher_checkpoint: str | None = None
+    # Further frozen teachers methods may read by name (multi_teacher_kd): name -> {"model": ..., "kwargs": {...}},
+    # trained like the teacher (teacher_steps, teacher_lr) before the students.
+    teachers: dict = dataclasses.field(default_factory=dict)
+    # The architecture of peers trained next to the student (dml); None: the student's.
+    peer: str | None = None
+    peer_kwargs: dict = dataclasses.field(default_factory=dict)
     # Student.
     student: str = "resnet8"
     student_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -75,7 +81,16 @@ class Config:
     # Evaluation and logging.
     eval_every: int = 100
     eval_batch_size: int = 250
-    data_parallel: bool = False  # shard batches over all local devices
+    # Devices: None runs on the default device; a mesh shape shards the state and the batch, e.g.
+    # {"data": -1} (every device, data parallel) or {"data": 2, "fsdp": 4} (see jaxkd.sharding.make_mesh).
+    mesh: dict | None = None
+    # Several hosts: call jax.distributed.initialize from JAXKD_COORDINATOR / JAXKD_NUM_PROCESSES /
+    # JAXKD_PROCESS_ID (jaxkd.sharding.initialize_distributed); each host feeds its slice of the batch.
+    distributed: bool = False
+    # Checkpoint every this many steps (0: only at the end of each run); runs resume from the newest.
+    checkpoint_every: int = 200
+    # Also write metrics as TensorBoard event files under <run folder>/tensorboard.
+    tensorboard: bool = True
     out_dir: str = "runs"
 
 
@@ -108,6 +123,9 @@ _EXPECTED = {
     "methods": "a non-empty dict of run name -> method spec, e.g. {'kd': 'ce + kd(temperature=4)'}",
     "teacher_kwargs": "a dict of model keyword arguments, e.g. {'hidden_sizes': (32,)}",
     "student_kwargs": "a dict of model keyword arguments, e.g. {'hidden_sizes': (32,)}",
+    "peer_kwargs": "a dict of model keyword arguments, e.g. {'hidden_sizes': (32,)}",
+    "teachers": "a dict of teacher name -> {'model': ..., 'kwargs': {...}}, e.g. {'teacher2': {'model': 'resnet14'}}",
+    "mesh": "None or a dict of mesh axis sizes, e.g. {'data': -1} or {'data': 2, 'fsdp': 4}",
 }
 
 
@@ -190,7 +208,19 @@ def _check_field(name: str, value: Any) -> None:
                     f"methods[{run!r}] must be a non-empty method spec string "
                     f"(e.g. 'ce + kd(temperature=4)'), got {spec!r}"
                 )
-    elif name in ("teacher_kwargs", "student_kwargs"):
+    elif name == "checkpoint_every":
+        check_int(name, value, low=0)
+    elif name == "mesh" and value is not None:
+        for axis, size in value.items():
+            if axis not in ("data", "fsdp", "tensor") or isinstance(size, bool) or not isinstance(size, int):
+                raise ValueError(f"mesh must be {_EXPECTED['mesh']}, got mesh={value!r}")
+    elif name == "teachers":
+        for teacher, entry in value.items():
+            if not isinstance(teacher, str) or not teacher or teacher in ("teacher", "student") or "/" in teacher:
+                raise ValueError(f"teachers keys must be new participant names (not 'teacher'/'student'), got {teacher!r}")
+            if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or set(entry) - {"model", "kwargs"}:
+                raise ValueError(f"teachers[{teacher!r}] must be {{'model': <name>, 'kwargs': {{...}}}}, got {entry!r}")
+    elif name in ("teacher_kwargs", "student_kwargs", "peer_kwargs"):
         for key in value:
             if not isinstance(key, str):
                 raise ValueError(f"{name} keys must be strings (model keyword arguments), got {key!r}")

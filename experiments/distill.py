@@ -5,13 +5,27 @@
         --set data_dir=/data/tfds
     python -m experiments.distill --set steps=300 --set "methods.kd_t8=ce + kd(temperature=8)"
 
-Per seed: the teacher is trained on the full training split with cross-entropy (or loaded from
-``teacher_checkpoint``), saved with Orbax, and loaded back from disk for distillation. Then every method
-of ``config.methods`` trains the student from the same initialization, data order and augmentation (same
-seed), for the same number of steps; the test accuracy after the last step is reported (last, not best:
-picking the best epoch on the test split inflates results). The run folder holds ``config.json``,
-``metrics.jsonl`` (every train step and every evaluation), ``results.json``, ``results.md`` and
-``learning_curves.png``, plus the teacher checkpoints.
+Per seed: every frozen teacher a method reads (``teacher``, and the ``teachers`` of the config) is trained
+on the full training split with cross-entropy (or loaded from ``teacher_checkpoint``), saved with Orbax in
+its own checkpoint, and loaded back from disk for distillation. Then every method of ``config.methods``
+trains the student from the same initialization, data order and augmentation (same seed), for the same
+number of steps, with the participants the method names: frozen teachers, or trained peers and online
+teachers that start from scratch next to the student. The test accuracy after the last step is reported
+for the student and every other trained participant (last, not best: picking the best epoch on the test
+split inflates results).
+
+Runs survive being killed. Every ``checkpoint_every`` steps, and at the end of each run, the whole train
+state (frozen teachers excepted: the checkpoint names them by fingerprint), the data iterators' positions
+and the run's results are saved asynchronously with Orbax under ``checkpoints/seed<seed>/<run>/``.
+Re-running the same command with the same ``--out`` skips finished runs, resumes the interrupted one from
+its newest intact checkpoint, and appends to ``metrics.jsonl`` without duplicates; the end result is
+bitwise the uninterrupted run's (on CPU). SIGTERM saves a checkpoint and exits with status 143. A
+checkpoint made with another configuration (method spec, models, steps, optimizer, data, teacher) is
+refused, naming what differs.
+
+The run folder holds ``config.json``, ``metrics.jsonl`` (every train step and every evaluation),
+``tensorboard/`` (the same, as TensorBoard event files), ``results.json``, ``results.md`` and
+``learning_curves.png``, plus the teacher and run checkpoints.
 """
 
 from __future__ import annotations
@@ -19,10 +33,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -36,10 +51,13 @@ from tqdm import tqdm  # noqa: E402
 
 import jaxkd  # noqa: E402
 from jaxkd import data, methods, models, sharding  # noqa: E402
-from jaxkd.checkpoint import load_variables, save_variables  # noqa: E402
+from jaxkd.checkpoint import Checkpointer, fingerprint, load_variables, save_variables  # noqa: E402
 
 from experiments import config as config_lib  # noqa: E402
 from experiments import report  # noqa: E402
+from experiments.run_log import MetricsLog, Preempted, PreemptionFlag  # noqa: E402
+
+log = logging.getLogger("jaxkd.experiment")
 
 
 def parse_methods(cfg: config_lib.Config) -> dict[str, methods.Method]:
@@ -106,131 +124,264 @@ def hold_out(split: data.Split, per_class: int, seed: int) -> tuple[data.Split, 
     return split.subset(rest), split.subset(held)
 
 
-class Runner:
-    """Trains one (model, method) pair per call; jitted steps are built once and reused across seeds."""
+def data_config(cfg: config_lib.Config) -> dict[str, Any]:
+    """The settings every run of the experiment shares (recorded in each checkpoint)."""
+    keys = ("dataset", "data_dir", "train_split", "test_split", "augment", "labels_per_class", "meta_per_class",
+            "batch_size", "momentum", "weight_decay", "schedule", "milestones", "data_seed")
+    return {k: getattr(cfg, k) for k in keys}
 
-    def __init__(self, cfg: config_lib.Config, dataset: Data, out_dir: str, progress: tqdm):
-        self.cfg, self.data, self.progress = cfg, dataset, progress
-        self.mesh = sharding.make_mesh() if cfg.data_parallel else None
+
+class Runner:
+    """Trains one run (a teacher, or the student with one method) per call, resumably; the jitted steps are
+    built once and reused across runs and seeds."""
+
+    def __init__(self, cfg: config_lib.Config, dataset: Data, out_dir: str, progress: tqdm,
+                 preemption: PreemptionFlag):
+        self.cfg, self.data, self.progress, self.out_dir = cfg, dataset, progress, out_dir
+        self.preemption = preemption
+        self.mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None
+        if self.mesh is not None:
+            sharding.check_batch_size(cfg.batch_size, self.mesh)
         self.train_step = jaxkd.make_train_step(mesh=self.mesh)
         self.eval_step = jaxkd.make_eval_step(mesh=self.mesh)
-        self.log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+        self.log = MetricsLog(out_dir, tensorboard=cfg.tensorboard)
 
     def close(self) -> None:
         self.log.close()
 
-    def _write(self, record: dict[str, Any]) -> None:
-        self.log.write(json.dumps(record) + "\n")
-
-    def _batches(self, split: data.Split, seed: int):
-        return iter(data.Loader(
+    def _loader(self, split: data.Split, seed: int) -> data.Loader:
+        return data.Loader(
             split.images, split.labels, batch_size=min(self.cfg.batch_size, len(split)), mean=self.data.mean,
             std=self.data.std, shuffle=True, seed=seed, drop_remainder=True, num_epochs=None,
             augment=self.cfg.augment, num_classes=split.num_classes,
-        ))
+        )
 
-    def fit(self, *, run: str, seed: int, state, split: data.Split, steps: int, lr_schedule,
-            meta: data.Split | None = None, meta_prefix: str | None = None) -> tuple[Any, float]:
-        """Trains ``steps`` steps, evaluating every ``eval_every``; returns the state and final test accuracy.
+    def evaluate(self, state) -> dict[str, float]:
+        return jaxkd.evaluate(state, self.data.test_batches, self.eval_step)
+
+    def fit(self, *, run: str, seed: int, state, split: data.Split, steps: int, lr_schedule, config: dict,
+            meta: data.Split | None = None, meta_prefix: str | None = None) -> tuple[Any, dict[str, float]]:
+        """Trains ``steps`` steps (resuming from the run's checkpoint when there is one), evaluating every
+        ``eval_every``; returns the state and the final evaluation (every participant's test accuracy).
 
         With ``meta``, every batch also carries a batch of it under ``meta_prefix`` (``meta_image``,
         ``meta_label``: for methods with a held-out meta objective, e.g. TGeo-KD). A step whose loss or
         gradients are not finite raises (``jaxkd.steps.NonFiniteError``): the run stops there.
         """
         cfg = self.cfg
-        batches = self._batches(split, seed)
+        loaders = {"train": self._loader(split, seed)}
         if meta is not None:
-            train_batches, meta_batches = batches, self._batches(meta, seed + 10_000)
-            batches = (with_meta(b, next(meta_batches), meta_prefix) for b in train_batches)
-        pending: list[tuple[int, dict]] = []  # device metrics, fetched at eval points (no per-step sync)
+            loaders["meta"] = self._loader(meta, seed + 10_000)
+        ckpt = Checkpointer(os.path.join(self.out_dir, "checkpoints", f"seed{seed}", run), max_to_keep=2)
+        try:
+            start, damaged = 0, set()
+            if ckpt.steps():
+                restored = ckpt.restore(state.run_tree(), config=config)
+                state = state.with_run_tree(restored.tree)
+                start, damaged = restored.step, set(restored.skipped)
+                for name, loader in loaders.items():
+                    loader.set_state(restored.extra["loaders"][name])
+                if restored.skipped:
+                    log.warning("run %s seed %d: resuming from step %d; damaged newer steps %s will be rewritten",
+                                run, seed, start, sorted(restored.skipped))
+                if restored.extra.get("final") is not None:
+                    self.progress.update(steps)
+                    return state, restored.extra["final"]
+                self.progress.update(start)
+            self.log.resume(run, seed, start if ckpt.steps() else None)
 
-        def flush_and_eval(step: int) -> float:
-            for s, m in jax.device_get(pending):
-                self._write({"run": run, "seed": seed, "step": s, "lr": float(lr_schedule(s - 1)),
-                             **{k: float(v) for k, v in m.items()}})
-            pending.clear()
-            result = jaxkd.evaluate(state, self.data.test_batches, self.eval_step)
-            self._write({"run": run, "seed": seed, "step": step, "test_accuracy": result["accuracy"]})
-            return result["accuracy"]
+            def save(step: int, final: dict | None = None) -> None:
+                extra = {"loaders": {n: loader.get_state() for n, loader in loaders.items()}, "final": final}
+                ckpt.save(step, state.run_tree(), extra=extra, config=config, overwrite=step in damaged)
 
-        self.progress.set_description(f"{run} seed {seed}")
-        accuracy = flush_and_eval(0)
-        for step in range(1, steps + 1):
-            state, metrics = self.train_step(state, next(batches))
-            pending.append((step, metrics))
-            self.progress.update(1)
-            if step % cfg.eval_every == 0 or step == steps:
-                accuracy = flush_and_eval(step)
-                self.progress.set_postfix(test_acc=f"{100 * accuracy:.1f}")
-        self.log.flush()
-        return state, accuracy
+            batches = (with_meta(b, next(loaders["meta"]), meta_prefix) if meta is not None else b
+                       for b in loaders["train"])
+            pending: list[tuple[int, dict]] = []  # device metrics, fetched at eval and save points
+
+            def flush() -> None:
+                for s, m in jax.device_get(pending):
+                    self.log.write({"run": run, "seed": seed, "step": s, "lr": float(lr_schedule(s - 1)),
+                                    **{k: float(v) for k, v in m.items()}})
+                pending.clear()
+                self.log.flush()
+
+            def evaluate(step: int) -> dict[str, float]:
+                flush()
+                result = self.evaluate(state)
+                self.log.write({"run": run, "seed": seed, "step": step, "test_accuracy": result["accuracy"],
+                                **{f"test_{k}": v for k, v in result.items() if k.endswith("_accuracy")}})
+                self.log.flush()
+                return result
+
+            self.progress.set_description(f"{run} seed {seed}")
+            result = evaluate(0) if start == 0 else None
+            for step in range(start + 1, steps + 1):
+                state, metrics = self.train_step(state, next(batches))
+                pending.append((step, metrics))
+                self.progress.update(1)
+                if step % cfg.eval_every == 0 or step == steps:
+                    result = evaluate(step)
+                    self.progress.set_postfix(test_acc=f"{100 * result['accuracy']:.1f}")
+                if step == steps:
+                    break
+                if self.preemption.requested:
+                    flush()
+                    save(step)
+                    ckpt.wait_until_finished()
+                    raise Preempted(run, seed, step)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    flush()
+                    save(step)
+            save(steps, final=result)
+            return state, result
+        finally:
+            ckpt.close()
+
+
+@dataclasses.dataclass
+class Plan:
+    """Which participants each method needs, and which teachers must be trained first."""
+
+    methods: dict[str, methods.Method]
+    frozen_teachers: list[str]  # trained in the teacher phase, distilled from frozen
+
+
+def plan(cfg: config_lib.Config, run_methods: dict[str, methods.Method]) -> Plan:
+    known = {"teacher", *cfg.teachers}
+    frozen: list[str] = []
+    for name, method in run_methods.items():
+        for participant in method.participants:
+            if participant in method.trains:
+                continue
+            if participant not in known:
+                raise ValueError(
+                    f"config methods[{name!r}] reads participant {participant!r}, but the config defines teachers "
+                    f"{sorted(known)} (add it to `teachers`)"
+                )
+            if participant not in frozen:
+                frozen.append(participant)
+    return Plan(run_methods, frozen)
+
+
+def teacher_model_spec(cfg: config_lib.Config, name: str) -> tuple[str, dict]:
+    if name == "teacher":
+        return cfg.teacher, dict(cfg.teacher_kwargs)
+    entry = cfg.teachers[name]
+    return entry["model"], dict(entry.get("kwargs", {}))
+
+
+def trained_model_spec(cfg: config_lib.Config, name: str) -> tuple[str, dict]:
+    """The architecture of a participant trained next to the student: an online teacher has the teacher's,
+    a peer ``cfg.peer`` (default: the student's)."""
+    if name == "teacher" or name in cfg.teachers:
+        return teacher_model_spec(cfg, name)
+    if cfg.peer is not None:
+        return cfg.peer, dict(cfg.peer_kwargs)
+    return cfg.student, dict(cfg.student_kwargs)
 
 
 def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
-    run_methods = parse_methods(cfg)  # a bad spec fails before anything is loaded or trained
+    run_plan = plan(cfg, parse_methods(cfg))  # a bad spec fails before anything is loaded or trained
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     dataset = load_data(cfg)
     num_classes = dataset.train.num_classes
-    teacher = models.get(cfg.teacher, num_classes=num_classes, **cfg.teacher_kwargs)
-    student = models.get(cfg.student, num_classes=num_classes, **cfg.student_kwargs)
+
+    def model(spec: tuple[str, dict]):
+        return models.get(spec[0], num_classes=num_classes, **spec[1])
+
+    student = model((cfg.student, cfg.student_kwargs))
     teacher_schedule = schedule_of(cfg, cfg.teacher_lr, cfg.teacher_steps)
     student_schedule = schedule_of(cfg, cfg.lr, cfg.steps)
     teacher_tx, student_tx = make_optimizer(cfg, teacher_schedule), make_optimizer(cfg, student_schedule)
-    teacher_method = methods.parse("ce")
-    sample = data.Loader(dataset.train.images[:2], dataset.train.labels[:2], batch_size=2).batch((0, 0))
+    ce = methods.parse("ce")
+    sample = data.Loader(dataset.train.images[: cfg.batch_size], dataset.train.labels[: cfg.batch_size],
+                         batch_size=min(cfg.batch_size, len(dataset.train))).batch((0, 0))
+    shared = data_config(cfg)
 
     train_teachers = cfg.teacher_checkpoint is None
-    total = len(cfg.seeds) * (len(run_methods) * cfg.steps + (cfg.teacher_steps if train_teachers else 0))
+    frozen = run_plan.frozen_teachers
+    total = len(cfg.seeds) * (len(run_plan.methods) * cfg.steps + (cfg.teacher_steps * len(frozen) if train_teachers else 0))
     progress = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)
-    runner = Runner(cfg, dataset, out_dir, progress)
-    results: dict[str, list[float]] = {"teacher": [], **{name: [] for name in run_methods}}
+    results: dict[str, list[float]] = {}
+    row_info: dict[str, tuple[str, str]] = {}
     started = time.time()
-    try:
-        for seed in cfg.seeds:
-            rng = jax.random.PRNGKey(seed)
-            teacher_rng, student_rng = jax.random.split(rng)
-            abstract_teacher = jax.eval_shape(teacher.init, teacher_rng, sample["image"])
-            if train_teachers:
-                state = jaxkd.create(student=teacher, method=teacher_method, tx=teacher_tx,
-                                     sample_batch=sample, rng=teacher_rng)
-                state, _ = runner.fit(run="teacher", seed=seed, state=state, split=dataset.train,
-                                      steps=cfg.teacher_steps, lr_schedule=teacher_schedule)
-                teacher_dir = os.path.join(out_dir, "teachers", f"seed{seed}")
-                save_variables(teacher_dir, jax.device_get(state.student.variables()))
-                del state
-            else:
-                teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
-            # Distill from the checkpoint on disk, exactly what a later run would load.
-            teacher_vars = load_variables(teacher_dir, abstract_teacher)
-            for name, method in run_methods.items():
-                with_teacher = method.needs_teacher
-                train_split, meta_split = dataset.student_train, None
-                if method.meta_prefix is not None:
-                    train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
-                method_sample = with_meta(sample, sample, method.meta_prefix)
-                state = jaxkd.create(
-                    student=student, method=method, tx=student_tx, sample_batch=method_sample, rng=student_rng,
-                    teacher=teacher if with_teacher else None,
-                    teacher_variables=teacher_vars if with_teacher else None,
-                )
-                state, accuracy = runner.fit(run=name, seed=seed, state=state, split=train_split,
-                                             steps=cfg.steps, lr_schedule=student_schedule, meta=meta_split,
-                                             meta_prefix=method.meta_prefix)
-                results[name].append(accuracy)
-            teacher_eval = jaxkd.create(student=teacher, method=teacher_method, tx=teacher_tx,
-                                        sample_batch=sample, rng=teacher_rng, student_variables=teacher_vars)
-            results["teacher"].append(jaxkd.evaluate(teacher_eval, dataset.test_batches, runner.eval_step)["accuracy"])
-    finally:
-        runner.close()
-        progress.close()
+    with PreemptionFlag() as preemption:
+        runner = Runner(cfg, dataset, out_dir, progress, preemption)
+        try:
+            for seed in cfg.seeds:
+                rng = jax.random.PRNGKey(seed)
+                teacher_rng, student_rng = jax.random.split(rng)
+                teacher_vars, teacher_prints = {}, {}
+                for name in frozen:
+                    spec = teacher_model_spec(cfg, name)
+                    teacher = model(spec)
+                    abstract = jax.eval_shape(teacher.init, teacher_rng, sample["image"])
+                    if train_teachers or name != "teacher":
+                        run = "teacher" if name == "teacher" else f"teacher:{name}"
+                        state = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
+                                             rng=teacher_rng, mesh=runner.mesh)
+                        config = {**shared, "run": run, "seed": seed, "model": spec[0], "kwargs": spec[1],
+                                  "steps": cfg.teacher_steps, "lr": cfg.teacher_lr}
+                        state, _ = runner.fit(run=run, seed=seed, state=state, split=dataset.train,
+                                              steps=cfg.teacher_steps, lr_schedule=teacher_schedule, config=config)
+                        teacher_dir = os.path.join(out_dir, "teachers", f"seed{seed}", name)
+                        save_variables(teacher_dir, jax.device_get(state.student.variables()))
+                        del state
+                    else:
+                        teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
+                    # Distill from the checkpoint on disk, exactly what a later run would load.
+                    teacher_vars[name] = load_variables(teacher_dir, abstract)
+                    teacher_prints[name] = fingerprint(teacher_vars[name])["sha256"]
+                    results.setdefault(run_row(name), [])
+                    row_info[run_row(name)] = (spec[0], "ce (full train split)")
+                    evaluated = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
+                                             rng=teacher_rng, student_variables=teacher_vars[name], mesh=runner.mesh)
+                    results[run_row(name)].append(runner.evaluate(evaluated)["accuracy"])
+                for name, method in run_plan.methods.items():
+                    participants = {}
+                    for p in method.participants:
+                        if p in method.trains:
+                            participants[p] = jaxkd.Participant(model(trained_model_spec(cfg, p)))
+                        else:
+                            participants[p] = jaxkd.Participant(model(teacher_model_spec(cfg, p)), teacher_vars[p],
+                                                                trains=False)
+                    train_split, meta_split = dataset.student_train, None
+                    if method.meta_prefix is not None:
+                        train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
+                    state = jaxkd.create(
+                        student=student, method=method, tx=student_tx, rng=student_rng, participants=participants,
+                        sample_batch=with_meta(sample, sample, method.meta_prefix), mesh=runner.mesh,
+                    )
+                    config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
+                              "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
+                              "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trains},
+                              "teachers": {p: teacher_prints[p] for p in method.participants if p not in method.trains}}
+                    state, result = runner.fit(run=name, seed=seed, state=state, split=train_split, steps=cfg.steps,
+                                               lr_schedule=student_schedule, config=config, meta=meta_split,
+                                               meta_prefix=method.meta_prefix)
+                    results.setdefault(name, []).append(result["accuracy"])
+                    row_info[name] = (cfg.student, cfg.methods[name])
+                    for p in method.trains:
+                        row = f"{name}/{p}"
+                        results.setdefault(row, []).append(result[f"{p}_accuracy"])
+                        row_info[row] = (trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})")
+                    del state
+        finally:
+            runner.close()
+            progress.close()
 
-    summary = report.summarize(cfg, results, seconds=time.time() - started, num_train=len(dataset.train),
-                               num_student_train=len(dataset.student_train), num_test=int(sum(b["mask"].sum() for b in dataset.test_batches)))
+    summary = report.summarize(cfg, results, row_info, seconds=time.time() - started, num_train=len(dataset.train),
+                               num_student_train=len(dataset.student_train),
+                               num_test=int(sum(b["mask"].sum() for b in dataset.test_batches)))
     report.write(out_dir, summary)
     report.plot_learning_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "learning_curves.png"))
     return summary
+
+
+def run_row(teacher_name: str) -> str:
+    return "teacher" if teacher_name == "teacher" else f"teacher:{teacher_name}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -243,7 +394,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     cfg = config_lib.apply_overrides(config_lib.load(args.config), args.overrides)
     out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run_experiment(cfg, out_dir)
+    if cfg.distributed:
+        sharding.initialize_distributed()
+    try:
+        summary = run_experiment(cfg, out_dir)
+    except Preempted as e:
+        print(f"\n{e}; re-run the same command with --out {out_dir} to resume", file=sys.stderr)
+        raise SystemExit(143) from None
     print()
     print(summary["table"])
     print(f"\nrun folder: {out_dir}", file=sys.stderr)

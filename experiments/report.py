@@ -17,24 +17,25 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def summarize(cfg, results: dict[str, list[float]], *, seconds: float, num_train: int,
-              num_student_train: int, num_test: int) -> dict[str, Any]:
-    """Rows of the results table, and the table itself as Markdown."""
+def summarize(cfg, results: dict[str, list[float]], row_info: dict[str, tuple[str, str]], *, seconds: float,
+              num_train: int, num_student_train: int, num_test: int) -> dict[str, Any]:
+    """Rows of the results table (``row_info``: row -> (model, method)), and the table itself as Markdown."""
     baseline = results.get("scratch")
     base_mean = _mean_std(baseline)[0] if baseline else None
     rows = []
     for name, values in results.items():
         mean, std = _mean_std(values)
-        is_teacher = name == "teacher"
+        is_teacher = name == "teacher" or name.startswith("teacher:")
+        model, method = row_info[name]
         rows.append({
             "run": name,
-            "model": cfg.teacher if is_teacher else cfg.student,
-            "method": "ce (full train split)" if is_teacher else cfg.methods[name],
+            "model": model,
+            "method": method,
             "top1_mean": mean,
             "top1_std": std,
             "seeds": len(values),
             "top1_per_seed": [100.0 * v for v in values],
-            "delta_vs_scratch": None if (is_teacher or base_mean is None) else mean - base_mean,
+            "delta_vs_scratch": None if (is_teacher or base_mean is None or "/" in name) else mean - base_mean,
         })
     header = "| run | model | method | top-1 (%) | Δ vs scratch |\n|---|---|---|---|---|"
     lines = [header]
@@ -56,8 +57,12 @@ def summarize(cfg, results: dict[str, list[float]], *, seconds: float, num_train
 
 
 def write(out_dir: str, summary: dict[str, Any]) -> None:
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    """``results.json`` (written to a temporary file and renamed: a kill never leaves half a file) and
+    ``results.md``."""
+    tmp = os.path.join(out_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(summary["table"] + f"\n\nWall time: {summary['seconds']:.0f} s.\n")
 

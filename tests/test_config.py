@@ -50,7 +50,7 @@ SHIPPED = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not p
         ("methods.kd=", "methods['kd'] must be a non-empty method spec string"),
         ("methods=ce", "methods must be a non-empty dict of run name -> method spec ... got methods='ce'"),
         ("student_kwargs=(1,)", "student_kwargs must be a dict of model keyword ... got student_kwargs=(1,)"),
-        ("data_parallel=yes", "data_parallel must be True or False, got data_parallel='yes'"),
+        ("tensorboard=yes", "tensorboard must be True or False, got tensorboard='yes'"),
         ("steps.x=3", "steps is not a dict field"),
     ],
 )
