@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import distill
@@ -81,3 +83,41 @@ def test_default_experiment_distills(tmp_path):
     assert rows["teacher"]["seeds"] == rows["kd"]["seeds"] == rows["scratch"]["seeds"] == 3
     assert rows["teacher"]["top1_mean"] > 95.0
     assert rows["kd"]["top1_mean"] > rows["scratch"]["top1_mean"] + 1.0
+
+
+def test_methods_with_several_participants_run_by_name(tmp_path):
+    """Two teachers of different architectures (averaged and with fixed weights), deep mutual learning
+    (student and peer both trained and evaluated) and online BD-KD (the teacher trained with the student)."""
+    summary = distill.main(
+        ["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
+        + sum((["--set", s] for s in TINY), [])
+        + ["--set", "seeds=(0,)", "--set", "teachers={'teacher2': {'model': 'mlp', 'kwargs': {'hidden_sizes': (24, 12)}}}",
+           "--set", "methods={'avg': 'ce + multi_teacher_kd', "
+                    "'fixed': 'ce + multi_teacher_kd(teacher_weights=(0.8, 0.2))', 'dml': 'dml', "
+                    "'online': 'bdkd_online'}"]
+    )
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert set(rows) == {"teacher", "teacher:teacher2", "avg", "fixed", "dml", "dml/peer", "online", "online/teacher"}
+    assert rows["teacher:teacher2"]["top1_mean"] > 20.0 and rows["dml/peer"]["model"] == "mlp"
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    avg = [r for r in records if r["run"] == "avg" and "loss" in r]
+    assert {"multi_teacher_kd/teacher", "multi_teacher_kd/teacher2"} <= set(avg[0])
+    dml_eval = [r for r in records if r["run"] == "dml" and r.get("step") == 20 and "test_accuracy" in r]
+    assert dml_eval[0]["test_peer_accuracy"] == rows["dml/peer"]["top1_per_seed"][0] / 100
+    online = [r for r in records if r["run"] == "online" and "loss" in r]
+    assert {"teacher/accuracy", "bdkd_online/teacher_ce"} <= set(online[0])
+
+
+def test_a_resume_with_another_teacher_is_refused(tmp_path):
+    from jaxkd import models
+    from jaxkd.checkpoint import save_variables
+
+    teacher = models.get("mlp", num_classes=10, hidden_sizes=(32,))
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    for seed in (0, 1):
+        save_variables(tmp_path / f"teacher{seed}" / "seed0", teacher.init(jax.random.PRNGKey(seed), x))
+    args = (["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
+            + sum((["--set", s] for s in TINY), []) + ["--set", "seeds=(0,)", "--set", "methods={'kd': 'ce + kd'}"])
+    distill.main(args + ["--set", f"teacher_checkpoint={tmp_path / 'teacher0' / 'seed{seed}'}"])
+    with pytest.raises(ValueError, match=r"teachers\.teacher: checkpoint has"):
+        distill.main(args + ["--set", f"teacher_checkpoint={tmp_path / 'teacher1' / 'seed{seed}'}"])

@@ -111,3 +111,23 @@ def test_a_rule_naming_an_axis_the_mesh_lacks_is_refused_at_create():
                 STUDENT, rules=sharding.Rules(overrides=((r"dense1/kernel", jax.sharding.PartitionSpec("model")),)))},
             mesh=sharding.make_mesh({"data": 8}),
         )
+
+
+@pytest.mark.parametrize("devices", [4, 1])
+def test_a_checkpoint_saved_on_eight_devices_restores_onto_fewer(tmp_path, devices):
+    from jaxkd.checkpoint import Checkpointer
+
+    saved, _ = train(SPECS["kd"], sharding.make_mesh({"data": 2, "fsdp": 4}))
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(3, saved.run_tree())
+    mesh = sharding.make_mesh({"fsdp": devices}, devices=jax.devices()[:devices])
+    target = new_state(SPECS["kd"], mesh)
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        restored = target.with_run_tree(ckpt.restore(target.run_tree()).tree)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.run_tree()), jax.device_get(saved.run_tree()))
+    kernel = restored.student.params["dense1"]["kernel"]
+    assert len(kernel.sharding.device_set) == devices
+    assert kernel.addressable_shards[0].data.shape == (16, 64 // devices)
+    # And it trains on, on its new mesh.
+    restored, metrics = jaxkd.make_train_step(mesh=mesh)(restored, BATCHES[0])
+    assert np.isfinite(float(metrics["loss"]))

@@ -42,8 +42,15 @@ METHODS = {
     "dho": "dho(temperature=2)",
     "dhkd": "dhkd(temperature=2)",
     "kd_dp": "ce + kd_dp(temperature=4)",  # initial student = its random init here
+    # Several participants: a second teacher of another architecture (see `teachers` below), a peer, an
+    # online teacher trained from scratch next to the student.
+    "multi_teacher_kd": "ce + multi_teacher_kd(teachers=('teacher', 'teacher2'))",  # averaged
+    "multi_teacher_kd_fixed": "ce + multi_teacher_kd(teachers=('teacher', 'teacher2'), teacher_weights=(0.7, 0.3))",
+    "dml": "dml",  # student + a resnet8 peer, both trained and evaluated
+    "bdkd_online": "bdkd_online(temperature=4)",  # resnet20 teacher trained with the student
 }
 
 
 def get_config() -> Config:
-    return dataclasses.replace(digits.get_config(), name="digits_methods", methods=dict(METHODS))
+    return dataclasses.replace(digits.get_config(), name="digits_methods", methods=dict(METHODS),
+                               teachers={"teacher2": {"model": "wrn_16_2"}})
