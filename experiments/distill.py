@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -333,7 +334,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
                     # Distill from the checkpoint on disk, exactly what a later run would load.
                     teacher_vars[name] = load_variables(teacher_dir, abstract)
-                    teacher_prints[name] = fingerprint(teacher_vars[name])["sha256"]
+                    teacher_prints[name] = teacher_fingerprint(teacher_vars[name])
                     results.setdefault(run_row(name), [])
                     row_info[run_row(name)] = (spec[0], "ce (full train split)")
                     evaluated = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
@@ -378,6 +379,14 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     report.write(out_dir, summary)
     report.plot_learning_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "learning_curves.png"))
     return summary
+
+
+def teacher_fingerprint(variables) -> dict[str, str]:
+    """What a run's checkpoint records of a frozen teacher: a hash of its tree structure, shapes and dtypes,
+    and one of its values (``jaxkd.checkpoint.fingerprint``), so a resume with another teacher is refused."""
+    print_ = fingerprint(variables)
+    structure = hashlib.sha256(json.dumps(print_["leaves"], sort_keys=True).encode()).hexdigest()
+    return {"structure": structure, "values": print_["sha256"]}
 
 
 def run_row(teacher_name: str) -> str:

@@ -98,3 +98,16 @@ def test_two_students_teach_each_other_both_trained_both_evaluated():
 def test_a_frozen_peer_is_refused():
     with pytest.raises(ValueError, match="trains participant 'peer'.*frozen"):
         dml_state(trains=False)
+
+
+def test_a_peer_with_its_own_optimizer_is_stepped_by_it():
+    # The peer's tx has learning rate 0: it must not move while the student, on the state's tx, does.
+    state = jaxkd.create(
+        student=STUDENT, method=methods.parse("dml"), tx=optax.sgd(0.1), sample_batch=BATCH, rng=jax.random.PRNGKey(0),
+        participants={"peer": jaxkd.Participant(PEER, tx=optax.sgd(0.0))},
+    )
+    before = jax.device_get(state.trained)
+    state, _ = jaxkd.make_train_step()(state, BATCH)
+    after = jax.device_get(state.trained)
+    jax.tree.map(np.testing.assert_array_equal, before["peer"].params, after["peer"].params)
+    assert not np.array_equal(before["student"].params["dense1"]["kernel"], after["student"].params["dense1"]["kernel"])

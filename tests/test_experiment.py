@@ -22,6 +22,8 @@ def test_default_experiment_pipeline_on_tiny_settings(tmp_path):
                            + sum((["--set", s] for s in TINY), []))
     run = tmp_path / "run"
     assert {"config.json", "metrics.jsonl", "results.json", "results.md", "learning_curves.png"} <= set(os.listdir(run))
+    events = os.listdir(run / "tensorboard" / "seed1" / "kd")
+    assert events and all(e.startswith("events.out.tfevents") for e in events)
     assert sorted(os.listdir(run / "teachers")) == ["seed0", "seed1"]
     rows = {r["run"]: r for r in summary["rows"]}
     assert set(rows) == {"teacher", "scratch", "kd"}
@@ -119,5 +121,5 @@ def test_a_resume_with_another_teacher_is_refused(tmp_path):
     args = (["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
             + sum((["--set", s] for s in TINY), []) + ["--set", "seeds=(0,)", "--set", "methods={'kd': 'ce + kd'}"])
     distill.main(args + ["--set", f"teacher_checkpoint={tmp_path / 'teacher0' / 'seed{seed}'}"])
-    with pytest.raises(ValueError, match=r"teachers\.teacher: checkpoint has"):
+    with pytest.raises(ValueError, match=r"teachers\.teacher\.values: checkpoint has"):
         distill.main(args + ["--set", f"teacher_checkpoint={tmp_path / 'teacher1' / 'seed{seed}'}"])

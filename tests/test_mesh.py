@@ -131,3 +131,35 @@ def test_a_checkpoint_saved_on_eight_devices_restores_onto_fewer(tmp_path, devic
     # And it trains on, on its new mesh.
     restored, metrics = jaxkd.make_train_step(mesh=mesh)(restored, BATCHES[0])
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_a_model_that_declares_logical_axes_is_sharded_by_them_end_to_end():
+    import flax.linen as nn
+
+    class Tagged(nn.Module):
+        """A Linen model whose kernels carry logical axis names (as the ViT and LMs will)."""
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = x.reshape(x.shape[0], -1)
+            dense = lambda n, axes: nn.Dense(n, kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), axes))
+            h = nn.relu(dense(64, ("embed", "mlp"))(x))
+            return dense(NUM_CLASSES, ("mlp", "vocab"))(h)
+
+    model = models.from_linen(Tagged())
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = sharding.Rules(logical=(("embed", "fsdp"), ("mlp", "tensor"), ("vocab", None)))
+    state = jaxkd.create(method=methods.ce(), tx=optax.sgd(0.1), sample_batch=BATCHES[0], rng=jax.random.PRNGKey(0),
+                         participants={"student": jaxkd.Participant(model, rules=rules)}, mesh=mesh)
+    single = jaxkd.create(method=methods.ce(), tx=optax.sgd(0.1), sample_batch=BATCHES[0], rng=jax.random.PRNGKey(0),
+                          participants={"student": jaxkd.Participant(model)})
+    kernel = state.student.params["Dense_0"]["kernel"]  # [16, 64]: embed over fsdp, mlp over tensor
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (8, 32)
+    state, m_sharded = jaxkd.make_train_step(mesh=mesh)(state, BATCHES[0])
+    single, m_single = jaxkd.make_train_step()(single, BATCHES[0])
+    np.testing.assert_allclose(float(m_sharded["loss"]), float(m_single["loss"]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(state.student.params), jax.device_get(single.student.params))
+    assert state.student.params["Dense_0"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -1,4 +1,4 @@
-"""The README's code example runs as written."""
+"""The README's code examples run as written (the second continues the first)."""
 
 import pathlib
 import re
@@ -14,10 +14,16 @@ def python_blocks():
 
 def test_readme_compose_example_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # the digits are prepared here, not in ~
-    (example,) = python_blocks()
+    example, participants = python_blocks()
     namespace = {}
     exec(compile(example, str(README), "exec"), namespace)
     state, metrics = namespace["state"], namespace["metrics"]
     assert int(state.step) == len(namespace["batches"])
     assert {"loss", "ce", "kd", "grad_norm", "accuracy"} <= set(metrics)
+    assert all(bool(jax.numpy.isfinite(v)) for v in metrics.values())
+
+    exec(compile(participants, str(README), "exec"), namespace)
+    state, metrics = namespace["state"], namespace["metrics"]
+    assert set(state.frozen) == {"teacher", "wrn"} and int(state.step) == 1
+    assert {"multi_teacher_kd/teacher", "multi_teacher_kd/wrn"} <= set(metrics)
     assert all(bool(jax.numpy.isfinite(v)) for v in metrics.values())
