@@ -369,6 +369,9 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         results.setdefault(row, []).append(result[f"{p}_accuracy"])
                         row_info[row] = (trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})")
                     del state
+                    # Each run compiles its own programs (its method and participants are static): drop
+                    # them, or a long comparison exhausts the process's memory maps (~500 per run on CPU).
+                    jax.clear_caches()
         finally:
             runner.close()
             progress.close()
