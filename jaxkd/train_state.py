@@ -24,6 +24,7 @@ device (a teacher too large for one device is loaded shard by shard).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.struct
@@ -335,14 +336,7 @@ def create(
     full_tx = combined_tx(tx, parts)
     abstract_batch = _abstract_batch(sample_batch)
 
-    def build(rng_method, given):
-        variables = {}
-        for name in trained_names:
-            p = parts[name]
-            if name in given:
-                variables[name] = given[name]
-            else:
-                variables[name] = shd.unbox(p.model.init(init_rngs[name], p.model_input(batch, name=name)))
+    def build(rng_method, variables):
         inputs = LossInputs(outputs=outputs, batch=abstract_batch, step=jnp.zeros((), jnp.int32),
                             variables=variables, participants=static, label_key=label_key)
         method_vars = method.init(rng_method, inputs)
@@ -352,21 +346,30 @@ def create(
 
     given = {n: parts[n].variables for n in trained_names if parts[n].variables is not None}
     frozen_vars = {n: parts[n].variables for n in frozen_names}
-    if mesh is None:
-        given, frozen_vars = _owned_copy(given), _owned_copy(frozen_vars)
-        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,))(method_rng, given)
-    else:
+    var_shardings = {name: None for name in parts}
+    if mesh is not None:
         var_shardings = {
             name: shd.param_shardings(abstract_vars[name], mesh, parts[name].rules or shd.default_rules(mesh),
                                       logical_specs=shd.logical_partition_specs(boxed[name]))
             for name in parts
         }
-        given = _owned_copy(given, {n: var_shardings[n] for n in given})
-        frozen_vars = _owned_copy(frozen_vars, {n: var_shardings[n] for n in frozen_vars})
-        out_abstract = jax.eval_shape(build, method_rng, given)
+    # Copies: the state owns its buffers (steps donate it; the caller's arrays must survive).
+    variables = _owned_copy(given, {n: var_shardings[n] for n in given} if mesh is not None else None)
+    frozen_vars = _owned_copy(frozen_vars, {n: var_shardings[n] for n in frozen_vars} if mesh is not None else None)
+    for name in trained_names:
+        if name not in variables:
+            # One compiled init per model (cached across states), writing each shard where it belongs.
+            x = parts[name].model_input(batch, name=name)
+            init = _unboxed_init(parts[name].model)
+            init = init if mesh is None else jax.jit(init.__wrapped__, out_shardings=var_shardings[name])
+            variables[name] = init(init_rngs[name], x)
+    if mesh is None:
+        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,))(method_rng, variables)
+    else:
+        out_abstract = jax.eval_shape(build, method_rng, variables)
         out_shardings = _state_shardings(out_abstract, var_shardings, full_tx, mesh, parts)
         trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,), out_shardings=out_shardings)(
-            method_rng, given
+            method_rng, variables
         )
 
     # Trace the loss once on abstract values: raises every shape/key/feature/participant error now.
@@ -378,7 +381,13 @@ def create(
 
     jax.eval_shape(trace_loss, method_vars, outputs, abstract_batch, trained)
 
-    replicate = (lambda a: a) if mesh is None else (lambda a: jax.device_put(a, shd.replicated(mesh)))
+    # Every array committed to its device(s): a mix of committed and uncommitted arrays would compile the
+    # train step twice (the first step's outputs are all committed).
+    replicate = (lambda a: jax.device_put(a, jax.devices()[0])) if mesh is None else (
+        lambda a: jax.device_put(a, shd.replicated(mesh)))
+    if mesh is None:
+        trained, method_vars, opt_state, frozen_vars = jax.device_put(
+            (trained, method_vars, opt_state, frozen_vars), jax.devices()[0])
     return TrainState(
         step=replicate(jnp.zeros((), jnp.int32)),
         trained=trained,
@@ -394,6 +403,18 @@ def create(
         num_classes=num_classes,
         batch_spec=BatchSpec.of(sample_batch),
     )
+
+
+@functools.cache
+def _unboxed_init(model: Model):
+    """``model.init`` returning plain arrays (logical-axis boxes removed); one function per model, so its
+    compiled init is reused by every state built from that model."""
+    def init(rng, x):
+        return shd.unbox(model.init(rng, x))
+
+    jitted = jax.jit(init)
+    jitted.__wrapped__ = init
+    return jitted
 
 
 def _owned_copy(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
