@@ -289,8 +289,14 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     dataset = load_data(cfg)
     num_classes = dataset.train.num_classes
 
+    built: dict[str, Any] = {}
+
     def model(spec: tuple[str, dict]):
-        return models.get(spec[0], num_classes=num_classes, **spec[1])
+        """One Model object per architecture: states built from the same objects share compiled steps."""
+        key = json.dumps([spec[0], spec[1]], sort_keys=True, default=str)
+        if key not in built:
+            built[key] = models.get(spec[0], num_classes=num_classes, **spec[1])
+        return built[key]
 
     student = model((cfg.student, cfg.student_kwargs))
     teacher_schedule = schedule_of(cfg, cfg.teacher_lr, cfg.teacher_steps)
@@ -311,16 +317,19 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     with PreemptionFlag() as preemption:
         runner = Runner(cfg, dataset, out_dir, progress, preemption)
         try:
+            # Teachers first, for every seed; then each method over the seeds, so a method's compiled
+            # programs serve all its seeds, and are dropped before the next method (each run compiles
+            # its own: a 100-run comparison otherwise exhausts the process's memory maps on CPU).
+            teacher_vars, teacher_prints = {}, {}
             for seed in cfg.seeds:
-                rng = jax.random.PRNGKey(seed)
-                teacher_rng, student_rng = jax.random.split(rng)
-                teacher_vars, teacher_prints = {}, {}
+                teacher_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
+                teacher_vars[seed], teacher_prints[seed] = {}, {}
                 for name in frozen:
                     spec = teacher_model_spec(cfg, name)
                     teacher = model(spec)
                     abstract = jax.eval_shape(teacher.init, teacher_rng, sample["image"])
                     if train_teachers or name != "teacher":
-                        run = "teacher" if name == "teacher" else f"teacher:{name}"
+                        run = run_row(name)
                         state = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
                                              rng=teacher_rng, mesh=runner.mesh)
                         config = {**shared, "run": run, "seed": seed, "model": spec[0], "kwargs": spec[1],
@@ -333,21 +342,24 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     else:
                         teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
                     # Distill from the checkpoint on disk, exactly what a later run would load.
-                    teacher_vars[name] = load_variables(teacher_dir, abstract)
-                    teacher_prints[name] = teacher_fingerprint(teacher_vars[name])
-                    results.setdefault(run_row(name), [])
+                    teacher_vars[seed][name] = load_variables(teacher_dir, abstract)
+                    teacher_prints[seed][name] = teacher_fingerprint(teacher_vars[seed][name])
                     row_info[run_row(name)] = (spec[0], "ce (full train split)")
                     evaluated = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
-                                             rng=teacher_rng, student_variables=teacher_vars[name], mesh=runner.mesh)
-                    results[run_row(name)].append(runner.evaluate(evaluated)["accuracy"])
-                for name, method in run_plan.methods.items():
+                                             rng=teacher_rng, student_variables=teacher_vars[seed][name],
+                                             mesh=runner.mesh)
+                    results.setdefault(run_row(name), []).append(runner.evaluate(evaluated)["accuracy"])
+            jax.clear_caches()
+            for name, method in run_plan.methods.items():
+                for seed in cfg.seeds:
+                    _, student_rng = jax.random.split(jax.random.PRNGKey(seed))
                     participants = {}
                     for p in method.participants:
                         if p in method.trains:
                             participants[p] = jaxkd.Participant(model(trained_model_spec(cfg, p)))
                         else:
-                            participants[p] = jaxkd.Participant(model(teacher_model_spec(cfg, p)), teacher_vars[p],
-                                                                trains=False)
+                            participants[p] = jaxkd.Participant(model(teacher_model_spec(cfg, p)),
+                                                                teacher_vars[seed][p], trains=False)
                     train_split, meta_split = dataset.student_train, None
                     if method.meta_prefix is not None:
                         train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
@@ -358,7 +370,8 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
                               "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trains},
-                              "teachers": {p: teacher_prints[p] for p in method.participants if p not in method.trains}}
+                              "teachers": {p: teacher_prints[seed][p] for p in method.participants
+                                           if p not in method.trains}}
                     state, result = runner.fit(run=name, seed=seed, state=state, split=train_split, steps=cfg.steps,
                                                lr_schedule=student_schedule, config=config, meta=meta_split,
                                                meta_prefix=method.meta_prefix)
@@ -369,9 +382,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         results.setdefault(row, []).append(result[f"{p}_accuracy"])
                         row_info[row] = (trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})")
                     del state
-                    # Each run compiles its own programs (its method and participants are static): drop
-                    # them, or a long comparison exhausts the process's memory maps (~500 per run on CPU).
-                    jax.clear_caches()
+                jax.clear_caches()
         finally:
             runner.close()
             progress.close()

@@ -90,6 +90,18 @@ class Participant:
         """The same participant without its variables (what the train state keeps as static data)."""
         return dataclasses.replace(self, variables=None)
 
+    def _key(self) -> tuple:
+        return (id(self.model), self.trains, self.input if isinstance(self.input, (str, tuple)) else id(self.input),
+                id(self.tx), self.rules)
+
+    # Equal when everything but the variables is the same objects: two states built from the same models,
+    # inputs and optimizers then share one compiled step (jit compares static fields by equality).
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Participant) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
 
 def _is_key_sequence(value: Any) -> bool:
     return isinstance(value, Sequence) and bool(value) and all(isinstance(k, str) for k in value)
