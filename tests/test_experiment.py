@@ -77,6 +77,7 @@ def test_bad_method_specs_and_divergence_stop_the_run_before_any_table(tmp_path)
     assert not (tmp_path / "b" / "results.md").exists()
 
 
+@pytest.mark.slow  # 2 minutes: `pytest -m slow`
 def test_default_experiment_distills(tmp_path):
     """The README's default run, as printed there: on the default setting with the default seeds, the KD
     student beats the same student trained from scratch, and the teacher is far above both."""
