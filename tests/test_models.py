@@ -87,16 +87,23 @@ def conv_net(request):
 
 FEATURE_SHAPES = {
     "resnet8": {
-        "stage1_in": (BATCH, 32, 32, 16),
-        "stage2_in": (BATCH, 32, 32, 16),
-        "stage3_in": (BATCH, 16, 16, 32),
-        "prepool": (BATCH, 8, 8, 64),
+        "stem": (BATCH, 32, 32, 16),
+        "stage1": (BATCH, 32, 32, 16),
+        "stage2": (BATCH, 16, 16, 32),
+        "stage3": (BATCH, 8, 8, 64),
+        "stage1_preact": (BATCH, 32, 32, 16),
+        "stage2_preact": (BATCH, 16, 16, 32),
+        "stage3_preact": (BATCH, 8, 8, 64),
         "pooled": (BATCH, 64),
     },
     "wrn_16_2": {
-        "stage1_in": (BATCH, 32, 32, 16),
-        "stage2_in": (BATCH, 32, 32, 32),
-        "stage3_in": (BATCH, 16, 16, 64),
+        "stem": (BATCH, 32, 32, 16),
+        "stage1": (BATCH, 32, 32, 32),
+        "stage2": (BATCH, 16, 16, 64),
+        "stage3": (BATCH, 8, 8, 128),
+        "stage1_preact": (BATCH, 32, 32, 32),
+        "stage2_preact": (BATCH, 16, 16, 64),
+        "stage3_preact": (BATCH, 8, 8, 128),
         "prepool": (BATCH, 8, 8, 128),
         "pooled": (BATCH, 128),
     },
@@ -107,11 +114,20 @@ def test_conv_net_logits_and_features(conv_net):
     name, _, out, _ = conv_net
     assert out.logits.shape == (BATCH, 10) and out.logits.dtype == jnp.float32
     assert {k: v.shape for k, v in out.features.items()} == FEATURE_SHAPES[name]
-    prepool = out.features["prepool"]
-    assert bool(jnp.all(prepool >= 0))  # post-activation
+    pooled_map = out.features["prepool" if name.startswith("wrn") else "stage3"]
+    assert bool(jnp.all(pooled_map >= 0))  # post-activation
     np.testing.assert_allclose(
-        out.features["pooled"], prepool.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6
+        out.features["pooled"], pooled_map.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6
     )
+    # Pre-activation features: the ReLU of the resnet's preact is its post-activation feature; the WRN's
+    # preact is the BatchNorm'd stage output, whose ReLU is the pooled map for stage 3.
+    for stage in (1, 2, 3):
+        preact = out.features[f"stage{stage}_preact"]
+        assert bool(jnp.any(preact < 0))
+        if name.startswith("resnet"):
+            np.testing.assert_array_equal(jax.nn.relu(preact), out.features[f"stage{stage}"])
+    if name.startswith("wrn"):
+        np.testing.assert_allclose(jax.nn.relu(out.features["stage3_preact"]), pooled_map, rtol=1e-6, atol=1e-6)
 
 
 def test_conv_net_batch_stats_update_only_in_train(conv_net):
@@ -166,7 +182,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     out = _apply(model, variables, x, train=True)
     assert out.logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out.logits)))
-    assert out.features["prepool"].dtype == jnp.bfloat16
+    assert out.features["stage3"].dtype == jnp.bfloat16
     assert {leaf.dtype for leaf in jax.tree.leaves(out.model_state)} == {jnp.dtype(jnp.float32)}
 
 

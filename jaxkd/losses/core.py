@@ -13,6 +13,13 @@ Conventions (the same in every loss):
   form by :func:`per_example_loss`, which adds the keyword arguments ``mask``, ``weights`` and
   ``reduction`` and reduces with :func:`reduce_loss` (the mean over unmasked examples by default; 0 when
   nothing is unmasked). ``reduction="none"`` returns the per-example values.
+* Features (the feature, relational and ranking losses) are ``[batch, ...]`` in the model's own layout:
+  NHWC maps ``[B, H, W, C]``, token sequences ``[B, N, D]``, embeddings ``[B, D]``. A loss that is a sum
+  of per-example terms is a per-example function like the logit losses; a *relational* loss couples the
+  examples of the batch (SP's Gram matrices, RKD's distances, CC's correlations): it is written as a
+  function of the whole batch and made public by :func:`relational_loss`, whose ``mask`` removes the
+  masked examples from every relation (the value equals the loss of the unmasked examples alone), and
+  which has only a mean. Under a sharded batch, XLA computes the relation over the global batch.
 * Labels are integers in ``[0, C)``. A label outside that range makes its example's loss NaN (inside
   ``jit`` nothing can be raised; outside, :func:`jaxkd.checks.check_labels` raises first).
 """
@@ -35,7 +42,9 @@ __all__ = [
     "combine_masks",
     "compute_dtype",
     "example_weights",
+    "flatten_features",
     "is_masked",
+    "l2_normalize",
     "kl_from_log_probs",
     "label_one_hot",
     "log_mixture",
@@ -44,7 +53,9 @@ __all__ = [
     "per_example_loss",
     "probs",
     "reduce_loss",
+    "relational_loss",
     "safe_sqrt",
+    "squared_distances",
     "to_float",
     "zero_where_masked",
 ]
@@ -244,3 +255,70 @@ def per_example_loss(fn: Callable) -> Callable:
     loss.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _REDUCTION_DOC
     del loss.__wrapped__  # help() and inspect show the public signature above, not fn's
     return loss
+
+
+# ----- features -----
+
+
+def flatten_features(x: Array) -> Array:
+    """``[B, ...] -> [B, D]`` (row-major, as PyTorch's ``view(B, -1)`` of the same layout), in at least float32."""
+    x = to_float(x)
+    if x.ndim < 1:
+        raise ValueError(f"features must be [batch, ...], got a scalar")
+    return x.reshape(x.shape[0], -1)
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+    """``x / max(‖x‖₂, eps)`` along ``axis`` (PyTorch's ``F.normalize``, which the official codes use):
+    a zero vector stays zero with a finite gradient."""
+    x = to_float(x)
+    norm = safe_sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def squared_distances(a: Array, b: Array | None = None) -> Array:
+    """``‖a_i − b_j‖²`` for rows ``a [N, D]``, ``b [M, D]`` (``b = a`` by default), ``[N, M]``, clamped at 0.
+
+    Computed from differences, not from ``‖a‖² + ‖b‖² − 2a·b`` (which cancels catastrophically for
+    nearby rows and is what makes RKD's official ``pdist`` need an ``eps``).
+    """
+    a = to_float(a)
+    b = a if b is None else to_float(b)
+    diff = a[:, None, :] - b[None, :, :]
+    return jnp.sum(diff * diff, axis=-1)
+
+
+def relational_loss(fn: Callable) -> Callable:
+    """Turns a loss of the whole batch into its public form: ``mask`` (boolean ``[B]``, the valid examples)
+    and ``reduction`` (only ``"mean"``: a relational loss couples the examples, no per-example value exists).
+
+    ``fn(*args, example_weights=w, **kwargs)`` receives ``w``, a float ``[B]`` of 1 (valid) and 0 (masked)
+    — all ones without a mask — and must give the loss of the valid examples alone: every pair or
+    relation that involves a masked example is left out, and means are over the valid ones. Masked
+    examples may hold anything finite; the tests check the value equals the loss of the subset.
+    """
+
+    @functools.wraps(fn)
+    def loss(*args, mask: Array | None = None, reduction: Reduction = "mean", **kwargs):
+        check_batch_reduction(fn.__name__, reduction)
+        batch = jnp.shape(args[0])[0]
+        w = example_weights((batch,), mask, None)
+        return fn(*args, example_weights=w, **kwargs)
+
+    signature = inspect.signature(fn)
+    params = [p for name, p in signature.parameters.items() if name != "example_weights"]
+    extra = [
+        inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | None"),
+        inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="mean", annotation="Reduction"),
+    ]
+    loss.__signature__ = signature.replace(parameters=[*params, *extra])
+    loss.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _RELATIONAL_DOC
+    del loss.__wrapped__
+    return loss
+
+
+_RELATIONAL_DOC = """
+    Batch (added by :func:`jaxkd.losses.core.relational_loss`): ``mask``, boolean ``[B]``, leaves the masked
+    examples out of every relation (the value is the loss of the unmasked examples alone; 0 when fewer
+    than the loss needs remain); ``reduction`` must be ``"mean"`` (the examples are coupled).
+"""

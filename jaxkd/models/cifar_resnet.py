@@ -13,9 +13,12 @@ mdistiller reuses:
   also starts with a 1x1 projection shortcut);
 * convolutions have no bias and use Kaiming-normal (fan-out) initialisation.
 
-Layout is NHWC. Features sown (flat names on the top module): ``stage1_in`` (stem output),
-``stage2_in`` / ``stage3_in`` (outputs of stages 1 and 2), ``prepool`` (output of stage 3, after
-its final ReLU) and ``pooled`` (the globally averaged ``[B, C]`` embedding fed to the classifier).
+Layout is NHWC. Features sown (flat names on the top module), RepDistiller's ``feat`` list:
+``stem`` (stem output after its ReLU, ``f0``), ``stage1`` / ``stage2`` / ``stage3`` (each stage's output
+after the final ReLU of its last block, ``f1``–``f3``; ``stage3`` is the map that is pooled),
+``stage1_preact`` … ``stage3_preact`` (the same before that ReLU: the residual sum, RepDistiller's
+``preact=True`` features, which OFD and ReviewKD distill) and ``pooled`` (the globally averaged ``[B, C]``
+embedding fed to the classifier, ``f4``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, *, return_preact: bool = False):
+        """The block's output; with ``return_preact``, ``(output, the residual sum before the ReLU)``."""
         out = conv(self.features, 3, self.strides, self.dtype, "conv1")(x)
         out = nn.relu(batch_norm(train, self.dtype, "bn1")(out))
         out = conv(self.features, 3, 1, self.dtype, "conv2")(out)
@@ -73,7 +77,8 @@ class BasicBlock(nn.Module):
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, 1, self.strides, self.dtype, "shortcut_conv")(x)
             shortcut = batch_norm(train, self.dtype, "shortcut_bn")(shortcut)
-        return nn.relu(out + shortcut)
+        preact = out + shortcut
+        return (nn.relu(preact), preact) if return_preact else nn.relu(preact)
 
 
 class CifarResNet(nn.Module):
@@ -102,14 +107,16 @@ class CifarResNet(nn.Module):
 
         x = conv(stem, 3, 1, self.dtype, "stem_conv")(x)
         x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
+        self.sow("intermediates", "stem", x)
         for stage, (width, strides) in enumerate(zip(widths, (1, 2, 2)), start=1):
-            self.sow("intermediates", f"stage{stage}_in", x)
             for block in range(n):
                 x = BasicBlock(
                     width, strides if block == 0 else 1, dtype=self.dtype,
                     name=f"stage{stage}_block{block}",
-                )(x, train)
-        self.sow("intermediates", "prepool", x)
+                )(x, train, return_preact=block == n - 1)
+            x, preact = x
+            self.sow("intermediates", f"stage{stage}_preact", preact)
+            self.sow("intermediates", f"stage{stage}", x)
         x = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "pooled", x)
         logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)

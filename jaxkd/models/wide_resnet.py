@@ -11,10 +11,12 @@ classifier. Conventions follow RepDistiller (Tian et al., ICLR 2020, ``models/wr
 * optional dropout between the two convolutions of a block (rate 0 by default);
 * convolutions have no bias and use Kaiming-normal (fan-out) initialisation.
 
-Layout is NHWC. Features sown (flat names on the top module): ``stage1_in`` (stem output),
-``stage2_in`` / ``stage3_in`` (outputs of stages 1 and 2, i.e. residual sums before the next
-block's pre-activation), ``prepool`` (``relu(bn(stage 3 output))``, the map that is pooled) and
-``pooled`` (the ``[B, C]`` embedding fed to the classifier).
+Layout is NHWC. Features sown (flat names on the top module), as RepDistiller's ``feat`` list: ``stem``
+(the stem convolution's output, ``f0``), ``stage1`` / ``stage2`` / ``stage3`` (each stage's raw output,
+the residual sum, ``f1``–``f3``), ``stage1_preact`` … ``stage3_preact`` (the same normalized by the
+BatchNorm that the network applies to it next, the next stage's first block's or the final one, before
+its ReLU: RepDistiller's ``preact=True`` features), ``prepool`` (``relu(bn(stage3))``, the map that is
+pooled) and ``pooled`` (the ``[B, C]`` embedding fed to the classifier, ``f4``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ class PreActBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        act = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+    def __call__(self, x, train: bool, *, return_input_bn: bool = False):
+        """The block's output; with ``return_input_bn``, ``(output, bn1(x))``: the previous stage's output
+        as this block normalizes it, before the ReLU (the pre-activation feature)."""
+        normed = batch_norm(train, self.dtype, "bn1")(x)
+        act = nn.relu(normed)
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, 1, self.strides, self.dtype, "shortcut_conv")(act)
         else:
@@ -48,7 +53,7 @@ class PreActBlock(nn.Module):
         out = nn.relu(batch_norm(train, self.dtype, "bn2")(out))
         out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
         out = conv(self.features, 3, 1, self.dtype, "conv2")(out)
-        return out + shortcut
+        return (out + shortcut, normed) if return_input_bn else out + shortcut
 
 
 class WideResNet(nn.Module):
@@ -78,14 +83,23 @@ class WideResNet(nn.Module):
         widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
 
         x = conv(16, 3, 1, self.dtype, "stem_conv")(x)
+        self.sow("intermediates", "stem", x)
         for stage, (width, strides) in enumerate(zip(widths, (1, 2, 2)), start=1):
-            self.sow("intermediates", f"stage{stage}_in", x)
+            if stage > 1:
+                self.sow("intermediates", f"stage{stage - 1}", x)
             for block in range(n):
                 x = PreActBlock(
                     width, strides if block == 0 else 1, self.dropout_rate, dtype=self.dtype,
                     name=f"stage{stage}_block{block}",
-                )(x, train)
-        x = nn.relu(batch_norm(train, self.dtype, "final_bn")(x))
+                )(x, train, return_input_bn=stage > 1 and block == 0)
+                if stage > 1 and block == 0:
+                    # The previous stage's output as this block normalizes and activates it.
+                    x, normed = x
+                    self.sow("intermediates", f"stage{stage - 1}_preact", normed)
+        self.sow("intermediates", "stage3", x)
+        normed = batch_norm(train, self.dtype, "final_bn")(x)
+        x = nn.relu(normed)
+        self.sow("intermediates", "stage3_preact", normed)
         self.sow("intermediates", "prepool", x)
         x = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "pooled", x)
