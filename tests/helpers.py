@@ -25,3 +25,20 @@ def tiny_batch(seed=0, batch_size=16, num_classes=NUM_CLASSES):
 
 def teacher_variables(teacher, batch, seed=1):
     return teacher.init(jax.random.PRNGKey(seed), batch["image"])
+
+
+def tiny_conv_models(num_classes=NUM_CLASSES):
+    """A resnet14 teacher and a resnet8 student (CIFAR ResNets with every RepDistiller feature tap:
+    stem, stage1-3, stage*_preact, pooled) for methods that read feature maps; use with
+    :func:`tiny_image_batch` (8x8x1 images: maps 8x8, 4x4, 2x2)."""
+    teacher = models.get("resnet14", num_classes=num_classes)
+    student = models.get("resnet8", num_classes=num_classes)
+    return teacher, student
+
+
+def tiny_image_batch(seed=0, batch_size=8, num_classes=NUM_CLASSES):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(batch_size, 8, 8, 1)).astype(np.float32),
+        "label": rng.integers(0, num_classes, size=batch_size).astype(np.int32),
+    }

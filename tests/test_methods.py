@@ -193,3 +193,15 @@ def test_parse_reads_arithmetic_over_named_constants():
     np.testing.assert_allclose(sinkd.weight, 0.0512)
     with pytest.raises(ValueError, match="names of registered methods"):
         methods.parse("kd", {"kd": 3})
+
+
+def test_stage_weights_switch_methods_at_a_step():
+    """``until(n)`` / ``after(n)`` weights (a two-stage recipe in one run), also times a number."""
+    chain = methods.parse("until(3) * kd + after(3) * ce + 2 * after(2) * dist")
+    weights = {t.name: [float(t.weight(jnp.asarray(s, jnp.int32))) for s in range(5)] for t in chain.terms}
+    assert weights == {"kd": [1, 1, 1, 0, 0], "ce": [0, 0, 0, 1, 1], "dist": [0, 0, 2, 2, 2]}
+    assert [float(methods.until(0)(jnp.int32(0))), float(methods.after(0)(jnp.int32(0)))] == [0.0, 1.0]
+    for bad, message in [("until(-1) * kd", "whole number"), ("until(1, 2) * kd", "one argument"),
+                         ("until(1.5) * kd", "whole number")]:
+        with pytest.raises(ValueError, match=message):
+            methods.parse(bad)

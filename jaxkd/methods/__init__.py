@@ -16,12 +16,14 @@ from jaxkd.methods.base import (
     MethodVars,
     StepInfo,
     Weight,
+    after,
     as_chain,
     chain,
     logit_method,
     multiply_weights,
     require,
     stateless_method,
+    until,
 )
 from jaxkd.methods.registry import REGISTRY, method_table, register
 from jaxkd.methods.spec import parse
@@ -36,6 +38,7 @@ __all__ = [
     "MethodVars",
     "StepInfo",
     "Weight",
+    "after",
     "as_chain",
     "chain",
     "logit_method",
@@ -45,6 +48,7 @@ __all__ = [
     "register",
     "require",
     "stateless_method",
+    "until",
 ]
 
 # The building blocks first, so the registry (and the README's method table) lists them first.

@@ -227,6 +227,26 @@ def multiply_weights(a: Weight, b: Weight) -> Weight:
     return lambda step: resolve_weight(a, step) * resolve_weight(b, step)
 
 
+def until(steps: int) -> Callable[[Array], Array]:
+    """The weight schedule ``1`` while ``step < steps``, then ``0``: a method that runs in a first stage only
+    (FitNets' hint training, FT's paraphraser). ``until(n) * fitnets(...) + after(n) * (ce() + kd())`` is a
+    two-stage run in one train state."""
+    steps = check_stage_steps("until", steps)
+    return lambda step: jnp.asarray(step < steps, jnp.float32)
+
+
+def after(steps: int) -> Callable[[Array], Array]:
+    """The weight schedule ``0`` while ``step < steps``, then ``1``: a method of a second stage."""
+    steps = check_stage_steps("after", steps)
+    return lambda step: jnp.asarray(step >= steps, jnp.float32)
+
+
+def check_stage_steps(name: str, steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int,)) or steps < 0:
+        raise ValueError(f"{name}(steps) takes a whole number of steps >= 0, got {steps!r}")
+    return int(steps)
+
+
 def check_name(name: Any) -> str:
     """A method name is a non-empty string without ``/`` (it prefixes its metrics), not a reserved one."""
     if not isinstance(name, str) or not name or "/" in name:

@@ -6,7 +6,9 @@ method is selectable from an experiment config. Grammar (a safe subset of Python
 :data:`jaxkd.methods.REGISTRY`. Values are literals (numbers, strings, booleans, ``None``, tuples) or
 arithmetic (``+ - * / // **``) over numbers and the named ``constants`` passed to :func:`parse` —
 ``taid(total_steps=steps)`` or ``dkd(warmup_steps=steps // 12)`` with ``{"steps": 400}``. Weights may be
-arithmetic too: ``0.0008 * batch_size * sinkd``.
+arithmetic too: ``0.0008 * batch_size * sinkd``. A weight may also be a stage, ``until(n)`` (1 before
+step ``n``, then 0) or ``after(n)`` (0 before, then 1), optionally times a number:
+``until(100) * fitnets + after(100) * (ce + kd)`` is FitNets' two-stage recipe in one run.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import ast
 import operator
 from typing import Any, Mapping
 
-from jaxkd.methods.base import Method, chain
+from jaxkd.methods.base import Method, after, chain, multiply_weights, until
 from jaxkd.methods.registry import REGISTRY
 
 __all__ = ["parse"]
+
+#: Weight schedules a spec may call (their names are not method names).
+_STAGES = {"until": until, "after": after}
 
 _OPERATORS = {
     ast.Add: operator.add,
@@ -66,7 +71,31 @@ class _Reader:
             raise self.error(f"expected a number, got {value!r}", node)
         return value
 
+    def is_stage(self, node: ast.AST) -> bool:
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _STAGES
+
+    def weight(self, node: ast.AST):
+        """A number, a stage ``until(n)`` / ``after(n)``, or a number times a stage."""
+        if self.is_stage(node):
+            if len(node.args) != 1 or node.keywords:
+                raise self.error(f"{node.func.id}() takes one argument, a step count", node)
+            try:
+                return _STAGES[node.func.id](self.number(node.args[0]))
+            except ValueError as e:
+                raise self.error(str(e), node) from None
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and (
+            self.is_stage(node.left) or self.is_stage(node.right)
+        ):
+            left, right = self.weight(node.left), self.weight(node.right)
+            try:
+                return multiply_weights(left, right)
+            except ValueError as e:
+                raise self.error(f"bad weight: {e}", node) from None
+        return self.number(node)
+
     def is_method(self, node: ast.AST) -> bool:
+        if self.is_stage(node):
+            return False
         if isinstance(node, ast.Call):
             return True
         if isinstance(node, ast.Name):
@@ -84,7 +113,7 @@ class _Reader:
                 left, right = right, left
             if not self.is_method(right):
                 raise self.error("a term must name a method", node)
-            weight, method = self.number(left), self.term(right)
+            weight, method = self.weight(left), self.term(right)
             try:
                 return weight * method
             except ValueError as e:
