@@ -130,13 +130,16 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Trai
         for name, v in state.frozen.items()
     }
 
+    frozen_variables = {name: jax.lax.stop_gradient(v.variables()) for name, v in state.frozen.items()}
+
     def loss_fn(trainable):
         variables = {name: ModelVariables(trainable[name], v.model_state).variables() for name, v in state.trained.items()}
         trained_out = {
             name: _forward(state, name, variables[name], batch, train=True, rng=dropout_rngs[name]) for name in variables
         }
         inputs = LossInputs(
-            outputs={**trained_out, **frozen_out}, batch=batch, step=state.step, variables=variables,
+            outputs={**trained_out, **frozen_out}, batch=batch, step=state.step,
+            variables={**frozen_variables, **variables},
             participants=state.participants, label_key=state.label_key,
         )
         loss, aux = method.loss(MethodVars(trainable["method"], state.method.state), inputs, method_rng)

@@ -336,9 +336,9 @@ def create(
     full_tx = combined_tx(tx, parts)
     abstract_batch = _abstract_batch(sample_batch)
 
-    def build(rng_method, variables):
+    def build(rng_method, variables, frozen):
         inputs = LossInputs(outputs=outputs, batch=abstract_batch, step=jnp.zeros((), jnp.int32),
-                            variables=variables, participants=static, label_key=label_key)
+                            variables={**frozen, **variables}, participants=static, label_key=label_key)
         method_vars = method.init(rng_method, inputs)
         trained = {name: ModelVariables(*split_variables(variables[name])) for name in trained_names}
         trainable = {**{n: v.params for n, v in trained.items()}, "method": method_vars.params}
@@ -364,22 +364,22 @@ def create(
             init = init if mesh is None else jax.jit(init.__wrapped__, out_shardings=var_shardings[name])
             variables[name] = init(init_rngs[name], x)
     if mesh is None:
-        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,))(method_rng, variables)
+        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,))(method_rng, variables, frozen_vars)
     else:
-        out_abstract = jax.eval_shape(build, method_rng, variables)
+        out_abstract = jax.eval_shape(build, method_rng, variables, frozen_vars)
         out_shardings = _state_shardings(out_abstract, var_shardings, full_tx, mesh, parts)
         trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,), out_shardings=out_shardings)(
-            method_rng, variables
+            method_rng, variables, frozen_vars
         )
 
     # Trace the loss once on abstract values: raises every shape/key/feature/participant error now.
-    def trace_loss(method_vars, outputs, batch, trained):
+    def trace_loss(method_vars, outputs, batch, trained, frozen):
         inputs = LossInputs(outputs=outputs, batch=batch, step=jnp.zeros((), jnp.int32),
-                            variables={n: v.variables() for n, v in trained.items()}, participants=static,
-                            label_key=label_key)
+                            variables={**frozen, **{n: v.variables() for n, v in trained.items()}},
+                            participants=static, label_key=label_key)
         return method.loss(method_vars, inputs, method_rng)
 
-    jax.eval_shape(trace_loss, method_vars, outputs, abstract_batch, trained)
+    jax.eval_shape(trace_loss, method_vars, outputs, abstract_batch, trained, frozen_vars)
 
     # Every array committed to its device(s): a mix of committed and uncommitted arrays would compile the
     # train step twice (the first step's outputs are all committed).

@@ -58,9 +58,10 @@ class LossInputs:
         (deep mutual learning, online BD-KD).
       batch: the batch mapping (model inputs, labels, ``"mask"`` of valid examples, ``"labeled"`` …).
       step: the optimizer step count before this update (int32 scalar).
-      variables: ``{"params": ..., **model_state}`` of each trained participant *being differentiated* —
-        for methods that run a model again (a frozen copy, a one-step lookahead). At ``init`` these are
-        the initial variables.
+      variables: ``{"params": ..., **model_state}`` of every participant: the trained ones *being
+        differentiated* — for methods that run a model again (a frozen copy, a one-step lookahead) — and
+        the frozen ones under ``stop_gradient`` (a reused teacher classifier, a teacher's BatchNorm
+        statistics). At ``init`` these are the initial variables.
       participants: ``((name, Participant), ...)`` without their variables (static).
       label_key: which batch entry holds the integer labels (static; one convention for every method,
         set when the train state is created).
