@@ -61,11 +61,16 @@ from experiments.run_log import MetricsLog, Preempted, PreemptionFlag  # noqa: E
 log = logging.getLogger("jaxkd.experiment")
 
 
-def parse_methods(cfg: config_lib.Config) -> dict[str, methods.Method]:
+#: ``num_examples`` while the specs are checked before the data is loaded (then parsed with the real count).
+_UNKNOWN_NUM_EXAMPLES = 2**31 - 1
+
+
+def parse_methods(cfg: config_lib.Config, num_examples: int = _UNKNOWN_NUM_EXAMPLES) -> dict[str, methods.Method]:
     """The config's method specs, parsed before anything trains. Specs may use the named constants
-    ``steps`` (the student's step budget), ``batch_size`` and ``lr`` (the student's learning rate), e.g.
+    ``steps`` (the student's step budget), ``batch_size``, ``lr`` (the student's learning rate) and
+    ``num_examples`` (the examples the student trains on: CRD's memory bank size), e.g.
     ``"ce + taid(total_steps=steps)"``."""
-    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
+    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "num_examples": num_examples}
     parsed = {}
     for name, spec in cfg.methods.items():
         try:
@@ -118,6 +123,13 @@ def with_meta(batch: dict, meta_batch: dict, prefix: str | None) -> dict:
     return {**batch, **{f"{prefix}{k}": v for k, v in meta_batch.items()}}
 
 
+def with_index(batch: dict, method: methods.Method) -> dict:
+    """``batch`` with an ``"index"`` entry when ``method`` reads one (the loader then yields it)."""
+    if "index" not in method.batch_keys:
+        return batch
+    return {**batch, "index": np.arange(len(batch["label"]), dtype=np.int32)}
+
+
 def hold_out(split: data.Split, per_class: int, seed: int) -> tuple[data.Split, data.Split]:
     """``(rest, held_out)`` with ``per_class`` examples of each class held out (a meta/validation set)."""
     held = data.subset_per_class(split.labels, per_class, seed)
@@ -150,11 +162,11 @@ class Runner:
     def close(self) -> None:
         self.log.close()
 
-    def _loader(self, split: data.Split, seed: int) -> data.Loader:
+    def _loader(self, split: data.Split, seed: int, with_index: bool = False) -> data.Loader:
         return data.Loader(
             split.images, split.labels, batch_size=min(self.cfg.batch_size, len(split)), mean=self.data.mean,
             std=self.data.std, shuffle=True, seed=seed, drop_remainder=True, num_epochs=None,
-            augment=self.cfg.augment, num_classes=split.num_classes,
+            augment=self.cfg.augment, num_classes=split.num_classes, with_index=with_index,
         )
 
     def evaluate(self, state) -> dict[str, float]:
@@ -170,7 +182,8 @@ class Runner:
         gradients are not finite raises (``jaxkd.steps.NonFiniteError``): the run stops there.
         """
         cfg = self.cfg
-        loaders = {"train": self._loader(split, seed)}
+        # Methods that index a per-example memory (CRD) read each example's row in `split`.
+        loaders = {"train": self._loader(split, seed, with_index="index" in state.method_def.batch_keys)}
         if meta is not None:
             loaders["meta"] = self._loader(meta, seed + 10_000)
         ckpt = Checkpointer(os.path.join(self.out_dir, "checkpoints", f"seed{seed}", run), max_to_keep=2)
@@ -288,6 +301,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     dataset = load_data(cfg)
     num_classes = dataset.train.num_classes
+    run_plan = plan(cfg, parse_methods(cfg, num_examples=len(dataset.student_train)))
 
     built: dict[str, Any] = {}
 
@@ -365,7 +379,8 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
                     state = jaxkd.create(
                         student=student, method=method, tx=student_tx, rng=student_rng, participants=participants,
-                        sample_batch=with_meta(sample, sample, method.meta_prefix), mesh=runner.mesh,
+                        sample_batch=with_meta(with_index(sample, method), sample, method.meta_prefix),
+                        mesh=runner.mesh,
                     )
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,

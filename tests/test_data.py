@@ -608,3 +608,18 @@ def test_digits_unwritable_data_dir_names_it(tmp_path):
     message = str(info.value)
     assert str(data_dir) in message and "already prepared" in message
     assert blocker.read_text() == "not a directory"
+
+
+def test_with_index_yields_each_examples_row():
+    """``with_index=True``: ``batch["index"]`` is each example's row in the images (CRD's bank index)."""
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    labels = np.arange(10) % 3
+    loader = Loader(images, labels, batch_size=4, with_index=True, drop_remainder=False, seed=3)
+    seen = []
+    for batch in loader:
+        real = batch["mask"]
+        np.testing.assert_array_equal(batch["label"][real], labels[batch["index"][real]])
+        np.testing.assert_allclose(batch["image"][real, 0, 0, 0], batch["index"][real] / 255.0, rtol=1e-6)
+        seen += list(batch["index"][real])
+    assert sorted(seen) == list(range(10))
+    assert "index" not in next(iter(Loader(images, labels, batch_size=4)))

@@ -494,9 +494,10 @@ class _BatchMaker:
 
     def __init__(
         self, images, labels, *, batch_size, mean, std, shuffle, seed, drop_remainder,
-        augment, pad, steps_per_epoch, process_index, process_count,
+        augment, pad, steps_per_epoch, process_index, process_count, with_index=False,
     ):
         self.images, self.labels = images, labels
+        self.with_index = with_index
         self.batch_size = batch_size
         self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
         self.augment, self.pad, self.steps_per_epoch = augment, pad, steps_per_epoch
@@ -549,6 +550,8 @@ class _BatchMaker:
             draws = _draw(self.augment, real, rng, self.pad)
             images = _apply(images, draws.rows(lo, lo + local))
         out = {"image": self.normalize(images), "label": self.labels[idx]}
+        if self.with_index:
+            out["index"] = idx.astype(np.int32)
         if not self.drop_remainder:
             have = idx.shape[0]
             mask = np.zeros((local,), dtype=bool)
@@ -560,6 +563,8 @@ class _BatchMaker:
                 out["label"] = np.concatenate(
                     [out["label"], np.zeros((local - have,), np.int32)]
                 )
+                if self.with_index:
+                    out["index"] = np.concatenate([out["index"], np.zeros((local - have,), np.int32)])
             out["mask"] = mask
         return out
 
@@ -625,6 +630,8 @@ class Loader:
             (``ReadOptions.num_threads``); 0 (default): built on demand in the calling thread.
         worker_count: Grain worker processes that build batches ahead (``mp_prefetch``); 0
             (default): none.  Call :meth:`close` (or use ``with``) to stop them.
+        with_index: also yield ``"index": int32 [b]``, each example's row in ``images`` (what
+            CRD's memory bank is indexed by; padding rows get 0 and are masked).
 
     Raises:
         ValueError: an argument is outside what is described above (the message
@@ -651,6 +658,7 @@ class Loader:
         process_count: int | None = None,
         num_threads: int = 0,
         worker_count: int = 0,
+        with_index: bool = False,
     ):
         images = np.asarray(images)
         labels = np.asarray(labels)
@@ -727,7 +735,7 @@ class Loader:
             self.images, self.labels, batch_size=self.batch_size, mean=self.mean,
             std=self.std, shuffle=shuffle, seed=self.seed, drop_remainder=drop_remainder,
             augment=augment, pad=self.pad, steps_per_epoch=self.steps_per_epoch,
-            process_index=process_index, process_count=process_count,
+            process_index=process_index, process_count=process_count, with_index=bool(with_index),
         )
         self._dataset = None
         self._iterator = None  # Grain's, created on the first `next`

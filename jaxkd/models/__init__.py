@@ -5,7 +5,11 @@ sows its named features into the ``"intermediates"`` collection (see :mod:`jaxkd
 
 Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``, ``resnet8x4``,
 ``resnet32x4``; keyword arguments: none), Wide ResNets (``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``;
-``dropout_rate=0.0``) and ``mlp`` (``hidden_sizes=(256, 256)``).
+``dropout_rate=0.0``), RepDistiller's CIFAR ``mobilenetv2`` (``mobile_half``), ``shufflenetv1``
+(``ShuffleV1``) and ``shufflenetv2`` (``ShuffleV2``; keyword arguments: none), the Vision Transformers
+``vit`` and ``vit_tiny`` (``patch_size=4, hidden=192, depth=6, heads=3, mlp_dim=768, dropout_rate=0.0``;
+``vit`` is the configurable family, ``vit_tiny`` the preset, both take the same keywords) and ``mlp``
+(``hidden_sizes=(256, 256)``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from jaxkd.models.base import (
 )
 from jaxkd.models.cifar_resnet import CIFAR_RESNETS, cifar_resnet
 from jaxkd.models.mlp import MLP
+from jaxkd.models.mobilenetv2 import mobilenetv2
+from jaxkd.models.shufflenet import shufflenetv1, shufflenetv2
+from jaxkd.models.vit import vit
 from jaxkd.models.wide_resnet import WIDE_RESNETS, wide_resnet
 
 __all__ = [
@@ -57,6 +64,11 @@ def _mlp(
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(cifar_resnet, name) for name in CIFAR_RESNETS},
     **{name: functools.partial(wide_resnet, name) for name in WIDE_RESNETS},
+    "mobilenetv2": mobilenetv2,
+    "shufflenetv1": shufflenetv1,
+    "shufflenetv2": shufflenetv2,
+    "vit": vit,
+    "vit_tiny": vit,
     "mlp": _mlp,
 }
 
@@ -73,12 +85,14 @@ def get(name: str, *, num_classes: int, dtype: Any = jnp.float32, **kwargs: Any)
       name: one of :func:`available`.
       num_classes: classifier outputs.
       dtype: compute dtype; parameters stay float32 and logits are returned in float32.
-      **kwargs: architecture-specific options (``dropout_rate`` for WRNs, ``hidden_sizes`` for mlp).
+      **kwargs: architecture-specific options (``dropout_rate`` for WRNs, ``hidden_sizes`` for mlp,
+        ``patch_size``, ``hidden``, ``depth``, ``heads``, ``mlp_dim``, ``dropout_rate`` for the ViTs).
 
     Raises:
       ValueError: ``name`` is not registered, ``num_classes`` is not an integer ``>= 1``, or an
         architecture option is out of range (``hidden_sizes`` entries must be integers ``>= 1``,
-        ``dropout_rate`` must lie in ``[0, 1)``).
+        ``dropout_rate`` must lie in ``[0, 1)``; ViT sizes must be integers ``>= 1`` with ``heads``
+        dividing ``hidden``).
     """
     try:
         build = _REGISTRY[name]

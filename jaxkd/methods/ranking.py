@@ -1,0 +1,97 @@
+"""Ranking distillation methods: Margin-MSE and listwise KL over candidate scores.
+
+The participants' ``logits`` are the scores ``[B, num_candidates]`` of each query's candidate list (a
+re-ranker scoring ``N`` documents per query); an optional batch entry marks the real candidates of
+ragged lists.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxkd import losses
+from jaxkd.checks import check_temperature
+from jaxkd.methods.base import Method, Weight, require, stateless_method
+from jaxkd.methods.registry import register
+
+__all__ = ["listwise_kd", "margin_mse"]
+
+
+def _scores(inputs, student: str, teacher: str, candidate_mask: str | None, name: str):
+    s = inputs.output(student, method=name).logits
+    t = jax.lax.stop_gradient(inputs.output(teacher, method=name).logits)
+    mask = None if candidate_mask is None else require(inputs.batch, candidate_mask, method=name)
+    return s, t, mask
+
+
+def _check_roles(name: str, student: str, teacher: str) -> None:
+    if student == teacher:
+        raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
+
+
+@register(
+    "margin_mse",
+    paper="Hofstätter, Althammer, Schröder, Sertkan & Hanbury, *Improving Efficient Neural Ranking Models with "
+    "Cross-Architecture Knowledge Distillation*, arXiv 2020",
+    losses=("margin_mse",),
+)
+def margin_mse(
+    *,
+    candidate_mask: str | None = None,
+    student: str = "student",
+    teacher: str = "teacher",
+    weight: Weight = 1.0,
+    name: str = "margin_mse",
+) -> Method:
+    """Margin-MSE (:func:`jaxkd.losses.margin_mse`) between the student's and the teacher's score margins.
+
+    The participants' logits are ``[B, N]`` candidate scores with the positive in column 0 (``N = 2``:
+    the paper's training triples). ``candidate_mask`` names a boolean ``[B, N]`` batch entry marking the
+    real candidates (ragged lists); ``None`` uses all. Official: the loss alone (no CE), weight 1.
+    """
+    _check_roles(name, student, teacher)
+
+    def compute(inputs, rng):
+        s, t, mask = _scores(inputs, student, teacher, candidate_mask, name)
+        return losses.margin_mse(s, t, candidate_mask=mask, mask=inputs.example_mask)
+
+    keys = () if candidate_mask is None else (candidate_mask,)
+    return stateless_method(name, compute, weight=weight, batch_keys=keys, participants=(student, teacher))
+
+
+@register(
+    "listwise_kd",
+    paper="Tamber, Kazi, Sourabh & Lin, *Teaching Dense Retrieval Models to Specialize with Listwise Distillation "
+    "and LLM Data Augmentation*, arXiv 2025",
+    losses=("listwise_kd",),
+)
+def listwise_kd(
+    *,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    candidate_mask: str | None = None,
+    student: str = "student",
+    teacher: str = "teacher",
+    weight: Weight = 1.0,
+    name: str = "listwise_kd",
+) -> Method:
+    """Listwise distillation (:func:`jaxkd.losses.listwise_kd`): KL from the teacher's softmax over each
+    query's candidate scores to the student's.
+
+    The participants' logits are ``[B, N]`` candidate scores; ``candidate_mask`` names a boolean
+    ``[B, N]`` batch entry marking the real candidates of ragged lists (``None``: all are real).
+    """
+    _check_roles(name, student, teacher)
+    check_temperature("temperature", temperature)
+    if teacher_temperature is not None:
+        check_temperature("teacher_temperature", teacher_temperature)
+
+    def compute(inputs, rng):
+        s, t, mask = _scores(inputs, student, teacher, candidate_mask, name)
+        return losses.listwise_kd(
+            s, t, temperature=temperature, teacher_temperature=teacher_temperature, candidate_mask=mask,
+            mask=inputs.example_mask,
+        )
+
+    keys = () if candidate_mask is None else (candidate_mask,)
+    return stateless_method(name, compute, weight=weight, batch_keys=keys, participants=(student, teacher))
