@@ -65,7 +65,7 @@ def _apply(model, variables, x, *, train):
 
 
 def test_available_lists_every_architecture():
-    assert models.available() == sorted([*PARAM_COUNTS, "mlp"])
+    assert models.available() == sorted([*PARAM_COUNTS, "mlp", "mobilenetv2", "shufflenetv1", "shufflenetv2", "vit", "vit_tiny"])
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
