@@ -201,6 +201,12 @@ def test_stage_weights_switch_methods_at_a_step():
     weights = {t.name: [float(t.weight(jnp.asarray(s, jnp.int32))) for s in range(5)] for t in chain.terms}
     assert weights == {"kd": [1, 1, 1, 0, 0], "ce": [0, 0, 0, 1, 1], "dist": [0, 0, 2, 2, 2]}
     assert [float(methods.until(0)(jnp.int32(0))), float(methods.after(0)(jnp.int32(0)))] == [0.0, 1.0]
+    # A weight times a parenthesized sum weights every member (Python's `after(2) * (ce() + kd())` too).
+    staged = methods.parse("until(2) * dist + 0.5 * after(2) * (ce + kd(temperature=4))")
+    weights = {t.name: [float(t.weight(jnp.asarray(s, jnp.int32))) for s in range(4)] for t in staged.terms}
+    assert weights == {"dist": [1, 1, 0, 0], "ce": [0, 0, 0.5, 0.5], "kd": [0, 0, 0.5, 0.5]}
+    python = methods.until(2) * methods.dist() + 0.5 * (methods.after(2) * (methods.ce() + methods.kd(temperature=4)))
+    assert {t.name: [float(t.weight(jnp.asarray(s, jnp.int32))) for s in range(4)] for t in python.terms} == weights
     for bad, message in [("until(-1) * kd", "whole number"), ("until(1, 2) * kd", "one argument"),
                          ("until(1.5) * kd", "whole number")]:
         with pytest.raises(ValueError, match=message):

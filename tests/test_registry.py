@@ -9,20 +9,50 @@ import optax
 import pytest
 
 import jaxkd
-from jaxkd import methods
-from tests.helpers import teacher_variables, tiny_batch, tiny_models
+from jaxkd import losses, methods, models
+from jaxkd.models.cifar_resnet import CifarResNet
+from tests.helpers import NUM_CLASSES, teacher_variables, tiny_batch, tiny_image_batch, tiny_models
 
 # Arguments a factory has no default for (the smallest valid spec of each such method).
-REQUIRED_ARGS = {"taid": "total_steps=10", "ab": "alpha=0.5, beta=0.5", "sparse_kd": "k=2"}
-TEACHER, STUDENT = tiny_models()
-BATCH = tiny_batch()
-TEACHER_VARS = teacher_variables(TEACHER, BATCH)
+REQUIRED_ARGS = {
+    "taid": "total_steps=10", "ab": "alpha=0.5, beta=0.5", "sparse_kd": "k=2",
+    "crd": "num_examples=64, nce_k=8", "ft": "paraphraser_steps=0",
+}
+MLP_TEACHER, MLP_STUDENT = tiny_models()
+MLP_BATCH = tiny_batch()
+# Methods that read feature maps (RepDistiller's stage taps) run on two tiny CIFAR ResNets (one block per
+# stage, 8x8 images: maps 8x8, 4x4, 2x2), the rest on the MLPs (logits, hidden layers, `pooled`).
+CONV_METHODS = {"abound", "at", "diswot", "dmae", "fitnets", "fsp", "ft", "ickd", "kdsvd", "lsskd", "nst", "ofa", "ofd",
+                "reviewkd", "simkd", "sp", "trg", "vid"}
+CONV_TEACHER = models.from_linen(CifarResNet(depth=8, num_filters=(8, 8, 16, 16), num_classes=NUM_CLASSES), name="t")
+CONV_STUDENT = models.from_linen(CifarResNet(depth=8, num_filters=(4, 4, 8, 8), num_classes=NUM_CLASSES), name="s")
+CONV_BATCH = tiny_image_batch(batch_size=8)
+
+
+def lelp_projections_file(tmp_path, teacher, teacher_vars, batch) -> str:
+    """LELP's projections (computed once from the teacher's embeddings) as the .npy a spec names."""
+    out = teacher.apply(teacher_vars, batch["image"], train=False)
+    projections = losses.lelp_projections(np.asarray(out.features["pooled"]), batch["label"], num_classes=NUM_CLASSES,
+                                          subclasses=2)
+    path = tmp_path / "lelp.npy"
+    np.save(path, projections)
+    return f"projections={str(path)!r}"
 
 
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))
-def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_step(name):
-    method = methods.parse(f"{name}({REQUIRED_ARGS.get(name, '')})")
+def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_step(name, tmp_path):
+    conv = name in CONV_METHODS
+    TEACHER, STUDENT, BATCH = (CONV_TEACHER, CONV_STUDENT, CONV_BATCH) if conv else (MLP_TEACHER, MLP_STUDENT, MLP_BATCH)
+    if name in ("fsp", "kdsvd"):  # they compare maps channel by channel: a student as wide as the teacher
+        STUDENT = CONV_TEACHER
+    TEACHER_VARS = teacher_variables(TEACHER, BATCH)
+    args = REQUIRED_ARGS.get(name, "")
+    if name == "lelp":
+        args = lelp_projections_file(tmp_path, TEACHER, TEACHER_VARS, BATCH)
+    method = methods.parse(f"{name}({args})")
     batch = dict(BATCH)
+    if "index" in method.batch_keys:
+        batch["index"] = np.arange(len(batch["label"]), dtype=np.int32)
     if method.meta_prefix is not None:
         batch.update({method.meta_prefix + k: v for k, v in tiny_batch(seed=1).items()})
     # Every participant the method reads: trained ones fresh (peers, online teachers), others frozen.

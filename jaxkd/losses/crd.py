@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.checks import check_in_range, check_int, check_positive, check_temperature
-from jaxkd.losses.core import Array, l2_normalize, per_example_loss, to_float
+from jaxkd.losses.core import Array, per_example_loss, to_float
 
 __all__ = ["crd", "crd_memory_update", "crd_nce", "crd_normalizer", "crd_scores"]
 

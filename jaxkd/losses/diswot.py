@@ -70,10 +70,10 @@ def fc_gradient(logits: Array, embedding: Array, labels: Array, example_weights:
     if np.shape(labels) != z.shape[:1]:
         raise ValueError(f"labels must have shape {z.shape[:1]}, got {np.shape(labels)}")
     num_classes = z.shape[-1]
-    check_label_values(labels, num_classes)
+    w = jnp.ones(z.shape[:1], z.dtype) if example_weights is None else jnp.asarray(example_weights, z.dtype)
+    check_label_values(labels, num_classes, where=None if example_weights is None else example_weights > 0)
     labels = jnp.asarray(labels)
     valid = (labels >= 0) & (labels < num_classes)
-    w = jnp.ones(z.shape[:1], z.dtype) if example_weights is None else jnp.asarray(example_weights, z.dtype)
     residual = probs(log_softmax(z)) - jax.nn.one_hot(labels, num_classes, dtype=z.dtype)
     residual = jnp.where(valid[:, None], residual, jnp.nan) * w[:, None]
     residual = jnp.where(w[:, None] > 0, residual, 0.0)

@@ -89,7 +89,7 @@ def _graph_log_probs(x: Array, valid: Array, k: int, sigma: float) -> Array:
     kk = min(k, m - 1) if m > 1 else 1
     ranked = jnp.where(others, jax.lax.stop_gradient(d), jnp.inf)
     kth = -jax.lax.top_k(-ranked, kk)[0][:, -1:]  # the k-th smallest distance (inf when fewer others)
-    neighbour = others & (ranked <= kth)
+    neighbour = others & ((ranked <= kth) | jnp.isnan(ranked))  # NaN propagates, never silently dropped
     a = jnp.where(neighbour, jnp.exp(-d / (2.0 * sigma)), 0.0)
     return log_softmax(jnp.where(others, a, -jnp.inf))
 

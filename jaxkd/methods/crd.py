@@ -156,8 +156,9 @@ def crd(
                                         num_examples, mask)
         first_t = losses.crd_normalizer(jax.lax.stop_gradient(losses.crd_scores(e_t, rows_s, temperature=nce_t)),
                                         num_examples, mask)
-        z_s = jnp.where(state["z_student"] < 0, first_s, state["z_student"])
-        z_t = jnp.where(state["z_teacher"] < 0, first_t, state["z_teacher"])
+        # (A step whose examples are all masked leaves Z unset: 0, and the next step sets it.)
+        z_s = jnp.where(state["z_student"] > 0, state["z_student"], first_s)
+        z_t = jnp.where(state["z_teacher"] > 0, state["z_teacher"], first_t)
         value = losses.crd(e_s, e_t, rows_s, rows_t, z_student=z_s, z_teacher=z_t, num_examples=num_examples,
                            temperature=nce_t, mask=mask)
         new_state = {

@@ -100,6 +100,8 @@ class _Reader:
             return True
         if isinstance(node, ast.Name):
             return node.id not in self.constants
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            return self.is_method(node.left) or self.is_method(node.right)  # a parenthesized sum of methods
         return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and (
             self.is_method(node.left) or self.is_method(node.right)
         )
@@ -113,7 +115,10 @@ class _Reader:
                 left, right = right, left
             if not self.is_method(right):
                 raise self.error("a term must name a method", node)
-            weight, method = self.weight(left), self.term(right)
+            weight = self.weight(left)
+            # `w * (a + b)` weights every member of the sum.
+            is_sum = isinstance(right, ast.BinOp) and isinstance(right.op, ast.Add)
+            method = chain(*self.terms(right)) if is_sum else self.term(right)
             try:
                 return weight * method
             except ValueError as e:

@@ -69,11 +69,14 @@ def trg(
     if student == teacher:
         raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
 
+    def to_tokens(x):
+        if isinstance(x, jax.ShapeDtypeStruct):  # init sees abstract outputs
+            return jax.eval_shape(lambda a: losses.patch_tokens(a, patch_size), x)
+        return losses.patch_tokens(x, patch_size)
+
     def tokens(inputs):
-        s = losses.patch_tokens(student_feature(inputs, student_feature_name, method=name, participant=student),
-                                patch_size)
-        t = losses.patch_tokens(teacher_feature(inputs, teacher_feature_name, method=name, participant=teacher),
-                                patch_size)
+        s = to_tokens(student_feature(inputs, student_feature_name, method=name, participant=student))
+        t = to_tokens(teacher_feature(inputs, teacher_feature_name, method=name, participant=teacher))
         if s.shape[:2] != t.shape[:2]:
             raise ValueError(
                 f"{name}: the student's feature {student_feature_name!r} gives tokens {tuple(s.shape)} and the "

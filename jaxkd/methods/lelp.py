@@ -1,0 +1,154 @@
+"""LELP as a method: the teacher's per-class projections (computed once) as method state, and a
+method-owned expanded head (``num_classes · subclasses`` outputs) on the student's embedding."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd import losses
+from jaxkd.checks import check_int, check_temperature
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.features import student_feature, teacher_feature
+from jaxkd.methods.heads import dense, dense_init
+from jaxkd.methods.registry import register
+from jaxkd.models.base import Outputs, get_feature
+
+__all__ = ["lelp", "teacher_lelp_projections"]
+
+
+def teacher_lelp_projections(
+    model: Any,
+    variables: Any,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    num_classes: int,
+    subclasses: int = 4,
+    feature: str = "pooled",
+    classifier: str | None = "fc",
+    input_key: str = "image",
+    label_key: str = "label",
+    mask_key: str = "mask",
+) -> np.ndarray:
+    """The teacher's LELP projections ``[K, S, D + 1]`` over a dataset, for :func:`lelp`.
+
+    Runs ``model`` in eval mode over ``batches`` (e.g. one epoch of the training loader without
+    augmentation; ``batch[mask_key]``, when present, leaves out padding), collects the embeddings
+    ``feature`` and calls :func:`jaxkd.losses.lelp_projections` with the teacher's classifier kernel (its
+    dense layer at ``classifier``, ``"fc"`` on the CIFAR models; ``None`` skips the null-space step).
+    Save the result with ``np.save`` to name it in a method spec: ``lelp(projections='proj.npy')``.
+    """
+    num_classes = check_int("num_classes", num_classes, low=1)
+
+    @jax.jit
+    def embed(x):
+        f = get_feature(model.apply(variables, x, train=False), feature, who="teacher")
+        return jnp.asarray(f, jnp.float32).reshape(f.shape[0], -1)
+
+    feats, labels = [], []
+    for batch in batches:
+        y = np.asarray(batch[label_key])
+        keep = np.asarray(batch[mask_key], bool) if mask_key in batch else np.ones(y.shape, bool)
+        feats.append(np.asarray(embed(batch[input_key]))[keep])
+        labels.append(y[keep])
+    if not feats:
+        raise ValueError("teacher_lelp_projections needs at least one batch")
+    kernel = None
+    if classifier is not None:
+        node = variables["params"]
+        for part in classifier.split("/"):
+            if part not in node:
+                raise ValueError(f"the teacher has no parameters at {classifier!r} (no {part!r}; there: {sorted(node)})")
+            node = node[part]
+        kernel = np.asarray(node["kernel"], np.float64)
+    return losses.lelp_projections(np.concatenate(feats), np.concatenate(labels), num_classes=num_classes,
+                                   subclasses=subclasses, classifier_kernel=kernel)
+
+
+@register(
+    "lelp",
+    paper="Loo, Iliopoulos, Hu & Vee, *Linear Projections of Teacher Embeddings for Few-Class Distillation*, 2024",
+    losses=("lelp", "lelp_targets", "lelp_projections"),
+    status="supported (pseudo-subclass targets reconstructed from the paper's description; no official code)",
+)
+def lelp(
+    *,
+    projections: Any,
+    temperature: float = 1.0,
+    subclass_temperature: float = 1.0,
+    embedding: str = "pooled",
+    teacher_embedding: str | None = None,
+    teacher: str = "teacher",
+    predict_with_head: bool = False,
+    weight: Weight = 1.0,
+    name: str = "lelp",
+) -> Method:
+    """LELP (Loo, Iliopoulos, Hu & Vee, "Linear Projections of Teacher Embeddings for Few-Class
+    Distillation", 2024): :func:`jaxkd.losses.lelp` between a method-owned linear head on the student's
+    ``embedding`` with ``K·S`` outputs and the teacher's pseudo-subclass targets
+    (:func:`jaxkd.losses.lelp_targets`: the teacher's class probability split over the class's ``S``
+    pseudo-subclasses by the standardized projections of its embedding ``teacher_embedding`` onto the
+    class's principal directions).
+
+    ``projections`` (``[K, S, D + 1]``, computed once: :func:`teacher_lelp_projections` over the training
+    set, or :func:`jaxkd.losses.lelp_projections`; or the path of a ``.npy`` file holding it, for method
+    specs) is held as method state (saved with checkpoints). The head (PyTorch ``nn.Linear`` init) is a
+    method parameter trained with the student; the student's own classifier is left to ``ce``. With
+    ``predict_with_head`` evaluation scores the head instead, its class logits being
+    ``logsumexp`` over each class's subclass logits (the class marginal). No official code was found; the
+    choices made (the factorized targets, standardized projections, defaults ``T = τ = 1`` and ``S = 4``)
+    are stated in :mod:`jaxkd.losses.lelp`.
+    """
+    check_temperature("temperature", temperature)
+    check_temperature("subclass_temperature", subclass_temperature)
+    if isinstance(projections, str):
+        projections = np.load(projections)
+    proj = np.asarray(projections)
+    if proj.ndim != 3 or not np.issubdtype(proj.dtype, np.floating) or not np.all(np.isfinite(proj)):
+        raise ValueError(
+            f"projections must be a finite float array [num_classes, subclasses, dim + 1], got shape {proj.shape} "
+            f"({proj.dtype})"
+        )
+    proj = jnp.asarray(proj, jnp.float32)
+    k, s, d1 = proj.shape
+    t_name = teacher_embedding or embedding
+
+    def features(inputs: LossInputs):
+        f_s = student_feature(inputs, embedding, method=name)
+        f_t = teacher_feature(inputs, t_name, method=name, participant=teacher)
+        if len(f_s.shape) != 2 or len(f_t.shape) != 2:
+            raise ValueError(
+                f"{name!r} reads [B, D] embeddings; got student {tuple(f_s.shape)} and teacher {tuple(f_t.shape)}"
+            )
+        if f_t.shape[-1] + 1 != d1:
+            raise ValueError(
+                f"{name!r}: the teacher embedding {t_name!r} has {f_t.shape[-1]} dims but projections is "
+                f"{tuple(proj.shape)} (expected [K, S, {f_t.shape[-1] + 1}])"
+            )
+        return f_s, f_t
+
+    def init(rng, inputs: LossInputs) -> MethodVars:
+        f_s, _ = features(inputs)
+        num_classes = inputs.output(teacher, method=name).logits.shape[-1]
+        if num_classes != k:
+            raise ValueError(f"{name!r}: projections has {k} classes, the teacher predicts {num_classes}")
+        return MethodVars(params={"head": dense_init(rng, f_s.shape[-1], k * s)}, state={"projections": proj})
+
+    def loss(vars: MethodVars, inputs: LossInputs, rng):
+        f_s, f_t = features(inputs)
+        zt = jax.lax.stop_gradient(inputs.output(teacher, method=name).logits)
+        value = losses.lelp(
+            dense(vars.params["head"], f_s), zt, f_t, jax.lax.stop_gradient(vars.state["projections"]),
+            temperature=temperature, subclass_temperature=subclass_temperature, mask=inputs.example_mask,
+        )
+        return value, LossAux({}, vars.state)
+
+    def predict(vars: MethodVars, outputs: Outputs) -> jax.Array:
+        logits = dense(vars.params["head"], get_feature(outputs, embedding, who="student"))
+        return jax.nn.logsumexp(logits.reshape(logits.shape[0], k, s), axis=-1)
+
+    return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,),
+                  predict=predict if predict_with_head else None)
