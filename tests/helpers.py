@@ -28,10 +28,11 @@ def teacher_variables(teacher, batch, seed=1):
 
 
 def tiny_conv_models(num_classes=NUM_CLASSES):
-    """A resnet14 teacher and a resnet8 student (CIFAR ResNets with every RepDistiller feature tap:
-    stem, stage1-3, stage*_preact, pooled) for methods that read feature maps; use with
-    :func:`tiny_image_batch` (8x8x1 images: maps 8x8, 4x4, 2x2)."""
-    teacher = models.get("resnet14", num_classes=num_classes)
+    """A teacher and a student that are both resnet8 (CIFAR ResNets, one block per stage, separately
+    initialized) with every RepDistiller feature tap: stem, stage1-3, stage*_preact, pooled — for methods
+    that read feature maps; use with :func:`tiny_image_batch` (8x8x1 images: maps 8x8, 4x4, 2x2). One block
+    per stage keeps the compiled train step small (the depth, not the width, sets the compile time)."""
+    teacher = models.get("resnet8", num_classes=num_classes)
     student = models.get("resnet8", num_classes=num_classes)
     return teacher, student
 

@@ -168,7 +168,7 @@ CASES = [
 NOT_LOSSES = {
     "TAIDState", "bdkd_weights", "check_teacher_weights", "class_mean_teacher_probs", "class_means",
     "crd_memory_update", "crd_normalizer", "crd_scores", "dho_log_probs", "diswot_score", "fc_gradient", "fsp_matrix", "top_right_singular_vectors",
-    "fusion_inputs", "kd3_classifier_alignment", "kd3_selection", "lelp_projections", "lelp_targets",
+    "fusion_inputs", "kd3_classifier_alignment", "kd3_selection", "lelp_projections", "lelp_projections_from_moments", "lelp_targets",
     "log_softmax", "ofd_margin", "patch_tokens", "per_example_loss", "reduce_loss", "sinkhorn_plan",
     "standardize_logits", "taid_init_state", "taid_target_log_probs", "taid_update", "teacher_is_more_confident",
     "topk_teacher",

@@ -11,7 +11,7 @@ from experiments import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
-SHIPPED = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not p.endswith("__init__.py"))
+SHIPPED = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not os.path.basename(p).startswith("_"))
 
 
 @pytest.mark.parametrize(
@@ -86,6 +86,10 @@ def test_shipped_configs_validate(path):
     cfg = config_lib.load(path)
     config_lib.validate(cfg)
     assert cfg.methods
+    from experiments.distill import parse_methods
+
+    parsed = parse_methods(cfg, num_examples=1000)  # every spec names registered methods with valid arguments
+    assert set(parsed) == set(cfg.methods)
 
 
 def test_defaults_validate():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pathlib
 
@@ -34,9 +35,12 @@ def scalar(case, args, **kw):
 
 def central_differences(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     basis = (eps * np.eye(x.size)).reshape((x.size, *x.shape))
-    plus = jax.vmap(lambda d: f(x + d))(basis)
-    minus = jax.vmap(lambda d: f(x - d))(basis)
-    return np.asarray((plus - minus) / (2 * eps)).reshape(x.shape)
+
+    @jax.jit
+    def differences(x, basis):
+        return (jax.vmap(lambda d: f(x + d))(basis) - jax.vmap(lambda d: f(x - d))(basis)) / (2 * eps)
+
+    return np.asarray(differences(x, basis)).reshape(x.shape)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -49,10 +53,11 @@ def test_gradient_matches_float64_finite_differences(case):
                 a[i] = x
                 return scalar(case, a)
 
-            value = f(jnp.asarray(args[i]))
+            # One compiled program for the value and the gradient, one for the differences (compiling is
+            # what these small losses cost; op-by-op dispatch would compile every primitive).
+            value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(args[i]))
             assert value.dtype == jnp.float64, f"{case.test_id} computes in {value.dtype} on float64 inputs"
-            grad = jax.grad(f)(jnp.asarray(args[i]))
-            fd = central_differences(jax.jit(f), args[i])
+            fd = central_differences(f, args[i])
             np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7, err_msg=f"{case.test_id}: input {i}")
 
 
@@ -61,9 +66,10 @@ def test_bfloat16_inputs_compute_in_float32(case):
     args = inputs(case)
     bf16 = [jnp.asarray(a, jnp.bfloat16) if i in case.grad else jnp.asarray(a, jnp.float32) for i, a in enumerate(args)]
     rounded = [jnp.asarray(a, jnp.float32) for a in bf16]
-    value = case.fn(*bf16)
+    fn = jax.jit(case.fn)
+    value = fn(*bf16)
     assert value.dtype == jnp.float32, f"{case.test_id}: bfloat16 inputs gave {value.dtype}"
-    np.testing.assert_allclose(value, case.fn(*rounded), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value, fn(*rounded), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -88,21 +94,22 @@ def test_mask(case):
     mask = np.ones(batch, bool)
     mask[::3] = False  # drop every third example
     assert mask.sum() >= case.min_examples
+    masked = jax.jit(lambda *a, mask: case.fn(*a, mask=mask))
     if case.relational:
         subset = [a[mask] if i in case.batched else a for i, a in enumerate(args)]
-        np.testing.assert_allclose(case.fn(*args, mask=mask), case.fn(*subset), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(masked(*args, mask=mask), jax.jit(case.fn)(*subset), rtol=2e-5, atol=1e-6)
         # Whatever the masked examples hold, the value does not move.
         moved = [a.copy() for a in args]
         for i in case.batched:
             moved[i][~mask] = 7.0 * np.random.default_rng(9).normal(size=moved[i][~mask].shape)
-        np.testing.assert_allclose(case.fn(*moved, mask=mask), case.fn(*args, mask=mask), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(masked(*moved, mask=mask), masked(*args, mask=mask), rtol=2e-5, atol=1e-6)
     else:
-        per_example = case.fn(*args, reduction="none")
+        per_example = jax.jit(functools.partial(case.fn, reduction="none"))(*args)
         assert per_example.shape == (batch,)
         np.testing.assert_allclose(
-            case.fn(*args, mask=mask), np.asarray(per_example)[mask].mean(), rtol=2e-5, atol=1e-6
+            masked(*args, mask=mask), np.asarray(per_example)[mask].mean(), rtol=2e-5, atol=1e-6
         )
-        grads = jax.grad(lambda x: case.fn(*[x if i == case.grad[0] else a for i, a in enumerate(args)], mask=mask))(
+        grads = jax.jit(jax.grad(lambda x: masked(*[x if i == case.grad[0] else a for i, a in enumerate(args)], mask=mask)))(
             jnp.asarray(args[case.grad[0]])
         )
         if case.grad[0] in case.batched:

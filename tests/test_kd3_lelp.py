@@ -223,3 +223,42 @@ def test_kd3_and_lelp_train(tmp_path):
     sub = sub.reshape(len(sub), NUM_CLASSES, 2)
     expected = np.log(np.exp(sub).sum(-1))
     np.testing.assert_allclose(state.method_def.predict(state.method, out), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_classifier", [False, True])
+def test_projections_from_moments_equal_the_svd_helper(with_classifier):
+    """The in-step projections (eigh of moment covariances) equal the offline SVD helper's on the same data."""
+    rng = np.random.default_rng(0)
+    k, d, s = 3, 6, 2
+    labels = np.repeat(np.arange(k), 20)
+    scales = np.array([3.0, 2.0, 1.0, 0.5, 0.3, 0.1])
+    f = rng.normal(size=(labels.size, d)) * scales + rng.normal(size=(k, d))[labels]
+    w = rng.normal(size=(d, 2)) if with_classifier else None
+    expected = losses.lelp_projections(f, labels, num_classes=k, subclasses=s, classifier_kernel=w)
+    one_hot = np.eye(k)[labels]
+    with jax.enable_x64(True):
+        got = losses.lelp_projections_from_moments(
+            one_hot.T @ f, np.einsum("bk,bd,be->kde", one_hot, f, f), one_hot.sum(0), subclasses=s,
+            classifier_kernel=w,
+        )
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_lelp_without_projections_accumulates_the_teachers_moments_in_the_step():
+    from tests.helpers import teacher_variables, tiny_batch, tiny_models
+
+    teacher, student = tiny_models()
+    batches = [tiny_batch(seed=i, batch_size=32) for i in (0, 1)]
+    tvars = teacher_variables(teacher, batches[0])
+    state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars,
+                         method=methods.parse("ce + lelp(subclasses=2)"),
+                         tx=optax.sgd(0.05), sample_batch=batches[0], rng=jax.random.PRNGKey(0))
+    step = jaxkd.make_train_step()
+    for b in batches:
+        state, metrics = step(state, b)
+        assert np.isfinite(float(metrics["lelp"]))
+    f = np.concatenate([np.asarray(teacher.apply(tvars, b["image"], train=False).features["pooled"]) for b in batches])
+    y = np.concatenate([b["label"] for b in batches])
+    st = state.method.state["lelp"]
+    np.testing.assert_allclose(st["counts"], np.bincount(y, minlength=st["counts"].shape[0]))
+    np.testing.assert_allclose(st["sums"], np.eye(st["counts"].shape[0])[y].T @ f, rtol=1e-5, atol=1e-5)

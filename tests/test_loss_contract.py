@@ -56,9 +56,12 @@ def test_every_public_loss_has_a_case():
 def central_differences(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """``(f(x + eps·e_i) − f(x − eps·e_i)) / 2eps`` for every coordinate ``i`` (vectorized over i)."""
     basis = (eps * np.eye(x.size)).reshape((x.size, *x.shape))
-    plus = jax.vmap(lambda d: f(x + d))(basis)
-    minus = jax.vmap(lambda d: f(x - d))(basis)
-    return np.asarray((plus - minus) / (2 * eps)).reshape(x.shape)
+
+    @jax.jit  # one compiled program: compiling, not computing, is what these small checks cost
+    def differences(x, basis):
+        return (jax.vmap(lambda d: f(x + d))(basis) - jax.vmap(lambda d: f(x - d))(basis)) / (2 * eps)
+
+    return np.asarray(differences(x, basis)).reshape(x.shape)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -71,7 +74,7 @@ def test_gradient_matches_float64_finite_differences(case):
         loss = lambda *a: jnp.sum(w * case.make(labels)(*a))
         reference = loss if case.frozen is None else (lambda *a: jnp.sum(w * case.frozen(labels, *x)(*a)))
         for i in case.grad:
-            grad = np.asarray(jax.grad(loss, argnums=i)(*x))
+            grad = np.asarray(jax.jit(jax.grad(loss, argnums=i))(*x))
             assert grad.dtype == np.float64
             fd = central_differences(lambda xi: reference(*x[:i], xi, *x[i + 1:]), x[i])
             np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8, err_msg=f"d{case.name}/d(logits {i})")
@@ -80,7 +83,7 @@ def test_gradient_matches_float64_finite_differences(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bfloat16_inputs_compute_in_float32(case):
     labels, logits = make_data(case, seed=2)
-    f = case.make(labels)
+    f = jax.jit(case.make(labels))
     out = f(*[jnp.asarray(a, jnp.bfloat16) for a in logits])
     assert out.dtype == jnp.float32
     rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)) for a in logits]
@@ -96,7 +99,7 @@ def test_class_excluded_on_every_side_is_the_loss_without_it(case):
     value = jitted(case)(labels, *masked)
     without = jitted(case)(labels - 1, *[a[:, 1:] for a in logits])
     np.testing.assert_allclose(value, without, rtol=2e-5, atol=1e-6)
-    grads = jax.grad(lambda *a: jnp.sum(case.make(labels)(*a)), argnums=case.grad)(*masked)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(case.make(labels)(*a)), argnums=case.grad))(*masked)
     for g in grads:
         assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[:, 0] == 0.0)
 

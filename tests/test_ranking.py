@@ -122,3 +122,22 @@ def test_methods_in_the_train_step(spec):
     name = spec.split("(")[0]
     assert np.isfinite(float(metrics[name])) and float(metrics[name]) > 0
     assert any(not np.allclose(a, b) for a, b in zip(before, jax.device_get(jax.tree.leaves(state.trained["student"]))))
+
+
+def test_margin_mse_with_the_label_as_positive_matches_class_margins():
+    """``positive="label"``: the mean over j ≠ y of ((z_y − z_j) − (t_y − t_j))², per example."""
+    from jaxkd.methods.base import LossInputs
+    from jaxkd.models.base import Outputs
+
+    rng = np.random.default_rng(0)
+    zs, zt = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    y = np.array([0, 4, 2, 1, 3, 2])
+    inputs = LossInputs.of(Outputs(zs, {}, {}), Outputs(zt, {}, {}), {"label": y})
+    value, _ = methods.margin_mse(positive="label").loss(methods.MethodVars(), inputs, jax.random.PRNGKey(0))
+    expected = np.mean([
+        np.mean([((zs[b, y[b]] - zs[b, j]) - (zt[b, y[b]] - zt[b, j])) ** 2 for j in range(5) if j != y[b]])
+        for b in range(6)
+    ])
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        methods.margin_mse(positive="second")

@@ -20,7 +20,7 @@ import numpy as np
 from jaxkd.checks import check_int, check_temperature
 from jaxkd.losses.core import Array, kl_from_log_probs, log_softmax, per_example_loss, to_float
 
-__all__ = ["lelp", "lelp_projections", "lelp_targets"]
+__all__ = ["lelp", "lelp_projections", "lelp_projections_from_moments", "lelp_targets"]
 
 
 def lelp_projections(
@@ -93,6 +93,52 @@ def lelp_projections(
             out[c, s, :d] = v / std
             out[c, s, d] = -mean @ v / std
     return out if np.asarray(embeddings).dtype == np.float64 else out.astype(np.float32)
+
+
+def lelp_projections_from_moments(
+    sums: Array, outer: Array, counts: Array, *, subclasses: int, classifier_kernel: Array | None = None
+) -> Array:
+    """:func:`lelp_projections` from per-class moments, jittable: what LELP computes in the train step when
+    no projections are given (the moments accumulate in method state over the batches seen).
+
+    ``sums [K, D]``, ``outer [K, D, D]`` and ``counts [K]`` are ``Σ f``, ``Σ f fᵀ`` and the number of each
+    class's embeddings. The class covariance ``Σ_c = outer/n − μμᵀ`` (population, as the singular values
+    over ``√n`` of :func:`lelp_projections`) is projected onto the classifier's null space
+    (``P Σ_c P``, ``P = I − W W⁺``), and its top ``S`` eigenvectors (``jnp.linalg.eigh``; the same
+    directions as the right singular vectors of the centred rows) give ``[v/σ, −μ·v/σ]`` with
+    ``σ = √λ``, the same sign rule (largest coordinate positive) and zeros for directions without variance.
+    Equal to :func:`lelp_projections` on the same embeddings up to rounding (tested), for distinct
+    eigenvalues (tied ones leave the basis of their eigenspace arbitrary, in both).
+    """
+    subclasses = check_int("subclasses", subclasses, low=1)
+    sums, outer, counts = to_float(sums), to_float(outer), to_float(counts)
+    k, d = sums.shape
+    if outer.shape != (k, d, d) or counts.shape != (k,):
+        raise ValueError(f"moments must be sums [K, D], outer [K, D, D], counts [K]; got {sums.shape}, {outer.shape}, {counts.shape}")
+    if subclasses > d:
+        raise ValueError(f"subclasses={subclasses} exceeds the embedding width {d}")
+    n = jnp.maximum(counts, 1.0)[:, None]
+    mean = sums / n
+    cov = outer / n[..., None] - mean[:, :, None] * mean[:, None, :]
+    if classifier_kernel is not None:
+        w = to_float(classifier_kernel)
+        if w.ndim != 2 or w.shape[0] != d:
+            raise ValueError(f"classifier_kernel must be [D={d}, K], got shape {w.shape}")
+        null = jnp.eye(d, dtype=cov.dtype) - w @ jnp.linalg.pinv(w)
+        cov = null @ cov @ null
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    eigvals, eigvecs = jnp.linalg.eigh(cov)  # ascending
+    lam = eigvals[:, ::-1][:, :subclasses]  # [K, S]
+    v = jnp.swapaxes(eigvecs[:, :, ::-1][:, :, :subclasses], -1, -2)  # [K, S, D]
+    biggest = jnp.take_along_axis(v, jnp.argmax(jnp.abs(v), axis=-1)[..., None], axis=-1)
+    v = v * jnp.where(biggest < 0, -1.0, 1.0)
+    scale = jnp.max(jnp.abs(eigvals), axis=-1, keepdims=True)
+    # σ_s = √λ_s; the SVD helper drops singular values below 1e-10 of the largest, i.e. λ below 1e-20 of it.
+    keep = (lam > 1e-12 * scale) & (lam > 0) & (counts[:, None] > 0)
+    std = jnp.sqrt(jnp.where(keep, lam, 1.0))
+    direction = jnp.where(keep[..., None], v / std[..., None], 0.0)
+    offset = -jnp.einsum("ksd,kd->ks", direction, mean)
+    return jnp.concatenate([direction, offset[..., None]], axis=-1)
 
 
 def _check_projections(teacher_logits, teacher_embedding, projections) -> tuple[int, int]:

@@ -76,7 +76,9 @@ def teacher_lelp_projections(
 )
 def lelp(
     *,
-    projections: Any,
+    projections: Any = None,
+    subclasses: int = 4,
+    classifier: str | None = "fc",
     temperature: float = 1.0,
     subclass_temperature: float = 1.0,
     embedding: str = "pooled",
@@ -95,7 +97,13 @@ def lelp(
 
     ``projections`` (``[K, S, D + 1]``, computed once: :func:`teacher_lelp_projections` over the training
     set, or :func:`jaxkd.losses.lelp_projections`; or the path of a ``.npy`` file holding it, for method
-    specs) is held as method state (saved with checkpoints). The head (PyTorch ``nn.Linear`` init) is a
+    specs) is held as method state (saved with checkpoints). With ``projections=None`` (the default) they
+    are computed in the train step instead: the state accumulates each class's moments ``Σ f``, ``Σ f fᵀ``
+    and counts of the frozen teacher's embeddings over every (unmasked, labeled) example seen, and each
+    step's projections are :func:`jaxkd.losses.lelp_projections_from_moments` of them (``subclasses``
+    directions per class, the teacher classifier at ``classifier`` — a path in its parameters, ``"fc"``
+    on the CIFAR models, ``None`` to skip the null-space step): the projections of the whole training set
+    once every example has been seen (of the augmented images). The head (PyTorch ``nn.Linear`` init) is a
     method parameter trained with the student; the student's own classifier is left to ``ce``. With
     ``predict_with_head`` evaluation scores the head instead, its class logits being
     ``logsumexp`` over each class's subclass logits (the class marginal). No official code was found; the
@@ -104,17 +112,35 @@ def lelp(
     """
     check_temperature("temperature", temperature)
     check_temperature("subclass_temperature", subclass_temperature)
+    online = projections is None
     if isinstance(projections, str):
         projections = np.load(projections)
-    proj = np.asarray(projections)
-    if proj.ndim != 3 or not np.issubdtype(proj.dtype, np.floating) or not np.all(np.isfinite(proj)):
-        raise ValueError(
-            f"projections must be a finite float array [num_classes, subclasses, dim + 1], got shape {proj.shape} "
-            f"({proj.dtype})"
-        )
-    proj = jnp.asarray(proj, jnp.float32)
-    k, s, d1 = proj.shape
+    if online:
+        s = check_int("subclasses", subclasses, low=1)
+        proj = None
+    else:
+        proj = np.asarray(projections)
+        if proj.ndim != 3 or not np.issubdtype(proj.dtype, np.floating) or not np.all(np.isfinite(proj)):
+            raise ValueError(
+                f"projections must be a finite float array [num_classes, subclasses, dim + 1], got shape "
+                f"{proj.shape} ({proj.dtype})"
+            )
+        proj = jnp.asarray(proj, jnp.float32)
+        _, s, _ = proj.shape
     t_name = teacher_embedding or embedding
+
+    def classifier_kernel(inputs: LossInputs):
+        if classifier is None:
+            return None
+        node = inputs.variables.get(teacher, {}).get("params", {})
+        for part in classifier.split("/"):
+            if part not in node:
+                raise ValueError(
+                    f"{name!r}: the teacher has no parameters at classifier={classifier!r} (no {part!r}; there: "
+                    f"{sorted(node)}); pass classifier=None to skip the null-space projection"
+                )
+            node = node[part]
+        return jax.lax.stop_gradient(node["kernel"])
 
     def features(inputs: LossInputs):
         f_s = student_feature(inputs, embedding, method=name)
@@ -123,7 +149,7 @@ def lelp(
             raise ValueError(
                 f"{name!r} reads [B, D] embeddings; got student {tuple(f_s.shape)} and teacher {tuple(f_t.shape)}"
             )
-        if f_t.shape[-1] + 1 != d1:
+        if not online and f_t.shape[-1] + 1 != proj.shape[-1]:
             raise ValueError(
                 f"{name!r}: the teacher embedding {t_name!r} has {f_t.shape[-1]} dims but projections is "
                 f"{tuple(proj.shape)} (expected [K, S, {f_t.shape[-1] + 1}])"
@@ -131,24 +157,48 @@ def lelp(
         return f_s, f_t
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        f_s, _ = features(inputs)
-        num_classes = inputs.output(teacher, method=name).logits.shape[-1]
-        if num_classes != k:
-            raise ValueError(f"{name!r}: projections has {k} classes, the teacher predicts {num_classes}")
-        return MethodVars(params={"head": dense_init(rng, f_s.shape[-1], k * s)}, state={"projections": proj})
+        f_s, f_t = features(inputs)
+        k = inputs.output(teacher, method=name).logits.shape[-1]
+        if online:
+            classifier_kernel(inputs)  # a wrong path is reported now
+            if s > f_t.shape[-1]:
+                raise ValueError(f"{name!r}: subclasses={s} exceeds the teacher embedding width {f_t.shape[-1]}")
+            d = f_t.shape[-1]
+            state = {"sums": jnp.zeros((k, d), jnp.float32), "outer": jnp.zeros((k, d, d), jnp.float32),
+                     "counts": jnp.zeros((k,), jnp.float32)}
+        else:
+            if proj.shape[0] != k:
+                raise ValueError(f"{name!r}: projections has {proj.shape[0]} classes, the teacher predicts {k}")
+            state = {"projections": proj}
+        return MethodVars(params={"head": dense_init(rng, f_s.shape[-1], k * s)}, state=state)
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         f_s, f_t = features(inputs)
         zt = jax.lax.stop_gradient(inputs.output(teacher, method=name).logits)
+        state = vars.state
+        if online:
+            # This batch's teacher embeddings join the per-class moments (masked / unlabeled ones excluded).
+            labels = inputs.labels(name)
+            w = jnp.ones(labels.shape, jnp.float32) if inputs.label_mask is None else inputs.label_mask.astype(jnp.float32)
+            one_hot = jax.nn.one_hot(labels, state["counts"].shape[0], dtype=jnp.float32) * w[:, None]
+            f = jnp.asarray(f_t, jnp.float32)
+            state = {"sums": state["sums"] + one_hot.T @ f,
+                     "outer": state["outer"] + jnp.einsum("bk,bd,be->kde", one_hot, f, f),
+                     "counts": state["counts"] + jnp.sum(one_hot, axis=0)}
+            current = losses.lelp_projections_from_moments(
+                state["sums"], state["outer"], state["counts"], subclasses=s, classifier_kernel=classifier_kernel(inputs)
+            )
+        else:
+            current = state["projections"]
         value = losses.lelp(
-            dense(vars.params["head"], f_s), zt, f_t, jax.lax.stop_gradient(vars.state["projections"]),
+            dense(vars.params["head"], f_s), zt, f_t, jax.lax.stop_gradient(current),
             temperature=temperature, subclass_temperature=subclass_temperature, mask=inputs.example_mask,
         )
-        return value, LossAux({}, vars.state)
+        return value, LossAux({}, state)
 
     def predict(vars: MethodVars, outputs: Outputs) -> jax.Array:
         logits = dense(vars.params["head"], get_feature(outputs, embedding, who="student"))
-        return jax.nn.logsumexp(logits.reshape(logits.shape[0], k, s), axis=-1)
+        return jax.nn.logsumexp(logits.reshape(logits.shape[0], -1, s), axis=-1)
 
     return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,),
                   predict=predict if predict_with_head else None)

@@ -8,9 +8,10 @@ ragged lists.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.checks import check_temperature
+from jaxkd.checks import check_choice, check_temperature
 from jaxkd.methods.base import Method, Weight, require, stateless_method
 from jaxkd.methods.registry import register
 
@@ -22,6 +23,14 @@ def _scores(inputs, student: str, teacher: str, candidate_mask: str | None, name
     t = jax.lax.stop_gradient(inputs.output(teacher, method=name).logits)
     mask = None if candidate_mask is None else require(inputs.batch, candidate_mask, method=name)
     return s, t, mask
+
+
+def _label_first(scores: jax.Array, labels: jax.Array) -> jax.Array:
+    """``scores`` with column 0 and the label's column swapped: the labeled class becomes the positive."""
+    columns = jnp.arange(scores.shape[-1])
+    y = labels[:, None]
+    order = jnp.where(columns == 0, y, jnp.where(columns == y, 0, columns))
+    return jnp.take_along_axis(scores, order, axis=-1)
 
 
 def _check_roles(name: str, student: str, teacher: str) -> None:
@@ -38,6 +47,7 @@ def _check_roles(name: str, student: str, teacher: str) -> None:
 def margin_mse(
     *,
     candidate_mask: str | None = None,
+    positive: str = "first",
     student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
@@ -48,15 +58,27 @@ def margin_mse(
     The participants' logits are ``[B, N]`` candidate scores with the positive in column 0 (``N = 2``:
     the paper's training triples). ``candidate_mask`` names a boolean ``[B, N]`` batch entry marking the
     real candidates (ragged lists); ``None`` uses all. Official: the loss alone (no CE), weight 1.
+
+    ``positive="label"`` reads classification logits as candidate lists: the labeled class is the
+    positive and every other class a negative, so the loss matches the margins ``z_y − z_j`` of student
+    and teacher (how the digits comparison runs it; the candidate mask must then be ``None``).
     """
     _check_roles(name, student, teacher)
+    check_choice("positive", positive, ("first", "label"))
+    if positive == "label" and candidate_mask is not None:
+        raise ValueError("margin_mse: positive='label' reorders the classes; it takes no candidate_mask")
 
     def compute(inputs, rng):
         s, t, mask = _scores(inputs, student, teacher, candidate_mask, name)
+        if positive == "label":
+            labels = inputs.labels(name)
+            s, t = _label_first(s, labels), _label_first(t, labels)
+            return losses.margin_mse(s, t, mask=inputs.label_mask)
         return losses.margin_mse(s, t, candidate_mask=mask, mask=inputs.example_mask)
 
     keys = () if candidate_mask is None else (candidate_mask,)
-    return stateless_method(name, compute, weight=weight, batch_keys=keys, participants=(student, teacher))
+    return stateless_method(name, compute, weight=weight, batch_keys=keys, participants=(student, teacher),
+                            needs_labels=positive == "label")
 
 
 @register(

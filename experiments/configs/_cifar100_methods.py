@@ -1,0 +1,48 @@
+"""Every method with its paper's CIFAR-100 recipe, for the RepDistiller benchmark configs
+(``cifar100_resnet32x4_resnet8x4.py``, ``cifar100_resnet56_resnet20.py``).
+
+The weights are RepDistiller's ``scripts/run_cifar_distill.sh`` (``-r 1 -a 0 -b <weight>``: CE plus the
+method, no KD term; KD itself is ``-r 0.1 -a 0.9``) and, for methods RepDistiller does not have, the
+official code's CIFAR settings (noted per line). AB, FT and FSP train an initialization stage of 30
+epochs first (RepDistiller's ``--init_epochs 30``); here it is the first 30 epochs of the run (``until``),
+where RepDistiller adds them before its 240 epochs — a run of these three is 30 epochs shorter.
+"""
+
+EPOCH = 50_000 // 64  # steps per epoch at batch 64
+INIT = 30 * EPOCH  # RepDistiller's initialization stage
+
+
+def methods(*, reviewkd_weight: float, nd_kd_weight: float) -> dict[str, str]:
+    """The run name -> method spec table (``steps`` and ``num_examples`` are the experiment's constants)."""
+    return {
+        "scratch": "ce",
+        "kd": "0.1 * ce + 0.9 * kd(temperature=4)",
+        "fitnets": "ce + 100 * fitnets",
+        "at": "ce + 1000 * at",
+        "sp": "ce + 3000 * sp",
+        "cc": "ce + 0.02 * cc",
+        "vid": "ce + vid",
+        "rkd": "ce + rkd",
+        "pkt": "ce + 30000 * pkt",
+        "abound": f"until({INIT}) * abound + after({INIT}) * ce",
+        "ft": f"after({INIT}) * ce + ft(paraphraser_steps={INIT}, weight=200, reconstruction_weight=0.2)",
+        "fsp": f"until({INIT}) * fsp + after({INIT}) * ce",
+        "nst": "ce + 50 * nst",
+        "kdsvd": "ce + kdsvd",
+        "crd": "ce + 0.8 * crd(num_examples=num_examples)",  # nce_k 16384, T 0.07, momentum 0.5
+        "crd_kd": "ce + kd(temperature=4) + 0.8 * crd(num_examples=num_examples)",
+        "ofd": "ce + 0.001 * ofd",  # official: sum / batch / 1000
+        "reviewkd": f"ce + {reviewkd_weight} * reviewkd(warmup_steps=20 * {EPOCH})",  # official reviewKD.sh
+        "simkd": "simkd",  # official: -c 0 -d 0 -b 1
+        "ickd": "ce + 2.5 * ickd",  # official: -a 0 -b 2.5
+        "ofa": "ce + ofa",  # official train.py defaults: eps 1, T 1
+        "nd": f"ce + {nd_kd_weight} * kd(temperature=4) + 2 * nd",  # official train_cifar.sh
+        "lsskd": "ce + lsskd",
+        "diswot": "ce + kd(temperature=4) + diswot",
+        "trg": "ce + kd + trg",
+        "dmae": "ce + kd + dmae(patch_size=4, mask_ratio=0.75)",
+        "kd3": "ce + kd3",
+        "lelp": "ce + lelp",
+        "margin_mse": "ce + margin_mse(positive='label')",
+        "listwise_kd": "ce + listwise_kd",
+    }
