@@ -229,8 +229,13 @@ class Runner:
 
             self.progress.set_description(f"{run} seed {seed}")
             result = evaluate(0) if start == 0 else None
+            step_seconds, timed = 0.0, 0  # the steady-state step time (the first step compiles)
             for step in range(start + 1, steps + 1):
-                state, metrics = self.train_step(state, next(batches))
+                batch = next(batches)
+                began = time.perf_counter()
+                state, metrics = self.train_step(state, batch)  # waits for the step: it reads its status
+                if step > start + 1:
+                    step_seconds, timed = step_seconds + time.perf_counter() - began, timed + 1
                 pending.append((step, metrics))
                 self.progress.update(1)
                 if step % cfg.eval_every == 0 or step == steps:
@@ -246,6 +251,8 @@ class Runner:
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     flush()
                     save(step)
+            if timed:  # a run resumed at its last step has no steady-state time of its own
+                result = {**result, "ms_per_step": 1000.0 * step_seconds / timed}
             save(steps, final=result)
             return state, result
         finally:
@@ -326,6 +333,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     total = len(cfg.seeds) * (len(run_plan.methods) * cfg.steps + (cfg.teacher_steps * len(frozen) if train_teachers else 0))
     progress = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)
     results: dict[str, list[float]] = {}
+    step_ms: dict[str, list[float | None]] = {}
     row_info: dict[str, tuple[str, str]] = {}
     started = time.time()
     with PreemptionFlag() as preemption:
@@ -391,6 +399,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                                                lr_schedule=student_schedule, config=config, meta=meta_split,
                                                meta_prefix=method.meta_prefix)
                     results.setdefault(name, []).append(result["accuracy"])
+                    step_ms.setdefault(name, []).append(result.get("ms_per_step"))
                     row_info[name] = (cfg.student, cfg.methods[name])
                     for p in method.trains:
                         row = f"{name}/{p}"
@@ -402,7 +411,8 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             runner.close()
             progress.close()
 
-    summary = report.summarize(cfg, results, row_info, seconds=time.time() - started, num_train=len(dataset.train),
+    summary = report.summarize(cfg, results, row_info, seconds=time.time() - started, step_ms=step_ms,
+                               num_train=len(dataset.train),
                                num_student_train=len(dataset.student_train),
                                num_test=int(sum(b["mask"].sum() for b in dataset.test_batches)))
     report.write(out_dir, summary)

@@ -17,9 +17,19 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def _mean_time(values: list[float | None] | None) -> float | None:
+    known = [v for v in values or () if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def summarize(cfg, results: dict[str, list[float]], row_info: dict[str, tuple[str, str]], *, seconds: float,
-              num_train: int, num_student_train: int, num_test: int) -> dict[str, Any]:
-    """Rows of the results table (``row_info``: row -> (model, method)), and the table itself as Markdown."""
+              num_train: int, num_student_train: int, num_test: int,
+              step_ms: dict[str, list[float | None]] | None = None) -> dict[str, Any]:
+    """Rows of the results table (``row_info``: row -> (model, method)), and the table itself as Markdown.
+
+    ``step_ms``: per run, each seed's steady-state train-step time in milliseconds (what the method costs
+    per step, the whole step: forwards, loss, gradients, update); the table shows their mean."""
+    step_ms = step_ms or {}
     baseline = results.get("scratch")
     base_mean = _mean_std(baseline)[0] if baseline else None
     rows = []
@@ -36,12 +46,18 @@ def summarize(cfg, results: dict[str, list[float]], row_info: dict[str, tuple[st
             "seeds": len(values),
             "top1_per_seed": [100.0 * v for v in values],
             "delta_vs_scratch": None if (is_teacher or base_mean is None or "/" in name) else mean - base_mean,
+            "ms_per_step": _mean_time(step_ms.get(name)),
         })
-    header = "| run | model | method | top-1 (%) | Δ vs scratch |\n|---|---|---|---|---|"
-    lines = [header]
+    timed = any(r["ms_per_step"] is not None for r in rows)
+    header = "| run | model | method | top-1 (%) | Δ vs scratch |" + (" ms/step |" if timed else "")
+    lines = [header, "|---|---|---|---|---|" + ("---|" if timed else "")]
     for r in rows:
         delta = "" if r["delta_vs_scratch"] is None else f"{r['delta_vs_scratch']:+.2f}"
-        lines.append(f"| {r['run']} | {r['model']} | `{r['method']}` | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {delta} |")
+        line = f"| {r['run']} | {r['model']} | `{r['method']}` | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {delta} |"
+        if timed:
+            line += "" if r["ms_per_step"] is None else f" {r['ms_per_step']:.0f}"
+            line += " |"
+        lines.append(line)
     labeled = f"{num_student_train} labeled" if num_student_train != num_train else f"all {num_train}"
     caption = (
         f"{cfg.dataset}: teacher trained on {num_train} images for {cfg.teacher_steps} steps; student on "

@@ -62,7 +62,8 @@ def test_cifar100_through_tfds_mock_data(tmp_path):
         summary = distill.main(
             ["--config", "experiments/configs/cifar100_resnet32x4_resnet8x4.py", "--out", str(tmp_path / "run")]
             + sum((["--set", s] for s in TINY), [])
-            + ["--set", "seeds=(0,)", "--set", "labels_per_class=None", "--set", "eval_batch_size=32"]
+            + ["--set", "seeds=(0,)", "--set", "labels_per_class=None", "--set", "eval_batch_size=32",
+               "--set", "methods={'scratch': 'ce', 'kd': '0.1 * ce + 0.9 * kd(temperature=4)'}"]
         )
     assert summary["config"]["dataset"] == "cifar100"
     assert {r["run"] for r in summary["rows"]} == {"teacher", "scratch", "kd"}

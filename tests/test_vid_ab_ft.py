@@ -256,7 +256,9 @@ def test_vid_abound_ft_train_in_the_jitted_step():
         assert float(metrics["ft/weight"]) == (1.0 if i < n else 200.0)
         snapshot = jax.device_get(state.method.state["ft"]["paraphraser"])
         trained = history[min(i + 1, n)]["ft"]["paraphraser"]  # the paraphraser as trained at step min(i+1, n)
-        jax.tree.map(np.testing.assert_array_equal, snapshot, trained)
+        # Equal up to float rounding: XLA may compute the updated parameters twice in the step (once for the
+        # state, once for the copy) with different fusion, so the last bit can differ.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), snapshot, trained)
 
     def changed(a, b):
         return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -48,39 +48,6 @@ METHODS = {
     "multi_teacher_kd_fixed": "ce + multi_teacher_kd(teachers=('teacher', 'teacher2'), teacher_weights=(0.7, 0.3))",
     "dml": "dml",  # student + a resnet8 peer, both trained and evaluated
     "bdkd_online": "bdkd_online(temperature=4)",  # resnet20 teacher trained with the student
-    # Feature and relational methods: RepDistiller's weights (run_cifar_distill.sh, -a 0: no KD term) and
-    # feature taps; a first stage of steps // 9 is RepDistiller's 30 initialization epochs of 270.
-    "fitnets": "ce + 100 * fitnets",  # hint stage2 -> stage2, ConvReg connector
-    "fitnets_2stage": "until(steps // 9) * fitnets + after(steps // 9) * (ce + kd(temperature=4))",  # the paper's
-    "at": "ce + 1000 * at",
-    "sp": "ce + 3000 * sp",
-    "cc": "ce + 0.02 * cc",
-    "vid": "ce + vid",
-    "rkd": "ce + rkd",  # distance 25, angle 50
-    "pkt": "ce + 30000 * pkt",
-    "abound": "until(steps // 9) * abound + after(steps // 9) * ce",  # AB initializes, then CE
-    "ft": "after(steps // 9) * ce + ft(paraphraser_steps=steps // 9, weight=200, reconstruction_weight=0.2)",
-    "fsp": "until(steps // 9) * fsp + after(steps // 9) * ce",  # FSP initializes, then CE
-    "nst": "ce + 50 * nst",
-    "kdsvd": "ce + kdsvd",
-    "crd": "ce + 0.8 * crd(num_examples=num_examples, nce_k=num_examples // 3)",  # official K/N ratio ~ 1/3
-    "crd_kd": "ce + kd(temperature=4) + 0.8 * crd(num_examples=num_examples, nce_k=num_examples // 3)",  # CRD+KD
-    "ofd": "ce + 0.001 * ofd",  # official sum / batch / 1000
-    "reviewkd": "ce + 0.6 * reviewkd(warmup_steps=steps // 12)",  # official resnet56 -> resnet20 weight
-    "simkd": "simkd",  # reused teacher classifier, no CE
-    "ickd": "ce + 2.5 * ickd",
-    # The seeds' vision methods.
-    "ofa": "ce + ofa",  # branch heads on stage1-3, eps 1, T 1 (official train.py defaults)
-    "nd": "ce + kd(temperature=4) + 2 * nd",  # official resnet56 -> resnet20 weights; class means in the step
-    "lsskd": "ce + lsskd",  # self-distillation through auxiliary heads (no teacher)
-    "diswot": "ce + kd(temperature=4) + diswot",
-    "trg": "ce + kd + trg",  # stage3 2x2 maps: 4 tokens per image
-    "dmae": "ce + kd + dmae(patch_size=2)",  # student sees 75% of 2x2 patches zeroed
-    "kd3": "ce + kd3",
-    "lelp": "ce + lelp",  # projections from the teacher's class moments, in the step
-    # Ranking losses read classification logits as candidate lists: the label is the positive.
-    "margin_mse": "ce + margin_mse(positive='label')",
-    "listwise_kd": "ce + listwise_kd",
 }
 
 
