@@ -27,6 +27,12 @@ CASES = [
         batched=(0, 1, 2, 3), grad=(0, 2, 1, 3),
     ),
     FeatureCase(
+        "kd3_instance_alignment",
+        lambda rng: (rng.normal(size=(6, 4)), rng.normal(size=(6, 4))),
+        lambda s, t, **kw: losses.kd3_instance_alignment(s, t, temperature=0.5, **kw),
+        batched=(0, 1), grad=(0, 1), relational=True,
+    ),
+    FeatureCase(
         "lelp",
         lambda rng: (1.5 * rng.normal(size=(6, 6)), 1.5 * rng.normal(size=(6, 3)), rng.normal(size=(6, 4))),
         lambda zs, zt, f, **kw: losses.lelp(zs, zt, f, _PROJ, temperature=2.0, subclass_temperature=0.5, **kw),

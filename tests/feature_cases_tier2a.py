@@ -45,6 +45,21 @@ CASES = [
         batched=(0, 1, 2, 3), grad=(0, 1, 2, 3),
     ),
     FeatureCase(
+        "lsskd",
+        lambda rng: tuple(1.5 * rng.normal(size=s) for s in ((6, 5), (6, 2, 2, 10), (6, 5), (6, 2, 2, 10))),
+        lambda z, a, zt, at, **kw: losses.lsskd(
+            z, a, zt, at, _Y, temperature=2.0, aux_ce_weight=0.5, aux_kd_weight=1.5, final_kd_weight=0.7,
+            transformations=2, **kw
+        ),
+        batched=(0, 1, 2, 3), grad=(0, 1, 2, 3), id="lsskd_transformations",
+    ),
+    FeatureCase(
+        "lsskd_terms",
+        lambda rng: tuple(1.5 * rng.normal(size=s) for s in ((6, 5), (6, 1, 4, 20), (6, 5), (6, 1, 4, 20))),
+        lambda z, a, zt, at, **kw: sum(losses.lsskd_terms(z, a, zt, at, _Y, temperature=1.5, transformations=4, **kw)),
+        batched=(0, 1, 2, 3), grad=(0, 1, 2, 3), id="lsskd_terms_rotations",
+    ),
+    FeatureCase(
         "diswot_relation",
         lambda rng: (rng.normal(size=(6, 2, 2, 3)), rng.normal(size=(6, 5))),
         lambda s, t, **kw: losses.diswot_relation(s, t, **kw), grad=(0, 1), relational=True,

@@ -206,7 +206,7 @@ def test_kd3_and_lelp_train(tmp_path):
     np.save(path, proj)
     method = methods.parse(f"ce + kd3(threshold=0.0) + lelp(projections={path!r}, predict_with_head=True)")
     before, state, metrics = _train(method, batch)
-    for key in ("loss", "kd3", "kd3/kd", "kd3/feature", "kd3/classifier", "kd3/selected", "lelp"):
+    for key in ("loss", "kd3", "kd3/kd", "kd3/feature", "kd3/classifier", "kd3/alignment", "kd3/selected", "lelp"):
         assert np.isfinite(float(metrics[key])), key
     assert float(metrics["kd3/selected"]) == 1.0
     assert float(metrics["lelp"]) > 0
@@ -262,3 +262,171 @@ def test_lelp_without_projections_accumulates_the_teachers_moments_in_the_step()
     st = state.method.state["lelp"]
     np.testing.assert_allclose(st["counts"], np.bincount(y, minlength=st["counts"].shape[0]))
     np.testing.assert_allclose(st["sums"], np.eye(st["counts"].shape[0])[y].T @ f, rtol=1e-5, atol=1e-5)
+
+
+# ----- KD³'s MixDistribution block: the perturbation and the instance alignment -----
+
+
+def _np_infonce(s, t, tau):
+    """−mean_i log softmax_j(cos(s_i, t_j)/τ)_i, written directly from the formula."""
+    s = np.asarray(s, np.float64)
+    t = np.asarray(t, np.float64)
+    s = s / np.linalg.norm(s, axis=1, keepdims=True)
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    logits = s @ t.T / tau
+    logits = logits - logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -np.mean(np.diag(log_p))
+
+
+def test_kd3_instance_alignment_matches_numpy():
+    rng = np.random.default_rng(5)
+    s, t = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
+    np.testing.assert_allclose(losses.kd3_instance_alignment(s, t, temperature=0.3), _np_infonce(s, t, 0.3), rtol=1e-5)
+    # The default temperature, and the mask: the loss of the valid examples alone.
+    mask = np.array([1, 1, 0, 1, 0, 1, 1], bool)
+    np.testing.assert_allclose(losses.kd3_instance_alignment(s, t, mask=mask), _np_infonce(s[mask], t[mask], 0.07),
+                               rtol=1e-5)
+    # Invariant to the embeddings' scale (cosine similarity); a perfectly aligned, well separated batch costs ~0.
+    np.testing.assert_allclose(losses.kd3_instance_alignment(3.0 * s, 0.5 * t, temperature=0.3),
+                               _np_infonce(s, t, 0.3), rtol=1e-5)
+    eye = np.eye(4)
+    assert float(losses.kd3_instance_alignment(eye, 2.0 * eye, temperature=0.05)) < 1e-6
+    # One valid example: its only candidate is its positive (0); none: 0, not NaN.
+    one = np.array([True] + [False] * 6)
+    assert abs(float(losses.kd3_instance_alignment(s, t, mask=one))) < 1e-6
+    assert float(losses.kd3_instance_alignment(s, t, mask=np.zeros(7, bool))) == 0.0
+
+
+def _np_stats(x, eps):
+    mu = x.mean(axis=(1, 2), keepdims=True)
+    return mu, np.sqrt(x.var(axis=(1, 2), keepdims=True) + eps)
+
+
+def test_mix_distribution_closed_form_and_identity():
+    rng = np.random.default_rng(6)
+    b = 6
+    # Examples with different per-channel means and scales (NHWC, 3 channels).
+    x = rng.normal(size=(b, 5, 4, 3)) * rng.uniform(0.5, 3.0, size=(b, 1, 1, 3)) + rng.normal(size=(b, 1, 1, 3))
+    x = x.astype(np.float32)
+    lam = np.array([0.0, 0.25, 0.5, 0.9, 1.0, 0.3], np.float32)
+    partner = np.array([3, 0, 5, 1, 2, 4])
+    eps = 1e-6
+    got = methods.mix_distribution(jax.random.PRNGKey(0), x, eps=eps, mix_weight=lam, partner=partner)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    mu, sig = _np_stats(x.astype(np.float64), eps)
+    l = lam.reshape(b, 1, 1, 1)
+    mu_mix = l * mu + (1 - l) * mu[partner]
+    sig_mix = l * sig + (1 - l) * sig[partner]
+    expected = sig_mix * (x - mu) / sig + mu_mix
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # λ = 0: example i takes its partner's statistics (mean exactly, std up to eps).
+    got_mu, got_sig = _np_stats(np.asarray(got, np.float64), 0.0)
+    np.testing.assert_allclose(got_mu[0], mu[3], atol=1e-5)
+    np.testing.assert_allclose(got_sig[0], sig[3], rtol=1e-4)
+    # The mixing weight 1 returns the input, whatever the partner.
+    same = methods.mix_distribution(jax.random.PRNGKey(1), x, mix_weight=1.0, partner=partner)
+    np.testing.assert_allclose(same, x, rtol=1e-5, atol=1e-5)
+    # A [B, D] input has one channel: its D values.
+    v = rng.normal(size=(4, 7)).astype(np.float32)
+    got_v = methods.mix_distribution(jax.random.PRNGKey(0), v, mix_weight=0.5, partner=np.array([1, 0, 3, 2]))
+    m, sd = v.mean(1, keepdims=True), np.sqrt(v.var(1, keepdims=True) + 1e-6)
+    p = np.array([1, 0, 3, 2])
+    np.testing.assert_allclose(got_v, (0.5 * sd + 0.5 * sd[p]) * (v - m) / sd + 0.5 * m + 0.5 * m[p], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_mix_distribution_draws_keep_each_examples_content():
+    rng = np.random.default_rng(7)
+    b = 8
+    x = (rng.normal(size=(b, 6, 6, 2)) * rng.uniform(0.5, 3.0, size=(b, 1, 1, 2))
+         + 5.0 * rng.normal(size=(b, 1, 1, 2))).astype(np.float32)
+    draw = jax.jit(lambda key, x: methods.mix_distribution(key, x, alpha=0.5))  # jittable
+    got = np.asarray(draw(jax.random.PRNGKey(3), x), np.float64)
+    assert got.shape == x.shape
+    # Content: each perturbed example, standardized per channel, is the original standardized example.
+    mu, sig = _np_stats(x.astype(np.float64), 0.0)
+    gmu, gsig = _np_stats(got, 0.0)
+    np.testing.assert_allclose((got - gmu) / gsig, (x - mu) / sig, rtol=1e-4, atol=1e-4)
+    # The new statistics are one λ_i-mix of the example's and one partner's, the same λ_i for every channel.
+    for i in range(b):
+        found = False
+        for j in range(b):
+            d = mu[j, 0, 0, 0] - mu[i, 0, 0, 0]
+            if j == i or abs(d) < 1e-3:
+                continue
+            one_minus = (gmu[i, 0, 0, 0] - mu[i, 0, 0, 0]) / d
+            lam = 1.0 - one_minus
+            pred_mu = lam * mu[i] + (1 - lam) * mu[j]
+            pred_sig = lam * sig[i] + (1 - lam) * sig[j]
+            if (-1e-4 <= lam <= 1 + 1e-4 and np.allclose(pred_mu, gmu[i], atol=1e-3)
+                    and np.allclose(pred_sig, gsig[i], rtol=1e-3, atol=1e-3)):
+                found = True
+        # A draw of λ_i within float precision of 1 or a self-partner leaves the example as it was.
+        assert found or np.allclose(got[i], x[i], atol=1e-3), i
+    # Another key, another perturbation.
+    assert not np.allclose(draw(jax.random.PRNGKey(4), x), got, atol=1e-3)
+    # The mask: masked examples are never partners and stay as they were.
+    mask = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
+    far = x.copy()
+    far[~mask] += 1000.0
+    draw_masked = jax.jit(lambda key, x, mask: methods.mix_distribution(key, x, alpha=1.0, mask=mask))
+    with_mask = np.asarray(draw_masked(jax.random.PRNGKey(5), far, mask))
+    np.testing.assert_allclose(with_mask[~mask], far[~mask], rtol=1e-5)
+    assert np.abs(with_mask[mask].mean(axis=(1, 2))).max() < 100.0
+
+
+def test_kd3_alignment_term_is_the_infonce_of_the_rerun_student_on_the_mixed_batch():
+    from jaxkd.methods.base import LossInputs
+
+    teacher, student = tiny_models()
+    batch = tiny_batch(batch_size=8)
+    tvars = teacher_variables(teacher, batch)
+    svars = student.init(jax.random.PRNGKey(2), batch["image"])
+    s_out = student.apply(svars, batch["image"], train=True)
+    t_out = teacher.apply(tvars, batch["image"], train=False)
+    inputs = LossInputs.of(s_out, t_out, batch, student_variables=svars, student_model=student)
+    method = methods.kd3(classifier_weight=0.0, alignment_weight=0.5, alignment_temperature=0.5, mix_alpha=0.3)
+    mvars = method.init(jax.random.PRNGKey(3), inputs)
+    loss = jax.jit(lambda key: method.loss(mvars, inputs, key))
+    key = jax.random.PRNGKey(4)
+    value, aux = loss(key)
+    dense = mvars.params["connector"]["Dense_0"]
+    mixed = methods.mix_distribution(key, batch["image"], alpha=0.3)
+    s_mix = np.asarray(student.apply(svars, mixed, train=True).features["pooled"], np.float64)
+    s_mix = s_mix @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"], np.float64)
+    expected = _np_infonce(s_mix, t_out.features["pooled"], 0.5)
+    np.testing.assert_allclose(aux.metrics["alignment"], expected, rtol=1e-4)
+    m = aux.metrics
+    np.testing.assert_allclose(value, m["kd"] + m["feature"] + 0.5 * m["alignment"], rtol=1e-5)
+    # The perturbation is drawn from the step's rng; alignment_weight=0 leaves the term (and the re-run) out.
+    _, aux2 = loss(jax.random.PRNGKey(5))
+    assert float(aux2.metrics["alignment"]) != float(m["alignment"])
+    without = methods.kd3(classifier_weight=0.0, alignment_weight=0.0)
+    _, aux0 = jax.jit(lambda key: without.loss(mvars, inputs, key))(key)
+    assert "alignment" not in aux0.metrics
+
+
+def test_kd3_mix_distribution_bad_inputs():
+    s, t = np.zeros((4, 3)), np.zeros((4, 3))
+    with pytest.raises(ValueError, match="temperature"):
+        losses.kd3_instance_alignment(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(4, 5\)"):
+        losses.kd3_instance_alignment(s, np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="reduction"):
+        losses.kd3_instance_alignment(s, t, reduction="none")
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="alpha"):
+        methods.mix_distribution(key, np.zeros((4, 2, 2, 1)), alpha=0.0)
+    with pytest.raises(ValueError, match="float inputs"):
+        methods.mix_distribution(key, np.zeros((4, 2, 2, 1), np.int32))
+    with pytest.raises(ValueError, match="mix_weight"):
+        methods.mix_distribution(key, np.zeros((4, 2, 2, 1)), mix_weight=np.ones(3))
+    with pytest.raises(ValueError, match="partner"):
+        methods.mix_distribution(key, np.zeros((4, 2, 2, 1)), partner=np.arange(3))
+    with pytest.raises(ValueError, match="alignment_weight"):
+        methods.kd3(alignment_weight=-1.0)
+    with pytest.raises(ValueError, match="alignment_temperature"):
+        methods.kd3(alignment_temperature=0.0)
+    with pytest.raises(ValueError, match="mix_alpha"):
+        methods.kd3(mix_alpha=0.0)

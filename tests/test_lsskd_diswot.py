@@ -117,16 +117,144 @@ def test_diswot_rank_is_deterministic_and_puts_the_teacher_architecture_first():
     assert [n for n, _ in first[1:]] and all(score < 0 for _, score in first[1:])
 
 
+def _dense_kernel_shapes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [v.shape for path, v in flat
+            if "Dense" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['kernel']")]
+
+
 def test_lsskd_and_diswot_in_the_train_step():
     teacher, student = tiny_conv_models()
     batch = tiny_image_batch()
     tvars = teacher.init(jax.random.PRNGKey(1), batch["image"])
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars,
-                         method=methods.parse("ce + lsskd + kd(temperature=4) + diswot"),
+                         method=methods.parse("ce + lsskd + kd(temperature=4) + diswot + lsskd(rotations=False, name='plain')"),
                          tx=optax.sgd(0.05, momentum=0.9), sample_batch=batch, rng=jax.random.PRNGKey(0))
+    # the rotation heads predict the 4·C joint (class, rotation) labels, the plain ones the C classes
+    assert {s[-1] for s in _dense_kernel_shapes(state.method.params["lsskd"])} == {4 * NUM_CLASSES}
+    assert {s[-1] for s in _dense_kernel_shapes(state.method.params["plain"])} == {NUM_CLASSES}
     heads = [np.array(x) for x in jax.tree_util.tree_leaves(state.method.params["lsskd"])]  # the step donates
     new, metrics = jaxkd.make_train_step()(state, batch)
-    for key in ("lsskd", "lsskd/ce_aux", "lsskd/kd_aux", "lsskd/kd_final", "diswot", "diswot/relation", "diswot/semantic"):
+    for key in ("lsskd", "lsskd/ce_aux", "lsskd/kd_aux", "lsskd/kd_final", "diswot", "diswot/relation", "diswot/semantic",
+                "plain", "plain/ce_aux", "plain/kd_aux", "plain/kd_final"):
         assert np.isfinite(float(metrics[key])), key
+    # three joint classifiers start near 3·log(4·C), the plain ones near 3·log(C)
+    assert float(metrics["lsskd/ce_aux"]) > float(metrics["plain/ce_aux"])
     after = jax.tree_util.tree_leaves(new.method.params["lsskd"])
     assert any(not np.allclose(a, b) for a, b in zip(heads, after)), "the auxiliary classifiers did not train"
+
+
+# ----- LSSKD's self-supervised augmented (class × rotation) task -----
+
+
+def _np_lsskd_rotation_terms(z, a, y, T):
+    """NumPy: a [B, L, M, C·M] joint logits of L classifiers on M transformed copies; joint label y·M + j
+    and SLA's aggregate z̄_c = mean_j a[..., j, c·M + j], both written as explicit loops."""
+    B, L, M, CM = a.shape
+    C = CM // M
+    ce, kd_aux, kd_final = [], [], []
+    for i in range(B):
+        lp = _log_softmax(z[i] / T)
+        agg = np.zeros((L, C))
+        c_i = 0.0
+        for l in range(L):
+            for j in range(M):
+                c_i += -_log_softmax(a[i, l, j])[y[i] * M + j] / M
+                for c in range(C):
+                    agg[l, c] += a[i, l, j, c * M + j] / M
+        lq = [_log_softmax(agg[l] / T) for l in range(L)]
+        ce.append(c_i)
+        kd_aux.append(T**2 * sum(np.sum(np.exp(lp) * (lp - lq[l])) for l in range(L)))
+        q_bar = np.mean([np.exp(q) for q in lq], axis=0)
+        kd_final.append(T**2 * np.sum(q_bar * (np.log(q_bar) - lp)))
+    return np.array(ce), np.array(kd_aux), np.array(kd_final)
+
+
+def test_lsskd_rotation_terms_match_a_numpy_reference():
+    rng = np.random.default_rng(4)
+    B, L, M, C = 5, 3, 4, 3
+    z, a = rng.normal(size=(B, C)), 2.0 * rng.normal(size=(B, L, M, C * M))
+    y = np.array([0, 2, 1, 2, 0])
+    T = 2.5
+    ref = _np_lsskd_rotation_terms(z, a, y, T)
+    got = losses.lsskd_terms(z, a, z, a, y, temperature=T, transformations=M, reduction="none")
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    total = losses.lsskd(z, a, z, a, y, temperature=T, transformations=M, aux_ce_weight=0.5, aux_kd_weight=2.0,
+                         final_kd_weight=0.3, reduction="none")
+    np.testing.assert_allclose(total, 0.5 * ref[0] + 2.0 * ref[1] + 0.3 * ref[2], rtol=1e-5)
+
+
+def test_lsskd_one_transformation_is_the_plain_form():
+    """With M = 1 the joint label is the class and the aggregate is the classifier's own logits."""
+    rng = np.random.default_rng(5)
+    z, a, y = rng.normal(size=(4, 3)), rng.normal(size=(4, 2, 3)), np.array([0, 1, 2, 1])
+    plain = losses.lsskd_terms(z, a, z, a, y, reduction="none")
+    ref = _np_lsskd_rotation_terms(z, a[:, :, None, :], y, 3.0)
+    for p, r in zip(plain, ref):
+        np.testing.assert_allclose(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_lsskd_rotation_errors():
+    z, y = np.zeros((2, 3)), np.array([0, 1])
+    a = np.zeros((2, 2, 4, 12))
+    with pytest.raises(ValueError, match="transformations"):
+        losses.lsskd(z, a, z, a, y, transformations=0)
+    with pytest.raises(ValueError, match=r"aux_logits.*\(2, 2, 4, 11\)"):
+        losses.lsskd(z, np.zeros((2, 2, 4, 11)), z, np.zeros((2, 2, 4, 11)), y, transformations=4)
+    with pytest.raises(ValueError, match="aux_logits"):
+        losses.lsskd(z, np.zeros((2, 2, 3, 12)), z, np.zeros((2, 2, 3, 12)), y, transformations=4)
+    with pytest.raises(ValueError, match="rotations"):
+        methods.lsskd(rotations="yes")
+    with pytest.raises(ValueError, match="square"):
+        methods.rotated_copies(np.zeros((2, 4, 6, 1)))
+
+
+def test_rotated_copies_rotate_nhwc_images():
+    x = np.arange(2 * 3 * 3 * 2, dtype=np.float32).reshape(2, 3, 3, 2)
+    r = np.asarray(methods.rotated_copies(x))
+    assert r.shape == (4, 2, 3, 3, 2)
+    n = 3
+    for b in range(2):
+        for i in range(n):
+            for j in range(n):
+                np.testing.assert_array_equal(r[0, b, i, j], x[b, i, j])
+                np.testing.assert_array_equal(r[1, b, i, j], x[b, j, n - 1 - i])  # 90° counter-clockwise
+                np.testing.assert_array_equal(r[2, b, i, j], x[b, n - 1 - i, n - 1 - j])
+                np.testing.assert_array_equal(r[3, b, i, j], x[b, n - 1 - j, i])
+    # the NHWC form of HSAKD's torch.rot90(x, k, (2, 3)) on NCHW images
+    nchw = x.transpose(0, 3, 1, 2)
+    for k in range(4):
+        np.testing.assert_array_equal(r[k], np.rot90(nchw, k, (2, 3)).transpose(0, 2, 3, 1))
+
+
+def test_lsskd_method_runs_the_heads_on_the_rotated_student():
+    """The method's value equals the heads' joint logits on the student re-run on the rotated batch, built
+    here in HSAKD's interleaved order (each image followed by its rotations), with BatchNorm in train mode."""
+    from jaxkd.methods.features import module_apply
+    from jaxkd.methods.ofa import branch_heads
+
+    _, student = tiny_conv_models()
+    batch = tiny_image_batch(batch_size=4)
+    x, y = batch["image"], batch["label"]
+    svars = student.init(jax.random.PRNGKey(2), x)
+    outs = student.apply(svars, x, train=True)
+    inputs = methods.LossInputs.of(outs, None, batch, student_variables=svars, student_model=student)
+    method = methods.lsskd(temperature=2.0)
+    mvars = method.init(jax.random.PRNGKey(3), inputs)
+    value, aux = method.loss(mvars, inputs, jax.random.PRNGKey(4))
+
+    interleaved = np.stack([np.rot90(x, k, (1, 2)) for k in range(4)], 1).reshape(16, *x.shape[1:])
+    rot_out = student.apply(svars, interleaved, train=True)
+    heads = branch_heads(inputs, ("stage1", "stage2", "stage3"), width=None, embedding="pooled", method="lsskd",
+                         teacher=None)
+    joint = []
+    for s in ("stage1", "stage2", "stage3"):
+        out, _ = module_apply(heads[s].clone(num_classes=4 * NUM_CLASSES),
+                              methods.MethodVars(mvars.params[s], mvars.state[s]), rot_out.features[s])
+        assert out.shape == (16, 4 * NUM_CLASSES)
+        joint.append(np.asarray(out).reshape(4, 4, 4 * NUM_CLASSES))  # [B, rotation, 4·C]
+    joint = np.stack(joint, 1)  # [B, L, 4, 4·C]
+    ce, kd_aux, kd_final = _np_lsskd_rotation_terms(np.asarray(outs.logits, np.float64), joint.astype(np.float64), y, 2.0)
+    np.testing.assert_allclose(float(value), np.mean(ce + kd_aux + kd_final), rtol=2e-4)
+    np.testing.assert_allclose(float(aux.metrics["ce_aux"]), np.mean(ce), rtol=2e-4)

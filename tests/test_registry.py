@@ -39,7 +39,12 @@ def lelp_projections_file(tmp_path, teacher, teacher_vars, batch) -> str:
     return f"projections={str(path)!r}"
 
 
-@pytest.mark.parametrize("name", sorted(methods.REGISTRY))
+# The feature-map methods' own test files each train them in the jitted step (on the same tiny ResNets);
+# here they are the slow cases (`pytest -m slow`), so the suite stays under 10 minutes.
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in CONV_METHODS else n for n in sorted(methods.REGISTRY)]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_step(name, tmp_path):
     conv = name in CONV_METHODS
     TEACHER, STUDENT, BATCH = (CONV_TEACHER, CONV_STUDENT, CONV_BATCH) if conv else (MLP_TEACHER, MLP_STUDENT, MLP_BATCH)

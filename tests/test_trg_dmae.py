@@ -150,29 +150,100 @@ def _changed(a, b):
 
 
 def test_trg_and_dmae_in_the_train_step():
-    before, after, metrics = _run("ce + trg(tokens_per_example=3, temperature=0.5) + dmae(patch_size=2, mask_ratio=0.5)")
-    for key in ("trg", "trg/local", "trg/global", "trg/contextual", "dmae"):
+    before, after, metrics = _run(
+        "ce + trg(tokens_per_example=3, temperature=0.5) + dmae(patch_size=2, mask_ratio=0.5)"
+        " + dmae(patch_size=2, teacher_sees='full', name='dmae_full')"
+    )
+    for key in ("trg", "trg/local", "trg/global", "trg/contextual", "dmae", "dmae_full"):
         assert np.isfinite(float(metrics[key]))
     assert float(metrics["dmae/visible_fraction"]) == pytest.approx(0.5)
     assert _changed(before[0]["trg"], after[0]["trg"])  # TRG's projection is trained
     assert _changed(before[0]["dmae"], after[0]["dmae"])  # DMAE's projection is trained
 
 
+def _dmae_inputs(student, teacher, svars, tvars, batch):
+    """LossInputs as the train step builds them: the student differentiated (its own forward detached, so
+    every gradient comes from the method's re-runs), the frozen teacher's variables gradient-stopped."""
+    from jaxkd.participants import Participant
+
+    x = batch["image"]
+    return methods.LossInputs(
+        outputs={"student": student.apply(jax.lax.stop_gradient(svars), x, train=True),
+                 "teacher": jax.lax.stop_gradient(teacher.apply(tvars, x, train=False))},
+        batch=batch, step=jnp.asarray(0, jnp.int32),
+        variables={"student": svars, "teacher": jax.lax.stop_gradient(tvars)},
+        participants=(("student", Participant(student)),
+                      ("teacher", Participant(teacher, variables=tvars, trains=False))),
+    )
+
+
+def _np_dmae(s, t, visible):
+    """NumPy: mean over the visible positions of mean_c |n(s) − n(t)|, then over the batch."""
+    ns = s / np.linalg.norm(s, axis=-1, keepdims=True)
+    nt = t / np.linalg.norm(t, axis=-1, keepdims=True)
+    per_pos = np.abs(ns - nt).mean(-1)
+    return np.mean((per_pos * visible).sum((1, 2)) / visible.sum((1, 2)))
+
+
+def test_dmae_teacher_sees_the_masked_input():
+    """teacher_sees="masked": the teacher's features are the teacher model applied (eval mode) to the batch
+    with the student's masked patches zeroed (masked here in NumPy); "full": its features of the full batch."""
+    from jaxkd.methods.connectors import LinearConnector
+    from jaxkd.methods.features import module_apply
+
+    teacher, student = tiny_conv_models()
+    batch = tiny_image_batch(batch_size=4)
+    x = np.asarray(batch["image"])
+    svars, tvars = student.init(jax.random.PRNGKey(2), x), teacher.init(jax.random.PRNGKey(1), x)
+    inputs = _dmae_inputs(student, teacher, svars, tvars, batch)
+    rng = jax.random.PRNGKey(7)
+    # patch 4 on 8x8 images: a 2x2 patch grid, the resolution of stage3's maps
+    visible = np.asarray(methods.random_patch_mask(rng, 4, (2, 2), 0.5))
+    assert visible.sum() == 4 * 2
+    pixels = np.repeat(np.repeat(visible, 4, axis=1), 4, axis=2)[..., None]
+    masked = np.where(pixels, x, 0.0).astype(np.float32)
+    assert np.all(masked[~np.broadcast_to(pixels, x.shape)] == 0) and np.any(masked != x)
+    s_feat = student.apply(svars, masked, train=True).features["stage3"]
+    values = {}
+    for sees in ("masked", "full"):
+        method = methods.dmae(patch_size=4, mask_ratio=0.5, teacher_sees=sees)
+        mvars = method.init(jax.random.PRNGKey(3), inputs)
+        value, _ = method.loss(mvars, inputs, rng)
+        t_input = masked if sees == "masked" else x
+        t_feat = np.asarray(teacher.apply(tvars, t_input, train=False).features["stage3"], np.float64)
+        s_proj, _ = module_apply(LinearConnector(t_feat.shape[-1]), mvars, s_feat)
+        np.testing.assert_allclose(float(value), _np_dmae(np.asarray(s_proj, np.float64), t_feat, visible), rtol=1e-5)
+        values[sees] = float(value)
+    assert values["masked"] != pytest.approx(values["full"], rel=1e-4)
+
+
 def test_dmae_gradients_reach_the_student_through_the_masked_forward():
     """The student's outputs on the full input are gradient-stopped here: every gradient comes from the
-    method's re-run of the student on the masked input."""
+    method's re-run of the student on the masked input; the teacher's re-run carries none."""
     teacher, student = tiny_conv_models()
     batch = tiny_image_batch()
     x = batch["image"]
-    tout = teacher.apply(teacher.init(jax.random.PRNGKey(1), x), x, train=False)
+    tvars = teacher.init(jax.random.PRNGKey(1), x)
     svars = student.init(jax.random.PRNGKey(2), x)
     method = methods.dmae(patch_size=2)
+    mvars = method.init(jax.random.PRNGKey(3), _dmae_inputs(student, teacher, svars, tvars, batch))
+    loss = lambda sv, tv: method.loss(mvars, _dmae_inputs(student, teacher, sv, tv, batch), jax.random.PRNGKey(4))[0]
+    s_grads, t_grads = jax.grad(loss, argnums=(0, 1))(svars, tvars)
+    s_total = sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(s_grads["params"]))
+    assert np.isfinite(s_total) and s_total > 0
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(t_grads))
 
-    def inputs(v):
-        outs = student.apply(jax.lax.stop_gradient(v), x, train=True)
-        return methods.LossInputs.of(outs, tout, batch, student_variables=v, student_model=student)
 
-    mvars = method.init(jax.random.PRNGKey(3), inputs(svars))
-    grads = jax.grad(lambda v: method.loss(mvars, inputs(v), jax.random.PRNGKey(4))[0])(svars)
-    assert np.isfinite(sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(grads["params"])))
-    assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(grads["params"])) > 0
+def test_dmae_teacher_sees_errors():
+    with pytest.raises(ValueError, match="teacher_sees"):
+        methods.dmae(teacher_sees="both")
+    teacher, student = tiny_conv_models()
+    batch = tiny_image_batch(batch_size=2)
+    x = batch["image"]
+    svars, tvars = student.init(jax.random.PRNGKey(2), x), teacher.init(jax.random.PRNGKey(1), x)
+    inputs = _dmae_inputs(student, teacher, svars, tvars, batch)
+    method = methods.dmae(patch_size=2)
+    mvars = method.init(jax.random.PRNGKey(3), inputs)
+    without = inputs.replace(variables={"student": svars})
+    with pytest.raises(ValueError, match="variables of participant 'teacher'"):
+        method.loss(mvars, without, jax.random.PRNGKey(4))

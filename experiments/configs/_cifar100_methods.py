@@ -1,5 +1,8 @@
-"""Every method with its paper's CIFAR-100 recipe, for the RepDistiller benchmark configs
+"""The RepDistiller CIFAR-100 recipe and every method with its paper's settings, for the benchmark configs
 (``cifar100_resnet32x4_resnet8x4.py``, ``cifar100_resnet56_resnet20.py``).
+
+240 epochs of 50000 images at batch 64 (187,500 steps), SGD lr 0.05 (x0.1 at epochs 150, 180, 210),
+momentum 0.9, weight decay 5e-4, pad-4 crop + flip, for teacher and student.
 
 The weights are RepDistiller's ``scripts/run_cifar_distill.sh`` (``-r 1 -a 0 -b <weight>``: CE plus the
 method, no KD term; KD itself is ``-r 0.1 -a 0.9``) and, for methods RepDistiller does not have, the
@@ -8,7 +11,10 @@ epochs first (RepDistiller's ``--init_epochs 30``); here it is the first 30 epoc
 where RepDistiller adds them before its 240 epochs — a run of these three is 30 epochs shorter.
 """
 
+from experiments.config import Config
+
 EPOCH = 50_000 // 64  # steps per epoch at batch 64
+STEPS = 240 * 50_000 // 64
 INIT = 30 * EPOCH  # RepDistiller's initialization stage
 
 
@@ -46,3 +52,25 @@ def methods(*, reviewkd_weight: float, nd_kd_weight: float) -> dict[str, str]:
         "margin_mse": "ce + margin_mse(positive='label')",
         "listwise_kd": "ce + listwise_kd",
     }
+
+
+def recipe(name: str, *, teacher: str, student: str, reviewkd_weight: float, nd_kd_weight: float) -> Config:
+    """The RepDistiller recipe for one teacher -> student pair, with every method."""
+    return Config(
+        name=name,
+        dataset="cifar100",
+        augment="crop_flip",
+        teacher=teacher,
+        teacher_steps=STEPS,
+        teacher_lr=0.05,
+        student=student,
+        steps=STEPS,
+        lr=0.05,
+        batch_size=64,
+        schedule="multistep",
+        milestones=(150 / 240, 180 / 240, 210 / 240),
+        methods=methods(reviewkd_weight=reviewkd_weight, nd_kd_weight=nd_kd_weight),
+        seeds=(0, 1, 2),
+        eval_every=5 * EPOCH,
+        eval_batch_size=500,
+    )

@@ -1,38 +1,16 @@
-"""CIFAR-100, resnet56 -> resnet20: the RepDistiller / mdistiller benchmark setting.
+"""CIFAR-100, resnet56 -> resnet20: the RepDistiller / mdistiller benchmark setting, every method.
 
-240 epochs of 50000 images at batch 64 (187,500 steps), SGD lr 0.05 (x0.1 at epochs 150, 180, 210),
-momentum 0.9, weight decay 5e-4, pad-4 crop + flip. Every method with its paper's recipe
-(`_cifar100_methods.py`). Published reference (Tian et al., ICLR 2020, Table 1; RepDistiller README):
-teacher 72.34, student 69.06, KD 70.66, CRD 71.16. Needs CIFAR-100
-prepared in `data_dir` (see `jaxkd.data.load_split`); a GPU or TPU is the practical way to run it:
+The recipe and the methods' settings are in ``_cifar100_methods.py``. Published reference (Tian et al.,
+ICLR 2020, Table 1; RepDistiller README): teacher 72.34, student 69.06, KD 70.66, CRD 71.16.
+Needs CIFAR-100 prepared in ``data_dir`` (see ``jaxkd.data.load_split``); a GPU or TPU is the practical way
+to run it:
 
-    python -m experiments.distill --config experiments/configs/cifar100_resnet56_resnet20.py \
-        --set data_dir=/path/to/tfds
+    python -m experiments.distill --config experiments/configs/cifar100_resnet56_resnet20.py --set data_dir=/path/to/tfds
 """
 
-from experiments.config import Config
-from experiments.configs import _cifar100_methods as cifar100_methods
-
-STEPS = 240 * 50_000 // 64
+from experiments.configs._cifar100_methods import recipe
 
 
-def get_config() -> Config:
-    return Config(
-        name="cifar100_resnet56_resnet20",
-        dataset="cifar100",
-        augment="crop_flip",
-        teacher="resnet56",
-        teacher_steps=STEPS,
-        teacher_lr=0.05,
-        student="resnet20",
-        steps=STEPS,
-        lr=0.05,
-        batch_size=64,
-        schedule="multistep",
-        milestones=(150 / 240, 180 / 240, 210 / 240),
-        # ReviewKD's official weight for this pair is 0.6; ND's recipe is CE + KD + 2 ND.
-        methods=cifar100_methods.methods(reviewkd_weight=0.6, nd_kd_weight=1.0),
-        seeds=(0, 1, 2),
-        eval_every=5 * 50_000 // 64,
-        eval_batch_size=500,
-    )
+def get_config():
+    # ReviewKD's official weight for this pair is 0.6; ND's recipe is CE + 1.0 KD + 2 ND.
+    return recipe("cifar100_resnet56_resnet20", teacher="resnet56", student="resnet20", reviewkd_weight=0.6, nd_kd_weight=1.0)

@@ -24,7 +24,8 @@ def dmae(
     """DMAE's feature-alignment loss (Bai, Wang, Xiao, Wei, Wang, Yuille, Zhou & Xie, "Masked Autoencoders
     Enable Efficient Knowledge Distillers", CVPR 2023), per example.
 
-    With ``f_s`` the (projected) student features computed from the masked input and ``f_t`` the teacher's,
+    With ``f_s`` the (projected) student features computed from the masked input and ``f_t`` the teacher's
+    (in the official code, of the same masked input: see :func:`jaxkd.methods.dmae`, ``teacher_sees``),
     at positions ``p`` (tokens, or the ``H·W`` positions of an NHWC map) and channels ``c``:
 
     ``L = Σ_p v_p Σ_c d(n(f_s)_{p,c}, n(f_t)_{p,c}) / (D · Σ_p v_p)``

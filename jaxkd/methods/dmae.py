@@ -43,6 +43,7 @@ def dmae(
     distance: str = "l1",
     normalize: bool = True,
     visible_only: bool = True,
+    teacher_sees: str = "masked",
     student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
@@ -60,11 +61,17 @@ def dmae(
     the feature positions whose patch (nearest, after resizing the patch grid to the map) was visible
     are compared, as the official code compares the visible tokens only.
 
+    With ``teacher_sees="masked"`` (the default, as the official code: ``engine_distill.py`` runs the
+    teacher's ``forward_encoder_customized(imgs, mask_ratio)`` in eval mode under ``torch.no_grad`` and
+    hands the same mask to the student) the teacher also runs again inside the step on the same masked
+    input — its own model input with the same patches zeroed, its variables from ``inputs.variables``,
+    eval mode, ``stop_gradient`` — so both networks see only the visible patches; with ``"full"`` the
+    teacher's feature comes from its ordinary forward on the full input (no extra forward). The teacher's
+    input must then be ``[B, H, W, C]`` images of the student's height and width.
+
     Differences from the official code (github.com/UCSC-VLAA/DMAE), which distils ViTs by dropping the
-    masked tokens: a CNN cannot drop pixels, so they are zeroed; the teacher's feature comes from the
-    full input (the train step runs a frozen teacher once; its variables are not available to a method),
-    whereas the official teacher also sees only the visible patches; the MAE pixel-reconstruction term
-    (for pre-training) is not part of this method. Defaults follow the official ``pretrain.sh`` (mask
+    masked tokens: a CNN cannot drop pixels, so they are zeroed (for both networks); the MAE
+    pixel-reconstruction term (for pre-training) is not part of this method. Defaults follow the official ``pretrain.sh`` (mask
     ratio 0.75, L1); ``stage3`` is the CIFAR ResNets' map whose 8×8 grid matches 4×4 patches of a 32×32
     input. The method's image input is ``[B, H, W, C]`` with ``H, W`` divisible by ``patch_size``.
     Metric: ``visible_fraction``.
@@ -72,6 +79,7 @@ def dmae(
     check_number("mask_ratio", mask_ratio, low=0.0, high=1.0, high_open=True)
     patch_size = check_int("patch_size", patch_size, low=1)
     check_choice("distance", distance, ("l1", "l2"))
+    check_choice("teacher_sees", teacher_sees, ("masked", "full"))
     if student == teacher:
         raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
 
@@ -84,6 +92,24 @@ def dmae(
         s = student_feature(inputs, student_feature_name, method=name, participant=student)
         t = teacher_feature(inputs, teacher_feature_name, method=name, participant=teacher)
         return module_init(connector(s.shape, t.shape), rng, s)
+
+    def masked_teacher_feature(inputs: LossInputs, pixels):
+        """The teacher's feature of its own input with the student's masked patches zeroed (eval mode,
+        gradient-stopped variables and outputs)."""
+        participant = inputs.participant(teacher, method=name)
+        tx = participant.model_input(inputs.batch, name=teacher)
+        if jnp.ndim(tx) != 4 or tuple(tx.shape[:3]) != tuple(pixels.shape[:3]):
+            raise ValueError(
+                f"{name}: teacher_sees='masked' needs the teacher's input to be images [B, H, W, C] of the "
+                f"student's size {tuple(pixels.shape[:3])}, got shape {jnp.shape(tx)}; use teacher_sees='full'"
+            )
+        variables = inputs.variables.get(teacher)
+        if variables is None:
+            raise ValueError(f"{name}: the variables of participant {teacher!r} are not available to re-run it")
+        masked_tx = jnp.where(pixels, tx, jnp.zeros((), tx.dtype))
+        outputs = participant.model.apply(jax.lax.stop_gradient(variables), masked_tx, train=False)
+        feature = get_feature(outputs, teacher_feature_name, who=f"participant {teacher!r}")
+        return jax.lax.stop_gradient(feature)
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         x = inputs.participant(student, method=name).model_input(inputs.batch, name=student)
@@ -101,7 +127,10 @@ def dmae(
             raise ValueError(f"{name}: the variables of participant {student!r} are not available to re-run it")
         outputs = model.apply(variables, masked_x, train=True)
         s = get_feature(outputs, student_feature_name, who=f"participant {student!r}")
-        t = teacher_feature(inputs, teacher_feature_name, method=name, participant=teacher)
+        if teacher_sees == "masked":
+            t = masked_teacher_feature(inputs, pixels)
+        else:
+            t = teacher_feature(inputs, teacher_feature_name, method=name, participant=teacher)
         s, state = module_apply(connector(s.shape, t.shape), vars, s)
         positions = None
         if visible_only and t.ndim == 4:

@@ -22,7 +22,7 @@ connectors); its other collections (BatchNorm statistics) are method state, upda
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,10 +34,13 @@ from jaxkd.models.base import get_feature
 Array = jax.Array
 
 __all__ = [
+    "dense_layer",
     "feature_method",
     "feature_of",
     "module_apply",
     "module_init",
+    "param_at",
+    "participant_variables",
     "student_feature",
     "teacher_feature",
 ]
@@ -65,6 +68,42 @@ def teacher_feature(inputs: LossInputs, name: str, *, method: str, participant: 
     """A target feature, gradient-stopped (a frozen teacher already is; a trained one must not be pulled
     towards its student by a distillation term)."""
     return jax.lax.stop_gradient(feature_of(inputs, participant, name, method=method))
+
+
+def participant_variables(inputs: LossInputs, participant: str, *, method: str) -> Mapping[str, Any]:
+    """``{"params": ..., ...}`` of participant ``participant`` from :attr:`LossInputs.variables` (frozen
+    participants' variables are there too, gradient-stopped); the error lists who has variables."""
+    variables = inputs.variables.get(participant)
+    if variables is None or "params" not in variables:
+        raise ValueError(
+            f"{method!r} reads participant {participant!r}'s parameters, but the step's inputs hold variables of "
+            f"{sorted(inputs.variables)}"
+        )
+    return variables
+
+
+def param_at(params: Mapping[str, Any], path: str, *, who: str, method: str) -> Any:
+    """``params`` at a ``/``-separated module path (``"fc"``, ``"stage1_block2/bn2"``)."""
+    node = params
+    for part in path.split("/"):
+        if not isinstance(node, Mapping) or part not in node:
+            keys = sorted(node) if isinstance(node, Mapping) else []
+            raise ValueError(f"{method!r}: {who} has no parameters at {path!r} (no {part!r}; there: {keys})")
+        node = node[part]
+    return node
+
+
+def dense_layer(inputs: LossInputs, participant: str, path: str, *, method: str) -> dict[str, Array]:
+    """Participant ``participant``'s dense layer at ``path`` (``"fc"``) as float32 ``{"kernel", "bias"}``,
+    gradient-stopped (a reused classifier is read, never trained through); a missing bias is zeros."""
+    params = participant_variables(inputs, participant, method=method)["params"]
+    fc = param_at(params, path, who=f"participant {participant!r}", method=method)
+    if not isinstance(fc, Mapping) or "kernel" not in fc:
+        raise ValueError(f"{method!r}: {participant!r}'s {path!r} is not a dense layer with a 'kernel' (got {type(fc).__name__})")
+    kernel = jax.lax.stop_gradient(jnp.asarray(fc["kernel"], jnp.float32))
+    bias = fc.get("bias")
+    bias = jnp.zeros(kernel.shape[-1], jnp.float32) if bias is None else jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32))
+    return {"kernel": kernel, "bias": bias}
 
 
 def _zeros(x: Any) -> Array:

@@ -12,7 +12,7 @@ import numpy as np
 from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
-from jaxkd.methods.features import student_feature, teacher_feature
+from jaxkd.methods.features import dense_layer, param_at, student_feature, teacher_feature
 from jaxkd.methods.heads import dense, dense_init
 from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs, get_feature
@@ -58,12 +58,8 @@ def teacher_lelp_projections(
         raise ValueError("teacher_lelp_projections needs at least one batch")
     kernel = None
     if classifier is not None:
-        node = variables["params"]
-        for part in classifier.split("/"):
-            if part not in node:
-                raise ValueError(f"the teacher has no parameters at {classifier!r} (no {part!r}; there: {sorted(node)})")
-            node = node[part]
-        kernel = np.asarray(node["kernel"], np.float64)
+        layer = param_at(variables["params"], classifier, who="the teacher", method="teacher_lelp_projections")
+        kernel = np.asarray(layer["kernel"], np.float64)
     return losses.lelp_projections(np.concatenate(feats), np.concatenate(labels), num_classes=num_classes,
                                    subclasses=subclasses, classifier_kernel=kernel)
 
@@ -130,17 +126,7 @@ def lelp(
     t_name = teacher_embedding or embedding
 
     def classifier_kernel(inputs: LossInputs):
-        if classifier is None:
-            return None
-        node = inputs.variables.get(teacher, {}).get("params", {})
-        for part in classifier.split("/"):
-            if part not in node:
-                raise ValueError(
-                    f"{name!r}: the teacher has no parameters at classifier={classifier!r} (no {part!r}; there: "
-                    f"{sorted(node)}); pass classifier=None to skip the null-space projection"
-                )
-            node = node[part]
-        return jax.lax.stop_gradient(node["kernel"])
+        return None if classifier is None else dense_layer(inputs, teacher, classifier, method=name)["kernel"]
 
     def features(inputs: LossInputs):
         f_s = student_feature(inputs, embedding, method=name)

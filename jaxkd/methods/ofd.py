@@ -12,9 +12,10 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
-from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
-from jaxkd.methods.simkd import frozen_variables, param_at
+from jaxkd.methods.features import (
+    module_apply, module_init, param_at, participant_variables, student_feature, teacher_feature,
+)
 from jaxkd.models.cifar_resnet import batch_norm, conv_init
 
 __all__ = ["OFDConnector", "ofd"]
@@ -101,7 +102,7 @@ def ofd(
             yield s_name, t_name, s, t
 
     def margins(inputs: LossInputs):
-        params = frozen_variables(inputs, teacher, method=name)["params"]
+        params = participant_variables(inputs, teacher, method=name)["params"]
         paths = tuple(teacher_bns) if teacher_bns is not None else tuple(_default_bn(params, t, name) for t in t_names)
         out = []
         for path in paths:

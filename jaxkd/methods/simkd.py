@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.checks import check_int
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
-from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
+from jaxkd.methods.features import dense_layer, module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs, get_feature
 from jaxkd.models.cifar_resnet import batch_norm
@@ -55,38 +55,8 @@ def adaptive_average_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return jnp.mean(x.reshape(b, th, h // th, tw, w // tw, c), axis=(2, 4))
 
 
-def frozen_variables(inputs: LossInputs, participant: str, *, method: str) -> Mapping[str, Any]:
-    """``{"params": ..., ...}`` of participant ``participant`` from :attr:`LossInputs.variables` (frozen
-    participants' variables are there too, gradient-stopped); the error lists who has variables."""
-    variables = inputs.variables.get(participant)
-    if variables is None or "params" not in variables:
-        raise ValueError(
-            f"{method!r} reads participant {participant!r}'s parameters, but the step's inputs hold variables of "
-            f"{sorted(inputs.variables)}"
-        )
-    return variables
-
-
-def param_at(params: Mapping[str, Any], path: str, *, who: str, method: str) -> Any:
-    """``params`` at a ``/``-separated module path (``"fc"``, ``"stage1_block2/bn2"``)."""
-    node = params
-    for part in path.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            keys = sorted(node) if isinstance(node, Mapping) else []
-            raise ValueError(f"{method!r}: {who} has no parameters at {path!r} (no {part!r}; there: {keys})")
-        node = node[part]
-    return node
-
-
 def _classifier(inputs: LossInputs, teacher: str, path: str, method: str) -> dict[str, jax.Array]:
-    params = frozen_variables(inputs, teacher, method=method)["params"]
-    fc = param_at(params, path, who=f"participant {teacher!r}", method=method)
-    if not isinstance(fc, Mapping) or "kernel" not in fc:
-        raise ValueError(f"{method!r}: {teacher!r}'s {path!r} is not a dense layer with a 'kernel' (got {type(fc).__name__})")
-    kernel = jax.lax.stop_gradient(jnp.asarray(fc["kernel"], jnp.float32))
-    bias = fc.get("bias")
-    bias = jnp.zeros(kernel.shape[-1], jnp.float32) if bias is None else jax.lax.stop_gradient(jnp.asarray(bias, jnp.float32))
-    return {"kernel": kernel, "bias": bias}
+    return dense_layer(inputs, teacher, path, method=method)
 
 
 @register(
