@@ -9,7 +9,7 @@ from jaxkd import losses
 from jaxkd.checks import check_choice, check_int, check_number
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
 from jaxkd.methods.connectors import LinearConnector, connector_between
-from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
+from jaxkd.methods.features import apply_participant, module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
 
@@ -103,11 +103,8 @@ def dmae(
                 f"{name}: teacher_sees='masked' needs the teacher's input to be images [B, H, W, C] of the "
                 f"student's size {tuple(pixels.shape[:3])}, got shape {jnp.shape(tx)}; use teacher_sees='full'"
             )
-        variables = inputs.variables.get(teacher)
-        if variables is None:
-            raise ValueError(f"{name}: the variables of participant {teacher!r} are not available to re-run it")
         masked_tx = jnp.where(pixels, tx, jnp.zeros((), tx.dtype))
-        outputs = participant.model.apply(jax.lax.stop_gradient(variables), masked_tx, train=False)
+        outputs = apply_participant(inputs, teacher, masked_tx, train=False, method=name)
         feature = get_feature(outputs, teacher_feature_name, who=f"participant {teacher!r}")
         return jax.lax.stop_gradient(feature)
 
@@ -121,11 +118,7 @@ def dmae(
         visible = random_patch_mask(rng, b, (h // patch_size, w // patch_size), mask_ratio)
         pixels = jnp.repeat(jnp.repeat(visible, patch_size, axis=1), patch_size, axis=2)[..., None]
         masked_x = jnp.where(pixels, x, jnp.zeros((), x.dtype))
-        model = inputs.participant(student, method=name).model
-        variables = inputs.variables.get(student)
-        if variables is None:
-            raise ValueError(f"{name}: the variables of participant {student!r} are not available to re-run it")
-        outputs = model.apply(variables, masked_x, train=True)
+        outputs = apply_participant(inputs, student, masked_x, train=True, method=name)
         s = get_feature(outputs, student_feature_name, who=f"participant {student!r}")
         if teacher_sees == "masked":
             t = masked_teacher_feature(inputs, pixels)

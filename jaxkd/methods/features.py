@@ -34,6 +34,7 @@ from jaxkd.models.base import get_feature
 Array = jax.Array
 
 __all__ = [
+    "apply_participant",
     "dense_layer",
     "feature_method",
     "feature_of",
@@ -91,6 +92,20 @@ def param_at(params: Mapping[str, Any], path: str, *, who: str, method: str) -> 
             raise ValueError(f"{method!r}: {who} has no parameters at {path!r} (no {part!r}; there: {keys})")
         node = node[part]
     return node
+
+
+def apply_participant(
+    inputs: LossInputs, participant: str, x: Any, *, train: bool, method: str, rngs: Mapping[str, Array] | None = None
+):
+    """Participant ``participant``'s model applied again, to another input ``x`` (a masked, rotated or
+    perturbed batch), with this step's variables: a trained participant's are the ones being
+    differentiated, a frozen one's are gradient-stopped. The forward's updated BatchNorm statistics are
+    returned in ``Outputs.model_state`` and never written back (the step keeps those of the main forward)."""
+    p = inputs.participant(participant, method=method)
+    variables = inputs.variables.get(participant)
+    if variables is None:
+        raise ValueError(f"{method!r}: the variables of participant {participant!r} are not available to re-run it")
+    return p.model.apply(variables, x, train=train, rngs=rngs)
 
 
 def dense_layer(inputs: LossInputs, participant: str, path: str, *, method: str) -> dict[str, Array]:

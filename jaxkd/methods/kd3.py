@@ -14,7 +14,7 @@ from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
 from jaxkd.methods.connectors import LinearConnector
 from jaxkd.methods.registry import register
 from jaxkd.methods.features import (
-    module_apply, module_init, param_at, participant_variables, student_feature, teacher_feature,
+    apply_participant, module_apply, module_init, param_at, participant_variables, student_feature, teacher_feature,
 )
 from jaxkd.models.base import get_feature
 
@@ -234,10 +234,7 @@ def kd3(
             total = total + classifier_weight * cls
         if alignment_weight:
             mixed = mix_distribution(rng, student_input(inputs), alpha=mix_alpha, mask=inputs.example_mask)
-            variables = inputs.variables.get("student")
-            if variables is None:
-                raise ValueError(f"{name!r}: the student's variables are not available to re-run it")
-            outputs = inputs.participant("student", method=name).model.apply(variables, mixed, train=True)
+            outputs = apply_participant(inputs, "student", mixed, train=True, method=name)
             s_mix = get_feature(outputs, embedding, who="participant 'student'")
             if connector is not None:
                 s_mix, _ = module_apply(LinearConnector(t.shape[-1]), MethodVars(vars.params["connector"], {}), s_mix)

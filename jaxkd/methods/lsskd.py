@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
-from jaxkd.methods.features import module_apply
+from jaxkd.methods.features import apply_participant, module_apply
 from jaxkd.methods.ofa import _stage_names, apply_heads, branch_heads, init_heads
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
@@ -106,13 +106,10 @@ def lsskd(
                 f"{name}: rotations need the student's input to be square images [B, H, W, C], got shape "
                 f"{jnp.shape(x)}; use lsskd(rotations=False) for other inputs"
             )
-        variables = inputs.variables.get("student")
-        if variables is None:
-            raise ValueError(f"{name}: the student's variables are not available to re-run it on rotated inputs")
         b = x.shape[0]
         copies = rotated_copies(x, m)
-        outputs = participant.model.apply(variables, copies.reshape(m * b, *x.shape[1:]), train=True,
-                                          rngs={"dropout": rng})
+        outputs = apply_participant(inputs, "student", copies.reshape(m * b, *x.shape[1:]), train=True, method=name,
+                                    rngs={"dropout": rng})
         logits, state = [], {}
         for s in stage_names:
             f = get_feature(outputs, s, who=f"the student ({name!r})")
