@@ -18,6 +18,7 @@ callers that check ``metrics["status"]`` themselves.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal, Mapping
 
 import jax
@@ -27,8 +28,9 @@ import optax
 from jax.sharding import Mesh
 
 from jaxkd import sharding as shd
-from jaxkd.checks import check_choice, check_label_values
+from jaxkd.checks import check_choice, check_int, check_label_values
 from jaxkd.losses.core import combine_masks
+from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY
 from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo, require
 from jaxkd.participants import STUDENT
 from jaxkd.train_state import ModelVariables, TrainState, check_sample_batch
@@ -118,9 +120,33 @@ def _forward(state: TrainState, name: str, variables: PyTree, batch: Mapping[str
     return p.model.apply(variables, p.model_input(batch, name=name), train=train, rngs=rngs)
 
 
-def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """``[B, ...] -> [k, B/k, ...]``; micro-batch ``i`` holds rows ``i, i + k, i + 2k, …`` so that every
+    device of a sharded batch contributes the same number of rows to each micro-batch (no resharding)."""
+    out = {}
+    for key, x in batch.items():
+        if x.shape[0] % k:
+            raise ValueError(f"the batch of {x.shape[0]} examples cannot be split into {k} micro-batches "
+                             f"(batch[{key!r}])")
+        out[key] = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return out
+
+
+def _equalize_token_normalizer(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Spreads the global target count evenly over the examples before the batch is split: per-host
+    shares (each host's count over its rows) sum to the global count, but only equal shares make every
+    micro-batch's normalizer ``b/B`` of it (see :mod:`jaxkd.losses.tokens`)."""
+    batch = dict(batch)
+    share = batch.get(TOKEN_NORMALIZER_KEY)
+    if share is not None:
+        share = jnp.asarray(share, jnp.float32)
+        batch[TOKEN_NORMALIZER_KEY] = jnp.full(share.shape, jnp.sum(share) / share.shape[0], jnp.float32)
+    return batch
+
+
+def _loss_and_grads(state: TrainState, trainable, model_states, method_state, batch, dropout_rng, method_rng):
+    """One forward/backward pass over ``batch``: ``(loss, grads, trained outputs, aux)``."""
     method = state.method_def
-    rng, dropout_rng, method_rng = jax.random.split(state.rng, 3)
     dropout_rngs = dict(zip(state.trained, jax.random.split(dropout_rng, len(state.trained))))
 
     # Frozen participants run once, outside the differentiated function and under stop_gradient, so no
@@ -129,11 +155,10 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Trai
         name: jax.lax.stop_gradient(_forward(state, name, v.variables(), batch, train=False))
         for name, v in state.frozen.items()
     }
-
     frozen_variables = {name: jax.lax.stop_gradient(v.variables()) for name, v in state.frozen.items()}
 
     def loss_fn(trainable):
-        variables = {name: ModelVariables(trainable[name], v.model_state).variables() for name, v in state.trained.items()}
+        variables = {name: ModelVariables(trainable[name], model_states[name]).variables() for name in state.trained}
         trained_out = {
             name: _forward(state, name, variables[name], batch, train=True, rng=dropout_rngs[name]) for name in variables
         }
@@ -142,27 +167,84 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Trai
             variables={**frozen_variables, **variables},
             participants=state.participants, label_key=state.label_key,
         )
-        loss, aux = method.loss(MethodVars(trainable["method"], state.method.state), inputs, method_rng)
+        loss, aux = method.loss(MethodVars(trainable["method"], method_state), inputs, method_rng)
         return loss, (trained_out, aux)
 
-    (loss, (trained_out, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    step = state.step + 1
-    info = StepInfo(step=step, student_params=trainable[STUDENT], metrics=aux.metrics)
-    method_state = method.update(trainable["method"], aux.state, info)
+    (loss, (trained_out, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    return loss, grads, trained_out, aux
 
-    status = jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS) + jnp.where(_all_finite(grads), 0, NONFINITE_GRADS)
-    metrics: Metrics = {**aux.metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+def _batch_metrics(state: TrainState, batch, trained_out) -> tuple[jax.Array, Metrics]:
+    """The label status bits and the trained participants' train accuracies on ``batch``."""
+    status, metrics = jnp.zeros((), jnp.int32), {}
     labels, valid = _labels_and_mask(state, batch)
     if labels is not None and jnp.issubdtype(labels.dtype, jnp.integer):
-        status = status + _label_status(labels, valid, state.num_classes)
+        status = _label_status(labels, valid, state.num_classes)
         for name, out in trained_out.items():
             correct, count = _accuracy_terms(out.logits, labels, valid)
             metrics["accuracy" if name == STUDENT else f"{name}/accuracy"] = correct / jnp.maximum(count, 1.0)
+    return status, metrics
+
+
+def _accumulated_loss_and_grads(state: TrainState, batch, rng, k: int):
+    """``k`` micro-batches in a ``lax.scan``: gradients, losses and metrics averaged; model state (batch
+    statistics) and method state carried from one micro-batch to the next, as ``k`` smaller steps
+    without updates in between would carry them. Token losses stay exact global means through the
+    token normalizer (:mod:`jaxkd.losses.tokens`); other means are means of equal-size micro-batches."""
+    model_states = {name: v.model_state for name, v in state.trained.items()}
+    micro = _microbatches(_equalize_token_normalizer(batch), k)
+
+    def one(carry, xs):
+        model_states, method_state, total = carry
+        mb, (dropout_rng, method_rng) = xs
+        loss, grads, trained_out, aux = _loss_and_grads(state, state.trainable, model_states, method_state, mb,
+                                                        dropout_rng, method_rng)
+        status, batch_metrics = _batch_metrics(state, mb, trained_out)
+        summed = {"loss": loss, "grads": grads, "metrics": {**aux.metrics, **batch_metrics}}
+        total = jax.tree.map(lambda a, b: a + b / k, total, summed)
+        new_states = {name: out.model_state for name, out in trained_out.items()}
+        return (new_states, aux.state, total), status
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    rngs = jax.random.split(rng, (k, 2))
+    def shapes():
+        _, grads, out, aux = _loss_and_grads(state, state.trainable, model_states, state.method.state, first, rng, rng)
+        return grads, {**aux.metrics, **_batch_metrics(state, first, out)[1]}
+
+    grads_shape, metrics_shape = jax.eval_shape(shapes)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), {"loss": jax.ShapeDtypeStruct((), jnp.float32),
+                                                                 "grads": grads_shape, "metrics": metrics_shape})
+    (model_states, method_state, total), statuses = jax.lax.scan(
+        one, (model_states, state.method.state, zeros), (micro, (rngs[:, 0], rngs[:, 1])))
+    status = jnp.max(statuses)  # bits: any micro-batch's label problem is the step's
+    return total["loss"], total["grads"], model_states, method_state, total["metrics"], status
+
+
+def _train_step(state: TrainState, batch: Mapping[str, jax.Array], microbatches: int = 1) -> tuple[TrainState, Metrics]:
+    method = state.method_def
+    rng, dropout_rng, method_rng = jax.random.split(state.rng, 3)
+    if microbatches == 1:
+        model_states = {name: v.model_state for name, v in state.trained.items()}
+        loss, grads, trained_out, aux = _loss_and_grads(state, state.trainable, model_states, state.method.state,
+                                                        batch, dropout_rng, method_rng)
+        label_status, batch_metrics = _batch_metrics(state, batch, trained_out)
+        new_model_states = {name: out.model_state for name, out in trained_out.items()}
+        method_state_after_loss, loss_metrics = aux.state, {**aux.metrics, **batch_metrics}
+    else:
+        loss, grads, new_model_states, method_state_after_loss, loss_metrics, label_status = (
+            _accumulated_loss_and_grads(state, batch, method_rng, microbatches))
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    step = state.step + 1
+    info = StepInfo(step=step, student_params=trainable[STUDENT], metrics=loss_metrics)
+    method_state = method.update(trainable["method"], method_state_after_loss, info)
+
+    status = jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS) + jnp.where(_all_finite(grads), 0, NONFINITE_GRADS)
+    status = status + label_status
+    metrics: Metrics = {**loss_metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
     updated = state.replace(
         step=step,
-        trained={name: ModelVariables(trainable[name], trained_out[name].model_state) for name in state.trained},
+        trained={name: ModelVariables(trainable[name], new_model_states[name]) for name in state.trained},
         opt_state=opt_state,
         method=MethodVars(params=trainable["method"], state=method_state),
         rng=rng,
@@ -222,7 +304,8 @@ def _host_wrapper(compiled: Callable, mesh: Mesh | None, on_bad_status: Callable
 
 
 def make_train_step(
-    *, mesh: Mesh | None = None, donate: bool = True, on_nonfinite: Literal["raise", "skip"] = "raise"
+    *, mesh: Mesh | None = None, donate: bool = True, on_nonfinite: Literal["raise", "skip"] = "raise",
+    microbatches: int = 1,
 ) -> Callable:
     """Returns ``step(state, batch) -> (state, metrics)``, compiled once per batch shape.
 
@@ -234,6 +317,12 @@ def make_train_step(
       on_nonfinite: a step whose loss or gradients are not finite is never applied; ``"raise"``
         (default) then raises :class:`NonFiniteError` (holding the unchanged state), ``"skip"`` goes on
         and counts it in ``state.skipped_steps``. A label out of range always raises ``ValueError``.
+      microbatches: gradient accumulation: the batch is split into this many micro-batches (rows
+        ``i, i+k, …``), run one after another in a ``lax.scan`` inside the same compiled step (peak
+        activation memory of one micro-batch), their gradients averaged, and one update applied. Token
+        losses are normalized by the global target count (:mod:`jaxkd.losses.tokens`), so the update
+        equals the unsplit batch's; batch statistics and method state pass from one micro-batch to the
+        next.
 
     Metrics: ``loss`` (the weighted total), one entry per method term, ``grad_norm``, ``skipped`` (1.0
     for a skipped step), ``status`` (the check bits) and, when the batch has labels, the student's train
@@ -255,7 +344,9 @@ def make_train_step(
             )
         return new_state, metrics
 
-    return _host_wrapper(_compiled(_train_step, mesh, donate=donate), mesh, on_bad_status)
+    check_int("microbatches", microbatches, low=1)
+    step_fn = _train_step if microbatches == 1 else functools.partial(_train_step, microbatches=microbatches)
+    return _host_wrapper(_compiled(step_fn, mesh, donate=donate), mesh, on_bad_status)
 
 
 def _eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:

@@ -324,10 +324,13 @@ def create(
         )
     num_classes = int(outputs[STUDENT].logits.shape[-1])
     for name, out in outputs.items():
-        if name != STUDENT and out.logits.shape[-1] != num_classes:
+        if name != STUDENT and out.logits.shape[-1] != num_classes and not method.cross_vocabulary:
             raise ValueError(
                 f"participant {name!r} and the student must predict the same classes: the student has "
-                f"{num_classes} outputs, {name!r} has {out.logits.shape[-1]}"
+                f"{num_classes} outputs, {name!r} has {out.logits.shape[-1]}. A language model whose "
+                f"embedding is padded past its tokenizer's vocabulary is cut explicitly with "
+                f"jaxkd.models.vocab.truncate_vocab(model, size); models with different tokenizers need a "
+                f"cross-tokenizer method (alm)"
             )
 
     static = tuple((name, p.static()) for name, p in parts.items())

@@ -278,3 +278,21 @@ def test_teacher_variables_round_trip(tmp_path):
     blank = TEACHER.init(jax.random.PRNGKey(99), BATCH["image"])
     loaded = load_variables(tmp_path / "teacher", blank)
     chex.assert_trees_all_equal(jax.device_get(TEACHER_VARS), jax.device_get(loaded))
+
+
+def test_gradient_accumulation_equals_the_unsplit_batch():
+    # ce + kd are means over equal-size micro-batches: the averaged gradients are the batch's gradients.
+    sgd = optax.sgd(0.1)
+    whole = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS, method=METHOD, tx=sgd,
+                         sample_batch=BATCH, rng=jax.random.PRNGKey(0))
+    split = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS, method=METHOD, tx=sgd,
+                         sample_batch=BATCH, rng=jax.random.PRNGKey(0))
+    whole, m1 = jaxkd.make_train_step()(whole, BATCH)
+    split, m4 = jaxkd.make_train_step(microbatches=4)(split, BATCH)
+    chex.assert_trees_all_close(params_of(whole), params_of(split), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-5)
+    assert int(split.step) == 1
+    with pytest.raises(ValueError, match="cannot be split into 3 micro-batches"):
+        jaxkd.make_train_step(microbatches=3)(split, BATCH)
+    with pytest.raises(ValueError, match="microbatches"):
+        jaxkd.make_train_step(microbatches=0)

@@ -183,11 +183,15 @@ def reduce_loss(
     mask: Array | None = None,
     weights: Array | None = None,
     reduction: Reduction = "mean",
+    normalizer: Array | float | None = None,
 ) -> Array:
     """Reduces a per-example loss ``[...]`` to a scalar.
 
     With ``w = mask · weights``: ``"mean"`` is ``Σ w·l / Σ w`` (0 when ``Σ w = 0``), ``"sum"`` is ``Σ w·l``,
-    ``"none"`` returns ``w·l`` unreduced. Examples with ``w = 0`` contribute exactly 0 to the value even
+    ``"none"`` returns ``w·l`` unreduced. ``normalizer`` replaces the denominator ``Σ w`` of the mean (0
+    still gives 0): a token loss over one micro-batch divided by the *global* count of target tokens
+    (:func:`jaxkd.losses.tokens.token_normalizer`) accumulates to exactly the full batch's mean, however
+    the tokens fall between micro-batches (TRL's ``num_items_in_batch``; trl PR #6006). Examples with ``w = 0`` contribute exactly 0 to the value even
     when it is NaN or infinite (padding may hold anything); every other NaN propagates. Only the value:
     the gradient reaching a masked example is ``0``, and ``0 · NaN`` is NaN, so a masked example whose
     *inputs* are NaN still makes the gradient NaN (the train step then refuses the update). Pad with
@@ -206,6 +210,11 @@ def reduce_loss(
         return weighted
     if reduction == "sum":
         return jnp.sum(weighted)
+    if normalizer is not None:
+        denom = jnp.asarray(normalizer, weighted.dtype)
+        if denom.ndim:
+            raise ValueError(f"normalizer must be a scalar, got shape {denom.shape}")
+        return jnp.where(denom != 0, jnp.sum(weighted) / jnp.where(denom != 0, denom, 1.0), 0.0)
     if w is None:
         return jnp.mean(weighted) if weighted.size else jnp.zeros((), weighted.dtype)
     denom = jnp.sum(w)
@@ -224,8 +233,9 @@ def check_batch_reduction(name: str, reduction: str) -> None:
 _REDUCTION_DOC = """
     Reduction (added by :func:`jaxkd.losses.core.per_example_loss`): ``mask`` (boolean) and ``weights``
     (float), both of the examples' shape ``logits.shape[:-1]``, and ``reduction``: ``"mean"`` (default,
-    over unmasked examples), ``"sum"``, or ``"none"`` for the per-example values
-    (see :func:`jaxkd.losses.reduce_loss`).
+    over unmasked examples), ``"sum"``, or ``"none"`` for the per-example values; ``normalizer`` replaces
+    the mean's denominator (the global token count under gradient accumulation; see
+    :func:`jaxkd.losses.reduce_loss`).
 """
 
 
@@ -239,17 +249,20 @@ def per_example_loss(fn: Callable) -> Callable:
     """
 
     @functools.wraps(fn)
-    def loss(*args, mask: Array | None = None, weights: Array | None = None, reduction: Reduction = "mean", **kwargs):
+    def loss(*args, mask: Array | None = None, weights: Array | None = None, reduction: Reduction = "mean",
+             normalizer: Array | float | None = None, **kwargs):
+        reduce = functools.partial(reduce_loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer)
         values = fn(*args, **kwargs)
         if isinstance(values, tuple):
-            return tuple(reduce_loss(v, mask=mask, weights=weights, reduction=reduction) for v in values)
-        return reduce_loss(values, mask=mask, weights=weights, reduction=reduction)
+            return tuple(reduce(v) for v in values)
+        return reduce(values)
 
     signature = inspect.signature(fn)
     extra = [
         inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | None"),
         inspect.Parameter("weights", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | None"),
         inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="mean", annotation="Reduction"),
+        inspect.Parameter("normalizer", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | float | None"),
     ]
     loss.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     loss.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _REDUCTION_DOC
@@ -310,6 +323,7 @@ def relational_loss(fn: Callable) -> Callable:
     extra = [
         inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | None"),
         inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="mean", annotation="Reduction"),
+        inspect.Parameter("normalizer", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | float | None"),
     ]
     loss.__signature__ = signature.replace(parameters=[*params, *extra])
     loss.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _RELATIONAL_DOC

@@ -283,6 +283,9 @@ class Method:
       predict: ``(vars, student_outputs) -> logits`` used by evaluation, or ``None`` for the student's
         own logits.
       terms: for a chain, its members (empty for a single method).
+      cross_vocabulary: the loss relates outputs over *different* vocabularies itself (cross-tokenizer
+        distillation); otherwise :func:`jaxkd.create` requires every participant to predict the
+        student's classes.
     """
 
     name: str
@@ -298,6 +301,7 @@ class Method:
     terms: tuple["Method", ...] = ()
     participants: tuple[str, ...] = ()
     trains: tuple[str, ...] = ()
+    cross_vocabulary: bool = False
 
     def __post_init__(self):
         if not self.terms:
@@ -488,6 +492,7 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         meta_prefix=prefixes[0] if prefixes else None,
         predict=predict,
         terms=terms,
+        cross_vocabulary=any(m.cross_vocabulary for m in terms),
     )
 
 

@@ -81,12 +81,15 @@ class Model:
       apply: ``apply(variables, x, *, train, rngs=None) -> Outputs``.
       name: a label for logs and error messages.
       module: the underlying Linen module when there is one (for inspection only).
+      vocab_size: for a model whose logits were cut to a tokenizer's real vocabulary
+        (:func:`jaxkd.models.vocab.truncate_vocab`), that size; ``None`` otherwise.
     """
 
     init: Callable[..., PyTree]
     apply: Callable[..., Outputs]
     name: str = "model"
     module: Any = None
+    vocab_size: int | None = None
 
 
 def _flatten_intermediates(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Array]:

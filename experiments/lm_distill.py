@@ -1,0 +1,369 @@
+"""Language-model distillation on the Python standard library's own source code (offline, 2 CPU cores).
+
+    python -m experiments.lm_distill                                   # the default run (< 15 min)
+    python -m experiments.lm_distill --config experiments/configs/lm_methods.py
+    python -m experiments.lm_distill --set steps=200 --set seeds=(0,)
+
+1. The corpus: the ``.py`` files of the running interpreter's standard library (``sysconfig``), as the
+   TFDS data set ``stdlib_corpus`` (array_record, prepared once into ``<out_dir>/tfds``), split by file
+   (:mod:`jaxkd.data.stdlib_corpus`), byte-tokenized and packed into rows of ``seq_len`` tokens.
+2. The teacher: a transformer LM pretrained with next-token cross-entropy; saved once per config (its
+   fingerprint checked on reuse) in ``<out_dir>/teachers``.
+3. Students: the same small LM trained for the same number of steps from the same initialization per
+   seed, on data alone (``scratch``) and with each distillation objective, every method selected by its
+   registry name in a spec string (``"lm_ce + token_kd(divergence='reverse_kl')"``).
+4. Validation bits per byte (:func:`jaxkd.data.text.bits_per_byte`) of the teacher and of every student,
+   mean ± std over seeds, printed as a Markdown table and written to ``results.md``/``results.json``
+   with the curves in ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxkd
+from jaxkd import losses, methods
+from jaxkd.checkpoint import fingerprint, load_variables, save_variables
+from jaxkd.data import text
+from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences
+from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+from jaxkd.models import lm as lm_models
+
+log = logging.getLogger("jaxkd.lm_experiment")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMExperiment:
+    """One LM distillation experiment (a config file's ``get_config()`` returns one).
+
+    Attributes:
+      name: the run folder's prefix.
+      seq_len: tokens per packed row (the models' context).
+      max_train_files, max_eval_files: how many corpus files each split keeps (a stable spread-out subset,
+        :func:`jaxkd.data.stdlib_corpus.stdlib_corpus_sequences`); ``None`` keeps all.
+      max_eval_rows: validation rows scored (the first ones, fixed across runs).
+      teacher, student: :class:`jaxkd.models.lm.LMConfig` fields (besides ``vocab_size``/``max_len``).
+      teacher_steps, teacher_lr: the teacher's pretraining.
+      steps, lr, warmup_steps, weight_decay, batch_size: every student's budget (AdamW, linear warm-up,
+        cosine decay).
+      microbatches: gradient accumulation inside the step (the batch is split; same update).
+      methods: run name -> method spec; ``"scratch"`` is the data-only baseline. Specs may use the
+        constants ``steps``, ``batch_size``, ``lr``, ``seq_len``.
+      seeds: one student per seed and method (same initialization across methods for a seed).
+      eval_every: steps between validation evaluations (and the last step).
+      out_dir: where run folders go.
+    """
+
+    name: str = "stdlib_lm"
+    seq_len: int = 128
+    max_train_files: int | None = 200
+    max_eval_files: int | None = 40
+    max_eval_rows: int = 256
+    teacher: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: dict(d_model=128, num_layers=4, num_heads=4, d_ff=384))
+    student: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: dict(d_model=64, num_layers=2, num_heads=2, d_ff=192))
+    teacher_steps: int = 1000
+    teacher_lr: float = 3e-3
+    steps: int = 400
+    lr: float = 3e-3
+    warmup_steps: int = 40
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    microbatches: int = 1
+    methods: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: {"scratch": "lm_ce", "token_kd": "lm_ce + token_kd()"})
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_every: int = 100
+    out_dir: str = "runs"
+
+
+def load_config(path: str | None) -> LMExperiment:
+    if path is None:
+        return LMExperiment()
+    namespace: dict[str, Any] = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)
+    if "get_config" not in namespace:
+        raise ValueError(f"{path} defines no get_config()")
+    return namespace["get_config"]()
+
+
+def apply_overrides(cfg: LMExperiment, overrides: list[str]) -> LMExperiment:
+    """``key=value`` pairs (Python literals; a bare word is a string) replacing config fields."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            changes[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_methods(cfg: LMExperiment) -> dict[str, methods.Method]:
+    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seq_len": cfg.seq_len}
+    parsed = {}
+    for name, spec in cfg.methods.items():
+        try:
+            parsed[name] = methods.parse(spec, constants)
+        except ValueError as e:
+            raise ValueError(f"config methods[{name!r}]: {e}") from None
+    return parsed
+
+
+# ----- data -----
+
+
+def with_normalizer(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch plus its global target-token count per example (exact means under accumulation)."""
+    target_mask = batch["mask"][:, 1:] & batch["mask"][:, :-1]
+    return {**batch, TOKEN_NORMALIZER_KEY: token_normalizer(target_mask)}
+
+
+def train_batches(data: text.PackedText, batch_size: int, seed: int):
+    """Endless shuffled batches of rows; epoch ``e``'s order is ``default_rng([seed, e]).permutation``."""
+    n = len(data)
+    if n < batch_size:
+        raise ValueError(f"the training split has {n} rows, fewer than batch_size={batch_size}")
+    epoch = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            yield with_normalizer({"tokens": data.tokens[rows], "mask": data.mask[rows]})
+        epoch += 1
+
+
+def eval_batches(data: text.PackedText, batch_size: int, max_rows: int) -> list[dict[str, np.ndarray]]:
+    """Validation rows in order, the last batch padded with fully masked rows (they score nothing)."""
+    tokens, mask = data.tokens[:max_rows], data.mask[:max_rows]
+    pad = -len(tokens) % batch_size
+    tokens = np.concatenate([tokens, np.full((pad, tokens.shape[1]), text.PAD_ID, np.int32)])
+    mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+    return [{"tokens": tokens[i:i + batch_size], "mask": mask[i:i + batch_size]}
+            for i in range(0, len(tokens), batch_size)]
+
+
+@jax.jit
+def _nats(logits, tokens, mask):
+    targets, target_mask = losses.next_token_targets(tokens, mask)
+    return losses.cross_entropy(logits[:, :-1], targets, mask=target_mask, reduction="sum")
+
+
+def validation_bpb(model: jaxkd.models.Model, variables, batches, num_bytes: int) -> float:
+    """Bits per byte of ``model`` over the validation batches."""
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False).logits)
+    total = 0.0
+    for batch in batches:
+        total += float(_nats(apply(variables, {"tokens": batch["tokens"], "mask": batch["mask"]}),
+                             batch["tokens"], batch["mask"]))
+    return text.bits_per_byte(total, num_bytes)
+
+
+# ----- training -----
+
+
+def optimizer(lr: float, steps: int, warmup: int, weight_decay: float) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps - 1), steps)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def lm_participant(config: lm_models.LMConfig, variables=None, *, trains: bool) -> jaxkd.Participant:
+    model = lm_models.lm(config)
+    if trains:
+        return jaxkd.participants.student(model, variables, input=("tokens", "mask"))
+    return jaxkd.participants.teacher(model, variables, input=("tokens", "mask"))
+
+
+def train(state, batches, steps: int, *, microbatches: int, eval_fn, eval_every: int, record) -> tuple[Any, float]:
+    """``steps`` updates; ``record(step, metrics or eval)``; returns the state and the steady-state ms/step."""
+    step_fn = jaxkd.make_train_step(microbatches=microbatches)
+    times = []
+    for i in range(1, steps + 1):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, next(batches))
+        loss = float(metrics["loss"])  # waits for the step
+        times.append(time.perf_counter() - start)
+        record({"step": i, "loss": loss})
+        if i % eval_every == 0 or i == steps:
+            record({"step": i, "val_bpb": eval_fn(state)})
+    steady = times[len(times) // 5:] or times
+    return state, 1000.0 * float(np.median(steady))
+
+
+def _config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
+    start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    run_methods = parse_methods(cfg)  # every spec checked before anything trains
+    data_dir = os.path.join(cfg.out_dir, "tfds")
+    train_data = stdlib_corpus_sequences("train", seq_len=cfg.seq_len, data_dir=data_dir, max_files=cfg.max_train_files)
+    val_data = stdlib_corpus_sequences("validation", seq_len=cfg.seq_len, data_dir=data_dir,
+                                       max_files=cfg.max_eval_files)
+    eval_rows = eval_batches(val_data, cfg.batch_size, cfg.max_eval_rows)
+    num_bytes = text.count_byte_targets(np.concatenate([b["tokens"] for b in eval_rows]),
+                                        np.concatenate([b["mask"] for b in eval_rows]),
+                                        text.ByteTokenizer().token_byte_lengths)
+    vocab = text.ByteTokenizer().vocab_size
+    teacher_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.teacher)
+    student_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.student)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics_file = open(metrics_path, "a")
+
+    def recorder(run: str, seed: int):
+        def record(entry):
+            metrics_file.write(json.dumps({"run": run, "seed": seed, **entry}) + "\n")
+            if "val_bpb" in entry:
+                metrics_file.flush()
+                print(f"  {run} seed {seed} step {entry['step']}: val bpb {entry['val_bpb']:.4f}", file=sys.stderr)
+        return record
+
+    sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
+
+    # The teacher, pretrained once per config (reused from <out_dir>/teachers when its fingerprint matches).
+    teacher_key = _config_hash({"teacher": dict(cfg.teacher), "steps": cfg.teacher_steps, "lr": cfg.teacher_lr,
+                                "seq_len": cfg.seq_len, "files": cfg.max_train_files, "batch": cfg.batch_size})
+    teacher_dir = os.path.abspath(os.path.join(cfg.out_dir, "teachers", teacher_key))
+    teacher_model = lm_models.lm(teacher_cfg)
+    abstract = jax.eval_shape(lambda: jaxkd.sharding.unbox(teacher_model.init(jax.random.PRNGKey(0), {"tokens": sample["tokens"], "mask": sample["mask"]})))
+    teacher_ms = None
+    if os.path.exists(os.path.join(teacher_dir, "fingerprint.json")):
+        with open(os.path.join(teacher_dir, "fingerprint.json")) as f:
+            teacher_vars = load_variables(teacher_dir, abstract, expected=json.load(f))
+        print(f"teacher: reusing {teacher_dir}", file=sys.stderr)
+    else:
+        print(f"teacher: pretraining {teacher_cfg.num_params / 1e6:.2f}M parameters for {cfg.teacher_steps} steps",
+              file=sys.stderr)
+        state = jaxkd.create(participants={"student": lm_participant(teacher_cfg, trains=True)},
+                             method=methods.lm_ce(), tx=optimizer(cfg.teacher_lr, cfg.teacher_steps,
+                                                                  cfg.warmup_steps, cfg.weight_decay),
+                             sample_batch=sample, rng=jax.random.PRNGKey(1234))
+        state, teacher_ms = train(
+            state, train_batches(train_data, cfg.batch_size, seed=1234), cfg.teacher_steps,
+            microbatches=cfg.microbatches, eval_every=cfg.eval_every, record=recorder("teacher", 0),
+            eval_fn=lambda s: validation_bpb(teacher_model, s.student.variables(), eval_rows, num_bytes))
+        teacher_vars = jax.device_get(state.student.variables())
+        print_fp = save_variables(teacher_dir, teacher_vars)
+        with open(os.path.join(teacher_dir, "fingerprint.json"), "w") as f:
+            json.dump(print_fp, f)
+    teacher_bpb = validation_bpb(teacher_model, teacher_vars, eval_rows, num_bytes)
+
+    results: dict[str, list[float]] = {}
+    step_ms: dict[str, list[float]] = {}
+    for run, method in run_methods.items():
+        for seed in cfg.seeds:
+            parts = {"student": lm_participant(student_cfg, trains=True)}
+            if method.participants:
+                parts["teacher"] = lm_participant(teacher_cfg, teacher_vars, trains=False)
+            state = jaxkd.create(participants=parts, method=method,
+                                 tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
+                                 sample_batch=sample, rng=jax.random.PRNGKey(seed))
+            student_model = lm_models.lm(student_cfg)
+            state, ms = train(
+                state, train_batches(train_data, cfg.batch_size, seed=seed), cfg.steps,
+                microbatches=cfg.microbatches, eval_every=cfg.eval_every, record=recorder(run, seed),
+                eval_fn=lambda s: validation_bpb(student_model, s.student.variables(), eval_rows, num_bytes))
+            results.setdefault(run, []).append(validation_bpb(student_model, state.student.variables(), eval_rows,
+                                                              num_bytes))
+            step_ms.setdefault(run, []).append(ms)
+    metrics_file.close()
+    summary = summarize(cfg, teacher_cfg, student_cfg, teacher_bpb, results, step_ms, seconds=time.time() - start,
+                        num_train_rows=len(train_data), num_eval_bytes=num_bytes)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(summary["table"] + "\n")
+    plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
+    return summary
+
+
+def summarize(cfg: LMExperiment, teacher_cfg, student_cfg, teacher_bpb: float, results, step_ms, *, seconds: float,
+              num_train_rows: int, num_eval_bytes: int) -> dict[str, Any]:
+    base = np.mean(results["scratch"]) if "scratch" in results else None
+    lines = ["| run | method | params | val bits/byte | Δ vs scratch | ms/step |", "|---|---|---|---|---|---|"]
+    lines.append(f"| teacher | `lm_ce` ({cfg.teacher_steps} steps) | {teacher_cfg.num_params / 1e6:.2f}M | "
+                 f"{teacher_bpb:.4f} | | |")
+    rows = []
+    for run, values in results.items():
+        mean = float(np.mean(values))
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        delta = "" if base is None or run == "scratch" else f"{mean - base:+.4f}"
+        ms = float(np.mean(step_ms[run]))
+        rows.append({"run": run, "method": cfg.methods[run], "bpb_mean": mean, "bpb_std": std, "bpb_per_seed": values,
+                     "ms_per_step": ms})
+        lines.append(f"| {run} | `{cfg.methods[run]}` | {student_cfg.num_params / 1e6:.2f}M | {mean:.4f} ± {std:.4f} | "
+                     f"{delta} | {ms:.0f} |")
+    caption = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library, byte-level, rows of "
+               f"{cfg.seq_len} tokens ({num_train_rows} training rows); students trained {cfg.steps} steps of "
+               f"{cfg.batch_size} rows; validation bits per byte over {num_eval_bytes} bytes, mean ± std over seeds "
+               f"{tuple(cfg.seeds)}. Wall time {seconds / 60:.1f} min.")
+    return {"config": dataclasses.asdict(cfg), "teacher_bpb": teacher_bpb, "rows": rows,
+            "table": "\n".join(lines) + "\n\n" + caption, "seconds": seconds}
+
+
+def plot_curves(metrics_path: str, png_path: str) -> None:
+    """Validation bits per byte against step, mean over seeds (band: min–max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, dict[int, float]]] = {}
+    with open(metrics_path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "val_bpb" in r:
+                series.setdefault(r["run"], {}).setdefault(r["seed"], {})[r["step"]] = r["val_bpb"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, by_seed in series.items():
+        steps = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+        values = np.array([[by_seed[s][t] for t in steps] for s in by_seed])
+        line, = ax.plot(steps, values.mean(0), label=run, marker="o", markersize=3)
+        if values.shape[0] > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="a Python file with get_config() (default: LMExperiment())")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name>-<time>)")
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(load_config(args.config), args.overrides)
+    out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = run_experiment(cfg, out_dir)
+    print(summary["table"])
+    print(f"\nrun folder: {out_dir}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Token-level methods for causal language models: next-token cross-entropy and token distillation.
+
+An LM batch is ``{"tokens": int32 [B, T], "mask": bool [B, T]}`` (plus the global token count,
+:data:`jaxkd.losses.tokens.TOKEN_NORMALIZER_KEY`); LM participants read ``("tokens", "mask")``. Every
+method here scores position ``t``'s logits against token ``t + 1`` (:func:`jaxkd.losses.next_token_targets`)
+and averages over the target tokens of the whole batch — exact under gradient accumulation and sharding.
+
+The token divergences are the ones of :mod:`jaxkd.losses` applied per token (nothing is rewritten);
+``fused=True`` computes the same value from the models' final hidden states and output projections in
+vocabulary-bounded memory (:func:`jaxkd.losses.fused_linear_divergence`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxkd import losses
+from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
+from jaxkd.losses.tokens import batch_normalizer, next_token_targets, shift_logits
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight, stateless_method
+from jaxkd.methods.features import participant_variables
+from jaxkd.methods.registry import register
+
+__all__ = ["TOKENS_KEY", "TOKEN_DIVERGENCES", "lm_ce", "lm_targets", "output_projection_of", "token_divergence",
+           "token_kd"]
+
+#: The batch entry of token ids; the token mask is ``batch["mask"]`` ([B, T]).
+TOKENS_KEY = "tokens"
+_LM_KEYS = (TOKENS_KEY, "mask")
+
+#: Divergence name -> (loss function, the hyper-parameters it takes besides the temperature).
+TOKEN_DIVERGENCES: dict[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
+    "forward_kl": (losses.forward_kl, ()),
+    "reverse_kl": (losses.reverse_kl, ()),
+    "js_divergence": (losses.js_divergence, ()),
+    "generalized_jsd": (losses.generalized_jsd, ("beta",)),
+    "skew_kl": (losses.skew_kl, ("alpha",)),
+    "skew_reverse_kl": (losses.skew_reverse_kl, ("alpha",)),
+    "total_variation": (losses.total_variation, ()),
+}
+
+
+def lm_targets(batch: Mapping[str, Any], tokens_key: str = TOKENS_KEY) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(targets [B, T-1], target_mask [B, T-1], normalizer)`` of an LM batch: the next tokens, which
+    positions have a real input and a real target, and the global target count (``None`` when the batch
+    does not carry it: the mean is then over this batch's targets)."""
+    targets, target_mask = next_token_targets(batch[tokens_key], batch.get("mask"))
+    return targets, target_mask, batch_normalizer(batch)
+
+
+def token_divergence(divergence: str, *, temperature: float = 1.0, beta: float | None = None,
+                     alpha: float | None = None) -> Callable[..., jax.Array]:
+    """The per-token loss ``f(student_logits, teacher_logits, *, mask, normalizer, reduction)`` named
+    ``divergence`` (a key of :data:`TOKEN_DIVERGENCES`), with its hyper-parameters bound and checked."""
+    check_choice("divergence", divergence, tuple(TOKEN_DIVERGENCES))
+    check_temperature("temperature", temperature)
+    fn, takes = TOKEN_DIVERGENCES[divergence]
+    given = {"beta": beta, "alpha": alpha}
+    kwargs: dict[str, Any] = {"temperature": temperature}
+    for key, value in given.items():
+        if key in takes:
+            value = {"beta": 0.5, "alpha": 0.1}[key] if value is None else value
+            check_in_range(key, value, 0.0, 1.0)
+            kwargs[key] = value
+        elif value is not None:
+            raise ValueError(f"divergence {divergence!r} takes no {key}= (only {list(takes) or 'temperature'})")
+
+    def loss(student_logits, teacher_logits, **reduce):
+        return fn(student_logits, teacher_logits, **kwargs, **reduce)
+
+    loss.divergence, loss.kwargs = divergence, kwargs
+    return loss
+
+
+def output_projection_of(inputs: LossInputs, participant: str, *, method: str) -> jax.Array:
+    """Participant ``participant``'s output projection ``[d, V]`` (its hidden states times this are its
+    logits), cut to its declared vocabulary (:func:`jaxkd.models.vocab.truncate_vocab`). A trained
+    participant's is differentiable; a frozen one's is gradient-stopped."""
+    from jaxkd.models import lm as lm_models
+    from jaxkd.models.vocab import truncate_projection
+
+    model = inputs.participant(participant, method=method).model
+    config = getattr(model.module, "config", None)
+    if config is None:
+        raise ValueError(f"{method!r}: participant {participant!r} ({model.name}) is not a jaxkd language model "
+                         "(jaxkd.models.lm.lm): its output projection is unknown")
+    params = participant_variables(inputs, participant, method=method)["params"]
+    return truncate_projection(lm_models.output_projection(params, config), model)
+
+
+@register("lm_ce", paper="next-token cross-entropy (the data term of LM distillation)", losses=("cross_entropy",))
+def lm_ce(*, label_smoothing: float = 0.0, weight: Weight = 1.0, name: str = "lm_ce") -> Method:
+    """The student's next-token cross-entropy on the batch: ``−log p_S(x_{t+1} | x_≤t)`` averaged over the
+    batch's target tokens (:func:`jaxkd.losses.cross_entropy` per token, shifted). Registry ``"lm_ce"``."""
+    check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+
+    def compute(inputs: LossInputs, rng):
+        targets, target_mask, normalizer = lm_targets(inputs.batch)
+        return losses.cross_entropy(shift_logits(inputs.student.logits), targets, label_smoothing=label_smoothing,
+                                    mask=target_mask, normalizer=normalizer)
+
+    return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=_LM_KEYS)
+
+
+@register(
+    "token_kd",
+    paper="token-level KD of LMs: every divergence per next-token distribution (Kim & Rush 2016; GKD; DistiLLM)",
+    losses=tuple(fn.__name__ for fn, _ in TOKEN_DIVERGENCES.values()) + ("fused_linear_divergence",),
+)
+def token_kd(
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float | None = None,
+    alpha: float | None = None,
+    fused: bool = False,
+    chunk_size: int = 1024,
+    teacher: str = "teacher",
+    weight: Weight = 1.0,
+    name: str = "token_kd",
+) -> Method:
+    """Token-level distillation: ``divergence(p_S(·|x_≤t), p_T(·|x_≤t))`` averaged over the batch's target
+    tokens (padding and the last position excluded), no ``T²`` (TRL's and DistiLLM's convention).
+
+    Args:
+      divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"js_divergence"``, ``"generalized_jsd"`` (``beta``,
+        TRL's convention: 0 forward, 1 reverse KL), ``"skew_kl"`` / ``"skew_reverse_kl"`` (``alpha``,
+        DistiLLM) or ``"total_variation"``.
+      fused: compute from the final hidden states (feature ``"hidden"``) and output projections, chunk by
+        chunk, never holding ``[B, T, V]`` logits (:func:`jaxkd.losses.fused_linear_divergence`); the same
+        value and gradients.
+      chunk_size: tokens per chunk of the fused computation.
+      teacher: the participant distilled from.
+    """
+    loss_fn = token_divergence(divergence, temperature=temperature, beta=beta, alpha=alpha)
+    check_int("chunk_size", chunk_size, low=1)
+
+    def compute(inputs: LossInputs, rng):
+        targets, target_mask, normalizer = lm_targets(inputs.batch)
+        if not fused:
+            teacher_logits = inputs.output(teacher, method=name).logits
+            return loss_fn(shift_logits(inputs.student.logits), shift_logits(teacher_logits), mask=target_mask,
+                           normalizer=normalizer)
+        s_hidden = _hidden(inputs, "student", name)
+        t_hidden = jax.lax.stop_gradient(_hidden(inputs, teacher, name))
+        s_head = output_projection_of(inputs, "student", method=name)
+        t_head = jax.lax.stop_gradient(output_projection_of(inputs, teacher, method=name))
+        return losses.fused_linear_divergence(
+            s_hidden, s_head, t_hidden, t_head, divergence=divergence, mask=target_mask.reshape(-1),
+            normalizer=normalizer, chunk_size=chunk_size, **loss_fn.kwargs)
+
+    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher",
+                            participants=(teacher,), batch_keys=_LM_KEYS)
+
+
+def _hidden(inputs: LossInputs, participant: str, method: str) -> jax.Array:
+    """Participant ``participant``'s final hidden states at the positions that have a target, ``[B·(T−1), d]``."""
+    hidden = inputs.output(participant, method=method).features.get("hidden")
+    if hidden is None:
+        raise ValueError(f"{method!r} (fused) needs participant {participant!r}'s final hidden states (feature "
+                         "'hidden', sown by jaxkd.models.lm models)")
+    hidden = hidden[:, :-1]
+    return hidden.reshape(-1, hidden.shape[-1])
