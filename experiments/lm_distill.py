@@ -39,6 +39,7 @@ import jaxkd
 from jaxkd import losses, methods
 from jaxkd.checkpoint import fingerprint, load_variables, save_variables
 from jaxkd.data import text
+from jaxkd.data.teacher_cache import TopKCache, cache_teacher_topk
 from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences
 from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
 from jaxkd.models import lm as lm_models
@@ -57,6 +58,8 @@ class LMExperiment:
         :func:`jaxkd.data.stdlib_corpus.stdlib_corpus_sequences`); ``None`` keeps all.
       max_eval_rows: validation rows scored (the first ones, fixed across runs).
       teacher, student: :class:`jaxkd.models.lm.LMConfig` fields (besides ``vocab_size``/``max_len``).
+      cache_k: top-k entries per token of the offline teacher cache, written once per teacher when a method
+        reads it (``sparse_token_kd(cached=True)``).
       teacher_steps, teacher_lr: the teacher's pretraining.
       steps, lr, warmup_steps, weight_decay, batch_size: every student's budget (AdamW, linear warm-up,
         cosine decay).
@@ -77,6 +80,7 @@ class LMExperiment:
         default_factory=lambda: dict(d_model=128, num_layers=4, num_heads=4, d_ff=384))
     student: Mapping[str, Any] = dataclasses.field(
         default_factory=lambda: dict(d_model=64, num_layers=2, num_heads=2, d_ff=192))
+    cache_k: int = 16
     teacher_steps: int = 1000
     teacher_lr: float = 3e-3
     steps: int = 400
@@ -136,20 +140,6 @@ def with_normalizer(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The batch plus its global target-token count per example (exact means under accumulation)."""
     target_mask = batch["mask"][:, 1:] & batch["mask"][:, :-1]
     return {**batch, TOKEN_NORMALIZER_KEY: token_normalizer(target_mask)}
-
-
-def train_batches(data: text.PackedText, batch_size: int, seed: int):
-    """Endless shuffled batches of rows; epoch ``e``'s order is ``default_rng([seed, e]).permutation``."""
-    n = len(data)
-    if n < batch_size:
-        raise ValueError(f"the training split has {n} rows, fewer than batch_size={batch_size}")
-    epoch = 0
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            rows = order[start:start + batch_size]
-            yield with_normalizer({"tokens": data.tokens[rows], "mask": data.mask[rows]})
-        epoch += 1
 
 
 def eval_batches(data: text.PackedText, batch_size: int, max_rows: int) -> list[dict[str, np.ndarray]]:
@@ -240,6 +230,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
         return record
 
     sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
+    cached_sample = None
 
     # The teacher, pretrained once per config (reused from <out_dir>/teachers when its fingerprint matches).
     teacher_key = _config_hash({"teacher": dict(cfg.teacher), "steps": cfg.teacher_steps, "lr": cfg.teacher_lr,
@@ -260,7 +251,8 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                                                   cfg.warmup_steps, cfg.weight_decay),
                              sample_batch=sample, rng=jax.random.PRNGKey(1234))
         state, teacher_ms = train(
-            state, train_batches(train_data, cfg.batch_size, seed=1234), cfg.teacher_steps,
+            state, iter(text.TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=1234,
+                                        num_epochs=None)), cfg.teacher_steps,
             microbatches=cfg.microbatches, eval_every=cfg.eval_every, record=recorder("teacher", 0),
             eval_fn=lambda s: validation_bpb(teacher_model, s.student.variables(), eval_rows, num_bytes))
         teacher_vars = jax.device_get(state.student.variables())
@@ -268,6 +260,21 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
         with open(os.path.join(teacher_dir, "fingerprint.json"), "w") as f:
             json.dump(print_fp, f)
     teacher_bpb = validation_bpb(teacher_model, teacher_vars, eval_rows, num_bytes)
+
+    cache = None
+    if any("topk_indices" in m.batch_keys for m in run_methods.values()):
+        cache_path = os.path.join(teacher_dir, f"topk{cfg.cache_k}.array_record")
+        if os.path.exists(cache_path):
+            cache = TopKCache(cache_path, k=cfg.cache_k, seq_len=cfg.seq_len)
+        else:
+            start_cache = time.time()
+            cache = cache_teacher_topk(cache_path, teacher_model, teacher_vars, train_data.tokens, train_data.mask,
+                                       k=cfg.cache_k)
+            print(f"teacher cache: top-{cfg.cache_k} of {len(train_data)} rows in {time.time() - start_cache:.0f} s "
+                  f"({os.path.getsize(cache_path) / 2**20:.1f} MiB)", file=sys.stderr)
+
+    if cache is not None:
+        cached_sample = {**sample, **cache.batch(np.arange(cfg.batch_size))}
 
     results: dict[str, list[float]] = {}
     step_ms: dict[str, list[float]] = {}
@@ -278,10 +285,13 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                 parts["teacher"] = lm_participant(teacher_cfg, teacher_vars, trains=False)
             state = jaxkd.create(participants=parts, method=method,
                                  tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
-                                 sample_batch=sample, rng=jax.random.PRNGKey(seed))
+                                 sample_batch=cached_sample if "topk_indices" in method.batch_keys else sample,
+                                 rng=jax.random.PRNGKey(seed))
             student_model = lm_models.lm(student_cfg)
             state, ms = train(
-                state, train_batches(train_data, cfg.batch_size, seed=seed), cfg.steps,
+                state, iter(text.TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=seed,
+                                            num_epochs=None, teacher_cache=cache if "topk_indices" in method.batch_keys
+                                            else None)), cfg.steps,
                 microbatches=cfg.microbatches, eval_every=cfg.eval_every, record=recorder(run, seed),
                 eval_fn=lambda s: validation_bpb(student_model, s.student.variables(), eval_rows, num_bytes))
             results.setdefault(run, []).append(validation_bpb(student_model, state.student.variables(), eval_rows,

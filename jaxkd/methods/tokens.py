@@ -24,7 +24,7 @@ from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight, 
 from jaxkd.methods.features import participant_variables
 from jaxkd.methods.registry import register
 
-__all__ = ["TOKENS_KEY", "TOKEN_DIVERGENCES", "lm_ce", "lm_targets", "output_projection_of", "token_divergence",
+__all__ = ["TOKENS_KEY", "TOKEN_DIVERGENCES", "lm_ce", "lm_targets", "output_projection_of", "sparse_token_kd", "token_divergence",
            "token_kd"]
 
 #: The batch entry of token ids; the token mask is ``batch["mask"]`` ([B, T]).
@@ -164,3 +164,52 @@ def _hidden(inputs: LossInputs, participant: str, method: str) -> jax.Array:
                          "'hidden', sown by jaxkd.models.lm models)")
     hidden = hidden[:, :-1]
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+@register(
+    "sparse_token_kd",
+    paper="token-level KD against the teacher's top-k log-probabilities plus a tail bucket (offline teacher signals)",
+    losses=("topk_teacher", "sparse_forward_kl"),
+)
+def sparse_token_kd(
+    *,
+    k: int = 8,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    cached: bool = False,
+    indices_key: str = "topk_indices",
+    log_probs_key: str = "topk_log_probs",
+    teacher: str = "teacher",
+    weight: Weight = 1.0,
+    name: str = "sparse_token_kd",
+) -> Method:
+    """Token-level forward KL against a sparse teacher: its top-``k`` next-token log-probabilities (under
+    the full softmax at ``T``) and the remaining mass as one tail category (``tail="bucket"``), or both
+    renormalized over the top-k (``tail="drop"``) — :func:`jaxkd.losses.sparse_forward_kl` per token.
+
+    Live (default): the top-k of the teacher's logits in the step. ``cached=True``: read
+    ``batch[indices_key]`` / ``batch[log_probs_key]`` (``[B, T, k_stored]``, per *input* position, as
+    :func:`jaxkd.data.teacher_cache.cache_teacher_topk` writes them), so no teacher runs at all; with the
+    same ``k`` the two give the same loss and gradients (tested). ``k`` may be smaller than the stored
+    number (the first ``k``, in decreasing probability).
+    """
+    check_int("k", k, low=1)
+    check_temperature("temperature", temperature)
+    check_choice("tail", tail, ("drop", "bucket"))
+
+    def compute(inputs: LossInputs, rng):
+        _, target_mask, normalizer = lm_targets(inputs.batch)
+        if cached:
+            indices, log_probs = inputs.batch[indices_key], inputs.batch[log_probs_key]
+            if k > indices.shape[-1]:
+                raise ValueError(f"{name!r}: k={k} is larger than the {indices.shape[-1]} cached entries per token")
+            indices, log_probs = indices[..., :k], log_probs[..., :k]
+        else:
+            indices, log_probs = losses.topk_teacher(inputs.output(teacher, method=name).logits, k,
+                                                     temperature=temperature)
+        return losses.sparse_forward_kl(shift_logits(inputs.student.logits), indices[:, :-1], log_probs[:, :-1],
+                                        temperature=temperature, tail=tail, mask=target_mask, normalizer=normalizer)
+
+    return stateless_method(name, compute, weight=weight, needs_teacher=not cached and teacher == "teacher",
+                            participants=() if cached else (teacher,),
+                            batch_keys=_LM_KEYS + ((indices_key, log_probs_key) if cached else ()))

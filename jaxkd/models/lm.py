@@ -1,0 +1,552 @@
+"""A decoder-only transformer language model (teacher and student for LM distillation) and its KV cache.
+
+Architecture (the LLaMA family: Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
+2023; layout and logical axis names after MaxText, AI-Hypercomputer/maxtext ``layers/llama2.py``):
+
+* token embedding ``E [V, d]``;
+* ``num_layers`` pre-norm blocks ``x + Attn(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``;
+* RMSNorm (Zhang & Sennrich, "Root Mean Square Layer Normalization", 2019):
+  ``y = x / sqrt(mean(x²) + eps) · scale``, computed in float32 whatever the compute dtype;
+* causal self-attention with grouped-query heads (Ainslie et al., "GQA: Training Generalized Multi-Query
+  Transformer Models from Multi-Head Checkpoints", 2023): ``num_heads`` query heads share
+  ``num_kv_heads`` key/value heads, query head ``h`` reading key/value head ``h // (num_heads /
+  num_kv_heads)`` (HF ``repeat_kv``'s order); ``softmax(q kᵀ / sqrt(head_dim))`` in float32;
+* rotary position embeddings (Su et al., "RoFormer: Enhanced Transformer with Rotary Position
+  Embedding", 2021) on queries and keys, in the "rotate half" layout of GPT-NeoX / HF LLaMA / MaxText
+  (the two halves of each head's features form the rotated pairs; Meta's original LLaMA code pairs
+  adjacent features instead, which is the same model up to a fixed permutation of the q/k features):
+  ``θ_i = rope_base^(-2i / head_dim)``, ``(x₁, x₂) -> (x₁ cos pθ − x₂ sin pθ, x₂ cos pθ + x₁ sin pθ)``
+  at position ``p``;
+* gated MLP, SwiGLU (Shazeer, "GLU Variants Improve Transformer", 2020):
+  ``W_down (silu(x W_gate) ⊙ (x W_up))``;
+* a final RMSNorm and the output head: ``logits = h Eᵀ`` (tied, the default) or ``h W_head``.
+
+No biases anywhere (LLaMA). Parameters are ``param_dtype`` (float32); activations and matmuls run in
+``dtype`` (bfloat16 allowed) with float32 normalization, softmax and RoPE; **logits are always float32**
+(the vocabulary projection accumulates in float32).
+
+Inputs: ``{"tokens": int [B, T], "mask": bool [B, T], "positions": int [B, T]}``; ``mask`` is optional
+(all True), ``positions`` is optional; a bare integer array is taken as ``tokens``. ``mask`` is the
+padding mask of the next-token convention (True = real token): a key position whose mask is False is
+never attended to, and its token id never reaches the network (its embedding is zeroed), so padding may
+hold any id. A query with no real key at or before it (left padding) gets a zero attention output
+instead of NaN: padded positions' outputs are finite and meaningless (but the same with a KV cache). Token ids are
+clipped into ``[0, V)`` (values cannot be checked under ``jit``). Default positions are
+``max(cumsum(mask) - 1, 0)`` along the sequence: the first real token of every row is at position 0,
+so a left-padded prompt is embedded exactly like the unpadded one (and right-padded continuations
+continue from the last real token); an explicit ``positions`` input overrides them.
+
+Features sown (``"intermediates"``): ``block0`` … ``block{L-1}`` (the ``[B, T, d]`` residual stream
+after each block, compute dtype) and ``hidden`` (the final-normed ``[B, T, d]`` states, the input of
+the output projection: ``logits = hidden @ output_projection(params, config)``).
+
+Logical axis names (every parameter carries them through ``nn.with_logical_partitioning``):
+
+==============  ======================================================================
+``vocab``       vocabulary rows of the embedding / columns of the untied head
+``embed``       the model width ``d_model`` (the residual stream)
+``heads``       query heads
+``kv_heads``    key/value heads
+``head_dim``    features per head
+``mlp``         the MLP's hidden width ``d_ff``
+``norm``        RMSNorm scales
+==============  ======================================================================
+
+Parameter tree: ``embedding [V, d] (vocab, embed)``; ``block_{i}/attention_norm/scale [d] (norm)``;
+``block_{i}/attention/{query [d, H, hd] (embed, heads, head_dim), key, value [d, K, hd] (embed,
+kv_heads, head_dim), out [H, hd, d] (heads, head_dim, embed)}``; ``block_{i}/mlp_norm/scale``;
+``block_{i}/mlp/{gate, up [d, d_ff] (embed, mlp), down [d_ff, d] (mlp, embed)}``;
+``final_norm/scale``; ``head [d, V] (embed, vocab)`` when untied. :func:`lm_logical_rules` maps them
+onto the ``(data, fsdp, tensor)`` mesh.
+
+Dropout is not implemented (LLaMA-style pre-training uses none): ``train`` is accepted and ignored.
+
+KV cache (pure, jittable functions on the unboxed ``params``): :func:`init_cache`, :func:`prefill`,
+:func:`decode_step`. :class:`LMConfig` is a static pytree (no leaves), so it may be passed straight
+through ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from jaxkd.checks import check_int, check_number
+from jaxkd.models.base import Model, from_linen
+from jaxkd.sharding import FSDP, TENSOR, Rules
+
+__all__ = [
+    "KVCache",
+    "LMConfig",
+    "LM_PRESETS",
+    "LOGICAL_AXES",
+    "TransformerLM",
+    "decode_step",
+    "init_cache",
+    "lm",
+    "lm_config",
+    "lm_logical_rules",
+    "output_projection",
+    "prefill",
+]
+
+Array = jax.Array
+
+#: Every logical axis name a :class:`TransformerLM` parameter uses.
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+
+# Masked attention scores: the most negative finite float32, not -inf, so that a query row whose keys
+# are all masked gets a finite softmax (then zeroed) instead of NaN, in value and gradient; in a row
+# with one real key the masked entries still get exactly zero weight (exp underflows to 0).
+_MASKED_SCORE = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Hyper-parameters of a :class:`TransformerLM`.
+
+    Attributes:
+      vocab_size: ``V``, vocabulary entries.
+      d_model: ``d``, the residual-stream width.
+      num_layers: transformer blocks.
+      num_heads: query heads ``H``; must divide ``d_model`` (``head_dim = d_model / H``, which must be
+        even for the rotary pairs).
+      d_ff: the SwiGLU hidden width.
+      max_len: the longest sequence the model accepts (and the default KV-cache length).
+      num_kv_heads: key/value heads ``K`` (grouped-query attention); must divide ``num_heads``;
+        ``None`` means ``num_heads`` (plain multi-head attention), ``1`` is multi-query attention.
+      tie_embeddings: the output head is the transposed embedding (True) or its own ``[d, V]`` kernel.
+      rope_base: the rotary base (10000 in RoFormer and LLaMA).
+      norm_eps: RMSNorm's epsilon.
+      dtype: activation/compute dtype (float32 or bfloat16 …); logits are float32 regardless.
+      param_dtype: parameter dtype.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    max_len: int
+    num_kv_heads: int | None = None
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low=1))
+        kv = self.num_heads if self.num_kv_heads is None else check_int("num_kv_heads", self.num_kv_heads, low=1)
+        object.__setattr__(self, "num_kv_heads", kv)
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads must divide d_model, got d_model={self.d_model}, num_heads={self.num_heads}")
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError(
+                f"head_dim = d_model / num_heads = {self.d_model // self.num_heads} must be even (rotary "
+                f"embeddings rotate feature pairs), got d_model={self.d_model}, num_heads={self.num_heads}"
+            )
+        if self.num_heads % kv:
+            raise ValueError(f"num_kv_heads must divide num_heads, got num_heads={self.num_heads}, num_kv_heads={kv}")
+        if not isinstance(self.tie_embeddings, (bool, np.bool_)):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        check_number("rope_base", self.rope_base, low=1.0, low_open=True)
+        check_number("norm_eps", self.norm_eps, low=0.0, low_open=True)
+        for name in ("dtype", "param_dtype"):
+            try:
+                dtype = jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ValueError(f"{name} must be a floating dtype, got {getattr(self, name)!r}") from None
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{name} must be a floating dtype, got {dtype}")
+            object.__setattr__(self, name, dtype)  # one hashable representation for jit's static equality
+        object.__setattr__(self, "tie_embeddings", bool(self.tie_embeddings))
+        object.__setattr__(self, "rope_base", float(self.rope_base))
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def num_params(self) -> int:
+        """The exact parameter count: ``V d`` (embedding) ``+ L [2d + d·H·hd + 2·d·K·hd + H·hd·d +
+        3·d·d_ff] + d`` (final norm) ``+ d V`` when the head is untied."""
+        return self.num_non_embedding_params + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+
+    @property
+    def num_non_embedding_params(self) -> int:
+        """Parameters outside the embedding and the output head (Kaplan et al., "Scaling Laws for Neural
+        Language Models", 2020, count these); the :data:`LM_PRESETS` names give this number roughly."""
+        d, hd = self.d_model, self.head_dim
+        attention = d * self.num_heads * hd + 2 * d * self.num_kv_heads * hd + self.num_heads * hd * d
+        block = 2 * d + attention + 3 * d * self.d_ff
+        return self.num_layers * block + d
+
+
+# Static pytree: jax.jit takes an LMConfig argument as part of the (hashed) tree structure.
+jax.tree_util.register_static(LMConfig)
+
+
+#: Architecture presets (``vocab_size`` and ``max_len`` are given to :func:`lm_config`). A name gives the
+#: rough *non-embedding* parameter count (:attr:`LMConfig.num_non_embedding_params`): the embedding's
+#: share depends on the tokenizer. ``lm_1b`` is TinyLlama-1.1B's shape (Zhang et al., 2024: 22 layers,
+#: d=2048, 32 heads, 4 KV heads, d_ff=5632, untied); ``lm_7b`` is LLaMA-7B's (32 layers, d=4096, 32 heads,
+#: d_ff=11008, untied). The small ones are tied, with SwiGLU widths near LLaMA's ``8d/3``.
+LM_PRESETS: dict[str, dict[str, Any]] = {
+    "lm_1m": dict(d_model=128, num_layers=6, num_heads=4, d_ff=256),            # 0.98M
+    "lm_4m": dict(d_model=256, num_layers=6, num_heads=4, d_ff=512),            # 3.9M
+    "lm_25m": dict(d_model=512, num_layers=8, num_heads=8, d_ff=1408),          # 25.7M
+    "lm_125m": dict(d_model=768, num_layers=12, num_heads=12, d_ff=3584),       # 127M
+    "lm_1b": dict(d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, d_ff=5632,
+                  tie_embeddings=False),                                        # 0.97B (+ 2·V·d)
+    "lm_7b": dict(d_model=4096, num_layers=32, num_heads=32, d_ff=11008,
+                  tie_embeddings=False),                                        # 6.5B (+ 2·V·d)
+}
+
+
+def lm_config(name: str, *, vocab_size: int, max_len: int = 2048, **overrides: Any) -> LMConfig:
+    """The :data:`LM_PRESETS` architecture ``name`` for a vocabulary; ``overrides`` replace any field
+    (``dtype=jnp.bfloat16``, ``num_kv_heads=...``, ``tie_embeddings=...``)."""
+    try:
+        preset = LM_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown LM preset {name!r}; available: {sorted(LM_PRESETS)}") from None
+    return LMConfig(**{**preset, "vocab_size": vocab_size, "max_len": max_len, **overrides})
+
+
+def lm_logical_rules() -> Rules:
+    """:class:`jaxkd.sharding.Rules` for :class:`TransformerLM` (MaxText's layout on a (data, fsdp,
+    tensor) mesh): ``embed`` over ``fsdp`` (ZeRO-3-style sharding of every matrix along the model
+    width), and ``vocab``, ``heads``, ``kv_heads`` and ``mlp`` over ``tensor`` (Megatron's column/row
+    split: attention heads and the MLP's hidden units are independent, so each tensor shard computes its
+    own heads/units and one reduction follows the output projection). ``head_dim`` and ``norm`` stay
+    replicated.
+
+    The sharded sizes must divide by the mesh axes: with a tensor axis of size ``n``, ``vocab_size``,
+    ``num_heads``, ``num_kv_heads`` and ``d_ff`` must be multiples of ``n`` (pad the vocabulary, or use
+    ``Rules.overrides`` for a model with fewer KV heads than tensor shards).
+    """
+    return Rules(logical=(
+        ("vocab", TENSOR),
+        ("embed", FSDP),
+        ("heads", TENSOR),
+        ("kv_heads", TENSOR),
+        ("mlp", TENSOR),
+        ("head_dim", None),
+        ("norm", None),
+    ))
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str, ...]) -> Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.config.param_dtype)
+
+
+def _fan_in(in_axis, out_axis):
+    # LeCun normal on the contracted axes (the fan-in of a multi-axis kernel is their product).
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps) · scale`` over the last axis, in float32; returns the compute dtype."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.config.norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(self.config.dtype)
+
+
+def _rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE of ``x [B, T, heads, hd]`` with ``cos, sin [B, T, hd/2]``, in float32."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _rope_angles(positions: Array, config: LMConfig) -> tuple[Array, Array]:
+    half = config.head_dim // 2
+    inv_freq = config.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / config.head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE; reads and writes an optional per-layer KV cache."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, kv=None, index=None):
+        """``x [B, T, d]``; ``allowed [B, T, S]`` (query t may read key slot s); ``kv = (keys, values)``
+        ``[B, S, K, hd]``, this layer's cache, which the new keys join at slot ``index`` (None: the keys
+        are x's own). Returns ``(out [B, T, d], (new keys, new values) [B, T, K, hd])``."""
+        cfg = self.config
+        d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = _param(self, "query", _fan_in(0, (1, 2)), (d, h, hd), ("embed", "heads", "head_dim"))
+        wk = _param(self, "key", _fan_in(0, (1, 2)), (d, k, hd), ("embed", "kv_heads", "head_dim"))
+        wv = _param(self, "value", _fan_in(0, (1, 2)), (d, k, hd), ("embed", "kv_heads", "head_dim"))
+        wo = _param(self, "out", _fan_in((0, 1), 2), (h, hd, d), ("heads", "head_dim", "embed"))
+        dt = cfg.dtype
+        q = _rotary(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), cos, sin)
+        new_key = _rotary(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), cos, sin)
+        new_value = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        key, value = new_key, new_value
+        if kv is not None:
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+            key = jax.lax.dynamic_update_slice(kv[0], new_key.astype(kv[0].dtype), start).astype(dt)
+            value = jax.lax.dynamic_update_slice(kv[1], new_value.astype(kv[1].dtype), start).astype(dt)
+        b, t = x.shape[:2]
+        q = q.reshape(b, t, k, h // k, hd)  # query head j*G + g reads kv head j (HF repeat_kv's order)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed[:, None, None], scores / math.sqrt(hd), _MASKED_SCORE)
+        # A query with no key to read (a padded position before the row's first real token) gets a zero
+        # attention output, the same with or without a cache.
+        readable = jnp.any(allowed, axis=-1)[:, None, None, :, None]
+        weights = jnp.where(readable, jax.nn.softmax(scores, axis=-1), 0.0).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", weights, value).reshape(b, t, h, hd)
+        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), (new_key, new_value)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``W_down (silu(x W_gate) ⊙ x W_up)``."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _param(self, "gate", _fan_in(0, 1), (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+        up = _param(self, "up", _fan_in(0, 1), (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+        down = _param(self, "down", _fan_in(0, 1), (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
+        dt = cfg.dtype
+        hidden = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+        return hidden @ down.astype(dt)
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + Attn(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, kv=None, index=None):
+        y, new_kv = Attention(self.config, name="attention")(
+            RMSNorm(self.config, name="attention_norm")(x), cos, sin, allowed, kv, index)
+        x = x + y
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        return x, new_kv
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for ``S`` slots, and where the next tokens go.
+
+    Attributes:
+      keys, values: ``[L, B, S, num_kv_heads, head_dim]`` (keys already rotated).
+      mask: ``[B, S]`` bool, the slots holding real tokens (False: empty or padding).
+      position: ``[B]`` int32, each row's next RoPE position (its number of real tokens so far).
+      index: ``[]`` int32, the next slot to write (shared by the rows: padding occupies slots too).
+    """
+
+    keys: Array
+    values: Array
+    mask: Array
+    position: Array
+    index: Array
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+def _parse_inputs(x: Any, config: LMConfig) -> tuple[Array, Array, Array | None]:
+    """``(tokens [B, T] int32, mask [B, T] bool, positions [B, T] int32 or None)`` with checks."""
+    if isinstance(x, Mapping):
+        unknown = sorted(set(x) - {"tokens", "mask", "positions"})
+        if unknown or "tokens" not in x:
+            raise ValueError(
+                f"TransformerLM input must be a dict with 'tokens' and optionally 'mask' and 'positions'; got "
+                f"keys {sorted(x)}" + (f" (unknown: {unknown})" if unknown else "")
+            )
+        tokens, mask, positions = x["tokens"], x.get("mask"), x.get("positions")
+    else:
+        tokens, mask, positions = x, None, None
+    tokens = jnp.asarray(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"TransformerLM tokens must be integer ids, got dtype {tokens.dtype} (shape {tokens.shape})")
+    if tokens.ndim != 2:
+        raise ValueError(f"TransformerLM tokens must have shape [batch, length], got shape {tokens.shape}")
+    if tokens.shape[1] > config.max_len:
+        raise ValueError(
+            f"TransformerLM: sequence length {tokens.shape[1]} exceeds max_len={config.max_len} (tokens shape "
+            f"{tokens.shape})"
+        )
+    if mask is None:
+        mask = jnp.ones(tokens.shape, bool)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"mask must have the tokens' shape {tokens.shape}, got {mask.shape}")
+        mask = mask.astype(bool)
+    if positions is not None:
+        positions = jnp.asarray(positions)
+        if positions.shape != tokens.shape or not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise ValueError(
+                f"positions must be integers of the tokens' shape {tokens.shape}, got {positions.dtype} {positions.shape}"
+            )
+        positions = positions.astype(jnp.int32)
+    return tokens.astype(jnp.int32), mask, positions
+
+
+def _default_positions(mask: Array) -> Array:
+    """``max(cumsum(mask) - 1, 0)``: each row's real tokens are numbered 0, 1, … whatever the padding."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only transformer LM (see the module docstring). ``__call__(x, train)`` returns float32
+    logits ``[B, T, V]``; with ``cache=`` (a :class:`KVCache`) it writes the tokens into the cache and
+    returns ``(logits, new_cache)``."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, *, cache: KVCache | None = None):
+        del train  # no dropout
+        cfg = self.config
+        tokens, mask, positions = _parse_inputs(x, cfg)
+        b, t = tokens.shape
+        embedding = _param(self, "embedding", nn.initializers.normal(cfg.d_model ** -0.5),
+                           (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+        # Padding never reaches the network: its (arbitrary, maybe out-of-range) ids are replaced by zeros.
+        h = jnp.take(embedding, jnp.clip(tokens, 0, cfg.vocab_size - 1), axis=0).astype(cfg.dtype)
+        h = jnp.where(mask[..., None], h, 0)
+
+        if cache is None:
+            if positions is None:
+                positions = _default_positions(mask)
+            key_mask, query_slots, num_slots = mask, jnp.arange(t), t
+        else:
+            if t > cache.length:
+                raise ValueError(f"{t} tokens do not fit a KV cache of {cache.length} slots")
+            if positions is None:
+                positions = cache.position[:, None] + _default_positions(mask)
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (jnp.zeros((), jnp.int32), cache.index))
+            query_slots, num_slots = cache.index + jnp.arange(t), cache.length
+        # Query t (at slot query_slots[t]) reads the real keys at slots up to its own.
+        allowed = key_mask[:, None, :] & (jnp.arange(num_slots)[None, None, :] <= query_slots[None, :, None])
+        cos, sin = _rope_angles(positions, cfg)
+
+        keys, values = (None, None) if cache is None else (cache.keys, cache.values)
+        for i in range(cfg.num_layers):
+            kv = None if cache is None else (keys[i], values[i])
+            h, (new_key, new_value) = Block(cfg, name=f"block_{i}")(
+                h, cos, sin, allowed, kv, None if cache is None else cache.index)
+            self.sow("intermediates", f"block{i}", h)
+            if cache is not None:
+                # Written into the whole [L, ...] buffer: in place under jit, where stacking per-layer
+                # copies would rewrite the entire cache at every decoding step.
+                start = (jnp.asarray(i, jnp.int32), jnp.zeros((), jnp.int32), cache.index,
+                         jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+                keys = jax.lax.dynamic_update_slice(keys, new_key[None].astype(keys.dtype), start)
+                values = jax.lax.dynamic_update_slice(values, new_value[None].astype(values.dtype), start)
+        h = RMSNorm(cfg, name="final_norm")(h)
+        self.sow("intermediates", "hidden", h)
+        if cfg.tie_embeddings:
+            projection = embedding.T
+        else:
+            projection = _param(self, "head", _fan_in(0, 1), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+        logits = jnp.einsum("btd,dv->btv", h, projection.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        new_cache = KVCache(
+            keys=keys, values=values, mask=key_mask,
+            position=cache.position + jnp.sum(mask, axis=1, dtype=jnp.int32), index=cache.index + t,
+        )
+        return logits, new_cache
+
+
+def lm(config: LMConfig, name: str | None = None) -> Model:
+    """A :class:`TransformerLM` as a :class:`jaxkd.models.base.Model`.
+
+    Its input is ``{"tokens": int [B, T], "mask": bool [B, T]}`` (``mask`` optional, all True; an
+    optional ``"positions"``; or a bare token array); ``apply`` returns ``Outputs(logits [B, T, V]
+    float32, features {"block0", …, "hidden"}, model_state={})``. ``init`` gives parameters boxed with
+    their logical axis names (:func:`jaxkd.create` shards them by :func:`lm_logical_rules` when the
+    participant's rules say so).
+    """
+    if not isinstance(config, LMConfig):
+        raise ValueError(f"config must be an LMConfig, got {type(config).__name__}")
+    return from_linen(TransformerLM(config), name=name or f"lm_d{config.d_model}_l{config.num_layers}")
+
+
+def _params_tree(params: Any) -> Any:
+    """The ``params`` collection, unboxed; a full variables dict ``{"params": ...}`` is accepted too."""
+    if isinstance(params, Mapping) and "params" in params and "embedding" not in params:
+        params = params["params"]
+    return meta.unbox(params)
+
+
+def output_projection(params: Any, config: LMConfig) -> Array:
+    """The ``[d_model, V]`` output projection: ``embedding.T`` when tied, the head kernel otherwise, so
+    that ``logits = hidden @ output_projection(params, config)`` (``hidden`` the sown final-normed
+    states; in float32 the equality is exact up to rounding). For fused vocabulary losses that never
+    materialize the logits."""
+    params = _params_tree(params)
+    return params["embedding"].T if config.tie_embeddings else params["head"]
+
+
+def init_cache(config: LMConfig, batch_size: int, max_len: int | None = None, dtype: Any = None) -> KVCache:
+    """An empty :class:`KVCache` of ``max_len`` slots (default ``config.max_len``) in ``dtype`` (default
+    the compute dtype)."""
+    batch_size = check_int("batch_size", batch_size, low=1)
+    max_len = config.max_len if max_len is None else check_int("max_len", max_len, low=1)
+    if max_len > config.max_len:
+        raise ValueError(f"a KV cache of max_len={max_len} slots exceeds the model's max_len={config.max_len}")
+    dtype = config.dtype if dtype is None else jnp.dtype(dtype)
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype), mask=jnp.zeros((batch_size, max_len), bool),
+        position=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32),
+    )
+
+
+def prefill(params: Any, config: LMConfig, tokens: Array, mask: Array | None = None, *,
+            cache_len: int | None = None) -> tuple[Array, KVCache]:
+    """Runs the prompt ``tokens [B, T]`` (padding ``mask``, left or right) through the model and returns
+    ``(logits [B, T, V], cache)``, a fresh cache of ``cache_len`` slots (default ``config.max_len``) holding
+    the prompt in slots ``0..T-1``. The logits equal the full forward pass's."""
+    tokens = jnp.asarray(tokens)
+    x = {"tokens": tokens} if mask is None else {"tokens": tokens, "mask": mask}
+    cache = init_cache(config, tokens.shape[0], cache_len)
+    if tokens.ndim == 2 and tokens.shape[1] > cache.length:
+        raise ValueError(f"a prompt of {tokens.shape[1]} tokens does not fit cache_len={cache.length}")
+    return TransformerLM(config).apply({"params": _params_tree(params)}, x, cache=cache)
+
+
+def decode_step(params: Any, config: LMConfig, token: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Feeds one real token per row (``token [B]`` int) at slot ``cache.index`` and position
+    ``cache.position``; returns ``(logits [B, V] float32, cache)``. Writing past the cache's last slot
+    cannot be checked under ``jit`` (the index is traced): XLA clamps the write, so keep the number of
+    decoded tokens within ``cache.length - prompt length`` (:func:`jaxkd.models.sampling.generate` does)."""
+    token = jnp.asarray(token)
+    if token.ndim != 1:
+        raise ValueError(f"decode_step takes one token per row, shape [batch], got shape {token.shape}")
+    logits, cache = TransformerLM(config).apply({"params": _params_tree(params)}, token[:, None], cache=cache)
+    return logits[:, 0], cache
