@@ -172,4 +172,10 @@ NOT_LOSSES = {
     "log_softmax", "ofd_margin", "patch_tokens", "per_example_loss", "reduce_loss", "sinkhorn_plan",
     "standardize_logits", "taid_init_state", "taid_target_log_probs", "taid_update", "teacher_is_more_confident",
     "topk_teacher",
+    # token plumbing (jaxkd.losses.tokens), tested in tests/test_lm_train.py
+    "TOKEN_NORMALIZER_KEY", "batch_normalizer", "next_token_targets", "shift_logits", "token_normalizer",
+    # LM fusion and cross-tokenizer helpers (targets, alignments, decoding-time combinations), tested in their files
+    "infigfusion_node_strengths", "fusellm_fused_target", "fusellm_token_alignment", "fusellm_align_logits",
+    "alm_chunk_alignment", "alm_chunk_log_likelihoods", "proxy_tuning_logits", "dynamic_logits_fusion",
+    "dynamic_fusion_objective",
 }

@@ -44,11 +44,26 @@ def jitted(case):
     return jax.jit(lambda labels, *logits: case.make(labels)(*logits))
 
 
+#: Test modules of the language-model losses: each lists the public losses it checks against references
+#: (NumPy from the paper, finite differences) in ``COVERED_LOSSES``; their shapes ([B, T, V], sequences,
+#: chunk alignments) do not fit the [B, C] cases above.
+LM_LOSS_TESTS = (
+    "tests.test_fused_linear", "tests.test_lm_losses_policy", "tests.test_lm_losses_preference",
+    "tests.test_lm_fusion_losses", "tests.test_alm", "tests.test_logit_fusion",
+)
+
+
+def lm_covered() -> set[str]:
+    import importlib
+
+    return set().union(*(importlib.import_module(m).COVERED_LOSSES for m in LM_LOSS_TESTS))
+
+
 def test_every_public_loss_has_a_case():
     from tests.test_feature_contract import case_names  # the feature losses' contract cases
 
     public = {name for name in losses.__all__ if name not in NOT_LOSSES}
-    covered = set(IDS) | case_names()
+    covered = set(IDS) | case_names() | lm_covered()
     assert public <= covered, f"losses without a contract case: {sorted(public - covered)}"
     assert set(IDS) <= public, f"logit cases of no public loss: {sorted(set(IDS) - public)}"
 
