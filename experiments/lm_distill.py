@@ -60,7 +60,9 @@ class LMExperiment:
       teacher, student: :class:`jaxkd.models.lm.LMConfig` fields (besides ``vocab_size``/``max_len``).
       cache_k: top-k entries per token of the offline teacher cache, written once per teacher when a method
         reads it (``sparse_token_kd(cached=True)``).
-      teacher_steps, teacher_lr: the teacher's pretraining.
+      extra_teachers: further teachers by participant name (``{"teacher_b": {...}}``), pretrained the same
+        way (another seed) when a method reads them (multi-teacher fusion).
+      teacher_steps, teacher_lr: the teachers' pretraining.
       steps, lr, warmup_steps, weight_decay, batch_size: every student's budget (AdamW, linear warm-up,
         cosine decay).
       microbatches: gradient accumulation inside the step (the batch is split; same update).
@@ -81,6 +83,7 @@ class LMExperiment:
     student: Mapping[str, Any] = dataclasses.field(
         default_factory=lambda: dict(d_model=64, num_layers=2, num_heads=2, d_ff=192))
     cache_k: int = 16
+    extra_teachers: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     teacher_steps: int = 1000
     teacher_lr: float = 3e-3
     steps: int = 400
@@ -203,6 +206,59 @@ def _config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+#: The default teacher's seed (extra teachers take the next ones).
+TEACHER_SEED = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The packed training rows, the validation batches and the bytes their targets stand for."""
+
+    train: text.PackedText
+    eval_batches: list
+    eval_bytes: int
+
+
+def _model_input(batch):
+    return {"tokens": batch["tokens"], "mask": batch["mask"]}
+
+
+def pretrained_teacher(cfg: LMExperiment, corpus: Corpus, name: str, arch: Mapping[str, Any], seed: int, record):
+    """A byte-level teacher pretrained with ``lm_ce`` for ``cfg.teacher_steps``, once per (architecture,
+    budget, data, seed): reused from ``<out_dir>/teachers/<hash>`` when present, its checksums checked.
+    Returns ``(LMConfig, Model, variables, validation bits per byte, directory)``."""
+    vocab = text.ByteTokenizer().vocab_size
+    arch_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **arch)
+    key = _config_hash({"teacher": dict(arch), "steps": cfg.teacher_steps, "lr": cfg.teacher_lr, "seed": seed,
+                        "seq_len": cfg.seq_len, "files": cfg.max_train_files, "batch": cfg.batch_size})
+    directory = os.path.abspath(os.path.join(cfg.out_dir, "teachers", key))
+    model = lm_models.lm(arch_cfg)
+    train_data, eval_rows, num_bytes = corpus.train, corpus.eval_batches, corpus.eval_bytes
+    sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
+    if os.path.exists(os.path.join(directory, "fingerprint.json")):
+        abstract = jax.eval_shape(lambda: jaxkd.sharding.unbox(model.init(jax.random.PRNGKey(0), _model_input(sample))))
+        with open(os.path.join(directory, "fingerprint.json")) as f:
+            variables = load_variables(directory, abstract, expected=json.load(f))
+        print(f"{name}: reusing {directory}", file=sys.stderr)
+    else:
+        print(f"{name}: pretraining {arch_cfg.num_params / 1e6:.2f}M parameters for {cfg.teacher_steps} steps",
+              file=sys.stderr)
+        state = jaxkd.create(participants={"student": lm_participant(arch_cfg, trains=True)},
+                             method=methods.lm_ce(), tx=optimizer(cfg.teacher_lr, cfg.teacher_steps,
+                                                                  cfg.warmup_steps, cfg.weight_decay),
+                             sample_batch=sample, rng=jax.random.PRNGKey(seed))
+        state, _ = train(
+            state, iter(text.TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=seed,
+                                        num_epochs=None)), cfg.teacher_steps,
+            microbatches=cfg.microbatches, eval_every=cfg.eval_every, record=record,
+            eval_fn=lambda s: validation_bpb(model, s.student.variables(), eval_rows, num_bytes))
+        variables = jax.device_get(state.student.variables())
+        fp = save_variables(directory, variables)
+        with open(os.path.join(directory, "fingerprint.json"), "w") as f:
+            json.dump(fp, f)
+    return arch_cfg, model, variables, validation_bpb(model, variables, eval_rows, num_bytes), directory
+
+
 def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     start = time.time()
     os.makedirs(out_dir, exist_ok=True)
@@ -216,7 +272,6 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                         np.concatenate([b["mask"] for b in eval_rows]),
                                         text.ByteTokenizer().token_byte_lengths)
     vocab = text.ByteTokenizer().vocab_size
-    teacher_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.teacher)
     student_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.student)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     metrics_file = open(metrics_path, "a")
@@ -232,34 +287,13 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
     cached_sample = None
 
-    # The teacher, pretrained once per config (reused from <out_dir>/teachers when its fingerprint matches).
-    teacher_key = _config_hash({"teacher": dict(cfg.teacher), "steps": cfg.teacher_steps, "lr": cfg.teacher_lr,
-                                "seq_len": cfg.seq_len, "files": cfg.max_train_files, "batch": cfg.batch_size})
-    teacher_dir = os.path.abspath(os.path.join(cfg.out_dir, "teachers", teacher_key))
-    teacher_model = lm_models.lm(teacher_cfg)
-    abstract = jax.eval_shape(lambda: jaxkd.sharding.unbox(teacher_model.init(jax.random.PRNGKey(0), {"tokens": sample["tokens"], "mask": sample["mask"]})))
-    teacher_ms = None
-    if os.path.exists(os.path.join(teacher_dir, "fingerprint.json")):
-        with open(os.path.join(teacher_dir, "fingerprint.json")) as f:
-            teacher_vars = load_variables(teacher_dir, abstract, expected=json.load(f))
-        print(f"teacher: reusing {teacher_dir}", file=sys.stderr)
-    else:
-        print(f"teacher: pretraining {teacher_cfg.num_params / 1e6:.2f}M parameters for {cfg.teacher_steps} steps",
-              file=sys.stderr)
-        state = jaxkd.create(participants={"student": lm_participant(teacher_cfg, trains=True)},
-                             method=methods.lm_ce(), tx=optimizer(cfg.teacher_lr, cfg.teacher_steps,
-                                                                  cfg.warmup_steps, cfg.weight_decay),
-                             sample_batch=sample, rng=jax.random.PRNGKey(1234))
-        state, teacher_ms = train(
-            state, iter(text.TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=1234,
-                                        num_epochs=None)), cfg.teacher_steps,
-            microbatches=cfg.microbatches, eval_every=cfg.eval_every, record=recorder("teacher", 0),
-            eval_fn=lambda s: validation_bpb(teacher_model, s.student.variables(), eval_rows, num_bytes))
-        teacher_vars = jax.device_get(state.student.variables())
-        print_fp = save_variables(teacher_dir, teacher_vars)
-        with open(os.path.join(teacher_dir, "fingerprint.json"), "w") as f:
-            json.dump(print_fp, f)
-    teacher_bpb = validation_bpb(teacher_model, teacher_vars, eval_rows, num_bytes)
+    corpus = Corpus(train_data, eval_rows, num_bytes)
+    teachers = {"teacher": pretrained_teacher(cfg, corpus, "teacher", cfg.teacher, TEACHER_SEED, recorder("teacher", 0))}
+    needed = {p for m in run_methods.values() for p in m.participants}
+    for i, (name, arch) in enumerate(cfg.extra_teachers.items()):
+        if name in needed:
+            teachers[name] = pretrained_teacher(cfg, corpus, name, arch, TEACHER_SEED + 1 + i, recorder(name, 0))
+    teacher_cfg, teacher_model, teacher_vars, teacher_bpb, teacher_dir = teachers["teacher"]
 
     cache = None
     if any("topk_indices" in m.batch_keys for m in run_methods.values()):
@@ -281,8 +315,11 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     for run, method in run_methods.items():
         for seed in cfg.seeds:
             parts = {"student": lm_participant(student_cfg, trains=True)}
-            if method.participants:
-                parts["teacher"] = lm_participant(teacher_cfg, teacher_vars, trains=False)
+            for name in method.participants:
+                if name not in teachers:
+                    raise ValueError(f"method {run!r} reads participant {name!r}; the config's teachers are "
+                                     f"{sorted(teachers)} (add it to extra_teachers)")
+                parts[name] = lm_participant(teachers[name][0], teachers[name][2], trains=False)
             state = jaxkd.create(participants=parts, method=method,
                                  tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
                                  sample_batch=cached_sample if "topk_indices" in method.batch_keys else sample,
@@ -298,7 +335,8 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                                               num_bytes))
             step_ms.setdefault(run, []).append(ms)
     metrics_file.close()
-    summary = summarize(cfg, teacher_cfg, student_cfg, teacher_bpb, results, step_ms, seconds=time.time() - start,
+    summary = summarize(cfg, {n: (t[0], t[3]) for n, t in teachers.items()}, student_cfg, results, step_ms,
+                        seconds=time.time() - start,
                         num_train_rows=len(train_data), num_eval_bytes=num_bytes)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -308,12 +346,14 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     return summary
 
 
-def summarize(cfg: LMExperiment, teacher_cfg, student_cfg, teacher_bpb: float, results, step_ms, *, seconds: float,
+def summarize(cfg: LMExperiment, teachers, student_cfg, results, step_ms, *, seconds: float,
               num_train_rows: int, num_eval_bytes: int) -> dict[str, Any]:
+    """``teachers``: name -> (LMConfig, validation bits per byte)."""
     base = np.mean(results["scratch"]) if "scratch" in results else None
     lines = ["| run | method | params | val bits/byte | Δ vs scratch | ms/step |", "|---|---|---|---|---|---|"]
-    lines.append(f"| teacher | `lm_ce` ({cfg.teacher_steps} steps) | {teacher_cfg.num_params / 1e6:.2f}M | "
-                 f"{teacher_bpb:.4f} | | |")
+    for name, (teacher_cfg, teacher_bpb) in teachers.items():
+        lines.append(f"| {name} | `lm_ce` ({cfg.teacher_steps} steps) | {teacher_cfg.num_params / 1e6:.2f}M | "
+                     f"{teacher_bpb:.4f} | | |")
     rows = []
     for run, values in results.items():
         mean = float(np.mean(values))
@@ -328,7 +368,7 @@ def summarize(cfg: LMExperiment, teacher_cfg, student_cfg, teacher_bpb: float, r
                f"{cfg.seq_len} tokens ({num_train_rows} training rows); students trained {cfg.steps} steps of "
                f"{cfg.batch_size} rows; validation bits per byte over {num_eval_bytes} bytes, mean ± std over seeds "
                f"{tuple(cfg.seeds)}. Wall time {seconds / 60:.1f} min.")
-    return {"config": dataclasses.asdict(cfg), "teacher_bpb": teacher_bpb, "rows": rows,
+    return {"config": dataclasses.asdict(cfg), "teacher_bpb": {n: t[1] for n, t in teachers.items()}, "rows": rows,
             "table": "\n".join(lines) + "\n\n" + caption, "seconds": seconds}
 
 

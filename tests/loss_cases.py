@@ -178,4 +178,10 @@ NOT_LOSSES = {
     "infigfusion_node_strengths", "fusellm_fused_target", "fusellm_token_alignment", "fusellm_align_logits",
     "alm_chunk_alignment", "alm_chunk_log_likelihoods", "proxy_tuning_logits", "dynamic_logits_fusion",
     "dynamic_fusion_objective",
+    # policy/preference helpers (rewards, returns, log-probs, schedules), tested in tests/test_lm_losses_*.py
+    "minillm_rewards", "minillm_returns", "minillm_advantages", "minillm_importance_weights",
+    "minillm_mixture_log_probs", "token_log_probs", "sequence_log_probs", "dpo_rewards", "adpa_advantages",
+    "dac_kl_region", "DistiLLMSchedule", "distillm_schedule_init", "distillm_schedule_update",
+    "distillm_sampling_thresholds", "distillm_data_source", "distillm_use_student_output", "DISTILLM_DATASET",
+    "DISTILLM_GENERATE", "DISTILLM_REPLAY",
 }

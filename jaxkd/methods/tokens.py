@@ -92,17 +92,25 @@ def output_projection_of(inputs: LossInputs, participant: str, *, method: str) -
 
 
 @register("lm_ce", paper="next-token cross-entropy (the data term of LM distillation)", losses=("cross_entropy",))
-def lm_ce(*, label_smoothing: float = 0.0, weight: Weight = 1.0, name: str = "lm_ce") -> Method:
-    """The student's next-token cross-entropy on the batch: ``−log p_S(x_{t+1} | x_≤t)`` averaged over the
-    batch's target tokens (:func:`jaxkd.losses.cross_entropy` per token, shifted). Registry ``"lm_ce"``."""
+def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_key: str = "mask",
+          participant: str = "student", weight: Weight = 1.0, name: str = "lm_ce") -> Method:
+    """The next-token cross-entropy of ``participant`` (the student) on the batch: ``−log p(x_{t+1} | x_≤t)``
+    averaged over the target tokens (:func:`jaxkd.losses.cross_entropy` per token, shifted).
+    ``tokens_key``/``mask_key`` name the batch entries the participant reads (a student with its own
+    tokenizer reads e.g. ``"student_tokens"``). Registry ``"lm_ce"``."""
     check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
 
     def compute(inputs: LossInputs, rng):
-        targets, target_mask, normalizer = lm_targets(inputs.batch)
-        return losses.cross_entropy(shift_logits(inputs.student.logits), targets, label_smoothing=label_smoothing,
+        targets, target_mask = next_token_targets(inputs.batch[tokens_key], inputs.batch.get(mask_key))
+        # The batch's global token count belongs to its "tokens"; another tokenization has its own count.
+        normalizer = batch_normalizer(inputs.batch) if tokens_key == TOKENS_KEY else None
+        logits = inputs.output(participant, method=name).logits
+        return losses.cross_entropy(shift_logits(logits), targets, label_smoothing=label_smoothing,
                                     mask=target_mask, normalizer=normalizer)
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, needs_teacher=False,
+                            participants=() if participant == "student" else (participant,),
+                            batch_keys=(tokens_key, mask_key))
 
 
 @register(
