@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -197,7 +198,10 @@ def train(state, batches, steps: int, *, microbatches: int, eval_fn, eval_every:
         times.append(time.perf_counter() - start)
         record({"step": i, "loss": loss})
         if i % eval_every == 0 or i == steps:
-            record({"step": i, "val_bpb": eval_fn(state)})
+            bpb = eval_fn(state)
+            record({"step": i, "val_bpb": bpb})
+            # DistiLLM's adaptive schedule reads the validation loss (nats per byte here: per token for bytes).
+            state = methods.observe_validation_loss(state, bpb * math.log(2.0))
     steady = times[len(times) // 5:] or times
     return state, 1000.0 * float(np.median(steady))
 
