@@ -99,3 +99,17 @@ def test_llava_mod_mimics_then_prefers_and_minillm_trains_in_the_step():
     mini = new_state(methods.parse("lm_ce + minillm(prompt_length=3)"))
     mini, metrics = step(mini, BATCH)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0.0
+
+
+def test_taid_for_lms_at_t_1_is_the_token_cross_entropy_to_the_teacher():
+    value, metrics = loss_and_metrics(new_state(methods.taid(total_steps=10, t_start=1.0, tokens=True)))
+    x = {"tokens": BATCH["tokens"], "mask": BATCH["mask"]}
+    zs = np.asarray(MODEL.apply(VARS[0], x, train=False).logits, np.float64)[:, :-1]
+    zt = np.asarray(MODEL.apply(VARS[1], x, train=False).logits, np.float64)[:, :-1]
+    log_s = zs - np.log(np.exp(zs - zs.max(-1, keepdims=True)).sum(-1, keepdims=True)) - zs.max(-1, keepdims=True)
+    pt = np.exp(zt - zt.max(-1, keepdims=True))
+    pt /= pt.sum(-1, keepdims=True)
+    ce = -(pt * log_s).sum(-1)
+    target_mask = MASK[:, 1:] & MASK[:, :-1]
+    np.testing.assert_allclose(float(value), ce[target_mask].mean(), rtol=1e-5)
+    assert float(metrics["taid/t"]) == 1.0

@@ -5,7 +5,9 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_positive
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.losses.tokens import shift_logits
 from jaxkd.methods.registry import register
+from jaxkd.methods.tokens import lm_targets
 
 __all__ = ["taid"]
 
@@ -23,6 +25,7 @@ def taid(
     t_end: float = 1.0,
     alpha: float = 5e-4,
     beta: float = 0.99,
+    tokens: bool = False,
     weight: Weight = 1.0,
     name: str = "taid",
 ) -> Method:
@@ -32,6 +35,10 @@ def taid(
     adaptive rule (:func:`jaxkd.losses.taid_update`) using this step's loss value, never below the
     linear schedule from ``t_start`` to ``t_end`` over ``total_steps``. Defaults are the official ones
     (t_start 0.4, t_end 1.0, α 5e-4, β 0.99). Metrics: ``t``.
+
+    ``tokens=True``: TAID for language models, as the paper trains them — the interpolated next-token
+    target per token (position ``t``'s logits against the teacher's at ``t``, both scoring token ``t+1``),
+    averaged over the batch's target tokens (:func:`jaxkd.losses.next_token_targets`).
     """
     check_int("total_steps", total_steps, low=1)
     check_in_range("t_start", t_start, 0.0, 1.0)
@@ -44,12 +51,18 @@ def taid(
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         state = vars.state
-        value = losses.taid(
-            inputs.student.logits, inputs.teacher_outputs(name).logits, t=state.t, mask=inputs.example_mask
-        )
+        if tokens:
+            _, target_mask, normalizer = lm_targets(inputs.batch)
+            value = losses.taid(shift_logits(inputs.student.logits), shift_logits(inputs.teacher_outputs(name).logits),
+                                t=state.t, mask=target_mask, normalizer=normalizer)
+        else:
+            value = losses.taid(
+                inputs.student.logits, inputs.teacher_outputs(name).logits, t=state.t, mask=inputs.example_mask
+            )
         new_state = losses.taid_update(
             state, value, inputs.step, total_steps=total_steps, t_start=t_start, t_end=t_end, alpha=alpha, beta=beta,
         )
         return value, LossAux({"t": state.t}, new_state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True)
+    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True,
+                  batch_keys=("tokens", "mask") if tokens else ())
