@@ -62,7 +62,8 @@ class LMExperiment:
       cache_k: top-k entries per token of the offline teacher cache, written once per teacher when a method
         reads it (``sparse_token_kd(cached=True)``).
       extra_teachers: further teachers by participant name (``{"teacher_b": {...}}``), pretrained the same
-        way (another seed) when a method reads them (multi-teacher fusion).
+        way (another seed) when a method reads them (multi-teacher fusion); a ``"steps"`` entry gives that
+        teacher its own pretraining budget (ADPA's less-trained ``reference``).
       teacher_steps, teacher_lr: the teachers' pretraining.
       steps, lr, warmup_steps, weight_decay, batch_size: every student's budget (AdamW, linear warm-up,
         cosine decay).
@@ -294,9 +295,13 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     corpus = Corpus(train_data, eval_rows, num_bytes)
     teachers = {"teacher": pretrained_teacher(cfg, corpus, "teacher", cfg.teacher, TEACHER_SEED, recorder("teacher", 0))}
     needed = {p for m in run_methods.values() for p in m.participants}
+    budgets = {"teacher": cfg.teacher_steps}
     for i, (name, arch) in enumerate(cfg.extra_teachers.items()):
         if name in needed:
-            teachers[name] = pretrained_teacher(cfg, corpus, name, arch, TEACHER_SEED + 1 + i, recorder(name, 0))
+            arch = dict(arch)
+            steps = budgets[name] = arch.pop("steps", cfg.teacher_steps)
+            teachers[name] = pretrained_teacher(dataclasses.replace(cfg, teacher_steps=steps), corpus, name, arch,
+                                                TEACHER_SEED + 1 + i, recorder(name, 0))
     teacher_cfg, teacher_model, teacher_vars, teacher_bpb, teacher_dir = teachers["teacher"]
 
     cache = None
@@ -339,7 +344,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                                               num_bytes))
             step_ms.setdefault(run, []).append(ms)
     metrics_file.close()
-    summary = summarize(cfg, {n: (t[0], t[3]) for n, t in teachers.items()}, student_cfg, results, step_ms,
+    summary = summarize(cfg, {n: (t[0], t[3], budgets[n]) for n, t in teachers.items()}, student_cfg, results, step_ms,
                         seconds=time.time() - start,
                         num_train_rows=len(train_data), num_eval_bytes=num_bytes)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -352,11 +357,11 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
 
 def summarize(cfg: LMExperiment, teachers, student_cfg, results, step_ms, *, seconds: float,
               num_train_rows: int, num_eval_bytes: int) -> dict[str, Any]:
-    """``teachers``: name -> (LMConfig, validation bits per byte)."""
+    """``teachers``: name -> (LMConfig, validation bits per byte, pretraining steps)."""
     base = np.mean(results["scratch"]) if "scratch" in results else None
     lines = ["| run | method | params | val bits/byte | Δ vs scratch | ms/step |", "|---|---|---|---|---|---|"]
-    for name, (teacher_cfg, teacher_bpb) in teachers.items():
-        lines.append(f"| {name} | `lm_ce` ({cfg.teacher_steps} steps) | {teacher_cfg.num_params / 1e6:.2f}M | "
+    for name, (teacher_cfg, teacher_bpb, teacher_steps) in teachers.items():
+        lines.append(f"| {name} | `lm_ce` ({teacher_steps} steps) | {teacher_cfg.num_params / 1e6:.2f}M | "
                      f"{teacher_bpb:.4f} | | |")
     rows = []
     for run, values in results.items():
