@@ -9,7 +9,7 @@ P = 64  # prompt bytes of the sampling methods (rows are 128 bytes)
 METHODS = {
     "scratch": "lm_ce",
     "forward_kl": "lm_ce + token_kd(divergence='forward_kl')",
-    "forward_kl_fused": "lm_ce + token_kd(divergence='forward_kl', fused=True, chunk_size=1024)",
+    "forward_kl_fused": "lm_ce + token_kd(divergence='forward_kl', fused=True)",
     "reverse_kl": "lm_ce + token_kd(divergence='reverse_kl')",
     "generalized_jsd": "lm_ce + token_kd(divergence='generalized_jsd', beta=0.5)",
     "skew_kl": "lm_ce + token_kd(divergence='skew_kl', alpha=0.1)",

@@ -125,7 +125,7 @@ def token_kd(
     beta: float | None = None,
     alpha: float | None = None,
     fused: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "token_kd",
