@@ -86,7 +86,7 @@ class LMExperiment:
         default_factory=lambda: dict(d_model=64, num_layers=2, num_heads=2, d_ff=192))
     cache_k: int = 16
     extra_teachers: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    teacher_steps: int = 1000
+    teacher_steps: int = 600
     teacher_lr: float = 3e-3
     steps: int = 400
     lr: float = 3e-3
