@@ -11,7 +11,10 @@ from experiments import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
-SHIPPED = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not os.path.basename(p).startswith("_"))
+SHIPPED = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                 if not os.path.basename(p).startswith(("_", "lm_")))
+# Language-model experiments have their own config classes (experiments/lm_*.py).
+LM_SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "lm_*.py")))
 
 
 @pytest.mark.parametrize(
@@ -90,6 +93,17 @@ def test_shipped_configs_validate(path):
 
     parsed = parse_methods(cfg, num_examples=50_000)  # CIFAR's size; every spec names registered methods with valid arguments
     assert set(parsed) == set(cfg.methods)
+
+
+@pytest.mark.parametrize("path", LM_SHIPPED, ids=os.path.basename)
+def test_shipped_lm_configs_load_and_their_specs_parse(path):
+    from experiments.lm_distill import load_config
+    from jaxkd import methods
+
+    cfg = load_config(path)
+    constants = {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "seq_len") if hasattr(cfg, k)}
+    for spec in getattr(cfg, "methods", {}).values():
+        methods.parse(spec, constants)
 
 
 def test_defaults_validate():

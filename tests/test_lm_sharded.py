@@ -45,6 +45,8 @@ def test_the_bf16_teacher_is_sharded_on_the_students_mesh_and_the_step_is_the_si
     assert spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert shard_shape == (V // 2, TEACHER_CFG.d_model // 2)
     _, single, single_metrics = step_once(None)
-    np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-4)
+    # The teacher computes in bfloat16: a sharded reduction adds its terms in another order (bf16 keeps ~3
+    # significant digits), so the loss agrees to 1e-3, not float32's 1e-6.
+    np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-3)
     chex.assert_trees_all_close(jax.device_get(sharded.student.params), jax.device_get(single.student.params),
                                 rtol=1e-3, atol=1e-5)

@@ -39,13 +39,48 @@ def lelp_projections_file(tmp_path, teacher, teacher_vars, batch) -> str:
     return f"projections={str(path)!r}"
 
 
-# The feature-map methods' own test files each train them in the jitted step (on the same tiny ResNets);
+# Language-model methods run on two tiny LMs over byte-sized vocabularies and a token batch.
+LM_METHODS = {"adpa", "alm", "dac_kl", "distillm", "fusellm", "gkd", "infigfusion", "llava_mod", "lm_ce", "minillm",
+              "preference_kd", "seqkd", "sparse_token_kd", "token_kd"}
+LM_ARGS = {"gkd": "prompt_length=3", "seqkd": "prompt_length=3", "minillm": "prompt_length=3",
+           "distillm": "prompt_length=3, init_threshold=1.0", "preference_kd": "prompt_length=3",
+           "llava_mod": "mimic_steps=0, prompt_length=3", "adpa": "prompt_length=3"}
+# The feature-map methods' own test files each train them in the jitted step (on the same tiny ResNets), and
+# so do these LM methods' (tests/test_lm_train.py, tests/test_lm_methods.py, tests/test_cross_tokenizer.py);
 # here they are the slow cases (`pytest -m slow`), so the suite stays under 10 minutes.
-NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in CONV_METHODS else n for n in sorted(methods.REGISTRY)]
+TRAINED_ELSEWHERE = CONV_METHODS | {"alm", "gkd", "llava_mod", "lm_ce", "minillm", "sparse_token_kd", "token_kd"}
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in TRAINED_ELSEWHERE else n for n in sorted(methods.REGISTRY)]
+
+
+def lm_fixtures(method):
+    """Student, participants and batch for an LM method: every participant it reads is a frozen tiny LM."""
+    from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+    from jaxkd.models import lm as lm_models
+
+    cfg = lm_models.LMConfig(vocab_size=128, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=8)
+    model = lm_models.lm(cfg)
+    rng = np.random.default_rng(0)
+    mask = np.arange(8)[None] < np.array([[8], [6], [7], [5]])
+    batch = {"tokens": rng.integers(32, 128, size=(4, 8)).astype(np.int32), "mask": mask,
+             TOKEN_NORMALIZER_KEY: token_normalizer(mask[:, 1:] & mask[:, :-1])}
+    init = lambda seed: jaxkd.sharding.unbox(model.init(jax.random.PRNGKey(seed), {"tokens": batch["tokens"]}))
+    participants = {name: jaxkd.Participant(model, init(i + 1), trains=False, input=("tokens", "mask"))
+                    for i, name in enumerate(method.participants)}
+    return jaxkd.participants.student(model, input=("tokens", "mask")), participants, batch
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_step(name, tmp_path):
+    if name in LM_METHODS:
+        if name == "alm":
+            pytest.skip("alm reads two tokenizations of one text: tests/test_cross_tokenizer.py trains it in the step")
+        method = methods.parse(f"{name}({LM_ARGS.get(name, '')})")
+        student, participants, batch = lm_fixtures(method)
+        state = jaxkd.create(participants={"student": student, **participants}, method=method, tx=optax.sgd(0.05),
+                             sample_batch=batch, rng=jax.random.PRNGKey(0))
+        state, metrics = jaxkd.make_train_step()(state, batch)
+        assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0.0
+        return
     conv = name in CONV_METHODS
     TEACHER, STUDENT, BATCH = (CONV_TEACHER, CONV_STUDENT, CONV_BATCH) if conv else (MLP_TEACHER, MLP_STUDENT, MLP_BATCH)
     if name in ("fsp", "kdsvd"):  # they compare maps channel by channel: a student as wide as the teacher

@@ -323,7 +323,6 @@ def relational_loss(fn: Callable) -> Callable:
     extra = [
         inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | None"),
         inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="mean", annotation="Reduction"),
-        inspect.Parameter("normalizer", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Array | float | None"),
     ]
     loss.__signature__ = signature.replace(parameters=[*params, *extra])
     loss.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + _RELATIONAL_DOC

@@ -1,0 +1,395 @@
+"""Cross-tokenizer distillation: a byte-level teacher LM into a student LM with a small learned BPE (ALM).
+
+    python -m experiments.lm_cross_tokenizer                          # the default run (BPE students)
+    python -m experiments.lm_cross_tokenizer --config experiments/configs/lm_cross_tokenizer.py  # + bytes
+    python -m experiments.lm_cross_tokenizer --set steps=100 --set "seeds=(0,)"
+
+1. The corpus: the standard library's ``.py`` files (:mod:`jaxkd.data.stdlib_corpus`), split by file.
+2. The student's tokenizer: a byte-level BPE of ``bpe_vocab_size`` tokens learned on the *training*
+   split's files (:func:`jaxkd.data.bpe.train_bpe`), saved as ``tokenizer.json`` in the run folder.
+3. Parallel rows (:func:`jaxkd.data.cross_tokenizer.parallel_rows`): every file cut into windows that end
+   at a boundary of both tokenizations; per window the teacher's ``[BOS] + bytes`` (``seq_len`` tokens),
+   the student's ``[BOS] + BPE tokens`` (``student_len``) and the ALM chunks of their targets. Cached in
+   ``<out_dir>/cross_tokenizer/<key>.npz`` (the chunk alignment is host-side Python).
+4. The teacher: the byte-level LM of the default LM experiment (:mod:`experiments.lm_distill`), pretrained
+   once per config by its :func:`~experiments.lm_distill.pretrained_teacher` and shared with it through
+   ``<out_dir>/teachers/<key>``.
+5. Students trained for the same steps, per seed from the same initialization: the BPE student on its own
+   tokens alone (``bpe_scratch``: ``lm_ce``) and with ALM (``bpe_alm``: ``lm_ce + alm``); the config file
+   adds, for reference, the byte-level student of the LM experiment on the teacher's rows
+   (``byte_scratch``). A run whose method reads ``batch["student_tokens"]`` trains the BPE student, any
+   other the byte-level one. ``alm(cached=True)`` reads the teacher's target log-probabilities of every
+   training window, computed once per teacher into ``<teacher dir>/alm_log_probs-<rows key>.npy`` (the
+   same loss as the live teacher; no teacher in the step).
+6. Bits per byte on the first ``max_eval_rows`` windows of the validation and the test split (the same
+   bytes are targets under both tokenizers, so the numbers compare across tokenizers), mean ± std over
+   seeds: ``results.md``/``results.json``, ``curves.png`` (validation, during training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+import jaxkd
+from jaxkd import losses, methods
+from jaxkd.data import text
+from jaxkd.data.bpe import BPETokenizer, train_bpe
+from jaxkd.data.cross_tokenizer import PARALLEL_KEYS, ParallelBatches, ParallelText, check_byte_counts, parallel_rows
+from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences, stdlib_corpus_texts
+from jaxkd.models import lm as lm_models
+from experiments.lm_distill import (
+    TEACHER_SEED,
+    Corpus,
+    LMExperiment,
+    apply_overrides,
+    lm_participant,
+    load_config,
+    optimizer,
+    plot_curves,
+    pretrained_teacher,
+    train,
+)
+from experiments.lm_distill import eval_batches as packed_eval_batches
+
+_LM = LMExperiment()
+
+BPE_SCRATCH = "lm_ce(tokens_key='student_tokens', mask_key='student_mask')"
+#: Where ``alm(cached=True)`` reads the teacher's target log-probabilities (computed once per teacher).
+CACHE_KEY = "alm_teacher_log_probs"
+#: The held-out splits scored; the first is the one evaluated during training (the curves).
+EVAL_SPLITS = ("validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossTokenizerExperiment:
+    """A cross-tokenizer distillation experiment (a config file's ``get_config()`` returns one).
+
+    The teacher's fields (``seq_len``, ``max_train_files``, ``teacher``, ``teacher_steps``, ``teacher_lr``,
+    ``batch_size``, ``warmup_steps``, ``weight_decay``, ``microbatches``, ``eval_every``, ``out_dir``) mean
+    what they mean in :class:`experiments.lm_distill.LMExperiment` and default to its values, so the default
+    run reuses the default LM experiment's pretrained teacher. ``seq_len`` is also the teacher rows' length.
+
+    Attributes:
+      bpe_vocab_size: the student tokenizer's vocabulary (256 bytes, 3 specials, the merges).
+      student_len: tokens per student row (``BOS`` included); windows end where either row is full.
+      max_eval_files, max_eval_rows: files read and windows scored (the first ones) of each held-out split.
+      student: :class:`jaxkd.models.lm.LMConfig` fields of every student (the LM experiment's).
+      steps, lr: every student's budget (AdamW, warm-up, cosine decay, as the LM experiment).
+      methods: run name -> method spec (:func:`jaxkd.methods.parse`; constants ``steps``, ``batch_size``,
+        ``lr``, ``seq_len``, ``student_len``).
+      seeds: one student per seed and run.
+    """
+
+    name: str = "stdlib_cross_tokenizer"
+    seq_len: int = _LM.seq_len
+    student_len: int = 96
+    bpe_vocab_size: int = 512
+    max_train_files: int | None = _LM.max_train_files
+    max_eval_files: int | None = _LM.max_eval_files
+    max_eval_rows: int = _LM.max_eval_rows
+    teacher: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(_LM.teacher))
+    student: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(_LM.student))
+    teacher_steps: int = _LM.teacher_steps
+    teacher_lr: float = _LM.teacher_lr
+    steps: int = _LM.steps
+    lr: float = _LM.lr
+    warmup_steps: int = _LM.warmup_steps
+    weight_decay: float = _LM.weight_decay
+    batch_size: int = _LM.batch_size
+    microbatches: int = _LM.microbatches
+    methods: Mapping[str, str] = dataclasses.field(default_factory=lambda: {
+        "bpe_scratch": BPE_SCRATCH,
+        "bpe_alm": BPE_SCRATCH + " + 100 * alm(temperature=100.0, cached=True)",
+    })
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_every: int = _LM.eval_every
+    out_dir: str = _LM.out_dir
+
+    def teacher_experiment(self) -> LMExperiment:
+        """The LM experiment whose teacher this one uses (its fields that define the teacher)."""
+        return LMExperiment(seq_len=self.seq_len, max_train_files=self.max_train_files, teacher=dict(self.teacher),
+                            teacher_steps=self.teacher_steps, teacher_lr=self.teacher_lr, batch_size=self.batch_size,
+                            warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+                            microbatches=self.microbatches, eval_every=self.eval_every, out_dir=self.out_dir)
+
+
+def parse_methods(cfg: CrossTokenizerExperiment) -> dict[str, methods.Method]:
+    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seq_len": cfg.seq_len,
+                 "student_len": cfg.student_len}
+    parsed = {}
+    for name, spec in cfg.methods.items():
+        try:
+            parsed[name] = methods.parse(spec, constants)
+        except ValueError as e:
+            raise ValueError(f"config methods[{name!r}]: {e}") from None
+    return parsed
+
+
+def uses_bpe(method: methods.Method) -> bool:
+    """A run trains the BPE student when its method reads the student's tokens."""
+    return "student_tokens" in method.batch_keys
+
+
+# ----- data -----
+
+
+def rows_key(files, bpe: BPETokenizer, cfg: CrossTokenizerExperiment, *, split: str, max_rows: int | None) -> str:
+    """What the parallel rows of ``files`` depend on, hashed: ``"<split>-<16 hex>"``."""
+    return split + "-" + hashlib.sha256(json.dumps({
+        "bpe": bpe.to_json(), "seq_len": cfg.seq_len, "student_len": cfg.student_len, "split": split,
+        "max_rows": max_rows, "files": [p for p, _ in files],
+        "bytes": hashlib.sha256(b"".join(t for _, t in files)).hexdigest()}).encode()).hexdigest()[:16]
+
+
+def cached_parallel_rows(files, bpe: BPETokenizer, cfg: CrossTokenizerExperiment, *, split: str,
+                         max_rows: int | None = None) -> ParallelText:
+    """:func:`parallel_rows` of ``files`` (byte teacher, BPE student), cached in ``<out_dir>/cross_tokenizer``."""
+    path = os.path.join(cfg.out_dir, "cross_tokenizer", rows_key(files, bpe, cfg, split=split, max_rows=max_rows)
+                        + ".npz")
+    fields = PARALLEL_KEYS + ("row_bytes", "row_documents")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return ParallelText(**{k: f[k] for k in fields}, num_documents=int(f["num_documents"]),
+                                paths=tuple(f["paths"].tolist()))
+    start = time.time()
+    data = parallel_rows(files, text.ByteTokenizer(), bpe, teacher_len=cfg.seq_len, student_len=cfg.student_len,
+                         max_rows=max_rows)
+    check_byte_counts(data, text.ByteTokenizer(), bpe)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **{k: getattr(data, k) for k in fields}, num_documents=data.num_documents,
+             paths=np.array(data.paths))
+    os.replace(tmp, path)
+    print(f"parallel rows ({split}): {len(data)} windows in {time.time() - start:.0f} s -> {path}", file=sys.stderr)
+    return data
+
+
+def bpb_evaluator(model: jaxkd.models.Model, batches: list[dict[str, np.ndarray]], num_bytes: int):
+    """``variables -> validation bits per byte`` of ``model`` over ``batches``, compiled once (the LM
+    experiment's :func:`experiments.lm_distill.validation_bpb`, without a new trace per call)."""
+    @jax.jit
+    def nats(variables, tokens, mask):
+        logits = model.apply(variables, {"tokens": tokens, "mask": mask}, train=False).logits
+        targets, target_mask = losses.next_token_targets(tokens, mask)
+        return losses.cross_entropy(logits[:, :-1], targets, mask=target_mask, reduction="sum")
+
+    def evaluate(variables) -> float:
+        total = sum(float(nats(variables, b["tokens"], b["mask"])) for b in batches)
+        return text.bits_per_byte(total, num_bytes)
+
+    return evaluate
+
+
+def eval_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Rows in order as ``{"tokens", "mask"}`` batches, the last one padded with fully masked rows."""
+    pad = -len(tokens) % batch_size
+    tokens = np.concatenate([tokens, np.full((pad, tokens.shape[1]), text.PAD_ID, np.int32)])
+    mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+    return [{"tokens": tokens[i:i + batch_size], "mask": mask[i:i + batch_size]}
+            for i in range(0, len(tokens), batch_size)]
+
+
+# ----- the teacher -----
+
+
+def load_or_pretrain_teacher(lm_cfg: LMExperiment, record) -> tuple[lm_models.LMConfig, Any, str]:
+    """The default teacher of :func:`experiments.lm_distill.run_experiment` for ``lm_cfg``
+    (:func:`experiments.lm_distill.pretrained_teacher` with its data and seed): loaded from
+    ``<out_dir>/teachers/<key>``, else pretrained there, for both experiments. Returns ``(LMConfig, variables,
+    directory)``."""
+    data_dir = os.path.join(lm_cfg.out_dir, "tfds")
+    train_data = stdlib_corpus_sequences("train", seq_len=lm_cfg.seq_len, data_dir=data_dir,
+                                         max_files=lm_cfg.max_train_files)
+    val_data = stdlib_corpus_sequences("validation", seq_len=lm_cfg.seq_len, data_dir=data_dir,
+                                       max_files=lm_cfg.max_eval_files)
+    eval_rows = packed_eval_batches(val_data, lm_cfg.batch_size, lm_cfg.max_eval_rows)
+    num_bytes = text.count_byte_targets(np.concatenate([b["tokens"] for b in eval_rows]),
+                                        np.concatenate([b["mask"] for b in eval_rows]),
+                                        text.ByteTokenizer().token_byte_lengths)
+    teacher_cfg, _, variables, _, directory = pretrained_teacher(
+        lm_cfg, Corpus(train_data, eval_rows, num_bytes), "teacher", lm_cfg.teacher, TEACHER_SEED, record)
+    return teacher_cfg, variables, directory
+
+
+def cached_teacher_log_probs(teacher_cfg, teacher_vars, teacher_dir: str, data: ParallelText, key: str,
+                             batch_size: int) -> np.ndarray:
+    """The teacher's target log-probabilities of the training windows (``alm(cached=True)``), computed once
+    per teacher and rows into ``<teacher_dir>/alm_log_probs-<rows key>.npy``."""
+    path = os.path.join(teacher_dir, f"alm_log_probs-{key}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    start = time.time()
+    values = methods.cache_teacher_log_probs(lm_models.lm(teacher_cfg), teacher_vars, data.tokens, data.mask,
+                                             batch_size=batch_size)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, values)
+    os.replace(tmp, path)
+    print(f"teacher log-probabilities of {len(data)} windows in {time.time() - start:.0f} s -> {path}",
+          file=sys.stderr)
+    return values
+
+
+# ----- the experiment -----
+
+
+def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any]:
+    start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    run_methods = parse_methods(cfg)  # every spec checked before anything trains
+    data_dir = os.path.join(cfg.out_dir, "tfds")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics_file = open(metrics_path, "a")
+
+    def recorder(run: str, seed: int):
+        def record(entry):
+            metrics_file.write(json.dumps({"run": run, "seed": seed, **entry}) + "\n")
+            if "val_bpb" in entry:
+                metrics_file.flush()
+                print(f"  {run} seed {seed} step {entry['step']}: val bpb {entry['val_bpb']:.4f}", file=sys.stderr)
+        return record
+
+    # The student's tokenizer, learned on the training split only.
+    train_files = stdlib_corpus_texts("train", data_dir=data_dir, max_files=cfg.max_train_files)
+    bpe_start = time.time()
+    bpe = train_bpe([t for _, t in train_files], cfg.bpe_vocab_size)
+    bpe_seconds = time.time() - bpe_start
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        f.write(bpe.to_json())
+    train_data = cached_parallel_rows(train_files, bpe, cfg, split="train")
+    bytes_per_bpe_token = train_data.num_byte_targets / int(
+        (train_data.student_mask[:, 1:] & train_data.student_mask[:, :-1]).sum())
+    # Scored windows of each held-out split: the same bytes are the targets under both tokenizers.
+    evals: dict[str, dict[str, Any]] = {}
+    for split in EVAL_SPLITS:
+        files = stdlib_corpus_texts(split, data_dir=data_dir, max_files=cfg.max_eval_files)
+        data = cached_parallel_rows(files, bpe, cfg, split=split, max_rows=cfg.max_eval_rows)
+        evals[split] = {"num_bytes": check_byte_counts(data, text.ByteTokenizer(), bpe),
+                        "byte": eval_batches(data.tokens, data.mask, cfg.batch_size),
+                        "bpe": eval_batches(data.student_tokens, data.student_mask, cfg.batch_size)}
+    print(f"BPE: {bpe.vocab_size} tokens in {bpe_seconds:.1f} s, {bytes_per_bpe_token:.2f} bytes per token; "
+          f"{len(train_data)} training windows; scored: "
+          + ", ".join(f"{split} {e['num_bytes']} bytes" for split, e in evals.items()), file=sys.stderr)
+
+    def evaluator(model, kind: str):
+        """``variables -> {split: bits per byte}``."""
+        fns = {split: bpb_evaluator(model, e[kind], e["num_bytes"]) for split, e in evals.items()}
+        return lambda variables: {split: fn(variables) for split, fn in fns.items()}
+
+    teacher_cfg, teacher_vars, teacher_dir = load_or_pretrain_teacher(cfg.teacher_experiment(), recorder("teacher", 0))
+    teacher_bpb = evaluator(lm_models.lm(teacher_cfg), "byte")(teacher_vars)
+    print(f"teacher on the windows: {teacher_bpb}", file=sys.stderr)
+
+    configs = {
+        "byte": lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student),
+        "bpe": lm_models.LMConfig(vocab_size=bpe.vocab_size, max_len=cfg.student_len, **cfg.student),
+    }
+    extra = {}
+    if any(CACHE_KEY in m.batch_keys for m in run_methods.values()):
+        extra[CACHE_KEY] = cached_teacher_log_probs(
+            teacher_cfg, teacher_vars, teacher_dir, train_data,
+            rows_key(train_files, bpe, cfg, split="train", max_rows=None), cfg.batch_size)
+    results: dict[str, list[dict[str, float]]] = {}
+    step_ms: dict[str, list[float]] = {}
+    for run, method in run_methods.items():
+        kind = "bpe" if uses_bpe(method) else "byte"
+        student_model = lm_models.lm(configs[kind])
+        evaluate = evaluator(student_model, kind)
+        student_input = methods.student_input if kind == "bpe" else ("tokens", "mask")
+        for seed in cfg.seeds:
+            parts = {"student": jaxkd.participants.student(student_model, input=student_input)}
+            if method.participants:
+                parts["teacher"] = lm_participant(teacher_cfg, teacher_vars, trains=False)
+            batches = ParallelBatches(train_data, batch_size=cfg.batch_size, seed=seed,
+                                      extra=extra if CACHE_KEY in method.batch_keys else None)
+            state = jaxkd.create(participants=parts, method=method,
+                                 tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
+                                 sample_batch=batches.batch(0, 0), rng=jax.random.PRNGKey(seed))
+            state, ms = train(state, batches, cfg.steps, microbatches=cfg.microbatches, eval_every=cfg.eval_every,
+                              record=recorder(run, seed),
+                              eval_fn=lambda s: evaluate(s.student.variables())[EVAL_SPLITS[0]])
+            results.setdefault(run, []).append(evaluate(state.student.variables()))
+            step_ms.setdefault(run, []).append(ms)
+    metrics_file.close()
+    summary = summarize(cfg, teacher_cfg, configs, run_methods, teacher_bpb, results, step_ms,
+                        seconds=time.time() - start, num_train_rows=len(train_data),
+                        num_eval_bytes={split: e["num_bytes"] for split, e in evals.items()},
+                        bytes_per_bpe_token=bytes_per_bpe_token)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(summary["table"] + "\n")
+    plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
+    return summary
+
+
+def summarize(cfg: CrossTokenizerExperiment, teacher_cfg, configs, run_methods, teacher_bpb: Mapping[str, float],
+              results, step_ms, *, seconds: float, num_train_rows: int, num_eval_bytes: Mapping[str, int],
+              bytes_per_bpe_token: float) -> dict[str, Any]:
+    """The Markdown table (bits per byte per held-out split, Δ against ``bpe_scratch``) and the JSON rows."""
+    def stats(values):
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    base = {split: stats([r[split] for r in results["bpe_scratch"]])[0] for split in EVAL_SPLITS} \
+        if "bpe_scratch" in results else None
+    head = "".join(f" {split} bits/byte | Δ vs bpe_scratch |" for split in EVAL_SPLITS)
+    lines = [f"| run | tokenizer | method | params |{head} ms/step |",
+             "|---|---|---|---|" + "---|---|" * len(EVAL_SPLITS) + "---|"]
+    teacher_cells = "".join(f" {teacher_bpb[split]:.4f} | |" for split in EVAL_SPLITS)
+    lines.append(f"| teacher | bytes (259) | `lm_ce` ({cfg.teacher_steps} steps) | "
+                 f"{teacher_cfg.num_params / 1e6:.2f}M |{teacher_cells} |")
+    rows = []
+    for run, per_seed in results.items():
+        kind = "bpe" if uses_bpe(run_methods[run]) else "byte"
+        student_cfg = configs[kind]
+        row = {"run": run, "tokenizer": kind, "vocab_size": student_cfg.vocab_size, "method": cfg.methods[run],
+               "ms_per_step": float(np.mean(step_ms[run]))}
+        cells = ""
+        for split in EVAL_SPLITS:
+            values = [r[split] for r in per_seed]
+            mean, std = stats(values)
+            row.update({f"{split}_bpb_mean": mean, f"{split}_bpb_std": std, f"{split}_bpb_per_seed": values})
+            delta = "" if base is None or run == "bpe_scratch" else f"{mean - base[split]:+.4f}"
+            cells += f" {mean:.4f} ± {std:.4f} | {delta} |"
+        rows.append(row)
+        tokenizer = f"BPE ({student_cfg.vocab_size})" if kind == "bpe" else f"bytes ({student_cfg.vocab_size})"
+        lines.append(f"| {run} | {tokenizer} | `{cfg.methods[run]}` | {student_cfg.num_params / 1e6:.2f}M |{cells} "
+                     f"{row['ms_per_step']:.0f} |")
+    scored = ", ".join(f"{split} {n}" for split, n in num_eval_bytes.items())
+    caption = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library; windows of at most "
+               f"{cfg.seq_len - 1} bytes ({cfg.seq_len} byte tokens, {cfg.student_len} BPE tokens with BOS; "
+               f"{num_train_rows} training windows); BPE learned on the training files, {bytes_per_bpe_token:.2f} "
+               f"bytes per token. Students trained {cfg.steps} steps of {cfg.batch_size} windows; bits per byte over "
+               f"the first {cfg.max_eval_rows} windows of each held-out split (the same bytes for every tokenizer: "
+               f"{scored}), mean ± std over seeds {tuple(cfg.seeds)}. Wall time {seconds / 60:.1f} min.")
+    return {"config": dataclasses.asdict(cfg), "teacher_bpb": dict(teacher_bpb), "rows": rows,
+            "table": "\n".join(lines) + "\n\n" + caption, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="a Python file with get_config() (default: CrossTokenizerExperiment())")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name>-<time>)")
+    args = parser.parse_args(argv)
+    cfg = CrossTokenizerExperiment() if args.config is None else load_config(args.config)
+    cfg = apply_overrides(cfg, args.overrides)
+    out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    summary = run_experiment(cfg, out_dir)
+    print(summary["table"])
+    print(f"\nrun folder: {out_dir}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
