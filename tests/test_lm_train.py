@@ -133,7 +133,8 @@ def test_vocabularies_of_different_sizes_need_an_explicit_truncation():
 
 
 def test_fused_token_kd_equals_the_logits_path_in_the_train_step():
-    for divergence in ("forward_kl", "skew_reverse_kl"):
+    # Every divergence of the fused loss is checked against the naive one in tests/test_fused_linear.py.
+    for divergence in ("skew_reverse_kl",):
         plain, m1 = jaxkd.make_train_step()(new_state(methods.token_kd(divergence=divergence)), BATCH)
         fused, m2 = jaxkd.make_train_step()(
             new_state(methods.token_kd(divergence=divergence, fused=True, chunk_size=5)), BATCH)
