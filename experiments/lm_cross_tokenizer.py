@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -49,11 +48,11 @@ from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences, stdlib_corpus_text
 from jaxkd.models import lm as lm_models
 from experiments.lm_distill import (
     TEACHER_SEED,
+    cli,
+    metrics_recorder,
     Corpus,
     LMExperiment,
-    apply_overrides,
     lm_participant,
-    load_config,
     optimizer,
     plot_curves,
     pretrained_teacher,
@@ -249,14 +248,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
     data_dir = os.path.join(cfg.out_dir, "tfds")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     metrics_file = open(metrics_path, "a")
-
-    def recorder(run: str, seed: int):
-        def record(entry):
-            metrics_file.write(json.dumps({"run": run, "seed": seed, **entry}) + "\n")
-            if "val_bpb" in entry:
-                metrics_file.flush()
-                print(f"  {run} seed {seed} step {entry['step']}: val bpb {entry['val_bpb']:.4f}", file=sys.stderr)
-        return record
+    recorder = metrics_recorder(metrics_file)
 
     # The student's tokenizer, learned on the training split only.
     train_files = stdlib_corpus_texts("train", data_dir=data_dir, max_files=cfg.max_train_files)
@@ -376,19 +368,7 @@ def summarize(cfg: CrossTokenizerExperiment, teacher_cfg, configs, run_methods, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="a Python file with get_config() (default: CrossTokenizerExperiment())")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name>-<time>)")
-    args = parser.parse_args(argv)
-    cfg = CrossTokenizerExperiment() if args.config is None else load_config(args.config)
-    cfg = apply_overrides(cfg, args.overrides)
-    out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run_experiment(cfg, out_dir)
-    print(summary["table"])
-    print(f"\nrun folder: {out_dir}", file=sys.stderr)
-    return summary
+    return cli(argv, run_experiment, default=CrossTokenizerExperiment, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -29,16 +29,15 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxkd
 from jaxkd import losses, methods
-from jaxkd.checkpoint import fingerprint, load_variables, save_variables
+from jaxkd.checkpoint import load_variables, save_variables
 from jaxkd.data import text
 from jaxkd.data.teacher_cache import TopKCache, cache_teacher_topk
 from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences
@@ -280,14 +279,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     student_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.student)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     metrics_file = open(metrics_path, "a")
-
-    def recorder(run: str, seed: int):
-        def record(entry):
-            metrics_file.write(json.dumps({"run": run, "seed": seed, **entry}) + "\n")
-            if "val_bpb" in entry:
-                metrics_file.flush()
-                print(f"  {run} seed {seed} step {entry['step']}: val bpb {entry['val_bpb']:.4f}", file=sys.stderr)
-        return record
+    recorder = metrics_recorder(metrics_file)
 
     sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
     cached_sample = None
@@ -410,18 +402,41 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="a Python file with get_config() (default: LMExperiment())")
+def metrics_recorder(metrics_file) -> Callable[[str, int], Callable[[Mapping[str, Any]], None]]:
+    """``recorder(run, seed)`` gives ``record(entry)``: each entry becomes one JSON line of ``metrics.jsonl``
+    (``{"run", "seed", **entry}``); validation results are flushed and printed as they come."""
+    def recorder(run: str, seed: int):
+        def record(entry):
+            metrics_file.write(json.dumps({"run": run, "seed": seed, **entry}) + "\n")
+            if "val_bpb" in entry:
+                metrics_file.flush()
+                print(f"  {run} seed {seed} step {entry['step']}: val bpb {entry['val_bpb']:.4f}", file=sys.stderr)
+        return record
+    return recorder
+
+
+def cli(argv: list[str] | None, run: Callable[[Any, str], dict[str, Any]], *, default: Callable[[], Any],
+        description: str, epilogue: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """The command line of the LM experiment scripts: ``--config`` (a file with ``get_config()``; without
+    it ``default()``), repeatable ``--set KEY=VALUE`` overrides and ``--out``; runs ``run(cfg, out_dir)``
+    and prints its table (and ``epilogue(summary)``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="a Python file with get_config() (default: the script's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name>-<time>)")
     args = parser.parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), args.overrides)
+    cfg = apply_overrides(default() if args.config is None else load_config(args.config), args.overrides)
     out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run_experiment(cfg, out_dir)
+    summary = run(cfg, out_dir)
     print(summary["table"])
+    if epilogue is not None:
+        print(epilogue(summary))
     print(f"\nrun folder: {out_dir}", file=sys.stderr)
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli(argv, run_experiment, default=LMExperiment, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ steer a larger base LM with small domain-tuned LMs, without training the large o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -51,7 +50,8 @@ from jaxkd.models import fusion
 from jaxkd.models import lm as lm_models
 from experiments.lm_distill import (
     _config_hash,
-    apply_overrides,
+    cli,
+    load_config,
     lm_participant,
     optimizer,
     train,
@@ -107,17 +107,6 @@ class LMFusionExperiment:
 
 #: The default run's config file.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "lm_fusion.py")
-
-
-def load_config(path: str | None) -> LMFusionExperiment:
-    if path is None:
-        return LMFusionExperiment()
-    namespace: dict[str, Any] = {}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), namespace)
-    if "get_config" not in namespace:
-        raise ValueError(f"{path} defines no get_config()")
-    return namespace["get_config"]()
 
 
 # ----- data -----
@@ -408,18 +397,8 @@ def summarize(cfg: LMFusionExperiment, models, bpb, weights, columns, held, *, s
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="a Python file with get_config()")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name>-<time>)")
-    args = parser.parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), args.overrides)
-    out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = run_experiment(cfg, out_dir)
-    print(summary["table"])
-    print("\n## Greedy samples\n\n" + "\n\n".join(summary["samples"]))
-    print(f"\nrun folder: {out_dir}", file=sys.stderr)
-    return summary
+    return cli(argv, run_experiment, default=lambda: load_config(DEFAULT_CONFIG), description=__doc__,
+               epilogue=lambda summary: "\n## Greedy samples\n\n" + "\n\n".join(summary["samples"]))
 
 
 if __name__ == "__main__":
