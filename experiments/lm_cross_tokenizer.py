@@ -46,6 +46,7 @@ from jaxkd.data.bpe import BPETokenizer, train_bpe
 from jaxkd.data.cross_tokenizer import PARALLEL_KEYS, ParallelBatches, ParallelText, check_byte_counts, parallel_rows
 from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences, stdlib_corpus_texts
 from jaxkd.models import lm as lm_models
+from experiments.lm_distill import parse_methods as lm_parse_methods
 from experiments.lm_distill import (
     TEACHER_SEED,
     cli,
@@ -123,15 +124,7 @@ class CrossTokenizerExperiment:
 
 
 def parse_methods(cfg: CrossTokenizerExperiment) -> dict[str, methods.Method]:
-    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seq_len": cfg.seq_len,
-                 "student_len": cfg.student_len}
-    parsed = {}
-    for name, spec in cfg.methods.items():
-        try:
-            parsed[name] = methods.parse(spec, constants)
-        except ValueError as e:
-            raise ValueError(f"config methods[{name!r}]: {e}") from None
-    return parsed
+    return lm_parse_methods(cfg, student_len=cfg.student_len)
 
 
 def uses_bpe(method: methods.Method) -> bool:

@@ -126,8 +126,11 @@ def apply_overrides(cfg: LMExperiment, overrides: list[str]) -> LMExperiment:
     return dataclasses.replace(cfg, **changes)
 
 
-def parse_methods(cfg: LMExperiment) -> dict[str, methods.Method]:
-    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seq_len": cfg.seq_len}
+def parse_methods(cfg: LMExperiment, **extra_constants: Any) -> dict[str, methods.Method]:
+    """The config's method specs, parsed before anything trains; specs may use the constants ``steps``,
+    ``batch_size``, ``lr``, ``seq_len`` and any ``extra_constants``."""
+    constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seq_len": cfg.seq_len,
+                 **extra_constants}
     parsed = {}
     for name, spec in cfg.methods.items():
         try:

@@ -41,7 +41,7 @@ import numpy as np
 from jaxkd.checks import check_choice, check_int, check_number
 from jaxkd.losses import logit_fusion
 from jaxkd.models.lm import LMConfig, TransformerLM, _params_tree, decode_step, prefill
-from jaxkd.models.sampling import Generation, _check_options, sample_loop
+from jaxkd.models.sampling import Generation, _check_options, check_prompt, sample_loop
 
 __all__ = [
     "DynamicLogitsFusion",
@@ -128,16 +128,8 @@ def fused_generate(members: Sequence[tuple[LMConfig, Any]], combine: Combine, pr
     vocab = check_members(members)
     n = check_int("max_new_tokens", max_new_tokens, low=0)
     _check_options(temperature, top_k, top_p)
-    prompt_tokens = jnp.asarray(prompt_tokens)
-    if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
-        raise ValueError(f"prompt_tokens must be integer ids, got dtype {prompt_tokens.dtype}")
-    if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
-        raise ValueError(f"prompt_tokens must have shape [batch, length >= 1], got shape {prompt_tokens.shape}")
+    prompt_tokens, prompt_mask = check_prompt(prompt_tokens, prompt_mask)
     b, p = prompt_tokens.shape
-    prompt_mask = jnp.ones((b, p), bool) if prompt_mask is None else jnp.asarray(prompt_mask)
-    if prompt_mask.shape != (b, p):
-        raise ValueError(f"prompt_mask must have the prompt's shape {(b, p)}, got {prompt_mask.shape}")
-    prompt_mask = prompt_mask.astype(bool)
     for i, (config, _) in enumerate(members):
         if p + n > config.max_len:
             raise ValueError(f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds members[{i}]'s "

@@ -175,6 +175,21 @@ class Generation:
     log_probs: Array
 
 
+def check_prompt(prompt_tokens: Array, prompt_mask: Array | None) -> tuple[Array, Array]:
+    """``(tokens, bool mask)`` of a prompt: integer ``[B, P >= 1]`` ids and a mask of that shape (all True
+    when ``None``); ``ValueError`` otherwise."""
+    prompt_tokens = jnp.asarray(prompt_tokens)
+    if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+        raise ValueError(f"prompt_tokens must be integer ids, got dtype {prompt_tokens.dtype}")
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
+        raise ValueError(f"prompt_tokens must have shape [batch, length >= 1], got shape {prompt_tokens.shape}")
+    b, p = prompt_tokens.shape
+    prompt_mask = jnp.ones((b, p), bool) if prompt_mask is None else jnp.asarray(prompt_mask)
+    if prompt_mask.shape != (b, p):
+        raise ValueError(f"prompt_mask must have the prompt's shape {(b, p)}, got {prompt_mask.shape}")
+    return prompt_tokens, prompt_mask.astype(bool)
+
+
 def generate(config: LMConfig, params: Any, prompt_tokens: Array, prompt_mask: Array | None = None, *, rng: Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None) -> Generation:
@@ -197,16 +212,8 @@ def generate(config: LMConfig, params: Any, prompt_tokens: Array, prompt_mask: A
     """
     n = check_int("max_new_tokens", max_new_tokens, low=0)
     _check_options(temperature, top_k, top_p)
-    prompt_tokens = jnp.asarray(prompt_tokens)
-    if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
-        raise ValueError(f"prompt_tokens must be integer ids, got dtype {prompt_tokens.dtype}")
-    if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
-        raise ValueError(f"prompt_tokens must have shape [batch, length >= 1], got shape {prompt_tokens.shape}")
+    prompt_tokens, prompt_mask = check_prompt(prompt_tokens, prompt_mask)
     b, p = prompt_tokens.shape
-    prompt_mask = jnp.ones((b, p), bool) if prompt_mask is None else jnp.asarray(prompt_mask)
-    if prompt_mask.shape != (b, p):
-        raise ValueError(f"prompt_mask must have the prompt's shape {(b, p)}, got {prompt_mask.shape}")
-    prompt_mask = prompt_mask.astype(bool)
     if p + n > config.max_len:
         raise ValueError(
             f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds the model's max_len={config.max_len}"
