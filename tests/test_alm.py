@@ -7,6 +7,8 @@ outside chunks and masked chunks, and argument checks.
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxkd import losses as L
 from tests.test_loss_contract import central_differences
@@ -110,6 +112,66 @@ def loss_data(seed=0):
     ls = np.log(rng.uniform(0.05, 0.95, size=s_ids.shape)).astype(np.float32)
     lt = np.log(rng.uniform(0.05, 0.95, size=t_ids.shape)).astype(np.float32)
     return ls, lt, s_ids, t_ids, chunk_mask
+
+
+def reference_chunks(t_off, t_mask, s_off, s_mask):
+    """The docstring's definition, token by token in plain Python: chunk ids per side and the count."""
+    sides = [(t_off, t_mask), (s_off, s_mask)]
+    real = [[i for i, (a, b) in enumerate(off) if m[i] and a < b] for off, m in sides]
+    ends = sorted({int(t_off[i][1]) for i in real[0]} & {int(s_off[j][1]) for j in real[1]})
+    ids = [[-1] * len(t_off), [-1] * len(s_off)]
+    kept = 0
+    for c, end in enumerate(ends):
+        low = ends[c - 1] if c else -1
+        spans = []
+        for (off, _), tokens in zip(sides, real):
+            members = sorted((int(off[i][0]), int(off[i][1]), i) for i in tokens if low < off[i][1] <= end)
+            tiles = members and all(members[k + 1][0] == members[k][1] for k in range(len(members) - 1))
+            spans.append((members[0][0], members[-1][1], [i for *_, i in members]) if tiles else None)
+        if spans[0] is None or spans[1] is None:
+            continue
+        start = ends[c - 1] if c else spans[0][0]
+        if spans[0][:2] == spans[1][:2] == (start, end):
+            for side in (0, 1):
+                for i in spans[side][2]:
+                    ids[side][i] = kept
+            kept += 1
+    return np.array(ids[0]), np.array(ids[1]), kept
+
+
+@st.composite
+def tokenizations(draw):
+    """Two tokenizations of one text of n bytes, with masked, empty, overlapping and out-of-order tokens."""
+    n = draw(st.integers(1, 24))
+
+    def side():
+        cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=n - 1))) if n > 1 else []
+        bounds = [0, *cuts, n]
+        off = [[a, b] for a, b in zip(bounds[:-1], bounds[1:])]
+        for _ in range(draw(st.integers(0, 2))):
+            i, kind = draw(st.integers(0, len(off) - 1)), draw(st.sampled_from(["overlap", "empty", "swap"]))
+            if kind == "overlap":
+                off[i][0] = max(0, off[i][0] - 1)
+            elif kind == "empty":
+                off[i][1] = off[i][0]
+            else:
+                j = draw(st.integers(0, len(off) - 1))
+                off[i], off[j] = off[j], off[i]
+        mask = draw(st.lists(st.booleans(), min_size=len(off), max_size=len(off)))
+        return np.array(off, np.int64), np.array(mask) | (np.arange(len(off)) % 3 > 0)
+
+    return side() + side()
+
+
+@settings(max_examples=300)
+@given(tokenizations())
+def test_chunk_alignment_matches_the_definition_token_by_token(case):
+    t_off, t_mask, s_off, s_mask = case
+    t_ref, s_ref, count = reference_chunks(t_off, t_mask, s_off, s_mask)
+    t_ids, s_ids, chunk_mask = L.alm_chunk_alignment(t_off, s_off, teacher_mask=t_mask, student_mask=s_mask)
+    np.testing.assert_array_equal(t_ids[0], t_ref)
+    np.testing.assert_array_equal(s_ids[0], s_ref)
+    assert chunk_mask[0].sum() == count
 
 
 @pytest.mark.parametrize("divergence", ["binary_kl", "binary_ce", "reverse_binary_kl"])

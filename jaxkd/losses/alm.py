@@ -72,25 +72,32 @@ def _chunks_of_sequence(t_off, t_valid, s_off, s_valid):
     s_raw = np.where(s_tok, np.searchsorted(ends, s_off[:, 1], side="left"), -1)
     t_raw[t_raw >= ends.size] = -1  # after the last common boundary: an unfinished chunk
     s_raw[s_raw >= ends.size] = -1
-    valid_chunks = []
-    for c in range(ends.size):
-        spans = []
-        for off, raw in ((t_off, t_raw), (s_off, s_raw)):
-            members = off[raw == c]
-            if members.size == 0:
-                break
-            members = members[np.argsort(members[:, 0], kind="stable")]
-            # The chunk must be the same contiguous text on both sides: tokens that tile [start, end).
-            if np.any(members[1:, 0] != members[:-1, 1]):
-                break
-            spans.append((int(members[0, 0]), int(members[-1, 1])))
-        else:
-            start = int(ends[c - 1]) if c > 0 else spans[0][0]
-            if spans[0] == spans[1] == (start, int(ends[c])):
-                valid_chunks.append(c)
+    # A chunk is kept when both sides' members tile the same bytes [start_c, ends[c]) (vectorized over chunks).
+    t_ok, t_first, t_last = _chunk_spans(t_off, t_raw, ends.size)
+    s_ok, s_first, s_last = _chunk_spans(s_off, s_raw, ends.size)
+    starts = np.concatenate([t_first[:1], ends[:-1]])  # the first chunk starts where the text does
+    keep = t_ok & s_ok & (t_first == starts) & (s_first == starts) & (t_last == ends) & (s_last == ends)
     renumber = np.full(ends.size + 1, -1, np.int64)  # index -1 (no chunk) maps to -1
-    renumber[np.asarray(valid_chunks, np.int64)] = np.arange(len(valid_chunks))
-    return renumber[t_raw], renumber[s_raw], len(valid_chunks)
+    renumber[:-1][keep] = np.arange(int(keep.sum()))
+    return renumber[t_raw], renumber[s_raw], int(keep.sum())
+
+
+def _chunk_spans(off, raw, num_chunks):
+    """Per chunk of one side: ``(contiguous, first start, last end)``; ``contiguous`` is False for a chunk
+    without members or whose members, in start order, leave a gap or overlap."""
+    member = raw >= 0
+    chunk, start, end = raw[member], off[member, 0], off[member, 1]
+    order = np.lexsort((start, chunk))  # by chunk, then start (stable: ties keep text order)
+    chunk, start, end = chunk[order], start[order], end[order]
+    same = chunk[1:] == chunk[:-1]
+    broken = np.zeros(num_chunks, bool)
+    broken[chunk[1:][same & (start[1:] != end[:-1])]] = True
+    first_start = np.full(num_chunks, -1, np.int64)
+    last_end = np.full(num_chunks, -1, np.int64)
+    first_start[chunk[np.concatenate([[True], ~same])]] = start[np.concatenate([[True], ~same])]
+    last_end[chunk[np.concatenate([~same, [True]])]] = end[np.concatenate([~same, [True]])]
+    present = np.bincount(chunk, minlength=num_chunks) > 0
+    return present & ~broken, first_start, last_end
 
 
 def alm_chunk_alignment(
