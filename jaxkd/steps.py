@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from jaxkd import sharding as shd
 from jaxkd.checks import check_choice, check_int, check_label_values
 from jaxkd.losses.core import combine_masks
-from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY
+from jaxkd.losses.tokens import is_normalizer_key
 from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo, require
 from jaxkd.participants import STUDENT
 from jaxkd.train_state import ModelVariables, TrainState, check_sample_batch
@@ -132,15 +132,16 @@ def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array
     return out
 
 
-def _equalize_token_normalizer(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Spreads the global target count evenly over the examples before the batch is split: per-host
-    shares (each host's count over its rows) sum to the global count, but only equal shares make every
-    micro-batch's normalizer ``b/B`` of it (see :mod:`jaxkd.losses.tokens`)."""
+def _equalize_normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Spreads each global count (the entries named ``*normalizer``, :func:`jaxkd.losses.tokens.is_normalizer_key`)
+    evenly over the examples before the batch is split: per-host shares (each host's count over its rows)
+    sum to the global count, but only equal shares make every micro-batch's normalizer ``b/B`` of it (see
+    :mod:`jaxkd.losses.tokens`)."""
     batch = dict(batch)
-    share = batch.get(TOKEN_NORMALIZER_KEY)
-    if share is not None:
-        share = jnp.asarray(share, jnp.float32)
-        batch[TOKEN_NORMALIZER_KEY] = jnp.full(share.shape, jnp.sum(share) / share.shape[0], jnp.float32)
+    for key, share in batch.items():
+        if is_normalizer_key(key) and jnp.ndim(share) == 1:
+            share = jnp.asarray(share, jnp.float32)
+            batch[key] = jnp.full(share.shape, jnp.sum(share) / share.shape[0], jnp.float32)
     return batch
 
 
@@ -190,9 +191,9 @@ def _accumulated_loss_and_grads(state: TrainState, batch, rng, k: int):
     """``k`` micro-batches in a ``lax.scan``: gradients, losses and metrics averaged; model state (batch
     statistics) and method state carried from one micro-batch to the next, as ``k`` smaller steps
     without updates in between would carry them. Token losses stay exact global means through the
-    token normalizer (:mod:`jaxkd.losses.tokens`); other means are means of equal-size micro-batches."""
+    token normalizers (:mod:`jaxkd.losses.tokens`); other means are means of equal-size micro-batches."""
     model_states = {name: v.model_state for name, v in state.trained.items()}
-    micro = _microbatches(_equalize_token_normalizer(batch), k)
+    micro = _microbatches(_equalize_normalizers(batch), k)
 
     def one(carry, xs):
         model_states, method_state, total = carry

@@ -110,6 +110,9 @@ def _dml(labels):
 
 
 RATIO = np.linspace(0.1, 0.9, 6)  # tgeo_kd's fusion ratio; cases use B = 6
+# The case passes a fresh copy: JAX (0.10) caches the device constant of a NumPy array by identity, so the
+# same array closed over in a float32 program and then under enable_x64 stays float32 there and breaks
+# the float64 gradient check (seen when the NaN test ran first on the same worker).
 
 
 CASES = [
@@ -146,7 +149,7 @@ CASES = [
     Case("binary_kl_norm", lambda y: lambda s, t: losses.binary_kl_norm(s, t, temperature=1.5, **NONE),
          shift="joint"),
     Case("taid", lambda y: lambda s, t: losses.taid(s, t, t=0.3, **NONE), frozen=_taid_frozen),
-    Case("tgeo_kd", lambda y: lambda s, t: losses.tgeo_kd(s, t, y, RATIO, temperature=2.0, **NONE)),
+    Case("tgeo_kd", lambda y: lambda s, t: losses.tgeo_kd(s, t, y, np.array(RATIO), temperature=2.0, **NONE)),
     Case("kd_dp", lambda y: lambda s, t, z0: losses.kd_dp(s, t, z0, y, temperature=2.0, **NONE), num_logits=3,
          grad=(0, 1, 2)),
     Case("dhkd", lambda y: lambda s, a, t: losses.dhkd(s, a, t, y, temperature=1.5, ce_weight=0.7, kd_weight=1.3),
@@ -173,7 +176,8 @@ NOT_LOSSES = {
     "standardize_logits", "taid_init_state", "taid_target_log_probs", "taid_update", "teacher_is_more_confident",
     "topk_teacher",
     # token plumbing (jaxkd.losses.tokens), tested in tests/test_lm_train.py
-    "TOKEN_NORMALIZER_KEY", "batch_normalizer", "next_token_targets", "shift_logits", "token_normalizer",
+    "TOKEN_NORMALIZER_KEY", "batch_normalizer", "is_normalizer_key", "next_token_targets", "normalizer_key_of",
+    "shift_logits", "token_normalizer",
     # LM fusion and cross-tokenizer helpers (targets, alignments, decoding-time combinations), tested in their files
     "infigfusion_node_strengths", "fusellm_fused_target", "fusellm_token_alignment", "fusellm_align_logits",
     "alm_chunk_alignment", "alm_chunk_log_likelihoods", "proxy_tuning_logits", "dynamic_logits_fusion",

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import jaxkd
-from jaxkd import losses, methods
-from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+from jaxkd import methods
+from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, normalizer_key_of, token_normalizer
 from jaxkd.methods.base import LossInputs, MethodVars
 from jaxkd.models import lm as lm_models
 from jaxkd.models.base import Outputs
@@ -88,6 +88,34 @@ def test_gradient_accumulation_normalizes_by_the_global_token_count():
     biased, m3 = jaxkd.make_train_step(microbatches=2)(new_state(method), plain)
     assert abs(float(m3["loss"]) - float(m1["loss"])) > 1e-3
 
+
+
+def test_a_second_tokenization_is_normalized_by_its_own_global_count():
+    # A student with its own tokenizer reads "student_tokens"; its cross-entropy divides by that
+    # tokenization's count ("student_token_normalizer"): micro-batches {0, 2} and {1, 3} hold 1 + 0 and
+    # 7 + 4 student targets, and the accumulated update is still the unsplit one.
+    second = lm_batch(3, lengths=(2, 8, 1, 5))
+    key = normalizer_key_of("student_tokens")
+    assert key == "student_token_normalizer"
+    batch = {**BATCH, "student_tokens": second["tokens"], "student_mask": second["mask"],
+             key: second[TOKEN_NORMALIZER_KEY]}
+    method = methods.lm_ce(tokens_key="student_tokens", mask_key="student_mask")
+
+    def fresh():
+        parts = {"student": student(lm_models.lm(STUDENT_CFG), input=methods.student_input)}
+        return jaxkd.create(participants=parts, method=method, tx=optax.sgd(0.5), sample_batch=batch,
+                            rng=jax.random.PRNGKey(0))
+
+    whole, m1 = jaxkd.make_train_step()(fresh(), batch)
+    split, m2 = jaxkd.make_train_step(microbatches=2)(fresh(), batch)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(whole.student.params), jax.device_get(split.student.params),
+                                rtol=1e-5, atol=1e-6)
+    # The teacher tokens' count (BATCH's 7 + 2 + 5 + 0) is not the student's: using it would be wrong,
+    # and so would each micro-batch's own mean.
+    for wrong in ({**batch, key: BATCH[TOKEN_NORMALIZER_KEY]}, {k: v for k, v in batch.items() if k != key}):
+        _, m3 = jaxkd.make_train_step(microbatches=2)(fresh(), wrong)
+        assert abs(float(m3["loss"]) - float(m1["loss"])) > 1e-3
 
 def test_padded_positions_change_nothing_and_an_all_padded_batch_is_zero():
     method = methods.lm_ce() + methods.token_kd(divergence="generalized_jsd", beta=0.3)

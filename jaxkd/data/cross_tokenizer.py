@@ -292,6 +292,7 @@ class ParallelBatches:
 
     * ``"token_normalizer"`` (:data:`jaxkd.losses.tokens.TOKEN_NORMALIZER_KEY`): the teacher-token
       ("tokens") target count over the batch size, per example (what ``lm_ce`` on ``"tokens"`` reads);
+    * ``"student_token_normalizer"``: the same for the student's rows (``lm_ce(tokens_key="student_tokens")``);
     * :data:`ALM_CHUNK_NORMALIZER_KEY`: the batch's chunk count over the batch size, per example (what
       :func:`jaxkd.methods.alm` reads).
 
@@ -331,12 +332,14 @@ class ParallelBatches:
         return np.random.default_rng([self.seed, 0, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+        from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, normalizer_key_of, token_normalizer
 
         rows = self.epoch_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
         out = self.data.rows(rows)
         out.update({k: v[rows] for k, v in self.extra.items()})
         out[TOKEN_NORMALIZER_KEY] = token_normalizer(out["mask"][:, 1:] & out["mask"][:, :-1])
+        out[normalizer_key_of("student_tokens")] = token_normalizer(
+            out["student_mask"][:, 1:] & out["student_mask"][:, :-1])
         # The chunk count has the token count's form: the per-example share of the global count.
         out[ALM_CHUNK_NORMALIZER_KEY] = token_normalizer(out["alm_chunk_mask"])
         return out

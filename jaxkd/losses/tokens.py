@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,7 +34,9 @@ from jaxkd.losses.core import Array
 __all__ = [
     "TOKEN_NORMALIZER_KEY",
     "batch_normalizer",
+    "is_normalizer_key",
     "next_token_targets",
+    "normalizer_key_of",
     "shift_logits",
     "token_normalizer",
 ]
@@ -87,8 +88,25 @@ def token_normalizer(target_mask) -> np.ndarray:
     return np.full((batch,), share, np.float32)
 
 
-def batch_normalizer(batch: Mapping[str, Any]) -> Array | None:
+def normalizer_key_of(tokens_key: str) -> str:
+    """The batch entry holding the global target count of the tokenization under ``tokens_key``:
+    :data:`TOKEN_NORMALIZER_KEY` for ``"tokens"``, ``"<prefix>token_normalizer"`` for ``"<prefix>tokens"``
+    (a second tokenization of the same texts, e.g. ``"student_tokens"`` -> ``"student_token_normalizer"``)."""
+    if not tokens_key.endswith("tokens"):
+        raise ValueError(f"tokens_key must name a tokens entry ending in 'tokens', got {tokens_key!r} (pass the "
+                         "normalizer's key explicitly)")
+    return tokens_key[: -len("tokens")] + TOKEN_NORMALIZER_KEY
+
+
+def is_normalizer_key(key: str) -> bool:
+    """Whether a batch entry is a per-example share of a global count (its name ends in ``normalizer``,
+    like :data:`TOKEN_NORMALIZER_KEY`): the train step spreads such entries evenly over the examples before
+    splitting the batch into micro-batches."""
+    return isinstance(key, str) and key.endswith("normalizer")
+
+
+def batch_normalizer(batch: Mapping[str, Any], key: str = TOKEN_NORMALIZER_KEY) -> Array | None:
     """The global target-token count of the examples in ``batch`` (a scalar) or ``None`` when the batch
-    does not carry :data:`TOKEN_NORMALIZER_KEY`; pass it as a token loss's ``normalizer=``."""
-    share = batch.get(TOKEN_NORMALIZER_KEY)
+    does not carry ``key`` (default :data:`TOKEN_NORMALIZER_KEY`); pass it as a token loss's ``normalizer=``."""
+    share = batch.get(key)
     return None if share is None else jnp.sum(jnp.asarray(share, jnp.float32))

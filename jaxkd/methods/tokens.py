@@ -15,12 +15,11 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
-from jaxkd.losses.tokens import batch_normalizer, next_token_targets, shift_logits
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight, stateless_method
+from jaxkd.losses.tokens import batch_normalizer, next_token_targets, normalizer_key_of, shift_logits
+from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
 from jaxkd.methods.features import participant_variables
 from jaxkd.methods.registry import register
 
@@ -93,17 +92,22 @@ def output_projection_of(inputs: LossInputs, participant: str, *, method: str) -
 
 @register("lm_ce", paper="next-token cross-entropy (the data term of LM distillation)", losses=("cross_entropy",))
 def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_key: str = "mask",
-          participant: str = "student", weight: Weight = 1.0, name: str = "lm_ce") -> Method:
+          normalizer_key: str | None = None, participant: str = "student", weight: Weight = 1.0,
+          name: str = "lm_ce") -> Method:
     """The next-token cross-entropy of ``participant`` (the student) on the batch: ``−log p(x_{t+1} | x_≤t)``
     averaged over the target tokens (:func:`jaxkd.losses.cross_entropy` per token, shifted).
     ``tokens_key``/``mask_key`` name the batch entries the participant reads (a student with its own
-    tokenizer reads e.g. ``"student_tokens"``). Registry ``"lm_ce"``."""
+    tokenizer reads e.g. ``"student_tokens"``); ``normalizer_key`` the global target count of that
+    tokenization (default :func:`jaxkd.losses.tokens.normalizer_key_of` ``(tokens_key)``: ``"token_normalizer"``,
+    ``"student_token_normalizer"``...; when the batch lacks it the mean is over the (micro-)batch's own
+    targets). Registry ``"lm_ce"``."""
     check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    count_key = normalizer_key_of(tokens_key) if normalizer_key is None else normalizer_key
 
     def compute(inputs: LossInputs, rng):
         targets, target_mask = next_token_targets(inputs.batch[tokens_key], inputs.batch.get(mask_key))
-        # The batch's global token count belongs to its "tokens"; another tokenization has its own count.
-        normalizer = batch_normalizer(inputs.batch) if tokens_key == TOKENS_KEY else None
+        # Each tokenization has its own global count (a second tokenization holds other tokens).
+        normalizer = batch_normalizer(inputs.batch, count_key)
         logits = inputs.output(participant, method=name).logits
         return losses.cross_entropy(shift_logits(logits), targets, label_smoothing=label_smoothing,
                                     mask=target_mask, normalizer=normalizer)
