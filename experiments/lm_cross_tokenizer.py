@@ -44,22 +44,21 @@ from jaxkd import losses, methods
 from jaxkd.data import text
 from jaxkd.data.bpe import BPETokenizer, train_bpe
 from jaxkd.data.cross_tokenizer import PARALLEL_KEYS, ParallelBatches, ParallelText, check_byte_counts, parallel_rows
-from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences, stdlib_corpus_texts
+from jaxkd.data.stdlib_corpus import stdlib_corpus_texts
 from jaxkd.models import lm as lm_models
 from experiments.lm_distill import parse_methods as lm_parse_methods
 from experiments.lm_distill import (
     TEACHER_SEED,
     cli,
     metrics_recorder,
-    Corpus,
     LMExperiment,
     lm_participant,
+    load_corpus,
     optimizer,
     plot_curves,
     pretrained_teacher,
     train,
 )
-from experiments.lm_distill import eval_batches as packed_eval_batches
 
 _LM = LMExperiment()
 
@@ -75,7 +74,8 @@ class CrossTokenizerExperiment:
     """A cross-tokenizer distillation experiment (a config file's ``get_config()`` returns one).
 
     The teacher's fields (``seq_len``, ``max_train_files``, ``teacher``, ``teacher_steps``, ``teacher_lr``,
-    ``batch_size``, ``warmup_steps``, ``weight_decay``, ``microbatches``, ``eval_every``, ``out_dir``) mean
+    ``batch_size``, ``warmup_steps``, ``weight_decay``, ``microbatches``, ``eval_every``, ``out_dir``,
+    ``corpus_dir``) mean
     what they mean in :class:`experiments.lm_distill.LMExperiment` and default to its values, so the default
     run reuses the default LM experiment's pretrained teacher. ``seq_len`` is also the teacher rows' length.
 
@@ -114,13 +114,15 @@ class CrossTokenizerExperiment:
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_every: int = _LM.eval_every
     out_dir: str = _LM.out_dir
+    corpus_dir: str | None = _LM.corpus_dir
 
     def teacher_experiment(self) -> LMExperiment:
         """The LM experiment whose teacher this one uses (its fields that define the teacher)."""
         return LMExperiment(seq_len=self.seq_len, max_train_files=self.max_train_files, teacher=dict(self.teacher),
                             teacher_steps=self.teacher_steps, teacher_lr=self.teacher_lr, batch_size=self.batch_size,
                             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
-                            microbatches=self.microbatches, eval_every=self.eval_every, out_dir=self.out_dir)
+                            microbatches=self.microbatches, eval_every=self.eval_every, out_dir=self.out_dir,
+                            corpus_dir=self.corpus_dir)
 
 
 def parse_methods(cfg: CrossTokenizerExperiment) -> dict[str, methods.Method]:
@@ -199,17 +201,8 @@ def load_or_pretrain_teacher(lm_cfg: LMExperiment, record) -> tuple[lm_models.LM
     (:func:`experiments.lm_distill.pretrained_teacher` with its data and seed): loaded from
     ``<out_dir>/teachers/<key>``, else pretrained there, for both experiments. Returns ``(LMConfig, variables,
     directory)``."""
-    data_dir = os.path.join(lm_cfg.out_dir, "tfds")
-    train_data = stdlib_corpus_sequences("train", seq_len=lm_cfg.seq_len, data_dir=data_dir,
-                                         max_files=lm_cfg.max_train_files)
-    val_data = stdlib_corpus_sequences("validation", seq_len=lm_cfg.seq_len, data_dir=data_dir,
-                                       max_files=lm_cfg.max_eval_files)
-    eval_rows = packed_eval_batches(val_data, lm_cfg.batch_size, lm_cfg.max_eval_rows)
-    num_bytes = text.count_byte_targets(np.concatenate([b["tokens"] for b in eval_rows]),
-                                        np.concatenate([b["mask"] for b in eval_rows]),
-                                        text.ByteTokenizer().token_byte_lengths)
     teacher_cfg, _, variables, _, directory = pretrained_teacher(
-        lm_cfg, Corpus(train_data, eval_rows, num_bytes), "teacher", lm_cfg.teacher, TEACHER_SEED, record)
+        lm_cfg, load_corpus(lm_cfg), "teacher", lm_cfg.teacher, TEACHER_SEED, record)
     return teacher_cfg, variables, directory
 
 
@@ -244,7 +237,8 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
     recorder = metrics_recorder(metrics_file)
 
     # The student's tokenizer, learned on the training split only.
-    train_files = stdlib_corpus_texts("train", data_dir=data_dir, max_files=cfg.max_train_files)
+    train_files = stdlib_corpus_texts("train", data_dir=data_dir, source_dir=cfg.corpus_dir,
+                                      max_files=cfg.max_train_files)
     bpe_start = time.time()
     bpe = train_bpe([t for _, t in train_files], cfg.bpe_vocab_size)
     bpe_seconds = time.time() - bpe_start
@@ -256,7 +250,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
     # Scored windows of each held-out split: the same bytes are the targets under both tokenizers.
     evals: dict[str, dict[str, Any]] = {}
     for split in EVAL_SPLITS:
-        files = stdlib_corpus_texts(split, data_dir=data_dir, max_files=cfg.max_eval_files)
+        files = stdlib_corpus_texts(split, data_dir=data_dir, source_dir=cfg.corpus_dir, max_files=cfg.max_eval_files)
         data = cached_parallel_rows(files, bpe, cfg, split=split, max_rows=cfg.max_eval_rows)
         evals[split] = {"num_bytes": check_byte_counts(data, text.ByteTokenizer(), bpe),
                         "byte": eval_batches(data.tokens, data.mask, cfg.batch_size),
@@ -350,7 +344,9 @@ def summarize(cfg: CrossTokenizerExperiment, teacher_cfg, configs, run_methods, 
         lines.append(f"| {run} | {tokenizer} | `{cfg.methods[run]}` | {student_cfg.num_params / 1e6:.2f}M |{cells} "
                      f"{row['ms_per_step']:.0f} |")
     scored = ", ".join(f"{split} {n}" for split, n in num_eval_bytes.items())
-    caption = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library; windows of at most "
+    source = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library" if cfg.corpus_dir is None
+              else f"the .py files of {cfg.corpus_dir}")
+    caption = (f"{source}; windows of at most "
                f"{cfg.seq_len - 1} bytes ({cfg.seq_len} byte tokens, {cfg.student_len} BPE tokens with BOS; "
                f"{num_train_rows} training windows); BPE learned on the training files, {bytes_per_bpe_token:.2f} "
                f"bytes per token. Students trained {cfg.steps} steps of {cfg.batch_size} windows; bits per byte over "

@@ -72,6 +72,8 @@ class LMExperiment:
       seeds: one student per seed and method (same initialization across methods for a seed).
       eval_every: steps between validation evaluations (and the last step).
       out_dir: where run folders go.
+      corpus_dir: a folder of ``.py`` files to read instead of the running interpreter's standard library
+        (:class:`jaxkd.data.stdlib_corpus.StdlibCorpus`'s ``source_dir``, same split by file); None: the stdlib.
     """
 
     name: str = "stdlib_lm"
@@ -98,6 +100,7 @@ class LMExperiment:
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_every: int = 100
     out_dir: str = "runs"
+    corpus_dir: str | None = None
 
 
 def load_config(path: str | None) -> LMExperiment:
@@ -226,6 +229,21 @@ class Corpus:
     eval_bytes: int
 
 
+def load_corpus(cfg: LMExperiment) -> Corpus:
+    """The byte-level training rows and validation batches of ``cfg`` (TFDS prepared once into
+    ``<out_dir>/tfds``)."""
+    data_dir = os.path.join(cfg.out_dir, "tfds")
+    train_data = stdlib_corpus_sequences("train", seq_len=cfg.seq_len, data_dir=data_dir, source_dir=cfg.corpus_dir,
+                                         max_files=cfg.max_train_files)
+    val_data = stdlib_corpus_sequences("validation", seq_len=cfg.seq_len, data_dir=data_dir,
+                                       source_dir=cfg.corpus_dir, max_files=cfg.max_eval_files)
+    eval_rows = eval_batches(val_data, cfg.batch_size, cfg.max_eval_rows)
+    num_bytes = text.count_byte_targets(np.concatenate([b["tokens"] for b in eval_rows]),
+                                        np.concatenate([b["mask"] for b in eval_rows]),
+                                        text.ByteTokenizer().token_byte_lengths)
+    return Corpus(train_data, eval_rows, num_bytes)
+
+
 def _model_input(batch):
     return {"tokens": batch["tokens"], "mask": batch["mask"]}
 
@@ -236,8 +254,11 @@ def pretrained_teacher(cfg: LMExperiment, corpus: Corpus, name: str, arch: Mappi
     Returns ``(LMConfig, Model, variables, validation bits per byte, directory)``."""
     vocab = text.ByteTokenizer().vocab_size
     arch_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **arch)
-    key = _config_hash({"teacher": dict(arch), "steps": cfg.teacher_steps, "lr": cfg.teacher_lr, "seed": seed,
-                        "seq_len": cfg.seq_len, "files": cfg.max_train_files, "batch": cfg.batch_size})
+    identity = {"teacher": dict(arch), "steps": cfg.teacher_steps, "lr": cfg.teacher_lr, "seed": seed,
+                "seq_len": cfg.seq_len, "files": cfg.max_train_files, "batch": cfg.batch_size}
+    if cfg.corpus_dir is not None:  # only then, so the stdlib teachers keep their keys
+        identity["corpus"] = os.path.abspath(cfg.corpus_dir)
+    key = _config_hash(identity)
     directory = os.path.abspath(os.path.join(cfg.out_dir, "teachers", key))
     model = lm_models.lm(arch_cfg)
     train_data, eval_rows, num_bytes = corpus.train, corpus.eval_batches, corpus.eval_bytes
@@ -270,14 +291,8 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     start = time.time()
     os.makedirs(out_dir, exist_ok=True)
     run_methods = parse_methods(cfg)  # every spec checked before anything trains
-    data_dir = os.path.join(cfg.out_dir, "tfds")
-    train_data = stdlib_corpus_sequences("train", seq_len=cfg.seq_len, data_dir=data_dir, max_files=cfg.max_train_files)
-    val_data = stdlib_corpus_sequences("validation", seq_len=cfg.seq_len, data_dir=data_dir,
-                                       max_files=cfg.max_eval_files)
-    eval_rows = eval_batches(val_data, cfg.batch_size, cfg.max_eval_rows)
-    num_bytes = text.count_byte_targets(np.concatenate([b["tokens"] for b in eval_rows]),
-                                        np.concatenate([b["mask"] for b in eval_rows]),
-                                        text.ByteTokenizer().token_byte_lengths)
+    corpus = load_corpus(cfg)
+    train_data, eval_rows, num_bytes = corpus.train, corpus.eval_batches, corpus.eval_bytes
     vocab = text.ByteTokenizer().vocab_size
     student_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.student)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -287,7 +302,6 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
     cached_sample = None
 
-    corpus = Corpus(train_data, eval_rows, num_bytes)
     teachers = {"teacher": pretrained_teacher(cfg, corpus, "teacher", cfg.teacher, TEACHER_SEED, recorder("teacher", 0))}
     needed = {p for m in run_methods.values() for p in m.participants}
     budgets = {"teacher": cfg.teacher_steps}
@@ -368,7 +382,9 @@ def summarize(cfg: LMExperiment, teachers, student_cfg, results, step_ms, *, sec
                      "ms_per_step": ms})
         lines.append(f"| {run} | `{cfg.methods[run]}` | {student_cfg.num_params / 1e6:.2f}M | {mean:.4f} ± {std:.4f} | "
                      f"{delta} | {ms:.0f} |")
-    caption = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library, byte-level, rows of "
+    source = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library" if cfg.corpus_dir is None
+              else f"the .py files of {cfg.corpus_dir}")
+    caption = (f"{source}, byte-level, rows of "
                f"{cfg.seq_len} tokens ({num_train_rows} training rows); students trained {cfg.steps} steps of "
                f"{cfg.batch_size} rows; validation bits per byte over {num_eval_bytes} bytes, mean ± std over seeds "
                f"{tuple(cfg.seeds)}. Wall time {seconds / 60:.1f} min.")

@@ -79,6 +79,8 @@ class LMFusionExperiment:
       prompt_bytes, new_tokens: greedy samples: a held-out file's first bytes, continued by that many tokens.
       seed: data order and initializations.
       out_dir: where run folders and cached models go.
+      corpus_dir: a folder of ``.py`` files to read instead of the running interpreter's standard library
+        (its top-level folders are the domains); None: the stdlib.
     """
 
     name: str = "stdlib_fusion"
@@ -103,6 +105,7 @@ class LMFusionExperiment:
     new_tokens: int = 80
     seed: int = 0
     out_dir: str = "runs"
+    corpus_dir: str | None = None
 
 
 #: The default run's config file.
@@ -255,9 +258,12 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
         raise ValueError(f"domains must be distinct stdlib package names, got {cfg.domains}")
     data_dir = os.path.join(cfg.out_dir, "tfds")
     domains = tuple(cfg.domains)
-    train_files = stdlib_corpus_texts("train", data_dir=data_dir)
-    held_files = stdlib_corpus_texts("validation", data_dir=data_dir) + stdlib_corpus_texts("test", data_dir=data_dir)
-    validation_paths = {p for p, _ in stdlib_corpus_texts("validation", data_dir=data_dir)}
+    def files(split):
+        return stdlib_corpus_texts(split, data_dir=data_dir, source_dir=cfg.corpus_dir)
+
+    train_files = files("train")
+    held_files = files("validation") + files("test")
+    validation_paths = {p for p, _ in files("validation")}
     general_train = [f for f in train_files if domain_of(f[0], domains) is None][:cfg.max_general_files]
     general_held = [f for f in held_files if domain_of(f[0], domains) is None and f[0] in validation_paths]
     general = pack(general_train, cfg.seq_len)
@@ -274,6 +280,8 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
     cache_root = os.path.join(cfg.out_dir, "fusion_models")
     data_key = {"seq_len": cfg.seq_len, "domains": sorted(domains), "general_files": cfg.max_general_files,
                 "batch": cfg.batch_size, "warmup": cfg.warmup_steps, "wd": cfg.weight_decay, "seed": cfg.seed}
+    if cfg.corpus_dir is not None:  # only then, so the stdlib models keep their keys
+        data_key["corpus"] = os.path.abspath(cfg.corpus_dir)
     base_key = {**data_key, "steps": cfg.base_steps, "lr": cfg.base_lr}
     large_key = {**base_key, "arch": dict(cfg.large)}
     small_key = {**base_key, "arch": dict(cfg.small)}
@@ -384,10 +392,12 @@ def summarize(cfg: LMFusionExperiment, models, bpb, weights, columns, held, *, s
     for name, by_column in weights.items():
         cells = (", ".join(f"{a:.2f}" for a in by_column[c]) for c in columns)
         alpha_lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    source = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library" if cfg.corpus_dir is None
+              else f"The .py files of {cfg.corpus_dir}")
     caption = (
         f"Bits per byte (lower is better) on held-out files (the corpus' validation+test split of each domain's "
         f"package; the general column: validation files outside the domains; {sizes}), "
-        f"scored by teacher forcing. Python {sys.version_info.major}.{sys.version_info.minor} standard library, "
+        f"scored by teacher forcing. {source}, "
         f"byte-level, rows of {cfg.seq_len} tokens. Base models: {cfg.base_steps} steps of {cfg.batch_size} rows on "
         f"general text ({num_general_rows} rows, domains excluded); experts: the small base tuned {cfg.tune_steps} "
         f"steps on each domain's training files ({tuned}). "
