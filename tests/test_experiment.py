@@ -21,6 +21,8 @@ def test_default_experiment_pipeline_on_tiny_settings(tmp_path):
     summary = distill.main(["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
                            + sum((["--set", s] for s in TINY), []))
     run = tmp_path / "run"
+    # The run's rbg keys stay inside it: importing or running the script leaves the process's default PRNG.
+    assert jax.config.jax_default_prng_impl == "threefry2x32"
     assert {"config.json", "metrics.jsonl", "results.json", "results.md", "learning_curves.png"} <= set(os.listdir(run))
     events = os.listdir(run / "tensorboard" / "seed1" / "kd")
     assert events and all(e.startswith("events.out.tfevents") for e in events)

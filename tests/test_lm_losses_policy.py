@@ -361,8 +361,8 @@ def test_schedule_without_an_initial_loss_records_the_first():
 
 
 def test_data_source_matches_the_official_branches():
-    # Typed threefry keys: the test must not depend on the process's default PRNG (experiments/distill.py
-    # switches it to rbg, whose vmapped draws differ from unbatched ones).
+    # Typed threefry keys: the test must not depend on the default PRNG (experiments/distill.py runs under
+    # rbg, whose vmapped draws differ from unbatched ones).
     keys = jax.random.split(jax.random.key(0, impl="threefry2x32"), 12)
     uniforms = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys))  # the r of each key
     cases = [(p, step, buf, ratio) for p in (0.0, 0.3, 0.7, 1.0) for step in (1, 40, 99) for buf in (0, 999, 1000)
