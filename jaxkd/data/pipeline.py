@@ -682,16 +682,37 @@ class Loader:
             )
         if num_classes is not None:
             validate_labels(labels, num_classes)
-        check_int("batch_size", batch_size, low=1)
         channels = images.shape[-1]
         self.mean = _channel_values("mean", mean, channels, positive=False)
         self.std = _channel_values("std", std, channels, positive=True)
-        check_int("seed", seed, low=0)
-        if num_epochs is not None:
-            check_int("num_epochs", num_epochs, low=1)
         check_choice("augment", augment, AUGMENTATIONS)
         if pad is not None:
             check_int("pad", pad, low=0)
+        self._set_iteration(
+            images.shape[0], batch_size=batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder,
+            num_epochs=num_epochs, process_index=process_index, process_count=process_count,
+            num_threads=num_threads, worker_count=worker_count,
+        )
+        self.images = images
+        self.labels = labels.astype(np.int32)
+        self.augment = augment
+        self.pad = None if pad is None else int(pad)
+        self._maker = _BatchMaker(
+            self.images, self.labels, batch_size=self.batch_size, mean=self.mean,
+            std=self.std, shuffle=shuffle, seed=self.seed, drop_remainder=drop_remainder,
+            augment=augment, pad=self.pad, steps_per_epoch=self.steps_per_epoch,
+            process_index=self.process_index, process_count=self.process_count, with_index=bool(with_index),
+        )
+        self._start(start)
+
+    def _set_iteration(self, num_rows: int, *, batch_size, shuffle, seed, drop_remainder, num_epochs,
+                       process_index, process_count, num_threads, worker_count) -> None:
+        """Checks and sets what every loader shares (image or token rows alike): the batch geometry, the
+        epochs, this process's part of each global batch and Grain's threads and workers."""
+        check_int("batch_size", batch_size, low=1)
+        check_int("seed", seed, low=0)
+        if num_epochs is not None:
+            check_int("num_epochs", num_epochs, low=1)
         if process_index is None or process_count is None:
             import jax
 
@@ -712,33 +733,25 @@ class Loader:
             )
         self.num_threads = check_int("num_threads", num_threads, low=0)
         self.worker_count = check_int("worker_count", worker_count, low=0)
-        self.images = images
-        self.labels = labels.astype(np.int32)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_remainder = drop_remainder
         self.num_epochs = None if num_epochs is None else int(num_epochs)
-        self.augment = augment
-        self.pad = None if pad is None else int(pad)
         self.process_index, self.process_count = process_index, process_count
-        n = images.shape[0]
         if drop_remainder:
-            self.steps_per_epoch = n // self.batch_size
+            self.steps_per_epoch = num_rows // self.batch_size
         else:
-            self.steps_per_epoch = math.ceil(n / self.batch_size)
+            self.steps_per_epoch = math.ceil(num_rows / self.batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{n} examples give no full batch of {batch_size} with drop_remainder"
+                f"{num_rows} examples give no full batch of {batch_size} with drop_remainder"
             )
-        self._maker = _BatchMaker(
-            self.images, self.labels, batch_size=self.batch_size, mean=self.mean,
-            std=self.std, shuffle=shuffle, seed=self.seed, drop_remainder=drop_remainder,
-            augment=augment, pad=self.pad, steps_per_epoch=self.steps_per_epoch,
-            process_index=process_index, process_count=process_count, with_index=bool(with_index),
-        )
+
+    def _start(self, start) -> None:
+        """No Grain iterator yet (made on the first ``next``); positioned at ``start``."""
         self._dataset = None
-        self._iterator = None  # Grain's, created on the first `next`
+        self._iterator = None
         self._next_index = 0  # global batch index of the next batch: epoch * steps + step
         self.seek(start)
 

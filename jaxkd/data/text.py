@@ -461,8 +461,8 @@ class TextLoader(Loader):
         teacher_cache=None,
         pad: int = PAD_ID,
     ):
-        # Loader.__init__ validates images and labels; everything else it sets is set here, and the
-        # methods inherited (seek, get_state, set_state, dataset, iteration) use only these fields.
+        # Loader.__init__ validates images and labels; the rest (geometry, processes, workers, position) is
+        # Loader's own _set_iteration/_start, and the methods inherited use only those fields.
         tokens = np.asarray(tokens)
         mask = np.asarray(mask)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
@@ -473,57 +473,26 @@ class TextLoader(Loader):
             )
         if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
             raise ValueError(f"tokens must be ids in [0, 2**31), got [{tokens.min()}, {tokens.max()}]")
-        check_int("batch_size", batch_size, low=1)
-        check_int("seed", seed, low=0)
         check_int("pad", pad, low=0)
-        if num_epochs is not None:
-            check_int("num_epochs", num_epochs, low=1)
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        process_count = check_int("process_count", process_count, low=1)
-        process_index = check_int("process_index", process_index, low=0)
-        if process_index >= process_count:
-            raise ValueError(
-                f"process_index must be an integer in [0, process_count={process_count}), got"
-                f" process_index={process_index}"
-            )
-        if batch_size % process_count:
-            raise ValueError(
-                f"batch_size must be divisible by process_count, got batch_size={batch_size},"
-                f" process_count={process_count}"
-            )
         if teacher_cache is not None and len(teacher_cache) != tokens.shape[0]:
             raise ValueError(
                 f"teacher_cache has {len(teacher_cache)} sequences, the tokens {tokens.shape[0]} rows:"
                 " the cache must hold one sequence per row, in row order"
             )
-        self.num_threads = check_int("num_threads", num_threads, low=0)
-        self.worker_count = check_int("worker_count", worker_count, low=0)
+        self._set_iteration(
+            tokens.shape[0], batch_size=batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder,
+            num_epochs=num_epochs, process_index=process_index, process_count=process_count,
+            num_threads=num_threads, worker_count=worker_count,
+        )
         self.tokens = tokens.astype(np.int32)
         self.mask = mask
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.drop_remainder = drop_remainder
-        self.num_epochs = None if num_epochs is None else int(num_epochs)
-        self.process_index, self.process_count = process_index, process_count
-        n = tokens.shape[0]
-        self.steps_per_epoch = n // self.batch_size if drop_remainder else -(-n // self.batch_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{n} rows give no full batch of {batch_size} with drop_remainder")
         self._maker = _TextBatchMaker(
             self.tokens, self.mask, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
             drop_remainder=drop_remainder, steps_per_epoch=self.steps_per_epoch,
-            process_index=process_index, process_count=process_count, with_index=bool(with_index),
+            process_index=self.process_index, process_count=self.process_count, with_index=bool(with_index),
             teacher_cache=teacher_cache, pad=int(pad),
         )
-        self._dataset = None
-        self._iterator = None
-        self._next_index = 0
-        self.seek(start)
+        self._start(start)
 
     @property
     def num_examples(self) -> int:
