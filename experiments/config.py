@@ -92,6 +92,9 @@ class Config:
     # Also write metrics as TensorBoard event files under <run folder>/tensorboard.
     tensorboard: bool = True
     out_dir: str = "runs"
+    # JAX's persistent compilation cache (jaxkd.compilation_cache): "default" is $JAXKD_COMPILATION_CACHE or
+    # ~/.cache/jaxkd/xla, a path another folder, None no cache. A second run compiles nothing it compiled before.
+    compilation_cache: str | None = "default"
 
 
 SCHEDULES = ("cosine", "multistep")

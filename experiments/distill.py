@@ -46,7 +46,7 @@ import optax
 from tqdm import tqdm
 
 import jaxkd
-from jaxkd import data, methods, models, sharding
+from jaxkd import compilation_cache, data, methods, models, sharding
 from jaxkd.checkpoint import Checkpointer, fingerprint, load_variables, save_variables
 
 from experiments import config as config_lib
@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if cfg.distributed:
         sharding.initialize_distributed()
+    compilation_cache.enable(cfg.compilation_cache)
     try:
         summary = run_experiment(cfg, out_dir)
     except Preempted as e:

@@ -75,7 +75,7 @@ class CrossTokenizerExperiment:
 
     The teacher's fields (``seq_len``, ``max_train_files``, ``teacher``, ``teacher_steps``, ``teacher_lr``,
     ``batch_size``, ``warmup_steps``, ``weight_decay``, ``microbatches``, ``eval_every``, ``out_dir``,
-    ``corpus_dir``) mean
+    ``corpus_dir``, ``compilation_cache``) mean
     what they mean in :class:`experiments.lm_distill.LMExperiment` and default to its values, so the default
     run reuses the default LM experiment's pretrained teacher. ``seq_len`` is also the teacher rows' length.
 
@@ -115,6 +115,7 @@ class CrossTokenizerExperiment:
     eval_every: int = _LM.eval_every
     out_dir: str = _LM.out_dir
     corpus_dir: str | None = _LM.corpus_dir
+    compilation_cache: str | None = _LM.compilation_cache
 
     def teacher_experiment(self) -> LMExperiment:
         """The LM experiment whose teacher this one uses (its fields that define the teacher)."""

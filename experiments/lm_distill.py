@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 import jaxkd
-from jaxkd import losses, methods
+from jaxkd import compilation_cache, losses, methods
 from jaxkd.checkpoint import load_variables, save_variables
 from jaxkd.data import text
 from jaxkd.data.teacher_cache import TopKCache, cache_teacher_topk
@@ -74,6 +74,8 @@ class LMExperiment:
       out_dir: where run folders go.
       corpus_dir: a folder of ``.py`` files to read instead of the running interpreter's standard library
         (:class:`jaxkd.data.stdlib_corpus.StdlibCorpus`'s ``source_dir``, same split by file); None: the stdlib.
+      compilation_cache: JAX's persistent compilation cache folder (:func:`jaxkd.compilation_cache.enable`:
+        ``"default"``, a path, or None for none).
     """
 
     name: str = "stdlib_lm"
@@ -101,6 +103,7 @@ class LMExperiment:
     eval_every: int = 100
     out_dir: str = "runs"
     corpus_dir: str | None = None
+    compilation_cache: str | None = "default"
 
 
 def load_config(path: str | None) -> LMExperiment:
@@ -445,6 +448,7 @@ def cli(argv: list[str] | None, run: Callable[[Any, str], dict[str, Any]], *, de
     parser.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name>-<time>)")
     args = parser.parse_args(argv)
     cfg = apply_overrides(default() if args.config is None else load_config(args.config), args.overrides)
+    compilation_cache.enable(cfg.compilation_cache)
     out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     summary = run(cfg, out_dir)
     print(summary["table"])

@@ -81,6 +81,7 @@ class LMFusionExperiment:
       out_dir: where run folders and cached models go.
       corpus_dir: a folder of ``.py`` files to read instead of the running interpreter's standard library
         (its top-level folders are the domains); None: the stdlib.
+      compilation_cache: JAX's persistent compilation cache folder (:func:`jaxkd.compilation_cache.enable`).
     """
 
     name: str = "stdlib_fusion"
@@ -106,6 +107,7 @@ class LMFusionExperiment:
     seed: int = 0
     out_dir: str = "runs"
     corpus_dir: str | None = None
+    compilation_cache: str | None = "default"
 
 
 #: The default run's config file.

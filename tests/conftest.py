@@ -23,6 +23,9 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitte
         _flags += " " + _flag
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("MPLBACKEND", "Agg")
+# No persistent compilation cache unless a test asks for one: a run of the suite writes nothing into the
+# user's ~/.cache, and every test compiles what it checks (jaxkd.compilation_cache).
+os.environ["JAXKD_COMPILATION_CACHE"] = ""
 
 from hypothesis import settings  # noqa: E402
 

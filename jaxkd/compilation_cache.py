@@ -1,0 +1,93 @@
+"""JAX's persistent compilation cache for scripts: a second run loads what the first one compiled.
+
+XLA compiles every distinct program once per process; a short experiment on CPU spends much of its time
+there. JAX can keep compiled executables on disk (``jax_compilation_cache_dir``) and load them in later
+processes whose program, shapes, flags, JAX version and devices are the same. :func:`enable` turns it on
+for every program (no minimum compile time or size, so a repeated run compiles nothing it compiled
+before); :func:`compile_counts` tells how many programs were compiled and how many were loaded.
+
+This is process-wide state, so the library never calls it on import: the experiment scripts and the
+benchmarks do, with a directory the user chooses (their ``--set compilation_cache=...``; ``None`` turns it
+off). The default directory is ``$JAXKD_COMPILATION_CACHE`` when set (empty: off), else
+``~/.cache/jaxkd/xla``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+
+import jax
+
+__all__ = ["DEFAULT", "compile_counts", "default_directory", "enable"]
+
+#: A config value meaning "the default directory" (:func:`default_directory`).
+DEFAULT = "default"
+
+_ENV = "JAXKD_COMPILATION_CACHE"
+_counts: Counter = Counter()
+_lock = threading.Lock()
+_listening = False
+
+# JAX's monitoring events: one per compilation that consulted the persistent cache, one per executable
+# loaded from it (the others were compiled, then written).
+_EVENTS = {
+    "/jax/compilation_cache/compile_requests_use_cache": "requests",
+    "/jax/compilation_cache/cache_hits": "loaded",
+}
+
+
+def default_directory() -> str | None:
+    """``$JAXKD_COMPILATION_CACHE`` when set (``""``: no cache), else ``~/.cache/jaxkd/xla``."""
+    value = os.environ.get(_ENV)
+    if value is not None:
+        return value or None
+    return os.path.join(os.path.expanduser("~"), ".cache", "jaxkd", "xla")
+
+
+def _listen() -> None:
+    global _listening
+    with _lock:
+        if _listening:
+            return
+        _listening = True
+
+    def on_event(event: str, **kwargs) -> None:
+        name = _EVENTS.get(event)
+        if name is not None:
+            with _lock:
+                _counts[name] += 1
+
+    jax.monitoring.register_event_listener(on_event)
+
+
+def enable(directory: str | None = DEFAULT) -> str | None:
+    """Caches every compiled program in ``directory`` (created if needed) and loads it from there in later
+    processes. ``DEFAULT``: :func:`default_directory`; ``None``: leaves the cache off. Returns the absolute
+    directory used, or ``None``.
+
+    Raises:
+        ValueError: ``directory`` exists and is not a folder.
+    """
+    if directory == DEFAULT:
+        directory = default_directory()
+    if directory is None:
+        return None
+    directory = os.path.abspath(os.path.expanduser(str(directory)))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"compilation cache {directory!r} exists and is not a folder")
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Every program, however quick to compile or small: the point is that a re-run compiles nothing.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _listen()
+    return directory
+
+
+def compile_counts() -> dict[str, int]:
+    """Programs this process ``compiled`` and ``loaded`` from the persistent cache since :func:`enable`
+    (JAX's cache-hit and cache-miss events)."""
+    with _lock:
+        return {"compiled": _counts["requests"] - _counts["loaded"], "loaded": _counts["loaded"]}
