@@ -151,7 +151,8 @@ class Runner:
         if self.mesh is not None:
             sharding.check_batch_size(cfg.batch_size, self.mesh)
         self.train_step = jaxkd.make_train_step(mesh=self.mesh)
-        self.eval_step = jaxkd.make_eval_step(mesh=self.mesh)
+        # Frozen teachers are scored once per seed (the teacher phase), not at every evaluation.
+        self.eval_step = jaxkd.make_eval_step(mesh=self.mesh, frozen=False)
         self.log = MetricsLog(out_dir, tensorboard=cfg.tensorboard)
 
     def close(self) -> None:

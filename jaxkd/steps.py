@@ -350,11 +350,13 @@ def make_train_step(
     return _host_wrapper(_compiled(step_fn, mesh, donate=donate), mesh, on_bad_status)
 
 
-def _eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
+def _eval_step(state: TrainState, batch: Mapping[str, jax.Array], frozen: bool = True) -> Metrics:
     require(batch, state.label_key, method="evaluation")
     labels, valid = _labels_and_mask(state, batch)
     metrics = {"status": _label_status(labels, valid, state.num_classes).astype(jnp.int32)}
     for name, _ in state.participants:
+        if not frozen and name not in state.trained:
+            continue
         out = _forward(state, name, state.variables_of(name).variables(), batch, train=False)
         logits = out.logits
         if name == STUDENT and state.method_def.predict is not None:
@@ -369,10 +371,12 @@ def _eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
     return metrics
 
 
-def make_eval_step(*, mesh: Mesh | None = None) -> Callable:
+def make_eval_step(*, mesh: Mesh | None = None, frozen: bool = True) -> Callable:
     """Returns ``eval_step(state, batch) -> {"correct", "count", "nonfinite", "status", "<name>_correct", ...}``.
 
-    Every participant is evaluated (``"<name>_correct"`` for all but the student). Sums, not means, so
+    Every participant is evaluated (``"<name>_correct"`` for all but the student); ``frozen=False`` skips
+    the frozen ones (teachers), whose accuracy does not change during training: compute it once instead
+    of at every evaluation (their forward pass is most of an evaluation's cost). Sums, not means, so
     padded eval batches (``batch["mask"]``) aggregate exactly: accumulate them on device with
     :func:`accumulate` and divide once at the end (:func:`evaluate` does). A label out of range raises
     ``ValueError``; predictions that are not finite are counted (``nonfinite``) and make
@@ -384,7 +388,8 @@ def make_eval_step(*, mesh: Mesh | None = None) -> Callable:
             raise ValueError(_describe_status(LABEL_OUT_OF_RANGE, state.label_key, state.num_classes))
         return metrics
 
-    return _host_wrapper(_compiled(_eval_step, mesh, donate=False, metrics_out=False), mesh, on_bad_status)
+    step = _eval_step if frozen else functools.partial(_eval_step, frozen=False)
+    return _host_wrapper(_compiled(step, mesh, donate=False, metrics_out=False), mesh, on_bad_status)
 
 
 def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
@@ -395,8 +400,9 @@ def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
 
 
 def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float]:
-    """Top-1 accuracy of every participant over an iterable of batches: ``accuracy`` (the student) and
-    ``<name>_accuracy`` for the others (``teacher_accuracy``, ``peer_accuracy`` …), and ``count``.
+    """Top-1 accuracy of every participant ``eval_step`` scores over an iterable of batches: ``accuracy``
+    (the student) and ``<name>_accuracy`` for the others (``teacher_accuracy``, ``peer_accuracy`` …), and
+    ``count``.
 
     Raises ``FloatingPointError`` when any participant's predictions for any example are not finite.
     """
@@ -406,7 +412,9 @@ def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float
     if total is None:
         raise ValueError("evaluate got no batches")
     total = jax.device_get(total)
-    for name, _ in state.participants:
+    scored = [name for name, _ in state.participants
+              if f"{'' if name == STUDENT else name + '_'}correct" in total]
+    for name in scored:
         prefix = "" if name == STUDENT else f"{name}_"
         bad = int(total[f"{prefix}nonfinite"])
         if bad:
@@ -416,7 +424,7 @@ def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float
             )
     count = max(float(total["count"]), 1.0)
     result = {"accuracy": float(total["correct"]) / count, "count": float(total["count"])}
-    for name, _ in state.participants:
+    for name in scored:
         if name != STUDENT:
             result[f"{name}_accuracy"] = float(total[f"{name}_correct"]) / count
     return result

@@ -69,7 +69,12 @@ def test_eval_step_counts_only_unpadded_examples():
     result = jaxkd.evaluate(state, [batch], eval_step)
     assert result["count"] == 10
     np.testing.assert_allclose(result["accuracy"], expected)
-    assert "teacher_accuracy" in result
+    teacher_logits = TEACHER.apply(state.teacher.variables(), BATCH["image"], train=False).logits
+    np.testing.assert_allclose(result["teacher_accuracy"],
+                               np.mean(np.argmax(teacher_logits, -1)[:10] == BATCH["label"][:10]))
+    # Without the frozen participants: the same figures for the student, none for the teacher.
+    trained_only = jaxkd.evaluate(state, [batch], jaxkd.make_eval_step(frozen=False))
+    assert trained_only == {k: v for k, v in result.items() if k != "teacher_accuracy"}
 
 
 # ----- bad input: clear errors at create time or before dispatch -----
