@@ -52,6 +52,7 @@ from jaxkd.checkpoint import Checkpointer, fingerprint, load_variables, save_var
 from experiments import config as config_lib
 from experiments import report
 from experiments.run_log import MetricsLog, Preempted, PreemptionFlag
+from experiments.timing import Phases, describe
 
 log = logging.getLogger("jaxkd.experiment")
 
@@ -144,9 +145,9 @@ class Runner:
     built once and reused across runs and seeds."""
 
     def __init__(self, cfg: config_lib.Config, dataset: Data, out_dir: str, progress: tqdm,
-                 preemption: PreemptionFlag):
+                 preemption: PreemptionFlag, phases: Phases):
         self.cfg, self.data, self.progress, self.out_dir = cfg, dataset, progress, out_dir
-        self.preemption = preemption
+        self.preemption, self.phases = preemption, phases
         self.mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None
         if self.mesh is not None:
             sharding.check_batch_size(cfg.batch_size, self.mesh)
@@ -166,7 +167,8 @@ class Runner:
         )
 
     def evaluate(self, state) -> dict[str, float]:
-        return jaxkd.evaluate(state, self.data.test_batches, self.eval_step)
+        with self.phases.phase("evaluation"):
+            return jaxkd.evaluate(state, self.data.test_batches, self.eval_step)
 
     def fit(self, *, run: str, seed: int, state, split: data.Split, steps: int, lr_schedule, config: dict,
             meta: data.Split | None = None, meta_prefix: str | None = None) -> tuple[Any, dict[str, float]]:
@@ -202,7 +204,8 @@ class Runner:
 
             def save(step: int, final: dict | None = None) -> None:
                 extra = {"loaders": {n: loader.get_state() for n, loader in loaders.items()}, "final": final}
-                ckpt.save(step, state.run_tree(), extra=extra, config=config, overwrite=step in damaged)
+                with self.phases.phase("checkpoints"):
+                    ckpt.save(step, state.run_tree(), extra=extra, config=config, overwrite=step in damaged)
 
             batches = (with_meta(b, next(loaders["meta"]), meta_prefix) if meta is not None else b
                        for b in loaders["train"])
@@ -229,7 +232,8 @@ class Runner:
             for step in range(start + 1, steps + 1):
                 batch = next(batches)
                 began = time.perf_counter()
-                state, metrics = self.train_step(state, batch)  # waits for the step: it reads its status
+                with self.phases.phase("steps"):
+                    state, metrics = self.train_step(state, batch)  # waits for the step: it reads its status
                 if step > start + 1:
                     step_seconds, timed = step_seconds + time.perf_counter() - began, timed + 1
                 pending.append((step, metrics))
@@ -310,11 +314,13 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
 
 
 def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
+    phases = Phases()
     run_plan = plan(cfg, parse_methods(cfg))  # a bad spec fails before anything is loaded or trained
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
-    dataset = load_data(cfg)
+    with phases.phase("data"):
+        dataset = load_data(cfg)
     num_classes = dataset.train.num_classes
     run_plan = plan(cfg, parse_methods(cfg, num_examples=len(dataset.student_train)))
 
@@ -345,7 +351,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     row_info: dict[str, tuple[str, str]] = {}
     started = time.time()
     with PreemptionFlag() as preemption:
-        runner = Runner(cfg, dataset, out_dir, progress, preemption)
+        runner = Runner(cfg, dataset, out_dir, progress, preemption, phases)
         try:
             # Teachers first, for every seed; then each method over the seeds, so a method's compiled
             # programs serve all its seeds, and are dropped before the next method (each run compiles
@@ -360,8 +366,9 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     abstract = jax.eval_shape(teacher.init, teacher_rng, sample["image"])
                     if train_teachers or name != "teacher":
                         run = run_row(name)
-                        state = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
-                                             rng=teacher_rng, mesh=runner.mesh)
+                        with phases.phase("setup"):
+                            state = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
+                                                 rng=teacher_rng, mesh=runner.mesh)
                         config = {**shared, "run": run, "seed": seed, "model": spec[0], "kwargs": spec[1],
                                   "steps": cfg.teacher_steps, "lr": cfg.teacher_lr}
                         state, _ = runner.fit(run=run, seed=seed, state=state, split=dataset.train,
@@ -372,12 +379,13 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     else:
                         teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
                     # Distill from the checkpoint on disk, exactly what a later run would load.
-                    teacher_vars[seed][name] = load_variables(teacher_dir, abstract)
-                    teacher_prints[seed][name] = teacher_fingerprint(teacher_vars[seed][name])
+                    with phases.phase("setup"):
+                        teacher_vars[seed][name] = load_variables(teacher_dir, abstract)
+                        teacher_prints[seed][name] = teacher_fingerprint(teacher_vars[seed][name])
+                        evaluated = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
+                                                 rng=teacher_rng, student_variables=teacher_vars[seed][name],
+                                                 mesh=runner.mesh)
                     row_info[run_row(name)] = (spec[0], "ce (full train split)")
-                    evaluated = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
-                                             rng=teacher_rng, student_variables=teacher_vars[seed][name],
-                                             mesh=runner.mesh)
                     results.setdefault(run_row(name), []).append(runner.evaluate(evaluated)["accuracy"])
             jax.clear_caches()
             for name, method in run_plan.methods.items():
@@ -393,11 +401,12 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     train_split, meta_split = dataset.student_train, None
                     if method.meta_prefix is not None:
                         train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
-                    state = jaxkd.create(
-                        student=student, method=method, tx=student_tx, rng=student_rng, participants=participants,
-                        sample_batch=with_meta(with_index(sample, method), sample, method.meta_prefix),
-                        mesh=runner.mesh,
-                    )
+                    with phases.phase("setup"):
+                        state = jaxkd.create(
+                            student=student, method=method, tx=student_tx, rng=student_rng, participants=participants,
+                            sample_batch=with_meta(with_index(sample, method), sample, method.meta_prefix),
+                            mesh=runner.mesh,
+                        )
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
                               "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trains},
@@ -423,8 +432,10 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                                num_train=len(dataset.train),
                                num_student_train=len(dataset.student_train),
                                num_test=int(sum(b["mask"].sum() for b in dataset.test_batches)))
-    report.write(out_dir, summary)
     report.plot_learning_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "learning_curves.png"))
+    summary["time"] = phases.breakdown()
+    summary["compiles"] = compilation_cache.compile_counts()
+    report.write(out_dir, summary)
     return summary
 
 
@@ -460,7 +471,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(143) from None
     print()
     print(summary["table"])
-    print(f"\nrun folder: {out_dir}", file=sys.stderr)
+    counts = summary["compiles"]
+    print(f"\ntime by phase: {describe(summary['time'])} ({counts['compiled']} programs compiled, "
+          f"{counts['loaded']} loaded from the compilation cache)", file=sys.stderr)
+    print(f"run folder: {out_dir}", file=sys.stderr)
     return summary
 
 

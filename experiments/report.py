@@ -81,6 +81,10 @@ def write(out_dir: str, summary: dict[str, Any]) -> None:
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(summary["table"] + f"\n\nWall time: {summary['seconds']:.0f} s.\n")
+        if "time" in summary:  # experiments.timing: seconds by phase, compiling taken out of each
+            from experiments.timing import describe
+
+            f.write(f"Time by phase: {describe(summary['time'])}.\n")
 
 
 def plot_learning_curves(metrics_path: str, png_path: str) -> None:

@@ -4,7 +4,8 @@ XLA compiles every distinct program once per process; a short experiment on CPU 
 there. JAX can keep compiled executables on disk (``jax_compilation_cache_dir``) and load them in later
 processes whose program, shapes, flags, JAX version and devices are the same. :func:`enable` turns it on
 for every program (no minimum compile time or size, so a repeated run compiles nothing it compiled
-before); :func:`compile_counts` tells how many programs were compiled and how many were loaded.
+before); :func:`compile_counts` tells how many programs were compiled and how many were loaded, and
+:func:`compile_seconds` the wall time spent tracing, lowering and compiling (or loading) them.
 
 This is process-wide state, so the library never calls it on import: the experiment scripts and the
 benchmarks do, with a directory the user chooses (their ``--set compilation_cache=...``; ``None`` turns it
@@ -20,13 +21,14 @@ from collections import Counter
 
 import jax
 
-__all__ = ["DEFAULT", "compile_counts", "default_directory", "enable"]
+__all__ = ["DEFAULT", "compile_counts", "compile_seconds", "default_directory", "enable", "track"]
 
 #: A config value meaning "the default directory" (:func:`default_directory`).
 DEFAULT = "default"
 
 _ENV = "JAXKD_COMPILATION_CACHE"
 _counts: Counter = Counter()
+_spans: list[tuple[float, float]] = []
 _lock = threading.Lock()
 _listening = False
 
@@ -36,6 +38,13 @@ _EVENTS = {
     "/jax/compilation_cache/compile_requests_use_cache": "requests",
     "/jax/compilation_cache/cache_hits": "loaded",
 }
+# The three stages of making an executable (jax._src.dispatch): tracing to a jaxpr, lowering to MLIR, and
+# XLA's compile or the persistent cache's load. Their time spans may nest (a jit traced inside another).
+_COMPILE_SPANS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 
 
 def default_directory() -> str | None:
@@ -46,7 +55,9 @@ def default_directory() -> str | None:
     return os.path.join(os.path.expanduser("~"), ".cache", "jaxkd", "xla")
 
 
-def _listen() -> None:
+def track() -> None:
+    """Starts counting compilations and their time in this process (:func:`compile_counts`,
+    :func:`compile_seconds`); :func:`enable` calls it. Idempotent."""
     global _listening
     with _lock:
         if _listening:
@@ -59,7 +70,13 @@ def _listen() -> None:
             with _lock:
                 _counts[name] += 1
 
+    def on_span(event: str, start: float, end: float, **kwargs) -> None:
+        if event in _COMPILE_SPANS:
+            with _lock:
+                _spans.append((start, end))
+
     jax.monitoring.register_event_listener(on_event)
+    jax.monitoring.register_event_time_span_listener(on_span)
 
 
 def enable(directory: str | None = DEFAULT) -> str | None:
@@ -82,12 +99,25 @@ def enable(directory: str | None = DEFAULT) -> str | None:
     # Every program, however quick to compile or small: the point is that a re-run compiles nothing.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    _listen()
+    track()
     return directory
 
 
 def compile_counts() -> dict[str, int]:
     """Programs this process ``compiled`` and ``loaded`` from the persistent cache since :func:`enable`
-    (JAX's cache-hit and cache-miss events)."""
+    (JAX's cache events: only compilations that consult the cache are counted)."""
     with _lock:
         return {"compiled": _counts["requests"] - _counts["loaded"], "loaded": _counts["loaded"]}
+
+
+def compile_seconds() -> float:
+    """Wall time this process spent making executables since :func:`track` (tracing, lowering, compiling
+    or loading from the cache): the union of those stages' time spans, so nested ones count once."""
+    with _lock:
+        spans = sorted(_spans)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
