@@ -8,7 +8,9 @@ The step is the library's own ``jaxkd.make_train_step`` (teacher forward in eval
 stop_gradient, student forward/backward in train mode, ``ce + kd(temperature=4)``, SGD momentum 0.9
 with weight decay 5e-4), batch 64 of 32x32x3 random images, 100 classes. Reported: compile time
 (``lower().compile()``), the median ms/step over ``--steps`` individually timed steps after
-``--warmup`` steps, and examples/s. ``benchmarks/torch_step.py`` times the identical step in PyTorch.
+``--warmup`` steps, examples/s, and the achieved FLOP/s (XLA's cost analysis of the step over the
+step time) next to the machine's float32 matmul rate under ``jax.jit``: how far the step is from the
+limit. ``benchmarks/torch_step.py`` times the identical step in PyTorch.
 XLA flags are read when jax starts, so every variant runs in its own process.
 """
 
@@ -26,6 +28,8 @@ VARIANTS = {
     "default": "",
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "onednn": "--xla_cpu_use_onednn=true",
+    # XLA:CPU's older element-wise emitters: compiles take about half the time (tests/conftest.py uses it).
+    "legacy_emitters": "--xla_cpu_use_fusion_emitters=false",
 }
 
 
@@ -66,8 +70,11 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     ms = 1000 * float(np.median(times))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {
         "framework": "jaxkd",
+        "flops": float(cost.get("flops", float("nan"))),  # XLA's count for the whole step
         "jax_version": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compile_s": compile_s,
@@ -75,6 +82,22 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
         "examples_per_s": batch_size / (ms / 1000),
         "loss": float(metrics["loss"]),
     }
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
+    """The machine's float32 matmul rate under ``jax.jit`` (best of ``repeats``), in GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return {"gflops": 2 * n**3 / best / 1e9}
 
 
 def run_child(args: list[str], env_flags: str | None = None, python: str = sys.executable) -> dict:
@@ -94,10 +117,14 @@ def main() -> None:
     parser.add_argument("--torch", action="store_true", help="also time benchmarks/torch_step.py")
     parser.add_argument("--torch-python", default=sys.executable, help="the interpreter that has torch")
     parser.add_argument("--json", action="store_true", help="(internal) measure once, print one JSON line")
+    parser.add_argument("--peak", action="store_true", help="(internal) the matmul rate, one JSON line")
     args = parser.parse_args()
     common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.json:
         print(json.dumps(measure(args.batch_size, args.steps, args.warmup)))
+        return
+    if args.peak:
+        print(json.dumps(matmul_peak()))
         return
 
     rows = []
@@ -111,14 +138,20 @@ def main() -> None:
             r["compile_s"] = r.get("first_step_s", float("nan"))
             rows.append((label, r))
 
+    peak = run_child([os.path.abspath(__file__), "--peak"])["gflops"]
+    flops = rows[0][1]["flops"]  # the same step in every row: XLA's count of the default program
     torch_ms = min((r["ms_per_step"] for n, r in rows if n.startswith("PyTorch")), default=None)
     print(f"resnet32x4 -> resnet8x4 KD step, batch {args.batch_size}, 32x32x3, CPU ({os.cpu_count()} cores); "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
-    print("| implementation | compile / first step (s) | ms/step | examples/s | step time vs best PyTorch |")
-    print("|---|---|---|---|---|")
+          f"median of {args.steps} steps after {args.warmup} warm-up; {flops / 1e9:.1f} GFLOP per step (XLA's "
+          f"cost analysis); float32 matmul peak under jax.jit (2048x2048): {peak:.0f} GFLOP/s")
+    print("| implementation | compile / first step (s) | ms/step | examples/s | GFLOP/s (of peak) "
+          "| step time vs best PyTorch |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows:
         ratio = f"{r['ms_per_step'] / torch_ms:.2f}x" if torch_ms else "n/a"
-        print(f"| {name} | {r['compile_s']:.1f} | {r['ms_per_step']:.0f} | {r['examples_per_s']:.0f} | {ratio} |")
+        rate = flops / (r["ms_per_step"] / 1000) / 1e9
+        print(f"| {name} | {r['compile_s']:.1f} | {r['ms_per_step']:.0f} | {r['examples_per_s']:.0f} | "
+              f"{rate:.0f} ({rate / peak:.0%}) | {ratio} |")
 
 
 if __name__ == "__main__":
