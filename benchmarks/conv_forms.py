@@ -20,11 +20,11 @@ measures).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conv_grad import median_ms as _median_ms  # benchmarks/ is the script's folder, first on sys.path
 from jax import lax
 
 SHAPES = ((32, 32, 32), (32, 64, 64), (16, 128, 128), (8, 256, 256))  # (H = W, C_in, C_out)
@@ -32,14 +32,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def median_ms(fn, *args, repeats: int) -> float:
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
+    """``fn`` jitted, timed as ``conv_grad.py`` times (median of ``repeats`` calls after a warm-up)."""
+    return _median_ms(jax.jit(fn), *args, repeats=repeats)
 
 
 def conv_lax(x, w):

@@ -55,9 +55,9 @@ from experiments.lm_distill import (
     lm_participant,
     load_corpus,
     optimizer,
-    plot_curves,
     pretrained_teacher,
     train,
+    write_results,
 )
 
 _LM = LMExperiment()
@@ -304,11 +304,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
                         seconds=time.time() - start, num_train_rows=len(train_data),
                         num_eval_bytes={split: e["num_bytes"] for split, e in evals.items()},
                         bytes_per_bpe_token=bytes_per_bpe_token)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(summary["table"] + "\n")
-    plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
+    write_results(out_dir, summary, metrics_path)
     return summary
 
 

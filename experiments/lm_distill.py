@@ -359,12 +359,17 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     summary = summarize(cfg, {n: (t[0], t[3], budgets[n]) for n, t in teachers.items()}, student_cfg, results, step_ms,
                         seconds=time.time() - start,
                         num_train_rows=len(train_data), num_eval_bytes=num_bytes)
+    write_results(out_dir, summary, metrics_path)
+    return summary
+
+
+def write_results(out_dir: str, summary: dict[str, Any], metrics_path: str) -> None:
+    """``results.json``, ``results.md`` (the table) and ``curves.png`` of an LM run."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(summary["table"] + "\n")
     plot_curves(metrics_path, os.path.join(out_dir, "curves.png"))
-    return summary
 
 
 def summarize(cfg: LMExperiment, teachers, student_cfg, results, step_ms, *, seconds: float,
