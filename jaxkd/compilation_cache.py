@@ -7,9 +7,9 @@ for every program (no minimum compile time or size, so a repeated run compiles n
 before); :func:`compile_counts` tells how many programs were compiled and how many were loaded, and
 :func:`compile_seconds` the wall time spent tracing, lowering and compiling (or loading) them.
 
-This is process-wide state, so the library never calls it on import: the experiment scripts and the
-benchmarks do, with a directory the user chooses (their ``--set compilation_cache=...``; ``None`` turns it
-off). The default directory is ``$JAXKD_COMPILATION_CACHE`` when set (empty: off), else
+This is process-wide state, so the library never calls it on import: the experiment scripts do, with a
+directory the user chooses (their ``--set compilation_cache=...``; ``None`` turns it off). Benchmarks that
+report compile times leave it off, or they would time the cache. The default directory is ``$JAXKD_COMPILATION_CACHE`` when set (empty: off), else
 ``~/.cache/jaxkd/xla``.
 """
 
@@ -104,7 +104,7 @@ def enable(directory: str | None = DEFAULT) -> str | None:
 
 
 def compile_counts() -> dict[str, int]:
-    """Programs this process ``compiled`` and ``loaded`` from the persistent cache since :func:`enable`
+    """Programs this process ``compiled`` and ``loaded`` from the persistent cache since :func:`track`
     (JAX's cache events: only compilations that consult the cache are counted)."""
     with _lock:
         return {"compiled": _counts["requests"] - _counts["loaded"], "loaded": _counts["loaded"]}
