@@ -37,6 +37,7 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
     import jax
 
     jax.config.update("jax_default_prng_impl", "rbg")  # faster init compile; not part of the timing
+    import jax.numpy as jnp
     import numpy as np
     import optax
 
@@ -70,6 +71,28 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     ms = 1000 * float(np.median(times))
+
+    def part_ms(fn, *args) -> float:
+        """The median time of one jitted piece of the step (the same number of timed calls)."""
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(*args))
+        ts = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - start)
+        return 1000 * float(np.median(ts))
+
+    # Where the step's time goes: its pieces compiled on their own (XLA fuses across them in the step, so
+    # they need not add up exactly).
+    image = device_batch["image"]
+    student_vars = state.student.variables()
+    student_loss = lambda p: jnp.sum(student.apply({**student_vars, "params": p}, image, train=True).logits)
+    parts = {
+        "teacher forward": part_ms(lambda v, x: teacher.apply(v, x, train=False).logits, teacher_vars, image),
+        "student forward": part_ms(lambda v, x: student.apply(v, x, train=True).logits, student_vars, image),
+        "student forward + backward": part_ms(jax.grad(student_loss), student_vars["params"]),
+    }
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {
@@ -81,6 +104,7 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
         "ms_per_step": ms,
         "examples_per_s": batch_size / (ms / 1000),
         "loss": float(metrics["loss"]),
+        "parts_ms": parts,
     }
 
 
@@ -152,6 +176,9 @@ def main() -> None:
         rate = flops / (r["ms_per_step"] / 1000) / 1e9
         print(f"| {name} | {r['compile_s']:.1f} | {r['ms_per_step']:.0f} | {r['examples_per_s']:.0f} | "
               f"{rate:.0f} ({rate / peak:.0%}) | {ratio} |")
+    parts = rows[0][1]["parts_ms"]
+    print(f"\n{rows[0][0]}: its pieces compiled alone, ms (step {rows[0][1]['ms_per_step']:.0f}): "
+          + ", ".join(f"{name} {ms:.0f}" for name, ms in parts.items()))
 
 
 if __name__ == "__main__":
