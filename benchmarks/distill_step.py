@@ -72,16 +72,11 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
             times.append(time.perf_counter() - start)
     ms = 1000 * float(np.median(times))
 
+    from conv_grad import median_ms  # benchmarks/ is this script's folder, first on sys.path
+
     def part_ms(fn, *args) -> float:
         """The median time of one jitted piece of the step (the same number of timed calls)."""
-        fn = jax.jit(fn)
-        jax.block_until_ready(fn(*args))
-        ts = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - start)
-        return 1000 * float(np.median(ts))
+        return median_ms(jax.jit(fn), *args, repeats=steps)
 
     # Where the step's time goes: its pieces compiled on their own (XLA fuses across them in the step, so
     # they need not add up exactly).
