@@ -12,7 +12,6 @@ No timing is asserted here; benchmarks/fused_linear.py measures time and memory 
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -262,7 +261,6 @@ def test_compiled_temporary_memory_is_at_most_a_quarter_of_the_materialized_one(
     spec = jax.ShapeDtypeStruct
     args = (spec((n, d), jnp.float32), spec((d, v), jnp.float32), spec((n, d), jnp.float32),
             spec((d, v), jnp.float32), spec((n,), jnp.bool_))
-    start = time.perf_counter()
 
     def temp_bytes(loss):
         program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
@@ -271,7 +269,5 @@ def test_compiled_temporary_memory_is_at_most_a_quarter_of_the_materialized_one(
     naive_bytes = temp_bytes(lambda hs, ws, ht, wt, m: losses.reverse_kl(hs @ ws, ht @ wt, mask=m))
     fused_bytes = temp_bytes(lambda hs, ws, ht, wt, m: losses.fused_linear_divergence(
         hs, ws, ht, wt, divergence="reverse_kl", mask=m))
-    if time.perf_counter() - start > 5.0:
-        pytest.skip("compiling took over 5 s on this machine; benchmarks/fused_linear.py measures memory")
     assert naive_bytes >= 4 * n * v * 4  # the materialized program holds several [N, V] float32 arrays
     assert fused_bytes <= naive_bytes / 4, (fused_bytes, naive_bytes)
