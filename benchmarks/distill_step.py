@@ -33,7 +33,8 @@ VARIANTS = {
 }
 
 
-def measure(batch_size: int, steps: int, warmup: int) -> dict:
+def setup(batch_size: int, dtype: str = "float32"):
+    """The benchmark's networks, batch, train state and step (dtype: both networks' compute dtype)."""
     import jax
 
     jax.config.update("jax_default_prng_impl", "rbg")  # faster init compile; not part of the timing
@@ -44,8 +45,9 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
     import jaxkd
     from jaxkd import methods, models
 
-    teacher = models.get("resnet32x4", num_classes=100)
-    student = models.get("resnet8x4", num_classes=100)
+    # Parameters and logits stay float32 whatever the compute dtype.
+    teacher = models.get("resnet32x4", num_classes=100, dtype=jnp.dtype(dtype))
+    student = models.get("resnet8x4", num_classes=100, dtype=jnp.dtype(dtype))
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
@@ -56,20 +58,47 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=teacher_vars,
                          method=methods.ce() + methods.kd(temperature=4.0), tx=tx, sample_batch=batch, rng=key)
-    step = jaxkd.make_train_step()
+    return teacher, student, teacher_vars, batch, state, jaxkd.make_train_step()
+
+
+def step_flops(batch_size: int, dtype: str = "float32") -> dict:
+    """XLA's FLOP count of the lowered step, before any backend pass: the same network on every backend.
+
+    Run on CPU (JAX_PLATFORMS=cpu) for a GPU's rows: there a lowered program has no cost analysis, and
+    the compiled one hides its convolutions in cuDNN calls.
+    """
+    _, _, _, batch, state, step = setup(batch_size, dtype)
+    cost = step.jitted.lower(state, batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"flops": float(cost["flops"])}
+
+
+def measure(batch_size: int, steps: int, warmup: int, dtype: str = "float32") -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    teacher, student, teacher_vars, batch, state, step = setup(batch_size, dtype)
     device_batch = jax.device_put(batch)  # time the step, not the host-to-device copy
 
     start = time.perf_counter()
-    compiled = step.jitted.lower(state, device_batch).compile()
+    lowered = step.jitted.lower(state, device_batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+    for _ in range(warmup):
         state, metrics = compiled(state, device_batch)
+    jax.block_until_ready(state)
+    # On CPU each step is timed alone. On an accelerator a step is a few ms and dispatch is asynchronous,
+    # as in a training loop: there the time is that of `steps` steps issued back to back, over 5 blocks.
+    blocks, per_block = (steps, 1) if jax.default_backend() == "cpu" else (5, steps)
+    times = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(per_block):
+            state, metrics = compiled(state, device_batch)
         jax.block_until_ready((state, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / per_block)
     ms = 1000 * float(np.median(times))
 
     from conv_grad import median_ms  # benchmarks/ is this script's folder, first on sys.path
@@ -88,12 +117,14 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
         "student forward": part_ms(lambda v, x: student.apply(v, x, train=True).logits, student_vars, image),
         "student forward + backward": part_ms(jax.grad(student_loss), student_vars["params"]),
     }
-    cost = compiled.cost_analysis()
+    cost = lowered.cost_analysis()  # see step_flops; None on a GPU
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {
         "framework": "jaxkd",
-        "flops": float(cost.get("flops", float("nan"))),  # XLA's count for the whole step
+        "flops": float(cost["flops"]) if cost else float("nan"),
         "jax_version": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "dtype": dtype,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compile_s": compile_s,
         "ms_per_step": ms,
@@ -103,12 +134,12 @@ def measure(batch_size: int, steps: int, warmup: int) -> dict:
     }
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
-    """The machine's float32 matmul rate under ``jax.jit`` (best of ``repeats``), in GFLOP/s."""
+def matmul_peak(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> dict:
+    """The machine's matmul rate under ``jax.jit`` (best of ``repeats``, default precision), in GFLOP/s."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")
@@ -119,12 +150,14 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
     return {"gflops": 2 * n**3 / best / 1e9}
 
 
-def run_child(args: list[str], env_flags: str | None = None, python: str = sys.executable) -> dict:
-    env = dict(os.environ)
+def run_child(args: list[str], env_flags: str | None = None, python: str = sys.executable, **env_vars) -> dict:
+    env = {**os.environ, **env_vars}
     if env_flags is not None:
         env["XLA_FLAGS"] = env_flags
-    out = subprocess.run([python, *args], env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([python, *args], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -132,18 +165,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype of both networks (parameters stay float32)")
     parser.add_argument("--variants", action="store_true", help="also time the XLA CPU flag variants")
     parser.add_argument("--torch", action="store_true", help="also time benchmarks/torch_step.py")
     parser.add_argument("--torch-python", default=sys.executable, help="the interpreter that has torch")
     parser.add_argument("--json", action="store_true", help="(internal) measure once, print one JSON line")
     parser.add_argument("--peak", action="store_true", help="(internal) the matmul rate, one JSON line")
+    parser.add_argument("--flops", action="store_true", help="(internal) the step's FLOP count, one JSON line")
+    parser.add_argument("--peak-size", type=int, default=2048, help="(internal) the matmul's n")
     args = parser.parse_args()
-    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--dtype", args.dtype]
     if args.json:
-        print(json.dumps(measure(args.batch_size, args.steps, args.warmup)))
+        print(json.dumps(measure(args.batch_size, args.steps, args.warmup, args.dtype)))
+        return
+    if args.flops:
+        print(json.dumps(step_flops(args.batch_size, args.dtype)))
         return
     if args.peak:
-        print(json.dumps(matmul_peak()))
+        print(json.dumps(matmul_peak(args.peak_size, dtype=args.dtype)))
         return
 
     rows = []

@@ -101,36 +101,50 @@ def kd_loss(s_logits, t_logits, labels, temperature=4.0):
     return F.cross_entropy(s_logits, labels) + temperature**2 * kl
 
 
-def run(batch_size=64, steps=20, warmup=3, channels_last=False, threads=None, seed=0):
+def run(batch_size=64, steps=20, warmup=3, channels_last=False, threads=None, seed=0, device="cpu", bf16=False):
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    teacher = resnet32x4().to(memory_format=fmt).eval()
-    student = resnet8x4().to(memory_format=fmt).train()
+    teacher = resnet32x4().to(device=device, memory_format=fmt).eval()
+    student = resnet8x4().to(device=device, memory_format=fmt).train()
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=fmt)
-    y = torch.randint(0, 100, (batch_size,))
+    x = torch.randn(batch_size, 3, 32, 32).to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 100, (batch_size,)).to(device)
+    cuda = torch.device(device).type == "cuda"
 
     def step():
-        with torch.no_grad():
-            t_logits = teacher(x)
-        loss = kd_loss(student(x), t_logits, y)
+        # bf16: PyTorch's usual mixed precision, float32 parameters and bf16 compute under autocast.
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = kd_loss(student(x).float(), t_logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return loss
+
+    def sync(loss):
+        if cuda:
+            torch.cuda.synchronize()
         return loss.item()  # forces completion of the step
 
     t0 = time.perf_counter()
-    step()
+    sync(step())
     first_step_s = time.perf_counter() - t0
     for _ in range(warmup):
         step()
+    # On CPU each step is timed alone; on a GPU, `steps` steps issued back to back over 5 blocks, as
+    # benchmarks/distill_step.py times jaxkd there.
+    blocks, per_block = (5, steps) if cuda else (steps, 1)
+    sync(step())
     times = []
-    for _ in range(steps):
+    for _ in range(blocks):
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        for _ in range(per_block):
+            loss = step()
+        sync(loss)
+        times.append((time.perf_counter() - t0) / per_block)
     ms = 1e3 * statistics.median(times)
     return {
         "framework": "pytorch",
@@ -141,6 +155,9 @@ def run(batch_size=64, steps=20, warmup=3, channels_last=False, threads=None, se
         "first_step_s": round(first_step_s, 4),
         "threads": threads,
         "channels_last": channels_last,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": "bfloat16" if bf16 else "float32",
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
         "batch_size": batch_size,
         "steps": steps,
         "teacher_params": num_params(teacher),
@@ -155,9 +172,12 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="default: os.cpu_count()")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 parameters)")
     p.add_argument("--json", action="store_true", help="print one JSON object line")
     args = p.parse_args()
-    res = run(args.batch_size, args.steps, args.warmup, args.channels_last, args.threads)
+    res = run(args.batch_size, args.steps, args.warmup, args.channels_last, args.threads, device=args.device,
+              bf16=args.bf16)
     if args.json:
         print(json.dumps(res))
     else:
