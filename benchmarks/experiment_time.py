@@ -8,8 +8,9 @@ outside; both use the same empty-at-start compilation cache folder (``compilatio
 first run compiles everything and the second loads it. The digits data set is prepared once beforehand
 (not timed). Printed: one row per run, the whole-process wall time split into startup, imports and exit
 (the process' time outside the experiment), then the experiment's own phases (``experiments.timing``:
-data, setup — model initialization and state creation, train steps, evaluation, checkpoints — each with
-its compiling taken out, and compiling on its own), and the programs compiled and loaded.
+data, setup — model initialization and state creation, batches — the input pipeline, train steps,
+evaluation, logging, checkpoints, report — each with its compiling taken out, and compiling on its own),
+and the programs compiled and loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments.timing import PHASES  # noqa: E402
 
 
 def run_once(out: str, overrides: list[str], data_dir: str) -> dict:
@@ -52,7 +55,7 @@ def main() -> None:
                         "distill.load_data(c.apply_overrides(c.load('experiments/configs/digits.py'), sys.argv[1:]))",
                         f"data_dir={data_dir}", *args.overrides], cwd=ROOT, check=True, capture_output=True)
         rows = {name: run_once(os.path.join(tmp, name), overrides, data_dir) for name in ("first run", "second run")}
-    phases = ("data", "setup", "steps", "evaluation", "checkpoints", "compile", "other")
+    phases = (*PHASES, "compile", "other")
     print("| run | whole process (s) | startup, imports, exit | " + " | ".join(phases)
           + " | programs compiled / loaded |")
     print("|---|---|---|" + "---|" * len(phases) + "---|")

@@ -181,14 +181,17 @@ class Runner:
         """
         cfg = self.cfg
         # Methods that index a per-example memory (CRD) read each example's row in `split`.
-        loaders = {"train": self._loader(split, seed, with_index="index" in state.method_def.batch_keys)}
-        if meta is not None:
-            loaders["meta"] = self._loader(meta, seed + 10_000)
-        ckpt = Checkpointer(os.path.join(self.out_dir, "checkpoints", f"seed{seed}", run), max_to_keep=2)
+        with self.phases.phase("batches"):
+            loaders = {"train": self._loader(split, seed, with_index="index" in state.method_def.batch_keys)}
+            if meta is not None:
+                loaders["meta"] = self._loader(meta, seed + 10_000)
+        with self.phases.phase("checkpoints"):
+            ckpt = Checkpointer(os.path.join(self.out_dir, "checkpoints", f"seed{seed}", run), max_to_keep=2)
         try:
+            with self.phases.phase("checkpoints"):
+                restored = ckpt.restore(state.run_tree(), config=config) if ckpt.steps() else None
             start, damaged = 0, set()
-            if ckpt.steps():
-                restored = ckpt.restore(state.run_tree(), config=config)
+            if restored is not None:
                 state = state.with_run_tree(restored.tree)
                 start, damaged = restored.step, set(restored.skipped)
                 for name, loader in loaders.items():
@@ -200,7 +203,8 @@ class Runner:
                     self.progress.update(steps)
                     return state, restored.extra["final"]
                 self.progress.update(start)
-            self.log.resume(run, seed, start if ckpt.steps() else None)
+            with self.phases.phase("logging"):
+                self.log.resume(run, seed, start if restored is not None else None)
 
             def save(step: int, final: dict | None = None) -> None:
                 extra = {"loaders": {n: loader.get_state() for n, loader in loaders.items()}, "final": final}
@@ -212,25 +216,28 @@ class Runner:
             pending: list[tuple[int, dict]] = []  # device metrics, fetched at eval and save points
 
             def flush() -> None:
-                for s, m in jax.device_get(pending):
-                    self.log.write({"run": run, "seed": seed, "step": s, "lr": float(lr_schedule(s - 1)),
-                                    **{k: float(v) for k, v in m.items()}})
-                pending.clear()
-                self.log.flush()
+                with self.phases.phase("logging"):
+                    for s, m in jax.device_get(pending):
+                        self.log.write({"run": run, "seed": seed, "step": s, "lr": float(lr_schedule(s - 1)),
+                                        **{k: float(v) for k, v in m.items()}})
+                    pending.clear()
+                    self.log.flush()
 
             def evaluate(step: int) -> dict[str, float]:
                 flush()
                 result = self.evaluate(state)
-                self.log.write({"run": run, "seed": seed, "step": step, "test_accuracy": result["accuracy"],
-                                **{f"test_{k}": v for k, v in result.items() if k.endswith("_accuracy")}})
-                self.log.flush()
+                with self.phases.phase("logging"):
+                    self.log.write({"run": run, "seed": seed, "step": step, "test_accuracy": result["accuracy"],
+                                    **{f"test_{k}": v for k, v in result.items() if k.endswith("_accuracy")}})
+                    self.log.flush()
                 return result
 
             self.progress.set_description(f"{run} seed {seed}")
             result = evaluate(0) if start == 0 else None
             step_seconds, timed = 0.0, 0  # the steady-state step time (the first step compiles)
             for step in range(start + 1, steps + 1):
-                batch = next(batches)
+                with self.phases.phase("batches"):
+                    batch = next(batches)
                 began = time.perf_counter()
                 with self.phases.phase("steps"):
                     state, metrics = self.train_step(state, batch)  # waits for the step: it reads its status
@@ -246,7 +253,8 @@ class Runner:
                 if self.preemption.requested:
                     flush()
                     save(step)
-                    ckpt.wait_until_finished()
+                    with self.phases.phase("checkpoints"):
+                        ckpt.wait_until_finished()
                     raise Preempted(run, seed, step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     flush()
@@ -256,7 +264,8 @@ class Runner:
             save(steps, final=result)
             return state, result
         finally:
-            ckpt.close()
+            with self.phases.phase("checkpoints"):
+                ckpt.close()  # waits for the last asynchronous save
 
 
 @dataclasses.dataclass
@@ -374,7 +383,8 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         state, _ = runner.fit(run=run, seed=seed, state=state, split=dataset.train,
                                               steps=cfg.teacher_steps, lr_schedule=teacher_schedule, config=config)
                         teacher_dir = os.path.join(out_dir, "teachers", f"seed{seed}", name)
-                        save_variables(teacher_dir, jax.device_get(state.student.variables()))
+                        with phases.phase("checkpoints"):
+                            save_variables(teacher_dir, jax.device_get(state.student.variables()))
                         del state
                     else:
                         teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
@@ -428,11 +438,13 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             runner.close()
             progress.close()
 
-    summary = report.summarize(cfg, results, row_info, seconds=time.time() - started, step_ms=step_ms,
-                               num_train=len(dataset.train),
-                               num_student_train=len(dataset.student_train),
-                               num_test=int(sum(b["mask"].sum() for b in dataset.test_batches)))
-    report.plot_learning_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "learning_curves.png"))
+    with phases.phase("report"):
+        summary = report.summarize(cfg, results, row_info, seconds=time.time() - started, step_ms=step_ms,
+                                   num_train=len(dataset.train),
+                                   num_student_train=len(dataset.student_train),
+                                   num_test=int(sum(b["mask"].sum() for b in dataset.test_batches)))
+        report.plot_learning_curves(os.path.join(out_dir, "metrics.jsonl"),
+                                    os.path.join(out_dir, "learning_curves.png"))
     summary["time"] = phases.breakdown()
     summary["compiles"] = compilation_cache.compile_counts()
     report.write(out_dir, summary)

@@ -9,8 +9,12 @@ from collections import Counter
 
 from jaxkd import compilation_cache
 
-#: The phases, in the order of the printed breakdown (``compile`` and ``other`` are computed).
-PHASES = ("data", "setup", "steps", "evaluation", "checkpoints")
+#: The phases, in the order of the printed breakdown (``compile`` and ``other`` are computed):
+#: ``data`` loading the data set, ``setup`` model initialization and train states, ``batches`` the input
+#: pipeline handing the steps their batches, ``steps`` the train steps, ``evaluation`` test-set scoring,
+#: ``logging`` fetching and writing metrics, ``checkpoints`` saving/restoring runs and teachers, ``report``
+#: the results table and learning curves.
+PHASES = ("data", "setup", "batches", "steps", "evaluation", "logging", "checkpoints", "report")
 
 
 class Phases:
@@ -18,6 +22,7 @@ class Phases:
 
     def __init__(self) -> None:
         compilation_cache.track()
+        self.active: str | None = None
         self.seconds: Counter = Counter()
         self.started = time.perf_counter()
         self.compile_at_start = compilation_cache.compile_seconds()
@@ -26,12 +31,16 @@ class Phases:
     def phase(self, name: str):
         if name not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
+        if self.active is not None:  # nested phases would count the same seconds twice
+            raise RuntimeError(f"phase {name!r} entered inside phase {self.active!r}")
+        self.active = name
         compile_before, start = compilation_cache.compile_seconds(), time.perf_counter()
         try:
             yield
         finally:
             compiling = compilation_cache.compile_seconds() - compile_before
             self.seconds[name] += time.perf_counter() - start - compiling
+            self.active = None
 
     def breakdown(self) -> dict[str, float]:
         """Seconds per phase, ``compile``, ``other`` (the rest of the wall time since creation) and ``total``."""
