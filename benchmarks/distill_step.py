@@ -30,6 +30,9 @@ VARIANTS = {
     "onednn": "--xla_cpu_use_onednn=true",
     # XLA:CPU's older element-wise emitters: compiles take about half the time (tests/conftest.py uses it).
     "legacy_emitters": "--xla_cpu_use_fusion_emitters=false",
+    # Convolutions off YNNPACK (XLA:CPU's default for them): Eigen's, or oneDNN's through custom calls.
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "onednn_custom_call": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_onednn_custom_call=true",
 }
 
 
@@ -175,8 +178,7 @@ def main() -> None:
     parser.add_argument("--flops", action="store_true", help="(internal) the step's FLOP count, one JSON line")
     parser.add_argument("--peak-size", type=int, default=2048, help="(internal) the matmul's n")
     args = parser.parse_args()
-    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--dtype", args.dtype]
+    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.json:
         print(json.dumps(measure(args.batch_size, args.steps, args.warmup, args.dtype)))
         return
@@ -190,11 +192,13 @@ def main() -> None:
     rows = []
     names = VARIANTS if args.variants else {"default": VARIANTS["default"]}
     for name, flags in names.items():
-        r = run_child([os.path.abspath(__file__), "--json", *common], env_flags=flags)
+        r = run_child([os.path.abspath(__file__), "--json", *common, "--dtype", args.dtype], env_flags=flags)
         rows.append((f"jaxkd ({name})", r))
     if args.torch:
         for extra, label in (([], "PyTorch"), (["--channels-last"], "PyTorch (channels_last)")):
-            r = run_child([os.path.join(HERE, "torch_step.py"), "--json", *common, *extra], python=args.torch_python)
+            bf16 = ["--bf16"] if args.dtype == "bfloat16" else []
+            r = run_child([os.path.join(HERE, "torch_step.py"), "--json", *common, *extra, *bf16],
+                          python=args.torch_python)
             r["compile_s"] = r.get("first_step_s", float("nan"))
             rows.append((label, r))
 
