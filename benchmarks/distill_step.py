@@ -36,8 +36,9 @@ VARIANTS = {
 }
 
 
-def setup(batch_size: int, dtype: str = "float32"):
-    """The benchmark's networks, batch, train state and step (dtype: both networks' compute dtype)."""
+def setup(batch_size: int, dtype: str = "float32", teacher_dtype: str | None = None):
+    """The benchmark's networks, batch, train state and step (dtype: both networks' compute dtype;
+    teacher_dtype: the frozen teacher's instead, parameters cast to it as well)."""
     import jax
 
     jax.config.update("jax_default_prng_impl", "rbg")  # faster init compile; not part of the timing
@@ -49,7 +50,7 @@ def setup(batch_size: int, dtype: str = "float32"):
     from jaxkd import methods, models
 
     # Parameters and logits stay float32 whatever the compute dtype.
-    teacher = models.get("resnet32x4", num_classes=100, dtype=jnp.dtype(dtype))
+    teacher = models.get("resnet32x4", num_classes=100, dtype=jnp.dtype(teacher_dtype or dtype))
     student = models.get("resnet8x4", num_classes=100, dtype=jnp.dtype(dtype))
     rng = np.random.default_rng(0)
     batch = {
@@ -58,6 +59,8 @@ def setup(batch_size: int, dtype: str = "float32"):
     }
     key = jax.random.PRNGKey(0)
     teacher_vars = jax.jit(teacher.init)(key, batch["image"])
+    if teacher_dtype is not None:
+        teacher_vars = jaxkd.participants.cast_params(teacher_vars, teacher_dtype)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=teacher_vars,
                          method=methods.ce() + methods.kd(temperature=4.0), tx=tx, sample_batch=batch, rng=key)
@@ -76,12 +79,12 @@ def step_flops(batch_size: int, dtype: str = "float32") -> dict:
     return {"flops": float(cost["flops"])}
 
 
-def measure(batch_size: int, steps: int, warmup: int, dtype: str = "float32") -> dict:
+def measure(batch_size: int, steps: int, warmup: int, dtype: str = "float32", teacher_dtype: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    teacher, student, teacher_vars, batch, state, step = setup(batch_size, dtype)
+    teacher, student, teacher_vars, batch, state, step = setup(batch_size, dtype, teacher_dtype)
     device_batch = jax.device_put(batch)  # time the step, not the host-to-device copy
 
     start = time.perf_counter()
@@ -128,6 +131,7 @@ def measure(batch_size: int, steps: int, warmup: int, dtype: str = "float32") ->
         "jax_version": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "dtype": dtype,
+        "teacher_dtype": teacher_dtype or dtype,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compile_s": compile_s,
         "ms_per_step": ms,
@@ -170,6 +174,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype of both networks (parameters stay float32)")
+    parser.add_argument("--teacher-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="the frozen teacher's compute and parameter dtype (default: --dtype)")
     parser.add_argument("--variants", action="store_true", help="also time the XLA CPU flag variants")
     parser.add_argument("--torch", action="store_true", help="also time benchmarks/torch_step.py")
     parser.add_argument("--torch-python", default=sys.executable, help="the interpreter that has torch")
@@ -180,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.json:
-        print(json.dumps(measure(args.batch_size, args.steps, args.warmup, args.dtype)))
+        print(json.dumps(measure(args.batch_size, args.steps, args.warmup, args.dtype, args.teacher_dtype)))
         return
     if args.flops:
         print(json.dumps(step_flops(args.batch_size, args.dtype)))
@@ -192,7 +198,8 @@ def main() -> None:
     rows = []
     names = VARIANTS if args.variants else {"default": VARIANTS["default"]}
     for name, flags in names.items():
-        r = run_child([os.path.abspath(__file__), "--json", *common, "--dtype", args.dtype], env_flags=flags)
+        r = run_child([os.path.abspath(__file__), "--json", *common, "--dtype", args.dtype,
+                       *(["--teacher-dtype", args.teacher_dtype] if args.teacher_dtype else [])], env_flags=flags)
         rows.append((f"jaxkd ({name})", r))
     if args.torch:
         for extra, label in (([], "PyTorch"), (["--channels-last"], "PyTorch (channels_last)")):

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--only-jaxkd", action="store_true", help="skip PyTorch's rows")
     parser.add_argument("--jsonl", default=None, help="also append every measured row here, one JSON line each")
     args = parser.parse_args()
     step_script, torch_script = os.path.join(HERE, "distill_step.py"), os.path.join(HERE, "torch_step.py")
@@ -71,7 +72,12 @@ def main() -> None:
             if jax_row:
                 jax_row["flops"] = flops
                 rows.append(("jaxkd", dtype, batch, jax_row))
-            for extra, label in (([], "PyTorch"), (["--channels-last"], "PyTorch (channels_last)")):
+            if dtype == "float32":  # the opt-in bf16 frozen teacher (config frozen_dtype), float32 student
+                half = measured([step_script, "--json", *common, "--dtype", dtype, "--teacher-dtype", "bfloat16"])
+                if half:
+                    half["flops"] = flops
+                    rows.append(("jaxkd (bf16 teacher)", dtype, batch, half))
+            for extra, label in () if args.only_jaxkd else (([], "PyTorch"), (["--channels-last"], "PyTorch (channels_last)")):
                 bf16 = ["--bf16"] if dtype == "bfloat16" else []
                 r = measured([torch_script, "--json", "--device", "cuda", *common, *extra, *bf16])
                 if r is None:

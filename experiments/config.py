@@ -49,6 +49,10 @@ class Config:
     # Load the teacher instead of training it: an Orbax directory written by `save_variables`, with
     # "{seed}" standing for the seed (e.g. "runs/teachers/seed{seed}/teacher").
     teacher_checkpoint: str | None = None
+    # The compute dtype of frozen teachers while students distill from them: "bfloat16" casts their
+    # parameters and runs their forward pass in bf16 (float32 logits; jaxkd.participants.cast_params).
+    # Teachers are trained in float32 either way.
+    frozen_dtype: str = "float32"
     # Further frozen teachers methods may read by name (multi_teacher_kd): name -> {"model": ..., "kwargs": {...}},
     # trained like the teacher (teacher_steps, teacher_lr) before the students.
     teachers: dict = dataclasses.field(default_factory=dict)
@@ -98,6 +102,7 @@ class Config:
 
 
 SCHEDULES = ("cosine", "multistep")
+FROZEN_DTYPES = ("float32", "bfloat16")
 
 # Range checks beyond the field's type (the type is checked first, see `_check_field`).
 _AT_LEAST_ONE = ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class")
@@ -186,6 +191,8 @@ def _check_field(name: str, value: Any) -> None:
         check_choice(name, value, SCHEDULES)
     elif name == "augment":
         check_choice(name, value, AUGMENTATIONS)
+    elif name == "frozen_dtype":
+        check_choice(name, value, FROZEN_DTYPES)
     elif name == "seeds":
         if not value:
             raise ValueError(f"seeds must be {_EXPECTED['seeds']}, got seeds={value!r}")
@@ -235,7 +242,7 @@ def validate(config: Config) -> None:
     Ranges: ``steps``, ``teacher_steps``, ``batch_size``, ``eval_batch_size``, ``eval_every``,
     ``meta_per_class`` >= 1; ``lr``, ``teacher_lr`` finite > 0; ``momentum`` in [0, 1);
     ``weight_decay`` finite >= 0; ``seeds`` a non-empty tuple of distinct integers >= 0; ``data_seed``
-    >= 0; ``labels_per_class`` None or >= 1; ``schedule`` in :data:`SCHEDULES`; ``milestones`` strictly
+    >= 0; ``labels_per_class`` None or >= 1; ``schedule`` in :data:`SCHEDULES`; ``frozen_dtype`` in :data:`FROZEN_DTYPES`; ``milestones`` strictly
     increasing in (0, 1); ``augment`` in :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of
     run name -> method spec string; ``teacher_kwargs`` / ``student_kwargs`` dicts with string keys.
 

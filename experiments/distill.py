@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -48,6 +49,7 @@ from tqdm import tqdm
 import jaxkd
 from jaxkd import compilation_cache, data, methods, models, sharding
 from jaxkd.checkpoint import Checkpointer, fingerprint, load_variables, save_variables
+from jaxkd.participants import cast_params
 
 from experiments import config as config_lib
 from experiments import report
@@ -304,6 +306,16 @@ def teacher_model_spec(cfg: config_lib.Config, name: str) -> tuple[str, dict]:
     return entry["model"], dict(entry.get("kwargs", {}))
 
 
+def frozen_participant(cfg: config_lib.Config, model, name: str, variables) -> jaxkd.Participant:
+    """The frozen teacher ``name`` as students see it: in ``cfg.frozen_dtype`` (its architecture built with
+    that compute dtype, its parameters cast to it)."""
+    arch, kwargs = teacher_model_spec(cfg, name)
+    if cfg.frozen_dtype == "float32":
+        return jaxkd.Participant(model((arch, kwargs)), variables, trains=False)
+    dtype = jnp.dtype(cfg.frozen_dtype)
+    return jaxkd.Participant(model((arch, {**kwargs, "dtype": dtype})), cast_params(variables, dtype), trains=False)
+
+
 def trained_model_spec(cfg: config_lib.Config, name: str) -> tuple[str, dict]:
     """The architecture of a participant trained next to the student: an online teacher has the teacher's,
     a peer ``cfg.peer`` (default: the student's)."""
@@ -410,8 +422,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         if p in method.trains:
                             participants[p] = jaxkd.Participant(model(trained_model_spec(cfg, p)))
                         else:
-                            participants[p] = jaxkd.Participant(model(teacher_model_spec(cfg, p)),
-                                                                teacher_vars[seed][p], trains=False)
+                            participants[p] = frozen_participant(cfg, model, p, teacher_vars[seed][p])
                     train_split, meta_split = dataset.student_train, None
                     if method.meta_prefix is not None:
                         train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
@@ -422,6 +433,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                             mesh=runner.mesh,
                         )
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
+                              "frozen_dtype": cfg.frozen_dtype,
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
                               "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trains},
                               "teachers": {p: teacher_prints[seed][p] for p in method.participants

@@ -145,11 +145,13 @@ class TrainState(flax.struct.PyTreeNode):
         return self.replace(**tree)
 
 
-def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, who: str) -> None:
+def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, who: str,
+                          frozen: bool = False) -> None:
     """``variables`` has exactly the tree, shapes and dtypes of ``expected`` (e.g. ``eval_shape(model.init)``).
 
     Variables of another architecture would otherwise be accepted whenever the parts the model reads
-    happen to exist; the error names the first path that differs.
+    happen to exist; the error names the first path that differs. A ``frozen`` participant's floating
+    leaves may be in another floating dtype (a teacher run in bfloat16: ``participants.cast_params``).
     """
     got = dict(jax.tree_util.tree_flatten_with_path(dict(variables))[0])
     want = dict(jax.tree_util.tree_flatten_with_path(dict(expected))[0])
@@ -160,7 +162,9 @@ def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, 
         if path not in want:
             raise ValueError(f"{who} variables do not match the model: unexpected {describe(path)}")
         g, w = got[path], want[path]
-        if np.shape(g) != np.shape(w) or jnp.result_type(g) != jnp.result_type(w):
+        same_dtype = jnp.result_type(g) == jnp.result_type(w) or (
+            frozen and all(jnp.issubdtype(jnp.result_type(a), jnp.floating) for a in (g, w)))
+        if np.shape(g) != np.shape(w) or not same_dtype:
             raise ValueError(
                 f"{who} variables do not match the model at {describe(path)}: got "
                 f"{jnp.result_type(g)}{list(np.shape(g))}, the model has {jnp.result_type(w)}{list(np.shape(w))}"
@@ -318,7 +322,7 @@ def create(
         boxed[name] = jax.eval_shape(p.model.init, init_rngs[name], x)
         abstract_vars[name] = shd.unbox(boxed[name])
         if p.variables is not None:
-            check_variables_match(p.variables, abstract_vars[name], who=name)
+            check_variables_match(p.variables, abstract_vars[name], who=name, frozen=not p.trains)
         outputs[name] = jax.eval_shape(
             lambda v, x, p=p: p.model.apply(v, x, train=p.trains, rngs={"dropout": dropout_rng}), abstract_vars[name], x
         )

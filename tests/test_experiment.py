@@ -127,3 +127,16 @@ def test_a_resume_with_another_teacher_is_refused(tmp_path):
     distill.main(args + ["--set", f"teacher_checkpoint={tmp_path / 'teacher0' / 'seed{seed}'}"])
     with pytest.raises(ValueError, match=r"teachers\.teacher\.values: checkpoint has"):
         distill.main(args + ["--set", f"teacher_checkpoint={tmp_path / 'teacher1' / 'seed{seed}'}"])
+
+
+def test_a_bf16_frozen_teacher_is_recorded_and_a_resume_in_another_precision_is_refused(tmp_path):
+    args = (["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
+            + sum((["--set", s] for s in TINY), []) + ["--set", "seeds=(0,)", "--set", "methods={'kd': 'ce + kd'}"])
+    summary = distill.main(args + ["--set", "frozen_dtype=bfloat16"])
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert rows["kd"]["top1_mean"] > 20.0  # 10 classes: chance is 10%
+    assert json.load(open(tmp_path / "run" / "config.json"))["frozen_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        distill.main(args)  # the kd run's checkpoint was distilled from the bf16 teacher
+    with pytest.raises(ValueError, match="frozen_dtype must be one of"):
+        distill.main(args + ["--set", "frozen_dtype=float16"])
