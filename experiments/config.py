@@ -242,8 +242,8 @@ def validate(config: Config) -> None:
     Ranges: ``steps``, ``teacher_steps``, ``batch_size``, ``eval_batch_size``, ``eval_every``,
     ``meta_per_class`` >= 1; ``lr``, ``teacher_lr`` finite > 0; ``momentum`` in [0, 1);
     ``weight_decay`` finite >= 0; ``seeds`` a non-empty tuple of distinct integers >= 0; ``data_seed``
-    >= 0; ``labels_per_class`` None or >= 1; ``schedule`` in :data:`SCHEDULES`; ``frozen_dtype`` in :data:`FROZEN_DTYPES`; ``milestones`` strictly
-    increasing in (0, 1); ``augment`` in :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of
+    >= 0; ``labels_per_class`` None or >= 1; ``schedule`` in :data:`SCHEDULES`; ``frozen_dtype`` in
+    :data:`FROZEN_DTYPES`; ``milestones`` strictly increasing in (0, 1); ``augment`` in :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of
     run name -> method spec string; ``teacher_kwargs`` / ``student_kwargs`` dicts with string keys.
 
     Raises:
