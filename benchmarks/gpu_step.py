@@ -89,11 +89,12 @@ def main() -> None:
     if not rows:
         sys.exit("no row was measured")
     device = rows[0][3]["device"]
-    versions = {k: next((r[k] for *_, r in rows if k in r), "?") for k in ("jax_version", "torch_version")}
+    versions = {k: next((r[k] for *_, r in rows if k in r), None) for k in ("jax_version", "torch_version")}
     per_example = next((r["flops"] / b for n, _, b, r in rows if n == "jaxkd"), float("nan"))
     print(f"GPU figures. resnet32x4 -> resnet8x4 KD step (ce + kd, SGD), 32x32x3, on {device}; "
           f"{per_example / 1e9:.2f} GFLOP per example (XLA's count); median of 5 blocks of {args.steps} steps "
-          f"after {args.warmup} warm-up; jax {versions['jax_version']}, torch {versions['torch_version']}; "
+          f"after {args.warmup} warm-up; jax {versions['jax_version']}"
+          + (f", torch {versions['torch_version']}" if versions["torch_version"] else "") + "; "
           "matmul rate under jax.jit (8192³): "
           + ", ".join(f"{d} {g / 1e3:.0f} TFLOP/s" for d, g in peaks.items() if g))
     print("| implementation | dtype | batch | compile / first step (s) | ms/step | examples/s | TFLOP/s "
