@@ -19,6 +19,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import sys
@@ -54,13 +55,6 @@ def parse_hlo(text: str) -> tuple[dict, dict, dict]:
     return instructions, computations, calls
 
 
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
 def describe(name: str, instructions: dict) -> tuple[float, str] | None:
     """FLOPs and a label for one convolution or dot instruction (None for anything else)."""
     ins = instructions[name]
@@ -68,7 +62,7 @@ def describe(name: str, instructions: dict) -> tuple[float, str] | None:
         labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins["rest"]).groups()
         lhs, rhs = (instructions[o]["shape"] for o in ins["operands"][:2])
         out_features = rhs[labels[1].index("o")]
-        flops = 2 * _prod(ins["shape"]) * _prod(rhs) / out_features
+        flops = 2 * math.prod(ins["shape"]) * math.prod(rhs) / out_features
         window = re.search(r"size=(\w+)", ins["rest"]).group(1)
         stride = re.search(r"stride=(\w+)", ins["rest"])
         spatial = [ins["shape"][labels[2].index(c)] for c in "01"]
@@ -82,8 +76,8 @@ def describe(name: str, instructions: dict) -> tuple[float, str] | None:
     if ins["opcode"] == "dot":
         lhs = instructions[ins["operands"][0]]["shape"]
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins["rest"]).group(1)
-        k = _prod(lhs[int(d)] for d in contracting.split(",") if d)
-        return 2 * _prod(ins["shape"]) * k, f"dot {'x'.join(map(str, lhs))} -> {'x'.join(map(str, ins['shape']))}"
+        k = math.prod(lhs[int(d)] for d in contracting.split(",") if d)
+        return 2 * math.prod(ins["shape"]) * k, f"dot {'x'.join(map(str, lhs))} -> {'x'.join(map(str, ins['shape']))}"
     return None
 
 
