@@ -10,14 +10,17 @@ after overrides, so a bad value is reported up front, naming the field, instead 
 from __future__ import annotations
 
 import ast
+import collections.abc
 import dataclasses
+import difflib
 import functools
 import importlib.util
 import math
 import numbers
+import os
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -104,13 +107,108 @@ class Config:
 SCHEDULES = ("cosine", "multistep")
 FROZEN_DTYPES = ("float32", "bfloat16")
 
-# Range checks beyond the field's type (the type is checked first, see `_check_field`).
-_AT_LEAST_ONE = ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class")
+
+# ----- field checks: (name, value) -> None, raising ValueError naming the field -----
+
+
+def at_least(low: int) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        check_int(name, value, low=low)
+    return check
+
+
+def optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """``check`` unless the value is None."""
+    def optional_check(name: str, value: Any) -> None:
+        if value is not None:
+            check(name, value)
+    return optional_check
+
+
+def one_of(choices: tuple) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        check_choice(name, value, choices)
+    return check
+
+
+def check_seeds(name: str, value: Any) -> None:
+    if not value:
+        raise ValueError(f"{name} must be {_EXPECTED['seeds']}, got {name}={value!r}")
+    for i, seed in enumerate(value):
+        check_int(f"{name}[{i}]", seed, low=0)
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} must be distinct (each run is repeated per seed), got {name}={value!r}")
+
+
+def check_milestones(name: str, value: Any) -> None:
+    for i, milestone in enumerate(value):
+        check_number(f"{name}[{i}]", milestone, low=0.0, high=1.0, low_open=True, high_open=True)
+    if any(a >= b for a, b in zip(value, value[1:])):
+        raise ValueError(f"{name} must be strictly increasing fractions of the steps, got {name}={value!r}")
+
+
+def check_methods(name: str, value: Any) -> None:
+    if not value:
+        raise ValueError(f"{name} must be {_EXPECTED['methods']}, got {name}={value!r}")
+    for run, spec in value.items():
+        if not isinstance(run, str) or not run or "/" in run:
+            raise ValueError(f"{name} keys must be non-empty strings without '/' (run names), got {run!r}")
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(
+                f"{name}[{run!r}] must be a non-empty method spec string "
+                f"(e.g. 'ce + kd(temperature=4)'), got {spec!r}"
+            )
+
+
+def check_mesh(name: str, value: Any) -> None:
+    for axis, size in value.items():
+        if axis not in ("data", "fsdp", "tensor") or isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError(f"{name} must be {_EXPECTED['mesh']}, got {name}={value!r}")
+
+
+def check_teachers(name: str, value: Any) -> None:
+    for teacher, entry in value.items():
+        if not isinstance(teacher, str) or not teacher or teacher in ("teacher", "student") or "/" in teacher:
+            raise ValueError(f"{name} keys must be new participant names (not 'teacher'/'student'), got {teacher!r}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or set(entry) - {"model", "kwargs"}:
+            raise ValueError(f"{name}[{teacher!r}] must be {{'model': <name>, 'kwargs': {{...}}}}, got {entry!r}")
+
+
+def check_string_keys(name: str, value: Any) -> None:
+    for key in value:
+        if not isinstance(key, str):
+            raise ValueError(f"{name} keys must be strings (model keyword arguments), got {key!r}")
+
+
+def positive(name: str, value: Any) -> None:
+    check_positive(name, value)
+
+
+def nonnegative(name: str, value: Any) -> None:
+    check_nonnegative(name, value)
+
+
+def check_momentum(name: str, value: Any) -> None:
+    check_number(name, value, low=0.0, high=1.0, high_open=True)
+
+
+#: Range checks of :class:`Config`'s fields beyond their types (the type is checked first).
+Config.CHECKS = {
+    **{name: at_least(1) for name in
+       ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class")},
+    "lr": positive, "teacher_lr": positive, "momentum": check_momentum, "weight_decay": nonnegative,
+    "data_seed": at_least(0), "labels_per_class": optional(at_least(1)), "schedule": one_of(SCHEDULES),
+    "augment": one_of(AUGMENTATIONS), "frozen_dtype": one_of(FROZEN_DTYPES), "seeds": check_seeds,
+    "milestones": check_milestones, "methods": check_methods, "checkpoint_every": at_least(0),
+    "mesh": optional(check_mesh), "teachers": check_teachers, "teacher_kwargs": check_string_keys,
+    "student_kwargs": check_string_keys, "peer_kwargs": check_string_keys,
+}
 
 
 @functools.cache
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(Config)
+def _field_types(config_type: type) -> dict[str, Any]:
+    return {name: hint for name, hint in typing.get_type_hints(config_type).items()
+            if typing.get_origin(hint) is not typing.ClassVar}
 
 
 def _options(hint: Any) -> tuple[Any, ...]:
@@ -120,9 +218,15 @@ def _options(hint: Any) -> tuple[Any, ...]:
     return (hint,)
 
 
+def _runtime_type(option: Any) -> Any:
+    """The class ``isinstance`` checks for an annotation: ``Mapping[str, Any] -> Mapping``, ``tuple[int, ...]
+    -> tuple``."""
+    return typing.get_origin(option) or option
+
+
 _TYPE_NAMES = {
     str: "a string", int: "an integer", float: "a number", bool: "True or False", dict: "a dict",
-    tuple: "a tuple", type(None): "None",
+    collections.abc.Mapping: "a dict", tuple: "a tuple", type(None): "None",
 }
 # What a field must be, where its type alone says too little.
 _EXPECTED = {
@@ -140,7 +244,7 @@ _EXPECTED = {
 def _type_name(name: str, hint: Any) -> str:
     if name in _EXPECTED:
         return _EXPECTED[name]
-    return " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in _options(hint))
+    return " or ".join(_TYPE_NAMES.get(_runtime_type(t), getattr(t, "__name__", str(t))) for t in _options(hint))
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -158,8 +262,10 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
             ok = isinstance(value, numbers.Integral) and not is_bool
         elif option is float:
             ok = isinstance(value, numbers.Real) and not is_bool
+        elif option is Any:
+            ok = True
         else:
-            ok = option is not type(None) and isinstance(value, option)
+            ok = option is not type(None) and isinstance(value, _runtime_type(option))
         if ok:
             return
     # For plain number fields, the shared checks phrase the error as everywhere else in jaxkd.
@@ -172,107 +278,74 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
     )
 
 
-def _check_field(name: str, value: Any) -> None:
-    """Raises ``ValueError`` unless ``value`` is a valid value of the :class:`Config` field ``name``."""
-    _check_type(name, value, _field_types()[name])
-    if name in _AT_LEAST_ONE:
-        check_int(name, value, low=1)
-    elif name in ("lr", "teacher_lr"):
-        check_positive(name, value)
-    elif name == "momentum":
-        check_number(name, value, low=0.0, high=1.0, high_open=True)
-    elif name == "weight_decay":
-        check_nonnegative(name, value)
-    elif name == "data_seed":
-        check_int(name, value, low=0)
-    elif name == "labels_per_class" and value is not None:
-        check_int(name, value, low=1)
-    elif name == "schedule":
-        check_choice(name, value, SCHEDULES)
-    elif name == "augment":
-        check_choice(name, value, AUGMENTATIONS)
-    elif name == "frozen_dtype":
-        check_choice(name, value, FROZEN_DTYPES)
-    elif name == "seeds":
-        if not value:
-            raise ValueError(f"seeds must be {_EXPECTED['seeds']}, got seeds={value!r}")
-        for i, seed in enumerate(value):
-            check_int(f"seeds[{i}]", seed, low=0)
-        if len(set(value)) != len(value):
-            raise ValueError(f"seeds must be distinct (each run is repeated per seed), got seeds={value!r}")
-    elif name == "milestones":
-        for i, milestone in enumerate(value):
-            check_number(f"milestones[{i}]", milestone, low=0.0, high=1.0, low_open=True, high_open=True)
-        if any(a >= b for a, b in zip(value, value[1:])):
-            raise ValueError(
-                f"milestones must be strictly increasing fractions of the steps, got milestones={value!r}"
-            )
-    elif name == "methods":
-        if not value:
-            raise ValueError(f"methods must be {_EXPECTED['methods']}, got methods={value!r}")
-        for run, spec in value.items():
-            if not isinstance(run, str) or not run:
-                raise ValueError(f"methods keys must be non-empty strings (run names), got {run!r}")
-            if not isinstance(spec, str) or not spec.strip():
-                raise ValueError(
-                    f"methods[{run!r}] must be a non-empty method spec string "
-                    f"(e.g. 'ce + kd(temperature=4)'), got {spec!r}"
-                )
-    elif name == "checkpoint_every":
-        check_int(name, value, low=0)
-    elif name == "mesh" and value is not None:
-        for axis, size in value.items():
-            if axis not in ("data", "fsdp", "tensor") or isinstance(size, bool) or not isinstance(size, int):
-                raise ValueError(f"mesh must be {_EXPECTED['mesh']}, got mesh={value!r}")
-    elif name == "teachers":
-        for teacher, entry in value.items():
-            if not isinstance(teacher, str) or not teacher or teacher in ("teacher", "student") or "/" in teacher:
-                raise ValueError(f"teachers keys must be new participant names (not 'teacher'/'student'), got {teacher!r}")
-            if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or set(entry) - {"model", "kwargs"}:
-                raise ValueError(f"teachers[{teacher!r}] must be {{'model': <name>, 'kwargs': {{...}}}}, got {entry!r}")
-    elif name in ("teacher_kwargs", "student_kwargs", "peer_kwargs"):
-        for key in value:
-            if not isinstance(key, str):
-                raise ValueError(f"{name} keys must be strings (model keyword arguments), got {key!r}")
+def _check_field(config_type: type, name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is a valid value of ``config_type``'s field ``name``: its
+    annotated type, then the range check ``config_type.CHECKS[name]`` if it has one."""
+    _check_type(name, value, _field_types(config_type)[name])
+    check = getattr(config_type, "CHECKS", {}).get(name)
+    if check is not None:
+        check(name, value)
 
 
-def validate(config: Config) -> None:
-    """Checks every field of ``config`` against its annotated type and its valid range.
+def validate(config: Any) -> None:
+    """Checks every field of an experiment config (a dataclass instance: :class:`Config` or a language-model
+    experiment's) against its annotated type and the class's range checks (``CHECKS``: field -> check).
 
-    Ranges: ``steps``, ``teacher_steps``, ``batch_size``, ``eval_batch_size``, ``eval_every``,
+    :class:`Config`'s ranges: ``steps``, ``teacher_steps``, ``batch_size``, ``eval_batch_size``, ``eval_every``,
     ``meta_per_class`` >= 1; ``lr``, ``teacher_lr`` finite > 0; ``momentum`` in [0, 1);
     ``weight_decay`` finite >= 0; ``seeds`` a non-empty tuple of distinct integers >= 0; ``data_seed``
     >= 0; ``labels_per_class`` None or >= 1; ``schedule`` in :data:`SCHEDULES`; ``frozen_dtype`` in
-    :data:`FROZEN_DTYPES`; ``milestones`` strictly increasing in (0, 1); ``augment`` in :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of
-    run name -> method spec string; ``teacher_kwargs`` / ``student_kwargs`` dicts with string keys.
+    :data:`FROZEN_DTYPES`; ``milestones`` strictly increasing in (0, 1); ``augment`` in
+    :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of run name -> method spec string;
+    ``teacher_kwargs`` / ``student_kwargs`` dicts with string keys.
 
     Raises:
       ValueError: naming the first invalid field, what it must be and the value it has.
     """
-    if not isinstance(config, Config):
-        raise TypeError(f"expected an experiments.config.Config, got {type(config).__name__}")
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"expected an experiment config (a dataclass instance), got {type(config).__name__}")
     for field in dataclasses.fields(config):
-        _check_field(field.name, getattr(config, field.name))
+        _check_field(type(config), field.name, getattr(config, field.name))
+    extra_check = getattr(config, "check", None)
+    if extra_check is not None:  # checks across fields (e.g. microbatches dividing batch_size)
+        extra_check()
 
 
-def load(path: str | None) -> Config:
-    """``get_config()`` of the Python file at ``path`` (the defaults when ``path`` is None), validated.
+def unknown_key_message(kind: str, key: str, known: Sequence[str]) -> str:
+    """``unknown config key 'stpes' (did you mean 'steps'?); keys: [...]``."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {kind} {key!r}{hint}; keys: {sorted(known)}"
+
+
+def load(path: str | None, config_type: type = None) -> Any:
+    """``get_config()`` of the Python file at ``path`` (``config_type()``'s defaults when ``path`` is None),
+    validated. ``config_type`` (default :class:`Config`) is the experiment's config class: a file returning
+    another class is refused.
 
     Raises:
-      ValueError: a field of the config is invalid (see :func:`validate`); the message names the file.
+      FileNotFoundError: no file at ``path``.
+      ValueError: the file defines no ``get_config()``, returns another config class, or a field of the
+        config is invalid (see :func:`validate`); the message names the file.
     """
+    config_type = Config if config_type is None else config_type
     if path is None:
-        config = Config()
+        config = config_type()
         validate(config)
         return config
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {path}")
     spec = importlib.util.spec_from_file_location("jaxkd_experiment_config", path)
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"no config file at {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"{path} defines no get_config()")
     config = module.get_config()
-    if not isinstance(config, Config):
-        raise TypeError(f"{path}: get_config() must return experiments.config.Config")
+    if not isinstance(config, config_type):
+        raise ValueError(f"{path}: get_config() must return {config_type.__module__}.{config_type.__qualname__}, "
+                         f"got {type(config).__name__} (is it a config of another experiment script?)")
     try:
         validate(config)
     except ValueError as e:
@@ -309,7 +382,7 @@ def _typed(text: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     """Applies ``key=value`` overrides; ``methods.kd=...`` sets one entry of a dict field.
 
     Values are Python literals when they parse as one and strings otherwise, adapted to the field's
@@ -319,7 +392,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
       ValueError: an override is malformed, names an unknown key, or gives an invalid value; the
         message quotes the override as typed (``--set steps=abc: steps must be an integer ...``).
     """
-    types_ = _field_types()
+    config_type = type(config)
+    types_ = _field_types(config_type)
     changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -329,17 +403,17 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         value = _value(text)
         top, _, sub = key.partition(".")
         if top not in types_:
-            raise ValueError(f"unknown config key {top!r}; keys: {sorted(types_)}")
+            raise ValueError(f"--set {item}: " + unknown_key_message("config key", top, types_))
         try:
             if sub:
-                if types_[top] is not dict:
+                if _runtime_type(types_[top]) not in (dict, collections.abc.Mapping):
                     raise ValueError(f"{top} is not a dict field, so {key!r} cannot set an entry of it")
                 current = dict(changes.get(top, getattr(config, top)))
                 current[sub] = value
                 changes[top] = current
             else:
                 changes[top] = _typed(text, value, types_[top])
-            _check_field(top, changes[top])
+            _check_field(config_type, top, changes[top])
         except ValueError as e:
             raise ValueError(f"--set {item}: {e}") from None
     config = dataclasses.replace(config, **changes)

@@ -30,13 +30,11 @@ The run folder holds ``config.json``, ``metrics.jsonl`` (every train step and ev
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -48,12 +46,13 @@ from tqdm import tqdm
 
 import jaxkd
 from jaxkd import compilation_cache, data, methods, models, sharding
-from jaxkd.checkpoint import Checkpointer, fingerprint, load_variables, save_variables
+from jaxkd.checkpoint import fingerprint, load_variables, save_variables
 from jaxkd.participants import cast_params
 
 from experiments import config as config_lib
 from experiments import report
-from experiments.run_log import MetricsLog, Preempted, PreemptionFlag
+from experiments.run_log import PreemptionFlag
+from experiments.runner import Evaluation, Runner, entry_point, run_command
 from experiments.timing import Phases, describe
 
 log = logging.getLogger("jaxkd.experiment")
@@ -142,136 +141,46 @@ def data_config(cfg: config_lib.Config) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-class Runner:
-    """Trains one run (a teacher, or the student with one method) per call, resumably; the jitted steps are
-    built once and reused across runs and seeds."""
+def train_loader(cfg: config_lib.Config, dataset: Data, split: data.Split, seed: int, *,
+                 with_index: bool = False, batch_size: int | None = None) -> data.Loader:
+    """The shuffled, augmented, endless loader of a training split (resumable: ``get_state``/``set_state``)."""
+    return data.Loader(
+        split.images, split.labels, batch_size=batch_size or cfg.batch_size, mean=dataset.mean, std=dataset.std,
+        shuffle=True, seed=seed, drop_remainder=True, num_epochs=None, augment=cfg.augment,
+        num_classes=split.num_classes, with_index=with_index,
+    )
 
-    def __init__(self, cfg: config_lib.Config, dataset: Data, out_dir: str, progress: tqdm,
-                 preemption: PreemptionFlag, phases: Phases):
-        self.cfg, self.data, self.progress, self.out_dir = cfg, dataset, progress, out_dir
-        self.preemption, self.phases = preemption, phases
-        self.mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None
-        if self.mesh is not None:
-            sharding.check_batch_size(cfg.batch_size, self.mesh)
-        self.train_step = jaxkd.make_train_step(mesh=self.mesh)
-        # Frozen teachers are scored once per seed (the teacher phase), not at every evaluation.
-        self.eval_step = jaxkd.make_eval_step(mesh=self.mesh, frozen=False)
-        self.log = MetricsLog(out_dir, tensorboard=cfg.tensorboard)
 
-    def close(self) -> None:
-        self.log.close()
+def check_batch_size(cfg: config_lib.Config, dataset: Data, run_methods: dict[str, methods.Method]) -> None:
+    """Refuses a batch larger than a student's training split: the loader would have to cut it, while the
+    ``batch_size`` constant of the method specs (and any weight derived from it) kept the config's value."""
+    n, why = len(dataset.student_train), ""
+    if cfg.labels_per_class is not None:
+        why = f" (labels_per_class={cfg.labels_per_class})"
+    meta = [name for name, m in run_methods.items() if m.meta_prefix is not None]
+    if meta:  # those methods train on the rest after their meta set is held out
+        held = len(hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)[1])
+        n, why = n - held, f"{why} after the meta set of {meta[0]!r} is held out (meta_per_class={cfg.meta_per_class})"
+    if cfg.batch_size > n:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the student's training split: {n} examples"
+                         f"{why}; set batch_size <= {n}")
 
-    def _loader(self, split: data.Split, seed: int, with_index: bool = False) -> data.Loader:
-        return data.Loader(
-            split.images, split.labels, batch_size=min(self.cfg.batch_size, len(split)), mean=self.data.mean,
-            std=self.data.std, shuffle=True, seed=seed, drop_remainder=True, num_epochs=None,
-            augment=self.cfg.augment, num_classes=split.num_classes, with_index=with_index,
-        )
 
-    def evaluate(self, state) -> dict[str, float]:
-        with self.phases.phase("evaluation"):
-            return jaxkd.evaluate(state, self.data.test_batches, self.eval_step)
-
-    def fit(self, *, run: str, seed: int, state, split: data.Split, steps: int, lr_schedule, config: dict,
-            meta: data.Split | None = None, meta_prefix: str | None = None) -> tuple[Any, dict[str, float]]:
-        """Trains ``steps`` steps (resuming from the run's checkpoint when there is one), evaluating every
-        ``eval_every``; returns the state and the final evaluation (every participant's test accuracy).
-
-        With ``meta``, every batch also carries a batch of it under ``meta_prefix`` (``meta_image``,
-        ``meta_label``: for methods with a held-out meta objective, e.g. TGeo-KD). A step whose loss or
-        gradients are not finite raises (``jaxkd.steps.NonFiniteError``): the run stops there.
-        """
-        cfg = self.cfg
-        # Methods that index a per-example memory (CRD) read each example's row in `split`.
-        with self.phases.phase("batches"):
-            loaders = {"train": self._loader(split, seed, with_index="index" in state.method_def.batch_keys)}
-            if meta is not None:
-                loaders["meta"] = self._loader(meta, seed + 10_000)
-        with self.phases.phase("checkpoints"):
-            ckpt = Checkpointer(os.path.join(self.out_dir, "checkpoints", f"seed{seed}", run), max_to_keep=2)
-        try:
-            with self.phases.phase("checkpoints"):
-                restored = ckpt.restore(state.run_tree(), config=config) if ckpt.steps() else None
-            start, damaged = 0, set()
-            if restored is not None:
-                state = state.with_run_tree(restored.tree)
-                start, damaged = restored.step, set(restored.skipped)
-                for name, loader in loaders.items():
-                    loader.set_state(restored.extra["loaders"][name])
-                if restored.skipped:
-                    log.warning("run %s seed %d: resuming from step %d; damaged newer steps %s will be rewritten",
-                                run, seed, start, sorted(restored.skipped))
-                if restored.extra.get("final") is not None:
-                    self.progress.update(steps)
-                    return state, restored.extra["final"]
-                self.progress.update(start)
-            with self.phases.phase("logging"):
-                self.log.resume(run, seed, start if restored is not None else None)
-
-            def save(step: int, final: dict | None = None) -> None:
-                extra = {"loaders": {n: loader.get_state() for n, loader in loaders.items()}, "final": final}
-                with self.phases.phase("checkpoints"):
-                    ckpt.save(step, state.run_tree(), extra=extra, config=config, overwrite=step in damaged)
-
-            batches = (with_meta(b, next(loaders["meta"]), meta_prefix) if meta is not None else b
-                       for b in loaders["train"])
-            pending: list[tuple[int, dict]] = []  # device metrics, fetched at eval and save points
-            with self.phases.phase("logging"):
-                # The logged learning rate of every step, in one call: evaluating the schedule once per
-                # logged step dispatched a handful of eager ops each time (~1 ms a step).
-                learning_rates = np.asarray(jax.device_get(lr_schedule(np.arange(steps))), dtype=np.float64)
-
-            def flush() -> None:
-                with self.phases.phase("logging"):
-                    for s, m in jax.device_get(pending):
-                        self.log.write({"run": run, "seed": seed, "step": s, "lr": float(learning_rates[s - 1]),
-                                        **{k: float(v) for k, v in m.items()}})
-                    pending.clear()
-                    self.log.flush()
-
-            def evaluate(step: int) -> dict[str, float]:
-                flush()
-                result = self.evaluate(state)
-                with self.phases.phase("logging"):
-                    self.log.write({"run": run, "seed": seed, "step": step, "test_accuracy": result["accuracy"],
-                                    **{f"test_{k}": v for k, v in result.items() if k.endswith("_accuracy")}})
-                    self.log.flush()
-                return result
-
-            self.progress.set_description(f"{run} seed {seed}")
-            result = evaluate(0) if start == 0 else None
-            step_seconds, timed = 0.0, 0  # the steady-state step time (the first step compiles)
-            for step in range(start + 1, steps + 1):
-                with self.phases.phase("batches"):
-                    batch = next(batches)
-                began = time.perf_counter()
-                with self.phases.phase("steps"):
-                    state, metrics = self.train_step(state, batch)  # waits for the step: it reads its status
-                if step > start + 1:
-                    step_seconds, timed = step_seconds + time.perf_counter() - began, timed + 1
-                pending.append((step, metrics))
-                self.progress.update(1)
-                if step % cfg.eval_every == 0 or step == steps:
-                    result = evaluate(step)
-                    self.progress.set_postfix(test_acc=f"{100 * result['accuracy']:.1f}")
-                if step == steps:
-                    break
-                if self.preemption.requested:
-                    flush()
-                    save(step)
-                    with self.phases.phase("checkpoints"):
-                        ckpt.wait_until_finished()
-                    raise Preempted(run, seed, step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    flush()
-                    save(step)
-            if timed:  # a run resumed at its last step has no steady-state time of its own
-                result = {**result, "ms_per_step": 1000.0 * step_seconds / timed}
-            save(steps, final=result)
-            return state, result
-        finally:
-            with self.phases.phase("checkpoints"):
-                ckpt.close()  # waits for the last asynchronous save
+def fit(runner: Runner, cfg: config_lib.Config, dataset: Data, evaluation: Evaluation, *, run: str, seed: int,
+        state, split: data.Split, steps: int, lr_schedule, config: dict, meta: data.Split | None = None,
+        meta_prefix: str | None = None) -> tuple[Any, dict[str, float]]:
+    """One run of the experiment through :meth:`experiments.runner.Runner.fit`. With ``meta``, every batch also
+    carries a batch of it under ``meta_prefix`` (``meta_image``, ``meta_label``: for methods with a held-out
+    meta objective, e.g. TGeo-KD); meta batches hold at most the meta split (a few examples per class)."""
+    # Methods that index a per-example memory (CRD) read each example's row in `split`.
+    with runner.phases.phase("batches"):
+        loaders = {"train": train_loader(cfg, dataset, split, seed,
+                                         with_index="index" in state.method_def.batch_keys)}
+        if meta is not None:
+            loaders["meta"] = train_loader(cfg, dataset, meta, seed + 10_000, batch_size=min(cfg.batch_size, len(meta)))
+    combine = (lambda b: with_meta(b["train"], b["meta"], meta_prefix)) if meta is not None else None
+    return runner.fit(run=run, seed=seed, state=state, loaders=loaders, steps=steps, lr_schedule=lr_schedule,
+                      config=config, evaluation=evaluation, combine=combine)
 
 
 @dataclasses.dataclass
@@ -341,11 +250,9 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
 def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     phases = Phases()
     run_plan = plan(cfg, parse_methods(cfg))  # a bad spec fails before anything is loaded or trained
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
     with phases.phase("data"):
         dataset = load_data(cfg)
+    check_batch_size(cfg, dataset, parse_methods(cfg))
     num_classes = dataset.train.num_classes
     run_plan = plan(cfg, parse_methods(cfg, num_examples=len(dataset.student_train)))
 
@@ -371,12 +278,26 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     frozen = run_plan.frozen_teachers
     total = len(cfg.seeds) * (len(run_plan.methods) * cfg.steps + (cfg.teacher_steps * len(frozen) if train_teachers else 0))
     progress = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)
-    results: dict[str, list[float]] = {}
-    step_ms: dict[str, list[float | None]] = {}
-    row_info: dict[str, tuple[str, str]] = {}
+    rows: dict[str, report.Row] = {}
+
+    def add(row: str, model_name: str, method_text: str, result: dict, key: str = "accuracy", *,
+            compare: bool = True) -> None:
+        entry = rows.setdefault(row, report.Row(row, {"model": model_name, "method": f"`{method_text}`"}, [],
+                                                compare=compare))
+        entry.per_seed.append({"accuracy": result[key]})
+        entry.ms_per_step.append(result.get("ms_per_step") if key == "accuracy" else None)
+
     started = time.time()
+    mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None
+    if mesh is not None:
+        sharding.check_batch_size(cfg.batch_size, mesh)
+    # Frozen teachers are scored once per seed (the teacher phase), not at every evaluation.
+    eval_step = jaxkd.make_eval_step(mesh=mesh, frozen=False)
+    evaluation = Evaluation(lambda state: jaxkd.evaluate(state, dataset.test_batches, eval_step), prefix="test_",
+                            progress=("accuracy", ".3f"))
     with PreemptionFlag() as preemption:
-        runner = Runner(cfg, dataset, out_dir, progress, preemption, phases)
+        runner = Runner(out_dir, progress=progress, preemption=preemption, phases=phases, eval_every=cfg.eval_every,
+                        checkpoint_every=cfg.checkpoint_every, tensorboard=cfg.tensorboard, mesh=mesh)
         try:
             # Teachers first, for every seed; then each method over the seeds, so a method's compiled
             # programs serve all its seeds, and are dropped before the next method (each run compiles
@@ -393,11 +314,12 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         run = run_row(name)
                         with phases.phase("setup"):
                             state = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
-                                                 rng=teacher_rng, mesh=runner.mesh)
+                                                 rng=teacher_rng, mesh=mesh)
                         config = {**shared, "run": run, "seed": seed, "model": spec[0], "kwargs": spec[1],
                                   "steps": cfg.teacher_steps, "lr": cfg.teacher_lr}
-                        state, _ = runner.fit(run=run, seed=seed, state=state, split=dataset.train,
-                                              steps=cfg.teacher_steps, lr_schedule=teacher_schedule, config=config)
+                        state, _ = fit(runner, cfg, dataset, evaluation, run=run, seed=seed, state=state,
+                                       split=dataset.train, steps=cfg.teacher_steps, lr_schedule=teacher_schedule,
+                                       config=config)
                         teacher_dir = os.path.join(out_dir, "teachers", f"seed{seed}", name)
                         with phases.phase("checkpoints"):
                             save_variables(teacher_dir, jax.device_get(state.student.variables()))
@@ -410,9 +332,10 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         teacher_prints[seed][name] = teacher_fingerprint(teacher_vars[seed][name])
                         evaluated = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
                                                  rng=teacher_rng, student_variables=teacher_vars[seed][name],
-                                                 mesh=runner.mesh)
-                    row_info[run_row(name)] = (spec[0], "ce (full train split)")
-                    results.setdefault(run_row(name), []).append(runner.evaluate(evaluated)["accuracy"])
+                                                 mesh=mesh)
+                    with phases.phase("evaluation"):
+                        add(run_row(name), spec[0], "ce (full train split)", evaluation.evaluate(evaluated),
+                            compare=False)
             jax.clear_caches()
             for name, method in run_plan.methods.items():
                 for seed in cfg.seeds:
@@ -430,7 +353,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         state = jaxkd.create(
                             student=student, method=method, tx=student_tx, rng=student_rng, participants=participants,
                             sample_batch=with_meta(with_index(sample, method), sample, method.meta_prefix),
-                            mesh=runner.mesh,
+                            mesh=mesh,
                         )
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
                               "frozen_dtype": cfg.frozen_dtype,
@@ -438,16 +361,13 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                               "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trains},
                               "teachers": {p: teacher_prints[seed][p] for p in method.participants
                                            if p not in method.trains}}
-                    state, result = runner.fit(run=name, seed=seed, state=state, split=train_split, steps=cfg.steps,
-                                               lr_schedule=student_schedule, config=config, meta=meta_split,
-                                               meta_prefix=method.meta_prefix)
-                    results.setdefault(name, []).append(result["accuracy"])
-                    step_ms.setdefault(name, []).append(result.get("ms_per_step"))
-                    row_info[name] = (cfg.student, cfg.methods[name])
+                    state, result = fit(runner, cfg, dataset, evaluation, run=name, seed=seed, state=state,
+                                        split=train_split, steps=cfg.steps, lr_schedule=student_schedule,
+                                        config=config, meta=meta_split, meta_prefix=method.meta_prefix)
+                    add(name, cfg.student, cfg.methods[name], result)
                     for p in method.trains:
-                        row = f"{name}/{p}"
-                        results.setdefault(row, []).append(result[f"{p}_accuracy"])
-                        row_info[row] = (trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})")
+                        add(f"{name}/{p}", trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})", result,
+                            f"{p}_accuracy", compare=False)
                     del state
                 jax.clear_caches()
         finally:
@@ -455,12 +375,18 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             progress.close()
 
     with phases.phase("report"):
-        summary = report.summarize(cfg, results, row_info, seconds=time.time() - started, step_ms=step_ms,
-                                   num_train=len(dataset.train),
-                                   num_student_train=len(dataset.student_train),
-                                   num_test=int(sum(b["mask"].sum() for b in dataset.test_batches)))
-        report.plot_learning_curves(os.path.join(out_dir, "metrics.jsonl"),
-                                    os.path.join(out_dir, "learning_curves.png"))
+        num_train, num_student = len(dataset.train), len(dataset.student_train)
+        labeled = f"{num_student} labeled" if num_student != num_train else f"all {num_train}"
+        num_test = int(sum(b["mask"].sum() for b in dataset.test_batches))
+        caption = (f"{cfg.dataset}: teacher trained on {num_train} images for {cfg.teacher_steps} steps; student "
+                   f"on {labeled} images for {cfg.steps} steps; test top-1 on {num_test} images after the last "
+                   f"step, mean ± std over seeds {tuple(cfg.seeds)}.")
+        summary = report.summarize(list(rows.values()), [report.Metric("accuracy", "top1", "top-1 (%)", 100.0, 2)],
+                                   baseline="scratch", caption=caption, seconds=time.time() - started)
+        summary["config"] = dataclasses.asdict(cfg)
+        report.plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "learning_curves.png"),
+                           [("loss", "train loss"), ("test_accuracy", "test top-1")], log_scale=("loss",),
+                           smooth=("loss",))
     summary["time"] = phases.breakdown()
     summary["compiles"] = compilation_cache.compile_counts()
     report.write(out_dir, summary)
@@ -479,32 +405,17 @@ def run_row(teacher_name: str) -> str:
     return "teacher" if teacher_name == "teacher" else f"teacher:{teacher_name}"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "digits.py"),
-                        help="a Python file with get_config() (default: the digits experiment)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field; repeatable")
-    parser.add_argument("--out", default=None, help="run folder (default: <out_dir>/<name>-<time>)")
-    args = parser.parse_args(argv)
-    cfg = config_lib.apply_overrides(config_lib.load(args.config), args.overrides)
-    out_dir = args.out or os.path.join(cfg.out_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if cfg.distributed:
-        sharding.initialize_distributed()
-    compilation_cache.enable(cfg.compilation_cache)
-    try:
-        summary = run_experiment(cfg, out_dir)
-    except Preempted as e:
-        print(f"\n{e}; re-run the same command with --out {out_dir} to resume", file=sys.stderr)
-        raise SystemExit(143) from None
-    print()
-    print(summary["table"])
+def time_line(summary: dict[str, Any]) -> str:
     counts = summary["compiles"]
-    print(f"\ntime by phase: {describe(summary['time'])} ({counts['compiled']} programs compiled, "
-          f"{counts['loaded']} loaded from the compilation cache)", file=sys.stderr)
-    print(f"run folder: {out_dir}", file=sys.stderr)
-    return summary
+    return (f"\ntime by phase: {describe(summary['time'])} ({counts['compiled']} programs compiled, "
+            f"{counts['loaded']} loaded from the compilation cache)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_command(argv, run_experiment, description=__doc__, config_type=config_lib.Config,
+                       default_config=os.path.join(os.path.dirname(__file__), "configs", "digits.py"),
+                       epilogue=time_line)
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

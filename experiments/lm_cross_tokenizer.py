@@ -38,27 +38,35 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 import jaxkd
-from jaxkd import losses, methods
+from jaxkd import methods
 from jaxkd.data import text
 from jaxkd.data.bpe import BPETokenizer, train_bpe
 from jaxkd.data.cross_tokenizer import PARALLEL_KEYS, ParallelBatches, ParallelText, check_byte_counts, parallel_rows
 from jaxkd.data.stdlib_corpus import stdlib_corpus_texts
 from jaxkd.models import lm as lm_models
+from experiments import config as config_lib
+from experiments import report
 from experiments.lm_distill import parse_methods as lm_parse_methods
 from experiments.lm_distill import (
+    LM_CHECKS,
     TEACHER_SEED,
-    cli,
-    metrics_recorder,
     LMExperiment,
-    lm_participant,
+    check_lm_batch,
+    corpus_source,
+    lm_runner,
     load_corpus,
-    optimizer,
     pretrained_teacher,
-    train,
+    student_config,
+    teacher_identity,
     write_results,
 )
+from experiments.lm_training import bpb_evaluator, lm_participant, optimizer, padded_batches, schedule
+from experiments.run_log import PreemptionFlag
+from experiments.runner import Evaluation, entry_point, run_command
+from experiments.timing import Phases
 
 _LM = LMExperiment()
 
@@ -113,9 +121,14 @@ class CrossTokenizerExperiment:
     })
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_every: int = _LM.eval_every
+    checkpoint_every: int = _LM.checkpoint_every
+    tensorboard: bool = _LM.tensorboard
     out_dir: str = _LM.out_dir
     corpus_dir: str | None = _LM.corpus_dir
     compilation_cache: str | None = _LM.compilation_cache
+
+    def check(self) -> None:
+        check_lm_batch(self)
 
     def teacher_experiment(self) -> LMExperiment:
         """The LM experiment whose teacher this one uses (its fields that define the teacher)."""
@@ -124,6 +137,10 @@ class CrossTokenizerExperiment:
                             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
                             microbatches=self.microbatches, eval_every=self.eval_every, out_dir=self.out_dir,
                             corpus_dir=self.corpus_dir)
+
+
+CrossTokenizerExperiment.CHECKS = {**LM_CHECKS, "student_len": config_lib.at_least(2),
+                                   "bpe_vocab_size": config_lib.at_least(259)}
 
 
 def parse_methods(cfg: CrossTokenizerExperiment) -> dict[str, methods.Method]:
@@ -169,42 +186,7 @@ def cached_parallel_rows(files, bpe: BPETokenizer, cfg: CrossTokenizerExperiment
     return data
 
 
-def bpb_evaluator(model: jaxkd.models.Model, batches: list[dict[str, np.ndarray]], num_bytes: int):
-    """``variables -> validation bits per byte`` of ``model`` over ``batches``, compiled once (the LM
-    experiment's :func:`experiments.lm_distill.validation_bpb`, without a new trace per call)."""
-    @jax.jit
-    def nats(variables, tokens, mask):
-        logits = model.apply(variables, {"tokens": tokens, "mask": mask}, train=False).logits
-        targets, target_mask = losses.next_token_targets(tokens, mask)
-        return losses.cross_entropy(logits[:, :-1], targets, mask=target_mask, reduction="sum")
-
-    def evaluate(variables) -> float:
-        total = sum(float(nats(variables, b["tokens"], b["mask"])) for b in batches)
-        return text.bits_per_byte(total, num_bytes)
-
-    return evaluate
-
-
-def eval_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Rows in order as ``{"tokens", "mask"}`` batches, the last one padded with fully masked rows."""
-    pad = -len(tokens) % batch_size
-    tokens = np.concatenate([tokens, np.full((pad, tokens.shape[1]), text.PAD_ID, np.int32)])
-    mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
-    return [{"tokens": tokens[i:i + batch_size], "mask": mask[i:i + batch_size]}
-            for i in range(0, len(tokens), batch_size)]
-
-
 # ----- the teacher -----
-
-
-def load_or_pretrain_teacher(lm_cfg: LMExperiment, record) -> tuple[lm_models.LMConfig, Any, str]:
-    """The default teacher of :func:`experiments.lm_distill.run_experiment` for ``lm_cfg``
-    (:func:`experiments.lm_distill.pretrained_teacher` with its data and seed): loaded from
-    ``<out_dir>/teachers/<key>``, else pretrained there, for both experiments. Returns ``(LMConfig, variables,
-    directory)``."""
-    teacher_cfg, _, variables, _, directory = pretrained_teacher(
-        lm_cfg, load_corpus(lm_cfg), "teacher", lm_cfg.teacher, TEACHER_SEED, record)
-    return teacher_cfg, variables, directory
 
 
 def cached_teacher_log_probs(teacher_cfg, teacher_vars, teacher_dir: str, data: ParallelText, key: str,
@@ -230,132 +212,120 @@ def cached_teacher_log_probs(teacher_cfg, teacher_vars, teacher_dir: str, data: 
 
 def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any]:
     start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
+    phases = Phases()
     run_methods = parse_methods(cfg)  # every spec checked before anything trains
     data_dir = os.path.join(cfg.out_dir, "tfds")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    metrics_file = open(metrics_path, "a")
-    recorder = metrics_recorder(metrics_file)
 
-    # The student's tokenizer, learned on the training split only.
-    train_files = stdlib_corpus_texts("train", data_dir=data_dir, source_dir=cfg.corpus_dir,
-                                      max_files=cfg.max_train_files)
-    bpe_start = time.time()
-    bpe = train_bpe([t for _, t in train_files], cfg.bpe_vocab_size)
-    bpe_seconds = time.time() - bpe_start
-    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
-        f.write(bpe.to_json())
-    train_data = cached_parallel_rows(train_files, bpe, cfg, split="train")
-    bytes_per_bpe_token = train_data.num_byte_targets / int(
-        (train_data.student_mask[:, 1:] & train_data.student_mask[:, :-1]).sum())
-    # Scored windows of each held-out split: the same bytes are the targets under both tokenizers.
-    evals: dict[str, dict[str, Any]] = {}
-    for split in EVAL_SPLITS:
-        files = stdlib_corpus_texts(split, data_dir=data_dir, source_dir=cfg.corpus_dir, max_files=cfg.max_eval_files)
-        data = cached_parallel_rows(files, bpe, cfg, split=split, max_rows=cfg.max_eval_rows)
-        evals[split] = {"num_bytes": check_byte_counts(data, text.ByteTokenizer(), bpe),
-                        "byte": eval_batches(data.tokens, data.mask, cfg.batch_size),
-                        "bpe": eval_batches(data.student_tokens, data.student_mask, cfg.batch_size)}
+    with phases.phase("data"):
+        # The student's tokenizer, learned on the training split only.
+        train_files = stdlib_corpus_texts("train", data_dir=data_dir, source_dir=cfg.corpus_dir,
+                                          max_files=cfg.max_train_files)
+        bpe_start = time.time()
+        bpe = train_bpe([t for _, t in train_files], cfg.bpe_vocab_size)
+        bpe_seconds = time.time() - bpe_start
+        with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+            f.write(bpe.to_json())
+        train_data = cached_parallel_rows(train_files, bpe, cfg, split="train")
+        train_key = rows_key(train_files, bpe, cfg, split="train", max_rows=None)
+        bytes_per_bpe_token = train_data.num_byte_targets / int(
+            (train_data.student_mask[:, 1:] & train_data.student_mask[:, :-1]).sum())
+        # Scored windows of each held-out split: the same bytes are the targets under both tokenizers.
+        evals: dict[str, dict[str, Any]] = {}
+        for split in EVAL_SPLITS:
+            files = stdlib_corpus_texts(split, data_dir=data_dir, source_dir=cfg.corpus_dir,
+                                        max_files=cfg.max_eval_files)
+            data = cached_parallel_rows(files, bpe, cfg, split=split, max_rows=cfg.max_eval_rows)
+            evals[split] = {"num_bytes": check_byte_counts(data, text.ByteTokenizer(), bpe),
+                            "byte": padded_batches(data.tokens, data.mask, cfg.batch_size),
+                            "bpe": padded_batches(data.student_tokens, data.student_mask, cfg.batch_size)}
+        lm_cfg = cfg.teacher_experiment()
+        lm_corpus = load_corpus(lm_cfg)
     print(f"BPE: {bpe.vocab_size} tokens in {bpe_seconds:.1f} s, {bytes_per_bpe_token:.2f} bytes per token; "
           f"{len(train_data)} training windows; scored: "
           + ", ".join(f"{split} {e['num_bytes']} bytes" for split, e in evals.items()), file=sys.stderr)
 
     def evaluator(model, kind: str):
-        """``variables -> {split: bits per byte}``."""
+        """``variables -> {"<split>_bpb": bits per byte}``."""
         fns = {split: bpb_evaluator(model, e[kind], e["num_bytes"]) for split, e in evals.items()}
-        return lambda variables: {split: fn(variables) for split, fn in fns.items()}
+        return lambda variables: {f"{split}_bpb": fn(variables) for split, fn in fns.items()}
 
-    teacher_cfg, teacher_vars, teacher_dir = load_or_pretrain_teacher(cfg.teacher_experiment(), recorder("teacher", 0))
-    teacher_bpb = evaluator(lm_models.lm(teacher_cfg), "byte")(teacher_vars)
-    print(f"teacher on the windows: {teacher_bpb}", file=sys.stderr)
+    def observe(state, result):  # DistiLLM's adaptive schedule reads the validation loss (nats per byte)
+        return methods.observe_validation_loss(state, result[f"{EVAL_SPLITS[0]}_bpb"] * np.log(2.0))
 
     configs = {
         "byte": lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student),
         "bpe": lm_models.LMConfig(vocab_size=bpe.vocab_size, max_len=cfg.student_len, **cfg.student),
     }
-    extra = {}
-    if any(CACHE_KEY in m.batch_keys for m in run_methods.values()):
-        extra[CACHE_KEY] = cached_teacher_log_probs(
-            teacher_cfg, teacher_vars, teacher_dir, train_data,
-            rows_key(train_files, bpe, cfg, split="train", max_rows=None), cfg.batch_size)
-    results: dict[str, list[dict[str, float]]] = {}
-    step_ms: dict[str, list[float]] = {}
-    for run, method in run_methods.items():
-        kind = "bpe" if uses_bpe(method) else "byte"
-        student_model = lm_models.lm(configs[kind])
-        evaluate = evaluator(student_model, kind)
-        student_input = methods.student_input if kind == "bpe" else ("tokens", "mask")
-        for seed in cfg.seeds:
-            parts = {"student": jaxkd.participants.student(student_model, input=student_input)}
-            if method.participants:
-                parts["teacher"] = lm_participant(teacher_cfg, teacher_vars, trains=False)
-            batches = ParallelBatches(train_data, batch_size=cfg.batch_size, seed=seed,
-                                      extra=extra if CACHE_KEY in method.batch_keys else None)
-            state = jaxkd.create(participants=parts, method=method,
-                                 tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
-                                 sample_batch=batches.batch(0, 0), rng=jax.random.PRNGKey(seed))
-            state, ms = train(state, batches, cfg.steps, microbatches=cfg.microbatches, eval_every=cfg.eval_every,
-                              record=recorder(run, seed),
-                              eval_fn=lambda s: evaluate(s.student.variables())[EVAL_SPLITS[0]])
-            results.setdefault(run, []).append(evaluate(state.student.variables()))
-            step_ms.setdefault(run, []).append(ms)
-    metrics_file.close()
-    summary = summarize(cfg, teacher_cfg, configs, run_methods, teacher_bpb, results, step_ms,
-                        seconds=time.time() - start, num_train_rows=len(train_data),
-                        num_eval_bytes={split: e["num_bytes"] for split, e in evals.items()},
-                        bytes_per_bpe_token=bytes_per_bpe_token)
-    write_results(out_dir, summary, metrics_path)
+    progress = tqdm(total=len(run_methods) * len(cfg.seeds) * cfg.steps, unit="step", dynamic_ncols=True,
+                    mininterval=0.5)
+    rows: list[report.Row] = []
+    with PreemptionFlag() as preemption:
+        runner = lm_runner(cfg, out_dir, progress=progress, preemption=preemption, phases=phases)
+        try:
+            teacher = pretrained_teacher(lm_cfg, runner, lm_corpus, "teacher", lm_cfg.teacher, TEACHER_SEED)
+            teacher_bpb = evaluator(lm_models.lm(teacher.config), "byte")(teacher.variables)
+            print(f"teacher on the windows: {teacher_bpb}", file=sys.stderr)
+            rows.append(report.Row("teacher", {"tokenizer": f"bytes ({teacher.config.vocab_size})",
+                                               "method": f"`lm_ce` ({teacher.steps} steps)",
+                                               "params": f"{teacher.config.num_params / 1e6:.2f}M"},
+                                   [teacher_bpb], compare=False))
+            extra = {}
+            if any(CACHE_KEY in m.batch_keys for m in run_methods.values()):
+                extra[CACHE_KEY] = cached_teacher_log_probs(teacher.config, teacher.variables, teacher.directory,
+                                                            train_data, train_key, cfg.batch_size)
+            for run, method in run_methods.items():
+                kind = "bpe" if uses_bpe(method) else "byte"
+                student_model = lm_models.lm(configs[kind])
+                evaluation = Evaluation(lambda s, f=evaluator(student_model, kind): f(s.student.variables()),
+                                        prefix="", after=observe, progress=(f"{EVAL_SPLITS[0]}_bpb", ".4f"))
+                student_input = methods.student_input if kind == "bpe" else ("tokens", "mask")
+                per_seed, ms = [], []
+                for seed in cfg.seeds:
+                    parts = {"student": jaxkd.participants.student(student_model, input=student_input)}
+                    if "teacher" in method.participants:
+                        parts["teacher"] = lm_participant(teacher.config, teacher.variables, trains=False)
+                    batches = ParallelBatches(train_data, batch_size=cfg.batch_size, seed=seed,
+                                              extra=extra if CACHE_KEY in method.batch_keys else None)
+                    with phases.phase("setup"):
+                        state = jaxkd.create(participants=parts, method=method,
+                                             tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
+                                             sample_batch=batches.batch(0, 0), rng=jax.random.PRNGKey(seed))
+                    config = student_config(cfg, cfg.methods[run], seed, rows=train_key, tokenizer=kind,
+                                            student_len=cfg.student_len, teacher=teacher_identity(teacher)
+                                            if "teacher" in method.participants else None)
+                    _, result = runner.fit(run=run, seed=seed, state=state, loaders={"train": batches},
+                                           steps=cfg.steps, lr_schedule=schedule(cfg.lr, cfg.steps, cfg.warmup_steps),
+                                           config=config, evaluation=evaluation)
+                    per_seed.append({k: result[k] for k in teacher_bpb})
+                    ms.append(result.get("ms_per_step"))
+                tokenizer = (f"BPE ({configs[kind].vocab_size})" if kind == "bpe"
+                             else f"bytes ({configs[kind].vocab_size})")
+                rows.append(report.Row(run, {"tokenizer": tokenizer, "method": f"`{cfg.methods[run]}`",
+                                             "params": f"{configs[kind].num_params / 1e6:.2f}M"}, per_seed, ms,
+                                       extra={"tokenizer": kind, "vocab_size": configs[kind].vocab_size}))
+                jax.clear_caches()
+        finally:
+            runner.close()
+            progress.close()
+    scored = ", ".join(f"{split} {e['num_bytes']}" for split, e in evals.items())
+    caption = (f"{corpus_source(cfg)}; windows of at most "
+               f"{cfg.seq_len - 1} bytes ({cfg.seq_len} byte tokens, {cfg.student_len} BPE tokens with BOS; "
+               f"{len(train_data)} training windows); BPE learned on the training files, {bytes_per_bpe_token:.2f} "
+               f"bytes per token. Students trained {cfg.steps} steps of {cfg.batch_size} windows; bits per byte over "
+               f"the first {cfg.max_eval_rows} windows of each held-out split (the same bytes for every tokenizer: "
+               f"{scored}), mean ± std over seeds {tuple(cfg.seeds)}. Wall time {(time.time() - start) / 60:.1f} min.")
+    summary = report.summarize(rows, [report.Metric(f"{split}_bpb", f"{split}_bpb", f"{split} bits/byte")
+                                      for split in EVAL_SPLITS],
+                               baseline="bpe_scratch", caption=caption, seconds=time.time() - start)
+    summary["rows"] = [r for r in summary["rows"] if r["run"] != "teacher"]
+    summary.update(config=dataclasses.asdict(cfg), teacher_bpb=dict(teacher_bpb), time=phases.breakdown())
+    write_results(out_dir, summary, [(f"{EVAL_SPLITS[0]}_bpb", f"{EVAL_SPLITS[0]} bits per byte")])
     return summary
 
 
-def summarize(cfg: CrossTokenizerExperiment, teacher_cfg, configs, run_methods, teacher_bpb: Mapping[str, float],
-              results, step_ms, *, seconds: float, num_train_rows: int, num_eval_bytes: Mapping[str, int],
-              bytes_per_bpe_token: float) -> dict[str, Any]:
-    """The Markdown table (bits per byte per held-out split, Δ against ``bpe_scratch``) and the JSON rows."""
-    def stats(values):
-        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-    base = {split: stats([r[split] for r in results["bpe_scratch"]])[0] for split in EVAL_SPLITS} \
-        if "bpe_scratch" in results else None
-    head = "".join(f" {split} bits/byte | Δ vs bpe_scratch |" for split in EVAL_SPLITS)
-    lines = [f"| run | tokenizer | method | params |{head} ms/step |",
-             "|---|---|---|---|" + "---|---|" * len(EVAL_SPLITS) + "---|"]
-    teacher_cells = "".join(f" {teacher_bpb[split]:.4f} | |" for split in EVAL_SPLITS)
-    lines.append(f"| teacher | bytes (259) | `lm_ce` ({cfg.teacher_steps} steps) | "
-                 f"{teacher_cfg.num_params / 1e6:.2f}M |{teacher_cells} |")
-    rows = []
-    for run, per_seed in results.items():
-        kind = "bpe" if uses_bpe(run_methods[run]) else "byte"
-        student_cfg = configs[kind]
-        row = {"run": run, "tokenizer": kind, "vocab_size": student_cfg.vocab_size, "method": cfg.methods[run],
-               "ms_per_step": float(np.mean(step_ms[run]))}
-        cells = ""
-        for split in EVAL_SPLITS:
-            values = [r[split] for r in per_seed]
-            mean, std = stats(values)
-            row.update({f"{split}_bpb_mean": mean, f"{split}_bpb_std": std, f"{split}_bpb_per_seed": values})
-            delta = "" if base is None or run == "bpe_scratch" else f"{mean - base[split]:+.4f}"
-            cells += f" {mean:.4f} ± {std:.4f} | {delta} |"
-        rows.append(row)
-        tokenizer = f"BPE ({student_cfg.vocab_size})" if kind == "bpe" else f"bytes ({student_cfg.vocab_size})"
-        lines.append(f"| {run} | {tokenizer} | `{cfg.methods[run]}` | {student_cfg.num_params / 1e6:.2f}M |{cells} "
-                     f"{row['ms_per_step']:.0f} |")
-    scored = ", ".join(f"{split} {n}" for split, n in num_eval_bytes.items())
-    source = (f"Python {sys.version_info.major}.{sys.version_info.minor} standard library" if cfg.corpus_dir is None
-              else f"the .py files of {cfg.corpus_dir}")
-    caption = (f"{source}; windows of at most "
-               f"{cfg.seq_len - 1} bytes ({cfg.seq_len} byte tokens, {cfg.student_len} BPE tokens with BOS; "
-               f"{num_train_rows} training windows); BPE learned on the training files, {bytes_per_bpe_token:.2f} "
-               f"bytes per token. Students trained {cfg.steps} steps of {cfg.batch_size} windows; bits per byte over "
-               f"the first {cfg.max_eval_rows} windows of each held-out split (the same bytes for every tokenizer: "
-               f"{scored}), mean ± std over seeds {tuple(cfg.seeds)}. Wall time {seconds / 60:.1f} min.")
-    return {"config": dataclasses.asdict(cfg), "teacher_bpb": dict(teacher_bpb), "rows": rows,
-            "table": "\n".join(lines) + "\n\n" + caption, "seconds": seconds}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli(argv, run_experiment, default=CrossTokenizerExperiment, description=__doc__)
+    return run_command(argv, run_experiment, description=__doc__, config_type=CrossTokenizerExperiment)
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

@@ -40,24 +40,18 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-import jaxkd
-from jaxkd import losses, methods
-from jaxkd.checkpoint import load_variables, save_variables
+from jaxkd import losses
 from jaxkd.data import text
 from jaxkd.data.stdlib_corpus import stdlib_corpus_texts
 from jaxkd.models import fusion
 from jaxkd.models import lm as lm_models
-from experiments.lm_distill import (
-    _config_hash,
-    cli,
-    load_config,
-    lm_participant,
-    optimizer,
-    train,
-    validation_bpb,
-    with_normalizer,
-)
+from experiments import config as config_lib
+from experiments.lm_training import bpb_evaluator, padded_batches, pretrained_lm
+from experiments.run_log import PreemptionFlag
+from experiments.runner import Runner, entry_point, run_command
+from experiments.timing import Phases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +99,26 @@ class LMFusionExperiment:
     prompt_bytes: int = 40
     new_tokens: int = 80
     seed: int = 0
+    checkpoint_every: int = 100
+    tensorboard: bool = True
     out_dir: str = "runs"
     corpus_dir: str | None = None
     compilation_cache: str | None = "default"
+
+
+def check_domains(name: str, value: Any) -> None:
+    if not value or len(set(value)) != len(value) or not all(isinstance(d, str) and d for d in value):
+        raise ValueError(f"{name} must be distinct package names (folders of the corpus), got {name}={value!r}")
+
+
+LMFusionExperiment.CHECKS = {
+    **{name: config_lib.at_least(1) for name in
+       ("base_steps", "tune_steps", "batch_size", "max_eval_rows", "prompt_bytes", "new_tokens")},
+    "seq_len": config_lib.at_least(2), "warmup_steps": config_lib.at_least(0), "seed": config_lib.at_least(0),
+    "checkpoint_every": config_lib.at_least(0), "max_general_files": config_lib.optional(config_lib.at_least(1)),
+    "base_lr": config_lib.positive, "tune_lr": config_lib.positive, "weight_decay": config_lib.nonnegative,
+    "domains": check_domains,
+}
 
 
 #: The default run's config file.
@@ -140,54 +151,12 @@ def eval_set(data: text.PackedText, max_rows: int, batch_size: int) -> dict[str,
     """``max_rows`` rows evenly spaced over the packed rows (spread over the files), in batches padded with
     fully masked rows, and the number of bytes their targets stand for."""
     rows = np.unique(np.linspace(0, len(data) - 1, min(max_rows, len(data))).round().astype(int))
-    tokens, mask = data.tokens[rows], data.mask[rows]
-    pad = -len(rows) % batch_size
-    tokens = np.concatenate([tokens, np.full((pad, tokens.shape[1]), text.PAD_ID, np.int32)])
-    mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
-    batches = [{"tokens": tokens[i:i + batch_size], "mask": mask[i:i + batch_size]}
-               for i in range(0, len(tokens), batch_size)]
-    num_bytes = text.count_byte_targets(tokens, mask, text.ByteTokenizer().token_byte_lengths)
+    batches = padded_batches(data.tokens[rows], data.mask[rows], batch_size)
+    num_bytes = text.count_byte_targets(data.tokens[rows], data.mask[rows], text.ByteTokenizer().token_byte_lengths)
     return {"batches": batches, "num_bytes": num_bytes, "rows": len(rows)}
 
 
 # ----- models -----
-
-
-def train_or_load(cache_root: str, key: dict[str, Any], config: lm_models.LMConfig, data: text.PackedText, *,
-                  init_variables, steps: int, lr: float, cfg: LMFusionExperiment, eval_rows: dict[str, Any],
-                  label: str) -> Any:
-    """A model trained with next-token cross-entropy (from ``init_variables``, or fresh when None), saved in
-    ``cache_root/<hash of key>`` and reused when that folder holds it."""
-    directory = os.path.abspath(os.path.join(cache_root, _config_hash(key)))
-    model = lm_models.lm(config)
-    sample = with_normalizer({"tokens": data.tokens[:cfg.batch_size], "mask": data.mask[:cfg.batch_size]})
-    fingerprint_path = os.path.join(directory, "fingerprint.json")
-    if os.path.exists(fingerprint_path):
-        abstract = jax.eval_shape(lambda: jaxkd.sharding.unbox(model.init(
-            jax.random.PRNGKey(0), {"tokens": sample["tokens"], "mask": sample["mask"]})))
-        with open(fingerprint_path) as f:
-            variables = load_variables(directory, abstract, expected=json.load(f))
-        print(f"{label}: reusing {directory}", file=sys.stderr)
-        return variables
-    print(f"{label}: training {config.num_params / 1e6:.2f}M parameters for {steps} steps", file=sys.stderr)
-    state = jaxkd.create(participants={"student": lm_participant(config, init_variables, trains=True)},
-                         method=methods.lm_ce(), tx=optimizer(lr, steps, cfg.warmup_steps, cfg.weight_decay),
-                         sample_batch=sample, rng=jax.random.PRNGKey(cfg.seed))
-    loader = text.TextLoader(data.tokens, data.mask, batch_size=cfg.batch_size, seed=cfg.seed, num_epochs=None)
-
-    def record(entry):
-        if "val_bpb" in entry:
-            print(f"  {label} step {entry['step']}: held-out bpb {entry['val_bpb']:.4f}", file=sys.stderr)
-
-    state, ms = train(state, iter(loader), steps, microbatches=1, eval_every=steps, record=record,
-                      eval_fn=lambda s: validation_bpb(model, s.student.variables(), eval_rows["batches"],
-                                                       eval_rows["num_bytes"]))
-    print(f"  {label}: {ms:.0f} ms/step", file=sys.stderr)
-    variables = jax.device_get(state.student.variables())
-    fp = save_variables(directory, variables)
-    with open(fingerprint_path, "w") as f:
-        json.dump(fp, f)
-    return variables
 
 
 # ----- scoring -----
@@ -255,9 +224,6 @@ def _show(ids) -> str:
 
 def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
     start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    if not cfg.domains or len(set(cfg.domains)) != len(cfg.domains):
-        raise ValueError(f"domains must be distinct stdlib package names, got {cfg.domains}")
     data_dir = os.path.join(cfg.out_dir, "tfds")
     domains = tuple(cfg.domains)
     def files(split):
@@ -280,24 +246,28 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
     large_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.large)
     small_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.small)
     cache_root = os.path.join(cfg.out_dir, "fusion_models")
-    data_key = {"seq_len": cfg.seq_len, "domains": sorted(domains), "general_files": cfg.max_general_files,
-                "batch": cfg.batch_size, "warmup": cfg.warmup_steps, "wd": cfg.weight_decay, "seed": cfg.seed}
-    if cfg.corpus_dir is not None:  # only then, so the stdlib models keep their keys
-        data_key["corpus"] = os.path.abspath(cfg.corpus_dir)
-    base_key = {**data_key, "steps": cfg.base_steps, "lr": cfg.base_lr}
-    large_key = {**base_key, "arch": dict(cfg.large)}
-    small_key = {**base_key, "arch": dict(cfg.small)}
-    common = dict(cfg=cfg)
-    large_vars = train_or_load(cache_root, large_key, large_cfg, general, init_variables=None, steps=cfg.base_steps,
-                               lr=cfg.base_lr, eval_rows=held["general"], label="large base", **common)
-    small_vars = train_or_load(cache_root, small_key, small_cfg, general, init_variables=None, steps=cfg.base_steps,
-                               lr=cfg.base_lr, eval_rows=held["general"], label="small base", **common)
-    experts = {}
-    for d in domains:
-        key = {"base": small_key, "domain": d, "steps": cfg.tune_steps, "lr": cfg.tune_lr}
-        experts[d] = train_or_load(cache_root, key, small_cfg, domain_train[d], init_variables=small_vars,
-                                   steps=cfg.tune_steps, lr=cfg.tune_lr, eval_rows=held[d],
-                                   label=f"small tuned on {d}", **common)
+    phases = Phases()
+    with PreemptionFlag() as preemption:
+        runner = Runner(out_dir, progress=tqdm(disable=True), preemption=preemption, phases=phases,
+                        eval_every=max(cfg.base_steps, cfg.tune_steps), checkpoint_every=cfg.checkpoint_every,
+                        tensorboard=cfg.tensorboard)
+        try:
+            def train(label, config, rows, steps, lr, held_rows, init=None, init_key=None):
+                """A model trained (or reused) in ``<out_dir>/fusion_models``; held-out bpb at its last step."""
+                evaluate = bpb_evaluator(lm_models.lm(config), held_rows["batches"], held_rows["num_bytes"])
+                variables, directory = pretrained_lm(
+                    runner, cache_root=cache_root, label=label, config=config, rows=rows, steps=steps, lr=lr,
+                    warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+                    seed=cfg.seed, init_variables=init, init_key=init_key, evaluate_variables=evaluate)
+                return variables, os.path.basename(directory)
+
+            large_vars, _ = train("large base", large_cfg, general, cfg.base_steps, cfg.base_lr, held["general"])
+            small_vars, small_key = train("small base", small_cfg, general, cfg.base_steps, cfg.base_lr,
+                                          held["general"])
+            experts = {d: train(f"small tuned on {d}", small_cfg, domain_train[d], cfg.tune_steps, cfg.tune_lr,
+                                held[d], init=small_vars, init_key=small_key)[0] for d in domains}
+        finally:
+            runner.close()
 
     # Every fused model: (members, combine). Member order for fusion: large, small base, experts...
     large_m, small_m = (large_cfg, large_vars), (small_cfg, small_vars)
@@ -409,9 +379,10 @@ def summarize(cfg: LMFusionExperiment, models, bpb, weights, columns, held, *, s
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli(argv, run_experiment, default=lambda: load_config(DEFAULT_CONFIG), description=__doc__,
-               epilogue=lambda summary: "\n## Greedy samples\n\n" + "\n\n".join(summary["samples"]))
+    return run_command(argv, run_experiment, description=__doc__, config_type=LMFusionExperiment,
+                       default_config=DEFAULT_CONFIG,
+                       epilogue=lambda summary: "\n## Greedy samples\n\n" + "\n\n".join(summary["samples"]))
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

@@ -1,4 +1,4 @@
-"""Results table (mean ± std over seeds), its files, and the learning-curve plot of a run folder."""
+"""Every experiment's report: the results table (mean ± std over seeds, Δ against a baseline run), its files\n(``results.json``, ``results.md``) and the curves of a run folder's ``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,38 @@ from typing import Any
 
 import numpy as np
 
+from experiments.run_log import read_records
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A column of a results table: the per-seed result entry ``key``, shown as ``title`` (``value * scale``
+    with ``digits`` decimals, mean ± sample std over seeds), in the JSON rows as ``<name>_mean``,
+    ``<name>_std``, ``<name>_per_seed`` (scaled)."""
+
+    key: str
+    name: str
+    title: str
+    scale: float = 1.0
+    digits: int = 4
+
+
+@dataclasses.dataclass
+class Row:
+    """One run of a results table: its leading cells (``{"model": ..., "method": ...}``, in column order), one
+    result per seed (``{metric key: value}``), each seed's steady-state ms per step (None where unknown),
+    whether it gets a Δ against the baseline run, and extra JSON entries."""
+
+    run: str
+    cells: dict[str, str]
+    per_seed: list[dict[str, float]]
+    ms_per_step: list[float | None] = dataclasses.field(default_factory=list)
+    compare: bool = True
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    a = 100.0 * np.asarray(values, np.float64)
+    a = np.asarray(values, np.float64)
     # Sample std (ddof=1), the usual convention for "mean ± std over n runs".
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
@@ -22,54 +51,36 @@ def _mean_time(values: list[float | None] | None) -> float | None:
     return float(np.mean(known)) if known else None
 
 
-def summarize(cfg, results: dict[str, list[float]], row_info: dict[str, tuple[str, str]], *, seconds: float,
-              num_train: int, num_student_train: int, num_test: int,
-              step_ms: dict[str, list[float | None]] | None = None) -> dict[str, Any]:
-    """Rows of the results table (``row_info``: row -> (model, method)), and the table itself as Markdown.
-
-    ``step_ms``: per run, each seed's steady-state train-step time in milliseconds (what the method costs
-    per step, the whole step: forwards, loss, gradients, update); the table shows their mean."""
-    step_ms = step_ms or {}
-    baseline = results.get("scratch")
-    base_mean = _mean_std(baseline)[0] if baseline else None
-    rows = []
-    for name, values in results.items():
-        mean, std = _mean_std(values)
-        is_teacher = name == "teacher" or name.startswith("teacher:")
-        model, method = row_info[name]
-        rows.append({
-            "run": name,
-            "model": model,
-            "method": method,
-            "top1_mean": mean,
-            "top1_std": std,
-            "seeds": len(values),
-            "top1_per_seed": [100.0 * v for v in values],
-            "delta_vs_scratch": None if (is_teacher or base_mean is None or "/" in name) else mean - base_mean,
-            "ms_per_step": _mean_time(step_ms.get(name)),
-        })
-    timed = any(r["ms_per_step"] is not None for r in rows)
-    header = "| run | model | method | top-1 (%) | Δ vs scratch |" + (" ms/step |" if timed else "")
-    lines = [header, "|---|---|---|---|---|" + ("---|" if timed else "")]
-    for r in rows:
-        delta = "" if r["delta_vs_scratch"] is None else f"{r['delta_vs_scratch']:+.2f}"
-        line = f"| {r['run']} | {r['model']} | `{r['method']}` | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {delta} |"
+def summarize(rows: list[Row], metrics: list[Metric], *, baseline: str | None, caption: str,
+              seconds: float) -> dict[str, Any]:
+    """The results table (Markdown: the rows' cells, every metric's mean ± std over seeds and its Δ against
+    the ``baseline`` run's mean, ms/step where any run was timed) and its JSON rows."""
+    base = next((r for r in rows if r.run == baseline), None)
+    base_means = {m.key: _mean_std([m.scale * s[m.key] for s in base.per_seed])[0] for m in metrics} if base else {}
+    cell_names = list(rows[0].cells) if rows else []
+    timed = any(_mean_time(r.ms_per_step) is not None for r in rows)
+    delta_title = f"Δ vs {baseline}"
+    header = ["run", *cell_names] + [t for m in metrics for t in (m.title, delta_title)] + (["ms/step"] if timed else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    json_rows = []
+    for row in rows:
+        entry: dict[str, Any] = {"run": row.run, **row.cells, "seeds": len(row.per_seed)}
+        cells = [row.run, *(row.cells[c] for c in cell_names)]
+        for m in metrics:
+            values = [m.scale * s[m.key] for s in row.per_seed]
+            mean, std = _mean_std(values)
+            delta = mean - base_means[m.key] if row.compare and base and row.run != baseline else None
+            entry.update({f"{m.name}_mean": mean, f"{m.name}_std": std, f"{m.name}_per_seed": values,
+                          f"{m.name}_delta_vs_{baseline}": delta})
+            cells += [f"{mean:.{m.digits}f} ± {std:.{m.digits}f}" if len(values) > 1 else f"{mean:.{m.digits}f}",
+                      "" if delta is None else f"{delta:+.{m.digits}f}"]
+        entry["ms_per_step"] = _mean_time(row.ms_per_step)
         if timed:
-            line += "" if r["ms_per_step"] is None else f" {r['ms_per_step']:.0f}"
-            line += " |"
-        lines.append(line)
-    labeled = f"{num_student_train} labeled" if num_student_train != num_train else f"all {num_train}"
-    caption = (
-        f"{cfg.dataset}: teacher trained on {num_train} images for {cfg.teacher_steps} steps; student on "
-        f"{labeled} images for {cfg.steps} steps; test top-1 on {num_test} images after the last step, "
-        f"mean ± std over seeds {tuple(cfg.seeds)}."
-    )
-    return {
-        "config": dataclasses.asdict(cfg),
-        "rows": rows,
-        "table": "\n".join(lines) + "\n\n" + caption,
-        "seconds": seconds,
-    }
+            cells.append("" if entry["ms_per_step"] is None else f"{entry['ms_per_step']:.0f}")
+        entry.update(row.extra)
+        json_rows.append(entry)
+        lines.append("| " + " | ".join(cells) + " |")
+    return {"rows": json_rows, "table": "\n".join(lines) + "\n\n" + caption, "seconds": seconds}
 
 
 def write(out_dir: str, summary: dict[str, Any]) -> None:
@@ -87,40 +98,40 @@ def write(out_dir: str, summary: dict[str, Any]) -> None:
             f.write(f"Time by phase: {describe(summary['time'])}.\n")
 
 
-def plot_learning_curves(metrics_path: str, png_path: str) -> None:
-    """Two panels: training loss and test accuracy against step, mean over seeds (band: min–max)."""
+def plot_curves(metrics_path: str, png_path: str, panels: list[tuple[str, str]], *, log_scale: tuple[str, ...] = (),
+                smooth: tuple[str, ...] = ()) -> None:
+    """One panel per ``(record key, axis label)``: that key of ``metrics.jsonl``'s records against step, mean
+    over seeds per run (band: min–max). Keys in ``smooth`` (a noisy train loss) are shown as a trailing
+    moving average when long; keys in ``log_scale`` on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss = collections.defaultdict(lambda: collections.defaultdict(dict))
-    acc = collections.defaultdict(lambda: collections.defaultdict(dict))
-    with open(metrics_path) as f:
-        for line in f:
-            r = json.loads(line)
-            if "test_accuracy" in r:
-                acc[r["run"]][r["seed"]][r["step"]] = 100.0 * r["test_accuracy"]
-            elif "loss" in r:
-                loss[r["run"]][r["seed"]][r["step"]] = r["loss"]
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, series, ylabel in ((axes[0], loss, "train loss"), (axes[1], acc, "test top-1 (%)")):
-        for run, by_seed in series.items():
+    series = {key: collections.defaultdict(lambda: collections.defaultdict(dict)) for key, _ in panels}
+    for r in read_records(metrics_path):
+        for key, _ in panels:
+            if isinstance(r.get(key), (int, float)):
+                series[key][r["run"]][r["seed"]][r["step"]] = r[key]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for run, by_seed in series[key].items():
             steps = sorted(set.intersection(*(set(v) for v in by_seed.values())))
             values = np.array([[by_seed[s][t] for t in steps] for s in by_seed])
-            if ax is axes[0] and values.shape[1] > 100:  # trailing moving average of the noisy loss
+            if key in smooth and values.shape[1] > 100:
                 k = values.shape[1] // 50
                 values = np.array([np.convolve(v, np.ones(k) / k, mode="valid") for v in values])
                 steps = steps[k - 1:]
-            line, = ax.plot(steps, values.mean(0), label=run)
+            line, = ax.plot(steps, values.mean(0), label=run, marker="o" if values.shape[1] < 30 else None,
+                            markersize=3)
             if values.shape[0] > 1:
                 ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[1].legend()
+        if key in log_scale:
+            ax.set_yscale("log")
+    axes[0][-1].legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -10,9 +10,36 @@ file holds every record exactly once. TensorBoard events are written by tensorbo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from typing import Any, Mapping
+
+
+log = logging.getLogger("jaxkd.experiment")
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``: every line that is a JSON object with ``run``, ``seed`` and
+    ``step``. Other lines (a write torn by a kill, a stray line written by hand) are skipped with one
+    warning naming how many and the first, so neither a resume nor a plot stops on them."""
+    records, skipped = [], []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and {"run", "seed", "step"} <= record.keys():
+                records.append(record)
+            elif line.strip():
+                skipped.append(number)
+    if skipped:
+        log.warning("%s: skipped %d line(s) that are not metrics records (first: line %d)", path, len(skipped),
+                    skipped[0])
+    return records
 
 
 class MetricsLog:
@@ -31,19 +58,14 @@ class MetricsLog:
 
     def resume(self, run: str, seed: int, step: int | None) -> None:
         """Keeps ``(run, seed)``'s records up to ``step`` (none when ``step`` is None: a fresh start) and
-        every other record; drops unreadable lines (a write torn by a kill). Rewritten atomically."""
+        every other record; drops lines that are not records (:func:`read_records`). Rewritten atomically."""
         self._file.close()
         kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+        for record in read_records(self.path):
+            if record["run"] == run and record["seed"] == seed:
+                if step is None or record["step"] > step:
                     continue
-                if record.get("run") == run and record.get("seed") == seed:
-                    if step is None or record.get("step", 0) > step:
-                        continue
-                kept.append(json.dumps(record) + "\n")
+            kept.append(json.dumps(record) + "\n")
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)

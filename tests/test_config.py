@@ -95,12 +95,23 @@ def test_shipped_configs_validate(path):
     assert set(parsed) == set(cfg.methods)
 
 
+def lm_config_type(path):
+    """The config class of a shipped LM config file (each script has its own)."""
+    from experiments import lm_cross_tokenizer, lm_distill, lm_fusion
+
+    name = os.path.basename(path)
+    if name == "lm_cross_tokenizer.py":
+        return lm_cross_tokenizer.CrossTokenizerExperiment
+    if name == "lm_fusion.py":
+        return lm_fusion.LMFusionExperiment
+    return lm_distill.LMExperiment
+
+
 @pytest.mark.parametrize("path", LM_SHIPPED, ids=os.path.basename)
 def test_shipped_lm_configs_load_and_their_specs_parse(path):
-    from experiments.lm_distill import load_config
     from jaxkd import methods
 
-    cfg = load_config(path)
+    cfg = config_lib.load(path, lm_config_type(path))  # validated
     constants = {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "seq_len") if hasattr(cfg, k)}
     for spec in getattr(cfg, "methods", {}).values():
         methods.parse(spec, constants)

@@ -46,7 +46,7 @@ def test_stateful_and_meta_batch_methods_run_by_name(tmp_path):
     summary = distill.main(
         ["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
         + sum((["--set", s] for s in TINY), [])
-        + ["--set", "seeds=(0,)", "--set", "labels_per_class=5",
+        + ["--set", "seeds=(0,)", "--set", "labels_per_class=5", "--set", "batch_size=16",
            "--set", "methods={'taid': 'ce + taid(total_steps=steps)', 'tgeo': 'tgeo_kd', 'dho': 'dho', 'kd_dp': 'kd_dp'}"]
     )
     assert {r["run"] for r in summary["rows"]} == {"teacher", "taid", "tgeo", "dho", "kd_dp"}

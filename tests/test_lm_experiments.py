@@ -72,7 +72,7 @@ def test_lm_experiment_then_cross_tokenizer_reuses_its_teacher(corpus_dir, tmp_p
         assert os.path.getsize(os.path.join(out, name)) > 0
     evaluated = {(r["run"], r["seed"], r["step"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
                  if "val_bpb" in r}
-    assert {("token_kd", 1, 2), ("token_kd", 1, 4), ("teacher", 0, 3)} <= evaluated
+    assert {("token_kd", 1, 2), ("token_kd", 1, 4), ("teacher", lm_distill.TEACHER_SEED, 3)} <= evaluated
     (teacher_dir,) = os.listdir(os.path.join(runs, "teachers"))
     capsys.readouterr()
 

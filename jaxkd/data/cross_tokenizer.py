@@ -300,7 +300,7 @@ class ParallelBatches:
     log-probabilities, ``"alm_teacher_log_probs"``, for ``alm(cached=True)``).
 
     Iterating yields batches from the current position (``position = (epoch, step)``); ``num_epochs=None``
-    repeats forever. ``seek`` moves it; the state is the position.
+    repeats forever. ``seek`` moves it; ``get_state``/``set_state`` save and restore it (resume).
     """
 
     def __init__(self, data: ParallelText, *, batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -326,6 +326,21 @@ class ParallelBatches:
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
             raise ValueError(f"position must be (epoch >= 0, step in [0, {self.steps_per_epoch})), got {position}")
         self.position = (epoch, step)
+
+    def get_state(self) -> dict[str, int]:
+        """The position and what identifies the stream (a JSON dict, saved with a checkpoint)."""
+        epoch, step = self.position
+        return {"epoch": epoch, "step": step, "seed": self.seed, "batch_size": self.batch_size,
+                "shuffle": int(self.shuffle), "num_rows": len(self.data)}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        """Moves to the position of :meth:`get_state`'s ``state``; a state of another stream (seed, batch
+        size, order or rows) is refused, naming what differs, instead of resuming with other batches."""
+        mine = self.get_state()
+        for key in ("seed", "batch_size", "shuffle", "num_rows"):
+            if key in state and int(state[key]) != mine[key]:
+                raise ValueError(f"the saved batch state has {key}={state[key]}, these batches {key}={mine[key]}")
+        self.seek((state["epoch"], state["step"]))
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         n = len(self.data)
