@@ -313,7 +313,7 @@ def validate(config: Any) -> None:
 
 def unknown_key_message(kind: str, key: str, known: Sequence[str]) -> str:
     """``unknown config key 'stpes' (did you mean 'steps'?); keys: [...]``."""
-    close = difflib.get_close_matches(key, list(known), n=1)
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown {kind} {key!r}{hint}; keys: {sorted(known)}"
 

@@ -328,4 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    entry_point(main)
+    # The importable module's classes, not __main__'s copies: config files import them from there.
+    from experiments import lm_cross_tokenizer
+
+    entry_point(lm_cross_tokenizer.main)

@@ -112,6 +112,16 @@ def key_hash(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def model_key(config: lm_models.LMConfig, rows: text.PackedText, *, steps: int, lr: float, warmup_steps: int,
+              weight_decay: float, batch_size: int, microbatches: int, seed: int, init_key: str | None) -> dict:
+    """Everything a pretrained model depends on, as JSON values: two trainings share a folder only when
+    every entry (the training rows' hash included) is equal."""
+    key = {"arch": dataclasses.asdict(config), "steps": steps, "lr": lr, "warmup": warmup_steps,
+           "weight_decay": weight_decay, "batch": batch_size, "microbatches": microbatches, "seed": seed,
+           "init": init_key, "rows": rows_fingerprint(rows.tokens, rows.mask)}
+    return json.loads(json.dumps(key, sort_keys=True, default=str))  # JSON values (a dtype as its name)
+
+
 def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_models.LMConfig, rows: text.PackedText,
                   steps: int, lr: float, warmup_steps: int, weight_decay: float, batch_size: int, seed: int,
                   microbatches: int = 1, init_variables=None, init_key: str | None = None,
@@ -122,10 +132,8 @@ def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_mod
     byte`` is logged at evaluations)."""
     if (init_variables is None) != (init_key is None):
         raise ValueError("init_variables and init_key go together (the key names the initialization)")
-    key = {"arch": dataclasses.asdict(config), "steps": steps, "lr": lr, "warmup": warmup_steps,
-           "weight_decay": weight_decay, "batch": batch_size, "microbatches": microbatches, "seed": seed,
-           "init": init_key, "rows": rows_fingerprint(rows.tokens, rows.mask)}
-    key = json.loads(json.dumps(key, sort_keys=True, default=str))  # JSON values (a dtype as its name)
+    key = model_key(config, rows, steps=steps, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                    batch_size=batch_size, microbatches=microbatches, seed=seed, init_key=init_key)
     directory = os.path.abspath(os.path.join(cache_root, key_hash(key)))
     model = lm_models.lm(config)
     sample = with_normalizer({"tokens": rows.tokens[:batch_size], "mask": rows.mask[:batch_size]})
