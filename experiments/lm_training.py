@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import jaxkd
-from jaxkd import losses, methods
+from jaxkd import inference, losses, methods
 from jaxkd.checkpoint import load_variables, save_variables
 from jaxkd.data import text
 from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
@@ -67,22 +67,19 @@ def padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> lis
             for i in range(0, len(tokens), batch_size)]
 
 
-@jax.jit
-def _nats(logits, tokens, mask):
-    targets, target_mask = losses.next_token_targets(tokens, mask)
-    return losses.cross_entropy(logits[:, :-1], targets, mask=target_mask, reduction="sum")
+def next_token_nats(outputs, batch) -> jax.Array:
+    """The summed next-token cross-entropy (nats) of a batch of ``{"tokens", "mask"}`` rows."""
+    targets, target_mask = losses.next_token_targets(batch["tokens"], batch["mask"])
+    return losses.cross_entropy(outputs.logits[:, :-1], targets, mask=target_mask, reduction="sum")
 
 
 def bpb_evaluator(model: jaxkd.models.Model, batches: list[dict[str, np.ndarray]], num_bytes: int):
     """``variables -> bits per byte`` of ``model`` over ``batches`` (``{"tokens", "mask"}``) whose targets stand
-    for ``num_bytes`` bytes (:func:`jaxkd.data.text.bits_per_byte`)."""
-    apply = jax.jit(lambda v, t, m: model.apply(v, {"tokens": t, "mask": m}, train=False).logits)
-
+    for ``num_bytes`` bytes (:func:`jaxkd.data.text.bits_per_byte`), compiled once per model."""
     def evaluate(variables) -> float:
-        total = 0.0
-        for batch in batches:
-            total += float(_nats(apply(variables, batch["tokens"], batch["mask"]), batch["tokens"], batch["mask"]))
-        return text.bits_per_byte(total, num_bytes)
+        nats = inference.reduce_batches(jaxkd.Participant(model, variables, input=("tokens", "mask")), batches,
+                                        next_token_nats)
+        return text.bits_per_byte(float(nats), num_bytes)
 
     return evaluate
 

@@ -366,7 +366,9 @@ def cache_teacher_topk(
     """
     import jax
 
+    from jaxkd.inference import map_batches
     from jaxkd.losses import topk_teacher
+    from jaxkd.participants import Participant
 
     check_int("k", k, low=1)
     check_int("batch_size", batch_size, low=1)
@@ -374,24 +376,21 @@ def cache_teacher_topk(
     if tokens.ndim != 2 or mask.shape != tokens.shape:
         raise ValueError(f"tokens and mask must both be [N, T], got {tokens.shape} and {mask.shape}")
 
-    @jax.jit
-    def topk(variables, tokens, mask):
-        logits = model.apply(variables, {"tokens": tokens, "mask": mask}, train=False).logits
-        return topk_teacher(logits, k, temperature=temperature)
+    def topk(outputs, batch):
+        return topk_teacher(outputs.logits, k, temperature=temperature)
 
     vocab_size = int(jax.eval_shape(lambda: model.apply(variables, {"tokens": tokens[:1], "mask": mask[:1]},
                                                         train=False).logits).shape[-1])
+    teacher = Participant(model, variables, trains=False, input=("tokens", "mask"))
 
     def records():
         n = tokens.shape[0]
-        for start in range(0, n, batch_size):
-            rows = slice(start, min(start + batch_size, n))
-            pad = batch_size - (rows.stop - rows.start)  # one compiled shape: pad the last batch
-            t = np.concatenate([tokens[rows], np.zeros((pad, tokens.shape[1]), tokens.dtype)])
-            m = np.concatenate([mask[rows], np.zeros((pad, mask.shape[1]), bool)])
-            indices, log_probs = jax.device_get(topk(variables, t, m))
-            for j in range(rows.stop - rows.start):
+        batches = ({"tokens": tokens[i:i + batch_size], "mask": mask[i:i + batch_size]} for i in range(0, n, batch_size))
+        start = 0
+        for indices, log_probs in map_batches(teacher, batches, topk, name="teacher"):
+            for j in range(indices.shape[0]):
                 yield start + j, indices[j], log_probs[j]
+            start += indices.shape[0]
 
     write_topk_cache(path, records(), vocab_size=vocab_size, k=k, seq_len=tokens.shape[1],
                      log_prob_dtype=log_prob_dtype)

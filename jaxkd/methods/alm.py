@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import losses
+from jaxkd.inference import map_rows
+from jaxkd.participants import Participant
 from jaxkd.checks import check_choice, check_int, check_positive
 from jaxkd.losses.core import log_softmax, reduce_loss
 from jaxkd.losses.tokens import next_token_targets, shift_logits
@@ -201,18 +203,9 @@ def cache_teacher_log_probs(model, variables, tokens, mask, *, batch_size: int =
     if tokens.ndim != 2 or mask.shape != tokens.shape:
         raise ValueError(f"tokens and mask must both be [N, T], got shapes {tokens.shape} and {mask.shape}")
 
-    @jax.jit
-    def run(tokens, mask):
-        logits = model.apply(variables, {"tokens": tokens, "mask": mask}, train=False).logits
-        return target_log_probs(logits, tokens, mask)
+    def run(outputs, batch):
+        return target_log_probs(outputs.logits, batch["tokens"], batch["mask"])
 
-    n = tokens.shape[0]
-    out = np.zeros((n, tokens.shape[1] - 1), np.float32)
-    for lo in range(0, n, batch_size):
-        t, m = tokens[lo:lo + batch_size], mask[lo:lo + batch_size]
-        have = t.shape[0]
-        if have < batch_size:  # padding rows: masked, their log-probabilities dropped
-            t = np.concatenate([t, np.zeros((batch_size - have, t.shape[1]), t.dtype)])
-            m = np.concatenate([m, np.zeros((batch_size - have, m.shape[1]), bool)])
-        out[lo:lo + have] = np.asarray(run(t, m))[:have]
-    return out
+    teacher = Participant(model, variables, trains=False, input=("tokens", "mask"))
+    return map_rows(teacher, {"tokens": tokens, "mask": mask}, run, batch_size=batch_size, name="teacher").astype(
+        np.float32)

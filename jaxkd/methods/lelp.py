@@ -11,11 +11,13 @@ import numpy as np
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
+from jaxkd.inference import map_batches
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
 from jaxkd.methods.features import dense_layer, param_at, student_feature, teacher_feature
 from jaxkd.methods.heads import dense, dense_init
 from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs, get_feature
+from jaxkd.participants import Participant
 
 __all__ = ["lelp", "teacher_lelp_projections"]
 
@@ -43,16 +45,17 @@ def teacher_lelp_projections(
     """
     num_classes = check_int("num_classes", num_classes, low=1)
 
-    @jax.jit
-    def embed(x):
-        f = get_feature(model.apply(variables, x, train=False), feature, who="teacher")
+    def embed(outputs, batch):
+        f = get_feature(outputs, feature, who="teacher")
         return jnp.asarray(f, jnp.float32).reshape(f.shape[0], -1)
 
     feats, labels = [], []
-    for batch in batches:
+    teacher = Participant(model, variables, trains=False, input=input_key)
+    batches = list(batches)
+    for batch, f in zip(batches, map_batches(teacher, batches, embed, name="teacher")):
         y = np.asarray(batch[label_key])
         keep = np.asarray(batch[mask_key], bool) if mask_key in batch else np.ones(y.shape, bool)
-        feats.append(np.asarray(embed(batch[input_key]))[keep])
+        feats.append(f[keep])
         labels.append(y[keep])
     if not feats:
         raise ValueError("teacher_lelp_projections needs at least one batch")

@@ -10,11 +10,13 @@ import numpy as np
 
 from jaxkd import losses
 from jaxkd.checks import check_int
+from jaxkd.inference import reduce_batches
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
 from jaxkd.methods.connectors import LinearConnector
 from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
+from jaxkd.participants import Participant
 
 __all__ = ["nd", "teacher_class_means"]
 
@@ -40,23 +42,26 @@ def teacher_class_means(
     """
     num_classes = check_int("num_classes", num_classes, low=1)
 
-    @jax.jit
-    def sums(x, labels, mask):
-        f = get_feature(model.apply(variables, x, train=False), feature, who="teacher")
+    def sums(outputs, batch):
+        f = get_feature(outputs, feature, who="teacher")
         f = jnp.asarray(f, jnp.float32).reshape(f.shape[0], -1)
-        one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
+        one_hot = jax.nn.one_hot(batch[label_key], num_classes, dtype=jnp.float32) * batch["_valid"][:, None]
         return one_hot.T @ f, jnp.sum(one_hot, axis=0)
 
-    total, count = None, None
-    for batch in batches:
+    def checked(batch):
         labels = np.asarray(batch[label_key])
-        mask = np.asarray(batch[mask_key], np.float32) if mask_key in batch else np.ones(labels.shape, np.float32)
-        losses.class_means(np.zeros((labels.shape[0], 1), np.float32), labels, num_classes, mask=mask)  # label checks
-        s, c = sums(batch[input_key], labels, mask)
-        total, count = (s, c) if total is None else (total + s, count + c)
-    if total is None:
-        raise ValueError("teacher_class_means needs at least one batch")
-    return total / jnp.maximum(count, 1.0)[:, None]
+        valid = np.asarray(batch[mask_key], bool) if mask_key in batch else np.ones(labels.shape, bool)
+        losses.class_means(np.zeros((labels.shape[0], 1), np.float32), labels, num_classes, mask=valid)  # label checks
+        return {input_key: batch[input_key], label_key: labels, "_valid": valid}
+
+    try:
+        total, count = reduce_batches(Participant(model, variables, trains=False, input=input_key),
+                                      map(checked, batches), sums, name="teacher")
+    except ValueError as e:
+        if "got no batches" in str(e):
+            raise ValueError("teacher_class_means needs at least one batch") from None
+        raise
+    return jnp.asarray(total / np.maximum(count, 1.0)[:, None])
 
 
 @register(
