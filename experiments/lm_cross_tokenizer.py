@@ -246,7 +246,8 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
 
     def evaluator(model, kind: str):
         """``variables -> {"<split>_bpb": bits per byte}``."""
-        fns = {split: bpb_evaluator(model, e[kind], e["num_bytes"]) for split, e in evals.items()}
+        lengths = bpe.token_byte_lengths if kind == "bpe" else text.ByteTokenizer().token_byte_lengths
+        fns = {split: bpb_evaluator(model, e[kind], lengths) for split, e in evals.items()}
         return lambda variables: {f"{split}_bpb": fn(variables) for split, fn in fns.items()}
 
     def observe(state, result):  # DistiLLM's adaptive schedule reads the validation loss (nats per byte)

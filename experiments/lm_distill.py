@@ -221,7 +221,7 @@ def pretrained_teacher(cfg: Any, runner: Runner, corpus: Corpus, name: str, arch
     (:func:`experiments.lm_training.pretrained_lm`)."""
     steps = cfg.teacher_steps if steps is None else steps
     config = lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **arch)
-    evaluate = bpb_evaluator(lm_models.lm(config), corpus.eval_batches, corpus.eval_bytes)
+    evaluate = bpb_evaluator(lm_models.lm(config), corpus.eval_batches)
     variables, directory = pretrained_lm(
         runner, cache_root=os.path.join(cfg.out_dir, "teachers"), label=name, config=config, rows=corpus.train,
         steps=steps, lr=cfg.teacher_lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
@@ -263,7 +263,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     train_data = corpus.train
     student_cfg = lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student)
     student_model = lm_models.lm(student_cfg)
-    evaluation = bpb_evaluation(bpb_evaluator(student_model, corpus.eval_batches, corpus.eval_bytes))
+    evaluation = bpb_evaluation(bpb_evaluator(student_model, corpus.eval_batches))
     rows_key = rows_fingerprint(train_data.tokens, train_data.mask)
     sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
 

@@ -254,7 +254,7 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
         try:
             def train(label, config, rows, steps, lr, held_rows, init=None, init_key=None):
                 """A model trained (or reused) in ``<out_dir>/fusion_models``; held-out bpb at its last step."""
-                evaluate = bpb_evaluator(lm_models.lm(config), held_rows["batches"], held_rows["num_bytes"])
+                evaluate = bpb_evaluator(lm_models.lm(config), held_rows["batches"])
                 variables, directory = pretrained_lm(
                     runner, cache_root=cache_root, label=label, config=config, rows=rows, steps=steps, lr=lr,
                     warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,

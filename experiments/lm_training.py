@@ -13,6 +13,7 @@ pretraining resumes there, and the folder is locked while one process trains it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 
 import jaxkd
-from jaxkd import inference, losses, methods
+from jaxkd import eval_metrics, inference, methods
 from jaxkd.checkpoint import load_variables, save_variables
 from jaxkd.data import text
 from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
@@ -67,21 +68,23 @@ def padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> lis
             for i in range(0, len(tokens), batch_size)]
 
 
-def next_token_nats(outputs, batch) -> jax.Array:
-    """The summed next-token cross-entropy (nats) of a batch of ``{"tokens", "mask"}`` rows."""
-    targets, target_mask = losses.next_token_targets(batch["tokens"], batch["mask"])
-    return losses.cross_entropy(outputs.logits[:, :-1], targets, mask=target_mask, reduction="sum")
+def bpb_evaluator(model: jaxkd.models.Model, batches: list[dict[str, np.ndarray]], token_byte_lengths=None):
+    """``variables -> bits per byte`` of ``model`` over ``batches`` (``{"tokens", "mask"}``): the eval step's
+    :func:`jaxkd.eval_metrics.bits_per_byte` summed over the batches through :mod:`jaxkd.inference` (one
+    compile per model). ``token_byte_lengths``: the tokenizer's bytes per token (default: bytes, 1 each)."""
+    lengths = text.ByteTokenizer().token_byte_lengths if token_byte_lengths is None else token_byte_lengths
+    metric = eval_metrics.bits_per_byte(lengths)
 
-
-def bpb_evaluator(model: jaxkd.models.Model, batches: list[dict[str, np.ndarray]], num_bytes: int):
-    """``variables -> bits per byte`` of ``model`` over ``batches`` (``{"tokens", "mask"}``) whose targets stand
-    for ``num_bytes`` bytes (:func:`jaxkd.data.text.bits_per_byte`), compiled once per model."""
     def evaluate(variables) -> float:
-        nats = inference.reduce_batches(jaxkd.Participant(model, variables, input=("tokens", "mask")), batches,
-                                        next_token_nats)
-        return text.bits_per_byte(float(nats), num_bytes)
+        num, den = inference.reduce_batches(jaxkd.Participant(model, variables, input=("tokens", "mask")), batches,
+                                            functools.partial(_bpb_sums, metric))
+        return float(num) / float(den)
 
     return evaluate
+
+
+def _bpb_sums(metric, outputs, batch):
+    return metric(eval_metrics.EvalView({"student": outputs.logits}, batch, None, None))["bpb"]
 
 
 def bpb_evaluation(evaluate_variables, *, observe: bool = True) -> Evaluation:

@@ -3,11 +3,13 @@
 * :mod:`jaxkd.losses` — pure, jittable objectives over arrays.
 * :mod:`jaxkd.methods` — methods as composable transforms (``ce() + kd(temperature=4)``).
 * :mod:`jaxkd.train_state`, :mod:`jaxkd.steps` — the teacher/student state and its jitted steps.
+* :mod:`jaxkd.eval_metrics` — what an evaluation measures (top-1, agreement, teacher–student KL, bits per byte).
+* :mod:`jaxkd.inference` — a model mapped over a dataset (every offline pass: caches, class means, scores).
 * :mod:`jaxkd.checks` — the argument checks every part shares.
 * :mod:`jaxkd.sharding`, :mod:`jaxkd.checkpoint`, :mod:`jaxkd.data`, :mod:`jaxkd.models`.
 """
 
-from jaxkd import checks, losses, methods
+from jaxkd import checks, eval_metrics, inference, losses, methods
 from jaxkd.participants import Participant
 from jaxkd.steps import NonFiniteError, evaluate, make_eval_step, make_train_step
 from jaxkd.train_state import TrainState, create
@@ -20,7 +22,9 @@ __all__ = [
     "TrainState",
     "checks",
     "create",
+    "eval_metrics",
     "evaluate",
+    "inference",
     "losses",
     "make_eval_step",
     "make_train_step",

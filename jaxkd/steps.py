@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from jaxkd import sharding as shd
 from jaxkd.checks import check_choice, check_int, check_label_values
+from jaxkd.eval_metrics import EvalMetric, EvalView, top1
 from jaxkd.losses.core import combine_masks
 from jaxkd.losses.tokens import is_normalizer_key
 from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo, require
@@ -350,45 +351,66 @@ def make_train_step(
     return _host_wrapper(_compiled(step_fn, mesh, donate=donate), mesh, on_bad_status)
 
 
-def _eval_step(state: TrainState, batch: Mapping[str, jax.Array], frozen: bool = True) -> Metrics:
-    require(batch, state.label_key, method="evaluation")
+#: Suffixes of an eval step's sums: metric ``m`` is ``sums[m + NUM] / sums[m + DEN]`` over the whole dataset.
+NUM, DEN = ":num", ":den"
+
+
+def _eval_step(state: TrainState, batch: Mapping[str, jax.Array], frozen: bool = True,
+               metrics: tuple[EvalMetric, ...] = ()) -> Metrics:
+    metrics = metrics or (top1(),)
+    needs_labels = any(m.needs_labels for m in metrics)
+    if needs_labels:
+        require(batch, state.label_key, method="evaluation")
     labels, valid = _labels_and_mask(state, batch)
-    metrics = {"status": _label_status(labels, valid, state.num_classes).astype(jnp.int32)}
+    if valid is not None and valid.ndim > 1:  # a token mask (language models): a row is valid if any token is
+        valid = jnp.any(valid, axis=tuple(range(1, valid.ndim)))
+    out = {"status": (_label_status(labels, valid, state.num_classes) if needs_labels
+                      else jnp.zeros((), jnp.int32)).astype(jnp.int32)}
+    wanted = {p for m in metrics for p in m.participants}
+    logits = {}
     for name, _ in state.participants:
-        if not frozen and name not in state.trained:
+        if not frozen and name not in state.trained and name not in wanted:
             continue
-        out = _forward(state, name, state.variables_of(name).variables(), batch, train=False)
-        logits = out.logits
+        result = _forward(state, name, state.variables_of(name).variables(), batch, train=False)
+        logits[name] = result.logits
         if name == STUDENT and state.method_def.predict is not None:
-            logits = state.method_def.predict(state.method, out)
-        prefix = "" if name == STUDENT else f"{name}_"
-        metrics[f"{prefix}correct"], count = _accuracy_terms(logits, labels, valid)
-        finite = jnp.all(jnp.isfinite(logits), axis=-1)
-        metrics[f"{prefix}nonfinite"] = jnp.sum(
-            jnp.where(valid if valid is not None else True, ~finite, False).astype(jnp.int32)
-        )
-    metrics["count"] = count
-    return metrics
+            logits[name] = state.method_def.predict(state.method, result)
+        finite = jnp.all(jnp.isfinite(logits[name]), axis=tuple(range(1, logits[name].ndim)))
+        out[f"{'' if name == STUDENT else name + '_'}nonfinite"] = jnp.sum(
+            jnp.where(valid if valid is not None else True, ~finite, False).astype(jnp.int32))
+    view = EvalView(logits, batch, labels, valid)
+    for metric in metrics:
+        for key, (num, den) in metric(view).items():
+            out[key + NUM], out[key + DEN] = num, den
+    out["count"] = jnp.sum(view.weights(next(iter(logits.values()))))
+    return out
 
 
-def make_eval_step(*, mesh: Mesh | None = None, frozen: bool = True) -> Callable:
-    """Returns ``eval_step(state, batch) -> {"correct", "count", "nonfinite", "status", "<name>_correct", ...}``.
+def make_eval_step(*, mesh: Mesh | None = None, frozen: bool = True,
+                   metrics: tuple[EvalMetric, ...] | None = None) -> Callable:
+    """Returns ``eval_step(state, batch) -> sums`` of every metric over the batch's valid examples.
 
-    Every participant is evaluated (``"<name>_correct"`` for all but the student); ``frozen=False`` skips
-    the frozen ones (teachers), whose accuracy does not change during training: compute it once instead
-    of at every evaluation (their forward pass is most of an evaluation's cost). Sums, not means, so
-    padded eval batches (``batch["mask"]``) aggregate exactly: accumulate them on device with
-    :func:`accumulate` and divide once at the end (:func:`evaluate` does). A label out of range raises
-    ``ValueError``; predictions that are not finite are counted (``nonfinite``) and make
+    ``metrics`` (default :func:`jaxkd.eval_metrics.top1`: ``accuracy``, ``<name>_accuracy``) are
+    :mod:`jaxkd.eval_metrics` functions — top-1, :func:`~jaxkd.eval_metrics.agreement` and
+    :func:`~jaxkd.eval_metrics.teacher_student_kl` with a teacher, :func:`~jaxkd.eval_metrics.bits_per_byte`
+    of a language model, or your own. Every participant is evaluated; ``frozen=False`` skips the frozen ones
+    (teachers) unless a metric reads them, since their scores do not change during training (compute them once
+    instead). Sums, not means, so padded eval batches (``batch["mask"]``) aggregate exactly: accumulate them on
+    device with :func:`accumulate` and divide once at the end (:func:`evaluate` does). A label out of range
+    raises ``ValueError``; predictions that are not finite are counted (``nonfinite``) and make
     :func:`evaluate` raise, so a diverged model never reaches a results table.
     """
+    metrics = tuple(metrics) if metrics is not None else (top1(),)
+    for metric in metrics:
+        if not isinstance(metric, EvalMetric):
+            raise ValueError(f"metrics must be jaxkd.eval_metrics metrics (e.g. eval_metrics.top1()), got {metric!r}")
 
     def on_bad_status(state: TrainState, metrics):
         if int(metrics["status"]) & LABEL_OUT_OF_RANGE:
             raise ValueError(_describe_status(LABEL_OUT_OF_RANGE, state.label_key, state.num_classes))
         return metrics
 
-    step = _eval_step if frozen else functools.partial(_eval_step, frozen=False)
+    step = functools.partial(_eval_step, frozen=frozen, metrics=metrics)
     return _host_wrapper(_compiled(step, mesh, donate=False, metrics_out=False), mesh, on_bad_status)
 
 
@@ -400,9 +422,9 @@ def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:
 
 
 def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float]:
-    """Top-1 accuracy of every participant ``eval_step`` scores over an iterable of batches: ``accuracy``
-    (the student) and ``<name>_accuracy`` for the others (``teacher_accuracy``, ``peer_accuracy`` …), and
-    ``count``.
+    """Every metric of ``eval_step`` (:func:`make_eval_step`) over an iterable of batches — by default top-1
+    accuracy: ``accuracy`` (the student) and ``<name>_accuracy`` for the others (``teacher_accuracy``,
+    ``peer_accuracy`` …) — and ``count``, the valid examples.
 
     Raises ``FloatingPointError`` when any participant's predictions for any example are not finite.
     """
@@ -412,19 +434,14 @@ def evaluate(state: TrainState, batches, eval_step: Callable) -> dict[str, float
     if total is None:
         raise ValueError("evaluate got no batches")
     total = jax.device_get(total)
-    scored = [name for name, _ in state.participants
-              if f"{'' if name == STUDENT else name + '_'}correct" in total]
-    for name in scored:
-        prefix = "" if name == STUDENT else f"{name}_"
-        bad = int(total[f"{prefix}nonfinite"])
+    for name, _ in state.participants:
+        bad = int(total.get(f"{'' if name == STUDENT else name + '_'}nonfinite", 0))
         if bad:
             raise FloatingPointError(
                 f"the {name}'s predictions are not finite for {bad} of {int(total['count'])} examples: the "
                 "model has diverged (NaN or inf parameters)"
             )
-    count = max(float(total["count"]), 1.0)
-    result = {"accuracy": float(total["correct"]) / count, "count": float(total["count"])}
-    for name in scored:
-        if name != STUDENT:
-            result[f"{name}_accuracy"] = float(total[f"{name}_correct"]) / count
+    result = {key[:-len(NUM)]: float(total[key]) / max(float(total[key[:-len(NUM)] + DEN]), 1e-30)
+              for key in total if key.endswith(NUM)}
+    result["count"] = float(total["count"])
     return result

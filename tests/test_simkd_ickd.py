@@ -103,5 +103,5 @@ def test_simkd_and_ickd_train_and_evaluation_uses_the_teachers_classifier():
     expected = np.asarray(jnp.mean(projected, axis=(1, 2)) @ tvars["params"]["fc"]["kernel"] + tvars["params"]["fc"]["bias"])
     np.testing.assert_allclose(state.method_def.predict(state.method, out), expected, rtol=1e-5, atol=1e-6)
     result = jaxkd.make_eval_step()(state, batch)
-    assert float(result["correct"]) == float(np.sum(expected.argmax(-1) == batch["label"]))
+    assert float(result["accuracy:num"]) == float(np.sum(expected.argmax(-1) == batch["label"]))
     assert not np.allclose(expected, out.logits)  # not the student's own head
