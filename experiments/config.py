@@ -20,7 +20,7 @@ import numbers
 import os
 import types
 import typing
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -309,6 +309,20 @@ def validate(config: Any) -> None:
     extra_check = getattr(config, "check", None)
     if extra_check is not None:  # checks across fields (e.g. microbatches dividing batch_size)
         extra_check()
+
+
+def parse_methods(specs: Mapping[str, str], constants: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's ``methods`` (run name -> spec) parsed with ``constants`` (:func:`jaxkd.methods.parse`), before
+    anything trains; an error names the run."""
+    from jaxkd import methods
+
+    parsed = {}
+    for name, spec in specs.items():
+        try:
+            parsed[name] = methods.parse(spec, constants)
+        except ValueError as e:
+            raise ValueError(f"config methods[{name!r}]: {e}") from None
+    return parsed
 
 
 def unknown_key_message(kind: str, key: str, known: Sequence[str]) -> str:

@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jaxkd
 from jaxkd import compilation_cache, data, methods, models, sharding
@@ -52,7 +51,7 @@ from jaxkd.participants import cast_params
 from experiments import config as config_lib
 from experiments import report
 from experiments.run_log import PreemptionFlag
-from experiments.runner import Evaluation, Runner, entry_point, run_command
+from experiments.runner import Evaluation, Runner, entry_point, progress_bar, run_command
 from experiments.timing import Phases, describe
 
 log = logging.getLogger("jaxkd.experiment")
@@ -68,13 +67,7 @@ def parse_methods(cfg: config_lib.Config, num_examples: int = _UNKNOWN_NUM_EXAMP
     ``num_examples`` (the examples the student trains on: CRD's memory bank size), e.g.
     ``"ce + taid(total_steps=steps)"``."""
     constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "num_examples": num_examples}
-    parsed = {}
-    for name, spec in cfg.methods.items():
-        try:
-            parsed[name] = methods.parse(spec, constants)
-        except ValueError as e:
-            raise ValueError(f"config methods[{name!r}]: {e}") from None
-    return parsed
+    return config_lib.parse_methods(cfg.methods, constants)
 
 
 def schedule_of(cfg: config_lib.Config, lr: float, steps: int) -> optax.Schedule:
@@ -277,7 +270,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     train_teachers = cfg.teacher_checkpoint is None
     frozen = run_plan.frozen_teachers
     total = len(cfg.seeds) * (len(run_plan.methods) * cfg.steps + (cfg.teacher_steps * len(frozen) if train_teachers else 0))
-    progress = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)
+    progress = progress_bar(total)
     rows: dict[str, report.Row] = {}
 
     def add(row: str, model_name: str, method_text: str, result: dict, key: str = "accuracy", *,

@@ -38,7 +38,6 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 import jaxkd
 from jaxkd import methods
@@ -65,7 +64,7 @@ from experiments.lm_distill import (
 )
 from experiments.lm_training import bpb_evaluator, lm_participant, optimizer, padded_batches, schedule
 from experiments.run_log import PreemptionFlag
-from experiments.runner import Evaluation, entry_point, run_command
+from experiments.runner import Evaluation, entry_point, progress_bar, run_command
 from experiments.timing import Phases
 
 _LM = LMExperiment()
@@ -257,8 +256,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
         "byte": lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student),
         "bpe": lm_models.LMConfig(vocab_size=bpe.vocab_size, max_len=cfg.student_len, **cfg.student),
     }
-    progress = tqdm(total=len(run_methods) * len(cfg.seeds) * cfg.steps, unit="step", dynamic_ncols=True,
-                    mininterval=0.5)
+    progress = progress_bar(len(run_methods) * len(cfg.seeds) * cfg.steps)
     rows: list[report.Row] = []
     with PreemptionFlag() as preemption:
         runner = lm_runner(cfg, out_dir, progress=progress, preemption=preemption, phases=phases)

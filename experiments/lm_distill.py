@@ -33,7 +33,6 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 import jaxkd
 from jaxkd import methods
@@ -56,7 +55,7 @@ from experiments.lm_training import (
     with_normalizer,
 )
 from experiments.run_log import PreemptionFlag
-from experiments.runner import Runner, entry_point, run_command
+from experiments.runner import Runner, entry_point, progress_bar, run_command
 from experiments.timing import Phases
 
 
@@ -162,13 +161,7 @@ def parse_methods(cfg: LMExperiment, **extra_constants: Any) -> dict[str, method
     ``batch_size``, ``lr``, ``seq_len`` and any ``extra_constants``."""
     constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seq_len": cfg.seq_len,
                  **extra_constants}
-    parsed = {}
-    for name, spec in cfg.methods.items():
-        try:
-            parsed[name] = methods.parse(spec, constants)
-        except ValueError as e:
-            raise ValueError(f"config methods[{name!r}]: {e}") from None
-    return parsed
+    return config_lib.parse_methods(cfg.methods, constants)
 
 
 # ----- data -----
@@ -267,8 +260,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     rows_key = rows_fingerprint(train_data.tokens, train_data.mask)
     sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
 
-    progress = tqdm(total=len(run_methods) * len(cfg.seeds) * cfg.steps, unit="step", dynamic_ncols=True,
-                    mininterval=0.5)
+    progress = progress_bar(len(run_methods) * len(cfg.seeds) * cfg.steps)
     rows: list[report.Row] = []
     with PreemptionFlag() as preemption:
         runner = lm_runner(cfg, out_dir, progress=progress, preemption=preemption, phases=phases)

@@ -40,7 +40,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from jaxkd import losses
 from jaxkd.data import text
@@ -50,7 +49,7 @@ from jaxkd.models import lm as lm_models
 from experiments import config as config_lib
 from experiments.lm_training import bpb_evaluator, padded_batches, pretrained_lm
 from experiments.run_log import PreemptionFlag
-from experiments.runner import Runner, entry_point, run_command
+from experiments.runner import Runner, entry_point, progress_bar, run_command
 from experiments.timing import Phases
 
 
@@ -248,7 +247,7 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
     cache_root = os.path.join(cfg.out_dir, "fusion_models")
     phases = Phases()
     with PreemptionFlag() as preemption:
-        runner = Runner(out_dir, progress=tqdm(disable=True), preemption=preemption, phases=phases,
+        runner = Runner(out_dir, progress=progress_bar(0, disable=True), preemption=preemption, phases=phases,
                         eval_every=max(cfg.base_steps, cfg.tune_steps), checkpoint_every=cfg.checkpoint_every,
                         tensorboard=cfg.tensorboard)
         try:

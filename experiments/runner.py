@@ -159,6 +159,13 @@ def entry_point(main: Callable[[list[str]], Any], argv: list[str] | None = None)
 # ----- the fit loop -----
 
 
+def progress_bar(total: int, **kwargs: Any):
+    """The experiments' progress bar over ``total`` train steps (tqdm on stderr)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5, **kwargs)
+
+
 @dataclasses.dataclass
 class Evaluation:
     """How a run is scored: ``evaluate(state) -> {metric: value}``, logged as ``<prefix><metric>`` (e.g.
