@@ -93,7 +93,8 @@ class Rules:
     * ``logical``: ``(logical name, mesh axis | axes | None)`` pairs, MaxText-style ``logical_axis_rules``
       for leaves annotated with ``nn.with_logical_partitioning``; translated by flax's
       ``nn.logical_to_mesh_axes`` (first rule whose mesh axes are still free wins; unmatched names
-      leave their dimension unsharded).
+      leave their dimension unsharded). Without a table (the default rules) annotations are ignored
+      and annotated leaves get the fsdp rule like any other.
     * ``fsdp``: for the remaining leaves, big_vision's ``fsdp`` rule over the ``fsdp`` axis: shard the
       largest dimension divisible by the axis size (ties go to the trailing dimension, as big_vision's
       reversed argsort does, e.g. output channels of a ``[3, 3, C, C]`` HWIO kernel). Leaves with fewer
@@ -195,7 +196,9 @@ def param_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None, *, logica
             override = next((s for pattern, s in rules.overrides if re.search(pattern, name)), None)
             if override is not None:
                 spec = override
-            elif logical is not None and len(logical):
+            elif rules.logical and logical is not None and len(logical):
+                # Only with a table: names with nothing to map to would leave every dimension unsharded,
+                # and an annotated model (the LM) would be replicated under the default fsdp rule.
                 spec = nn.logical_to_mesh_axes(tuple(logical), rules.logical)
             elif rules.fsdp:
                 spec = _fsdp_spec(shape, mesh, rules.min_size)
