@@ -9,7 +9,7 @@
 
 from jaxkd import checks, losses, methods
 from jaxkd.participants import Participant
-from jaxkd.steps import NonFiniteError, evaluate, make_eval_step, make_train_step
+from jaxkd.steps import NonFiniteError, StepFailedError, evaluate, make_eval_step, make_train_step
 from jaxkd.train_state import TrainState, create
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NonFiniteError",
     "Participant",
+    "StepFailedError",
     "TrainState",
     "checks",
     "create",
