@@ -237,6 +237,19 @@ def test_a_step_failing_at_run_time_says_the_donated_state_is_lost():
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
 
 
+def test_float_images_still_in_0_255_are_refused_at_create_time_like_uint8():
+    conv = jaxkd.models.get("resnet8", num_classes=NUM_CLASSES)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1)).astype(np.float32)
+    raw = {"image": pixels, "label": np.zeros(2, np.int32)}
+    with pytest.raises(ValueError, match=r"^participant 'student': batch\['image'\] holds float32 images with values "
+                                         r"in \[0, 2\d\d\] \(raw pixels\).*divide by 255"):
+        jaxkd.create(student=conv, method=methods.ce(), tx=TX, sample_batch=raw, rng=jax.random.PRNGKey(0))
+    # Scaled to [0, 1], or normalized (negative values), they are accepted.
+    for images in (pixels / 255, (pixels / 255 - 0.5) / 0.25):
+        jaxkd.create(student=conv, method=methods.ce(), tx=TX, sample_batch=dict(raw, image=images),
+                     rng=jax.random.PRNGKey(0))
+
+
 def test_semi_supervised_batches_train_ce_on_labeled_examples_only():
     """DHO's unlabeled-data setting: KD on every example, CE only where ``batch["labeled"]``."""
     labeled = np.arange(16) < 6
