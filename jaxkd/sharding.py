@@ -348,7 +348,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     nothing (single host) and returns False, unless ``required`` (a run declared multi-host: on a
     cluster, hosts that each ran alone would all write the same output folder), which raises
     ``ValueError`` like a partial configuration does, naming what is missing. It returns False too if
-    JAX is already initialized. Call it before any other JAX work. (On TPU pods or SLURM,
+    JAX is already initialized (then nothing is required). Call it before any other JAX work. (On TPU pods or SLURM,
     ``jax.distributed.initialize()`` without arguments auto-detects everything; call it directly there.)
 
     ``initialization_timeout`` (default ``JAXKD_INIT_TIMEOUT``, else 300 s) bounds the wait for every
@@ -372,11 +372,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     missing = [name for name, value in values.items() if value is None]
     if len(missing) == len(values) and local_device_ids is None and not required:
         return False
+    if jax.distributed.is_initialized():
+        return False  # e.g. by jax.distributed.initialize()'s own cluster detection (SLURM, TPU pods)
     if missing:
         raise ValueError(f"a multi-host run needs {', '.join(missing)} (not set; the coordinator is process 0's "
                          '"host:port", processes are numbered from 0), or pass them to initialize_distributed')
-    if jax.distributed.is_initialized():
-        return False
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes ({ENV_NUM_PROCESSES}) must be an integer >= 1, got {num_processes!r}")
     if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
