@@ -387,7 +387,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if initialization_timeout is None:
         from_env = env_int(ENV_INIT_TIMEOUT)
         initialization_timeout = DEFAULT_INIT_TIMEOUT if from_env is None else from_env
-    if isinstance(initialization_timeout, bool) or not isinstance(initialization_timeout, int) or initialization_timeout < 1:
+    timeout = initialization_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
         raise ValueError(f"initialization_timeout ({ENV_INIT_TIMEOUT}) must be a whole number of seconds >= 1, "
                          f"got {initialization_timeout!r}")
 
