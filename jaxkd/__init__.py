@@ -11,7 +11,7 @@
 
 from jaxkd import checks, eval_metrics, inference, losses, methods
 from jaxkd.participants import Participant
-from jaxkd.steps import NonFiniteError, evaluate, make_eval_step, make_train_step
+from jaxkd.steps import NonFiniteError, StepFailedError, evaluate, make_eval_step, make_train_step
 from jaxkd.train_state import TrainState, create
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NonFiniteError",
     "Participant",
+    "StepFailedError",
     "TrainState",
     "checks",
     "create",

@@ -167,3 +167,25 @@ def check_values_in_range(name: str, values: Any, low: float, high: float) -> No
     lo, hi = float(array.min()), float(array.max())
     if not (lo >= low and hi <= high):  # also refuses NaN
         raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got values in [{lo}, {hi}]")
+
+
+def check_image_scale(name: str, images: Any) -> None:
+    """Refuses floating ``[N, H, W, C]`` images that still hold raw pixel values in ``[0, 255]``.
+
+    The models refuse uint8 images because they would train on unnormalized pixels; the same pixels cast
+    to float would train on them silently. Normalized images have negative values and images scaled to
+    ``[0, 1]`` stay below 1, so values that are all ``>= 0`` with a maximum above 2 (and at most 255) are
+    raw pixels. Only concrete arrays are read; other ranks and dtypes pass.
+    """
+    if not is_concrete(images) or np.ndim(images) != 4 or not np.issubdtype(dtype_of(images), np.floating):
+        return
+    if not np.size(images):
+        return
+    array = np.asarray(images)
+    lo, hi = float(array.min()), float(array.max())
+    if lo >= 0 and 2 < hi <= 255:
+        raise ValueError(
+            f"{name} holds {dtype_of(images)} images with values in [{lo:g}, {hi:g}] (raw pixels), but the models "
+            "expect normalized images (uint8 is refused for the same reason): divide by 255 and normalize with "
+            "jaxkd.data.normalize, or pass the uint8 images to jaxkd.data.Loader, which normalizes them"
+        )

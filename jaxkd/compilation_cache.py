@@ -15,6 +15,7 @@ report compile times leave it off, or they would time the cache. The default dir
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import Counter
@@ -31,6 +32,8 @@ _counts: Counter = Counter()
 _spans: list[tuple[float, float]] = []
 _lock = threading.Lock()
 _listening = False
+_warned: set[str] = set()  # folders already reported as unusable (one warning each per process)
+log = logging.getLogger("jaxkd.compilation_cache")
 
 # JAX's monitoring events: one per compilation that consulted the persistent cache, one per executable
 # loaded from it (the others were compiled, then written).
@@ -84,6 +87,10 @@ def enable(directory: str | None = DEFAULT) -> str | None:
     processes. ``DEFAULT``: :func:`default_directory`; ``None``: leaves the cache off. Returns the absolute
     directory used, or ``None``.
 
+    A folder that cannot be created or written (a read-only home, a path under a file) is not worth
+    aborting a run for, since the cache only saves compile time: a warning names it (once per process)
+    and ``None`` is returned, the cache left off.
+
     Raises:
         ValueError: ``directory`` exists and is not a folder.
     """
@@ -94,7 +101,18 @@ def enable(directory: str | None = DEFAULT) -> str | None:
     directory = os.path.abspath(os.path.expanduser(str(directory)))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"compilation cache {directory!r} exists and is not a folder")
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        writable = os.access(directory, os.W_OK | os.X_OK)
+        why = "" if writable else "it is not writable"
+    except OSError as e:
+        writable, why = False, f"it cannot be created: {e.strerror or e}"
+    if not writable:
+        if directory not in _warned:
+            _warned.add(directory)
+            log.warning("compilation cache %r is unusable (%s); running without the cache (every program "
+                        "is compiled)", directory, why)
+        return None
     jax.config.update("jax_compilation_cache_dir", directory)
     # Every program, however quick to compile or small: the point is that a re-run compiles nothing.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

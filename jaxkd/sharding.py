@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import re
+import socket
+import threading
+import time
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
@@ -93,7 +97,8 @@ class Rules:
     * ``logical``: ``(logical name, mesh axis | axes | None)`` pairs, MaxText-style ``logical_axis_rules``
       for leaves annotated with ``nn.with_logical_partitioning``; translated by flax's
       ``nn.logical_to_mesh_axes`` (first rule whose mesh axes are still free wins; unmatched names
-      leave their dimension unsharded).
+      leave their dimension unsharded). Without a table (the default rules) annotations are ignored
+      and annotated leaves get the fsdp rule like any other.
     * ``fsdp``: for the remaining leaves, big_vision's ``fsdp`` rule over the ``fsdp`` axis: shard the
       largest dimension divisible by the axis size (ties go to the trailing dimension, as big_vision's
       reversed argsort does, e.g. output channels of a ``[3, 3, C, C]`` HWIO kernel). Leaves with fewer
@@ -195,7 +200,9 @@ def param_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None, *, logica
             override = next((s for pattern, s in rules.overrides if re.search(pattern, name)), None)
             if override is not None:
                 spec = override
-            elif logical is not None and len(logical):
+            elif rules.logical and logical is not None and len(logical):
+                # Only with a table: names with nothing to map to would leave every dimension unsharded,
+                # and an annotated model (the LM) would be replicated under the default fsdp rule.
                 spec = nn.logical_to_mesh_axes(tuple(logical), rules.logical)
             elif rules.fsdp:
                 spec = _fsdp_spec(shape, mesh, rules.min_size)
@@ -324,17 +331,32 @@ def _process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], proces
 # ----- multi-host -----
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAXKD_COORDINATOR", "JAXKD_NUM_PROCESSES", "JAXKD_PROCESS_ID"
+ENV_INIT_TIMEOUT = "JAXKD_INIT_TIMEOUT"
+#: Seconds every process waits for all of them to join (``jax.distributed.initialize``'s default).
+DEFAULT_INIT_TIMEOUT = 300
+
+log = logging.getLogger("jaxkd.sharding")
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> bool:
+                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None, *,
+                           required: bool = False, initialization_timeout: int | None = None) -> bool:
     """Joins a multi-host run via ``jax.distributed.initialize``; returns True when it initialized.
 
     Values not given come from ``JAXKD_COORDINATOR`` ("host:port" of process 0),
     ``JAXKD_NUM_PROCESSES`` and ``JAXKD_PROCESS_ID`` (0-based). With none given or set it does
-    nothing (single host) and returns False; so it does if JAX is already initialized. Call it
-    before any other JAX work. (On TPU pods or SLURM, ``jax.distributed.initialize()`` without
-    arguments auto-detects everything; call it directly there.)
+    nothing (single host) and returns False, unless ``required`` (a run declared multi-host: on a
+    cluster, hosts that each ran alone would all write the same output folder), which raises
+    ``ValueError`` like a partial configuration does, naming what is missing. It returns False too if
+    JAX is already initialized (then nothing is required). Call it before any other JAX work. (On TPU pods or SLURM,
+    ``jax.distributed.initialize()`` without arguments auto-detects everything; call it directly there.)
+
+    ``initialization_timeout`` (default ``JAXKD_INIT_TIMEOUT``, else 300 s) bounds the wait for every
+    process to join. A process other than 0 first waits that long for the coordinator to accept
+    connections and raises ``TimeoutError`` naming it if it never does. Once connected, JAX's C++ client
+    waits for the remaining processes and, past the deadline, aborts the process (SIGABRT with a C++
+    stack trace, ``DEADLINE_EXCEEDED ... RegisterTask``): that cannot be caught from Python, so a
+    warning logged while the wait lasts says which run is awaited and for how long.
     """
     def env_int(name: str) -> int | None:
         raw = os.environ.get(name)
@@ -346,13 +368,68 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
     num_processes = num_processes if num_processes is not None else env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else env_int(ENV_PROCESS_ID)
-    if (coordinator_address, num_processes, process_id, local_device_ids) == (None,) * 4:
+    values = {ENV_COORDINATOR: coordinator_address, ENV_NUM_PROCESSES: num_processes, ENV_PROCESS_ID: process_id}
+    missing = [name for name, value in values.items() if value is None]
+    if len(missing) == len(values) and local_device_ids is None and not required:
         return False
     if jax.distributed.is_initialized():
-        return False
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+        return False  # e.g. by jax.distributed.initialize()'s own cluster detection (SLURM, TPU pods)
+    if missing:
+        raise ValueError(f"a multi-host run needs {', '.join(missing)} (not set; the coordinator is process 0's "
+                         '"host:port", processes are numbered from 0), or pass them to initialize_distributed')
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes ({ENV_NUM_PROCESSES}) must be an integer >= 1, got {num_processes!r}")
+    if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id ({ENV_PROCESS_ID}) must lie in [0, {num_processes}), got {process_id!r}")
+    host, _, port = str(coordinator_address).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f'coordinator_address ({ENV_COORDINATOR}) must be "host:port", got {coordinator_address!r}')
+    if initialization_timeout is None:
+        from_env = env_int(ENV_INIT_TIMEOUT)
+        initialization_timeout = DEFAULT_INIT_TIMEOUT if from_env is None else from_env
+    timeout = initialization_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
+        raise ValueError(f"initialization_timeout ({ENV_INIT_TIMEOUT}) must be a whole number of seconds >= 1, "
+                         f"got {initialization_timeout!r}")
+
+    who = f"process {process_id} of {num_processes}"
+    deadline = time.monotonic() + initialization_timeout
+    if process_id != 0:
+        _await_coordinator(host.strip("[]"), int(port), deadline, who, coordinator_address, initialization_timeout)
+    remaining = max(1, math.ceil(deadline - time.monotonic()))
+    # JAX's client aborts the process (no Python exception) if the others do not join in time: say who is
+    # awaited while it waits, so the C++ stack trace that may follow has a readable cause above it.
+    notice = threading.Timer(min(10.0, initialization_timeout / 2), lambda: log.warning(
+        "%s: still waiting for the other processes to join via coordinator %s; JAX aborts this process if they "
+        "have not all joined %d s after the start (%s=%d)", who, coordinator_address, initialization_timeout,
+        ENV_INIT_TIMEOUT, initialization_timeout))
+    notice.daemon = True
+    notice.start()
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids,
+                                   initialization_timeout=remaining)
+    finally:
+        notice.cancel()
     return True
+
+
+def _await_coordinator(host: str, port: int, deadline: float, who: str, address: str, timeout: int) -> None:
+    """Waits until ``host:port`` accepts a TCP connection; ``TimeoutError`` naming it at ``deadline``.
+
+    Before JAX's client connects: its own timeout ends in an abort, not an exception."""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{who}: the coordinator {address} did not accept a connection within {timeout} s "
+                    f"({ENV_INIT_TIMEOUT}={timeout}); start process 0 there, or check {ENV_COORDINATOR} "
+                    "and that the port is reachable"
+                ) from None
+            time.sleep(0.2)
 
 
 # ----- reporting -----

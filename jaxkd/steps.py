@@ -13,7 +13,9 @@ reads that one integer after the step and raises (:class:`NonFiniteError`, ``Val
 ``on_nonfinite="skip"``, counts the skipped update in ``state.skipped_steps`` (as
 ``optax.apply_if_finite`` does, but for the whole state: batch statistics and method state included).
 Reading the status waits for the step to finish; ``step.jitted`` is the raw compiled function for
-callers that check ``metrics["status"]`` themselves.
+callers that check ``metrics["status"]`` themselves. A step that fails while running (out of device
+memory) after its state was donated raises :class:`StepFailedError`: that state is gone, and a long run
+resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, state: TrainState, metrics: Metrics):
         super().__init__(message)
         self.state, self.metrics = state, metrics
+
+
+class StepFailedError(RuntimeError):
+    """The compiled step failed while running (XLA's ``RESOURCE_EXHAUSTED`` for an out-of-memory batch, a
+    device fault) after its input state had been donated: that state's buffers are deleted, so training
+    can only go on from a saved copy (the last checkpoint). JAX's error is the ``__cause__``."""
 
 
 def check_batch(state: TrainState, batch: Mapping[str, Any]) -> None:
@@ -293,13 +301,34 @@ def _compiled(fn: Callable, mesh: Mesh | None, *, donate: bool, metrics_out: boo
     return call
 
 
-def _host_wrapper(compiled: Callable, mesh: Mesh | None, on_bad_status: Callable) -> Callable:
+def _donated(state: TrainState) -> bool:
+    """Whether ``state``'s buffers were donated (deleted). Its step counter is donated with every other
+    leaf, so one leaf tells (a microsecond, not a walk over the whole state each step)."""
+    return isinstance(state.step, jax.Array) and state.step.is_deleted()
+
+
+def _host_wrapper(compiled: Callable, mesh: Mesh | None, on_bad_status: Callable, *, donates: bool = False) -> Callable:
     def step(state: TrainState, batch: Mapping[str, Any]):
+        if donates and _donated(state):
+            raise ValueError("the train state was donated to an earlier step (its buffers are deleted): pass the "
+                             "state that step returned, or the one restored from the last checkpoint")
         check_batch(state, batch)
         if mesh is not None:
             batch = shd.shard_batch(batch, mesh)
-        out = compiled(state, batch)
-        return on_bad_status(state, out)
+        try:
+            out = compiled(state, batch)
+            return on_bad_status(state, out)  # reads the status: a failure while running surfaces here or above
+        except RuntimeError as e:  # JaxRuntimeError; the checks above raise ValueError / NonFiniteError
+            if not (donates and _donated(state)):
+                raise  # failed before taking the state (e.g. compiling): the caller's state is intact
+            # Without this, the next use of the state reports only "Array has been deleted".
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StepFailedError(
+                f"the train step failed at run time ({first_line}); its input state was donated to the step and "
+                "its buffers are deleted: restore the state from the last checkpoint (then, for an out-of-memory "
+                "error, a smaller batch or make_train_step(microbatches=k)); make_train_step(donate=False) keeps "
+                "the input state through such a failure, at the cost of a second copy in device memory"
+            ) from e
 
     step.jitted = compiled
     return step
@@ -315,7 +344,10 @@ def make_train_step(
       mesh: the mesh the state was created on (``jaxkd.create(..., mesh=mesh)``): the batch is split over
         its ``data`` and ``fsdp`` axes, every state array keeps its sharding, and XLA inserts the
         gradient reductions and the parameter all-gathers. ``None`` runs on the default device.
-      donate: donate the input state's buffers (the caller must not reuse the old state).
+      donate: donate the input state's buffers (the caller must not reuse the old state). If the step then
+        fails while running (out of device memory), the input state is gone too: the step raises
+        :class:`StepFailedError` (restore the last checkpoint). ``False`` keeps the input state through
+        such a failure, at the cost of a second copy of the state in device memory during the step.
       on_nonfinite: a step whose loss or gradients are not finite is never applied; ``"raise"``
         (default) then raises :class:`NonFiniteError` (holding the unchanged state), ``"skip"`` goes on
         and counts it in ``state.skipped_steps``. A label out of range always raises ``ValueError``.
@@ -348,7 +380,7 @@ def make_train_step(
 
     check_int("microbatches", microbatches, low=1)
     step_fn = _train_step if microbatches == 1 else functools.partial(_train_step, microbatches=microbatches)
-    return _host_wrapper(_compiled(step_fn, mesh, donate=donate), mesh, on_bad_status)
+    return _host_wrapper(_compiled(step_fn, mesh, donate=donate), mesh, on_bad_status, donates=donate)
 
 
 #: Suffixes of an eval step's sums: metric ``m`` is ``sums[m + NUM] / sums[m + DEN]`` over the whole dataset.

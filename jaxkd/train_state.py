@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from jaxkd import participants as parts_lib
 from jaxkd import sharding as shd
+from jaxkd.checks import check_image_scale
 from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, Method, MethodVars, as_chain
 from jaxkd.models.base import Model, merge_variables, split_variables
 from jaxkd.participants import STUDENT, TEACHER, Participant
@@ -292,6 +293,10 @@ def create(
     parts = gather_participants(student=student, student_variables=student_variables, teacher=teacher,
                                 teacher_variables=teacher_variables, participants=participants, input_key=input_key)
     check_sample_batch(sample_batch, parts, label_key=label_key)
+    for name, p in parts.items():  # values, so here on the host: inside the models' trace only dtypes show
+        for path, leaf in jax.tree_util.tree_leaves_with_path(p.model_input(sample_batch, name=name)):
+            key = p.input if isinstance(p.input, str) else jax.tree_util.keystr(path, simple=True, separator="/")
+            check_image_scale(f"participant {name!r}: batch[{key!r}]" if key else f"participant {name!r}'s input", leaf)
     needed = ([label_key] if method.needs_labels else []) + list(method.batch_keys)
     missing = [k for k in needed if k not in sample_batch]
     if missing:

@@ -40,6 +40,19 @@ def test_default_directory_follows_the_environment(monkeypatch, tmp_path):
         compilation_cache.enable(str(tmp_path / "file"))
 
 
+def test_an_unwritable_cache_folder_warns_once_and_runs_without_the_cache(tmp_path, caplog):
+    # Root writes anywhere, so the folder is made impossible instead: its parent is a regular file.
+    (tmp_path / "file").write_text("")
+    unwritable = str(tmp_path / "file" / "xla")
+    with caplog.at_level("WARNING", logger="jaxkd.compilation_cache"):
+        assert compilation_cache.enable(unwritable) is None
+        assert compilation_cache.enable(unwritable) is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxkd.compilation_cache"]
+    assert len(warnings) == 1 and unwritable in warnings[0] and "without" in warnings[0], warnings
+    import jax
+    assert jax.config.jax_compilation_cache_dir != unwritable
+
+
 def test_a_second_run_of_the_experiment_compiles_nothing(tmp_path):
     cache = tmp_path / "xla"
     counts = []

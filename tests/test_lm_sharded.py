@@ -50,3 +50,27 @@ def test_the_bf16_teacher_is_sharded_on_the_students_mesh_and_the_step_is_the_si
     np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-3)
     chex.assert_trees_all_close(jax.device_get(sharded.student.params), jax.device_get(single.student.params),
                                 rtol=1e-3, atol=1e-5)
+
+
+def test_the_default_rules_shard_an_annotated_lm_over_fsdp():
+    # The LM names every parameter's axes; without a logical table those names map nowhere, so the
+    # default (fsdp) rule must still shard it (it once took the logical branch and replicated all 11).
+    cfg = lm_models.LMConfig(vocab_size=32, d_model=32, num_layers=1, num_heads=2, d_ff=64, max_len=T)
+    mesh = sharding.make_mesh({"fsdp": 8})
+    state = jaxkd.create(participants={"student": student(lm_models.lm(cfg), input=("tokens", "mask"))},
+                         method=methods.parse("lm_ce"), tx=optax.adam(1e-2), sample_batch=BATCH,
+                         rng=jax.random.PRNGKey(0), mesh=mesh)
+    leaves = jax.tree_util.tree_leaves_with_path(state.student.params)
+    large = {sharding.path_str(p): x for p, x in leaves if x.size >= sharding.Rules().min_size}
+    assert len(large) == 8  # embedding, query/key/value/out, gate/up/down (norm scales stay whole)
+    split = {name: x.addressable_shards[0].data.size for name, x in large.items()}
+    assert split == {name: x.size // 8 for name, x in large.items()}
+    # The optimizer state follows its parameters.
+    mu = state.opt_state[0].mu["student"]["embedding"]
+    assert mu.addressable_shards[0].data.size == mu.size // 8
+    # A logical table, when given, still decides: embed -> fsdp only (vocab unmatched here stays whole).
+    rules = sharding.Rules(logical=(("embed", "fsdp"),))
+    boxed = jax.eval_shape(lm_models.lm(cfg).init, jax.random.PRNGKey(0), {"tokens": BATCH["tokens"]})
+    specs = sharding.param_shardings(sharding.unbox(boxed), mesh, rules,
+                                     logical_specs=sharding.logical_partition_specs(boxed))
+    assert specs["params"]["embedding"].spec == jax.sharding.PartitionSpec(None, "fsdp")

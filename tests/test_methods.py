@@ -185,6 +185,32 @@ def test_parse_refuses_non_strings_and_survives_very_long_specs():
         methods.parse(" + ".join(["kd"] * 100_000))
 
 
+def test_parse_refuses_huge_integer_powers_promptly():
+    # In a subprocess with a timeout: Python's big-integer power does not check for signals, so a parser
+    # that computes 9**(9**9) hangs where no alarm can interrupt it.
+    import subprocess
+    import sys
+    code = (
+        "from jaxkd import methods\n"
+        "for spec in ['kd(temperature=9**9**9)', '10**10**8 * kd', 'kd(temperature=(10**300)**(10**300))']:\n"
+        "    try:\n"
+        "        methods.parse(spec)\n"
+        "    except ValueError as e:\n"
+        "        print(e)\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("parsing a spec with a huge integer power did not finish in 60 s")
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and all("too large" in line for line in lines), out.stdout + out.stderr
+    assert "at '9**9**9'" in lines[0]
+    # Ordinary powers still compute; 2**1000 is within the bound (and beyond the temperature range).
+    assert [t.name for t in methods.parse("2**-1 * kd(temperature=2**2)").terms] == ["kd"]
+    with pytest.raises(ValueError, match="temperature"):
+        methods.parse("kd(temperature=2**1000)")
+
+
 def test_parse_reads_arithmetic_over_named_constants():
     method = methods.parse("ce + dkd(warmup_steps=steps * 20 // 240) + 0.0008 * batch_size * sinkd",
                            {"steps": 400, "batch_size": 64})

@@ -1,5 +1,7 @@
 """Meshes, sharding rules (fsdp, logical names, overrides), batch placement and reporting (8 CPU devices)."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -232,6 +234,63 @@ def test_initialize_distributed_is_a_no_op_without_configuration(monkeypatch):
     monkeypatch.setenv("JAXKD_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match=r"JAXKD_NUM_PROCESSES='two' is not an integer"):
         shd.initialize_distributed()
+
+
+def test_initialize_distributed_names_the_missing_variables(monkeypatch):
+    for name in ("JAXKD_COORDINATOR", "JAXKD_NUM_PROCESSES", "JAXKD_PROCESS_ID", "JAXKD_INIT_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    # Asked for (the experiment's distributed=True), nothing set: an error, not a silent single-host run.
+    with pytest.raises(ValueError, match=r"^a multi-host run needs JAXKD_COORDINATOR, JAXKD_NUM_PROCESSES, "
+                                         r"JAXKD_PROCESS_ID"):
+        shd.initialize_distributed(required=True)
+    monkeypatch.setenv("JAXKD_COORDINATOR", "10.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"needs JAXKD_NUM_PROCESSES, JAXKD_PROCESS_ID \(not set"):
+        shd.initialize_distributed()  # a partial configuration is always a mistake
+    monkeypatch.setenv("JAXKD_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXKD_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"process_id \(JAXKD_PROCESS_ID\) must lie in \[0, 2\), got 2"):
+        shd.initialize_distributed()
+    monkeypatch.setenv("JAXKD_PROCESS_ID", "1")
+    monkeypatch.setenv("JAXKD_INIT_TIMEOUT", "0")
+    with pytest.raises(ValueError, match=r"initialization_timeout .*JAXKD_INIT_TIMEOUT.* got 0"):
+        shd.initialize_distributed()
+    assert not jax.distributed.is_initialized()
+
+
+def _join_alone(process_id: int, timeout_s: int):
+    """A process of a 2-process run whose peer never starts, in a subprocess: (seconds, returncode, output)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_multihost import free_port
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAXKD_COORDINATOR=f"127.0.0.1:{free_port()}", JAXKD_NUM_PROCESSES="2",
+               JAXKD_PROCESS_ID=str(process_id), JAXKD_INIT_TIMEOUT=str(timeout_s))
+    start = time.monotonic()
+    try:
+        out = subprocess.run([sys.executable, "-c", "from jaxkd import sharding; sharding.initialize_distributed()"],
+                             capture_output=True, text=True, timeout=90, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("joining a run whose peer never starts was still waiting after 90 s")
+    return time.monotonic() - start, out.returncode, out.stdout + out.stderr
+
+
+def test_a_coordinator_that_never_starts_is_a_clear_error_within_the_timeout():
+    seconds, rc, output = _join_alone(process_id=1, timeout_s=2)
+    assert rc == 1 and seconds < 60, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("TimeoutError: process 1 of 2: the coordinator 127.0.0.1:"), output
+    assert "JAXKD_INIT_TIMEOUT=2" in last and "Check failure" not in output
+
+
+def test_a_peer_that_never_starts_is_announced_before_jax_aborts():
+    # Process 0 hosts the coordinator and waits for process 1 inside JAX's C++ client, which aborts the
+    # process on its deadline (uncatchable): the timeout bounds the wait and a warning names who is awaited.
+    seconds, rc, output = _join_alone(process_id=0, timeout_s=2)
+    assert rc != 0 and seconds < 60, output
+    assert "process 0 of 2: still waiting for the other processes to join via coordinator 127.0.0.1:" in output
+    assert "JAXKD_INIT_TIMEOUT=2" in output
 
 
 def test_describe_and_per_device_bytes():

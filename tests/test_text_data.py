@@ -304,6 +304,18 @@ def test_find_source_files_keeps_only_library_py_files(source):
         sc.find_source_files(empty)
 
 
+def test_a_file_over_the_size_cap_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    (tmp_path / "small.py").write_text("x = 1\n")
+    (tmp_path / "data.py").write_text("x = '" + "a" * (10 * 2**20) + "'\n")  # 10 MB on one line
+    with caplog.at_level("WARNING", logger="jaxkd.data.stdlib_corpus"):
+        files = dict(sc.find_source_files(tmp_path))
+    assert set(files) == {"small.py"}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxkd.data.stdlib_corpus"]
+    assert len(warnings) == 1, warnings
+    assert "skipped 1 file" in warnings[0] and "data.py" in warnings[0] and str(tmp_path) in warnings[0]
+    assert f"max_file_bytes={sc.MAX_FILE_BYTES}" in warnings[0] and "10485767 bytes" in warnings[0]
+
+
 def test_split_is_the_documented_hash_and_roughly_90_5_5():
     for path in ("os.py", "json/__init__.py", "test/test_os.py", "email/mime/text.py"):
         assert sc.split_of(path) == _split_by_formula(path)

@@ -206,6 +206,50 @@ def test_models_refuse_unnormalized_images_at_create_time():
         jaxkd.create(student=conv, method=methods.ce(), tx=TX, sample_batch=images, rng=jax.random.PRNGKey(0))
 
 
+def _failing_at_run_time():
+    """ce plus a term whose host callback raises while the compiled step runs, as an out-of-memory error
+    (XLA's RESOURCE_EXHAUSTED) does: after dispatch, when the state's buffers are already donated."""
+    def oom(_):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.00GiB (simulated)")
+
+    def compute(inputs, rng):
+        z = inputs.outputs["student"].logits
+        jax.debug.callback(oom, jax.lax.stop_gradient(jnp.sum(z)))
+        return jnp.sum(z) * 0.0
+
+    return methods.ce() + methods.base.stateless_method("fails", compute, needs_teacher=False)
+
+
+def test_a_step_failing_at_run_time_says_the_donated_state_is_lost():
+    state = new_state(method=_failing_at_run_time(), teacher=None, teacher_variables=None)
+    step = jaxkd.make_train_step()
+    with pytest.raises(RuntimeError, match=r"failed at run time \(INTERNAL: CpuCallback error.*\); its input "
+                                           r"state was donated .* restore the state from the last checkpoint") as info:
+        step(state, BATCH)
+    assert type(info.value).__name__ == "StepFailedError" and "RESOURCE_EXHAUSTED" in str(info.value.__cause__)
+    # Using that state again names the cause instead of JAX's "Array has been deleted".
+    with pytest.raises(ValueError, match=r"^the train state was donated to an earlier step"):
+        step(state, BATCH)
+    # Without donation the error is JAX's own and the state survives it.
+    state = new_state(method=_failing_at_run_time(), teacher=None, teacher_variables=None)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="CpuCallback error"):
+        jaxkd.make_train_step(donate=False)(state, BATCH)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+
+
+def test_float_images_still_in_0_255_are_refused_at_create_time_like_uint8():
+    conv = jaxkd.models.get("resnet8", num_classes=NUM_CLASSES)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1)).astype(np.float32)
+    raw = {"image": pixels, "label": np.zeros(2, np.int32)}
+    with pytest.raises(ValueError, match=r"^participant 'student': batch\['image'\] holds float32 images with values "
+                                         r"in \[0, 2\d\d\] \(raw pixels\).*divide by 255"):
+        jaxkd.create(student=conv, method=methods.ce(), tx=TX, sample_batch=raw, rng=jax.random.PRNGKey(0))
+    # Scaled to [0, 1], or normalized (negative values), they are accepted.
+    for images in (pixels / 255, (pixels / 255 - 0.5) / 0.25):
+        jaxkd.create(student=conv, method=methods.ce(), tx=TX, sample_batch=dict(raw, image=images),
+                     rng=jax.random.PRNGKey(0))
+
+
 def test_semi_supervised_batches_train_ce_on_labeled_examples_only():
     """DHO's unlabeled-data setting: KD on every example, CE only where ``batch["labeled"]``."""
     labeled = np.arange(16) < 6

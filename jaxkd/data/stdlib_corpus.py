@@ -18,7 +18,8 @@ Files (:func:`find_source_files`)
     * files named ``_sysconfigdata_*.py`` (generated at install time; they hold the build machine's
       paths and flags, so they differ between installs of the same version);
     * files larger than ``max_file_bytes`` (default :data:`MAX_FILE_BYTES`, 512 KiB) are **skipped, not
-      truncated** (cutting a module mid-statement would teach the model broken code).  With the
+      truncated** (cutting a module mid-statement would teach the model broken code), with a logged
+      warning naming them.  With the
       default this drops only ``pydoc_data/topics.py`` in CPython 3.11 (757 KB of generated help text
       in one dict literal).  ``max_file_bytes=None`` keeps every file.
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import sysconfig
@@ -75,6 +77,8 @@ __all__ = [
     "stdlib_corpus_sequences",
     "stdlib_corpus_texts",
 ]
+
+log = logging.getLogger("jaxkd.data.stdlib_corpus")
 
 #: Files larger than this are skipped (not truncated) by default.
 MAX_FILE_BYTES = 512 * 1024
@@ -135,6 +139,7 @@ def find_source_files(
     if not os.path.isdir(root):
         raise ValueError(f"source_dir must be a folder of .py files, got {root!r} (not a folder)")
     found: list[tuple[str, int]] = []
+    too_big: list[tuple[str, int]] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not _excluded_dir(d))
         for name in files:
@@ -144,9 +149,16 @@ def find_source_files(
             if not os.path.isfile(full):
                 continue  # a broken link or not a regular file
             size = os.path.getsize(full)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
             if max_file_bytes is not None and size > max_file_bytes:
+                too_big.append((rel, size))
                 continue
-            found.append((os.path.relpath(full, root).replace(os.sep, "/"), size))
+            found.append((rel, size))
+    if too_big:
+        # A file the user put in the corpus and the model never sees must not vanish unannounced.
+        listing = ", ".join(f"{rel} ({size} bytes)" for rel, size in sorted(too_big))
+        log.warning("stdlib_corpus: skipped %d file(s) of %s over max_file_bytes=%d (pass a larger "
+                    "max_file_bytes, or None, to keep them): %s", len(too_big), root, max_file_bytes, listing)
     if not found:
         raise ValueError(
             f"source_dir {root!r} has no .py files to build stdlib_corpus from (after excluding"

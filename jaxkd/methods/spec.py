@@ -5,7 +5,8 @@ method is selectable from an experiment config. Grammar (a safe subset of Python
 ``eval``): a sum of terms; a term is ``[number *] name[(keyword=value, ...)]`` where ``name`` is a key of
 :data:`jaxkd.methods.REGISTRY`. Values are literals (numbers, strings, booleans, ``None``, tuples) or
 arithmetic (``+ - * / // **``) over numbers and the named ``constants`` passed to :func:`parse` —
-``taid(total_steps=steps)`` or ``dkd(warmup_steps=steps // 12)`` with ``{"steps": 400}``. Weights may be
+``taid(total_steps=steps)`` or ``dkd(warmup_steps=steps // 12)`` with ``{"steps": 400}``. An integer
+result over :data:`MAX_INT_BITS` bits (``9**9**9``) is refused before it is computed. Weights may be
 arithmetic too: ``0.0008 * batch_size * sinkd``. A weight may also be a stage, ``until(n)`` (1 before
 step ``n``, then 0) or ``after(n)`` (0 before, then 1), optionally times a number:
 ``until(100) * fitnets + after(100) * (ce + kd)`` is FitNets' two-stage recipe in one run.
@@ -35,6 +36,24 @@ _OPERATORS = {
 }
 
 
+#: The largest integer a spec may compute, in bits (beyond any float, so no sensible argument is lost).
+#: Python's integer arithmetic is exact and unbounded: ``9**9**9`` would run for hours (and cannot be
+#: interrupted), so powers are refused before they are computed and other results after.
+MAX_INT_BITS = 1024
+
+
+def _checked_arithmetic(op: type, left: int | float, right: int | float) -> int | float:
+    """``left op right``; ValueError for an integer result of more than :data:`MAX_INT_BITS` bits."""
+    if op is ast.Pow and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+        # |left| ** right has at least (bit_length - 1) * right + 1 bits: bound it before computing.
+        if (abs(left).bit_length() - 1) * right >= MAX_INT_BITS:
+            raise ValueError(f"the integer result is too large (over {MAX_INT_BITS} bits)")
+    result = _OPERATORS[op](left, right)
+    if isinstance(result, int) and result.bit_length() > MAX_INT_BITS:
+        raise ValueError(f"the integer result is too large (over {MAX_INT_BITS} bits)")
+    return result
+
+
 class _Reader:
     """Reads one spec; every error names the offending piece and the whole spec."""
 
@@ -54,7 +73,7 @@ class _Reader:
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
             left, right = self.number(node.left), self.number(node.right)
             try:
-                return _OPERATORS[type(node.op)](left, right)
+                return _checked_arithmetic(type(node.op), left, right)
             except (ArithmeticError, ValueError) as e:
                 raise self.error(f"cannot compute ({e})", node) from None
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
