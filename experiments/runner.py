@@ -35,6 +35,7 @@ import numpy as np
 import jaxkd
 from jaxkd import compilation_cache, sharding
 from jaxkd.checkpoint import Checkpointer
+from jaxkd.steps import StepFailedError
 
 from experiments import config as config_lib
 from experiments.run_log import MetricsLog, Preempted, PreemptionFlag
@@ -104,8 +105,8 @@ def folder_lock(path: str, what: str) -> Iterator[None]:
 def run_folder(cfg: Any, out_dir: str) -> Iterator[None]:
     """Everything around one run of a script: the multi-host start (``cfg.distributed``), the compilation
     cache (``cfg.compilation_cache``), the run folder locked for this process, ``config.json`` written."""
-    if getattr(cfg, "distributed", False):
-        sharding.initialize_distributed()
+    if getattr(cfg, "distributed", False):  # declared multi-host: a host without the JAXKD_* variables is refused
+        sharding.initialize_distributed(required=True)
     compilation_cache.enable(cfg.compilation_cache)
     # On several hosts sharing a file system, each host holds its own lock file.
     lock_dir = out_dir if jax.process_index() == 0 else os.path.join(out_dir, f"process{jax.process_index()}")
@@ -284,7 +285,13 @@ class Runner:
                     batch = combine(batches) if combine is not None else batches["train"]
                 began = time.perf_counter()
                 with phases.phase("steps"):
-                    state, metrics = self.train_step(state, batch)  # waits for the step: it reads its status
+                    try:
+                        state, metrics = self.train_step(state, batch)  # waits for the step: it reads its status
+                    except StepFailedError as e:  # the donated state is gone: only the checkpoint can go on
+                        last = ckpt.latest_step()
+                        where = f"its checkpoint at step {last}" if last is not None else "its start"
+                        raise StepFailedError(f"run {run!r} seed {seed} at step {step}: {e} Re-running the same "
+                                              f"command resumes the run from {where}.") from e
                 if step > start + 1:
                     step_seconds.append(time.perf_counter() - began)
                 pending.append((step, metrics))

@@ -161,3 +161,33 @@ def test_a_batch_larger_than_the_student_split_is_refused():
     with pytest.raises(ValueError, match="80 examples after the meta set of 'tgeo' is held out"):
         distill.check_batch_size(cfg, dataset, distill.parse_methods(cfg))
     distill.check_batch_size(dataclasses.replace(cfg, batch_size=80), dataset, distill.parse_methods(cfg))
+
+
+def test_a_failed_step_names_the_checkpoint_the_rerun_resumes_from(tmp_path, monkeypatch):
+    """A step that fails after its state was donated (out of memory) cannot go on in-process: the error says
+    which checkpoint the re-run resumes from, and the re-run finishes."""
+    import jaxkd
+    from jaxkd.steps import StepFailedError
+    from tests.test_resume import SETTINGS
+
+    real = jaxkd.make_train_step
+
+    def failing(**kwargs):
+        step = real(**kwargs)
+
+        def train_step(state, batch):
+            if int(state.step) == 7 and any(name == "teacher" for name, _ in state.participants):
+                raise StepFailedError("RESOURCE_EXHAUSTED: out of memory (simulated); the state was donated.")
+            return step(state, batch)
+
+        return train_step
+
+    args = ["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}", "--set", "compilation_cache=None"]
+    args += sum((["--set", s] for s in SETTINGS), [])
+    monkeypatch.setattr(jaxkd, "make_train_step", failing)
+    with pytest.raises(StepFailedError, match="run 'kd' seed 0 at step 8: RESOURCE_EXHAUSTED.*Re-running the same "
+                                              "command resumes the run from its checkpoint at step 7"):
+        distill.main(args)
+    monkeypatch.setattr(jaxkd, "make_train_step", real)
+    summary = distill.main(args)
+    assert [r["run"] for r in summary["rows"]] == ["teacher", "kd"]
