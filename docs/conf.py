@@ -38,7 +38,7 @@ myst_enable_extensions = ["dollarmath"]
 # the docs render those outputs instead of executing again.
 nb_execution_mode = "off"
 
-# API reference: one page per module, generated from the docstrings.
+# API reference, generated from the docstrings: a page per package (each of its modules a section) or module.
 autosummary_generate = True
 autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": False}
 autodoc_typehints = "signature"
@@ -50,6 +50,42 @@ napoleon_use_ivar = True
 
 html_theme = "sphinx_book_theme"
 html_title = "jaxkd"
-# The sidebar shows the current branch only: rendering the whole navigation tree (about 150 API pages) on
-# every page was half of the build's time.
+# The sidebar shows the current branch only. (Rendering the navigation tree on every page is what the theme
+# costs; with one API page per module, about 150 pages, it was half of the build's time; see _templates.)
 html_theme_options = {"show_toc_level": 2, "navigation_depth": 2, "collapse_navigation": True}
+
+# Not nitpicky: the signatures' annotations name jax, numpy and flax types this offline build has no
+# inventory for (jax.Array alone is ~860 unresolved references); a link that fails renders as code.
+
+
+def resolve_reexports(app, env, node, contnode):
+    """Links a reference to a re-exported name (``jaxkd.create``, ``jaxkd.data.Loader``,
+    ``jaxkd.losses.reduce_loss``) to where the object is documented: the module that defines it."""
+    import importlib
+
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or not target.startswith("jaxkd."):
+        return None
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        break
+    else:
+        return None
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qualname or f"{module}.{qualname}" == target:
+        return None
+    return env.get_domain("py").resolve_xref(env, node["refdoc"], app.builder, node["reftype"],
+                                             f"{module}.{qualname}", node, contnode)
+
+
+def setup(app):
+    app.connect("missing-reference", resolve_reexports)
