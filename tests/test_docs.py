@@ -80,3 +80,15 @@ def test_write_your_own_method_examples_run():
     assert int(state.method.state["hint"]["calls"]) == 3 and "hint" in metrics
     assert all(bool(jax.numpy.isfinite(v)) for v in metrics.values())
     assert [term.name for term in namespace["method"].terms] == ["ce", "hint"]
+
+
+def test_every_results_table_is_printed_beside_its_command():
+    from tests.test_readme import tables
+
+    for page in ("results.md", "benchmarks.md"):
+        lines = (DOCS / page).read_text().splitlines()
+        found = tables("\n".join(lines))
+        assert found, page
+        for start, table in found:
+            before = "\n".join(lines[max(0, start - 30):start])
+            assert re.search(r"python (-m experiments\.|benchmarks/)", before), f"{page}: no command before\n{table}"
