@@ -1,10 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,18 +19,15 @@
 # Losses in jaxkd are pure functions of arrays, so a new objective is ordinary JAX code: combine them,
 # `jit` the result, take its gradient. This notebook builds "label cross-entropy + Hinton KD" by hand,
 # checks its gradient against the closed form, and plots what the temperature does to the teacher's
-# distribution. (Stored as a jupytext percent-format script: open it in Jupyter with jupytext, or run
-# it with `python notebooks/compose_losses.py`.)
+# distribution. (`compose_losses.ipynb` is stored with its outputs; `compose_losses.py` is the same
+# notebook as a jupytext percent-format script, kept in sync with `jupytext --sync`, which also runs as
+# `python notebooks/compose_losses.py`.)
 
 # %%
 import jax
 import jax.numpy as jnp
-import matplotlib
-import numpy as np
-
-if __name__ == "__main__":
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 from jaxkd import losses
 

@@ -15,7 +15,8 @@ Tail mass
     the teacher's mass of one extra "tail" category; nothing else about the tail is stored.
 
 File format (one ``array_record`` file, written by ``ArrayRecordWriter`` with ``group_size:1``,
-uncompressed, so that any record is read alone)
+uncompressed, so that any record is read alone):
+
     Record 0 is a JSON header ``{"format": "jaxkd.topk_cache", "version": 1, "k", "seq_len",
     "vocab_size", "index_dtype", "log_prob_dtype"}``.  Record ``1 + i`` is sequence ``i``: the raw
     little-endian bytes of ``topk_indices`` (``[T, k]``, ``uint16`` when ``vocab_size <= 65536``,

@@ -431,8 +431,8 @@ class TextLoader(Loader):
         tokens: integer ``[N, T]``, e.g. :func:`pack_documents`'s or a :class:`PackedText`'s.
         mask: bool ``[N, T]``.
         batch_size: global rows per batch, divisible by ``process_count``.
-        shuffle, seed, drop_remainder, num_epochs, start, process_index, process_count, num_threads,
-            worker_count: as for :class:`jaxkd.data.Loader`.
+        shuffle, seed, drop_remainder, num_epochs, start: as for :class:`jaxkd.data.Loader`.
+        process_index, process_count, num_threads, worker_count: as for :class:`jaxkd.data.Loader`.
         with_index: also yield the rows' indices.
         teacher_cache: a :class:`jaxkd.data.teacher_cache.TopKCache` with one sequence per row.
         pad: the id filling padding rows (default :data:`PAD_ID`; the mask says what is padding).

@@ -23,7 +23,7 @@ code and the paper differ jaxkd follows the code by default and offers the paper
 ==============================  ===========================================  =====================================
                                 official code (default here)                 paper
 ==============================  ===========================================  =====================================
-future reward at step t         ``Σ_{t'≥t} γ^{t'−t} r_t'`` (includes r_t)   ``R_{t+1} = Σ_{t'>t} r_t'``
+future reward at step t         ``Σ_{t'≥t} γ^{t'−t} r_t'`` (includes r_t)    ``R_{t+1} = Σ_{t'>t} r_t'``
 discount γ                      0.95 (``--gamma``)                           none (γ = 1)
 length normalization            ÷ number of summed tokens                    mean of the summed rewards
 rewards                         ÷ ``reward_scaling`` 0.5, clipped to ±100    ``r_t`` as is

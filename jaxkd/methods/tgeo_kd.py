@@ -3,7 +3,7 @@
 The released code (``Chengming0501/TGeo-KD``) never trains its fusion network: α is computed under
 ``no_grad`` and the validation loss does not depend on it. jaxkd implements the paper's bilevel objective
 the way it can be computed honestly in one step — the one-step-lookahead hypergradient of
-learning-to-reweight methods:
+learning-to-reweight methods::
 
     α = σ(MLP_φ(geometry))                                  per example, from detached inputs
     L_student(θ) = mean_i[sg(α_i)·T²·KL_i(θ) + (1 − sg(α_i))·CE_i(θ)]          (trains θ only)

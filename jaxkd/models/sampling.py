@@ -122,7 +122,7 @@ def sample_loop(step_fn: Callable[[Any, Array], tuple[Array, Any]], carry: Any, 
 
     Raises:
       ValueError: ``max_new_tokens`` not an integer ``>= 0``, ``eos_id`` not an integer ``>= 0``, or a bad
-      sampling option (:func:`sample_logits`).
+        sampling option (:func:`sample_logits`).
     """
     n = check_int("max_new_tokens", max_new_tokens, low=0)
     _check_options(temperature, top_k, top_p)
