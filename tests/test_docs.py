@@ -54,7 +54,7 @@ def test_api_reference_lists_every_top_level_module():
 
 def test_getting_started_examples_run(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # the digits are prepared here, not in ~
-    example, participants = python_blocks("getting_started.md")
+    example, participants, evaluation = python_blocks("getting_started.md")
     namespace = {}
     exec(compile(example, "docs/getting_started.md", "exec"), namespace)
     state, metrics = namespace["state"], namespace["metrics"]
@@ -67,6 +67,12 @@ def test_getting_started_examples_run(tmp_path, monkeypatch):
     assert set(state.frozen) == {"teacher", "wrn"} and int(state.step) == 1
     assert {"multi_teacher_kd/teacher", "multi_teacher_kd/wrn"} <= set(metrics)
     assert all(bool(jax.numpy.isfinite(v)) for v in metrics.values())
+
+    exec(compile(evaluation, "docs/getting_started.md", "exec"), namespace)  # on the same state
+    result = namespace["result"]
+    assert {"accuracy", "teacher_accuracy", "agreement", "kl", "count"} <= set(result)
+    assert "wrn_accuracy" not in result  # frozen=False: a frozen participant no metric reads is skipped
+    assert 0.0 <= result["agreement"] <= 1.0 and result["kl"] >= 0.0
 
 
 def test_write_your_own_method_examples_run():
