@@ -36,7 +36,7 @@ def test_chain_is_weighted_sum_and_reports_every_term():
     inputs = fake_inputs()
     total, aux = run(methods.ce() + 0.5 * methods.kd(temperature=2.0), inputs)
     ce = losses.cross_entropy(inputs.student.logits, inputs.batch["label"])
-    kd = losses.kd(inputs.student.logits, inputs.teacher.logits, temperature=2.0)
+    kd = losses.kd(inputs.student.logits, inputs.outputs["teacher"].logits, temperature=2.0)
     np.testing.assert_allclose(aux.metrics["ce"], ce, rtol=1e-6)
     np.testing.assert_allclose(aux.metrics["kd"], kd, rtol=1e-6)
     np.testing.assert_allclose(total, ce + 0.5 * kd, rtol=1e-6)
@@ -100,7 +100,7 @@ def projection_method(feature="pooled", width=32):
 
     def loss(vars, inputs, rng):
         s = jaxkd.models.get_feature(inputs.student, feature, who="student") @ vars.params["kernel"]
-        t = jaxkd.models.get_feature(inputs.teacher, feature, who="teacher")
+        t = jaxkd.models.get_feature(inputs.outputs["teacher"], feature, who="teacher")
         value = jnp.mean((s - t) ** 2)
         return value, LossAux({"calls": vars.state["calls"]}, {"calls": vars.state["calls"] + 1})
 

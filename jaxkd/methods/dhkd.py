@@ -44,7 +44,7 @@ def dhkd(
         return MethodVars(params={"aux_head": feature_head_init(rng, inputs.student, feature, hidden)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        teacher = inputs.target("teacher", method=name)
         ce, bkl = losses.dhkd_terms(
             inputs.student.logits, feature_head(vars.params["aux_head"], inputs.student, feature), teacher.logits,
             inputs.labels(name), temperature=temperature, mask=inputs.example_mask,

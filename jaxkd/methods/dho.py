@@ -49,7 +49,7 @@ def dho(
         return MethodVars(params={"kd_head": feature_head_init(rng, inputs.student, feature)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        teacher = inputs.target("teacher", method=name)
         ce, distill = losses.dho_terms(
             inputs.student.logits, feature_head(vars.params["kd_head"], inputs.student, feature), teacher.logits,
             inputs.labels(name), temperature=temperature, mask=inputs.example_mask,

@@ -44,7 +44,7 @@ def diswot(
     check_nonnegative("semantic_weight", semantic_weight)
 
     def compute(inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        teacher = inputs.target("teacher", method=name)
         mask = inputs.label_mask
         relation = losses.diswot_relation(
             student_feature(inputs, feature, method=name), teacher_feature(inputs, feature, method=name),

@@ -111,7 +111,7 @@ def gkd(
         num_generated = int(round(lmbda * tokens.shape[0]))
         if num_generated == 0:
             _, target_mask, normalizer = lm_targets(inputs.batch)
-            return loss_fn(shift_logits(inputs.student.logits), shift_logits(inputs.output(teacher, method=name).logits),
+            return loss_fn(shift_logits(inputs.student.logits), shift_logits(inputs.target(teacher, method=name).logits),
                            mask=target_mask, normalizer=normalizer)
         gen_tokens, gen_mask = generate_continuations(
             inputs, "student", tokens[:num_generated], mask[:num_generated], rng, prompt_length=prompt_length,

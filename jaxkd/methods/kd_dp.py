@@ -36,7 +36,7 @@ def kd_dp(*, temperature: float = 1.0, supervised: bool = True, weight: Weight =
         return MethodVars(state={"initial_student": frozen})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher_logits = inputs.teacher_outputs(name).logits
+        teacher_logits = inputs.target("teacher", method=name).logits
         frozen = jax.lax.stop_gradient(vars.state["initial_student"])
         initial_logits = jax.lax.stop_gradient(
             inputs.student_model.apply(frozen, inputs.model_input, train=False).logits

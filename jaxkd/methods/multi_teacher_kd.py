@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_temperature
-from jaxkd.methods.base import Method, Weight, stateless_method, target_logits
+from jaxkd.methods.base import Method, Weight, stateless_method
 from jaxkd.methods.registry import register
 
 __all__ = ["multi_teacher_kd"]
@@ -48,7 +48,7 @@ def multi_teacher_kd(
 
     def compute(inputs, rng):
         zs, mask = inputs.student.logits, inputs.example_mask
-        zt = jnp.stack([target_logits(inputs, t, method=name) for t in teachers], axis=-2)
+        zt = jnp.stack([inputs.target(t, method=name).logits for t in teachers], axis=-2)
         value = losses.multi_teacher_kd(zs, zt, teacher_weights=tuple(w), temperature=temperature, target=target, mask=mask)
         metrics = {t: losses.kd(zs, zt[..., i, :], temperature=temperature, mask=mask) for i, t in enumerate(teachers)}
         return value, metrics

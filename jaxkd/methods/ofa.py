@@ -125,7 +125,7 @@ def branch_heads(
     if width is None:
         dims = [get_feature(student, embedding, who=f"participant {participant!r} ({method!r})").shape[-1]]
         if teacher is not None:
-            dims.append(get_feature(inputs.output(teacher, method=method), embedding,
+            dims.append(get_feature(inputs.target(teacher, method=method), embedding,
                                     who=f"participant {teacher!r} ({method!r})").shape[-1])
         map_width, token_width = max(dims), dims[0]
     else:
@@ -212,7 +212,7 @@ def ofa(
         return init_heads(heads_of(inputs), rng, inputs, method=name)
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        teacher = inputs.target("teacher", method=name)
         labels, mask = inputs.labels(name), inputs.label_mask
         head_logits, state = apply_heads(heads_of(inputs), vars, inputs, method=name)
         metrics = {}

@@ -53,11 +53,13 @@ def taid(
         state = vars.state
         if tokens:
             _, target_mask, normalizer = lm_targets(inputs.batch)
-            value = losses.taid(shift_logits(inputs.student.logits), shift_logits(inputs.teacher_outputs(name).logits),
-                                t=state.t, mask=target_mask, normalizer=normalizer)
+            zt = inputs.target("teacher", method=name).logits
+            value = losses.taid(shift_logits(inputs.student.logits), shift_logits(zt), t=state.t, mask=target_mask,
+                                normalizer=normalizer)
         else:
             value = losses.taid(
-                inputs.student.logits, inputs.teacher_outputs(name).logits, t=state.t, mask=inputs.example_mask
+                inputs.student.logits, inputs.target("teacher", method=name).logits, t=state.t,
+                mask=inputs.example_mask,
             )
         new_state = losses.taid_update(
             state, value, inputs.step, total_steps=total_steps, t_start=t_start, t_end=t_end, alpha=alpha, beta=beta,

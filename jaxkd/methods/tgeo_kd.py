@@ -77,7 +77,7 @@ def tgeo_kd(
         return MethodVars(params={"fusion": _fusion_init(rng, 9 * num_classes, hidden)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher_logits = inputs.teacher_outputs(name).logits
+        teacher_logits = inputs.target("teacher", method=name).logits
         labels, mask = inputs.labels(name), inputs.label_mask
         # The meta batch carries the training batch's keys under meta_prefix; the student reads it the way
         # it reads its own batch (its input key, keys or function).
