@@ -118,11 +118,6 @@ class LossInputs:
         participants the state has."""
         return jax.lax.stop_gradient(self.output(name, method=method))
 
-    @property
-    def student(self) -> Outputs:
-        """``output("student")``: the student's own (differentiated) outputs."""
-        return self.output("student", method="the student's outputs")
-
     def participant(self, name: str, *, method: str = "a method") -> Any:
         for n, p in self.participants:
             if n == name:

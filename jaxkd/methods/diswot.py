@@ -51,7 +51,7 @@ def diswot(
             mask=inputs.example_mask,
         )
         semantic = losses.diswot_semantic(
-            inputs.student.logits, student_feature(inputs, embedding, method=name),
+            inputs.output("student", method=name).logits, student_feature(inputs, embedding, method=name),
             teacher.logits, teacher_feature(inputs, embedding, method=name), inputs.labels(name), mask=mask,
         )
         value = relation_weight * relation + semantic_weight * semantic

@@ -44,7 +44,8 @@ def kd_dp(*, temperature: float = 1.0, supervised: bool = True, weight: Weight =
         labels = inputs.labels(name) if supervised else None
         mask = inputs.label_mask if supervised else inputs.example_mask
         value = losses.kd_dp(
-            inputs.student.logits, teacher_logits, initial_logits, labels, temperature=temperature, mask=mask
+            inputs.output("student", method=name).logits, teacher_logits, initial_logits, labels,
+            temperature=temperature, mask=mask,
         )
         use_teacher = losses.teacher_is_more_confident(teacher_logits, initial_logits, labels)
         return value, LossAux({"teacher_fraction": losses.reduce_loss(use_teacher, mask=mask)}, vars.state)

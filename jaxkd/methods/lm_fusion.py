@@ -56,7 +56,7 @@ def fusellm(
     def compute(inputs: LossInputs, rng):
         targets, target_mask, normalizer = lm_targets(inputs.batch)
         stacked = jnp.stack([shift_logits(inputs.target(t, method=name).logits) for t in teachers])
-        return losses.fusellm_loss(shift_logits(inputs.student.logits), stacked, targets,
+        return losses.fusellm_loss(shift_logits(inputs.output("student", method=name).logits), stacked, targets,
                                    lm_weight=lm_weight, rule=rule, divergence=divergence, temperature=temperature,
                                    top_k=top_k, mask=target_mask)
 
@@ -88,7 +88,7 @@ def infigfusion(
 
     def compute(inputs: LossInputs, rng):
         _, target_mask, _ = lm_targets(inputs.batch)
-        return losses.infigfusion_gld(shift_logits(inputs.student.logits),
+        return losses.infigfusion_gld(shift_logits(inputs.output("student", method=name).logits),
                                       shift_logits(inputs.target(teacher, method=name).logits), k=k, values=values,
                                       mask=target_mask)
 

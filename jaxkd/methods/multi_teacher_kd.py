@@ -47,7 +47,7 @@ def multi_teacher_kd(
         raise ValueError(f"target='mixture' needs teacher_weights that sum to 1, got {tuple(w)}")
 
     def compute(inputs, rng):
-        zs, mask = inputs.student.logits, inputs.example_mask
+        zs, mask = inputs.output("student", method=name).logits, inputs.example_mask
         zt = jnp.stack([inputs.target(t, method=name).logits for t in teachers], axis=-2)
         value = losses.multi_teacher_kd(zs, zt, teacher_weights=tuple(w), temperature=temperature, target=target, mask=mask)
         metrics = {t: losses.kd(zs, zt[..., i, :], temperature=temperature, mask=mask) for i, t in enumerate(teachers)}

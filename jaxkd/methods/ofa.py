@@ -221,7 +221,8 @@ def ofa(
             metrics[s] = losses.ofa_loss(z, teacher.logits, labels, eps=e, temperature=temperature, mask=mask)
             branches = branches + metrics[s]
         metrics["logits"] = losses.ofa_loss(
-            inputs.student.logits, teacher.logits, labels, eps=eps_values[-1], temperature=temperature, mask=mask
+            inputs.output("student", method=name).logits, teacher.logits, labels, eps=eps_values[-1],
+            temperature=temperature, mask=mask,
         )
         return branch_weight * branches + logit_weight * metrics["logits"], LossAux(metrics, state)
 

@@ -51,16 +51,12 @@ def taid(
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         state = vars.state
+        zs, zt = inputs.output("student", method=name).logits, inputs.target("teacher", method=name).logits
         if tokens:
             _, target_mask, normalizer = lm_targets(inputs.batch)
-            zt = inputs.target("teacher", method=name).logits
-            value = losses.taid(shift_logits(inputs.student.logits), shift_logits(zt), t=state.t, mask=target_mask,
-                                normalizer=normalizer)
+            value = losses.taid(shift_logits(zs), shift_logits(zt), t=state.t, mask=target_mask, normalizer=normalizer)
         else:
-            value = losses.taid(
-                inputs.student.logits, inputs.target("teacher", method=name).logits, t=state.t,
-                mask=inputs.example_mask,
-            )
+            value = losses.taid(zs, zt, t=state.t, mask=inputs.example_mask)
         new_state = losses.taid_update(
             state, value, inputs.step, total_steps=total_steps, t_start=t_start, t_end=t_end, alpha=alpha, beta=beta,
         )

@@ -154,9 +154,8 @@ def token_kd(
     def compute(inputs: LossInputs, rng):
         targets, target_mask, normalizer = lm_targets(inputs.batch)
         if not fused:
-            teacher_logits = inputs.target(teacher, method=name).logits
-            return loss_fn(shift_logits(inputs.student.logits), shift_logits(teacher_logits), mask=target_mask,
-                           normalizer=normalizer)
+            zs, zt = inputs.output("student", method=name).logits, inputs.target(teacher, method=name).logits
+            return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
         s_hidden = _hidden(inputs.output("student", method=name), "student", name)
         t_hidden = _hidden(inputs.target(teacher, method=name), teacher, name)
         s_head = output_projection_of(inputs, "student", method=name)
@@ -221,8 +220,9 @@ def sparse_token_kd(
         else:
             indices, log_probs = losses.topk_teacher(inputs.target(teacher, method=name).logits, k,
                                                      temperature=temperature)
-        return losses.sparse_forward_kl(shift_logits(inputs.student.logits), indices[:, :-1], log_probs[:, :-1],
-                                        temperature=temperature, tail=tail, mask=target_mask, normalizer=normalizer)
+        zs = shift_logits(inputs.output("student", method=name).logits)
+        return losses.sparse_forward_kl(zs, indices[:, :-1], log_probs[:, :-1], temperature=temperature, tail=tail,
+                                        mask=target_mask, normalizer=normalizer)
 
     return stateless_method(name, compute, weight=weight, needs_teacher=not cached and teacher == "teacher",
                             participants=() if cached else (teacher,),
