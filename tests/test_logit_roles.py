@@ -27,7 +27,7 @@ from tests.helpers import NUM_CLASSES, tiny_batch
 #: Every registered logit method: a method joins this test by registering with family=LOGITS.
 LOGIT_METHODS = sorted(name for name, entry in REGISTRY.items() if entry.family == LOGITS)
 #: Hyperparameters some factories require (they have no default).
-REQUIRED = {"ab": {"alpha": 0.5, "beta": 0.5}, "sparse_kd": {"k": 3}}
+REQUIRED = {"ab": {"alpha": 0.5, "beta": 0.5}, "sparse_kd": {"k": 3}, "taid": {"total_steps": 10}}
 
 BATCH = tiny_batch()
 MODELS = {
@@ -110,8 +110,9 @@ def test_the_roles_route_each_participant_to_its_argument(name):
             for i, n in ((1, "student"), (2, "peer")))
     swapped = build(name, student="peer", teacher="student")
     default = build(name)
-    got, _ = swapped.loss(MethodVars(), LossInputs.of(a, batch=BATCH, peer=b), RNG)
-    want, _ = default.loss(MethodVars(), LossInputs.of(b, a, BATCH), RNG)
+    renamed, plain = LossInputs.of(a, batch=BATCH, peer=b), LossInputs.of(b, a, BATCH)
+    got, _ = swapped.loss(swapped.init(RNG, renamed), renamed, RNG)
+    want, _ = default.loss(default.init(RNG, plain), plain, RNG)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
 

@@ -268,7 +268,8 @@ class Method:
       participants: every participant besides the student whose outputs the loss reads (checked when the
         train state is created: the error lists the participants the state has).
       trains: participants besides the student the method expects to be *trained* (a mutual-learning
-        peer, an online teacher); experiments create them trainable, and a frozen one is refused.
+        peer, an online teacher, the participant in a method's ``student`` role); experiments create them
+        trainable, and a frozen one is refused.
       needs_labels: whether the loss reads the labels (``batch[label_key]``).
       batch_keys: other batch entries the loss reads (checked when the train state is created).
       meta_prefix: for methods with a held-out meta objective (TGeo-KD): the batch also carries a meta
@@ -304,6 +305,8 @@ class Method:
         # needs_teacher is the shorthand for reading the participant named "teacher".
         reads = tuple(dict.fromkeys((*self.participants, *(("teacher",) if self.needs_teacher else ()))))
         object.__setattr__(self, "participants", tuple(n for n in reads if n != "student"))
+        # The student is always trained; a role naming it (a method's default learner) adds nothing.
+        object.__setattr__(self, "trains", tuple(n for n in dict.fromkeys(self.trains) if n != "student"))
         object.__setattr__(self, "needs_teacher", "teacher" in self.participants)
 
     def named(self, name: str) -> "Method":
@@ -363,7 +366,7 @@ def stateless_method(
 
     return Method(
         name=name, loss=loss, weight=weight, needs_labels=needs_labels, batch_keys=batch_keys,
-        participants=tuple(dict.fromkeys((*reads, *trains))), trains=tuple(t for t in trains if t != "student"),
+        participants=tuple(dict.fromkeys((*reads, *trains))), trains=trains,
     )
 
 
