@@ -126,6 +126,12 @@ def test_a_frozen_learner_is_refused(name):
                      rng=jax.random.PRNGKey(0), participants={"peer": frozen_peer})
 
 
+def test_an_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="family must be one of"):
+        methods.register("pixel_kd", methods.kd, family="pixels")
+    assert "pixel_kd" not in REGISTRY
+
+
 @pytest.mark.parametrize("name", ["kd", "dkd"])
 def test_one_role_per_participant(name):
     with pytest.raises(ValueError, match="must be different participants"):

@@ -351,9 +351,10 @@ def stateless_method(
 ) -> Method:
     """A method without variables: its loss is ``compute(inputs, rng)``, a value or ``(value, metrics)``.
 
-    Most logit methods are this: a loss of :mod:`jaxkd.losses` applied to the student's and the
-    teacher's logits. ``participants`` names the participants it reads besides the student (with
-    ``needs_teacher``, the one named ``"teacher"``); a missing one is reported here, naming the method.
+    ``participants`` names the participants it reads besides the student (with ``needs_teacher``, the
+    one named ``"teacher"``; pass ``needs_teacher=False`` when the participants are named otherwise) and
+    ``trains`` those it trains; a missing one is reported here, naming the method. A loss comparing a
+    learner's logits with a target's is :func:`logit_roles_method`.
     """
     reads = tuple(dict.fromkeys((*participants, *(("teacher",) if needs_teacher else ()))))
 
