@@ -3,7 +3,8 @@
 A :class:`Participant` is a model plus how it takes part: which batch entries it reads, whether it is
 trained, which optimizer steps it and how its parameters are sharded. The train state holds one
 variables tree per participant under its name; methods read any participant's outputs by name
-(``inputs.output("teacher_b")``), with ``inputs.student`` and ``inputs.teacher`` as shorthands.
+(``inputs.output("student")`` for the outputs a term trains, ``inputs.target("teacher_b")`` for a
+gradient-stopped target).
 
 Inputs: a participant reads ``batch[input]`` (a key), a dict of several entries (a sequence of keys:
 a language model's tokens, positions and padding mask) or whatever a function of the batch returns
@@ -26,7 +27,7 @@ Input = Union[str, Sequence[str], Callable[[Mapping[str, Any]], Any]]
 
 #: The participant every method trains and evaluation scores.
 STUDENT = "student"
-#: The participant ``inputs.teacher`` refers to.
+#: The participant a method's ``teacher`` role names by default (and ``state.teacher``).
 TEACHER = "teacher"
 #: Names a participant may not have: the optimizer state keys the method's parameters by ``"method"``.
 RESERVED = ("method",)

@@ -138,7 +138,7 @@ def test_errors():
     method = methods.crd(num_examples=20, nce_k=5, feat_dim=4)
     inputs = fake_inputs(0, [0, 1, 2, 3, 4, 5])
     vars = method.init(jax.random.PRNGKey(0), inputs)
-    no_index = LossInputs.of(inputs.student, inputs.teacher, {"label": jnp.zeros(6, jnp.int32)})
+    no_index = LossInputs.of(inputs.outputs["student"], inputs.outputs["teacher"], {"label": jnp.zeros(6, jnp.int32)})
     with pytest.raises(ValueError, match=r"batch\['index'\].*\['label'\]"):
         method.loss(vars, no_index, jax.random.PRNGKey(0))
 

@@ -374,7 +374,8 @@ def test_methods_match_numpy_over_the_unmasked_examples(name, method, ref):
     assert method.name == name and method.needs_teacher and method.weight == 1.0
     inputs = fake_inputs()
     value, aux = method.loss(method.init(jax.random.PRNGKey(0), inputs), inputs, jax.random.PRNGKey(1))
-    expected = ref(np.asarray(inputs.student.logits), np.asarray(inputs.teacher.logits))[MASK].mean()
+    zs, zt = (np.asarray(inputs.outputs[n].logits) for n in ("student", "teacher"))
+    expected = ref(zs, zt)[MASK].mean()
     np.testing.assert_allclose(value, expected, rtol=2e-5)
     assert dict(aux.metrics) == {}
 
@@ -391,5 +392,5 @@ def test_method_factories_validate_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             bad()
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ValueError, match="'jsd' needs the outputs of participant 'teacher'"):
         M.jsd().loss(None, fake_inputs(teacher=False), jax.random.PRNGKey(0))

@@ -155,7 +155,7 @@ def run(method, inputs):
 def test_method_matches_the_official_code_over_the_real_labeled_examples():
     inputs = fake_inputs()
     keep = inputs.batch["mask"] & inputs.batch["labeled"]
-    zs, zt = np.asarray(inputs.student.logits), np.asarray(inputs.teacher.logits)
+    zs, zt = np.asarray(inputs.outputs["student"].logits), np.asarray(inputs.outputs["teacher"].logits)
     tckd, nckd = np_dkd_official(zs[keep], zt[keep], inputs.batch["label"][keep], 3.0)
     value, aux = run(methods.dkd(alpha=2.0, beta=6.0, temperature=3.0), inputs)
     np.testing.assert_allclose(aux.metrics["tckd"], tckd.mean(), rtol=1e-4)

@@ -35,8 +35,8 @@ def run(method, inputs):
 def test_chain_is_weighted_sum_and_reports_every_term():
     inputs = fake_inputs()
     total, aux = run(methods.ce() + 0.5 * methods.kd(temperature=2.0), inputs)
-    ce = losses.cross_entropy(inputs.student.logits, inputs.batch["label"])
-    kd = losses.kd(inputs.student.logits, inputs.teacher.logits, temperature=2.0)
+    ce = losses.cross_entropy(inputs.outputs["student"].logits, inputs.batch["label"])
+    kd = losses.kd(inputs.outputs["student"].logits, inputs.outputs["teacher"].logits, temperature=2.0)
     np.testing.assert_allclose(aux.metrics["ce"], ce, rtol=1e-6)
     np.testing.assert_allclose(aux.metrics["kd"], kd, rtol=1e-6)
     np.testing.assert_allclose(total, ce + 0.5 * kd, rtol=1e-6)
@@ -94,13 +94,13 @@ def projection_method(feature="pooled", width=32):
     """A user-written FitNets-style method: a trainable linear connector plus a step counter in state."""
 
     def init(rng, inputs):
-        d_in = jaxkd.models.get_feature(inputs.student, feature, who="student").shape[-1]
+        d_in = jaxkd.models.get_feature(inputs.output("student"), feature, who="student").shape[-1]
         kernel = jax.random.normal(rng, (d_in, width)) * 0.1
         return MethodVars(params={"kernel": kernel}, state={"calls": jnp.zeros((), jnp.int32)})
 
     def loss(vars, inputs, rng):
-        s = jaxkd.models.get_feature(inputs.student, feature, who="student") @ vars.params["kernel"]
-        t = jaxkd.models.get_feature(inputs.teacher, feature, who="teacher")
+        s = jaxkd.models.get_feature(inputs.output("student"), feature, who="student") @ vars.params["kernel"]
+        t = jaxkd.models.get_feature(inputs.target("teacher"), feature, who="teacher")
         value = jnp.mean((s - t) ** 2)
         return value, LossAux({"calls": vars.state["calls"]}, {"calls": vars.state["calls"] + 1})
 

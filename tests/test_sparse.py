@@ -148,7 +148,7 @@ def run(method, inputs):
 def test_sparse_kd_online_and_offline_match_numpy_over_the_unmasked_examples():
     mask = np.array([1, 1, 0, 1], bool)
     online = fake_inputs({"mask": mask})
-    zs, zt = np.asarray(online.student.logits), np.asarray(online.teacher.logits)
+    zs, zt = np.asarray(online.outputs["student"].logits), np.asarray(online.outputs["teacher"].logits)
     idx, lp = S.topk_teacher(zt, 4, temperature=2.0)  # the stored top-4; the method keeps the first 3
     expected = np_sparse(zs, np.asarray(idx)[:, :3], np.asarray(lp)[:, :3], 2.0, "bucket")[mask].mean()
     value, _ = run(methods.sparse_kd(k=3, tail="bucket", temperature=2.0), online)

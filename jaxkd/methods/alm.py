@@ -42,6 +42,7 @@ from jaxkd.losses.core import log_softmax, reduce_loss
 from jaxkd.losses.tokens import next_token_targets, shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, require, stateless_method
 from jaxkd.methods.registry import register
+from jaxkd.models.base import Outputs
 
 __all__ = ["alm", "cache_teacher_log_probs", "lm_input", "student_input", "target_log_probs"]
 
@@ -147,9 +148,9 @@ def alm(
     check_positive("epsilon", epsilon)
     check_choice("divergence", divergence, _DIVERGENCES)
 
-    def side(inputs: LossInputs, participant: str, tokens_key: str, mask_key: str) -> jax.Array:
+    def side(inputs: LossInputs, outputs: Outputs, participant: str, tokens_key: str, mask_key: str) -> jax.Array:
         tokens = require(inputs.batch, tokens_key, method=name)
-        logits = inputs.output(participant, method=name).logits
+        logits = outputs.logits
         if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
             raise ValueError(
                 f"{name!r}: participant {participant!r} gives logits of shape {logits.shape}, but its tokens "
@@ -158,7 +159,8 @@ def alm(
         return target_log_probs(logits, tokens, inputs.batch.get(mask_key))
 
     def compute(inputs: LossInputs, rng):
-        student_lp = side(inputs, "student", student_tokens_key, student_mask_key)
+        student_lp = side(inputs, inputs.output("student", method=name), "student", student_tokens_key,
+                          student_mask_key)
         s_ids = require(inputs.batch, student_chunks_key, method=name)
         t_ids = require(inputs.batch, teacher_chunks_key, method=name)
         if cached:
@@ -168,7 +170,8 @@ def alm(
                                  f"teacher target, shape {t_ids.shape}, got {teacher_lp.shape}")
             teacher_lp = jax.lax.stop_gradient(teacher_lp)
         else:
-            teacher_lp = jax.lax.stop_gradient(side(inputs, teacher, teacher_tokens_key, teacher_mask_key))
+            teacher_lp = side(inputs, inputs.target(teacher, method=name), teacher, teacher_tokens_key,
+                              teacher_mask_key)
         chunk_mask = jnp.asarray(require(inputs.batch, chunk_mask_key, method=name), bool)
         per_chunk = losses.alm_loss(student_lp, teacher_lp, s_ids, t_ids, chunk_mask, temperature=temperature,
                                     divergence=divergence, epsilon=epsilon, reduction="none")

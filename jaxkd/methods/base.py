@@ -51,11 +51,11 @@ class LossInputs:
 
     Attributes:
       outputs: every participant's forward pass by name (see :mod:`jaxkd.participants`): trained ones in
-        train mode, differentiated; frozen ones in eval mode. The train step runs frozen participants
-        outside ``jax.value_and_grad`` and under ``stop_gradient``, once for every method, so methods use
-        them as they are and never detach them again. A *trained* peer's outputs do carry gradients: a
-        method that teaches one trained model with another's predictions detaches the target itself
-        (deep mutual learning, online BD-KD).
+        train mode, differentiated; frozen ones in eval mode, run outside ``jax.value_and_grad`` under
+        ``stop_gradient``. Methods read them through two accessors only: :meth:`output` for the
+        outputs a term trains (the ``student`` role, differentiated) and :meth:`target` for a participant
+        learned *from* (the ``teacher`` role, always gradient-stopped: a trained peer or online teacher
+        must not be pulled towards the model it teaches).
       batch: the batch mapping (model inputs, labels, ``"mask"`` of valid examples, ``"labeled"`` …).
       step: the optimizer step count before this update (int32 scalar).
       variables: ``{"params": ..., **model_state}`` of every participant: the trained ones *being
@@ -98,7 +98,9 @@ class LossInputs:
                    variables=variables, participants=participants, label_key=label_key)
 
     def output(self, name: str, *, method: str = "a method") -> Outputs:
-        """Participant ``name``'s outputs; the error lists the participants the state has."""
+        """Participant ``name``'s outputs as its forward pass produced them: differentiated when it is
+        trained. For the outputs a term *trains* (the ``student`` role); read a participant that is learned
+        from with :meth:`target`. The error lists the participants the state has."""
         try:
             return self.outputs[name]
         except KeyError:
@@ -107,14 +109,14 @@ class LossInputs:
                 f"{sorted(self.outputs)}"
             ) from None
 
-    @property
-    def student(self) -> Outputs:
-        return self.outputs["student"]
+    def target(self, name: str, *, method: str = "a method") -> Outputs:
+        """Participant ``name``'s outputs (logits and features) as a distillation target: gradient-stopped.
 
-    @property
-    def teacher(self) -> Outputs | None:
-        """The participant named ``"teacher"``, or ``None``: the shorthand for single-teacher methods."""
-        return self.outputs.get("teacher")
+        A frozen teacher already is (stopping it again costs nothing); a *trained* one — a mutual-learning
+        peer, an online teacher, the student teaching a peer (``kd(student="peer", teacher="student")``) —
+        learns from its own terms, never by moving towards the model it teaches. The error lists the
+        participants the state has."""
+        return jax.lax.stop_gradient(self.output(name, method=method))
 
     def participant(self, name: str, *, method: str = "a method") -> Any:
         for n, p in self.participants:
@@ -165,14 +167,6 @@ class LossInputs:
         """
         labels = require(self.batch, self.label_key, method=method)
         return labels if self.labeled is None else jnp.where(self.labeled, labels, 0)
-
-    def teacher_outputs(self, method: str) -> Outputs:
-        if self.teacher is None:
-            raise ValueError(
-                f"method {method!r} needs a teacher (a participant named 'teacher'), but the train state has "
-                f"participants {sorted(self.outputs)}"
-            )
-        return self.teacher
 
 
 @flax.struct.dataclass
@@ -274,7 +268,8 @@ class Method:
       participants: every participant besides the student whose outputs the loss reads (checked when the
         train state is created: the error lists the participants the state has).
       trains: participants besides the student the method expects to be *trained* (a mutual-learning
-        peer, an online teacher); experiments create them trainable, and a frozen one is refused.
+        peer, an online teacher, the participant in a method's ``student`` role); experiments create them
+        trainable, and a frozen one is refused.
       needs_labels: whether the loss reads the labels (``batch[label_key]``).
       batch_keys: other batch entries the loss reads (checked when the train state is created).
       meta_prefix: for methods with a held-out meta objective (TGeo-KD): the batch also carries a meta
@@ -310,6 +305,8 @@ class Method:
         # needs_teacher is the shorthand for reading the participant named "teacher".
         reads = tuple(dict.fromkeys((*self.participants, *(("teacher",) if self.needs_teacher else ()))))
         object.__setattr__(self, "participants", tuple(n for n in reads if n != "student"))
+        # The student is always trained; a role naming it (a method's default learner) adds nothing.
+        object.__setattr__(self, "trains", tuple(n for n in dict.fromkeys(self.trains) if n != "student"))
         object.__setattr__(self, "needs_teacher", "teacher" in self.participants)
 
     def named(self, name: str) -> "Method":
@@ -354,33 +351,63 @@ def stateless_method(
 ) -> Method:
     """A method without variables: its loss is ``compute(inputs, rng)``, a value or ``(value, metrics)``.
 
-    Most logit methods are this: a loss of :mod:`jaxkd.losses` applied to the student's and the
-    teacher's logits. ``participants`` names the participants it reads besides the student (with
-    ``needs_teacher``, the one named ``"teacher"``); a missing one is reported here, naming the method.
+    ``participants`` names the participants it reads besides the student (with ``needs_teacher``, the
+    one named ``"teacher"``; pass ``needs_teacher=False`` when the participants are named otherwise) and
+    ``trains`` those it trains; a missing one is reported here, naming the method. A loss comparing a
+    learner's logits with a target's is :func:`logit_roles_method`.
     """
     reads = tuple(dict.fromkeys((*participants, *(("teacher",) if needs_teacher else ()))))
 
     def loss(vars: MethodVars, inputs: LossInputs, rng: Array) -> tuple[Array, LossAux]:
         for participant in (*reads, *trains):
-            if participant == "teacher":
-                inputs.teacher_outputs(name)
-            else:
-                inputs.output(participant, method=name)
+            inputs.output(participant, method=name)  # a missing one is reported naming this method
         out = compute(inputs, rng)
         value, metrics = out if isinstance(out, tuple) else (out, {})
         return value, LossAux(dict(metrics), vars.state)
 
     return Method(
         name=name, loss=loss, weight=weight, needs_labels=needs_labels, batch_keys=batch_keys,
-        participants=tuple(dict.fromkeys((*reads, *trains))), trains=tuple(t for t in trains if t != "student"),
+        participants=tuple(dict.fromkeys((*reads, *trains))), trains=trains,
     )
 
 
-def target_logits(inputs: LossInputs, name: str, *, method: str) -> Array:
-    """Participant ``name``'s logits as a distillation target: gradient-stopped. A frozen teacher already
-    is; a *trained* one (a mutual-learning peer, an online teacher) learns from its own terms, never by
-    moving towards the model it teaches."""
-    return jax.lax.stop_gradient(inputs.output(name, method=method).logits)
+def check_roles(method: str, student: str, teacher: str) -> None:
+    """The participants in the ``student`` and ``teacher`` roles of a method are two different names."""
+    for role, value in (("student", student), ("teacher", teacher)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{method}: {role} must name a participant (a non-empty string), got {value!r}")
+    if student == teacher:
+        raise ValueError(f"{method}: the student and the teacher must be different participants, both are {student!r}")
+
+
+def logit_roles_method(
+    name: str,
+    compute: Callable[[Array, Array, LossInputs, Array], Array | tuple[Array, Mapping[str, Array]]],
+    *,
+    student: str = "student",
+    teacher: str = "teacher",
+    weight: Weight = 1.0,
+    needs_labels: bool = False,
+    batch_keys: tuple[str, ...] = (),
+) -> Method:
+    """A method comparing one participant's logits with another's: its loss is ``compute(z_s, z_t, inputs,
+    rng)``, ``z_s = inputs.output(student).logits`` (trained) and ``z_t = inputs.target(teacher).logits``
+    (gradient-stopped).
+
+    ``student`` and ``teacher`` name the participants in those two roles: ``dkd(student="peer",
+    teacher="student")`` teaches a trained peer with the student's predictions and never trains the student
+    through this term. The method reads both and trains the one in the ``student`` role (so
+    :func:`jaxkd.create` refuses a frozen learner, and experiments create it trainable).
+    """
+    check_roles(name, student, teacher)
+    return stateless_method(
+        name,
+        lambda inputs, rng: compute(
+            inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits, inputs, rng
+        ),
+        weight=weight, needs_teacher=False, needs_labels=needs_labels, batch_keys=batch_keys,
+        participants=(student, teacher), trains=(student,),
+    )
 
 
 def logit_method(
@@ -392,21 +419,11 @@ def logit_method(
     teacher: str = "teacher",
     **hyperparameters,
 ) -> Method:
-    """The method ``loss_fn(student_logits, teacher_logits, mask=example_mask, **hyperparameters)``.
-
-    ``student`` and ``teacher`` name the participants in those two roles: ``kd(student="peer",
-    teacher="student")`` teaches a peer with the student's predictions (the target is gradient-stopped,
-    see :func:`target_logits`).
-    """
-    if student == teacher:
-        raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
-    return stateless_method(
-        name,
-        lambda inputs, rng: loss_fn(
-            inputs.output(student, method=name).logits, target_logits(inputs, teacher, method=name),
-            mask=inputs.example_mask, **hyperparameters,
-        ),
-        weight=weight, needs_teacher=False, participants=(student, teacher),
+    """The method ``loss_fn(student_logits, teacher_logits, mask=example_mask, **hyperparameters)`` in the
+    roles ``student`` and ``teacher`` (see :func:`logit_roles_method`)."""
+    return logit_roles_method(
+        name, lambda zs, zt, inputs, rng: loss_fn(zs, zt, mask=inputs.example_mask, **hyperparameters),
+        student=student, teacher=teacher, weight=weight,
     )
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_temperature
-import jax
-
-from jaxkd.methods.base import Method, Weight, stateless_method, target_logits
-from jaxkd.methods.registry import register
+from jaxkd.methods.base import Method, Weight, logit_roles_method, stateless_method
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["bdkd", "bdkd_online"]
 
@@ -17,6 +15,7 @@ __all__ = ["bdkd", "bdkd_online"]
     paper="Amara et al., *BD-KD: Balancing the Divergences for Online KD*, 2022 (offline half)",
     losses=("bdkd", "bdkd_terms", "bdkd_weights"),
     status="from the paper's text",
+    family=LOGITS,
 )
 def bdkd(
     *, temperature: float = 4.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
@@ -29,15 +28,10 @@ def bdkd(
     ``forward`` and ``reverse`` (the weighted terms) and ``w_forward`` (the mean forward weight).
     """
     check_temperature("temperature", temperature)
-
-    if student == teacher:
-        raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
-
-    def compute(inputs, rng):
-        zs, zt = inputs.output(student, method=name).logits, target_logits(inputs, teacher, method=name)
-        return _balanced(zs, zt, inputs.example_mask, temperature)
-
-    return stateless_method(name, compute, weight=weight, needs_teacher=False, participants=(student, teacher))
+    return logit_roles_method(
+        name, lambda zs, zt, inputs, rng: _balanced(zs, zt, inputs.example_mask, temperature),
+        student=student, teacher=teacher, weight=weight,
+    )
 
 
 def _balanced(zs, zt, mask, temperature):
@@ -70,9 +64,10 @@ def bdkd_online(*, temperature: float = 4.0, weight: Weight = 1.0, name: str = "
 
     def compute(inputs, rng):
         labels, mask, example_mask = inputs.labels(name), inputs.label_mask, inputs.example_mask
-        zs, zt = inputs.student.logits, inputs.output("teacher", method=name).logits
-        student_bd, _ = _balanced(zs, jax.lax.stop_gradient(zt), example_mask, temperature)
-        teacher_bd, _ = _balanced(zt, jax.lax.stop_gradient(zs), example_mask, temperature)
+        # Both networks are trained here: each one's own logits learn, the other's are its target.
+        zs, zt = inputs.output("student", method=name).logits, inputs.output("teacher", method=name).logits
+        student_bd, _ = _balanced(zs, inputs.target("teacher", method=name).logits, example_mask, temperature)
+        teacher_bd, _ = _balanced(zt, inputs.target("student", method=name).logits, example_mask, temperature)
         student_ce = losses.cross_entropy(zs, labels, mask=mask)
         teacher_ce = losses.cross_entropy(zt, labels, mask=mask)
         metrics = {"student_ce": student_ce, "teacher_ce": teacher_ce, "student_bd": student_bd, "teacher_bd": teacher_bd}

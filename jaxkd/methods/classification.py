@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_method, stateless_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["ce", "kd"]
 
@@ -30,7 +30,7 @@ def ce(
 
 
 @register("kd", paper="Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, 2015",
-          losses=("kd",))
+          losses=("kd",), family=LOGITS)
 def kd(
     *, temperature: float = 4.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
     name: str = "kd",
@@ -38,6 +38,7 @@ def kd(
     """Hinton KD: ``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (:func:`jaxkd.losses.kd`).
 
     ``student``/``teacher`` name the participants in the two roles (default: the student learns from the
-    teacher); the target is gradient-stopped."""
+    teacher); the target is gradient-stopped, so ``kd(student="peer", teacher="student")`` trains only the
+    peer."""
     check_temperature("temperature", temperature)
     return logit_method(name, losses.kd, weight=weight, temperature=temperature, student=student, teacher=teacher)

@@ -41,12 +41,13 @@ def dhkd(
         hidden = check_int("hidden", hidden, low=1)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        return MethodVars(params={"aux_head": feature_head_init(rng, inputs.student, feature, hidden)})
+        student = inputs.output("student", method=name)
+        return MethodVars(params={"aux_head": feature_head_init(rng, student, feature, hidden)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        student, teacher = inputs.output("student", method=name), inputs.target("teacher", method=name)
         ce, bkl = losses.dhkd_terms(
-            inputs.student.logits, feature_head(vars.params["aux_head"], inputs.student, feature), teacher.logits,
+            student.logits, feature_head(vars.params["aux_head"], student, feature), teacher.logits,
             inputs.labels(name), temperature=temperature, mask=inputs.example_mask,
             labeled=inputs.labeled,
         )

@@ -46,12 +46,13 @@ def dho(
     check_in_range("mix", mix, 0.0, 1.0)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        return MethodVars(params={"kd_head": feature_head_init(rng, inputs.student, feature)})
+        student = inputs.output("student", method=name)
+        return MethodVars(params={"kd_head": feature_head_init(rng, student, feature)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        student, teacher = inputs.output("student", method=name), inputs.target("teacher", method=name)
         ce, distill = losses.dho_terms(
-            inputs.student.logits, feature_head(vars.params["kd_head"], inputs.student, feature), teacher.logits,
+            student.logits, feature_head(vars.params["kd_head"], student, feature), teacher.logits,
             inputs.labels(name), temperature=temperature, mask=inputs.example_mask,
             labeled=inputs.labeled,
         )

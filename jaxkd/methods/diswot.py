@@ -44,14 +44,14 @@ def diswot(
     check_nonnegative("semantic_weight", semantic_weight)
 
     def compute(inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        teacher = inputs.target("teacher", method=name)
         mask = inputs.label_mask
         relation = losses.diswot_relation(
             student_feature(inputs, feature, method=name), teacher_feature(inputs, feature, method=name),
             mask=inputs.example_mask,
         )
         semantic = losses.diswot_semantic(
-            inputs.student.logits, student_feature(inputs, embedding, method=name),
+            inputs.output("student", method=name).logits, student_feature(inputs, embedding, method=name),
             teacher.logits, teacher_feature(inputs, embedding, method=name), inputs.labels(name), mask=mask,
         )
         value = relation_weight * relation + semantic_weight * semantic

@@ -1,7 +1,9 @@
 """Method transforms for the logit divergences of :mod:`jaxkd.losses.divergences`.
 
 Every factory returns a :class:`~jaxkd.methods.base.Method` whose loss compares the student's logits with
-the teacher's, averaged over the examples that ``batch["mask"]`` keeps.
+the teacher's, averaged over the examples that ``batch["mask"]`` keeps; ``student=`` / ``teacher=`` name
+the participants in those roles, as in :func:`jaxkd.methods.kd` (the teacher's logits are a
+gradient-stopped target).
 
 **No ``T²`` factor** is applied by any of these methods (TRL's GKD and DistiLLM use none; only Hinton KD,
 :func:`jaxkd.methods.kd`, does). To get Hinton's gradient scale at a temperature ``T``, pass
@@ -13,46 +15,61 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_number, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["ab", "forward_kl", "gjsd", "jsd", "reverse_kl", "skl", "srkl", "tvd"]
 
 
-@register("fkl", paper="forward KL (Hinton et al. 2015 without T²; GKD's β = 0)", losses=('forward_kl',))
-def forward_kl(*, temperature: float = 1.0, weight: Weight = 1.0, name: str = "fkl") -> Method:
+@register("fkl", paper="forward KL (Hinton et al. 2015 without T²; GKD's β = 0)", losses=('forward_kl',), family=LOGITS)
+def forward_kl(
+    *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
+    name: str = "fkl",
+) -> Method:
     """Forward KL ``KL(p_T ‖ p_S)`` at temperature ``T``, without ``T²`` (:func:`jaxkd.losses.forward_kl`).
 
     Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015); GKD's ``β = 0``
     (Agarwal et al., ICLR 2024). Registry name ``"fkl"``.
     """
     check_temperature("temperature", temperature)
-    return logit_method(name, losses.forward_kl, weight=weight, temperature=temperature)
+    return logit_method(name, losses.forward_kl, student=student, teacher=teacher, weight=weight,
+                        temperature=temperature)
 
 
-@register("rkl", paper="reverse KL (Gu et al., *MiniLLM*, ICLR 2024, token level; GKD's β = 1)", losses=('reverse_kl',))
-def reverse_kl(*, temperature: float = 1.0, weight: Weight = 1.0, name: str = "rkl") -> Method:
+@register("rkl", paper="reverse KL (Gu et al., *MiniLLM*, ICLR 2024, token level; GKD's β = 1)", losses=('reverse_kl',), family=LOGITS)
+def reverse_kl(
+    *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
+    name: str = "rkl",
+) -> Method:
     """Reverse KL ``KL(p_S ‖ p_T)``, without ``T²`` (:func:`jaxkd.losses.reverse_kl`).
 
     Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models" (ICLR 2024), as the exact
     token-level divergence (not MiniLLM's sequence-level policy gradient). Registry name ``"rkl"``.
     """
     check_temperature("temperature", temperature)
-    return logit_method(name, losses.reverse_kl, weight=weight, temperature=temperature)
+    return logit_method(name, losses.reverse_kl, student=student, teacher=teacher, weight=weight,
+                        temperature=temperature)
 
 
-@register("jsd", paper='Jensen–Shannon divergence (Lin, *Divergence Measures Based on the Shannon Entropy*, 1991)', losses=('js_divergence',))
-def jsd(*, temperature: float = 1.0, weight: Weight = 1.0, name: str = "jsd") -> Method:
+@register("jsd", paper='Jensen–Shannon divergence (Lin, *Divergence Measures Based on the Shannon Entropy*, 1991)', losses=('js_divergence',), family=LOGITS)
+def jsd(
+    *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
+    name: str = "jsd",
+) -> Method:
     """Jensen–Shannon divergence ``½KL(p_T‖m) + ½KL(p_S‖m)``, ``m = ½(p_T + p_S)``, without ``T²``.
 
     Lin, "Divergence Measures Based on the Shannon Entropy" (1991) (:func:`jaxkd.losses.js_divergence`).
     Registry name ``"jsd"``.
     """
     check_temperature("temperature", temperature)
-    return logit_method(name, losses.js_divergence, weight=weight, temperature=temperature)
+    return logit_method(name, losses.js_divergence, student=student, teacher=teacher, weight=weight,
+                        temperature=temperature)
 
 
-@register("gjsd", paper='Agarwal et al., *On-Policy Distillation of Language Models* (GKD), ICLR 2024', losses=('generalized_jsd',))
-def gjsd(*, beta: float = 0.5, temperature: float = 1.0, weight: Weight = 1.0, name: str = "gjsd") -> Method:
+@register("gjsd", paper='Agarwal et al., *On-Policy Distillation of Language Models* (GKD), ICLR 2024', losses=('generalized_jsd',), family=LOGITS)
+def gjsd(
+    *, beta: float = 0.5, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
+    weight: Weight = 1.0, name: str = "gjsd",
+) -> Method:
     """GKD's generalized JSD in TRL's convention, without ``T²`` (:func:`jaxkd.losses.generalized_jsd`).
 
     Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
@@ -62,11 +79,15 @@ def gjsd(*, beta: float = 0.5, temperature: float = 1.0, weight: Weight = 1.0, n
     """
     check_in_range("beta", beta, 0.0, 1.0)
     check_temperature("temperature", temperature)
-    return logit_method(name, losses.generalized_jsd, weight=weight, temperature=temperature, beta=beta)
+    return logit_method(name, losses.generalized_jsd, student=student, teacher=teacher, weight=weight,
+                        temperature=temperature, beta=beta)
 
 
-@register("skl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew KL)', losses=('skew_kl',))
-def skl(*, alpha: float = 0.1, temperature: float = 1.0, weight: Weight = 1.0, name: str = "skl") -> Method:
+@register("skl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew KL)', losses=('skew_kl',), family=LOGITS)
+def skl(
+    *, alpha: float = 0.1, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
+    weight: Weight = 1.0, name: str = "skl",
+) -> Method:
     """DistiLLM skew KL ``KL(p_T ‖ α p_T + (1−α) p_S)``, without ``T²`` (:func:`jaxkd.losses.skew_kl`).
 
     Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models" (ICML 2024), default
@@ -76,11 +97,15 @@ def skl(*, alpha: float = 0.1, temperature: float = 1.0, weight: Weight = 1.0, n
     """
     check_in_range("alpha", alpha, 0.0, 1.0)
     check_temperature("temperature", temperature)
-    return logit_method(name, losses.skew_kl, weight=weight, temperature=temperature, alpha=alpha)
+    return logit_method(name, losses.skew_kl, student=student, teacher=teacher, weight=weight,
+                        temperature=temperature, alpha=alpha)
 
 
-@register("srkl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew reverse KL)', losses=('skew_reverse_kl',))
-def srkl(*, alpha: float = 0.1, temperature: float = 1.0, weight: Weight = 1.0, name: str = "srkl") -> Method:
+@register("srkl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew reverse KL)', losses=('skew_reverse_kl',), family=LOGITS)
+def srkl(
+    *, alpha: float = 0.1, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
+    weight: Weight = 1.0, name: str = "srkl",
+) -> Method:
     """DistiLLM skew reverse KL ``KL(p_S ‖ (1−α) p_T + α p_S)``, without ``T²``; see
     :func:`jaxkd.losses.skew_reverse_kl`.
 
@@ -89,11 +114,15 @@ def srkl(*, alpha: float = 0.1, temperature: float = 1.0, weight: Weight = 1.0, 
     """
     check_in_range("alpha", alpha, 0.0, 1.0)
     check_temperature("temperature", temperature)
-    return logit_method(name, losses.skew_reverse_kl, weight=weight, temperature=temperature, alpha=alpha)
+    return logit_method(name, losses.skew_reverse_kl, student=student, teacher=teacher, weight=weight,
+                        temperature=temperature, alpha=alpha)
 
 
-@register("tvd", paper='total variation distance (Wen et al., *f-Divergence Minimization for Sequence-Level KD*, ACL 2023)', losses=('total_variation',))
-def tvd(*, temperature: float = 1.0, weight: Weight = 1.0, name: str = "tvd") -> Method:
+@register("tvd", paper='total variation distance (Wen et al., *f-Divergence Minimization for Sequence-Level KD*, ACL 2023)', losses=('total_variation',), family=LOGITS)
+def tvd(
+    *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
+    name: str = "tvd",
+) -> Method:
     """Total variation distance ``½ Σ |p_T − p_S|`` at temperature ``T``, no ``T²``; see
     :func:`jaxkd.losses.total_variation`.
 
@@ -101,11 +130,15 @@ def tvd(*, temperature: float = 1.0, weight: Weight = 1.0, name: str = "tvd") ->
     among their f-divergences; DistiLLM ships it as a baseline. Registry name ``"tvd"``.
     """
     check_temperature("temperature", temperature)
-    return logit_method(name, losses.total_variation, weight=weight, temperature=temperature)
+    return logit_method(name, losses.total_variation, student=student, teacher=teacher, weight=weight,
+                        temperature=temperature)
 
 
-@register("ab", paper='Cichocki, Cruces & Amari, *Generalized Alpha-Beta Divergences*, 2011', losses=('alpha_beta_divergence',))
-def ab(*, alpha: float, beta: float, temperature: float = 1.0, weight: Weight = 1.0, name: str = "ab") -> Method:
+@register("ab", paper='Cichocki, Cruces & Amari, *Generalized Alpha-Beta Divergences*, 2011', losses=('alpha_beta_divergence',), family=LOGITS)
+def ab(
+    *, alpha: float, beta: float, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
+    weight: Weight = 1.0, name: str = "ab",
+) -> Method:
     """Alpha-Beta divergence ``D_AB^(α,β)(p_T ‖ p_S)``, no ``T²`` (:func:`jaxkd.losses.alpha_beta_divergence`).
 
     Cichocki, Cruces & Amari, "Generalized Alpha-Beta Divergences and Their Application to Robust
@@ -116,5 +149,6 @@ def ab(*, alpha: float, beta: float, temperature: float = 1.0, weight: Weight = 
     check_number("beta", beta)
     check_temperature("temperature", temperature)
     return logit_method(
-        name, losses.alpha_beta_divergence, weight=weight, temperature=temperature, alpha=alpha, beta=beta
+        name, losses.alpha_beta_divergence, student=student, teacher=teacher, weight=weight,
+        temperature=temperature, alpha=alpha, beta=beta,
     )

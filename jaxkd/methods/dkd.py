@@ -6,8 +6,8 @@ import optax
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_temperature
-from jaxkd.methods.base import Method, Weight, multiply_weights, stateless_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.base import Method, Weight, logit_roles_method, multiply_weights
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["dkd", "warmup_schedule"]
 
@@ -26,7 +26,8 @@ def warmup_schedule(warmup_steps: int) -> optax.Schedule:
     return optax.linear_schedule(1.0 / warmup_steps, 1.0, transition_steps=warmup_steps - 1)
 
 
-@register("dkd", paper="Zhao et al., *Decoupled Knowledge Distillation*, CVPR 2022", losses=("dkd", "dkd_terms"))
+@register("dkd", paper="Zhao et al., *Decoupled Knowledge Distillation*, CVPR 2022", losses=("dkd", "dkd_terms"),
+          family=LOGITS)
 def dkd(
     *,
     alpha: float = 1.0,
@@ -34,6 +35,8 @@ def dkd(
     temperature: float = 4.0,
     warmup_steps: int = 0,
     standardize: bool = False,
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "dkd",
 ) -> Method:
@@ -44,17 +47,19 @@ def dkd(
     given as ``w * dkd(...)`` multiplies the warm-up. ``standardize=True`` is DKD + logit standardization
     (Sun et al., CVPR 2024; there ``α`` and ``β`` are multiplied by the KD weight, 9). Use with ``ce``:
     ``ce + dkd(...)``. Metrics: ``tckd`` and ``nckd`` (each ``T²``-scaled, before ``α``/``β``).
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`
+    (the teacher's logits are a gradient-stopped target).
     """
     check_temperature("temperature", temperature)
     check_nonnegative("alpha", alpha)
     check_nonnegative("beta", beta)
 
-    def compute(inputs, rng):
+    def compute(zs, zt, inputs, rng):
         tckd, nckd = losses.dkd_terms(
-            inputs.student.logits, inputs.teacher.logits, inputs.labels(name), temperature=temperature,
+            zs, zt, inputs.labels(name), temperature=temperature,
             standardize=standardize, mask=inputs.label_mask,
         )
         return alpha * tckd + beta * nckd, {"tckd": tckd, "nckd": nckd}
 
     weight = multiply_weights(weight, warmup_schedule(warmup_steps)) if warmup_steps else weight
-    return stateless_method(name, compute, weight=weight, needs_labels=True)
+    return logit_roles_method(name, compute, student=student, teacher=teacher, weight=weight, needs_labels=True)

@@ -47,13 +47,14 @@ __all__ = [
 ]
 
 
-def feature_of(inputs: LossInputs, participant: str, name: str, *, method: str) -> Array:
-    """Participant ``participant``'s feature ``name``.
+def feature_of(inputs: LossInputs, participant: str, name: str, *, method: str, target: bool = False) -> Array:
+    """Participant ``participant``'s feature ``name``: from :meth:`LossInputs.output` (differentiated), or with
+    ``target=True`` from :meth:`LossInputs.target` (gradient-stopped).
 
     Raises ``ValueError`` naming the method when the participant is missing (listing the participants)
     or does not produce ``name`` (listing the features it does produce).
     """
-    outputs = inputs.output(participant, method=method)
+    outputs = inputs.target(participant, method=method) if target else inputs.output(participant, method=method)
     try:
         return get_feature(outputs, name, who=f"participant {participant!r}")
     except ValueError as e:
@@ -68,7 +69,7 @@ def student_feature(inputs: LossInputs, name: str, *, method: str, participant: 
 def teacher_feature(inputs: LossInputs, name: str, *, method: str, participant: str = "teacher") -> Array:
     """A target feature, gradient-stopped (a frozen teacher already is; a trained one must not be pulled
     towards its student by a distillation term)."""
-    return jax.lax.stop_gradient(feature_of(inputs, participant, name, method=method))
+    return feature_of(inputs, participant, name, method=method, target=True)
 
 
 def participant_variables(inputs: LossInputs, participant: str, *, method: str) -> Mapping[str, Any]:

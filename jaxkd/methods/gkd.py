@@ -111,8 +111,8 @@ def gkd(
         num_generated = int(round(lmbda * tokens.shape[0]))
         if num_generated == 0:
             _, target_mask, normalizer = lm_targets(inputs.batch)
-            return loss_fn(shift_logits(inputs.student.logits), shift_logits(inputs.output(teacher, method=name).logits),
-                           mask=target_mask, normalizer=normalizer)
+            zs, zt = inputs.output("student", method=name).logits, inputs.target(teacher, method=name).logits
+            return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
         gen_tokens, gen_mask = generate_continuations(
             inputs, "student", tokens[:num_generated], mask[:num_generated], rng, prompt_length=prompt_length,
             temperature=sampling_temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, method=name)

@@ -212,7 +212,7 @@ def kd3(
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         s, t = embeddings(inputs)
-        zs, zt = inputs.student.logits, jax.lax.stop_gradient(inputs.teacher_outputs(name).logits)
+        zs, zt = inputs.output("student", method=name).logits, inputs.target("teacher", method=name).logits
         connector = None
         if "connector" in vars.params:
             s, _ = module_apply(LinearConnector(t.shape[-1]), MethodVars(vars.params["connector"], {}), s)

@@ -36,7 +36,7 @@ def kd_dp(*, temperature: float = 1.0, supervised: bool = True, weight: Weight =
         return MethodVars(state={"initial_student": frozen})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher_logits = inputs.teacher_outputs(name).logits
+        teacher_logits = inputs.target("teacher", method=name).logits
         frozen = jax.lax.stop_gradient(vars.state["initial_student"])
         initial_logits = jax.lax.stop_gradient(
             inputs.student_model.apply(frozen, inputs.model_input, train=False).logits
@@ -44,7 +44,8 @@ def kd_dp(*, temperature: float = 1.0, supervised: bool = True, weight: Weight =
         labels = inputs.labels(name) if supervised else None
         mask = inputs.label_mask if supervised else inputs.example_mask
         value = losses.kd_dp(
-            inputs.student.logits, teacher_logits, initial_logits, labels, temperature=temperature, mask=mask
+            inputs.output("student", method=name).logits, teacher_logits, initial_logits, labels,
+            temperature=temperature, mask=mask,
         )
         use_teacher = losses.teacher_is_more_confident(teacher_logits, initial_logits, labels)
         return value, LossAux({"teacher_fraction": losses.reduce_loss(use_teacher, mask=mask)}, vars.state)

@@ -147,7 +147,7 @@ def lelp(
 
     def init(rng, inputs: LossInputs) -> MethodVars:
         f_s, f_t = features(inputs)
-        k = inputs.output(teacher, method=name).logits.shape[-1]
+        k = inputs.target(teacher, method=name).logits.shape[-1]
         if online:
             classifier_kernel(inputs)  # a wrong path is reported now
             if s > f_t.shape[-1]:
@@ -163,7 +163,7 @@ def lelp(
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         f_s, f_t = features(inputs)
-        zt = jax.lax.stop_gradient(inputs.output(teacher, method=name).logits)
+        zt = inputs.target(teacher, method=name).logits
         state = vars.state
         if online:
             # This batch's teacher embeddings join the per-class moments (masked / unlabeled ones excluded).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
@@ -56,8 +55,8 @@ def fusellm(
 
     def compute(inputs: LossInputs, rng):
         targets, target_mask, normalizer = lm_targets(inputs.batch)
-        stacked = jnp.stack([shift_logits(inputs.output(t, method=name).logits) for t in teachers])
-        return losses.fusellm_loss(shift_logits(inputs.student.logits), jax.lax.stop_gradient(stacked), targets,
+        stacked = jnp.stack([shift_logits(inputs.target(t, method=name).logits) for t in teachers])
+        return losses.fusellm_loss(shift_logits(inputs.output("student", method=name).logits), stacked, targets,
                                    lm_weight=lm_weight, rule=rule, divergence=divergence, temperature=temperature,
                                    top_k=top_k, mask=target_mask)
 
@@ -89,8 +88,8 @@ def infigfusion(
 
     def compute(inputs: LossInputs, rng):
         _, target_mask, _ = lm_targets(inputs.batch)
-        return losses.infigfusion_gld(shift_logits(inputs.student.logits),
-                                      shift_logits(inputs.output(teacher, method=name).logits), k=k, values=values,
+        return losses.infigfusion_gld(shift_logits(inputs.output("student", method=name).logits),
+                                      shift_logits(inputs.target(teacher, method=name).logits), k=k, values=values,
                                       mask=target_mask)
 
     return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher",

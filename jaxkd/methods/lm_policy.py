@@ -169,8 +169,8 @@ def distillm(
 
         def on_data(_):
             _, target_mask, normalizer = lm_targets(inputs.batch)
-            return loss_fn(shift_logits(inputs.student.logits), shift_logits(inputs.output(teacher, method=name).logits),
-                           mask=target_mask, normalizer=normalizer)
+            zs, zt = inputs.output("student", method=name).logits, inputs.target(teacher, method=name).logits
+            return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
 
         def on_student_outputs(_):
             x, target_mask = _student_rollout(inputs, sample_rng, prompt_length=prompt_length,
@@ -372,8 +372,8 @@ def dac_kl(
 
     def compute(inputs: LossInputs, rng):
         _, target_mask, normalizer = lm_targets(inputs.batch)
-        s = shift_logits(inputs.student.logits)
-        t = shift_logits(inputs.output(teacher, method=name).logits)
+        s = shift_logits(inputs.output("student", method=name).logits)
+        t = shift_logits(inputs.target(teacher, method=name).logits)
         token_term = losses.dac_kl(s, t, lower=lower, upper=upper, mask=target_mask, normalizer=normalizer)
         spans = identifier_spans(inputs.batch["tokens"][:, 1:], target_mask)  # the spans of the targets
         span_term = losses.span_correlation_loss(s, t, spans, target_mask)

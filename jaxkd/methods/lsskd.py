@@ -125,7 +125,7 @@ def lsskd(
         else:
             aux, state = rotated_logits(heads, vars, inputs, rng)
         labels, mask = inputs.labels(name), inputs.label_mask
-        final = inputs.student.logits
+        final = inputs.output("student", method=name).logits
         ce_aux, kd_aux, kd_final = losses.lsskd_terms(
             final, aux, jax.lax.stop_gradient(final), jax.lax.stop_gradient(aux), labels,
             temperature=temperature, transformations=m, mask=mask,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_temperature
-from jaxkd.methods.base import Method, Weight, stateless_method, target_logits
+from jaxkd.methods.base import Method, Weight, stateless_method
 from jaxkd.methods.registry import register
 
 __all__ = ["multi_teacher_kd"]
@@ -47,8 +47,8 @@ def multi_teacher_kd(
         raise ValueError(f"target='mixture' needs teacher_weights that sum to 1, got {tuple(w)}")
 
     def compute(inputs, rng):
-        zs, mask = inputs.student.logits, inputs.example_mask
-        zt = jnp.stack([target_logits(inputs, t, method=name) for t in teachers], axis=-2)
+        zs, mask = inputs.output("student", method=name).logits, inputs.example_mask
+        zt = jnp.stack([inputs.target(t, method=name).logits for t in teachers], axis=-2)
         value = losses.multi_teacher_kd(zs, zt, teacher_weights=tuple(w), temperature=temperature, target=target, mask=mask)
         metrics = {t: losses.kd(zs, zt[..., i, :], temperature=temperature, mask=mask) for i, t in enumerate(teachers)}
         return value, metrics

@@ -117,7 +117,7 @@ def nd(
 
     def init(rng, inputs: LossInputs) -> MethodVars:
         s, t = features(inputs)
-        num_classes = inputs.student.logits.shape[-1]
+        num_classes = inputs.output("student", method=name).logits.shape[-1]
         if online:
             state = {"sums": jnp.zeros((num_classes, t.shape[-1]), jnp.float32),
                      "counts": jnp.zeros((num_classes,), jnp.float32)}

@@ -125,7 +125,7 @@ def branch_heads(
     if width is None:
         dims = [get_feature(student, embedding, who=f"participant {participant!r} ({method!r})").shape[-1]]
         if teacher is not None:
-            dims.append(get_feature(inputs.output(teacher, method=method), embedding,
+            dims.append(get_feature(inputs.target(teacher, method=method), embedding,
                                     who=f"participant {teacher!r} ({method!r})").shape[-1])
         map_width, token_width = max(dims), dims[0]
     else:
@@ -212,7 +212,7 @@ def ofa(
         return init_heads(heads_of(inputs), rng, inputs, method=name)
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher = inputs.teacher_outputs(name)
+        teacher = inputs.target("teacher", method=name)
         labels, mask = inputs.labels(name), inputs.label_mask
         head_logits, state = apply_heads(heads_of(inputs), vars, inputs, method=name)
         metrics = {}
@@ -221,7 +221,8 @@ def ofa(
             metrics[s] = losses.ofa_loss(z, teacher.logits, labels, eps=e, temperature=temperature, mask=mask)
             branches = branches + metrics[s]
         metrics["logits"] = losses.ofa_loss(
-            inputs.student.logits, teacher.logits, labels, eps=eps_values[-1], temperature=temperature, mask=mask
+            inputs.output("student", method=name).logits, teacher.logits, labels, eps=eps_values[-1],
+            temperature=temperature, mask=mask,
         )
         return branch_weight * branches + logit_weight * metrics["logits"], LossAux(metrics, state)
 

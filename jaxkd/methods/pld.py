@@ -4,25 +4,29 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_temperature
-from jaxkd.methods.base import Method, Weight, stateless_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.base import Method, Weight, logit_roles_method
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["pld"]
 
 
 @register("pld", paper="Bassam, Zhu & Bian, *Choice-Theoretic List-Wise KD (Plackett–Luce)*, 2025",
-          losses=("pld",))
-def pld(*, teacher_temperature: float = 1.0, weight: Weight = 1.0, name: str = "pld") -> Method:
+          losses=("pld",), family=LOGITS)
+def pld(
+    *, teacher_temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
+    name: str = "pld",
+) -> Method:
     """Plackett-Luce distillation (:func:`jaxkd.losses.pld`); it replaces CE + KD, so use it alone.
 
     Bassam, Zhu & Bian, "PLD: A Choice-Theoretic List-Wise Knowledge Distillation", 2025.
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`
+    (the teacher's logits are a gradient-stopped target).
     """
     check_temperature("teacher_temperature", teacher_temperature)
-    return stateless_method(
+    return logit_roles_method(
         name,
-        lambda inputs, rng: losses.pld(
-            inputs.student.logits, inputs.teacher.logits, inputs.labels(name),
-            teacher_temperature=teacher_temperature, mask=inputs.label_mask,
+        lambda zs, zt, inputs, rng: losses.pld(
+            zs, zt, inputs.labels(name), teacher_temperature=teacher_temperature, mask=inputs.label_mask
         ),
-        weight=weight, needs_labels=True,
+        student=student, teacher=teacher, weight=weight, needs_labels=True,
     )

@@ -12,15 +12,15 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_temperature
-from jaxkd.methods.base import Method, Weight, require, stateless_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.base import Method, Weight, check_roles, require, stateless_method
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["listwise_kd", "margin_mse"]
 
 
 def _scores(inputs, student: str, teacher: str, candidate_mask: str | None, name: str):
     s = inputs.output(student, method=name).logits
-    t = jax.lax.stop_gradient(inputs.output(teacher, method=name).logits)
+    t = inputs.target(teacher, method=name).logits
     mask = None if candidate_mask is None else require(inputs.batch, candidate_mask, method=name)
     return s, t, mask
 
@@ -33,16 +33,12 @@ def _label_first(scores: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.take_along_axis(scores, order, axis=-1)
 
 
-def _check_roles(name: str, student: str, teacher: str) -> None:
-    if student == teacher:
-        raise ValueError(f"{name}: the student and the teacher must be different participants, both are {student!r}")
-
-
 @register(
     "margin_mse",
     paper="Hofstätter, Althammer, Schröder, Sertkan & Hanbury, *Improving Efficient Neural Ranking Models with "
     "Cross-Architecture Knowledge Distillation*, arXiv 2020",
     losses=("margin_mse",),
+    family=LOGITS,
 )
 def margin_mse(
     *,
@@ -63,7 +59,7 @@ def margin_mse(
     positive and every other class a negative, so the loss matches the margins ``z_y − z_j`` of student
     and teacher (how the digits comparison runs it; the candidate mask must then be ``None``).
     """
-    _check_roles(name, student, teacher)
+    check_roles(name, student, teacher)
     check_choice("positive", positive, ("first", "label"))
     if positive == "label" and candidate_mask is not None:
         raise ValueError("margin_mse: positive='label' reorders the classes; it takes no candidate_mask")
@@ -77,8 +73,8 @@ def margin_mse(
         return losses.margin_mse(s, t, candidate_mask=mask, mask=inputs.example_mask)
 
     keys = () if candidate_mask is None else (candidate_mask,)
-    return stateless_method(name, compute, weight=weight, batch_keys=keys, participants=(student, teacher),
-                            needs_labels=positive == "label")
+    return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=keys,
+                            participants=(student, teacher), trains=(student,), needs_labels=positive == "label")
 
 
 @register(
@@ -86,6 +82,7 @@ def margin_mse(
     paper="Tamber, Kazi, Sourabh & Lin, *Teaching Dense Retrieval Models to Specialize with Listwise Distillation "
     "and LLM Data Augmentation*, arXiv 2025",
     losses=("listwise_kd",),
+    family=LOGITS,
 )
 def listwise_kd(
     *,
@@ -103,7 +100,7 @@ def listwise_kd(
     The participants' logits are ``[B, N]`` candidate scores; ``candidate_mask`` names a boolean
     ``[B, N]`` batch entry marking the real candidates of ragged lists (``None``: all are real).
     """
-    _check_roles(name, student, teacher)
+    check_roles(name, student, teacher)
     check_temperature("temperature", temperature)
     if teacher_temperature is not None:
         check_temperature("teacher_temperature", teacher_temperature)
@@ -116,4 +113,5 @@ def listwise_kd(
         )
 
     keys = () if candidate_mask is None else (candidate_mask,)
-    return stateless_method(name, compute, weight=weight, batch_keys=keys, participants=(student, teacher))
+    return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=keys,
+                            participants=(student, teacher), trains=(student,))

@@ -16,7 +16,7 @@ from typing import Callable
 
 from jaxkd.methods.base import Method
 
-__all__ = ["REGISTRY", "Registered", "method_table", "register"]
+__all__ = ["FAMILIES", "LOGITS", "REGISTRY", "Registered", "method_table", "register"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,14 @@ class Registered:
     paper: str = ""
     losses: tuple[str, ...] = ()
     status: str = "supported"
+    family: str = ""
+
+
+#: The family of methods whose loss compares the logits of the participant in the ``student`` role with
+#: those of the participant in the ``teacher`` role (read as a gradient-stopped target), and whose factory
+#: takes those roles as ``student=`` / ``teacher=``: ``dkd(student="peer", teacher="student")``.
+LOGITS = "logits"
+FAMILIES = ("", LOGITS)
 
 
 #: name -> :class:`Registered`, for every method :func:`jaxkd.methods.parse` can build.
@@ -41,15 +49,19 @@ def register(
     paper: str = "",
     losses: tuple[str, ...] = (),
     status: str = "supported",
+    family: str = "",
 ):
     """Makes ``factory`` selectable by ``name`` in :func:`jaxkd.methods.parse`.
 
     Use it as a decorator on a built-in factory (with the paper and the ``jaxkd.losses`` functions it
     uses, for the method table) or call it with a factory defined outside jaxkd:
-    ``register("my_kd", my_kd)``.
+    ``register("my_kd", my_kd)``. ``family`` groups methods that share a contract tests check for all of
+    them (:data:`LOGITS`); ``""`` for none.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a registered name must be a Python identifier (it is parsed), got {name!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"register({name!r}): family must be one of {FAMILIES}, got {family!r}")
 
     def add(fn: Callable[..., Method]) -> Callable[..., Method]:
         if not callable(fn):
@@ -57,7 +69,7 @@ def register(
         existing = REGISTRY.get(name)
         if existing is not None and existing.factory is not fn:
             raise ValueError(f"a method named {name!r} is already registered")
-        REGISTRY[name] = Registered(name, fn, paper, tuple(losses), status)
+        REGISTRY[name] = Registered(name, fn, paper, tuple(losses), status, family)
         return fn
 
     return add if factory is None else add(factory)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_int, check_positive, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["sinkd"]
 
@@ -15,9 +15,11 @@ __all__ = ["sinkd"]
     paper="Cui et al., *SinKD: Sinkhorn Distance Minimization for KD*, LREC-COLING 2024",
     losses=("sinkd", "sinkhorn_plan"),
     status="supported (paper's loss; the released script never applies it)",
+    family=LOGITS,
 )
 def sinkd(
-    *, temperature: float = 2.0, epsilon: float = 0.1, iterations: int = 20, weight: Weight = 1.0, name: str = "sinkd"
+    *, temperature: float = 2.0, epsilon: float = 0.1, iterations: int = 20, student: str = "student",
+    teacher: str = "teacher", weight: Weight = 1.0, name: str = "sinkd",
 ) -> Method:
     """Batch-wise Sinkhorn distance between student and teacher predictions (:func:`jaxkd.losses.sinkd`).
 
@@ -31,5 +33,6 @@ def sinkd(
     check_positive("epsilon", epsilon)
     iterations = check_int("iterations", iterations, low=1)
     return logit_method(
-        name, losses.sinkd, weight=weight, temperature=temperature, epsilon=epsilon, iterations=iterations
+        name, losses.sinkd, student=student, teacher=teacher, weight=weight, temperature=temperature,
+        epsilon=epsilon, iterations=iterations,
     )

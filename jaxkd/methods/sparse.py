@@ -6,8 +6,8 @@ import jax
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_int, check_temperature
-from jaxkd.methods.base import LossInputs, Method, Weight, require, stateless_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, require, stateless_method
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["sparse_kd"]
 
@@ -16,12 +16,15 @@ __all__ = ["sparse_kd"]
     "sparse_kd",
     paper="top-k / sparse teacher (offline top-k logits, with a tail bucket or renormalized)",
     losses=("topk_teacher", "sparse_forward_kl"),
+    family=LOGITS,
 )
 def sparse_kd(
     *,
     k: int | None = None,
     tail: str = "drop",
     temperature: float = 1.0,
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "sparse_kd",
     indices_key: str | None = None,
@@ -36,9 +39,12 @@ def sparse_kd(
     :func:`~jaxkd.losses.topk_teacher` returns them); then no teacher is needed, and ``k`` (if given) keeps
     the first ``k`` stored entries. ``tail`` is ``"drop"`` (renormalize both over the top-k set) or
     ``"bucket"`` (one extra tail category), as in DistillKit's sparse KL. Registry name ``"sparse_kd"``.
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd` (the
+    teacher's logits are a gradient-stopped target; offline, no teacher is read).
     """
     check_temperature("temperature", temperature)
     check_choice("tail", tail, ("drop", "bucket"))
+    check_roles(name, student, teacher)
     if (indices_key is None) != (log_probs_key is None):
         raise ValueError("sparse_kd needs both indices_key and log_probs_key (offline top-k) or neither (online)")
     offline = indices_key is not None
@@ -59,12 +65,13 @@ def sparse_kd(
                     )
                 indices, log_probs = indices[..., :k], log_probs[..., :k]
         else:
-            indices, log_probs = losses.topk_teacher(inputs.teacher.logits, k, temperature=temperature)
+            indices, log_probs = losses.topk_teacher(inputs.target(teacher, method=name).logits, k,
+                                                     temperature=temperature)
         return losses.sparse_forward_kl(
-            inputs.student.logits, indices, log_probs, temperature=temperature, tail=tail, mask=inputs.example_mask
+            inputs.output(student, method=name).logits, indices, log_probs, temperature=temperature, tail=tail, mask=inputs.example_mask
         )
 
     return stateless_method(
-        name, compute, weight=weight, needs_teacher=not offline,
-        batch_keys=(indices_key, log_probs_key) if offline else (),
+        name, compute, weight=weight, needs_teacher=False, participants=(student,) if offline else (student, teacher),
+        trains=(student,), batch_keys=(indices_key, log_probs_key) if offline else (),
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_nonnegative, check_temperature
-from jaxkd.methods.base import Method, Weight, require, stateless_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.base import Method, Weight, logit_roles_method, require
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["swing"]
 
@@ -15,6 +15,7 @@ __all__ = ["swing"]
     paper="Li et al., *Swing Distillation: A Privacy-Preserving KD Framework*, 2022",
     losses=("swing_kd",),
     status="from the paper's text",
+    family=LOGITS,
 )
 def swing(
     *,
@@ -23,6 +24,8 @@ def swing(
     noise_scale: float = 0.1,
     noise: str = "gaussian",
     privacy_key: str | None = None,
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "swing",
 ) -> Method:
@@ -35,6 +38,8 @@ def swing(
     logits without the class axis) that moves the temperature from ``base_temperature`` towards
     ``max_temperature``; without it the temperature is constant. The noise is drawn from the ``rng`` the
     train step passes, so it differs every step and is reproducible from the train state's key.
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`
+    (the teacher's logits are a gradient-stopped target).
     """
     check_temperature("base_temperature", base_temperature)
     if max_temperature is not None:
@@ -42,12 +47,13 @@ def swing(
     check_nonnegative("noise_scale", noise_scale)
     check_choice("noise", noise, ("gaussian", "laplace"))
 
-    def compute(inputs, rng):
+    def compute(zs, zt, inputs, rng):
         scores = None if privacy_key is None else require(inputs.batch, privacy_key, method=name)
         return losses.swing_kd(
-            inputs.student.logits, inputs.teacher.logits, rng, base_temperature=base_temperature,
+            zs, zt, rng, base_temperature=base_temperature,
             max_temperature=max_temperature, privacy_scores=scores, noise_scale=noise_scale, noise=noise,
             mask=inputs.example_mask,
         )
 
-    return stateless_method(name, compute, weight=weight, batch_keys=() if privacy_key is None else (privacy_key,))
+    return logit_roles_method(name, compute, student=student, teacher=teacher, weight=weight,
+                              batch_keys=() if privacy_key is None else (privacy_key,))

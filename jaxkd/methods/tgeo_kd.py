@@ -73,21 +73,22 @@ def tgeo_kd(
     hidden = tuple(check_int("hidden", h, low=1) for h in hidden)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        num_classes = inputs.student.logits.shape[-1]
+        num_classes = inputs.output("student", method=name).logits.shape[-1]
         return MethodVars(params={"fusion": _fusion_init(rng, 9 * num_classes, hidden)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher_logits = inputs.teacher_outputs(name).logits
+        student_logits = inputs.output("student", method=name).logits
+        teacher_logits = inputs.target("teacher", method=name).logits
         labels, mask = inputs.labels(name), inputs.label_mask
         # The meta batch carries the training batch's keys under meta_prefix; the student reads it the way
         # it reads its own batch (its input key, keys or function).
         meta_batch = {k[len(meta_prefix):]: v for k, v in inputs.batch.items() if k.startswith(meta_prefix)}
         meta_y = require(inputs.batch, meta_prefix + inputs.label_key, method=name)
         meta_x = inputs.model_input_of(meta_batch)
-        geometry = losses.fusion_inputs(inputs.student.logits, teacher_logits, labels, mask)
+        geometry = losses.fusion_inputs(student_logits, teacher_logits, labels, mask)
         ratio = _fusion_apply(vars.params["fusion"], geometry)
         student_loss = losses.tgeo_kd(
-            inputs.student.logits, teacher_logits, labels, jax.lax.stop_gradient(ratio), temperature=temperature,
+            student_logits, teacher_logits, labels, jax.lax.stop_gradient(ratio), temperature=temperature,
             mask=mask,
         )
 

@@ -22,6 +22,7 @@ from jaxkd.losses.tokens import batch_normalizer, next_token_targets, normalizer
 from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
 from jaxkd.methods.features import participant_variables
 from jaxkd.methods.registry import register
+from jaxkd.models.base import Outputs
 
 __all__ = ["TOKENS_KEY", "TOKEN_DIVERGENCES", "lm_ce", "lm_targets", "output_projection_of", "sparse_token_kd", "token_divergence",
            "token_kd"]
@@ -153,11 +154,10 @@ def token_kd(
     def compute(inputs: LossInputs, rng):
         targets, target_mask, normalizer = lm_targets(inputs.batch)
         if not fused:
-            teacher_logits = inputs.output(teacher, method=name).logits
-            return loss_fn(shift_logits(inputs.student.logits), shift_logits(teacher_logits), mask=target_mask,
-                           normalizer=normalizer)
-        s_hidden = _hidden(inputs, "student", name)
-        t_hidden = jax.lax.stop_gradient(_hidden(inputs, teacher, name))
+            zs, zt = inputs.output("student", method=name).logits, inputs.target(teacher, method=name).logits
+            return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
+        s_hidden = _hidden(inputs.output("student", method=name), "student", name)
+        t_hidden = _hidden(inputs.target(teacher, method=name), teacher, name)
         s_head = output_projection_of(inputs, "student", method=name)
         t_head = jax.lax.stop_gradient(output_projection_of(inputs, teacher, method=name))
         return losses.fused_linear_divergence(
@@ -168,9 +168,10 @@ def token_kd(
                             participants=(teacher,), batch_keys=_LM_KEYS)
 
 
-def _hidden(inputs: LossInputs, participant: str, method: str) -> jax.Array:
-    """Participant ``participant``'s final hidden states at the positions that have a target, ``[B·(T−1), d]``."""
-    hidden = inputs.output(participant, method=method).features.get("hidden")
+def _hidden(outputs: Outputs, participant: str, method: str) -> jax.Array:
+    """Participant ``participant``'s final hidden states (from its ``outputs``) at the positions that have a
+    target, ``[B·(T−1), d]``."""
+    hidden = outputs.features.get("hidden")
     if hidden is None:
         raise ValueError(f"{method!r} (fused) needs participant {participant!r}'s final hidden states (feature "
                          "'hidden', sown by jaxkd.models.lm models)")
@@ -217,10 +218,11 @@ def sparse_token_kd(
                 raise ValueError(f"{name!r}: k={k} is larger than the {indices.shape[-1]} cached entries per token")
             indices, log_probs = indices[..., :k], log_probs[..., :k]
         else:
-            indices, log_probs = losses.topk_teacher(inputs.output(teacher, method=name).logits, k,
+            indices, log_probs = losses.topk_teacher(inputs.target(teacher, method=name).logits, k,
                                                      temperature=temperature)
-        return losses.sparse_forward_kl(shift_logits(inputs.student.logits), indices[:, :-1], log_probs[:, :-1],
-                                        temperature=temperature, tail=tail, mask=target_mask, normalizer=normalizer)
+        zs = shift_logits(inputs.output("student", method=name).logits)
+        return losses.sparse_forward_kl(zs, indices[:, :-1], log_probs[:, :-1], temperature=temperature, tail=tail,
+                                        mask=target_mask, normalizer=normalizer)
 
     return stateless_method(name, compute, weight=weight, needs_teacher=not cached and teacher == "teacher",
                             participants=() if cached else (teacher,),
