@@ -13,17 +13,12 @@ from jaxkd import losses, methods, models
 from jaxkd.models.cifar_resnet import CifarResNet
 from tests.helpers import NUM_CLASSES, teacher_variables, tiny_batch, tiny_image_batch, tiny_models
 
-# Arguments a factory has no default for (the smallest valid spec of each such method).
-REQUIRED_ARGS = {
-    "taid": "total_steps=10", "ab": "alpha=0.5, beta=0.5", "sparse_kd": "k=2",
-    "crd": "num_examples=64, nce_k=8", "ft": "paraphraser_steps=0",
-}
 MLP_TEACHER, MLP_STUDENT = tiny_models()
 MLP_BATCH = tiny_batch()
-# Methods that read feature maps (RepDistiller's stage taps) run on two tiny CIFAR ResNets (one block per
-# stage, 8x8 images: maps 8x8, 4x4, 2x2), the rest on the MLPs (logits, hidden layers, `pooled`).
-CONV_METHODS = {"abound", "at", "diswot", "dmae", "fitnets", "fsp", "ft", "ickd", "kdsvd", "lsskd", "nst", "ofa", "ofd",
-                "reviewkd", "simkd", "sp", "trg", "vid"}
+# What each method needs is declared where it registers (`inputs`, `example`, `same_width`): methods that read
+# feature maps (RepDistiller's stage taps) run on two tiny CIFAR ResNets (one block per stage, 8x8 images:
+# maps 8x8, 4x4, 2x2), classifier methods on the MLPs (logits, hidden layers, `pooled`).
+CONV_METHODS = {n for n, r in methods.REGISTRY.items() if r.inputs == "feature_maps"}
 CONV_TEACHER = models.from_linen(CifarResNet(depth=8, num_filters=(8, 8, 16, 16), num_classes=NUM_CLASSES), name="t")
 CONV_STUDENT = models.from_linen(CifarResNet(depth=8, num_filters=(4, 4, 8, 8), num_classes=NUM_CLASSES), name="s")
 CONV_BATCH = tiny_image_batch(batch_size=8)
@@ -40,11 +35,7 @@ def lelp_projections_file(tmp_path, teacher, teacher_vars, batch) -> str:
 
 
 # Language-model methods run on two tiny LMs over byte-sized vocabularies and a token batch.
-LM_METHODS = {"adpa", "alm", "dac_kl", "distillm", "fusellm", "gkd", "infigfusion", "llava_mod", "lm_ce", "minillm",
-              "preference_kd", "seqkd", "sparse_token_kd", "token_kd"}
-LM_ARGS = {"gkd": "prompt_length=3", "seqkd": "prompt_length=3", "minillm": "prompt_length=3",
-           "distillm": "prompt_length=3, init_threshold=1.0", "preference_kd": "prompt_length=3",
-           "llava_mod": "mimic_steps=0, prompt_length=3", "adpa": "prompt_length=3"}
+LM_METHODS = {n for n, r in methods.REGISTRY.items() if r.inputs in ("tokens", "two_tokenizations")}
 # The feature-map methods' own test files each train them in the jitted step (on the same tiny ResNets), and
 # so do these LM methods' (tests/test_lm_train.py, tests/test_lm_methods.py, tests/test_cross_tokenizer.py);
 # here they are the slow cases (`pytest -m slow`), so the suite stays under 10 minutes.
@@ -75,9 +66,9 @@ def lm_fixtures(method):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_step(name, tmp_path):
     if name in LM_METHODS:
-        if name == "alm":
-            pytest.skip("alm reads two tokenizations of one text: tests/test_cross_tokenizer.py trains it in the step")
-        method = methods.parse(f"{name}({LM_ARGS.get(name, '')})")
+        if methods.REGISTRY[name].inputs == "two_tokenizations":
+            pytest.skip(f"{name} reads two tokenizations of one text: tests/test_cross_tokenizer.py trains it")
+        method = methods.parse(f"{name}({methods.REGISTRY[name].example})")
         student, participants, batch = lm_fixtures(method)
         state = jaxkd.create(participants={"student": student, **participants}, method=method, tx=optax.sgd(0.05),
                              sample_batch=batch, rng=jax.random.PRNGKey(0))
@@ -86,10 +77,10 @@ def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_ste
         return
     conv = name in CONV_METHODS
     TEACHER, STUDENT, BATCH = (CONV_TEACHER, CONV_STUDENT, CONV_BATCH) if conv else (MLP_TEACHER, MLP_STUDENT, MLP_BATCH)
-    if name in ("fsp", "kdsvd"):  # they compare maps channel by channel: a student as wide as the teacher
+    if methods.REGISTRY[name].same_width:  # maps compared channel by channel: a student as wide as the teacher
         STUDENT = CONV_TEACHER
     TEACHER_VARS = teacher_variables(TEACHER, BATCH)
-    args = REQUIRED_ARGS.get(name, "")
+    args = methods.REGISTRY[name].example
     if name == "lelp":
         args = lelp_projections_file(tmp_path, TEACHER, TEACHER_VARS, BATCH)
     method = methods.parse(f"{name}({args})")
@@ -118,7 +109,12 @@ def test_registry_covers_every_factory_with_a_paper_and_existing_losses():
         assert entry.paper, name
         for loss in entry.losses:
             assert loss in jaxkd.losses.__all__, f"{name} names a loss that does not exist: {loss}"
-    assert set(REQUIRED_ARGS) <= set(methods.REGISTRY)
+        # A factory's arguments without a default are in its registered example (the spec builds).
+        import inspect
+
+        required = [p.name for p in inspect.signature(entry.factory).parameters.values()
+                    if p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert all(f"{arg}=" in entry.example for arg in required), (name, required, entry.example)
 
 
 def test_readme_method_table_is_the_registry():

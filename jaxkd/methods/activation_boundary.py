@@ -37,7 +37,7 @@ def abound_connector(student_shape: Sequence[int], teacher_shape: Sequence[int])
 
 
 @register(
-    "abound",
+    "abound", inputs="feature_maps",
     paper="Heo, Lee, Yun & Choi, *Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden "
     "Neurons*, AAAI 2019",
     losses=("activation_boundary",),

@@ -83,7 +83,7 @@ def target_log_probs(logits: jax.Array, tokens: jax.Array, mask: jax.Array | Non
 
 
 @register(
-    "alm",
+    "alm", inputs="two_tokenizations",
     paper="Minixhofer, Vulić & Ponti, *Cross-Tokenizer Distillation via Approximate Likelihood Matching*, 2025",
     losses=("alm_loss", "alm_chunk_alignment"),
 )

@@ -14,7 +14,7 @@ __all__ = ["at"]
 
 
 @register(
-    "at",
+    "at", inputs="feature_maps",
     paper="Zagoruyko & Komodakis, *Paying More Attention to Attention*, ICLR 2017",
     losses=("at",),
 )

@@ -56,7 +56,7 @@ def _contrast_indices(rng, index: jax.Array, *, num_negatives: int, num_examples
 
 
 @register(
-    "crd",
+    "crd", example="num_examples=64, nce_k=8",
     paper="Tian, Krishnan & Isola, *Contrastive Representation Distillation*, ICLR 2020",
     losses=("crd", "crd_nce"),
     status="supported (memory banks in method state; needs the example index in the batch)",

@@ -18,7 +18,7 @@ __all__ = ["diswot", "diswot_rank"]
 
 
 @register(
-    "diswot",
+    "diswot", inputs="feature_maps",
     paper="Dong, Li & Wei, *DisWOT: Student Architecture Search for Distillation WithOut Training*, CVPR 2023",
     losses=("diswot_relation", "diswot_semantic", "fc_gradient", "diswot_score"),
 )

@@ -134,7 +134,7 @@ def tvd(
                         temperature=temperature)
 
 
-@register("ab", paper='Cichocki, Cruces & Amari, *Generalized Alpha-Beta Divergences*, 2011', losses=('alpha_beta_divergence',), family=LOGITS)
+@register("ab", example="alpha=0.5, beta=0.5", paper='Cichocki, Cruces & Amari, *Generalized Alpha-Beta Divergences*, 2011', losses=('alpha_beta_divergence',), family=LOGITS)
 def ab(
     *, alpha: float, beta: float, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
     weight: Weight = 1.0, name: str = "ab",

@@ -29,7 +29,7 @@ def random_patch_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ra
 
 
 @register(
-    "dmae",
+    "dmae", inputs="feature_maps",
     paper="Bai, Wang, Xiao, Wei, Wang, Yuille, Zhou & Xie, *Masked Autoencoders Enable Efficient Knowledge "
     "Distillers*, CVPR 2023",
     losses=("dmae",),

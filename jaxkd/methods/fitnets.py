@@ -12,7 +12,7 @@ __all__ = ["fitnets"]
 
 
 @register(
-    "fitnets",
+    "fitnets", inputs="feature_maps",
     paper="Romero et al., *FitNets: Hints for Thin Deep Nets*, ICLR 2015",
     losses=("fitnets",),
 )

@@ -65,7 +65,7 @@ def consecutive_pairs_method(
 
 
 @register(
-    "fsp",
+    "fsp", inputs="feature_maps", same_width=True,
     paper="Yim, Joo, Bae & Kim, *A Gift from Knowledge Distillation: Fast Optimization, Network Minimization "
     "and Transfer Learning*, CVPR 2017",
     losses=("fsp",),

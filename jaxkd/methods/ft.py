@@ -86,7 +86,7 @@ class Translator(nn.Module):
 
 
 @register(
-    "ft",
+    "ft", inputs="feature_maps", example="paraphraser_steps=0",
     paper="Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor Transfer*, NeurIPS 2018",
     losses=("factor_transfer", "paraphraser_reconstruction"),
 )

@@ -67,7 +67,7 @@ def _generated_target_mask(mask: jax.Array, prompt_length: int) -> jax.Array:
 
 
 @register(
-    "gkd",
+    "gkd", inputs="tokens", example="prompt_length=3",
     paper="Agarwal et al., *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (GKD), ICLR 2024",
     losses=("generalized_jsd",),
     status="supported (student sampling inside the jitted step)",
@@ -132,7 +132,7 @@ def gkd(
 
 
 @register(
-    "seqkd",
+    "seqkd", inputs="tokens", example="prompt_length=3",
     paper="Kim & Rush, *Sequence-Level Knowledge Distillation*, EMNLP 2016",
     losses=("cross_entropy",),
     status="supported (teacher sequences generated inside the step)",

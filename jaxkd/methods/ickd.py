@@ -40,7 +40,7 @@ def _embed_between(student_shape, teacher_shape) -> ICKDEmbed:
 
 
 @register(
-    "ickd",
+    "ickd", inputs="feature_maps",
     paper="Liu et al., *Exploring Inter-Channel Correlation for Diversity-Preserved Knowledge Distillation*, ICCV 2021",
     losses=("ickd",),
 )

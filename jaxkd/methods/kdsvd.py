@@ -14,7 +14,7 @@ __all__ = ["kdsvd"]
 
 
 @register(
-    "kdsvd",
+    "kdsvd", inputs="feature_maps", same_width=True,
     paper="Lee, Kim & Song, *Self-supervised Knowledge Distillation Using Singular Value Decomposition*, ECCV 2018",
     losses=("kdsvd",),
 )

@@ -23,7 +23,7 @@ __all__ = ["fusellm", "infigfusion"]
 
 
 @register(
-    "fusellm",
+    "fusellm", inputs="tokens",
     paper="Wan et al., *Knowledge Fusion of Large Language Models* (FuseLLM), ICLR 2024",
     losses=("fusellm_loss", "fusellm_fused_target", "fusellm_token_alignment"),
     status="supported (teachers sharing the student's vocabulary in the step; alignment is host-side)",
@@ -65,7 +65,7 @@ def fusellm(
 
 
 @register(
-    "infigfusion",
+    "infigfusion", inputs="tokens",
     paper="Wang et al., *InfiGFusion: Graph-on-Logits Distillation via Efficient Gromov-Wasserstein for Model Fusion*, NeurIPS 2025",
     losses=("infigfusion_gld",),
     status="reconstructed from the abstract: node statistic and cost of the sorting GW are assumptions (see the loss)",

@@ -40,7 +40,7 @@ def _student_rollout(inputs: LossInputs, rng, *, prompt_length, temperature, top
 
 
 @register(
-    "minillm",
+    "minillm", inputs="tokens", example="prompt_length=3",
     paper="Gu et al., *MiniLLM: Knowledge Distillation of Large Language Models*, ICLR 2024",
     losses=("minillm_loss", "minillm_mixture_log_probs"),
     status="supported (teacher-mixed sampling inside the step; one policy update per rollout)",
@@ -125,7 +125,7 @@ class _TeacherMix:
 
 
 @register(
-    "distillm",
+    "distillm", inputs="tokens", example="prompt_length=3, init_threshold=1.0",
     paper="Ko et al., *DistiLLM: Towards Streamlined Distillation for Large Language Models*, ICML 2024",
     losses=("skew_kl", "skew_reverse_kl", "distillm_schedule_update", "distillm_data_source"),
     status="supported (adaptive SGO in the step; no replay buffer, see docstring)",
@@ -203,7 +203,7 @@ def observe_validation_loss(state, validation_loss: float, *, loss_eps: float = 
 
 
 @register(
-    "preference_kd",
+    "preference_kd", inputs="tokens", example="prompt_length=3",
     paper="Rafailov et al., *Direct Preference Optimization*, NeurIPS 2023, with the teacher as the reference (LLaVA-MoD)",
     losses=("dpo_loss", "kto_pair_loss", "sequence_log_probs"),
     status="supported (pairs: data continuation chosen, student sample rejected)",
@@ -262,7 +262,7 @@ def preference_kd(
 
 
 @register(
-    "llava_mod",
+    "llava_mod", inputs="tokens", example="mimic_steps=0, prompt_length=3",
     paper="Shu et al., *LLaVA-MoD: Making LLaVA Tiny via MoE Knowledge Distillation*, 2024",
     losses=("forward_kl", "dpo_loss", "kto_pair_loss"),
     status="supported (two stages in one state; self-made preference pairs, see preference_kd)",
@@ -296,7 +296,7 @@ def llava_mod(
 
 
 @register(
-    "adpa",
+    "adpa", inputs="tokens", example="prompt_length=3",
     paper="Gao et al., *Advantage-Guided Distillation for Preference Alignment in Small Language Models*, ICLR 2025",
     losses=("adpa_loss", "adpa_advantages"),
     status="supported (advantage from a preference-tuned teacher and its reference; on student samples)",
@@ -347,7 +347,7 @@ def identifier_spans(tokens: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 @register(
-    "dac_kl",
+    "dac_kl", inputs="tokens",
     paper="Liu et al., *Multi-Granularity Semantic Revision for Large Language Model Distillation*, 2024",
     losses=("dac_kl", "span_correlation_loss"),
     status="assumed form: the paper's Eq. 6/10 and code are unreachable (fixed quantile clipping; see the loss)",

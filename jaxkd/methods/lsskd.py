@@ -35,7 +35,7 @@ def rotated_copies(images: jax.Array, num_rotations: int = NUM_ROTATIONS) -> jax
 
 
 @register(
-    "lsskd",
+    "lsskd", inputs="feature_maps",
     paper="Dahri et al., *A Layered Self-Supervised Knowledge Distillation Framework for Efficient Multimodal "
     "Learning on the Edge*, 2025",
     losses=("lsskd", "lsskd_terms"),

@@ -14,7 +14,7 @@ __all__ = ["nst"]
 
 
 @register(
-    "nst",
+    "nst", inputs="feature_maps",
     paper="Huang & Wang, *Like What You Like: Knowledge Distill via Neuron Selectivity Transfer*, 2017",
     losses=("nst",),
 )

@@ -162,7 +162,7 @@ def apply_heads(heads: dict[str, nn.Module], vars: MethodVars, inputs: LossInput
 
 
 @register(
-    "ofa",
+    "ofa", inputs="feature_maps",
     paper="Hao et al., *One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge Distillation*, NeurIPS 2023",
     losses=("ofa_loss",),
 )

@@ -50,7 +50,7 @@ def _default_bn(params, feature: str, method: str) -> str:
 
 
 @register(
-    "ofd",
+    "ofd", inputs="feature_maps",
     paper="Heo et al., *A Comprehensive Overhaul of Feature Distillation*, ICCV 2019",
     losses=("ofd",),
 )

@@ -16,7 +16,7 @@ from typing import Callable
 
 from jaxkd.methods.base import Method
 
-__all__ = ["FAMILIES", "LOGITS", "REGISTRY", "Registered", "method_table", "register"]
+__all__ = ["FAMILIES", "INPUTS", "LOGITS", "REGISTRY", "Registered", "method_table", "register"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,21 @@ class Registered:
     losses: tuple[str, ...] = ()
     status: str = "supported"
     family: str = ""
+    #: What its participants must produce (:data:`INPUTS`).
+    inputs: str = "classifier"
+    #: The arguments of a small valid spec (``"total_steps=10"`` for TAID): what a factory needs that has no
+    #: default, and settings that keep a smoke run small. Tests and docs build ``f"{name}({example})"``.
+    example: str = ""
+    #: Compares feature maps channel by channel (FSP, KD-SVD): teacher and student maps must be as wide.
+    same_width: bool = False
+
+
+#: What a method's participants must produce: ``"classifier"`` — logits and, for feature methods, the
+#: ``pooled`` / hidden features any classifier of :mod:`jaxkd.models` taps; ``"feature_maps"`` — spatial stage
+#: maps (RepDistiller's taps: ``stem``, ``stage1-3``, ``*_preact``), i.e. a convolutional network;
+#: ``"tokens"`` — a language model over ``{"tokens", "mask"}`` rows; ``"two_tokenizations"`` — teacher and
+#: student language models over two tokenizations of the same text (ALM's parallel rows).
+INPUTS = ("classifier", "feature_maps", "tokens", "two_tokenizations")
 
 
 #: The family of methods whose loss compares the logits of the participant in the ``student`` role with
@@ -50,18 +65,24 @@ def register(
     losses: tuple[str, ...] = (),
     status: str = "supported",
     family: str = "",
+    inputs: str = "classifier",
+    example: str = "",
+    same_width: bool = False,
 ):
     """Makes ``factory`` selectable by ``name`` in :func:`jaxkd.methods.parse`.
 
     Use it as a decorator on a built-in factory (with the paper and the ``jaxkd.losses`` functions it
     uses, for the method table) or call it with a factory defined outside jaxkd:
     ``register("my_kd", my_kd)``. ``family`` groups methods that share a contract tests check for all of
-    them (:data:`LOGITS`); ``""`` for none.
+    them (:data:`LOGITS`); ``""`` for none. ``inputs`` (:data:`INPUTS`), ``example`` and ``same_width`` say
+    what the method needs, so tests and tools build a working instance from the registry alone.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a registered name must be a Python identifier (it is parsed), got {name!r}")
     if family not in FAMILIES:
         raise ValueError(f"register({name!r}): family must be one of {FAMILIES}, got {family!r}")
+    if inputs not in INPUTS:
+        raise ValueError(f"register({name!r}): inputs must be one of {INPUTS}, got {inputs!r}")
 
     def add(fn: Callable[..., Method]) -> Callable[..., Method]:
         if not callable(fn):
@@ -69,7 +90,7 @@ def register(
         existing = REGISTRY.get(name)
         if existing is not None and existing.factory is not fn:
             raise ValueError(f"a method named {name!r} is already registered")
-        REGISTRY[name] = Registered(name, fn, paper, tuple(losses), status, family)
+        REGISTRY[name] = Registered(name, fn, paper, tuple(losses), status, family, inputs, example, bool(same_width))
         return fn
 
     return add if factory is None else add(factory)

@@ -99,7 +99,7 @@ def _as_map(x):
 
 
 @register(
-    "reviewkd",
+    "reviewkd", inputs="feature_maps",
     paper="Chen, Liu, Zhao & Jia, *Distilling Knowledge via Knowledge Review*, CVPR 2021",
     losses=("reviewkd",),
 )

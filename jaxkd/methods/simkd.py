@@ -60,7 +60,7 @@ def _classifier(inputs: LossInputs, teacher: str, path: str, method: str) -> dic
 
 
 @register(
-    "simkd",
+    "simkd", inputs="feature_maps",
     paper="Chen et al., *Knowledge Distillation with the Reused Teacher Classifier*, CVPR 2022",
     losses=("simkd",),
     status="supported (evaluation uses the teacher's classifier)",

@@ -12,7 +12,7 @@ from jaxkd.methods.registry import register
 __all__ = ["sp"]
 
 
-@register("sp", paper="Tung & Mori, *Similarity-Preserving Knowledge Distillation*, ICCV 2019", losses=("sp",))
+@register("sp", inputs="feature_maps", paper="Tung & Mori, *Similarity-Preserving Knowledge Distillation*, ICCV 2019", losses=("sp",))
 def sp(
     *,
     student_features: str | Sequence[str] = "stage3",

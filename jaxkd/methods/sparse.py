@@ -13,7 +13,7 @@ __all__ = ["sparse_kd"]
 
 
 @register(
-    "sparse_kd",
+    "sparse_kd", example="k=2",
     paper="top-k / sparse teacher (offline top-k logits, with a tail bucket or renormalized)",
     losses=("topk_teacher", "sparse_forward_kl"),
     family=LOGITS,

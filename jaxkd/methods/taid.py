@@ -13,7 +13,7 @@ __all__ = ["taid"]
 
 
 @register(
-    "taid",
+    "taid", example="total_steps=10",
     paper="Shing et al., *TAID: Temporally Adaptive Interpolated Distillation*, ICLR 2025",
     losses=("taid", "taid_update"),
     status="supported (adaptive `t` in method state)",

@@ -91,7 +91,7 @@ def output_projection_of(inputs: LossInputs, participant: str, *, method: str) -
     return truncate_projection(lm_models.output_projection(params, config), model)
 
 
-@register("lm_ce", paper="next-token cross-entropy (the data term of LM distillation)", losses=("cross_entropy",))
+@register("lm_ce", inputs="tokens", paper="next-token cross-entropy (the data term of LM distillation)", losses=("cross_entropy",))
 def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_key: str = "mask",
           normalizer_key: str | None = None, participant: str = "student", weight: Weight = 1.0,
           name: str = "lm_ce") -> Method:
@@ -119,7 +119,7 @@ def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_ke
 
 
 @register(
-    "token_kd",
+    "token_kd", inputs="tokens",
     paper="token-level KD of LMs: every divergence per next-token distribution (Kim & Rush 2016; GKD; DistiLLM)",
     losses=tuple(fn.__name__ for fn, _ in TOKEN_DIVERGENCES.values()) + ("fused_linear_divergence",),
 )
@@ -180,7 +180,7 @@ def _hidden(outputs: Outputs, participant: str, method: str) -> jax.Array:
 
 
 @register(
-    "sparse_token_kd",
+    "sparse_token_kd", inputs="tokens",
     paper="token-level KD against the teacher's top-k log-probabilities plus a tail bucket (offline teacher signals)",
     losses=("topk_teacher", "sparse_forward_kl"),
 )

@@ -20,7 +20,7 @@ Temperature = Union[float, Callable[[jax.Array], jax.Array]]
 
 
 @register(
-    "trg",
+    "trg", inputs="feature_maps",
     paper="Zhang, Liu & He, *Knowledge Distillation via Token-level Relationship Graph*, arXiv 2023",
     losses=("trg_local", "trg_global", "trg_contextual"),
 )

@@ -77,7 +77,7 @@ def match_spatial(student: jax.Array, teacher: jax.Array, *, method: str) -> tup
 
 
 @register(
-    "vid",
+    "vid", inputs="feature_maps",
     paper="Ahn, Hu, Damianou, Lawrence & Dai, *Variational Information Distillation for Knowledge Transfer*, CVPR 2019",
     losses=("vid",),
 )
