@@ -32,3 +32,11 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    # Which public losses and method factories the tests call, recorded per process and checked at the
+    # end of a whole-suite run (tests/call_coverage.py).
+    from tests.call_coverage import CallCoveragePlugin
+
+    config.pluginmanager.register(CallCoveragePlugin(config), "jaxkd-call-coverage")

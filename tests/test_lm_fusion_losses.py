@@ -15,7 +15,6 @@ from jaxkd import losses as L
 from tests.numpy_reference import np_log_softmax, np_masked_softmax, rand_logits
 from tests.test_loss_contract import central_differences
 
-COVERED_LOSSES = {"infigfusion_gld", "fusellm_loss"}
 
 MASK = np.array([[True, True, True, False], [True, True, False, False]])
 

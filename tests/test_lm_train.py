@@ -197,7 +197,8 @@ def test_target_mask_of_left_padded_and_holed_rows():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, V)), jnp.float32)
     ce, _ = methods.lm_ce().loss(MethodVars(), inputs_of(logits, logits, batch), jax.random.PRNGKey(0))
     log_p = log_softmax_np(np.asarray(logits, np.float64))
-    terms = [-log_p[b, t, tokens[b, t + 1]] for b, t in [(0, 2), (0, 3), (0, 4), (1, 0), (1, 3), (1, 4), (2, 0), (2, 1), (2, 2)]]
+    targets_at = [(0, 2), (0, 3), (0, 4), (1, 0), (1, 3), (1, 4), (2, 0), (2, 1), (2, 2)]
+    terms = [-log_p[b, t, tokens[b, t + 1]] for b, t in targets_at]
     np.testing.assert_allclose(float(ce), np.mean(terms), rtol=1e-5)
 
 

@@ -145,8 +145,8 @@ def test_a_finite_loss_with_a_nan_gradient_is_refused():
     infinite slope ``1/(2·sqrt(0))``, which the chain rule multiplies by 0: a NaN gradient under a finite loss."""
     from jaxkd.methods.base import stateless_method
 
-    sqrt_of_zero = stateless_method("sqrt_of_zero", lambda inputs, rng: jnp.sqrt(jnp.sum(0.0 * inputs.student.logits ** 2)),
-                                    needs_teacher=False)
+    sqrt_of_zero = stateless_method(
+        "sqrt_of_zero", lambda inputs, rng: jnp.sqrt(jnp.sum(0.0 * inputs.student.logits ** 2)), needs_teacher=False)
     state = new_state(method=METHOD + sqrt_of_zero)
     before = jax.device_get(state)
     with pytest.raises(NonFiniteError, match="^update 1: a gradient is not finite;") as info:
@@ -172,8 +172,8 @@ def test_a_skipped_step_leaves_the_method_state_unchanged(name):
     with the rest of the update; the following finite step starts from the state before the NaN one."""
     batch = dict(BATCH, index=np.arange(16, dtype=np.int32) + 4)
     skip_step = jaxkd.make_train_step(on_nonfinite="skip")
-    state = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS, method=_stateful_methods()[name],
-                         tx=TX, sample_batch=batch, rng=jax.random.PRNGKey(0))
+    state = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS,
+                         method=_stateful_methods()[name], tx=TX, sample_batch=batch, rng=jax.random.PRNGKey(0))
     state, _ = skip_step(state, batch)  # a real step first: the state is past its initial value
     before = jax.device_get(state.method)
     image = batch["image"].copy()
