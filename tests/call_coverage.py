@@ -18,7 +18,7 @@ Under pytest-xdist each worker records and hands its set to the controller throu
 controller merges them. The check runs only for the whole default suite (``pytest`` or ``pytest tests``,
 marker expression ``not slow`` or none, no ``-k``/``--deselect``/``--lf``, not stopped early): a subset of
 files leaves most functions uncalled by design. ``JAXKD_CALL_COVERAGE=1`` forces the check on a subset,
-``=0`` turns it off.
+``=0`` turns recording and check off.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class CallCoveragePlugin:
         self.called: set[str] = set()
         self.recorder = None
         self.uncalled: list[str] = []
-        if not self.is_controller:  # this process runs tests
+        if not self.is_controller and os.environ.get("JAXKD_CALL_COVERAGE") != "0":  # this process runs tests
             self.recorder = CallRecorder(self.watched)
             self.recorder.start()
 

@@ -58,6 +58,19 @@ def np_gld(zs, zt, k, mask, values="logits"):
 
 
 @pytest.mark.parametrize("values", ["logits", "probs"])
+def test_node_strengths_are_the_row_sums_of_the_explicit_co_activation_graph(values):
+    z = rand_logits(2, (2, 4, 7))
+    z[0, 1, 3] = -np.inf  # an excluded channel is never active and counts 0
+    strengths, active = L.infigfusion_node_strengths(z, 3, MASK, values=values)
+    want, want_active = np_strengths(z, 3, MASK, values)
+    np.testing.assert_allclose(strengths, np.stack(want), rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(active, np.stack(want_active))
+    assert not active[0, 3] and strengths[0, 3] == 0.0
+    # Sequence 1 has 2 valid positions of 3 channels each: at most 6 active channels, at least 3.
+    assert 3 <= int(np.sum(active[1])) <= 6
+
+
+@pytest.mark.parametrize("values", ["logits", "probs"])
 def test_gld_matches_numpy_with_different_vocabularies(values):
     zs, zt = rand_logits(0, (2, 4, 7)), rand_logits(1, (2, 4, 9))
     got = L.infigfusion_gld(zs, zt, k=3, values=values, mask=MASK, reduction="none")
