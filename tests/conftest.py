@@ -18,9 +18,12 @@
 import os
 
 _flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
-    if _flag.split("=")[0] not in _flags:  # a flag the caller set wins
-        _flags += " " + _flag
+# JAXKD_TEST_XLA_DEFAULTS=1 keeps XLA's default optimization and emitters: CI runs a few files that way
+# (.ci/run), so the programs users compile are tested too, not only the fast-compiling ones.
+if os.environ.get("JAXKD_TEST_XLA_DEFAULTS") != "1":
+    for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+        if _flag.split("=")[0] not in _flags:  # a flag the caller set wins
+            _flags += " " + _flag
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("MPLBACKEND", "Agg")
 # No persistent compilation cache unless a test asks for one: a run of the suite writes nothing into the
@@ -32,3 +35,11 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    # Which public losses and method factories the tests call, recorded per process and checked at the
+    # end of a whole-suite run (tests/call_coverage.py).
+    from tests.call_coverage import CallCoveragePlugin
+
+    config.pluginmanager.register(CallCoveragePlugin(config), "jaxkd-call-coverage")

@@ -1,4 +1,5 @@
-"""Every public loss of ``jaxkd.losses``, as a case the contract tests (tests/test_loss_contract.py) run.
+"""The public losses of ``jaxkd.losses`` over [B, C] logits, as cases for the contract tests
+(tests/test_loss_contract.py).
 
 A case turns labels into a function of the logit arrays (each ``[B, C]``) returning per-example values
 ``[B]`` (``reduction="none"``), or a scalar for the batch-level losses. Hyper-parameters are fixed at
@@ -165,27 +166,3 @@ CASES = [
         num_logits=3, grad=(0, 1, 2)),
     Case("dml", _dml, frozen=_dml_frozen),
 ]
-
-#: Public names of ``jaxkd.losses`` that are not losses (helpers, state, transforms); each is tested
-#: against a reference in its method's test file.
-NOT_LOSSES = {
-    "TAIDState", "bdkd_weights", "check_teacher_weights", "class_mean_teacher_probs", "class_means",
-    "crd_memory_update", "crd_normalizer", "crd_scores", "dho_log_probs", "diswot_score", "fc_gradient", "fsp_matrix", "top_right_singular_vectors",
-    "fusion_inputs", "kd3_classifier_alignment", "kd3_selection", "lelp_projections", "lelp_projections_from_moments", "lelp_targets",
-    "log_softmax", "ofd_margin", "patch_tokens", "per_example_loss", "reduce_loss", "sinkhorn_plan",
-    "standardize_logits", "taid_init_state", "taid_target_log_probs", "taid_update", "teacher_is_more_confident",
-    "topk_teacher",
-    # token plumbing (jaxkd.losses.tokens), tested in tests/test_lm_train.py
-    "TOKEN_NORMALIZER_KEY", "batch_normalizer", "is_normalizer_key", "next_token_targets", "normalizer_key_of",
-    "shift_logits", "token_normalizer",
-    # LM fusion and cross-tokenizer helpers (targets, alignments, decoding-time combinations), tested in their files
-    "infigfusion_node_strengths", "fusellm_fused_target", "fusellm_token_alignment", "fusellm_align_logits",
-    "alm_chunk_alignment", "alm_chunk_log_likelihoods", "proxy_tuning_logits", "dynamic_logits_fusion",
-    "dynamic_fusion_objective",
-    # policy/preference helpers (rewards, returns, log-probs, schedules), tested in tests/test_lm_losses_*.py
-    "minillm_rewards", "minillm_returns", "minillm_advantages", "minillm_importance_weights",
-    "minillm_mixture_log_probs", "token_log_probs", "sequence_log_probs", "dpo_rewards", "adpa_advantages",
-    "dac_kl_region", "DistiLLMSchedule", "distillm_schedule_init", "distillm_schedule_update",
-    "distillm_sampling_thresholds", "distillm_data_source", "distillm_use_student_output", "DISTILLM_DATASET",
-    "DISTILLM_GENERATE", "DISTILLM_REPLAY",
-}

@@ -13,8 +13,6 @@ from hypothesis import strategies as st
 from jaxkd import losses as L
 from tests.test_loss_contract import central_differences
 
-COVERED_LOSSES = {"alm_loss"}
-
 
 def offsets(tokens, start=0):
     """(start, end) byte offsets of consecutive tokens of a text."""

@@ -174,6 +174,18 @@ def test_missing_extra_is_damage_not_a_run_without_data_position(tmp_path, caplo
     assert_fell_back_to_step_1(tmp_path, caplog, "extra")
 
 
+def test_edited_extra_that_is_still_valid_json_fails_its_checksum(tmp_path, caplog):
+    """A changed data position must not resume silently: the edit is well-formed JSON, so only the manifest's
+    sha256 of ``extra`` can tell."""
+    save_steps(tmp_path)
+    [extra_file] = glob.glob(f"{tmp_path}/2/extra/metadata")
+    with open(extra_file) as f:
+        assert f.read() == '{"batch": 2}'
+    with open(extra_file, "w") as f:
+        f.write('{"batch": 7}')
+    assert_fell_back_to_step_1(tmp_path, caplog, "checksum mismatch in extra")
+
+
 def test_missing_manifest_means_incomplete(tmp_path, caplog):
     save_steps(tmp_path)
     shutil.rmtree(tmp_path / "2" / "manifest")

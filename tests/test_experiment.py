@@ -80,6 +80,24 @@ def test_bad_method_specs_and_divergence_stop_the_run_before_any_table(tmp_path)
     assert not (tmp_path / "b" / "results.md").exists()
 
 
+def test_kd_beats_scratch_on_every_seed_with_three_labels_per_class(tmp_path):
+    """The learning outcome, cheaply (about 30 s): an MLP teacher trained on the whole digits train split,
+    then the same small MLP student trained on 3 labeled images per class, from scratch and with KD. KD
+    wins on every seed by at least 3 points (measured on seeds 0-5: margins 5.6 to 11.2 points, KD 79-82 %,
+    scratch 70-74 %, teacher 93-95 %); the README's default run is the slow test below."""
+    settings = ["teacher=mlp", "teacher_kwargs={'hidden_sizes': (128,)}", "teacher_steps=300", "student=mlp",
+                "student_kwargs={'hidden_sizes': (32,)}", "labels_per_class=3", "steps=150", "eval_every=150",
+                "batch_size=32", "seeds=(0, 1, 2)", "checkpoint_every=0", "tensorboard=False"]
+    summary = distill.main(["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
+                           + sum((["--set", s] for s in settings), []))
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert rows["kd"]["method"] == "ce + kd(temperature=4)" and rows["scratch"]["method"] == "ce"
+    assert rows["teacher"]["top1_mean"] > 90.0
+    kd, scratch = rows["kd"]["top1_per_seed"], rows["scratch"]["top1_per_seed"]
+    assert len(kd) == len(scratch) == 3
+    assert all(k > s + 3.0 for k, s in zip(kd, scratch)), f"KD {kd} vs scratch {scratch}"
+
+
 @pytest.mark.slow  # 2 minutes: `pytest -m slow`
 def test_default_experiment_distills(tmp_path):
     """The README's default run, as printed there: on the default setting with the default seeds, the KD

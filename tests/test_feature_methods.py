@@ -23,20 +23,23 @@ def abstract(shape):
 
 
 @pytest.mark.parametrize(
-    "student, teacher, kind",
+    "student, teacher, kind, expected_kernel",
     [
-        ((2, 8, 8, 4), (2, 4, 4, 6), "down2"),  # twice the teacher's size: 3x3 stride 2
-        ((2, 4, 4, 4), (2, 8, 8, 6), "up2"),  # half: 4x4 transposed, stride 2
-        ((2, 8, 8, 4), (2, 8, 8, 6), "valid"),  # equal: 1x1
-        ((2, 8, 8, 4), (2, 6, 6, 6), "valid"),  # larger: a (1 + 8 - 6)^2 = 3x3 valid convolution
+        ((2, 8, 8, 4), (2, 4, 4, 6), "down2", (3, 3)),  # twice the teacher's size: 3x3 stride 2
+        ((2, 4, 4, 4), (2, 8, 8, 6), "up2", (4, 4)),  # half: 4x4 transposed, stride 2
+        ((2, 8, 8, 4), (2, 8, 8, 6), "valid", (1, 1)),  # equal: 1x1
+        ((2, 8, 8, 4), (2, 6, 6, 6), "valid", (3, 3)),  # larger: a (1 + 8 - 6)^2 = 3x3 valid convolution
+        # Non-square maps: height and width are sized separately, (1 + 8 - 6) x (1 + 6 - 2).
+        ((2, 8, 6, 4), (2, 6, 2, 6), "valid", (3, 5)),
+        ((2, 8, 6, 4), (2, 4, 3, 6), "down2", (3, 3)),
+        ((2, 3, 5, 4), (2, 6, 10, 6), "up2", (4, 4)),
     ],
 )
-def test_conv_regressor_maps_the_student_map_onto_the_teachers_shape(student, teacher, kind):
+def test_conv_regressor_maps_the_student_map_onto_the_teachers_shape(student, teacher, kind, expected_kernel):
     module = methods.connector_between(student, teacher)
     assert isinstance(module, methods.ConvRegressor) and module.mode == kind
     vars = methods.module_init(module, jax.random.PRNGKey(0), abstract(student))  # from shapes alone
     kernel = vars.params["conv"]["kernel"]
-    expected_kernel = {"down2": (3, 3), "up2": (4, 4), "valid": (1 + student[1] - teacher[1],) * 2}[kind]
     assert kernel.shape[:2] == expected_kernel and kernel.shape[-1] == teacher[-1]
     y, state = methods.module_apply(module, vars, jnp.ones(student))
     assert y.shape == teacher and bool(jnp.all(y >= 0))  # BN + ReLU

@@ -21,7 +21,6 @@ import pytest
 from jaxkd import losses
 from tests.test_loss_contract import central_differences
 
-COVERED_LOSSES = {"fused_linear_divergence"}
 
 N, D, DT, V = 7, 3, 4, 6  # 7 tokens in chunks of 3: the last chunk is ragged (one real row, two padded)
 CHUNK = 3

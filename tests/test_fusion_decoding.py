@@ -16,8 +16,6 @@ from jaxkd import losses as L
 from jaxkd.models import fusion
 from jaxkd.models import lm as lmlib
 
-# Decoding helpers, no loss.
-COVERED_LOSSES: set[str] = set()
 
 V = 13
 SMALL = lmlib.LMConfig(vocab_size=V, d_model=16, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=24, max_len=8)

@@ -15,7 +15,6 @@ from jaxkd import losses as L
 from tests.numpy_reference import np_log_softmax, np_masked_softmax, rand_logits
 from tests.test_loss_contract import central_differences
 
-COVERED_LOSSES = {"infigfusion_gld", "fusellm_loss"}
 
 MASK = np.array([[True, True, True, False], [True, True, False, False]])
 
@@ -56,6 +55,19 @@ def np_gld(zs, zt, k, mask, values="logits"):
     ss, acts = np_strengths(zs, k, mask, values)
     st, actt = np_strengths(zt, k, mask, values)
     return np.array([np_w2_squared(ss[b][acts[b]], st[b][actt[b]]) for b in range(len(ss))])
+
+
+@pytest.mark.parametrize("values", ["logits", "probs"])
+def test_node_strengths_are_the_row_sums_of_the_explicit_co_activation_graph(values):
+    z = rand_logits(2, (2, 4, 7))
+    z[0, 1, 3] = -np.inf  # an excluded channel is never active and counts 0
+    strengths, active = L.infigfusion_node_strengths(z, 3, MASK, values=values)
+    want, want_active = np_strengths(z, 3, MASK, values)
+    np.testing.assert_allclose(strengths, np.stack(want), rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(active, np.stack(want_active))
+    assert not active[0, 3] and strengths[0, 3] == 0.0
+    # Sequence 1 has 2 valid positions of 3 channels each: at most 6 active channels, at least 3.
+    assert 3 <= int(np.sum(active[1])) <= 6
 
 
 @pytest.mark.parametrize("values", ["logits", "probs"])

@@ -24,26 +24,6 @@ from jaxkd import losses
 from tests.numpy_reference import np_log_softmax
 from tests.test_loss_contract import central_differences
 
-COVERED_LOSSES = {
-    "minillm_loss",
-    "minillm_terms",
-    "minillm_pg_loss",
-    "minillm_single_step_kl",
-    "minillm_rewards",
-    "minillm_returns",
-    "minillm_advantages",
-    "minillm_importance_weights",
-    "minillm_mixture_log_probs",
-    "DistiLLMSchedule",
-    "DISTILLM_DATASET",
-    "DISTILLM_GENERATE",
-    "DISTILLM_REPLAY",
-    "distillm_schedule_init",
-    "distillm_schedule_update",
-    "distillm_sampling_thresholds",
-    "distillm_data_source",
-    "distillm_use_student_output",
-}
 
 B, T, V = 3, 6, 7
 MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], bool)

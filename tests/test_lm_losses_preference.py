@@ -18,19 +18,6 @@ from jaxkd import losses
 from tests.numpy_reference import np_log_softmax
 from tests.test_loss_contract import central_differences
 
-COVERED_LOSSES = {
-    "token_log_probs",
-    "sequence_log_probs",
-    "dpo_loss",
-    "dpo_rewards",
-    "kto_pair_loss",
-    "adpa_advantages",
-    "adpa_loss",
-    "dckd_loss",
-    "dac_kl",
-    "dac_kl_region",
-    "span_correlation_loss",
-}
 
 B, T, V = 3, 5, 7
 MASK = np.array([[1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], bool)

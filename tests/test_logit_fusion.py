@@ -14,8 +14,6 @@ import pytest
 from jaxkd import losses as L
 from tests.numpy_reference import np_kl_finite, np_log_softmax, np_masked_softmax, rand_logits
 
-# No loss here: proxy_tuning_logits, dynamic_logits_fusion and dynamic_fusion_objective are decoding helpers.
-COVERED_LOSSES: set[str] = set()
 
 GRID = [round(0.1 * i, 1) for i in range(21)]
 

@@ -140,6 +140,51 @@ def test_skip_policy_counts_skipped_steps_and_keeps_training():
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(jax.device_get(state.student)))
 
 
+def test_a_finite_loss_with_a_nan_gradient_is_refused():
+    """The gradient is checked on its own: ``sqrt`` of a quantity that is 0 has the finite value 0 and the
+    infinite slope ``1/(2·sqrt(0))``, which the chain rule multiplies by 0: a NaN gradient under a finite loss."""
+    from jaxkd.methods.base import stateless_method
+
+    sqrt_of_zero = stateless_method(
+        "sqrt_of_zero", lambda inputs, rng: jnp.sqrt(jnp.sum(0.0 * inputs.student.logits ** 2)), needs_teacher=False)
+    state = new_state(method=METHOD + sqrt_of_zero)
+    before = jax.device_get(state)
+    with pytest.raises(NonFiniteError, match="^update 1: a gradient is not finite;") as info:
+        TRAIN_STEP(state, BATCH)
+    metrics = info.value.metrics
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["sqrt_of_zero"]) == 0.0
+    assert int(metrics["status"]) == jaxkd.steps.NONFINITE_GRADS and float(metrics["skipped"]) == 1.0
+    chex.assert_trees_all_equal(before.student, jax.device_get(info.value.state.student))
+    chex.assert_trees_all_equal(before.opt_state, jax.device_get(info.value.state.opt_state))
+
+
+def _stateful_methods():
+    """Methods that carry state across steps: TAID's interpolation ``t`` and loss history, CRD's memory banks."""
+    labels = np.random.default_rng(0).integers(0, NUM_CLASSES, size=32)
+    labels[np.arange(16) + 4] = BATCH["label"]
+    return {"taid": methods.taid(total_steps=10),
+            "crd": methods.ce() + methods.crd(num_examples=32, nce_k=8, feat_dim=4, mode="exact", labels=labels)}
+
+
+@pytest.mark.parametrize("name", ["taid", "crd"])
+def test_a_skipped_step_leaves_the_method_state_unchanged(name):
+    """A NaN step's method state (TAID's NaN loss history, CRD's NaN features in the memory bank) is dropped
+    with the rest of the update; the following finite step starts from the state before the NaN one."""
+    batch = dict(BATCH, index=np.arange(16, dtype=np.int32) + 4)
+    skip_step = jaxkd.make_train_step(on_nonfinite="skip")
+    state = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS,
+                         method=_stateful_methods()[name], tx=TX, sample_batch=batch, rng=jax.random.PRNGKey(0))
+    state, _ = skip_step(state, batch)  # a real step first: the state is past its initial value
+    before = jax.device_get(state.method)
+    image = batch["image"].copy()
+    image[2, 1, 1, 0] = np.nan
+    state, metrics = skip_step(state, dict(batch, image=image))
+    assert float(metrics["skipped"]) == 1.0 and int(state.skipped_steps) == 1
+    after = jax.device_get(state.method)
+    assert jax.tree.leaves(after.state), "the method has state"
+    chex.assert_trees_all_equal(before, after)
+
+
 def test_divergence_from_a_huge_learning_rate_raises_instead_of_reaching_the_results():
     """Bug: ``--set lr=1000`` gave NaN gradients, a finite logged loss and a results-table entry."""
     state = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS, method=METHOD,

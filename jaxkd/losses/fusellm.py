@@ -318,6 +318,7 @@ def fusellm_loss(
     mask: Array | None = None,
     weights: Array | None = None,
     reduction: Reduction = "mean",
+    normalizer: Array | float | None = None,
 ) -> Array:
     """FuseLLM's training loss: ``λ·CE(gold) + (1 − λ)·D(P_fused, p_S)`` per token, reduced over tokens.
 
@@ -347,6 +348,8 @@ def fusellm_loss(
         the reduction.
       weights: optional float ``[B, T]`` weights for the reduction.
       reduction: ``"mean"`` (over valid tokens; 0 when none), ``"sum"`` or ``"none"`` (per token).
+      normalizer: the mean's denominator instead of this batch's token count (the global count under
+        gradient accumulation, :func:`jaxkd.losses.tokens.batch_normalizer`).
     """
     check_in_range("lm_weight", lm_weight, 0.0, 1.0)
     check_choice("divergence", divergence, ("ce", "kl"))
@@ -366,4 +369,5 @@ def fusellm_loss(
     else:
         soft = kl_from_log_probs(log_target, log_s)
     lam = jnp.asarray(lm_weight, gold.dtype)
-    return reduce_loss(lam * gold + (1.0 - lam) * soft, mask=mask, weights=weights, reduction=reduction)
+    return reduce_loss(lam * gold + (1.0 - lam) * soft, mask=mask, weights=weights, reduction=reduction,
+                       normalizer=normalizer)

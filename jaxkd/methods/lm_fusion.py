@@ -58,7 +58,7 @@ def fusellm(
         stacked = jnp.stack([shift_logits(inputs.target(t, method=name).logits) for t in teachers])
         return losses.fusellm_loss(shift_logits(inputs.output("student", method=name).logits), stacked, targets,
                                    lm_weight=lm_weight, rule=rule, divergence=divergence, temperature=temperature,
-                                   top_k=top_k, mask=target_mask)
+                                   top_k=top_k, mask=target_mask, normalizer=normalizer)
 
     return stateless_method(name, compute, weight=weight, needs_teacher="teacher" in teachers,
                             participants=teachers, batch_keys=_LM_KEYS)
