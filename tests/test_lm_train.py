@@ -98,14 +98,12 @@ def single_tokenization_token_methods():
     factory has a token variant). Methods that sample continuations (a ``prompt_length``) draw other samples
     per micro-batch and are not compared; ``alm`` reads two tokenizations and accumulates exactly in
     tests/test_cross_tokenizer.py."""
-    from tests.test_registry import REQUIRED_ARGS
-
     found = {}
     for name, entry in sorted(methods.REGISTRY.items()):
         params = inspect.signature(entry.factory).parameters
         if "prompt_length" in params:
             continue
-        args = [a for a in (REQUIRED_ARGS.get(name, ""), "tokens=True" if "tokens" in params else "") if a]
+        args = [a for a in (entry.example, "tokens=True" if "tokens" in params else "") if a]
         method = methods.parse(f"{name}({', '.join(args)})")
         if "tokens" in method.batch_keys and set(method.batch_keys) <= set(KEYS):
             found[name] = method
