@@ -275,7 +275,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
 
     def add(row: str, model_name: str, method_text: str, result: dict, key: str = "accuracy", *,
             compare: bool = True) -> None:
-        entry = rows.setdefault(row, report.Row(row, {"model": model_name, "method": f"`{method_text}`"}, [],
+        entry = rows.setdefault(row, report.Row(row, {"model": model_name, "method": method_text}, [],
                                                 compare=compare))
         entry.per_seed.append({"accuracy": result[key]})
         entry.ms_per_step.append(result.get("ms_per_step") if key == "accuracy" else None)

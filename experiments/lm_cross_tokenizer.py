@@ -265,7 +265,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
             teacher_bpb = evaluator(lm_models.lm(teacher.config), "byte")(teacher.variables)
             print(f"teacher on the windows: {teacher_bpb}", file=sys.stderr)
             rows.append(report.Row("teacher", {"tokenizer": f"bytes ({teacher.config.vocab_size})",
-                                               "method": f"`lm_ce` ({teacher.steps} steps)",
+                                               "method": f"lm_ce ({teacher.steps} steps)",
                                                "params": f"{teacher.config.num_params / 1e6:.2f}M"},
                                    [teacher_bpb], compare=False))
             extra = {}
@@ -299,7 +299,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
                     ms.append(result.get("ms_per_step"))
                 tokenizer = (f"BPE ({configs[kind].vocab_size})" if kind == "bpe"
                              else f"bytes ({configs[kind].vocab_size})")
-                rows.append(report.Row(run, {"tokenizer": tokenizer, "method": f"`{cfg.methods[run]}`",
+                rows.append(report.Row(run, {"tokenizer": tokenizer, "method": cfg.methods[run],
                                              "params": f"{configs[kind].num_params / 1e6:.2f}M"}, per_seed, ms,
                                        extra={"tokenizer": kind, "vocab_size": configs[kind].vocab_size}))
                 jax.clear_caches()

@@ -272,7 +272,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                     steps = arch.pop("steps", cfg.teacher_steps)
                     teachers[name] = pretrained_teacher(cfg, runner, corpus, name, arch, TEACHER_SEED + 1 + i, steps)
             for name, t in teachers.items():
-                rows.append(report.Row(name, {"method": f"`lm_ce` ({t.steps} steps)",
+                rows.append(report.Row(name, {"method": f"lm_ce ({t.steps} steps)",
                                               "params": f"{t.config.num_params / 1e6:.2f}M"}, [{"bpb": t.bpb}],
                                        compare=False))
 
@@ -314,7 +314,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                            config=config, evaluation=evaluation)
                     per_seed.append({"bpb": result["bpb"]})
                     ms.append(result.get("ms_per_step"))
-                rows.append(report.Row(run, {"method": f"`{cfg.methods[run]}`",
+                rows.append(report.Row(run, {"method": cfg.methods[run],
                                              "params": f"{student_cfg.num_params / 1e6:.2f}M"}, per_seed, ms))
                 jax.clear_caches()
         finally:

@@ -28,7 +28,8 @@ class Metric:
 
 @dataclasses.dataclass
 class Row:
-    """One run of a results table: its leading cells (``{"model": ..., "method": ...}``, in column order), one
+    """One run of a results table: its leading cells (``{"model": ..., "method": ...}``, in column order; the
+    ``method`` cell, a spec, is shown as code), one
     result per seed (``{metric key: value}``), each seed's steady-state ms per step (None where unknown),
     whether it gets a Δ against the baseline run, and extra JSON entries."""
 
@@ -65,7 +66,7 @@ def summarize(rows: list[Row], metrics: list[Metric], *, baseline: str | None, c
     json_rows = []
     for row in rows:
         entry: dict[str, Any] = {"run": row.run, **row.cells, "seeds": len(row.per_seed)}
-        cells = [row.run, *(row.cells[c] for c in cell_names)]
+        cells = [row.run, *(f"`{row.cells[c]}`" if c == "method" else row.cells[c] for c in cell_names)]
         for m in metrics:
             values = [m.scale * s[m.key] for s in row.per_seed]
             mean, std = _mean_std(values)

@@ -22,13 +22,13 @@ def _logits_pair(rng):
 
 CASES = [
     FeatureCase(
-        "ofa_loss", _logits_pair,
-        lambda s, t, **kw: losses.ofa_loss(s, t, _Y, eps=1.5, temperature=2.0, **kw), grad=(0, 1),
+        "ofa", _logits_pair,
+        lambda s, t, **kw: losses.ofa(s, t, _Y, eps=1.5, temperature=2.0, **kw), grad=(0, 1),
     ),
     FeatureCase(
-        "nd_loss",
+        "nd",
         lambda rng: (rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), rng.normal(size=(5, 4))),
-        lambda s, t, c, **kw: losses.nd_loss(s, t, _Y, c, **kw), grad=(0, 1),
+        lambda s, t, c, **kw: losses.nd(s, t, _Y, c, **kw), grad=(0, 1),
     ),
     FeatureCase(
         "lsskd",

@@ -145,7 +145,7 @@ CASES = [
     Case("bdkd", lambda y: lambda s, t: losses.bdkd(s, t, temperature=3.0, **NONE), frozen=_bdkd_frozen),
     Case("bdkd_terms", lambda y: lambda s, t: _sum(losses.bdkd_terms(s, t, temperature=3.0, **NONE)),
          frozen=_bdkd_frozen),
-    Case("swing_kd", lambda y: lambda s, t: losses.swing_kd(
+    Case("swing", lambda y: lambda s, t: losses.swing(
         s, t, jax.random.PRNGKey(3), base_temperature=2.5, **NONE)),
     Case("binary_kl_norm", lambda y: lambda s, t: losses.binary_kl_norm(s, t, temperature=1.5, **NONE),
          shift="joint"),

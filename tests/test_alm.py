@@ -178,10 +178,10 @@ def test_alm_loss_matches_numpy(divergence, temperature):
     ls, lt, s_ids, t_ids, chunk_mask = loss_data()
     # Common ends 8, 12, 17 ("unbelievable", "able", " day!") and 2, 4, 5 ("ab", "cd", "e").
     np.testing.assert_array_equal(chunk_mask, [[True] * 3, [True] * 3])
-    got = L.alm_loss(ls, lt, s_ids, t_ids, chunk_mask, temperature=temperature, divergence=divergence, reduction="none")
+    got = L.alm(ls, lt, s_ids, t_ids, chunk_mask, temperature=temperature, divergence=divergence, reduction="none")
     want = np_alm(ls, lt, s_ids, t_ids, chunk_mask, temperature, divergence)
     np.testing.assert_allclose(got, want, rtol=5e-4 if temperature == 100.0 else 2e-5, atol=1e-9)
-    mean = L.alm_loss(ls, lt, s_ids, t_ids, chunk_mask, temperature=temperature, divergence=divergence)
+    mean = L.alm(ls, lt, s_ids, t_ids, chunk_mask, temperature=temperature, divergence=divergence)
     np.testing.assert_allclose(mean, want[chunk_mask].mean(), rtol=5e-4 if temperature == 100.0 else 2e-5)
 
 
@@ -192,7 +192,7 @@ def test_equal_chunk_likelihoods_give_zero_binary_kl():
     t_ids, s_ids, chunk_mask = L.alm_chunk_alignment(teacher, student)
     ls = np.log(np.array([[0.3, 0.6]], np.float32))
     lt = np.array([[np.log(0.3) / 3] * 3 + [np.log(0.6) / 4] * 4], np.float32)
-    np.testing.assert_allclose(L.alm_loss(ls, lt, s_ids, t_ids, chunk_mask, temperature=1.0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(L.alm(ls, lt, s_ids, t_ids, chunk_mask, temperature=1.0), 0.0, atol=1e-6)
 
 
 def test_gradients_match_finite_differences_and_ce_and_kl_share_the_student_gradient():
@@ -201,7 +201,7 @@ def test_gradients_match_finite_differences_and_ce_and_kl_share_the_student_grad
         s64, t64 = ls.astype(np.float64), lt.astype(np.float64)
 
         def f(s, t, divergence, s_ids=s_ids, cm=chunk_mask):
-            return L.alm_loss(s, t, s_ids, t_ids, cm, temperature=2.0, divergence=divergence, reduction="sum")
+            return L.alm(s, t, s_ids, t_ids, cm, temperature=2.0, divergence=divergence, reduction="sum")
 
         grad = jax.jit(jax.grad(f, argnums=(0, 1)), static_argnums=2)
         gs, gt = grad(s64, t64, "binary_kl")
@@ -213,8 +213,8 @@ def test_gradients_match_finite_differences_and_ce_and_kl_share_the_student_grad
         np.testing.assert_allclose(gs_ce, gs, rtol=1e-10, atol=1e-13)
         # binary_ce − binary_kl is the teacher's binary entropy, per chunk.
         none = dict(temperature=2.0, reduction="none")
-        diff = np.asarray(L.alm_loss(s64, t64, s_ids, t_ids, chunk_mask, divergence="binary_ce", **none)
-                          - L.alm_loss(s64, t64, s_ids, t_ids, chunk_mask, divergence="binary_kl", **none))
+        diff = np.asarray(L.alm(s64, t64, s_ids, t_ids, chunk_mask, divergence="binary_ce", **none)
+                          - L.alm(s64, t64, s_ids, t_ids, chunk_mask, divergence="binary_kl", **none))
         p = np.exp(np_alm_chunk(t64, t_ids, chunk_mask.shape[1]) / 2.0 - 1e-6)
         np.testing.assert_allclose(diff[chunk_mask], (-(p * np.log(p) + (1 - p) * np.log1p(-p)))[chunk_mask], rtol=1e-8)
 
@@ -227,7 +227,7 @@ def test_tokens_outside_chunks_and_masked_chunks_do_not_count():
     ls, lt, s_ids, t_ids, chunk_mask = loss_data(2)
     with jax.enable_x64(True):
         s64, t64 = ls.astype(np.float64), lt.astype(np.float64)
-        f = jax.jit(jax.value_and_grad(lambda s, cm: L.alm_loss(s, t64, s_ids, t_ids, cm)))
+        f = jax.jit(jax.value_and_grad(lambda s, cm: L.alm(s, t64, s_ids, t_ids, cm)))
         value, grad = f(s64, chunk_mask)
         outside = s_ids < 0
         assert outside.any()
@@ -243,17 +243,17 @@ def test_tokens_outside_chunks_and_masked_chunks_do_not_count():
 def test_alm_rejects_bad_inputs():
     ls, lt, s_ids, t_ids, chunk_mask = loss_data()
     with pytest.raises(ValueError, match=r"student_chunk_ids must lie in \[-1, 3\)"):
-        L.alm_loss(ls, lt, np.where(s_ids == 0, 3, s_ids), t_ids, chunk_mask)
+        L.alm(ls, lt, np.where(s_ids == 0, 3, s_ids), t_ids, chunk_mask)
     with pytest.raises(ValueError, match="teacher_chunk_ids must have the shape"):
-        L.alm_loss(ls, lt, s_ids, t_ids[:, :3], chunk_mask)
+        L.alm(ls, lt, s_ids, t_ids[:, :3], chunk_mask)
     with pytest.raises(ValueError, match="must be integers"):
-        L.alm_loss(ls, lt, s_ids.astype(np.float32), t_ids, chunk_mask)
+        L.alm(ls, lt, s_ids.astype(np.float32), t_ids, chunk_mask)
     with pytest.raises(ValueError, match="B = 2"):
-        L.alm_loss(ls[:1], lt, s_ids[:1], t_ids, chunk_mask)
+        L.alm(ls[:1], lt, s_ids[:1], t_ids, chunk_mask)
     with pytest.raises(ValueError, match="temperature must lie in"):
-        L.alm_loss(ls, lt, s_ids, t_ids, chunk_mask, temperature=0.0)
+        L.alm(ls, lt, s_ids, t_ids, chunk_mask, temperature=0.0)
     with pytest.raises(ValueError, match="divergence must be one of"):
-        L.alm_loss(ls, lt, s_ids, t_ids, chunk_mask, divergence="kl")
+        L.alm(ls, lt, s_ids, t_ids, chunk_mask, divergence="kl")
     with pytest.raises(ValueError, match="end offset is before its start"):
         L.alm_chunk_alignment(np.array([[3, 1]]), np.array([[0, 3]]))
     with pytest.raises(ValueError, match="same batch"):

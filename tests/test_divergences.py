@@ -351,14 +351,14 @@ def test_bad_hyperparameters_raise():
 
 MASK = np.array([1, 1, 0, 1], bool)
 METHODS = [
-    ("fkl", M.forward_kl(temperature=2.0), lambda s, t: np_fkl(s, t, 2.0)),
-    ("rkl", M.reverse_kl(temperature=2.0), lambda s, t: np_rkl(s, t, 2.0)),
-    ("jsd", M.jsd(), np_js),
-    ("gjsd", M.gjsd(beta=0.9), lambda s, t: np_gjsd(s, t, beta=0.9)),
-    ("skl", M.skl(), np_skl),
-    ("srkl", M.srkl(alpha=0.2), lambda s, t: np_srkl(s, t, alpha=0.2)),
-    ("tvd", M.tvd(temperature=3.0), lambda s, t: np_tvd(s, t, 3.0)),
-    ("ab", M.ab(alpha=0.5, beta=0.5), lambda s, t: np_ab(s, t, alpha=0.5, beta=0.5)),
+    ("forward_kl", M.forward_kl(temperature=2.0), lambda s, t: np_fkl(s, t, 2.0)),
+    ("reverse_kl", M.reverse_kl(temperature=2.0), lambda s, t: np_rkl(s, t, 2.0)),
+    ("js_divergence", M.js_divergence(), np_js),
+    ("generalized_jsd", M.generalized_jsd(beta=0.9), lambda s, t: np_gjsd(s, t, beta=0.9)),
+    ("skew_kl", M.skew_kl(), np_skl),
+    ("skew_reverse_kl", M.skew_reverse_kl(alpha=0.2), lambda s, t: np_srkl(s, t, alpha=0.2)),
+    ("total_variation", M.total_variation(temperature=3.0), lambda s, t: np_tvd(s, t, 3.0)),
+    ("alpha_beta_divergence", M.alpha_beta_divergence(alpha=0.5, beta=0.5), lambda s, t: np_ab(s, t, alpha=0.5, beta=0.5)),
 ]
 
 
@@ -384,13 +384,13 @@ def test_method_factories_validate_arguments():
     for bad, match in [
         (lambda: M.reverse_kl(temperature=0.0), "temperature"),
         (lambda: M.forward_kl(temperature=1e3), "temperature"),
-        (lambda: M.gjsd(beta=1.2), "beta"),
-        (lambda: M.skl(alpha=-0.1), "alpha"),
-        (lambda: M.srkl(alpha=2.0), "alpha"),
-        (lambda: M.ab(alpha="one", beta=1.0), "alpha must be a number"),
-        (lambda: M.tvd(weight=-1.0), "weight"),
+        (lambda: M.generalized_jsd(beta=1.2), "beta"),
+        (lambda: M.skew_kl(alpha=-0.1), "alpha"),
+        (lambda: M.skew_reverse_kl(alpha=2.0), "alpha"),
+        (lambda: M.alpha_beta_divergence(alpha="one", beta=1.0), "alpha must be a number"),
+        (lambda: M.total_variation(weight=-1.0), "weight"),
     ]:
         with pytest.raises(ValueError, match=match):
             bad()
-    with pytest.raises(ValueError, match="'jsd' needs the outputs of participant 'teacher'"):
-        M.jsd().loss(None, fake_inputs(teacher=False), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="'js_divergence' needs the outputs of participant 'teacher'"):
+        M.js_divergence().loss(None, fake_inputs(teacher=False), jax.random.PRNGKey(0))

@@ -87,7 +87,7 @@ def test_kd_beats_scratch_on_every_seed_with_three_labels_per_class(tmp_path):
     scratch 70-74 %, teacher 93-95 %); the README's default run is the slow test below."""
     settings = ["teacher=mlp", "teacher_kwargs={'hidden_sizes': (128,)}", "teacher_steps=300", "student=mlp",
                 "student_kwargs={'hidden_sizes': (32,)}", "labels_per_class=3", "steps=150", "eval_every=150",
-                "batch_size=32", "seeds=(0, 1, 2)", "checkpoint_every=0", "tensorboard=False"]
+                "batch_size=30", "seeds=(0, 1, 2)", "checkpoint_every=0", "tensorboard=False"]
     summary = distill.main(["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
                            + sum((["--set", s] for s in settings), []))
     rows = {r["run"]: r for r in summary["rows"]}

@@ -73,27 +73,27 @@ def test_node_strengths_are_the_row_sums_of_the_explicit_co_activation_graph(val
 @pytest.mark.parametrize("values", ["logits", "probs"])
 def test_gld_matches_numpy_with_different_vocabularies(values):
     zs, zt = rand_logits(0, (2, 4, 7)), rand_logits(1, (2, 4, 9))
-    got = L.infigfusion_gld(zs, zt, k=3, values=values, mask=MASK, reduction="none")
+    got = L.infigfusion(zs, zt, k=3, values=values, mask=MASK, reduction="none")
     want = np_gld(zs, zt, 3, MASK, values)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     assert np.all(want > 0)
-    np.testing.assert_allclose(L.infigfusion_gld(zs, zt, k=3, values=values, mask=MASK), want.mean(), rtol=2e-5)
+    np.testing.assert_allclose(L.infigfusion(zs, zt, k=3, values=values, mask=MASK), want.mean(), rtol=2e-5)
 
 
 def test_gld_is_invariant_to_relabelling_the_vocabulary_and_zero_for_the_same_graph():
     zs, zt = rand_logits(2, (2, 4, 7)), rand_logits(3, (2, 4, 7))
     perm = np.random.default_rng(0).permutation(7)
-    base = L.infigfusion_gld(zs, zt, k=3, reduction="none")
-    np.testing.assert_allclose(L.infigfusion_gld(zs[..., perm], zt, k=3, reduction="none"), base, rtol=1e-5)
-    np.testing.assert_allclose(L.infigfusion_gld(zs[..., perm], zs, k=3, reduction="none"), 0.0, atol=1e-5)
+    base = L.infigfusion(zs, zt, k=3, reduction="none")
+    np.testing.assert_allclose(L.infigfusion(zs[..., perm], zt, k=3, reduction="none"), base, rtol=1e-5)
+    np.testing.assert_allclose(L.infigfusion(zs[..., perm], zs, k=3, reduction="none"), 0.0, atol=1e-5)
     # A NaN logit at a valid position makes its sequence NaN even outside the top-k; at a masked one, nothing.
     bad = zs.copy()
     bad[0, 1, np.argmin(zs[0, 1])] = np.nan
-    got = np.asarray(L.infigfusion_gld(bad, zt, k=3, reduction="none"))
+    got = np.asarray(L.infigfusion(bad, zt, k=3, reduction="none"))
     assert np.isnan(got[0]) and np.isfinite(got[1])
     mask = np.ones((2, 4), bool)
     mask[0, 1] = False
-    assert np.all(np.isfinite(L.infigfusion_gld(bad, zt, k=3, mask=mask, reduction="none")))
+    assert np.all(np.isfinite(L.infigfusion(bad, zt, k=3, mask=mask, reduction="none")))
 
 
 def test_gld_gradient_matches_float64_finite_differences_and_masks_hold():
@@ -103,7 +103,7 @@ def test_gld_gradient_matches_float64_finite_differences_and_masks_hold():
     with jax.enable_x64(True):
         x, t = zs.astype(np.float64), zt.astype(np.float64)
         w = np.array([0.7, 1.3])
-        f = lambda s, m: L.infigfusion_gld(s, t, k=2, mask=m, weights=w, reduction="sum")  # noqa: E731
+        f = lambda s, m: L.infigfusion(s, t, k=2, mask=m, weights=w, reduction="sum")  # noqa: E731
         value_and_grad = jax.jit(jax.value_and_grad(f))  # the mask is an argument: one compiled program
         value, grad = value_and_grad(x, mask)
         np.testing.assert_allclose(grad, central_differences(lambda s: f(s, mask), x), rtol=1e-6, atol=1e-8)
@@ -122,13 +122,13 @@ def test_gld_gradient_matches_float64_finite_differences_and_masks_hold():
 def test_gld_rejects_bad_inputs():
     zs, zt = rand_logits(0, (2, 4, 5)), rand_logits(1, (2, 4, 6))
     with pytest.raises(ValueError, match="k=6 is larger than the vocabulary"):
-        L.infigfusion_gld(zs, zt, k=6)
+        L.infigfusion(zs, zt, k=6)
     with pytest.raises(ValueError, match="same positions"):
-        L.infigfusion_gld(zs, zt[:, :3], k=2)
+        L.infigfusion(zs, zt[:, :3], k=2)
     with pytest.raises(ValueError, match="values must be one of"):
-        L.infigfusion_gld(zs, zt, k=2, values="softmax")
+        L.infigfusion(zs, zt, k=2, values="softmax")
     with pytest.raises(ValueError, match="mask must have shape"):
-        L.infigfusion_gld(zs, zt, k=2, mask=np.ones((2, 3), bool))
+        L.infigfusion(zs, zt, k=2, mask=np.ones((2, 3), bool))
 
 
 # ----- FuseLLM: alignment (host) -----
@@ -242,10 +242,10 @@ def test_fusellm_loss_matches_numpy(rule, divergence):
     if divergence == "kl":
         soft -= -(pf * np.log(pf)).sum(-1)
     want = lam * gold + (1 - lam) * soft
-    got = L.fusellm_loss(zs, zt, y, lm_weight=lam, rule=rule, divergence=divergence, mask=MASK, reduction="none")
+    got = L.fusellm(zs, zt, y, lm_weight=lam, rule=rule, divergence=divergence, mask=MASK, reduction="none")
     np.testing.assert_allclose(np.asarray(got)[MASK], want[MASK], rtol=2e-5)
     np.testing.assert_array_equal(np.asarray(got)[~MASK], 0.0)
-    mean = L.fusellm_loss(zs, zt, y, lm_weight=lam, rule=rule, divergence=divergence, mask=MASK)
+    mean = L.fusellm(zs, zt, y, lm_weight=lam, rule=rule, divergence=divergence, mask=MASK)
     np.testing.assert_allclose(mean, want[MASK].mean(), rtol=2e-5)
 
 
@@ -257,7 +257,7 @@ def test_fusellm_gradients_match_float64_finite_differences_and_masks_hold():
         s64, t64 = zs.astype(np.float64), zt.astype(np.float64)
 
         def f(s, t, y, m):
-            return L.fusellm_loss(s, t, y, rule="avg_ce", divergence="kl", mask=m, lm_weight=0.6)
+            return L.fusellm(s, t, y, rule="avg_ce", divergence="kl", mask=m, lm_weight=0.6)
 
         value_and_grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
         value, (gs, gt) = value_and_grad(s64, t64, y, mask)
@@ -280,18 +280,18 @@ def test_fusellm_gradients_match_float64_finite_differences_and_masks_hold():
 def test_fusellm_rejects_bad_inputs():
     zs, zt, y = fusion_data()
     with pytest.raises(ValueError, match="student has 5, teacher has 6"):
-        L.fusellm_loss(zs, np.zeros(zt.shape[:-1] + (6,), np.float32), y)
+        L.fusellm(zs, np.zeros(zt.shape[:-1] + (6,), np.float32), y)
     with pytest.raises(ValueError, match=r"\[M, \.\.\., V\]"):
-        L.fusellm_loss(zs, zt[0], y)
+        L.fusellm(zs, zt[0], y)
     with pytest.raises(ValueError, match="targets must have shape"):
         L.fusellm_fused_target(zt, y[:, :3])
     with pytest.raises(ValueError, match="rule must be one of"):
         L.fusellm_fused_target(zt, y, rule="max_ce")
     with pytest.raises(ValueError, match="lm_weight must lie in"):
-        L.fusellm_loss(zs, zt, y, lm_weight=1.5)
+        L.fusellm(zs, zt, y, lm_weight=1.5)
     with pytest.raises(ValueError, match="targets: label 5"):
         L.fusellm_fused_target(zt, np.full_like(y, 5))
     with pytest.raises(ValueError, match="top_k=6 is larger"):
         L.fusellm_fused_target(zt, y, top_k=6)
     # Padding labels at masked positions are accepted (only valid positions are checked).
-    L.fusellm_loss(zs, zt, np.where(MASK, y, -100), mask=MASK)
+    L.fusellm(zs, zt, np.where(MASK, y, -100), mask=MASK)

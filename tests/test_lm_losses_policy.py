@@ -105,7 +105,7 @@ def test_minillm_terms_match_the_numpy_reference(config):
         ref = dict(gamma=0.8, length_norm=False, scaling=None, clip=1.0, whiten="tokens", eps=0.1)
     # One compiled program per configuration: both the terms and their sum.
     both = jax.jit(lambda *a, old: (losses.minillm_terms(*a, behaviour_log_probs=old, teacher_mix_alpha=0.2, **kwargs),
-                                    losses.minillm_loss(*a, behaviour_log_probs=old, teacher_mix_alpha=0.2, **kwargs)))
+                                    losses.minillm(*a, behaviour_log_probs=old, teacher_mix_alpha=0.2, **kwargs)))
     (pg, single), total = both(s, t, y, MASK, old=old.astype(np.float32))
     want_pg, want_single = np_minillm(s, t, y, MASK, old=old, alpha=0.2, **ref)
     np.testing.assert_allclose([pg, single], [want_pg, want_single], rtol=2e-5, atol=1e-6)
@@ -204,7 +204,7 @@ def test_surrogate_gradient_matches_float64_finite_differences():
         old = gather(np_log_softmax(s), y) + rng.normal(scale=0.25, size=(B, T))  # some ratios clipped, some not
         rho_minus_1 = np.abs(np.exp(gather(np_log_softmax(s), y) - old) - 1)
         assert np.all(np.abs(rho_minus_1 - 0.2) > 1e-3)  # away from the clip's kinks
-        f = lambda z: losses.minillm_loss(z, t, y, MASK, behaviour_log_probs=old, teacher_mix_alpha=None, whiten="tokens")
+        f = lambda z: losses.minillm(z, t, y, MASK, behaviour_log_probs=old, teacher_mix_alpha=None, whiten="tokens")
         grad = np.asarray(jax.jit(jax.grad(f))(s))
         assert grad.dtype == np.float64
         np.testing.assert_allclose(grad, central_differences(f, s), rtol=1e-6, atol=1e-9)
@@ -230,7 +230,7 @@ def test_on_policy_gradient_is_the_policy_gradient_plus_the_single_step_gradient
         expected = coef[..., None] * (onehot - q)
         kl = np.sum(q * (ls - lt), -1, keepdims=True)
         expected += np.where(MASK[..., None], q * (ls - lt - kl), 0.0) / n
-        grad = jax.jit(jax.grad(lambda z: losses.minillm_loss(z, t, y, MASK, teacher_mix_alpha=0.2)))(s)
+        grad = jax.jit(jax.grad(lambda z: losses.minillm(z, t, y, MASK, teacher_mix_alpha=0.2)))(s)
         np.testing.assert_allclose(grad, expected, rtol=1e-7, atol=1e-12)
 
 
@@ -246,7 +246,7 @@ def test_masked_positions_do_not_matter_and_all_masked_is_zero():
 
     @jax.jit
     def value_and_grad(s_, t_, y_, old_, mask):
-        f = lambda z: losses.minillm_loss(z, t_, y_, mask, behaviour_log_probs=old_, teacher_mix_alpha=0.2, whiten="batch")
+        f = lambda z: losses.minillm(z, t_, y_, mask, behaviour_log_probs=old_, teacher_mix_alpha=0.2, whiten="batch")
         return jax.value_and_grad(f)(s_)
 
     (v1, g1), (v2, g2) = value_and_grad(s, t, y, old, MASK), value_and_grad(s2, t2, y2, old2, MASK)
@@ -258,7 +258,7 @@ def test_masked_positions_do_not_matter_and_all_masked_is_zero():
 
 def test_jit_equals_eager():
     s, t, y = rollout(11)
-    f = lambda a, b: losses.minillm_loss(a, b, y, MASK, teacher_mix_alpha=0.2)
+    f = lambda a, b: losses.minillm(a, b, y, MASK, teacher_mix_alpha=0.2)
     np.testing.assert_allclose(jax.jit(f)(s, t), f(s, t), rtol=1e-6)
 
 
@@ -266,17 +266,17 @@ def test_bad_arguments_raise():
     s, t, y = rollout(12)
     lq = np.zeros((B, T), np.float32)
     for bad, match in [
-        (lambda: losses.minillm_loss(s, t[..., :5], y, MASK), "number of classes"),
-        (lambda: losses.minillm_loss(s, t, y[:, :4], MASK), "sampled_tokens must have shape"),
-        (lambda: losses.minillm_loss(s, t, y, MASK[:, :4]), "mask must have"),
-        (lambda: losses.minillm_loss(s, t, y + V, MASK), "targets: label"),
-        (lambda: losses.minillm_loss(s, t, y, MASK, behaviour_log_probs=lq[:2]), "behaviour_log_probs"),
-        (lambda: losses.minillm_loss(s, t, y, MASK, whiten="global"), "whiten must be one of"),
-        (lambda: losses.minillm_loss(s, t, y, MASK, gamma=1.5), "gamma must lie"),
-        (lambda: losses.minillm_loss(s, t, y, MASK, teacher_mix_alpha=-0.1), "teacher_mix_alpha must lie"),
-        (lambda: losses.minillm_loss(s, t, y, MASK, reward_scaling=0.0), "reward_scaling"),
-        (lambda: losses.minillm_loss(s, t, y, MASK, clip_range=0.0), "clip_range"),
-        (lambda: losses.minillm_loss(s, t, y, MASK, importance_weight_single_step=True), "needs teacher_mix_alpha"),
+        (lambda: losses.minillm(s, t[..., :5], y, MASK), "number of classes"),
+        (lambda: losses.minillm(s, t, y[:, :4], MASK), "sampled_tokens must have shape"),
+        (lambda: losses.minillm(s, t, y, MASK[:, :4]), "mask must have"),
+        (lambda: losses.minillm(s, t, y + V, MASK), "targets: label"),
+        (lambda: losses.minillm(s, t, y, MASK, behaviour_log_probs=lq[:2]), "behaviour_log_probs"),
+        (lambda: losses.minillm(s, t, y, MASK, whiten="global"), "whiten must be one of"),
+        (lambda: losses.minillm(s, t, y, MASK, gamma=1.5), "gamma must lie"),
+        (lambda: losses.minillm(s, t, y, MASK, teacher_mix_alpha=-0.1), "teacher_mix_alpha must lie"),
+        (lambda: losses.minillm(s, t, y, MASK, reward_scaling=0.0), "reward_scaling"),
+        (lambda: losses.minillm(s, t, y, MASK, clip_range=0.0), "clip_range"),
+        (lambda: losses.minillm(s, t, y, MASK, importance_weight_single_step=True), "needs teacher_mix_alpha"),
         (lambda: losses.minillm_returns(lq[0], None), r"\[batch, length\]"),
         (lambda: losses.minillm_importance_weights(lq, lq, alpha=2.0), "alpha must lie"),
     ]:

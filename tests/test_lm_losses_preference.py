@@ -200,8 +200,8 @@ def test_adpa_advantages_and_loss_formula():
     np.put_along_axis(kept, top, True, -1)
     np.testing.assert_allclose(losses.adpa_advantages(dpo, ref, top_k=3), np.where(kept, adv, 0), rtol=1e-5, atol=1e-6)
     q = np.exp(np_log_softmax(s))
-    np.testing.assert_allclose(losses.adpa_loss(s, dpo, ref, reduction="none"), -(q * adv).sum(-1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(losses.adpa_loss(s, dpo, ref, mask=MASK), (-(q * adv).sum(-1))[MASK].mean(), rtol=1e-5)
+    np.testing.assert_allclose(losses.adpa(s, dpo, ref, reduction="none"), -(q * adv).sum(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses.adpa(s, dpo, ref, mask=MASK), (-(q * adv).sum(-1))[MASK].mean(), rtol=1e-5)
     # An entry excluded by either teacher carries no advantage.
     dpo2 = dpo.copy()
     dpo2[..., 0] = -np.inf
@@ -215,7 +215,7 @@ def test_adpa_matches_the_official_pipeline():
     the official floors for missing entries never apply."""
     s, dpo = logits(12), logits(13, scale=2.0)
     ref = 0.5 * dpo
-    got = losses.adpa_loss(s, dpo, ref, top_k=3, advantage_range=(1e-8, 1 - 1e-8), mask=MASK)
+    got = losses.adpa(s, dpo, ref, top_k=3, advantage_range=(1e-8, 1 - 1e-8), mask=MASK)
     np.testing.assert_allclose(got, np_official_adpa(s, dpo, ref, MASK, 3), rtol=1e-5)
 
 
@@ -224,11 +224,11 @@ def test_adpa_gradient():
     adv = np_log_softmax(dpo) - np_log_softmax(ref)
     q = np.exp(np_log_softmax(s))
     expected = np.where(MASK[..., None], -q * (adv - (q * adv).sum(-1, keepdims=True)), 0) / MASK.sum()
-    g = jax.grad(lambda z: losses.adpa_loss(z, dpo, ref, mask=MASK))(s)
+    g = jax.grad(lambda z: losses.adpa(z, dpo, ref, mask=MASK))(s)
     np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-7)
     with jax.enable_x64(True):
         s64 = s.astype(np.float64)
-        f = lambda z: losses.adpa_loss(z, dpo.astype(np.float64), ref.astype(np.float64), top_k=4, mask=MASK)
+        f = lambda z: losses.adpa(z, dpo.astype(np.float64), ref.astype(np.float64), top_k=4, mask=MASK)
         np.testing.assert_allclose(jax.jit(jax.grad(f))(s64), central_differences(f, s64), rtol=1e-6, atol=1e-10)
 
 
@@ -249,12 +249,12 @@ def test_dckd_matches_the_forward_kls_and_the_official_top_k():
     sc, tc, sr, tr = logits(17), logits(18), logits(19), logits(20)
     rej_mask = MASK[::-1].copy()
 
-    def fkl(s, t, m):
+    def forward_kl(s, t, m):
         lt, ls = np_log_softmax(t), np_log_softmax(s)
         return (np.exp(lt) * (lt - ls)).sum(-1)[m].mean()
 
     got = losses.dckd_loss(sc, tc, MASK, sr, tr, rej_mask, chosen_weight=0.7, rejected_weight=0.3)
-    np.testing.assert_allclose(got, 0.7 * fkl(sc, tc, MASK) + 0.3 * fkl(sr, tr, rej_mask), rtol=1e-5)
+    np.testing.assert_allclose(got, 0.7 * forward_kl(sc, tc, MASK) + 0.3 * forward_kl(sr, tr, rej_mask), rtol=1e-5)
     got_k = losses.dckd_loss(sc, tc, MASK, sr, tr, rej_mask, top_k=3)
     want_k = np_official_dckd_side(sc, tc, MASK, 3) + np_official_dckd_side(sr, tr, rej_mask, 3)
     np.testing.assert_allclose(got_k, want_k, rtol=1e-5)
@@ -270,13 +270,13 @@ def test_dckd_matches_the_forward_kls_and_the_official_top_k():
 def test_masked_tokens_do_not_matter():
     s, dpo, ref = logits(21), logits(22), logits(23)
     s2 = np.where(MASK[..., None], s, 50 * logits(24))
-    for f in (lambda z: losses.adpa_loss(z, dpo, ref, mask=MASK),
+    for f in (lambda z: losses.adpa(z, dpo, ref, mask=MASK),
               lambda z: losses.dac_kl(z, dpo, lower=0.3, upper=0.9, mask=MASK)):
         v1, g1 = jax.value_and_grad(f)(s)
         v2, g2 = jax.value_and_grad(f)(s2)
         np.testing.assert_allclose(v1, v2, rtol=1e-6)
         np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-9)
-        v0, g0 = jax.value_and_grad(lambda z: f(z) * 0 + losses.adpa_loss(z, dpo, ref, mask=np.zeros((B, T), bool)))(s)
+        v0, g0 = jax.value_and_grad(lambda z: f(z) * 0 + losses.adpa(z, dpo, ref, mask=np.zeros((B, T), bool)))(s)
         assert float(v0) == 0.0 and np.all(np.asarray(g0) == 0)
 
 
@@ -367,10 +367,10 @@ def test_bad_arguments_raise():
         (lambda: losses.dpo_loss(v, v, v, v[:2]), "same shape"),
         (lambda: losses.kto_pair_loss(v, v, v, v, beta=-1.0), "beta"),
         (lambda: losses.kto_pair_loss(z, z, z, z), r"\[batch\]"),
-        (lambda: losses.adpa_loss(z, z, z[..., :5]), "number of classes"),
-        (lambda: losses.adpa_loss(z, z, z, top_k=V + 1), "top_k"),
-        (lambda: losses.adpa_loss(z, z, z, advantage_range=(1.0, 0.0)), "low <= high"),
-        (lambda: losses.adpa_loss(z, z, z, advantage_range=0.5), r"\(low, high\)"),
+        (lambda: losses.adpa(z, z, z[..., :5]), "number of classes"),
+        (lambda: losses.adpa(z, z, z, top_k=V + 1), "top_k"),
+        (lambda: losses.adpa(z, z, z, advantage_range=(1.0, 0.0)), "low <= high"),
+        (lambda: losses.adpa(z, z, z, advantage_range=0.5), r"\(low, high\)"),
         (lambda: losses.dckd_loss(z, z, MASK, z, z, MASK, rejected_weight=-1.0), "rejected_weight"),
         (lambda: losses.dac_kl(z, z, lower=0.8, upper=0.2), "lower must be <= upper"),
         (lambda: losses.dac_kl(z, z, lower=-0.1, upper=0.5), "lower must lie"),

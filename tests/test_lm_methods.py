@@ -78,8 +78,8 @@ def test_adpa_without_an_advantage_is_zero_and_dac_kl_unclipped_is_the_forward_k
     value, _ = loss_and_metrics(new_state(methods.adpa(prompt_length=3), teacher_vars=VARS[1], reference_vars=VARS[1]))
     assert float(value) == 0.0
     dac, metrics = loss_and_metrics(new_state(methods.dac_kl(lower=0.0, upper=1.0, span_weight=0.0)))
-    fkl, _ = loss_and_metrics(new_state(methods.token_kd(divergence="forward_kl")))
-    np.testing.assert_allclose(float(dac), float(fkl), rtol=1e-5)
+    forward_kl, _ = loss_and_metrics(new_state(methods.token_kd(divergence="forward_kl")))
+    np.testing.assert_allclose(float(dac), float(forward_kl), rtol=1e-5)
     assert float(metrics["dac_kl/span"]) > 0.0  # spans exist in random bytes; they only weigh 0 here
 
 

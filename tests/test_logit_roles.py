@@ -27,7 +27,7 @@ from tests.helpers import NUM_CLASSES, tiny_batch
 #: Every registered logit method: a method joins this test by registering with family=LOGITS.
 LOGIT_METHODS = sorted(name for name, entry in REGISTRY.items() if entry.family == LOGITS)
 #: Hyperparameters some factories require (they have no default).
-REQUIRED = {"ab": {"alpha": 0.5, "beta": 0.5}, "sparse_kd": {"k": 3}, "taid": {"total_steps": 10}}
+REQUIRED = {"alpha_beta_divergence": {"alpha": 0.5, "beta": 0.5}, "sparse_forward_kl": {"k": 3}, "taid": {"total_steps": 10}}
 
 BATCH = tiny_batch()
 MODELS = {
@@ -78,7 +78,7 @@ def assert_nonzero(tree, who):
 
 def test_the_family_holds_the_logit_methods_and_each_takes_the_roles():
     # The methods are in the family (a family emptied by mistake would make the tests below vacuous).
-    assert {"kd", "dkd", "nkd", "dist", "pld", "swing", "sparse_kd"} <= set(LOGIT_METHODS)
+    assert {"kd", "dkd", "nkd", "dist", "pld", "swing", "sparse_forward_kl"} <= set(LOGIT_METHODS)
     for name in LOGIT_METHODS:
         keywords = inspect.signature(REGISTRY[name].factory).parameters
         assert {"student", "teacher"} <= set(keywords), name
@@ -116,7 +116,7 @@ def test_the_roles_route_each_participant_to_its_argument(name):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dkd", "sparse_kd"])
+@pytest.mark.parametrize("name", ["dkd", "sparse_forward_kl"])
 def test_a_frozen_learner_is_refused(name):
     method = build(name, student="peer", teacher="student")
     frozen_peer = jaxkd.Participant(MODELS["peer"], MODELS["peer"].init(jax.random.PRNGKey(3), BATCH["image"]),

@@ -237,3 +237,26 @@ def test_stage_weights_switch_methods_at_a_step():
                          ("until(1.5) * kd", "whole number")]:
         with pytest.raises(ValueError, match=message):
             methods.parse(bad)
+
+
+def test_former_method_names_still_work_with_one_deprecation_line():
+    """A spec using an old name parses to the renamed method, with one FutureWarning naming the new name; the
+    old Python names resolve too; a misspelled name suggests the closest."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method = methods.parse("ce + fkl(temperature=2) + 0.5 * ab(alpha=0.5, beta=0.5)")
+    assert [m.name for m in method.terms] == ["ce", "forward_kl", "alpha_beta_divergence"]
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert messages == ["method name 'fkl' is deprecated: use 'forward_kl' (a method's name is its loss function's)",
+                        "method name 'ab' is deprecated: use 'alpha_beta_divergence' (a method's name is its loss "
+                        "function's)"]
+    with pytest.warns(FutureWarning, match="jaxkd.methods.factor_transfer"):
+        assert methods.ft is methods.factor_transfer
+    with pytest.warns(FutureWarning, match="jaxkd.losses.nd"):
+        assert jaxkd.losses.nd_loss is jaxkd.losses.nd
+    for old, new in methods.registry.ALIASES.items():
+        assert new in methods.REGISTRY and old not in methods.REGISTRY
+    with pytest.raises(ValueError, match="unknown method 'forward_k' \\(did you mean 'forward_kl'\\?\\)"):
+        methods.parse("ce + forward_k")

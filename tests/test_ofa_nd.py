@@ -27,7 +27,7 @@ def test_ofa_loss_matches_the_official_formula():
         mask = np.eye(6)[y]
         prod = (_softmax(t / temp) + mask) ** eps
         ref = np.mean(np.sum(-(prod - mask) * np.log(_softmax(s / temp)), -1))
-        np.testing.assert_allclose(losses.ofa_loss(s, t, y, eps=eps, temperature=temp), ref, rtol=1e-5)
+        np.testing.assert_allclose(losses.ofa(s, t, y, eps=eps, temperature=temp), ref, rtol=1e-5)
 
 
 def test_ofa_loss_at_eps_one_is_soft_cross_entropy():
@@ -35,17 +35,17 @@ def test_ofa_loss_at_eps_one_is_soft_cross_entropy():
     s, t = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
     p_t = _softmax(t)
     ref = -np.sum(p_t * np.log(_softmax(s)), -1)
-    np.testing.assert_allclose(losses.ofa_loss(s, t, np.array([0, 1, 2, 3]), reduction="none"), ref, rtol=1e-5)
+    np.testing.assert_allclose(losses.ofa(s, t, np.array([0, 1, 2, 3]), reduction="none"), ref, rtol=1e-5)
 
 
 def test_ofa_loss_errors():
     z, y = np.zeros((2, 3)), np.array([0, 1])
     with pytest.raises(ValueError, match="eps"):
-        losses.ofa_loss(z, z, y, eps=0.0)
+        losses.ofa(z, z, y, eps=0.0)
     with pytest.raises(ValueError, match="temperature"):
-        losses.ofa_loss(z, z, y, temperature=0.0)
+        losses.ofa(z, z, y, temperature=0.0)
     with pytest.raises(ValueError, match="classes"):
-        losses.ofa_loss(z, np.zeros((2, 4)), y)
+        losses.ofa(z, np.zeros((2, 4)), y)
     with pytest.raises(ValueError, match="eps"):
         methods.ofa(stages=("stage1",), eps=(1.0, 1.0, 1.0))
 
@@ -58,10 +58,10 @@ def test_nd_loss_matches_the_official_loop():
     for si, ti, yi in zip(s, t, y):  # CIFAR/utils.py: DirectNormLoss.project_center
         e_c = c[yi] / np.linalg.norm(c[yi])
         ref += 1 - np.dot(si, e_c) / max(np.linalg.norm(si), np.linalg.norm(ti))
-    np.testing.assert_allclose(losses.nd_loss(s, t, y, c), ref / len(y), rtol=1e-5)
+    np.testing.assert_allclose(losses.nd(s, t, y, c), ref / len(y), rtol=1e-5)
     # Minimized (0) by a student along the class mean with a norm at least the teacher's.
     big = 3.0 * c[y] / np.linalg.norm(c[y], axis=1, keepdims=True) * np.linalg.norm(t, axis=1, keepdims=True)
-    np.testing.assert_allclose(losses.nd_loss(big, t, y, c), 0.0, atol=1e-6)
+    np.testing.assert_allclose(losses.nd(big, t, y, c), 0.0, atol=1e-6)
 
 
 def test_class_means_and_teacher_class_means():
@@ -81,11 +81,11 @@ def test_class_means_and_teacher_class_means():
 
 def test_nd_errors():
     with pytest.raises(ValueError, match="same shape|one shape"):
-        losses.nd_loss(np.zeros((2, 3)), np.zeros((2, 4)), np.array([0, 1]), np.ones((2, 3)))
+        losses.nd(np.zeros((2, 3)), np.zeros((2, 4)), np.array([0, 1]), np.ones((2, 3)))
     with pytest.raises(ValueError, match="class_means"):
-        losses.nd_loss(np.zeros((2, 3)), np.zeros((2, 3)), np.array([0, 1]), np.ones((2, 4)))
+        losses.nd(np.zeros((2, 3)), np.zeros((2, 3)), np.array([0, 1]), np.ones((2, 4)))
     with pytest.raises(ValueError, match="label"):
-        losses.nd_loss(np.zeros((2, 3)), np.zeros((2, 3)), np.array([0, 5]), np.ones((2, 3)))
+        losses.nd(np.zeros((2, 3)), np.zeros((2, 3)), np.array([0, 5]), np.ones((2, 3)))
     with pytest.raises(ValueError, match="class_means"):
         methods.nd(class_means=np.ones(3))
 

@@ -1,7 +1,7 @@
 """Top-k (sparse) teachers (jaxkd/losses/sparse.py): ``topk_teacher`` and ``sparse_forward_kl`` with both
 tail conventions against float64 NumPy references (DistillKit's renormalized and tail-bucket forms), the
 full-vocabulary and lower-bound limits, tail handling with excluded (-inf) classes, argument checks, and
-the ``sparse_kd`` method online and offline.
+the ``sparse_forward_kl`` method online and offline.
 
 Gradients, bfloat16, jit == eager, classes excluded on both sides, NaN/+inf propagation, nonnegativity
 and shift invariance are checked in tests/test_loss_contract.py.
@@ -132,7 +132,7 @@ def test_bad_input_raises():
             fn()
 
 
-# ----- the sparse_kd method -----
+# ----- the sparse_forward_kl method -----
 
 def fake_inputs(batch, teacher=True):
     zs, zt = logits(0), logits(1)
@@ -151,23 +151,23 @@ def test_sparse_kd_online_and_offline_match_numpy_over_the_unmasked_examples():
     zs, zt = np.asarray(online.outputs["student"].logits), np.asarray(online.outputs["teacher"].logits)
     idx, lp = S.topk_teacher(zt, 4, temperature=2.0)  # the stored top-4; the method keeps the first 3
     expected = np_sparse(zs, np.asarray(idx)[:, :3], np.asarray(lp)[:, :3], 2.0, "bucket")[mask].mean()
-    value, _ = run(methods.sparse_kd(k=3, tail="bucket", temperature=2.0), online)
+    value, _ = run(methods.sparse_forward_kl(k=3, tail="bucket", temperature=2.0), online)
     np.testing.assert_allclose(value, expected, rtol=2e-5)
-    offline = methods.sparse_kd(k=3, tail="bucket", temperature=2.0, indices_key="i", log_probs_key="lp")
+    offline = methods.sparse_forward_kl(k=3, tail="bucket", temperature=2.0, indices_key="i", log_probs_key="lp")
     assert not offline.needs_teacher and offline.batch_keys == ("i", "lp")
     value, _ = run(offline, fake_inputs({"mask": mask, "i": idx, "lp": lp}, teacher=False))
     np.testing.assert_allclose(value, expected, rtol=2e-5)
     with pytest.raises(ValueError, match="k=5 is larger than the 4 stored"):
-        run(methods.sparse_kd(k=5, indices_key="i", log_probs_key="lp"), fake_inputs({"i": idx, "lp": lp}))
+        run(methods.sparse_forward_kl(k=5, indices_key="i", log_probs_key="lp"), fake_inputs({"i": idx, "lp": lp}))
 
 
 def test_sparse_kd_validates_its_arguments():
     for bad, match in [
-        (lambda: methods.sparse_kd(k=3, tail="zero"), "tail"),
-        (lambda: methods.sparse_kd(), "needs k"),
-        (lambda: methods.sparse_kd(k=0), "k must be an integer >= 1"),
-        (lambda: methods.sparse_kd(k=3, indices_key="i"), "both indices_key and log_probs_key"),
-        (lambda: methods.sparse_kd(k=3, temperature="1"), "temperature must be a number"),
+        (lambda: methods.sparse_forward_kl(k=3, tail="zero"), "tail"),
+        (lambda: methods.sparse_forward_kl(), "needs k"),
+        (lambda: methods.sparse_forward_kl(k=0), "k must be an integer >= 1"),
+        (lambda: methods.sparse_forward_kl(k=3, indices_key="i"), "both indices_key and log_probs_key"),
+        (lambda: methods.sparse_forward_kl(k=3, temperature="1"), "temperature must be a number"),
     ]:
         with pytest.raises(ValueError, match=match):
             bad()

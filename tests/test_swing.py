@@ -20,7 +20,7 @@ from tests.numpy_reference import np_kl, np_softmax, rand_logits
 
 def test_without_noise_and_with_a_constant_temperature_it_is_hinton_kd():
     zs, zt = rand_logits(29), rand_logits(30)
-    out = losses.swing_kd(zs, zt, jax.random.PRNGKey(0), base_temperature=3.0, noise_scale=0.0, reduction="none")
+    out = losses.swing(zs, zt, jax.random.PRNGKey(0), base_temperature=3.0, noise_scale=0.0, reduction="none")
     np.testing.assert_allclose(out, 9 * np_kl(np_softmax(zt / 3), np_softmax(zs / 3)), rtol=1e-5)
 
 
@@ -33,14 +33,14 @@ def test_matches_numpy_with_per_example_temperature_and_noise(noise):
     xi = np.asarray(sample(key, (6, 5), jnp.float32), np.float64)
     T = (2.0 + (6.0 - 2.0) * r)[:, None]
     ref = T[:, 0] ** 2 * np_kl(np_softmax(zt / T + 0.3 * xi), np_softmax(zs / T))
-    out = losses.swing_kd(zs, zt, key, base_temperature=2.0, max_temperature=6.0, privacy_scores=r, noise_scale=0.3,
+    out = losses.swing(zs, zt, key, base_temperature=2.0, max_temperature=6.0, privacy_scores=r, noise_scale=0.3,
                           noise=noise, reduction="none")
     np.testing.assert_allclose(out, ref, rtol=1e-5)
 
 
 def test_randomness_comes_only_from_the_key():
     zs, zt = rand_logits(33), rand_logits(34)
-    f = jax.jit(lambda s, t, k: losses.swing_kd(s, t, k, noise_scale=0.5, noise="laplace"))
+    f = jax.jit(lambda s, t, k: losses.swing(s, t, k, noise_scale=0.5, noise="laplace"))
     a, b = f(zs, zt, jax.random.PRNGKey(7)), f(zs, zt, jax.random.PRNGKey(7))
     assert float(a) == float(b) != float(f(zs, zt, jax.random.PRNGKey(8)))
 
@@ -48,13 +48,13 @@ def test_randomness_comes_only_from_the_key():
 def test_bad_arguments_raise():
     z, key = np.zeros((2, 3), np.float32), jax.random.PRNGKey(0)
     for bad, match in [
-        (lambda: losses.swing_kd(z, z, key, base_temperature=0.0), "base_temperature"),
-        (lambda: losses.swing_kd(z, z, key, max_temperature=1e30), "max_temperature"),
-        (lambda: losses.swing_kd(z, z, key, noise_scale=-0.1), "noise_scale"),
-        (lambda: losses.swing_kd(z, z, key, noise="uniform"), "noise"),
-        (lambda: losses.swing_kd(z, z, key, privacy_scores=np.array([0.5, 1.5])), "privacy_scores"),
-        (lambda: losses.swing_kd(z, z, key, privacy_scores=np.zeros(3)), "privacy_scores"),
-        (lambda: losses.swing_kd(z, np.zeros((2, 4)), key), "number of classes"),
+        (lambda: losses.swing(z, z, key, base_temperature=0.0), "base_temperature"),
+        (lambda: losses.swing(z, z, key, max_temperature=1e30), "max_temperature"),
+        (lambda: losses.swing(z, z, key, noise_scale=-0.1), "noise_scale"),
+        (lambda: losses.swing(z, z, key, noise="uniform"), "noise"),
+        (lambda: losses.swing(z, z, key, privacy_scores=np.array([0.5, 1.5])), "privacy_scores"),
+        (lambda: losses.swing(z, z, key, privacy_scores=np.zeros(3)), "privacy_scores"),
+        (lambda: losses.swing(z, np.zeros((2, 4)), key), "number of classes"),
         (lambda: methods.swing(noise_scale=-1.0), "noise_scale"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -146,7 +146,7 @@ def test_a_finite_loss_with_a_nan_gradient_is_refused():
     from jaxkd.methods.base import stateless_method
 
     sqrt_of_zero = stateless_method(
-        "sqrt_of_zero", lambda inputs, rng: jnp.sqrt(jnp.sum(0.0 * inputs.student.logits ** 2)), needs_teacher=False)
+        "sqrt_of_zero", lambda inputs, rng: jnp.sqrt(jnp.sum(0.0 * inputs.output("student").logits ** 2)), needs_teacher=False)
     state = new_state(method=METHOD + sqrt_of_zero)
     before = jax.device_get(state)
     with pytest.raises(NonFiniteError, match="^update 1: a gradient is not finite;") as info:

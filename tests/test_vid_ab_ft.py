@@ -1,4 +1,4 @@
-"""VID, AB (``abound``) and FT: values against NumPy references written from RepDistiller's and the
+"""VID, AB (``activation_boundary``) and FT: values against NumPy references written from RepDistiller's and the
 authors' code, their modules, bad inputs, the two-stage recipes, and the methods in the jitted train step."""
 
 import jax
@@ -10,8 +10,8 @@ import pytest
 import jaxkd
 from jaxkd import losses, methods
 from jaxkd.methods import LossInputs, MethodVars, StepInfo
-from jaxkd.methods.activation_boundary import abound_connector
-from jaxkd.methods.ft import Paraphraser, Translator
+from jaxkd.methods.activation_boundary import activation_boundary_connector
+from jaxkd.methods.factor_transfer import Paraphraser, Translator
 from jaxkd.methods.vid import VIDRegressor, match_spatial
 from jaxkd.models.base import Outputs
 from tests.helpers import tiny_conv_models, tiny_image_batch
@@ -90,7 +90,7 @@ def test_abound_weights_and_connectors_are_repdistillers():
     names = ("stage1_preact", "stage2_preact", "stage3_preact")
     inputs = LossInputs.of(Outputs(jnp.zeros((4, 5)), dict(zip(names, s)), {}),
                            Outputs(jnp.zeros((4, 5)), dict(zip(names, t)), {}))
-    method = methods.abound()
+    method = methods.activation_boundary()
     vars = method.init(jax.random.PRNGKey(0), inputs)
     assert jax.tree.leaves(vars.params) == []  # equal shapes: identity connectors
     value, aux = method.loss(vars, inputs, jax.random.PRNGKey(1))
@@ -98,7 +98,7 @@ def test_abound_weights_and_connectors_are_repdistillers():
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     np.testing.assert_allclose(aux.metrics["stage3_preact"], np_ab_layer(s[2], t[2]), rtol=1e-5)
     # Different channels: a convolution + BatchNorm without ReLU (a pre-activation can be negative).
-    connector = abound_connector((4, 8, 8, 16), (4, 8, 8, 32))
+    connector = activation_boundary_connector((4, 8, 8, 16), (4, 8, 8, 32))
     assert connector.channels == 32 and not connector.use_relu
 
 
@@ -163,17 +163,17 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match=r"\(2, 2, 2, 3\).*\(2, 2, 2, 4\)"):
         losses.factor_transfer(np.zeros((2, 2, 2, 3)), np.zeros((2, 2, 2, 4)))
     with pytest.raises(ValueError, match="paraphraser_steps"):
-        methods.ft(paraphraser_steps=-1)
+        methods.factor_transfer(paraphraser_steps=-1)
     with pytest.raises(ValueError, match="rate"):
-        methods.ft(paraphraser_steps=1, rate=0.0)
+        methods.factor_transfer(paraphraser_steps=1, rate=0.0)
     with pytest.raises(ValueError, match="reconstruction_weight"):
-        methods.ft(paraphraser_steps=1, reconstruction_weight=-1.0)
+        methods.factor_transfer(paraphraser_steps=1, reconstruction_weight=-1.0)
     with pytest.raises(ValueError, match="init_pred_var"):
         methods.vid(init_pred_var=0.0)
     with pytest.raises(ValueError, match="mid_channels"):
         methods.vid(mid_channels=0)
     with pytest.raises(ValueError, match="margin"):
-        methods.abound(margin=-0.5)
+        methods.activation_boundary(margin=-0.5)
     with pytest.raises(ValueError, match="teacher feature"):
         methods.vid(student_features=("stage1", "stage2"), teacher_features=("stage1",))
 
@@ -184,7 +184,7 @@ def test_bad_inputs_are_refused():
 def test_ft_trains_the_paraphraser_first_then_freezes_it_and_trains_the_translator():
     s, t = rand(15, (4, 2, 2, 6)), rand(16, (4, 4, 4, 8))  # the teacher's map is larger: pooled
     n = 3
-    method = methods.ft(paraphraser_steps=n, weight=200.0, reconstruction_weight=0.2)
+    method = methods.factor_transfer(paraphraser_steps=n, weight=200.0, reconstruction_weight=0.2)
 
     def inputs(step, s=s):
         return LossInputs.of(Outputs(jnp.zeros((4, 5)), {"stage3": s}, {}),
@@ -238,24 +238,24 @@ def test_vid_abound_ft_train_in_the_jitted_step():
     batch = tiny_image_batch()
     tvars = teacher.init(jax.random.PRNGKey(1), batch["image"])
     n = 2
-    spec = f"until({n}) * abound + after({n}) * ce + ft(paraphraser_steps={n}, weight=200) + vid"
+    spec = f"until({n}) * activation_boundary + after({n}) * ce + factor_transfer(paraphraser_steps={n}, weight=200) + vid"
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars, method=methods.parse(spec),
                          tx=optax.sgd(0.01, momentum=0.9), sample_batch=batch, rng=jax.random.PRNGKey(0))
     params = jax.device_get(state.method.params)
     # resnet8's and resnet14's stages have equal shapes: AB's connectors are identities.
-    assert jax.tree.leaves(params["abound"]) == []
+    assert jax.tree.leaves(params["activation_boundary"]) == []
     assert params["vid"]["2"]["conv2"]["kernel"].shape == (1, 1, 64, 64)
     step = jaxkd.make_train_step()
     history = [params]
     for i in range(4):
         state, metrics = step(state, batch)
         history.append(jax.device_get(state.method.params))
-        for name in ("loss", "abound", "ft", "ft/reconstruction", "ft/factor", "vid"):
+        for name in ("loss", "activation_boundary", "factor_transfer", "factor_transfer/reconstruction", "factor_transfer/factor", "vid"):
             assert np.isfinite(float(metrics[name])), name
-        assert float(metrics["abound/weight"]) == (1.0 if i < n else 0.0)
-        assert float(metrics["ft/weight"]) == (1.0 if i < n else 200.0)
-        snapshot = jax.device_get(state.method.state["ft"]["paraphraser"])
-        trained = history[min(i + 1, n)]["ft"]["paraphraser"]  # the paraphraser as trained at step min(i+1, n)
+        assert float(metrics["activation_boundary/weight"]) == (1.0 if i < n else 0.0)
+        assert float(metrics["factor_transfer/weight"]) == (1.0 if i < n else 200.0)
+        snapshot = jax.device_get(state.method.state["factor_transfer"]["paraphraser"])
+        trained = history[min(i + 1, n)]["factor_transfer"]["paraphraser"]  # the paraphraser as trained at step min(i+1, n)
         # Equal up to float rounding: XLA may compute the updated parameters twice in the step (once for the
         # state, once for the copy) with different fusion, so the last bit can differ.
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), snapshot, trained)
@@ -263,7 +263,7 @@ def test_vid_abound_ft_train_in_the_jitted_step():
     def changed(a, b):
         return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    assert changed(history[0]["ft"]["paraphraser"], history[n]["ft"]["paraphraser"])
-    assert not changed(history[0]["ft"]["translator"], history[n]["ft"]["translator"])
-    assert changed(history[n]["ft"]["translator"], history[4]["ft"]["translator"])
+    assert changed(history[0]["factor_transfer"]["paraphraser"], history[n]["factor_transfer"]["paraphraser"])
+    assert not changed(history[0]["factor_transfer"]["translator"], history[n]["factor_transfer"]["translator"])
+    assert changed(history[n]["factor_transfer"]["translator"], history[4]["factor_transfer"]["translator"])
     assert changed(history[0]["vid"], history[4]["vid"])

@@ -29,8 +29,8 @@ METHODS = {
     "vid": "ce + vid",
     "rkd": "ce + rkd",  # distance 25, angle 50
     "pkt": "ce + 30000 * pkt",
-    "abound": "until(steps // 9) * abound + after(steps // 9) * ce",  # AB initializes, then CE
-    "ft": "after(steps // 9) * ce + ft(paraphraser_steps=steps // 9, weight=200, reconstruction_weight=0.2)",
+    "activation_boundary": "until(steps // 9) * activation_boundary + after(steps // 9) * ce",  # AB initializes, then CE
+    "factor_transfer": "after(steps // 9) * ce + factor_transfer(paraphraser_steps=steps // 9, weight=200, reconstruction_weight=0.2)",
     "fsp": "until(steps // 9) * fsp + after(steps // 9) * ce",  # FSP initializes, then CE
     "nst": "ce + 50 * nst",
     "kdsvd": "ce + kdsvd",

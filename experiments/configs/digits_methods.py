@@ -17,15 +17,15 @@ METHODS = {
     "scratch": "ce",
     "kd": "ce + kd(temperature=4)",  # Hinton; RepDistiller/mdistiller T = 4
     # Divergence building blocks at T = 1, no T² (TRL / DistiLLM conventions).
-    "fkl": "ce + fkl",
-    "rkl": "ce + rkl",
-    "jsd": "ce + jsd",
-    "gjsd": "ce + gjsd(beta=0.5)",  # TRL GKD default beta
-    "skl": "ce + skl(alpha=0.1)",  # DistiLLM default alpha
-    "srkl": "ce + srkl(alpha=0.1)",
-    "tvd": "ce + tvd",
-    "ab": "ce + ab(alpha=0.5, beta=0.5)",
-    "sparse_kd": "ce + sparse_kd(k=3)",  # teacher's top-3 classes, renormalized
+    "forward_kl": "ce + forward_kl",
+    "reverse_kl": "ce + reverse_kl",
+    "js_divergence": "ce + js_divergence",
+    "generalized_jsd": "ce + generalized_jsd(beta=0.5)",  # TRL GKD default beta
+    "skew_kl": "ce + skew_kl(alpha=0.1)",  # DistiLLM default alpha
+    "skew_reverse_kl": "ce + skew_reverse_kl(alpha=0.1)",
+    "total_variation": "ce + total_variation",
+    "alpha_beta_divergence": "ce + alpha_beta_divergence(alpha=0.5, beta=0.5)",
+    "sparse_forward_kl": "ce + sparse_forward_kl(k=3)",  # teacher's top-3 classes, renormalized
     # Named logit methods.
     # mdistiller: warm-up over 20 of 240 epochs.
     "dkd": "ce + dkd(alpha=1.0, beta=8.0, temperature=4.0, warmup_steps=steps * 20 // 240)",

@@ -15,3 +15,19 @@ from jaxkd.losses.core import log_softmax, per_example_loss, reduce_loss
 __all__ = ["log_softmax", "per_example_loss", "reduce_loss"]
 __all__ += export_modules(globals(), skip={"core"})
 __all__.sort()
+
+
+#: Former names of losses renamed after their method (``nd_loss`` -> ``nd``).
+_RENAMED = {"nd_loss": "nd", "ofa_loss": "ofa", "swing_kd": "swing", "adpa_loss": "adpa", "alm_loss": "alm",
+            "fusellm_loss": "fusellm", "minillm_loss": "minillm", "infigfusion_gld": "infigfusion"}
+
+
+def __getattr__(name: str):
+    """The former names still work, with one ``FutureWarning``."""
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module 'jaxkd.losses' has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(f"jaxkd.losses.{name} is deprecated: use jaxkd.losses.{new}", FutureWarning, stacklevel=2)
+    return globals()[new]

@@ -26,7 +26,7 @@ def activation_boundary(student_preact: Array, teacher_preact: Array, *, margin:
     the activation pattern ``[t > 0]``), summed over each example's elements. Follows the authors' code
     (``bhheo/AB_distillation``, ``criterion_alternative_L2``) as RepDistiller's ``ABLoss``
     (``distiller_zoo/AB.py``) runs it; RepDistiller's batch mean, layer weights ``2^(i−n+1)`` and factor
-    ``3/1000`` are the method's (:func:`jaxkd.methods.abound`).
+    ``3/1000`` are the method's (:func:`jaxkd.methods.activation_boundary`).
 
     Args:
       student_preact: ``[B, ...]``.

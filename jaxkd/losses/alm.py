@@ -12,7 +12,7 @@ sum of the token log-probabilities in it; ALM matches the teacher's and the stud
 with a binarised f-divergence. Two parts:
 
 * host-side data preparation: :func:`alm_chunk_alignment` (NumPy, from the tokens' byte offsets);
-* the jittable loss :func:`alm_loss`.
+* the jittable loss :func:`alm`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from jaxkd.checks import check_choice, check_int, check_positive
 from jaxkd.losses.core import Array, Reduction, reduce_loss, to_float
 from jaxkd.losses.sparse import _log1mexp
 
-__all__ = ["alm_chunk_alignment", "alm_chunk_log_likelihoods", "alm_loss"]
+__all__ = ["alm_chunk_alignment", "alm_chunk_log_likelihoods", "alm"]
 
 
 # ----- host-side chunk alignment -----
@@ -198,7 +198,7 @@ def alm_chunk_log_likelihoods(token_log_probs: Array, chunk_ids: Array, num_chun
 _DIVERGENCES = ("binary_kl", "binary_ce", "reverse_binary_kl")
 
 
-def alm_loss(
+def alm(
     student_token_log_probs: Array,
     teacher_token_log_probs: Array,
     student_chunk_ids: Array,

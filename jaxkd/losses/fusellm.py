@@ -12,7 +12,7 @@ Two parts:
   ("MinED"), and :func:`fusellm_align_logits` carries a source model's per-step logits onto the target
   model's positions and vocabulary ("hard" vocabulary alignment: exact token-string matches);
 * jittable losses on aligned teachers that share the student's vocabulary:
-  :func:`fusellm_fused_target` (the MinCE / AvgCE fusion) and :func:`fusellm_loss`.
+  :func:`fusellm_fused_target` (the MinCE / AvgCE fusion) and :func:`fusellm`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from jaxkd.losses.core import (
     zero_where_masked,
 )
 
-__all__ = ["fusellm_align_logits", "fusellm_fused_target", "fusellm_loss", "fusellm_token_alignment"]
+__all__ = ["fusellm_align_logits", "fusellm_fused_target", "fusellm", "fusellm_token_alignment"]
 
 
 # ----- host-side token alignment (data preparation) -----
@@ -305,7 +305,7 @@ def fusellm_fused_target(
     return masked_logsumexp(log_t + log_w, axis=0)
 
 
-def fusellm_loss(
+def fusellm(
     student_logits: Array,
     teacher_logits: Array,
     targets: Array,

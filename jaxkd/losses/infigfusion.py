@@ -44,7 +44,7 @@ import numpy as np
 from jaxkd.checks import check_choice, check_int
 from jaxkd.losses.core import Array, Reduction, is_masked, log_softmax, probs, reduce_loss, to_float
 
-__all__ = ["infigfusion_gld", "infigfusion_node_strengths"]
+__all__ = ["infigfusion", "infigfusion_node_strengths"]
 
 
 def _strengths(logits: Array, k: int, mask: Array | None, values: str) -> tuple[Array, Array, Array]:
@@ -129,7 +129,7 @@ def _w2_squared(x: Array, x_active: Array, y: Array, y_active: Array) -> Array:
     return jnp.where((nx > 0) & (ny > 0), value, 0.0)
 
 
-def infigfusion_gld(
+def infigfusion(
     student_logits: Array,
     teacher_logits: Array,
     *,

@@ -14,7 +14,7 @@ paper's single-step decomposition) into
 with length normalization of ``R`` and *teacher-mixed sampling*: sequences are drawn from
 ``p̃ = α·p + (1 − α)·q_θ`` (:func:`minillm_mixture_log_probs`, ``α = 0.2``) and every term is reweighted
 by the per-token importance weight ``w_t = q_θ(y_t)/p̃(y_t)`` (:func:`minillm_importance_weights`).
-:func:`minillm_loss` combines them.
+:func:`minillm` combines them.
 
 Checked against the official code, ``microsoft/LMOps`` ``minillm/`` (``minillm/losses.py``, ``sampler.py``,
 ``reward.py``, ``utils.py``, ``arguments.py`` and ``scripts/gpt2/minillm/train_base_xl.sh``). Where the
@@ -42,7 +42,7 @@ read here; the paper's column is from the published paper (its method section co
 this project's sources, which hold only its abstract).
 
 **The surrogate.** A policy gradient is the gradient of a surrogate, not of the objective's value:
-``minillm_loss`` is ``L_pg + L_single`` with
+``minillm`` is ``L_pg + L_single`` with
 ``L_pg = mean_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε))``,
 ``ρ_t = w_t·exp(log q_θ(y_t) − log q_old(y_t))``, where the advantages ``A`` (built from rewards that use ``q_old``), the weights ``w`` and ``q_old`` are
 constants. ``q_old`` is the student when the rollout was sampled (``behaviour_log_probs``; PPO's old
@@ -65,7 +65,7 @@ from jaxkd.losses.dpo import token_log_probs
 __all__ = [
     "minillm_advantages",
     "minillm_importance_weights",
-    "minillm_loss",
+    "minillm",
     "minillm_mixture_log_probs",
     "minillm_pg_loss",
     "minillm_returns",
@@ -360,7 +360,7 @@ def minillm_terms(
     normalizer: Array | float | None = None,
 ) -> tuple[Array, Array]:
     """MiniLLM's ``(long-term policy-gradient loss, single-step loss)`` on a sampled batch; see
-    :func:`minillm_loss` (their sum) for the arguments."""
+    :func:`minillm` (their sum) for the arguments."""
     _check_rollout(student_logits, teacher_logits, sampled_tokens, mask, behaviour_log_probs)
     if teacher_mix_alpha is not None:
         check_in_range("teacher_mix_alpha", teacher_mix_alpha, 0.0, 1.0)
@@ -386,7 +386,7 @@ def minillm_terms(
     return pg, reduce_loss(single, mask=m, normalizer=normalizer)
 
 
-def minillm_loss(
+def minillm(
     student_logits: Array,
     teacher_logits: Array,
     sampled_tokens: Array,

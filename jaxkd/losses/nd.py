@@ -9,11 +9,11 @@ import numpy as np
 from jaxkd.checks import check_int, check_label_values
 from jaxkd.losses.core import Array, l2_normalize, per_example_loss, safe_sqrt, to_float
 
-__all__ = ["class_means", "nd_loss"]
+__all__ = ["class_means", "nd"]
 
 
 @per_example_loss
-def nd_loss(student_embedding: Array, teacher_embedding: Array, labels: Array, class_means: Array) -> Array:
+def nd(student_embedding: Array, teacher_embedding: Array, labels: Array, class_means: Array) -> Array:
     """The ND (norm and direction) loss (Wang, Cheng, Duan, Wang, Feng & Kong, "Improving Knowledge Distillation via
     Regularizing Feature Norm and Direction", arXiv:2305.17007, 2023), per example.
 
@@ -38,7 +38,7 @@ def nd_loss(student_embedding: Array, teacher_embedding: Array, labels: Array, c
     s, t, c = to_float(student_embedding), to_float(teacher_embedding), to_float(class_means)
     if s.ndim != 2 or s.shape != t.shape:
         raise ValueError(
-            f"nd_loss needs student and teacher embeddings of one shape [B, D], got {s.shape} and {t.shape}"
+            f"nd needs student and teacher embeddings of one shape [B, D], got {s.shape} and {t.shape}"
         )
     if c.ndim != 2 or c.shape[1] != s.shape[1]:
         raise ValueError(f"class_means must be [K, D] with D = {s.shape[1]}, got shape {c.shape}")

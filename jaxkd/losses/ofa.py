@@ -7,11 +7,11 @@ import jax.numpy as jnp
 from jaxkd.checks import check_labels, check_positive, check_same_logits, check_temperature
 from jaxkd.losses.core import Array, is_masked, label_one_hot, log_softmax, per_example_loss, probs
 
-__all__ = ["ofa_loss"]
+__all__ = ["ofa"]
 
 
 @per_example_loss
-def ofa_loss(
+def ofa(
     student_logits: Array, teacher_logits: Array, labels: Array, *, eps: float = 1.0, temperature: float = 1.0
 ) -> Array:
     """The OFA loss (Hao, Guo, Han, Tang, Hu, Wang & Xu, "One-for-All: Bridge the Gap Between Heterogeneous

@@ -17,11 +17,11 @@ from jaxkd.checks import (
 )
 from jaxkd.losses.core import Array, is_masked, kl_from_log_probs, log_softmax, per_example_loss, to_float
 
-__all__ = ["swing_kd"]
+__all__ = ["swing"]
 
 
 @per_example_loss
-def swing_kd(
+def swing(
     student_logits: Array,
     teacher_logits: Array,
     rng: Array,

@@ -58,3 +58,19 @@ __all__ += export_modules(
     globals(), skip={"base", "registry", "spec", "heads"}, first=["classification", "divergences", "sparse"]
 )
 __all__.sort()
+
+
+#: Former factory names (the registry's :data:`~jaxkd.methods.registry.ALIASES`, plus the AB connector).
+_RENAMED = {**__import__("jaxkd.methods.registry", fromlist=["ALIASES"]).ALIASES,
+            "abound_connector": "activation_boundary_connector"}
+
+
+def __getattr__(name: str):
+    """``jaxkd.methods.jsd`` and the other former names still work, with one ``FutureWarning``."""
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module 'jaxkd.methods' has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(f"jaxkd.methods.{name} is deprecated: use jaxkd.methods.{new}", FutureWarning, stacklevel=2)
+    return globals()[new]

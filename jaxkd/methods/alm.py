@@ -1,7 +1,7 @@
 """ALM: cross-tokenizer distillation of language models by approximate likelihood matching.
 
 Minixhofer, Vulić & Ponti, "Cross-Tokenizer Distillation via Approximate Likelihood Matching" (2025), as
-``bminixhofer/tokenkit`` computes it (see :func:`jaxkd.losses.alm_loss`).
+``bminixhofer/tokenkit`` computes it (see :func:`jaxkd.losses.alm`).
 
 The teacher and the student tokenize the same text differently, so their next-token distributions live
 over different vocabularies and cannot be compared token by token. ALM compares *likelihoods of text*
@@ -85,7 +85,7 @@ def target_log_probs(logits: jax.Array, tokens: jax.Array, mask: jax.Array | Non
 @register(
     "alm", inputs="two_tokenizations",
     paper="Minixhofer, Vulić & Ponti, *Cross-Tokenizer Distillation via Approximate Likelihood Matching*, 2025",
-    losses=("alm_loss", "alm_chunk_alignment"),
+    losses=("alm", "alm_chunk_alignment"),
 )
 def alm(
     *,
@@ -112,7 +112,7 @@ def alm(
 
         L = mean_c  D_τ( ℓ_T(c), ℓ_S(c) )
 
-    :func:`jaxkd.losses.alm_loss` (the binarised divergence at temperature ``τ``, tokenkit's
+    :func:`jaxkd.losses.alm` (the binarised divergence at temperature ``τ``, tokenkit's
     ``compute_alm_loss``, its ``alm_unconstrained`` chunks). The mean is over the chunks of the whole batch:
     divided by the batch's global chunk count (``batch["alm_chunk_normalizer"]``, see
     :class:`jaxkd.data.cross_tokenizer.ParallelBatches`) when it carries one, so it is exact under gradient
@@ -133,7 +133,7 @@ def alm(
       temperature: the binarisation temperature ``τ > 0`` (tokenkit's ``binarization_temp``, default 100).
       divergence: ``"binary_kl"`` (the paper's), ``"binary_ce"`` (tokenkit's default; same student gradient)
         or ``"reverse_binary_kl"``.
-      epsilon: ``ε > 0`` of :func:`jaxkd.losses.alm_loss`.
+      epsilon: ``ε > 0`` of :func:`jaxkd.losses.alm`.
       student_tokens_key, student_mask_key, teacher_tokens_key, teacher_mask_key: the two tokenizations.
       teacher_chunks_key, student_chunks_key, chunk_mask_key: the chunk ids of the targets (``[B, Tt − 1]``,
         ``[B, Ts − 1]``) and the chunk slots (``[B, C]``).
@@ -173,7 +173,7 @@ def alm(
             teacher_lp = side(inputs, inputs.target(teacher, method=name), teacher, teacher_tokens_key,
                               teacher_mask_key)
         chunk_mask = jnp.asarray(require(inputs.batch, chunk_mask_key, method=name), bool)
-        per_chunk = losses.alm_loss(student_lp, teacher_lp, s_ids, t_ids, chunk_mask, temperature=temperature,
+        per_chunk = losses.alm(student_lp, teacher_lp, s_ids, t_ids, chunk_mask, temperature=temperature,
                                     divergence=divergence, epsilon=epsilon, reduction="none")
         share = inputs.batch.get(CHUNK_NORMALIZER_KEY)
         normalizer = None if share is None else jnp.sum(jnp.asarray(share, jnp.float32))

@@ -25,7 +25,7 @@ __all__ = ["fusellm", "infigfusion"]
 @register(
     "fusellm", inputs="tokens",
     paper="Wan et al., *Knowledge Fusion of Large Language Models* (FuseLLM), ICLR 2024",
-    losses=("fusellm_loss", "fusellm_fused_target", "fusellm_token_alignment"),
+    losses=("fusellm", "fusellm_fused_target", "fusellm_token_alignment"),
     status="supported (teachers sharing the student's vocabulary in the step; alignment is host-side)",
 )
 def fusellm(
@@ -41,7 +41,7 @@ def fusellm(
 ) -> Method:
     """FuseLLM: ``λ·CE(gold) + (1 − λ)·D(P_fused, p_S)`` per token, with ``P_fused`` the distribution of the
     teacher whose gold cross-entropy on the sequence is lowest (``rule="min_ce"``) or the CE-weighted
-    mixture (``"avg_ce"``), as the official code computes them (:func:`jaxkd.losses.fusellm_loss`; official
+    mixture (``"avg_ce"``), as the official code computes them (:func:`jaxkd.losses.fusellm`; official
     ``λ = 0.9``, MinCE, soft cross-entropy ``D``). The hard-label term is part of the loss: use it instead
     of, not next to, ``lm_ce``. Metrics: none besides the loss."""
     teachers = tuple(teachers)
@@ -56,7 +56,7 @@ def fusellm(
     def compute(inputs: LossInputs, rng):
         targets, target_mask, normalizer = lm_targets(inputs.batch)
         stacked = jnp.stack([shift_logits(inputs.target(t, method=name).logits) for t in teachers])
-        return losses.fusellm_loss(shift_logits(inputs.output("student", method=name).logits), stacked, targets,
+        return losses.fusellm(shift_logits(inputs.output("student", method=name).logits), stacked, targets,
                                    lm_weight=lm_weight, rule=rule, divergence=divergence, temperature=temperature,
                                    top_k=top_k, mask=target_mask, normalizer=normalizer)
 
@@ -67,7 +67,7 @@ def fusellm(
 @register(
     "infigfusion", inputs="tokens",
     paper="Wang et al., *InfiGFusion: Graph-on-Logits Distillation via Efficient Gromov-Wasserstein for Model Fusion*, NeurIPS 2025",
-    losses=("infigfusion_gld",),
+    losses=("infigfusion",),
     status="reconstructed from the abstract: node statistic and cost of the sorting GW are assumptions (see the loss)",
 )
 def infigfusion(
@@ -79,7 +79,7 @@ def infigfusion(
     name: str = "infigfusion",
 ) -> Method:
     """InfiGFusion's graph-on-logits distillation (GLD) between the student and one teacher, per sequence
-    (:func:`jaxkd.losses.infigfusion_gld` over the next-token logits of the target positions). The paper
+    (:func:`jaxkd.losses.infigfusion` over the next-token logits of the target positions). The paper
     uses it next to a token-level term and SFT: combine with ``lm_ce`` and ``token_kd``. ``values="probs"``
     by default: on raw logits (the abstract's wording) the graph's scale follows the logits' and a
     weight that suits one model diverges on another (measured on the stdlib LM run)."""
@@ -88,7 +88,7 @@ def infigfusion(
 
     def compute(inputs: LossInputs, rng):
         _, target_mask, _ = lm_targets(inputs.batch)
-        return losses.infigfusion_gld(shift_logits(inputs.output("student", method=name).logits),
+        return losses.infigfusion(shift_logits(inputs.output("student", method=name).logits),
                                       shift_logits(inputs.target(teacher, method=name).logits), k=k, values=values,
                                       mask=target_mask)
 

@@ -42,7 +42,7 @@ def _student_rollout(inputs: LossInputs, rng, *, prompt_length, temperature, top
 @register(
     "minillm", inputs="tokens", example="prompt_length=3",
     paper="Gu et al., *MiniLLM: Knowledge Distillation of Large Language Models*, ICLR 2024",
-    losses=("minillm_loss", "minillm_mixture_log_probs"),
+    losses=("minillm", "minillm_mixture_log_probs"),
     status="supported (teacher-mixed sampling inside the step; one policy update per rollout)",
 )
 def minillm(
@@ -62,7 +62,7 @@ def minillm(
     Every row's prompt is continued by the **teacher-mixed** policy ``(1 − α)·q_θ + α·p`` (α = 0.2, the
     official ``mix_in_alpha``; 0 samples from the student alone) — the student and the teacher decoded
     together with one KV cache each (:func:`jaxkd.models.fusion.fused_generate`) — and the loss is
-    :func:`jaxkd.losses.minillm_loss` on the generated tokens: the clipped policy-gradient surrogate with
+    :func:`jaxkd.losses.minillm` on the generated tokens: the clipped policy-gradient surrogate with
     length-normalized, discounted rewards ``log p − log q``, importance weights from the mixture, plus the
     single-step reverse KL. The official trainer reuses a rollout for several PPO epochs; here each step
     samples fresh sequences and makes one update from them (the ratio is 1 at the update, so the clip is
@@ -298,7 +298,7 @@ def llava_mod(
 @register(
     "adpa", inputs="tokens", example="prompt_length=3",
     paper="Gao et al., *Advantage-Guided Distillation for Preference Alignment in Small Language Models*, ICLR 2025",
-    losses=("adpa_loss", "adpa_advantages"),
+    losses=("adpa", "adpa_advantages"),
     status="supported (advantage from a preference-tuned teacher and its reference; on student samples)",
 )
 def adpa(
@@ -313,7 +313,7 @@ def adpa(
 ) -> Method:
     """ADPA: on the student's own continuations (sampled in the step), ``−Σ_v π_θ(v)·A(v)`` per generated
     token with the advantage ``A = log π_teacher − log π_reference`` of a preference-tuned teacher over its
-    reference (:func:`jaxkd.losses.adpa_loss`; ``top_k`` keeps the advantage at the teacher's top-k
+    reference (:func:`jaxkd.losses.adpa`; ``top_k`` keeps the advantage at the teacher's top-k
     entries, official 50). The two teachers are participants ``teacher`` and ``reference`` of the train
     state. Combine with ``lm_ce`` and/or a KL term (DCKD) as the paper does."""
     check_int("prompt_length", prompt_length, low=1)
@@ -326,7 +326,7 @@ def adpa(
         s = apply_participant(inputs, "student", x, train=True, method=name).logits
         t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
         r = jax.lax.stop_gradient(apply_participant(inputs, reference, x, train=False, method=name).logits)
-        return losses.adpa_loss(shift_logits(s), shift_logits(t), shift_logits(r), top_k=top_k, mask=target_mask)
+        return losses.adpa(shift_logits(s), shift_logits(t), shift_logits(r), top_k=top_k, mask=target_mask)
 
     return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher",
                             participants=(teacher, reference), batch_keys=_LM_KEYS)

@@ -67,7 +67,7 @@ def teacher_class_means(
 @register(
     "nd",
     paper="Wang et al., *Improving Knowledge Distillation via Regularizing Feature Norm and Direction*, 2023",
-    losses=("nd_loss", "class_means"),
+    losses=("nd", "class_means"),
 )
 def nd(
     *,
@@ -77,7 +77,7 @@ def nd(
     weight: Weight = 1.0,
     name: str = "nd",
 ) -> Method:
-    """The ND loss (:func:`jaxkd.losses.nd_loss`): ``1 − ⟨s, c_y/‖c_y‖⟩ / max(‖s‖, ‖t‖)`` between the student's
+    """The ND loss (:func:`jaxkd.losses.nd`): ``1 − ⟨s, c_y/‖c_y‖⟩ / max(‖s‖, ‖t‖)`` between the student's
     embedding ``s``, the teacher's ``t`` and the teacher's class mean ``c_y`` of the label.
 
     ``class_means`` (``[K, D]``, computed once: :func:`teacher_class_means` over the training set, or
@@ -145,7 +145,7 @@ def nd(
             current = state["class_means"]
         if "projector" in vars.params:
             s, _ = module_apply(LinearConnector(t.shape[-1]), MethodVars(vars.params["projector"], {}), s)
-        value = losses.nd_loss(s, t, labels, jax.lax.stop_gradient(current), mask=inputs.label_mask)
+        value = losses.nd(s, t, labels, jax.lax.stop_gradient(current), mask=inputs.label_mask)
         return value, LossAux({}, state)
 
     return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, needs_labels=True)

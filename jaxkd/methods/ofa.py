@@ -164,7 +164,7 @@ def apply_heads(heads: dict[str, nn.Module], vars: MethodVars, inputs: LossInput
 @register(
     "ofa", inputs="feature_maps",
     paper="Hao et al., *One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge Distillation*, NeurIPS 2023",
-    losses=("ofa_loss",),
+    losses=("ofa",),
 )
 def ofa(
     *,
@@ -178,7 +178,7 @@ def ofa(
     weight: Weight = 1.0,
     name: str = "ofa",
 ) -> Method:
-    """OFA-KD (:func:`jaxkd.losses.ofa_loss`): a trainable branch head on each student stage projects it to
+    """OFA-KD (:func:`jaxkd.losses.ofa`): a trainable branch head on each student stage projects it to
     logits, and every branch and the student's own logits learn the teacher's target-enhanced distribution:
 
     ``L = branch_weight · Σ_j OFA(head_j(f_s^j), z_t; ε_j) + logit_weight · OFA(z_s, z_t; ε_last)``
@@ -218,9 +218,9 @@ def ofa(
         metrics = {}
         branches = jnp.zeros((), jnp.float32)
         for (s, z), e in zip(head_logits.items(), eps_values):
-            metrics[s] = losses.ofa_loss(z, teacher.logits, labels, eps=e, temperature=temperature, mask=mask)
+            metrics[s] = losses.ofa(z, teacher.logits, labels, eps=e, temperature=temperature, mask=mask)
             branches = branches + metrics[s]
-        metrics["logits"] = losses.ofa_loss(
+        metrics["logits"] = losses.ofa(
             inputs.output("student", method=name).logits, teacher.logits, labels, eps=eps_values[-1],
             temperature=temperature, mask=mask,
         )

@@ -12,11 +12,12 @@ method's own files.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable
 
 from jaxkd.methods.base import Method
 
-__all__ = ["FAMILIES", "INPUTS", "LOGITS", "REGISTRY", "Registered", "method_table", "register"]
+__all__ = ["ALIASES", "FAMILIES", "INPUTS", "LOGITS", "REGISTRY", "Registered", "method_table", "register", "resolve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,24 @@ FAMILIES = ("", LOGITS)
 
 #: name -> :class:`Registered`, for every method :func:`jaxkd.methods.parse` can build.
 REGISTRY: dict[str, Registered] = {}
+
+#: Former spec names -> current ones: a method's name is its factory's and its loss function's. The old names
+#: still parse, with one ``FutureWarning`` naming the new one.
+ALIASES = {
+    "fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "js_divergence", "gjsd": "generalized_jsd", "skl": "skew_kl",
+    "srkl": "skew_reverse_kl", "tvd": "total_variation", "ab": "alpha_beta_divergence", "abound": "activation_boundary",
+    "ft": "factor_transfer", "sparse_kd": "sparse_forward_kl",
+}
+
+
+def resolve(name: str) -> str:
+    """The registered name ``name`` stands for (itself, or the current name of a former one, with a warning)."""
+    new = ALIASES.get(name)
+    if new is None or name in REGISTRY:
+        return name
+    warnings.warn(f"method name {name!r} is deprecated: use {new!r} (a method's name is its loss function's)",
+                  FutureWarning, stacklevel=3)
+    return new
 
 
 def register(

@@ -9,16 +9,16 @@ from jaxkd.checks import check_choice, check_int, check_temperature
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, require, stateless_method
 from jaxkd.methods.registry import LOGITS, register
 
-__all__ = ["sparse_kd"]
+__all__ = ["sparse_forward_kl"]
 
 
 @register(
-    "sparse_kd", example="k=2",
+    "sparse_forward_kl", example="k=2",
     paper="top-k / sparse teacher (offline top-k logits, with a tail bucket or renormalized)",
     losses=("topk_teacher", "sparse_forward_kl"),
     family=LOGITS,
 )
-def sparse_kd(
+def sparse_forward_kl(
     *,
     k: int | None = None,
     tail: str = "drop",
@@ -26,7 +26,7 @@ def sparse_kd(
     student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
-    name: str = "sparse_kd",
+    name: str = "sparse_forward_kl",
     indices_key: str | None = None,
     log_probs_key: str | None = None,
 ) -> Method:
@@ -38,7 +38,7 @@ def sparse_kd(
     log-probabilities computed at the same ``T``, sorted by decreasing probability as
     :func:`~jaxkd.losses.topk_teacher` returns them); then no teacher is needed, and ``k`` (if given) keeps
     the first ``k`` stored entries. ``tail`` is ``"drop"`` (renormalize both over the top-k set) or
-    ``"bucket"`` (one extra tail category), as in DistillKit's sparse KL. Registry name ``"sparse_kd"``.
+    ``"bucket"`` (one extra tail category), as in DistillKit's sparse KL. Registry name ``"sparse_forward_kl"``.
     ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd` (the
     teacher's logits are a gradient-stopped target; offline, no teacher is read).
     """
@@ -46,12 +46,12 @@ def sparse_kd(
     check_choice("tail", tail, ("drop", "bucket"))
     check_roles(name, student, teacher)
     if (indices_key is None) != (log_probs_key is None):
-        raise ValueError("sparse_kd needs both indices_key and log_probs_key (offline top-k) or neither (online)")
+        raise ValueError("sparse_forward_kl needs both indices_key and log_probs_key (offline top-k) or neither (online)")
     offline = indices_key is not None
     if k is not None:
         k = check_int("k", k, low=1)
     if not offline and k is None:
-        raise ValueError("sparse_kd needs k (the number of teacher classes to keep) unless it reads stored top-k")
+        raise ValueError("sparse_forward_kl needs k (the number of teacher classes to keep) unless it reads stored top-k")
 
     def compute(inputs: LossInputs, rng: jax.Array) -> jax.Array:
         if offline:

@@ -15,11 +15,12 @@ step ``n``, then 0) or ``after(n)`` (0 before, then 1), optionally times a numbe
 from __future__ import annotations
 
 import ast
+import difflib
 import operator
 from typing import Any, Mapping
 
 from jaxkd.methods.base import Method, after, chain, multiply_weights, until
-from jaxkd.methods.registry import REGISTRY
+from jaxkd.methods.registry import REGISTRY, resolve
 
 __all__ = ["parse"]
 
@@ -155,8 +156,11 @@ class _Reader:
                 kwargs[kw.arg] = self.value(kw.value)
         else:
             raise self.error("cannot read this as a method", node)
+        name = resolve(name)
         if name not in REGISTRY:
-            raise self.error(f"unknown method {name!r}; registered methods: {sorted(REGISTRY)}", node)
+            close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.error(f"unknown method {name!r}{hint}; registered methods: {sorted(REGISTRY)}", node)
         try:
             return REGISTRY[name].factory(**kwargs)
         except (TypeError, ValueError) as e:  # an unknown keyword or a bad value, named with its method

@@ -13,7 +13,7 @@ __all__ = ["swing"]
 @register(
     "swing",
     paper="Li et al., *Swing Distillation: A Privacy-Preserving KD Framework*, 2022",
-    losses=("swing_kd",),
+    losses=("swing",),
     status="from the paper's text",
     family=LOGITS,
 )
@@ -30,7 +30,7 @@ def swing(
     name: str = "swing",
 ) -> Method:
     """Swing distillation: KD with per-example temperatures and noisy teacher targets
-    (:func:`jaxkd.losses.swing_kd`).
+    (:func:`jaxkd.losses.swing`).
 
     Li et al., "Swing Distillation: A Privacy-Preserving Knowledge Distillation Framework", 2022. The
     temperature mapping and noise model are documented assumptions (only the abstract was readable).
@@ -49,7 +49,7 @@ def swing(
 
     def compute(zs, zt, inputs, rng):
         scores = None if privacy_key is None else require(inputs.batch, privacy_key, method=name)
-        return losses.swing_kd(
+        return losses.swing(
             zs, zt, rng, base_temperature=base_temperature,
             max_temperature=max_temperature, privacy_scores=scores, noise_scale=noise_scale, noise=noise,
             mask=inputs.example_mask,

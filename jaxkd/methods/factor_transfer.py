@@ -18,7 +18,7 @@ from jaxkd.methods.registry import register
 from jaxkd.methods.vid import match_spatial
 from jaxkd.models.cifar_resnet import batch_norm
 
-__all__ = ["Paraphraser", "Translator", "ft"]
+__all__ = ["Paraphraser", "Translator", "factor_transfer"]
 
 # PyTorch's ConvTranspose2d computes its default init's fan-in from weight.size(1) = out_channels:
 # U(±1/√(out·k·k)); Flax's fan_out of a (k, k, in, out) kernel is that number.
@@ -86,11 +86,11 @@ class Translator(nn.Module):
 
 
 @register(
-    "ft", inputs="feature_maps", example="paraphraser_steps=0",
+    "factor_transfer", inputs="feature_maps", example="paraphraser_steps=0",
     paper="Kim, Park & Kwak, *Paraphrasing Complex Network: Network Compression via Factor Transfer*, NeurIPS 2018",
     losses=("factor_transfer", "paraphraser_reconstruction"),
 )
-def ft(
+def factor_transfer(
     *,
     paraphraser_steps: int,
     student_feature: str = "stage3",
@@ -99,7 +99,7 @@ def ft(
     power: int | None = 2,
     reconstruction_weight: float = 1.0,
     weight: Weight = 1.0,
-    name: str = "ft",
+    name: str = "factor_transfer",
 ) -> Method:
     """Factor transfer, both stages: the paraphraser's training, then the student's.
 
@@ -118,10 +118,10 @@ def ft(
     (30 epochs of paraphraser training at learning rate 0.01, then 240 epochs of ``CE + 200 · FT`` at
     0.05; cross-entropy is not trained in the first stage) is::
 
-        after(n) * ce + ft(paraphraser_steps=n, weight=200, reconstruction_weight=0.2)
+        after(n) * ce + factor_transfer(paraphraser_steps=n, weight=200, reconstruction_weight=0.2)
 
     with ``n`` the steps of 30 epochs (``0.2 = 0.01 / 0.05``: the paraphraser's smaller learning rate,
-    for plain SGD). Pass the factor weight as ``weight=``: a multiplier in front (``200 * ft(...)``)
+    for plain SGD). Pass the factor weight as ``weight=``: a multiplier in front (``200 * factor_transfer(...)``)
     would scale the reconstruction stage as well.
 
     **Frozen means frozen.** Stopping the gradient is not enough: an optimizer with momentum keeps moving
