@@ -4,6 +4,7 @@ Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
 """
 
 import os
+import shutil
 import pathlib
 import sys
 
@@ -39,6 +40,9 @@ myst_enable_extensions = ["dollarmath"]
 nb_execution_mode = "off"
 
 # API reference, generated from the docstrings: a page per package (each of its modules a section) or module.
+# The pages are written afresh by every build: stale ones (a module since renamed or moved) would name modules
+# that no longer import.
+shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "api", "generated"), ignore_errors=True)
 autosummary_generate = True
 autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": False}
 autodoc_typehints = "signature"

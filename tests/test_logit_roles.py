@@ -22,7 +22,7 @@ from jaxkd import methods, models
 from jaxkd.methods import LossInputs, MethodVars
 from jaxkd.methods.registry import LOGITS, REGISTRY
 
-from tests.helpers import NUM_CLASSES, tiny_batch
+from tests.helpers import NUM_CLASSES, teacher_variables, tiny_batch, tiny_models
 
 #: Every registered logit method: a method joins this test by registering with family=LOGITS.
 LOGIT_METHODS = sorted(name for name, entry in REGISTRY.items() if entry.family == LOGITS)
@@ -158,3 +158,13 @@ def test_mutual_learning_with_a_logit_method_trains_both_and_each_only_through_i
             kernel_moved = not np.array_equal(before[name].params["dense1"]["kernel"],
                                               after[name].params["dense1"]["kernel"])
             assert kernel_moved == (name in moves), (method.name, name)
+
+
+def test_a_role_the_state_lacks_is_refused_listing_the_participants():
+    teacher, student = tiny_models()
+    batch = tiny_batch()
+    with pytest.raises(ValueError, match=r"reads participant 'peer', but the train state has participants "
+                                         r"\['student', 'teacher'\]"):
+        jaxkd.create(student=student, teacher=teacher, teacher_variables=teacher_variables(teacher, batch),
+                     method=methods.ce() + methods.dkd(teacher="peer"), tx=optax.sgd(0.1), sample_batch=batch,
+                     rng=jax.random.PRNGKey(0))
