@@ -155,6 +155,8 @@ def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_mod
             json.dump(key, f, indent=2, default=str)
         print(f"{label}: training {config.num_params / 1e6:.2f}M parameters for {steps} steps in {directory}",
               file=sys.stderr)
+        runner.progress.total = (runner.progress.total or 0) + steps  # the bar counts this training too
+        runner.progress.refresh()
         with runner.phases.phase("setup"):
             state = jaxkd.create(participants={"student": lm_participant(config, init_variables, trains=True)},
                                  method=methods.lm_ce(), tx=optimizer(lr, steps, warmup_steps, weight_decay),

@@ -1,11 +1,13 @@
-"""Package plumbing: export every public name of a package's modules from the package itself."""
+"""Package plumbing: export every public name of a package's modules from the package itself, and keep
+former names resolving (with a warning) after a rename."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 import types
-from typing import Any, Iterable, MutableMapping
+import warnings
+from typing import Any, Iterable, Mapping, MutableMapping
 
 
 def export_modules(
@@ -33,3 +35,18 @@ def export_modules(
             namespace[export] = value
             exported.append(export)
     return exported
+
+
+def renamed_attributes(namespace: MutableMapping[str, Any], renamed: Mapping[str, str]):
+    """A module ``__getattr__`` under which each former name in ``renamed`` (old -> new) still resolves to
+    the renamed object, with one ``FutureWarning`` naming the new name."""
+    package = namespace["__name__"]
+
+    def __getattr__(name: str):
+        new = renamed.get(name)
+        if new is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        warnings.warn(f"{package}.{name} is deprecated: use {package}.{new}", FutureWarning, stacklevel=2)
+        return namespace[new]
+
+    return __getattr__

@@ -9,7 +9,7 @@ Every public name of every module of this package (its ``__all__``) is exported 
 one new file: ``jaxkd/losses/<method>.py``, named after the method it implements.
 """
 
-from jaxkd._packages import export_modules
+from jaxkd._packages import export_modules, renamed_attributes
 from jaxkd.losses.core import log_softmax, per_example_loss, reduce_loss
 
 __all__ = ["log_softmax", "per_example_loss", "reduce_loss"]
@@ -21,13 +21,4 @@ __all__.sort()
 _RENAMED = {"nd_loss": "nd", "ofa_loss": "ofa", "swing_kd": "swing", "adpa_loss": "adpa", "alm_loss": "alm",
             "fusellm_loss": "fusellm", "minillm_loss": "minillm", "infigfusion_gld": "infigfusion"}
 
-
-def __getattr__(name: str):
-    """The former names still work, with one ``FutureWarning``."""
-    new = _RENAMED.get(name)
-    if new is None:
-        raise AttributeError(f"module 'jaxkd.losses' has no attribute {name!r}")
-    import warnings
-
-    warnings.warn(f"jaxkd.losses.{name} is deprecated: use jaxkd.losses.{new}", FutureWarning, stacklevel=2)
-    return globals()[new]
+__getattr__ = renamed_attributes(globals(), _RENAMED)

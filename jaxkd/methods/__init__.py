@@ -6,7 +6,7 @@ its ``__all__``; all of them are imported and exported here, so a new method is 
 line — no list to edit.
 """
 
-from jaxkd._packages import export_modules
+from jaxkd._packages import export_modules, renamed_attributes
 from jaxkd.methods.base import (
     LABELED_KEY,
     MASK_KEY,
@@ -26,7 +26,7 @@ from jaxkd.methods.base import (
     stateless_method,
     until,
 )
-from jaxkd.methods.registry import REGISTRY, method_table, register
+from jaxkd.methods.registry import ALIASES, REGISTRY, method_table, register
 from jaxkd.methods.spec import parse
 
 __all__ = [
@@ -61,16 +61,6 @@ __all__.sort()
 
 
 #: Former factory names (the registry's :data:`~jaxkd.methods.registry.ALIASES`, plus the AB connector).
-_RENAMED = {**__import__("jaxkd.methods.registry", fromlist=["ALIASES"]).ALIASES,
-            "abound_connector": "activation_boundary_connector"}
+_RENAMED = {**ALIASES, "abound_connector": "activation_boundary_connector"}
 
-
-def __getattr__(name: str):
-    """``jaxkd.methods.jsd`` and the other former names still work, with one ``FutureWarning``."""
-    new = _RENAMED.get(name)
-    if new is None:
-        raise AttributeError(f"module 'jaxkd.methods' has no attribute {name!r}")
-    import warnings
-
-    warnings.warn(f"jaxkd.methods.{name} is deprecated: use jaxkd.methods.{new}", FutureWarning, stacklevel=2)
-    return globals()[new]
+__getattr__ = renamed_attributes(globals(), _RENAMED)
