@@ -10,9 +10,21 @@ one new file: ``jaxkd/losses/<method>.py``, named after the method it implements
 """
 
 from jaxkd._packages import export_modules, renamed_attributes
-from jaxkd.losses.core import log_softmax, per_example_loss, reduce_loss
+from jaxkd.losses.core import (
+    combine_masks,
+    flatten_features,
+    is_masked,
+    l2_normalize,
+    log_softmax,
+    per_example_loss,
+    reduce_loss,
+    to_float,
+)
 
-__all__ = ["log_softmax", "per_example_loss", "reduce_loss"]
+# Besides the objectives: the helpers a new loss is written with (the shared reduction, float32 accumulation,
+# -inf-safe masks, feature flattening and normalization), so an extension needs only ``jaxkd.losses``.
+__all__ = ["combine_masks", "flatten_features", "is_masked", "l2_normalize", "log_softmax", "per_example_loss",
+           "reduce_loss", "to_float"]
 __all__ += export_modules(globals(), skip={"core"})
 __all__.sort()
 
