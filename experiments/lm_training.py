@@ -28,7 +28,7 @@ import jaxkd
 from jaxkd import eval_metrics, inference, methods
 from jaxkd.checkpoint import load_variables, save_variables
 from jaxkd.data import text
-from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+from jaxkd.batch import with_token_normalizer
 from jaxkd.models import lm as lm_models
 
 from experiments.runner import Evaluation, Runner, folder_lock
@@ -54,8 +54,7 @@ def lm_participant(config: lm_models.LMConfig, variables=None, *, trains: bool,
 
 def with_normalizer(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The batch plus its global target-token count per example (exact means under accumulation)."""
-    target_mask = batch["mask"][:, 1:] & batch["mask"][:, :-1]
-    return {**batch, TOKEN_NORMALIZER_KEY: token_normalizer(target_mask)}
+    return with_token_normalizer(batch)
 
 
 def padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:

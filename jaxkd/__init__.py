@@ -1,6 +1,7 @@
 """jaxkd: knowledge distillation in JAX/Flax.
 
-* :mod:`jaxkd.losses` — pure, jittable objectives over arrays.
+* :mod:`jaxkd.batch` — the batch schema: entry names, token masks, global counts.
+* :mod:`jaxkd.losses` — pure, jittable objectives over arrays (they never see a batch).
 * :mod:`jaxkd.methods` — methods as composable transforms (``ce() + kd(temperature=4)``).
 * :mod:`jaxkd.train_state`, :mod:`jaxkd.steps` — the teacher/student state and its jitted steps.
 * :mod:`jaxkd.eval_metrics` — what an evaluation measures (top-1, agreement, teacher–student KL, bits per byte).
@@ -9,7 +10,7 @@
 * :mod:`jaxkd.sharding`, :mod:`jaxkd.checkpoint`, :mod:`jaxkd.data`, :mod:`jaxkd.models`.
 """
 
-from jaxkd import checks, eval_metrics, inference, losses, methods
+from jaxkd import batch, checks, eval_metrics, inference, losses, methods
 from jaxkd.participants import Participant
 from jaxkd.steps import NonFiniteError, StepFailedError, evaluate, make_eval_step, make_train_step
 from jaxkd.train_state import TrainState, create
@@ -21,6 +22,7 @@ __all__ = [
     "Participant",
     "StepFailedError",
     "TrainState",
+    "batch",
     "checks",
     "create",
     "eval_metrics",

@@ -33,7 +33,7 @@ from jaxkd import sharding as shd
 from jaxkd.checks import check_choice, check_int, check_label_values
 from jaxkd.eval_metrics import EvalMetric, EvalView, top1
 from jaxkd.losses.core import combine_masks
-from jaxkd.losses.tokens import is_normalizer_key
+from jaxkd.batch import is_normalizer_key
 from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo, require
 from jaxkd.participants import STUDENT
 from jaxkd.train_state import ModelVariables, TrainState, check_sample_batch
@@ -142,7 +142,7 @@ def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array
 
 
 def _equalize_normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Spreads each global count (the entries named ``*normalizer``, :func:`jaxkd.losses.tokens.is_normalizer_key`)
+    """Spreads each global count (the entries named ``*normalizer``, :func:`jaxkd.batch.is_normalizer_key`)
     evenly over the examples before the batch is split: per-host shares (each host's count over its rows)
     sum to the global count, but only equal shares make every micro-batch's normalizer ``b/B`` of it (see
     :mod:`jaxkd.losses.tokens`)."""

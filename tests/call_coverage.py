@@ -2,7 +2,7 @@
 never calls one of them.
 
 The functions watched are every function in ``jaxkd.losses.__all__`` and every method factory of the
-registry (``jaxkd.methods.REGISTRY``); constants and classes (``TAIDState``, ``TOKEN_NORMALIZER_KEY``, …)
+registry (``jaxkd.methods.REGISTRY``); constants and classes (``TAIDState``, …)
 are not functions and are not watched. A call counts when the function's own body is entered, in a test,
 a fixture or a test module's import (a loss called inside a method, or traced once by ``jit``, counts):
 nothing is declared by hand.

@@ -11,7 +11,7 @@ import pytest
 
 import jaxkd
 from jaxkd import losses, methods
-from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+from jaxkd.batch import TOKEN_NORMALIZER as TOKEN_NORMALIZER_KEY, token_normalizer
 from jaxkd.methods.base import LossInputs
 from jaxkd.methods.lm_policy import identifier_spans
 from jaxkd.models import lm as lm_models

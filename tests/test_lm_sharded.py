@@ -10,7 +10,7 @@ import optax
 
 import jaxkd
 from jaxkd import methods, sharding
-from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+from jaxkd.batch import TOKEN_NORMALIZER as TOKEN_NORMALIZER_KEY, token_normalizer
 from jaxkd.models import lm as lm_models
 from jaxkd.participants import student, teacher
 

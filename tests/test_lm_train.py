@@ -12,7 +12,7 @@ import pytest
 
 import jaxkd
 from jaxkd import losses, methods
-from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, normalizer_key_of, token_normalizer
+from jaxkd.batch import TOKEN_NORMALIZER as TOKEN_NORMALIZER_KEY, normalizer_key_of, token_normalizer
 from jaxkd.methods.base import LossInputs, MethodVars
 from jaxkd.models import lm as lm_models
 from jaxkd.models.base import Outputs

@@ -48,7 +48,7 @@ NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in TRAINED_ELSEWHERE else 
 
 def lm_fixtures(method):
     """Student, participants and batch for an LM method: every participant it reads is a frozen tiny LM."""
-    from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+    from jaxkd.batch import TOKEN_NORMALIZER as TOKEN_NORMALIZER_KEY, token_normalizer
     from jaxkd.models import lm as lm_models
 
     cfg = lm_models.LMConfig(vocab_size=128, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=8)

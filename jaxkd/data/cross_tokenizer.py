@@ -290,7 +290,7 @@ class ParallelBatches:
     ``default_rng([seed, 0, e]).permutation(N)[s·b:(s+1)·b]`` (unshuffled: in order); the last partial
     batch of an epoch is dropped. Every batch is the arrays of :data:`PARALLEL_KEYS` plus
 
-    * ``"token_normalizer"`` (:data:`jaxkd.losses.tokens.TOKEN_NORMALIZER_KEY`): the teacher-token
+    * ``"token_normalizer"`` (:data:`jaxkd.batch.TOKEN_NORMALIZER`): the teacher-token
       ("tokens") target count over the batch size, per example (what ``lm_ce`` on ``"tokens"`` reads);
     * ``"student_token_normalizer"``: the same for the student's rows (``lm_ce(tokens_key="student_tokens")``);
     * :data:`ALM_CHUNK_NORMALIZER_KEY`: the batch's chunk count over the batch size, per example (what
@@ -347,7 +347,7 @@ class ParallelBatches:
         return np.random.default_rng([self.seed, 0, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, normalizer_key_of, token_normalizer
+        from jaxkd.batch import TOKEN_NORMALIZER as TOKEN_NORMALIZER_KEY, normalizer_key_of, token_normalizer
 
         rows = self.epoch_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
         out = self.data.rows(rows)

@@ -373,7 +373,7 @@ class _TextBatchMaker:
         return np.random.default_rng([self.seed, 0, epoch]).permutation(n)
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        from jaxkd.losses.tokens import TOKEN_NORMALIZER_KEY, token_normalizer
+        from jaxkd.batch import TOKEN_NORMALIZER as TOKEN_NORMALIZER_KEY, token_normalizer
 
         b, local, lo = self.batch_size, self.local_batch_size, self.lo
         rows = self.epoch_order(epoch)[step * b : (step + 1) * b]  # the global batch
@@ -422,7 +422,7 @@ class TextLoader(Loader):
 
     Each batch is ``{"tokens": int32 [b, T], "mask": bool [b, T], "token_normalizer": float32 [b]}``
     (``b = batch_size / process_count``; the normalizer is the global batch's target-token count over
-    ``batch_size``, :func:`jaxkd.losses.tokens.token_normalizer`).  With ``drop_remainder=False`` the
+    ``batch_size``, :func:`jaxkd.batch.token_normalizer`).  With ``drop_remainder=False`` the
     last batch is padded with rows whose mask is all False (tokens ``pad``).  ``with_index=True`` adds
     ``"index": int32 [b]`` (the rows' indices; 0 on padding rows); ``teacher_cache`` adds its
     ``"topk_indices"``/``"topk_log_probs"`` ``[b, T_cache, k]`` of the same rows (padding rows: zero mass).

@@ -190,7 +190,7 @@ def reduce_loss(
     With ``w = mask · weights``: ``"mean"`` is ``Σ w·l / Σ w`` (0 when ``Σ w = 0``), ``"sum"`` is ``Σ w·l``,
     ``"none"`` returns ``w·l`` unreduced. ``normalizer`` replaces the denominator ``Σ w`` of the mean (0
     still gives 0): a token loss over one micro-batch divided by the *global* count of target tokens
-    (:func:`jaxkd.losses.tokens.token_normalizer`) accumulates to exactly the full batch's mean, however
+    (:func:`jaxkd.batch.token_normalizer`) accumulates to exactly the full batch's mean, however
     the tokens fall between micro-batches (TRL's ``num_items_in_batch``; trl PR #6006). Examples with ``w = 0`` contribute exactly 0 to the value even
     when it is NaN or infinite (padding may hold anything); every other NaN propagates. Only the value:
     the gradient reaching a masked example is ``0``, and ``0 · NaN`` is NaN, so a masked example whose

@@ -349,7 +349,7 @@ def fusellm(
       weights: optional float ``[B, T]`` weights for the reduction.
       reduction: ``"mean"`` (over valid tokens; 0 when none), ``"sum"`` or ``"none"`` (per token).
       normalizer: the mean's denominator instead of this batch's token count (the global count under
-        gradient accumulation, :func:`jaxkd.losses.tokens.batch_normalizer`).
+        gradient accumulation, :func:`jaxkd.batch.batch_normalizer`).
     """
     check_in_range("lm_weight", lm_weight, 0.0, 1.0)
     check_choice("divergence", divergence, ("ce", "kl"))

@@ -28,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxkd import batch as batch_schema
 from jaxkd.checks import check_nonnegative
 from jaxkd.losses.core import combine_masks
 from jaxkd.models.base import Outputs
@@ -37,10 +38,8 @@ Array = jax.Array
 PyTree = Any
 Weight = Union[float, Callable[[Array], Array]]
 
-#: Batch entry marking the valid examples of a padded batch (eval batches are padded to a fixed size).
-MASK_KEY = "mask"
-#: Batch entry marking which examples carry a label, for semi-supervised batches (absent: all do).
-LABELED_KEY = "labeled"
+#: The batch entries of valid examples and of labeled ones (:mod:`jaxkd.batch`), under their methods names.
+MASK_KEY, LABELED_KEY = batch_schema.MASK, batch_schema.LABELED
 #: Metric names the train step writes itself; no method may be named like them.
 RESERVED_NAMES = ("loss", "grad_norm", "accuracy", "skipped")
 

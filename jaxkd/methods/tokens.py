@@ -1,7 +1,7 @@
 """Token-level methods for causal language models: next-token cross-entropy and token distillation.
 
 An LM batch is ``{"tokens": int32 [B, T], "mask": bool [B, T]}`` (plus the global token count,
-:data:`jaxkd.losses.tokens.TOKEN_NORMALIZER_KEY`); LM participants read ``("tokens", "mask")``. Every
+:data:`jaxkd.batch.TOKEN_NORMALIZER`); LM participants read ``("tokens", "mask")``. Every
 method here scores position ``t``'s logits against token ``t + 1`` (:func:`jaxkd.losses.next_token_targets`)
 and averages over the target tokens of the whole batch — exact under gradient accumulation and sharding.
 
@@ -18,7 +18,8 @@ import jax
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
-from jaxkd.losses.tokens import batch_normalizer, next_token_targets, normalizer_key_of, shift_logits
+from jaxkd.batch import batch_normalizer, normalizer_key_of
+from jaxkd.losses.tokens import next_token_targets, shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
 from jaxkd.methods.features import participant_variables
 from jaxkd.methods.registry import register
@@ -99,7 +100,7 @@ def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_ke
     averaged over the target tokens (:func:`jaxkd.losses.cross_entropy` per token, shifted).
     ``tokens_key``/``mask_key`` name the batch entries the participant reads (a student with its own
     tokenizer reads e.g. ``"student_tokens"``); ``normalizer_key`` the global target count of that
-    tokenization (default :func:`jaxkd.losses.tokens.normalizer_key_of` ``(tokens_key)``: ``"token_normalizer"``,
+    tokenization (default :func:`jaxkd.batch.normalizer_key_of` ``(tokens_key)``: ``"token_normalizer"``,
     ``"student_token_normalizer"``...; when the batch lacks it the mean is over the (micro-)batch's own
     targets). Registry ``"lm_ce"``."""
     check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
