@@ -168,7 +168,7 @@ def fit(runner: Runner, cfg: config_lib.Config, dataset: Data, evaluation: Evalu
     # Methods that index a per-example memory (CRD) read each example's row in `split`.
     with runner.phases.phase("batches"):
         loaders = {"train": train_loader(cfg, dataset, split, seed,
-                                         with_index="index" in state.method_def.batch_keys)}
+                                         with_index="index" in state.method.batch_keys)}
         if meta is not None:
             loaders["meta"] = train_loader(cfg, dataset, meta, seed + 10_000, batch_size=min(cfg.batch_size, len(meta)))
     combine = (lambda b: with_meta(b["train"], b["meta"], meta_prefix)) if meta is not None else None

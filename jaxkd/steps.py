@@ -156,7 +156,7 @@ def _equalize_normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array
 
 def _loss_and_grads(state: TrainState, trainable, model_states, method_state, batch, dropout_rng, method_rng):
     """One forward/backward pass over ``batch``: ``(loss, grads, trained outputs, aux)``."""
-    method = state.method_def
+    method = state.method
     dropout_rngs = dict(zip(state.trained, jax.random.split(dropout_rng, len(state.trained))))
 
     # Frozen participants run once, outside the differentiated function and under stop_gradient, so no
@@ -218,24 +218,24 @@ def _accumulated_loss_and_grads(state: TrainState, batch, rng, k: int):
     first = jax.tree.map(lambda x: x[0], micro)
     rngs = jax.random.split(rng, (k, 2))
     def shapes():
-        _, grads, out, aux = _loss_and_grads(state, state.trainable, model_states, state.method.state, first, rng, rng)
+        _, grads, out, aux = _loss_and_grads(state, state.trainable, model_states, state.method_vars.state, first, rng, rng)
         return grads, {**aux.metrics, **_batch_metrics(state, first, out)[1]}
 
     grads_shape, metrics_shape = jax.eval_shape(shapes)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), {"loss": jax.ShapeDtypeStruct((), jnp.float32),
                                                                  "grads": grads_shape, "metrics": metrics_shape})
     (model_states, method_state, total), statuses = jax.lax.scan(
-        one, (model_states, state.method.state, zeros), (micro, (rngs[:, 0], rngs[:, 1])))
+        one, (model_states, state.method_vars.state, zeros), (micro, (rngs[:, 0], rngs[:, 1])))
     status = jnp.max(statuses)  # bits: any micro-batch's label problem is the step's
     return total["loss"], total["grads"], model_states, method_state, total["metrics"], status
 
 
 def _train_step(state: TrainState, batch: Mapping[str, jax.Array], microbatches: int = 1) -> tuple[TrainState, Metrics]:
-    method = state.method_def
+    method = state.method
     rng, dropout_rng, method_rng = jax.random.split(state.rng, 3)
     if microbatches == 1:
         model_states = {name: v.model_state for name, v in state.trained.items()}
-        loss, grads, trained_out, aux = _loss_and_grads(state, state.trainable, model_states, state.method.state,
+        loss, grads, trained_out, aux = _loss_and_grads(state, state.trainable, model_states, state.method_vars.state,
                                                         batch, dropout_rng, method_rng)
         label_status, batch_metrics = _batch_metrics(state, batch, trained_out)
         new_model_states = {name: out.model_state for name, out in trained_out.items()}
@@ -256,7 +256,7 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array], microbatches:
         step=step,
         trained={name: ModelVariables(trainable[name], new_model_states[name]) for name in state.trained},
         opt_state=opt_state,
-        method=MethodVars(params=trainable["method"], state=method_state),
+        method_vars=MethodVars(params=trainable["method"], state=method_state),
         rng=rng,
     )
     # A bad step changes nothing but the key and the count of skipped steps: the update, the batch
@@ -405,8 +405,8 @@ def _eval_step(state: TrainState, batch: Mapping[str, jax.Array], frozen: bool =
             continue
         result = _forward(state, name, state.variables_of(name).variables(), batch, train=False)
         logits[name] = result.logits
-        if name == STUDENT and state.method_def.predict is not None:
-            logits[name] = state.method_def.predict(state.method, result)
+        if name == STUDENT and state.method.predict is not None:
+            logits[name] = state.method.predict(state.method_vars, result)
         finite = jnp.all(jnp.isfinite(logits[name]), axis=tuple(range(1, logits[name].ndim)))
         out[f"{'' if name == STUDENT else name + '_'}nonfinite"] = jnp.sum(
             jnp.where(valid if valid is not None else True, ~finite, False).astype(jnp.int32))

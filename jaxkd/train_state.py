@@ -25,6 +25,7 @@ device (a teacher too large for one device is loaded shard by shard).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Mapping
 
 import flax.struct
@@ -76,32 +77,41 @@ class TrainState(flax.struct.PyTreeNode):
       trained: trained participants' :class:`ModelVariables` by name (always holds ``"student"``).
       frozen: frozen participants' :class:`ModelVariables` by name.
       opt_state: Optax state over :attr:`trainable`.
-      method: the method's variables, keyed by method name (see :func:`jaxkd.methods.chain`).
+      method_vars: the method's variables (:class:`~jaxkd.methods.MethodVars`: trainable ``params`` and carried
+        ``state``), keyed by method name (see :func:`jaxkd.methods.chain`).
       rng: the PRNG key the step splits for dropout and randomness inside losses.
       skipped_steps: updates skipped because the loss or a gradient was not finite (only with
         ``make_train_step(on_nonfinite="skip")``; int32).
       participants: ``((name, Participant), ...)`` without variables (static).
-      method_def, tx, label_key, num_classes, batch_spec: static.
+      method: the :class:`~jaxkd.methods.Method` (its functions and what it reads); static, like ``tx``,
+        ``label_key``, ``num_classes`` and ``batch_spec``.
     """
 
     step: jax.Array
     trained: dict[str, ModelVariables]
     frozen: dict[str, ModelVariables]
     opt_state: optax.OptState
-    method: MethodVars
+    method_vars: MethodVars
     rng: jax.Array
     skipped_steps: jax.Array
     participants: tuple = flax.struct.field(pytree_node=False, default=())
-    method_def: Method = flax.struct.field(pytree_node=False, default=None)
+    method: Method = flax.struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
     label_key: str = flax.struct.field(pytree_node=False, default="label")
     num_classes: int = flax.struct.field(pytree_node=False, default=0)
     batch_spec: BatchSpec = flax.struct.field(pytree_node=False, default=BatchSpec())
 
     @property
+    def method_def(self) -> Method:
+        """Former name of :attr:`method` (the method itself; its variables are :attr:`method_vars`)."""
+        warnings.warn("TrainState.method_def is deprecated: use TrainState.method (the method's variables are "
+                      "TrainState.method_vars)", FutureWarning, stacklevel=2)
+        return self.method
+
+    @property
     def trainable(self) -> dict[str, PyTree]:
         """What the optimizer steps: every trained participant's parameters and the method's."""
-        return {**{name: v.params for name, v in self.trained.items()}, "method": self.method.params}
+        return {**{name: v.params for name, v in self.trained.items()}, "method": self.method_vars.params}
 
     def participant(self, name: str) -> Participant:
         for n, p in self.participants:
@@ -138,12 +148,14 @@ class TrainState(flax.struct.PyTreeNode):
     def run_tree(self) -> dict[str, PyTree]:
         """The arrays a run's checkpoint holds: everything but the frozen participants (saved once, in
         their own checkpoints, and named in the run's by fingerprint)."""
-        return {"step": self.step, "trained": self.trained, "opt_state": self.opt_state, "method": self.method,
+        return {"step": self.step, "trained": self.trained, "opt_state": self.opt_state, "method": self.method_vars,
                 "rng": self.rng, "skipped_steps": self.skipped_steps}
 
     def with_run_tree(self, tree: Mapping[str, PyTree]) -> "TrainState":
-        """This state with the arrays of a restored :meth:`run_tree`."""
-        return self.replace(**tree)
+        """This state with the arrays of a restored :meth:`run_tree` (whose ``"method"`` entry, named so in
+        every checkpoint, holds the method's variables)."""
+        tree = dict(tree)
+        return self.replace(method_vars=tree.pop("method"), **tree)
 
 
 def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, who: str,
@@ -405,11 +417,11 @@ def create(
         trained=trained,
         frozen={n: ModelVariables(*split_variables(v)) for n, v in frozen_vars.items()},
         opt_state=opt_state,
-        method=method_vars,
+        method_vars=method_vars,
         rng=replicate(rng),
         skipped_steps=replicate(jnp.zeros((), jnp.int32)),
         participants=static,
-        method_def=method,
+        method=method,
         tx=full_tx,
         label_key=label_key,
         num_classes=num_classes,

@@ -234,7 +234,7 @@ def test_train_step_detaches_the_teacher():
     def loss(p):
         out = student.apply({"params": p}, batch["image"], train=True)
         inputs = LossInputs.of(out, Outputs(constant, {}, {}), batch, jnp.zeros((), jnp.int32))
-        return method.loss(state.method, inputs, jax.random.PRNGKey(0))[0]
+        return method.loss(state.method_vars, inputs, jax.random.PRNGKey(0))[0]
 
     expected = jax.jit(jax.grad(loss))(params)
     state, _ = jaxkd.make_train_step(donate=False)(state, batch)

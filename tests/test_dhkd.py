@@ -85,7 +85,7 @@ def test_method_trains_the_auxiliary_head_and_evaluates_the_model_head():
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=t_vars,
                          method=methods.dhkd(temperature=2.0, hidden=8, kd_weight=0.5), tx=optax.sgd(0.1),
                          sample_batch=batch, rng=jax.random.PRNGKey(0))
-    head = jax.device_get(state.method.params["dhkd"]["aux_head"])
+    head = jax.device_get(state.method_vars.params["dhkd"]["aux_head"])
     assert set(head) == {"hidden", "out"} and head["hidden"]["kernel"].shape == (16, 8)
     out = student.apply(state.student.variables(), batch["image"], train=True)
     f = np.asarray(out.features["pooled"], np.float64)

@@ -65,7 +65,7 @@ def test_method_trains_its_head_and_evaluation_mixes_the_two_heads():
 
     def heads(state, train):
         out = student.apply(state.student.variables(), batch["image"], train=train)
-        head = jax.device_get(state.method.params["dho"]["kd_head"]["out"])
+        head = jax.device_get(state.method_vars.params["dho"]["kd_head"]["out"])
         return np.asarray(out.logits), np.asarray(out.features["pooled"], np.float64) @ head["kernel"] + head["bias"]
 
     z_ce, z_kd = heads(state, train=True)

@@ -83,7 +83,7 @@ def test_write_your_own_method_examples_run():
     finally:
         jaxkd.methods.REGISTRY.pop("hint", None)  # the last block registers the guide's method
     state, metrics = namespace["state"], namespace["metrics"]
-    assert int(state.method.state["hint"]["calls"]) == 3 and "hint" in metrics
+    assert int(state.method_vars.state["hint"]["calls"]) == 3 and "hint" in metrics
     assert all(bool(jax.numpy.isfinite(v)) for v in metrics.values())
     assert [term.name for term in namespace["method"].terms] == ["ce", "hint"]
 

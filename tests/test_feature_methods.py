@@ -117,12 +117,12 @@ def test_feature_method_sums_pairs_through_their_own_connectors_and_trains_them(
     )
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars, method=methods.ce() + method,
                          tx=optax.sgd(0.1), sample_batch=batch, rng=jax.random.PRNGKey(0))
-    connectors = jax.device_get(state.method.params["hints"])  # the step donates the state
+    connectors = jax.device_get(state.method_vars.params["hints"])  # the step donates the state
     assert connectors["0"]["conv"]["kernel"].shape == (3, 3, 16, 32)  # 8x8 -> 4x4: stride 2
     assert connectors["1"]["conv"]["kernel"].shape == (1, 1, 32, 32)  # equal sizes: 1x1
 
     # The value from the formula, with the connectors' initial parameters and the batch's BN statistics.
-    bn_state = jax.device_get(state.method.state["hints"])
+    bn_state = jax.device_get(state.method_vars.state["hints"])
     s_out = student.apply(state.student.variables(), batch["image"], train=True)
     t_out = teacher.apply(tvars, batch["image"], train=False)
     expected = 0.0
@@ -133,9 +133,9 @@ def test_feature_method_sums_pairs_through_their_own_connectors_and_trains_them(
     new_state, metrics = jaxkd.make_train_step()(state, batch)
     np.testing.assert_allclose(float(metrics["hints"]), expected, rtol=1e-4)
     assert {"hints/stage1", "hints/stage2"} <= set(metrics)
-    assert not np.allclose(new_state.method.params["hints"]["0"]["conv"]["kernel"], connectors["0"]["conv"]["kernel"])
+    assert not np.allclose(new_state.method_vars.params["hints"]["0"]["conv"]["kernel"], connectors["0"]["conv"]["kernel"])
     bn_before = bn_state["1"]["batch_stats"]["bn"]["mean"]
-    assert not np.allclose(new_state.method.state["hints"]["1"]["batch_stats"]["bn"]["mean"], bn_before)
+    assert not np.allclose(new_state.method_vars.state["hints"]["1"]["batch_stats"]["bn"]["mean"], bn_before)
 
 
 def test_relational_loss_passes_the_mask_as_weights_and_has_only_a_mean():

@@ -59,8 +59,8 @@ def two_stage_run():
 
 def test_fitnets_trains_the_regressor_in_the_jitted_step(two_stage_run):
     states, metrics = two_stage_run
-    before = jax.device_get(states[0].method.params["fitnets"])
-    after = jax.device_get(states[1].method.params["fitnets"])
+    before = jax.device_get(states[0].method_vars.params["fitnets"])
+    after = jax.device_get(states[1].method_vars.params["fitnets"])
     assert np.isfinite(metrics[0]["fitnets"]) and metrics[0]["fitnets"] > 0
     # (The conv bias feeds BatchNorm in train mode, which removes it: it gets no gradient, as in PyTorch.)
     for a, b in ((before["0"]["conv"]["kernel"], after["0"]["conv"]["kernel"]), *zip(
@@ -87,8 +87,8 @@ def loss_gradients(state, step):
         variables = {"params": trainable["student"], **state.trained["student"].model_state}
         inputs = methods.LossInputs.of(STUDENT.apply(variables, BATCH["image"], train=True), teacher_out, BATCH,
                                        step=step)
-        vars = methods.MethodVars(trainable["method"], state.method.state)
-        return state.method_def.loss(vars, inputs, jax.random.PRNGKey(0))[0]
+        vars = methods.MethodVars(trainable["method"], state.method_vars.state)
+        return state.method.loss(vars, inputs, jax.random.PRNGKey(0))[0]
 
     return jax.grad(total)(state.trainable)
 

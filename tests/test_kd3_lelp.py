@@ -211,18 +211,18 @@ def test_kd3_and_lelp_train(tmp_path):
     assert float(metrics["kd3/selected"]) == 1.0
     assert float(metrics["lelp"]) > 0
     # The connector (student 16 -> teacher 32), the LELP head and the student all moved.
-    assert set(state.method.params["kd3"]) == {"connector"} and set(state.method.params["lelp"]) == {"head"}
+    assert set(state.method_vars.params["kd3"]) == {"connector"} and set(state.method_vars.params["lelp"]) == {"head"}
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), before, state.trainable)
     assert all(jax.tree_util.tree_leaves(changed))
     # The projections are method state, kept as given; evaluation scores the LELP head's class marginals.
-    np.testing.assert_allclose(state.method.state["lelp"]["projections"], proj, rtol=1e-6)
+    np.testing.assert_allclose(state.method_vars.state["lelp"]["projections"], proj, rtol=1e-6)
     _, student = tiny_models()
     out = student.apply(state.trained["student"].variables(), batch["image"], train=False)
-    head = state.method.params["lelp"]["head"]
+    head = state.method_vars.params["lelp"]["head"]
     sub = np.asarray(out.features["pooled"], np.float64) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
     sub = sub.reshape(len(sub), NUM_CLASSES, 2)
     expected = np.log(np.exp(sub).sum(-1))
-    np.testing.assert_allclose(state.method_def.predict(state.method, out), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state.method.predict(state.method_vars, out), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_classifier", [False, True])
@@ -259,7 +259,7 @@ def test_lelp_without_projections_accumulates_the_teachers_moments_in_the_step()
         assert np.isfinite(float(metrics["lelp"]))
     f = np.concatenate([np.asarray(teacher.apply(tvars, b["image"], train=False).features["pooled"]) for b in batches])
     y = np.concatenate([b["label"] for b in batches])
-    st = state.method.state["lelp"]
+    st = state.method_vars.state["lelp"]
     np.testing.assert_allclose(st["counts"], np.bincount(y, minlength=st["counts"].shape[0]))
     np.testing.assert_allclose(st["sums"], np.eye(st["counts"].shape[0])[y].T @ f, rtol=1e-5, atol=1e-5)
 

@@ -81,7 +81,7 @@ def test_method_keeps_a_frozen_copy_of_the_initial_student():
                          method=methods.kd_dp(temperature=2.0), tx=optax.sgd(0.1), sample_batch=batch,
                          rng=jax.random.PRNGKey(0))
     initial = jax.device_get(state.student.params)
-    frozen = lambda: jax.device_get(state.method.state["kd_dp"]["initial_student"]["params"])
+    frozen = lambda: jax.device_get(state.method_vars.state["kd_dp"]["initial_student"]["params"])
     jax.tree.map(np.testing.assert_array_equal, frozen(), initial)
     z0 = np.asarray(student.apply(state.student.variables(), batch["image"], train=False).logits)
     zt = np.asarray(teacher.apply(t_vars, batch["image"], train=False).logits)

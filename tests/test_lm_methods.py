@@ -44,7 +44,7 @@ def loss_and_metrics(state, rng=jax.random.PRNGKey(3)):
         outputs = {name: state.participant(name).model.apply(v, x, train=False) for name, v in variables.items()}
         inputs = LossInputs(outputs=outputs, batch=BATCH, step=state.step, variables=variables,
                             participants=state.participants, label_key="label")
-        value, aux = state.method_def.loss(state.method, inputs, rng)
+        value, aux = state.method.loss(state.method_vars, inputs, rng)
         return value, aux.metrics
     return jax.jit(run)(state)
 
@@ -58,9 +58,9 @@ def test_distillm_on_data_is_the_skew_kl_and_its_probability_follows_the_validat
     observe = methods.observe_validation_loss
     state = observe(state, 2.0)        # first evaluation: recorded, p unchanged
     state = observe(state, 2.05)       # +0.05 < eps: unchanged
-    assert float(state.method.state["distillm"].threshold) == 0.0
+    assert float(state.method_vars.state["distillm"].threshold) == 0.0
     state = observe(state, 2.15)       # +0.15 >= eps over 2.0: p += 0.1
-    assert float(state.method.state["distillm"].threshold) == pytest.approx(0.1)
+    assert float(state.method_vars.state["distillm"].threshold) == pytest.approx(0.1)
     always = new_state(methods.distillm(init_threshold=1.0, prompt_length=3))
     value, metrics = loss_and_metrics(always)
     assert float(metrics["distillm/student_output"]) == 1.0 and np.isfinite(float(value))

@@ -247,7 +247,7 @@ def _loss(state, params, batch):
                "teacher": t.model.apply(state.teacher.variables(), x, train=False)}
     inputs = LossInputs(outputs=outputs, batch=batch, step=state.step, variables={}, participants=state.participants,
                         label_key="label")
-    return state.method_def.loss(state.method, inputs, jax.random.PRNGKey(0))[0]
+    return state.method.loss(state.method_vars, inputs, jax.random.PRNGKey(0))[0]
 
 
 def test_vocabularies_of_different_sizes_need_an_explicit_truncation():

@@ -51,7 +51,7 @@ def trained_state(method, other):
 def loss_grads(method, state):
     """``d loss / d params`` of every trained participant, the way the train step differentiates: each
     trained participant's forward in train mode inside the differentiated function."""
-    chain = state.method_def
+    chain = state.method
     trained = state.trained
 
     def loss(params):
@@ -61,7 +61,7 @@ def loss_grads(method, state):
         }
         inputs = LossInputs(outputs=outputs, batch=BATCH, step=jnp.zeros((), jnp.int32),
                             participants=state.participants)
-        value, _ = chain.loss(MethodVars(state.method.params, state.method.state), inputs, RNG)
+        value, _ = chain.loss(MethodVars(state.method_vars.params, state.method_vars.state), inputs, RNG)
         return value
 
     return jax.grad(loss)({name: v.params for name, v in trained.items()})

@@ -131,16 +131,16 @@ def test_lsskd_and_diswot_in_the_train_step():
                          method=methods.parse("ce + lsskd + kd(temperature=4) + diswot + lsskd(rotations=False, name='plain')"),
                          tx=optax.sgd(0.05, momentum=0.9), sample_batch=batch, rng=jax.random.PRNGKey(0))
     # the rotation heads predict the 4·C joint (class, rotation) labels, the plain ones the C classes
-    assert {s[-1] for s in _dense_kernel_shapes(state.method.params["lsskd"])} == {4 * NUM_CLASSES}
-    assert {s[-1] for s in _dense_kernel_shapes(state.method.params["plain"])} == {NUM_CLASSES}
-    heads = [np.array(x) for x in jax.tree_util.tree_leaves(state.method.params["lsskd"])]  # the step donates
+    assert {s[-1] for s in _dense_kernel_shapes(state.method_vars.params["lsskd"])} == {4 * NUM_CLASSES}
+    assert {s[-1] for s in _dense_kernel_shapes(state.method_vars.params["plain"])} == {NUM_CLASSES}
+    heads = [np.array(x) for x in jax.tree_util.tree_leaves(state.method_vars.params["lsskd"])]  # the step donates
     new, metrics = jaxkd.make_train_step()(state, batch)
     for key in ("lsskd", "lsskd/ce_aux", "lsskd/kd_aux", "lsskd/kd_final", "diswot", "diswot/relation", "diswot/semantic",
                 "plain", "plain/ce_aux", "plain/kd_aux", "plain/kd_final"):
         assert np.isfinite(float(metrics[key])), key
     # three joint classifiers start near 3·log(4·C), the plain ones near 3·log(C)
     assert float(metrics["lsskd/ce_aux"]) > float(metrics["plain/ce_aux"])
-    after = jax.tree_util.tree_leaves(new.method.params["lsskd"])
+    after = jax.tree_util.tree_leaves(new.method_vars.params["lsskd"])
     assert any(not np.allclose(a, b) for a, b in zip(heads, after)), "the auxiliary classifiers did not train"
 
 

@@ -76,7 +76,7 @@ def test_sharded_steps_equal_the_single_device_run(method, mesh_name):
         t_kernel = state.frozen["teacher"].params["dense1"]["kernel"]  # [16, 128]
         assert t_kernel.addressable_shards[0].data.shape == (16, 128 // fsdp)
     if method == "connector":
-        head = jax.tree.leaves(state.method.params)
+        head = jax.tree.leaves(state.method_vars.params)
         assert any(h.shape == (64, 64) and h.addressable_shards[0].data.shape[1] == 64 // fsdp for h in head)
 
 

@@ -115,14 +115,14 @@ def test_user_method_params_are_trained_and_state_is_carried():
         method=methods.ce() + projection_method(), tx=optax.sgd(0.1), sample_batch=batch,
         rng=jax.random.PRNGKey(0),
     )
-    kernel0 = np.asarray(state.method.params["hint"]["kernel"])
+    kernel0 = np.asarray(state.method_vars.params["hint"]["kernel"])
     step = jaxkd.make_train_step()
     first = None
     for _ in range(20):
         state, metrics = step(state, batch)
         first = float(metrics["hint"]) if first is None else first
-    assert int(state.method.state["hint"]["calls"]) == 20
-    assert not np.allclose(kernel0, state.method.params["hint"]["kernel"])
+    assert int(state.method_vars.state["hint"]["calls"]) == 20
+    assert not np.allclose(kernel0, state.method_vars.params["hint"]["kernel"])
     assert float(metrics["hint"]) < first
 
 

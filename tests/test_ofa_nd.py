@@ -130,7 +130,7 @@ def test_ofa_and_nd_train_a_cnn_student_from_a_token_teacher():
 
 
 def _method_params(state):
-    return state.method.params
+    return state.method_vars.params
 
 
 def test_ofa_branch_heads_read_tokens_for_a_token_student():
@@ -167,7 +167,7 @@ def test_nd_without_class_means_accumulates_the_teachers_class_means_in_the_step
         state, metrics = step(state, batches[k])
         f, y = np.concatenate(pooled[: k + 1]), np.concatenate(labels[: k + 1])
         means = np.stack([f[y == c].mean(0) if np.any(y == c) else np.zeros(f.shape[1]) for c in range(NUM_CLASSES)])
-        st = state.method.state["nd"]
+        st = state.method_vars.state["nd"]
         np.testing.assert_allclose(st["sums"] / np.maximum(st["counts"], 1)[:, None], means, rtol=1e-5, atol=1e-6)
         # ND from the formula: 1 − <s, c_y/|c_y|> / max(|s|, |t|), with the running means.
         c = means[labels[k]] / np.linalg.norm(means[labels[k]], axis=1, keepdims=True)

@@ -89,13 +89,13 @@ def test_ofd_and_reviewkd_train_in_the_jitted_step_with_the_teachers_margins():
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars,
                          method=methods.parse("ce + 0.001 * ofd + 0.6 * reviewkd"), tx=optax.sgd(0.05, momentum=0.9),
                          sample_batch=batch, rng=jax.random.PRNGKey(0))
-    before = jax.device_get(state.method.params)
-    start = jax.device_get((state.student.variables(), state.method.params["ofd"]["2"], state.method.state["ofd"]["2"]))
+    before = jax.device_get(state.method_vars.params)
+    start = jax.device_get((state.student.variables(), state.method_vars.params["ofd"]["2"], state.method_vars.state["ofd"]["2"]))
     state, metrics = jaxkd.make_train_step()(state, batch)
     terms = [float(metrics[f"ofd/stage{k}_preact"]) for k in (1, 2, 3)]
     np.testing.assert_allclose(float(metrics["ofd"]), terms[0] / 4 + terms[1] / 2 + terms[2], rtol=1e-5)
     assert np.isfinite(float(metrics["reviewkd"])) and float(metrics["reviewkd"]) > 0
-    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.method.params))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.method_vars.params))
     assert all(jax.tree.leaves(changed["ofd"])) and all(jax.tree.leaves(changed["reviewkd"]))
     # The stage-3 term by hand: the connector (train-mode BN) at the step's start, the margin from bn2's scale/bias.
     bn = tvars["params"]["stage3_block0"]["bn2"]

@@ -86,22 +86,22 @@ def test_simkd_and_ickd_train_and_evaluation_uses_the_teachers_classifier():
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars,
                          method=methods.parse("simkd + 2.5 * ickd"), tx=optax.sgd(0.05, momentum=0.9),
                          sample_batch=batch, rng=jax.random.PRNGKey(0))
-    before = jax.device_get(state.method.params)
+    before = jax.device_get(state.method_vars.params)
     state, metrics = jaxkd.make_train_step()(state, batch)
     assert np.isfinite(float(metrics["simkd"])) and np.isfinite(float(metrics["ickd"]))
-    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.method.params))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.method_vars.params))
     assert all(jax.tree.leaves(changed["simkd"])) and all(jax.tree.leaves(changed["ickd"]))
     # The classifier copied into the method state is the teacher's.
-    fc = state.method.state["simkd"]["classifier"]
+    fc = state.method_vars.state["simkd"]["classifier"]
     np.testing.assert_array_equal(fc["kernel"], tvars["params"]["fc"]["kernel"])
     np.testing.assert_array_equal(fc["bias"], tvars["params"]["fc"]["bias"])
     # Evaluation: the teacher's classifier on the pooled projected student map (eval-mode BatchNorm).
     out = student.apply(state.student.variables(), batch["image"], train=False)
     projector = SimKDProjector(64, 2)
-    simkd_vars = {"params": state.method.params["simkd"]["projector"], **state.method.state["simkd"]["projector"]}
+    simkd_vars = {"params": state.method_vars.params["simkd"]["projector"], **state.method_vars.state["simkd"]["projector"]}
     projected = projector.apply(simkd_vars, out.features["stage3"], train=False)
     expected = np.asarray(jnp.mean(projected, axis=(1, 2)) @ tvars["params"]["fc"]["kernel"] + tvars["params"]["fc"]["bias"])
-    np.testing.assert_allclose(state.method_def.predict(state.method, out), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.method.predict(state.method_vars, out), expected, rtol=1e-5, atol=1e-6)
     result = jaxkd.make_eval_step()(state, batch)
     assert float(result["accuracy:num"]) == float(np.sum(expected.argmax(-1) == batch["label"]))
     assert not np.allclose(expected, out.logits)  # not the student's own head

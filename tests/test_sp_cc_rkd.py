@@ -189,7 +189,7 @@ def test_sp_cc_rkd_train_in_the_jitted_step():
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars,
                          method=methods.parse("ce + 3000 * sp + 0.02 * cc + rkd"), tx=optax.sgd(0.05, momentum=0.9),
                          sample_batch=batch, rng=jax.random.PRNGKey(0))
-    embed = jax.device_get(state.method.params["cc"])
+    embed = jax.device_get(state.method_vars.params["cc"])
     assert embed["embed_s"]["Dense_0"]["kernel"].shape == (64, 128)  # resnet8's pooled width -> 128
     # The first step's terms are the losses of the initial student's features (train mode).
     fs = jax.jit(lambda v, x: student.apply(v, x, train=True).features)(state.student.variables(), batch["image"])
@@ -205,6 +205,6 @@ def test_sp_cc_rkd_train_in_the_jitted_step():
             np.testing.assert_allclose(float(metrics["rkd"]), np_rkd(fs["pooled"], ft["pooled"])[0], rtol=1e-4)
     np.testing.assert_allclose(float(metrics["rkd"]), 25 * float(metrics["rkd/distance"]) + 50 * float(metrics["rkd/angle"]),
                                rtol=1e-5)
-    after = jax.device_get(state.method.params["cc"])
+    after = jax.device_get(state.method_vars.params["cc"])
     for key in ("embed_s", "embed_t"):  # both embeddings are trained (the teacher's too, as RepDistiller's)
         assert not np.allclose(after[key]["Dense_0"]["kernel"], embed[key]["Dense_0"]["kernel"])

@@ -100,6 +100,6 @@ def test_t_is_carried_in_the_method_state_and_never_below_the_linear_schedule():
     for _ in range(10):
         state, metrics = step(state, batch)
         ts.append(float(metrics["taid/t"]))
-    assert isinstance(state.method.state["taid"], losses.TAIDState)
+    assert isinstance(state.method_vars.state["taid"], losses.TAIDState)
     assert ts[0] == pytest.approx(0.4) and all(b >= a for a, b in zip(ts, ts[1:]))
-    assert float(state.method.state["taid"].t) >= 0.4 + 0.6 * 9 / 20 - 1e-6
+    assert float(state.method_vars.state["taid"].t) >= 0.4 + 0.6 * 9 / 20 - 1e-6

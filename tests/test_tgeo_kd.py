@@ -86,7 +86,7 @@ def test_hypergradient_is_the_one_step_lookahead_gradient():
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=t_vars,
                          method=methods.tgeo_kd(temperature=1.5, lookahead_lr=0.5, hidden=()), tx=optax.sgd(0.1),
                          sample_batch=batch, rng=jax.random.PRNGKey(0))
-    chain = state.method_def
+    chain = state.method
     x, y = batch["image"], batch["label"]
     t_logits = teacher.apply(t_vars, x, train=False).logits
 
@@ -95,10 +95,10 @@ def test_hypergradient_is_the_one_step_lookahead_gradient():
         out = student.apply(variables, x, train=True)
         inputs = methods.LossInputs.of(student=out, teacher=jaxkd.models.Outputs(t_logits, {}, {}), batch=batch,
                                     step=jnp.zeros((), jnp.int32), student_variables=variables, student_model=student)
-        return chain.loss(methods.MethodVars(trainable["method"], state.method.state), inputs, jax.random.PRNGKey(0))[0]
+        return chain.loss(methods.MethodVars(trainable["method"], state.method_vars.state), inputs, jax.random.PRNGKey(0))[0]
 
     grads = jax.jit(jax.grad(total))(state.trainable)
-    fusion = state.method.params["tgeo_kd"]["fusion"]
+    fusion = state.method_vars.params["tgeo_kd"]["fusion"]
 
     def apply(params, images):
         return student.apply({"params": params, **state.student.model_state}, images, train=True).logits

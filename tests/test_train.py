@@ -175,12 +175,12 @@ def test_a_skipped_step_leaves_the_method_state_unchanged(name):
     state = jaxkd.create(student=STUDENT, teacher=TEACHER, teacher_variables=TEACHER_VARS,
                          method=_stateful_methods()[name], tx=TX, sample_batch=batch, rng=jax.random.PRNGKey(0))
     state, _ = skip_step(state, batch)  # a real step first: the state is past its initial value
-    before = jax.device_get(state.method)
+    before = jax.device_get(state.method_vars)
     image = batch["image"].copy()
     image[2, 1, 1, 0] = np.nan
     state, metrics = skip_step(state, dict(batch, image=image))
     assert float(metrics["skipped"]) == 1.0 and int(state.skipped_steps) == 1
-    after = jax.device_get(state.method)
+    after = jax.device_get(state.method_vars)
     assert jax.tree.leaves(after.state), "the method has state"
     chex.assert_trees_all_equal(before, after)
 
@@ -390,3 +390,14 @@ def test_gradient_accumulation_equals_the_unsplit_batch():
         jaxkd.make_train_step(microbatches=3)(split, BATCH)
     with pytest.raises(ValueError, match="microbatches"):
         jaxkd.make_train_step(microbatches=0)
+
+
+def test_the_method_and_its_variables_have_their_own_names():
+    """``state.method`` is the method, ``state.method_vars`` its variables; the former names point there."""
+    state = new_state()
+    assert state.method is METHOD or state.method.terms == METHOD.terms
+    assert set(state.method_vars.params) == {"ce", "kd"}
+    with pytest.warns(FutureWarning, match="use TrainState.method "):
+        assert state.method_def is state.method
+    with pytest.raises(AttributeError, match="state.method_vars.params"):
+        state.method.params

@@ -138,11 +138,11 @@ def _run(spec, steps=2):
     tvars = teacher.init(jax.random.PRNGKey(1), batch["image"])
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars, method=methods.parse(spec),
                          tx=optax.sgd(0.05, momentum=0.9), sample_batch=batch, rng=jax.random.PRNGKey(0))
-    before = jax.device_get((state.method.params, state.trained["student"]))
+    before = jax.device_get((state.method_vars.params, state.trained["student"]))
     step = jaxkd.make_train_step()
     for _ in range(steps):
         state, metrics = step(state, batch)
-    return before, jax.device_get((state.method.params, state.trained["student"])), metrics
+    return before, jax.device_get((state.method_vars.params, state.trained["student"])), metrics
 
 
 def _changed(a, b):

@@ -241,7 +241,7 @@ def test_vid_abound_ft_train_in_the_jitted_step():
     spec = f"until({n}) * activation_boundary + after({n}) * ce + factor_transfer(paraphraser_steps={n}, weight=200) + vid"
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars, method=methods.parse(spec),
                          tx=optax.sgd(0.01, momentum=0.9), sample_batch=batch, rng=jax.random.PRNGKey(0))
-    params = jax.device_get(state.method.params)
+    params = jax.device_get(state.method_vars.params)
     # resnet8's and resnet14's stages have equal shapes: AB's connectors are identities.
     assert jax.tree.leaves(params["activation_boundary"]) == []
     assert params["vid"]["2"]["conv2"]["kernel"].shape == (1, 1, 64, 64)
@@ -249,12 +249,12 @@ def test_vid_abound_ft_train_in_the_jitted_step():
     history = [params]
     for i in range(4):
         state, metrics = step(state, batch)
-        history.append(jax.device_get(state.method.params))
+        history.append(jax.device_get(state.method_vars.params))
         for name in ("loss", "activation_boundary", "factor_transfer", "factor_transfer/reconstruction", "factor_transfer/factor", "vid"):
             assert np.isfinite(float(metrics[name])), name
         assert float(metrics["activation_boundary/weight"]) == (1.0 if i < n else 0.0)
         assert float(metrics["factor_transfer/weight"]) == (1.0 if i < n else 200.0)
-        snapshot = jax.device_get(state.method.state["factor_transfer"]["paraphraser"])
+        snapshot = jax.device_get(state.method_vars.state["factor_transfer"]["paraphraser"])
         trained = history[min(i + 1, n)]["factor_transfer"]["paraphraser"]  # the paraphraser as trained at step min(i+1, n)
         # Equal up to float rounding: XLA may compute the updated parameters twice in the step (once for the
         # state, once for the copy) with different fusion, so the last bit can differ.

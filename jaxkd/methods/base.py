@@ -308,6 +308,13 @@ class Method:
         object.__setattr__(self, "trains", tuple(n for n in dict.fromkeys(self.trains) if n != "student"))
         object.__setattr__(self, "needs_teacher", "teacher" in self.participants)
 
+    def __getattr__(self, attribute: str):
+        # TrainState.method was once the method's variables: point old code at where they are now.
+        if attribute in ("params", "state"):
+            raise AttributeError(f"a Method has no {attribute!r}: a train state's method variables are "
+                                 f"state.method_vars.{attribute} (state.method is the method itself)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
+
     def named(self, name: str) -> "Method":
         """The same method under another name (to use one method twice in a chain)."""
         return dataclasses.replace(self, name=name)

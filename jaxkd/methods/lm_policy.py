@@ -192,11 +192,11 @@ def observe_validation_loss(state, validation_loss: float, *, loss_eps: float = 
     """The train state with every DistiLLM schedule of its method updated by a validation loss
     (:func:`jaxkd.losses.distillm_schedule_update`, official ``--loss-eps`` 0.1); other methods' state is
     unchanged. Host-side, after an evaluation."""
-    method_state = dict(state.method.state)
+    method_state = dict(state.method_vars.state)
     for name, current in method_state.items():
         if isinstance(current, DistiLLMSchedule):
             method_state[name] = losses.distillm_schedule_update(current, validation_loss, loss_eps=loss_eps)
-    return state.replace(method=state.method.replace(state=method_state))
+    return state.replace(method_vars=state.method_vars.replace(state=method_state))
 
 
 # ----- LLaVA-MoD: mimic, then preference distillation with the teacher as reference -----
