@@ -189,7 +189,7 @@ def plan(cfg: config_lib.Config, run_methods: dict[str, methods.Method]) -> Plan
     frozen: list[str] = []
     for name, method in run_methods.items():
         for participant in method.participants:
-            if participant in method.trains:
+            if participant in method.trained:
                 continue
             if participant not in known:
                 raise ValueError(
@@ -335,7 +335,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     _, student_rng = jax.random.split(jax.random.PRNGKey(seed))
                     participants = {}
                     for p in method.participants:
-                        if p in method.trains:
+                        if p in method.trained:
                             participants[p] = jaxkd.Participant(model(trained_model_spec(cfg, p)))
                         else:
                             participants[p] = frozen_participant(cfg, model, p, teacher_vars[seed][p])
@@ -351,14 +351,14 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
                               "frozen_dtype": cfg.frozen_dtype,
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
-                              "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trains},
+                              "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trained},
                               "teachers": {p: teacher_prints[seed][p] for p in method.participants
-                                           if p not in method.trains}}
+                                           if p not in method.trained}}
                     state, result = fit(runner, cfg, dataset, evaluation, run=name, seed=seed, state=state,
                                         split=train_split, steps=cfg.steps, lr_schedule=student_schedule,
                                         config=config, meta=meta_split, meta_prefix=method.meta_prefix)
                     add(name, cfg.student, cfg.methods[name], result)
-                    for p in method.trains:
+                    for p in method.trained:
                         add(f"{name}/{p}", trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})", result,
                             f"{p}_accuracy", compare=False)
                     del state

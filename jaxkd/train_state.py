@@ -321,7 +321,7 @@ def create(
     for name in method.participants:
         if name not in parts:
             raise ValueError(f"the method reads participant {name!r}, but the train state has participants {sorted(parts)}")
-    for name in method.trains:
+    for name in method.trained:
         if not parts[name].trains:
             raise ValueError(
                 f"the method trains participant {name!r} (e.g. a mutual-learning peer or an online teacher), but it "

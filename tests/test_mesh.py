@@ -33,7 +33,7 @@ def new_state(spec, mesh=None):
     participants = {}
     if method.needs_teacher:
         participants["teacher"] = jaxkd.Participant(TEACHER, TEACHER_VARS, trains=False)
-    if "peer" in method.trains:
+    if "peer" in method.trained:
         participants["peer"] = jaxkd.Participant(PEER)
     return jaxkd.create(student=STUDENT, method=method, tx=optax.sgd(0.1, momentum=0.9), sample_batch=BATCHES[0],
                         rng=jax.random.PRNGKey(0), participants=participants, mesh=mesh)

@@ -91,7 +91,7 @@ def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_ste
         batch.update({method.meta_prefix + k: v for k, v in tiny_batch(seed=1).items()})
     # Every participant the method reads: trained ones fresh (peers, online teachers), others frozen.
     participants = {
-        name: jaxkd.Participant(TEACHER, None if name in method.trains else TEACHER_VARS, trains=name in method.trains)
+        name: jaxkd.Participant(TEACHER, None if name in method.trained else TEACHER_VARS, trains=name in method.trained)
         for name in method.participants
     }
     state = jaxkd.create(student=STUDENT, method=method, tx=optax.sgd(0.05), sample_batch=batch,

@@ -31,6 +31,8 @@ __all__.sort()
 
 #: Former names of losses renamed after their method (``nd_loss`` -> ``nd``).
 _RENAMED = {"nd_loss": "nd", "ofa_loss": "ofa", "swing_kd": "swing", "adpa_loss": "adpa", "alm_loss": "alm",
-            "fusellm_loss": "fusellm", "minillm_loss": "minillm", "infigfusion_gld": "infigfusion"}
+            "fusellm_loss": "fusellm", "minillm_loss": "minillm", "infigfusion_gld": "infigfusion",
+            # "normalizer" is a mean's denominator everywhere; CRD's Z is the NCE partition constant.
+            "crd_normalizer": "crd_partition_constant"}
 
 __getattr__ = renamed_attributes(globals(), _RENAMED)

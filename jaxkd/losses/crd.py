@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxkd.checks import check_in_range, check_int, check_positive, check_temperature
 from jaxkd.losses.core import Array, per_example_loss, to_float
 
-__all__ = ["crd", "crd_memory_update", "crd_nce", "crd_normalizer", "crd_scores"]
+__all__ = ["crd", "crd_memory_update", "crd_nce", "crd_partition_constant", "crd_scores"]
 
 #: ``eps`` of RepDistiller's ``ContrastLoss``.
 NCE_EPS = 1e-7
@@ -87,7 +87,7 @@ def crd(
       student_memory_rows, teacher_memory_rows: ``[B, K + 1, D]``: the student and teacher banks' rows
         at ``idx`` (gradient-stopped by the caller, as the official code detaches them).
       z_student, z_teacher: the normalization constants ``Z_s``, ``Z_t`` (the official code sets them
-        once, on the first step, to ``mean(exp(scores/T)) · N``: :func:`crd_normalizer`).
+        once, on the first step, to ``mean(exp(scores/T)) · N``: :func:`crd_partition_constant`).
       num_examples: ``N``, the number of memory entries (``Pn = 1/N``).
       temperature: ``T`` (``nce_t``, 0.07).
     """
@@ -112,7 +112,7 @@ def crd(
     return _nce(out_s, num_examples) + _nce(out_t, num_examples)
 
 
-def crd_normalizer(scores: Array, num_examples: int, mask: Array | None = None) -> Array:
+def crd_partition_constant(scores: Array, num_examples: int, mask: Array | None = None) -> Array:
     """``Z = mean(scores) · N``, the mean over every entry of the valid examples' ``[B, K + 1]`` scores
     (RepDistiller sets ``Z_v1 = out_v1.mean() * outputSize`` once, on the first forward pass)."""
     scores = to_float(scores)

@@ -266,7 +266,7 @@ class Method:
       needs_teacher: whether the loss reads the participant named ``"teacher"``.
       participants: every participant besides the student whose outputs the loss reads (checked when the
         train state is created: the error lists the participants the state has).
-      trains: participants besides the student the method expects to be *trained* (a mutual-learning
+      trained: participants besides the student the method expects to be *trained* (a mutual-learning
         peer, an online teacher, the participant in a method's ``student`` role); experiments create them
         trainable, and a frozen one is refused.
       needs_labels: whether the loss reads the labels (``batch[label_key]``).
@@ -294,7 +294,7 @@ class Method:
     predict: Callable[[MethodVars, Outputs], Array] | None = None
     terms: tuple["Method", ...] = ()
     participants: tuple[str, ...] = ()
-    trains: tuple[str, ...] = ()
+    trained: tuple[str, ...] = ()
     cross_vocabulary: bool = False
 
     def __post_init__(self):
@@ -305,7 +305,7 @@ class Method:
         reads = tuple(dict.fromkeys((*self.participants, *(("teacher",) if self.needs_teacher else ()))))
         object.__setattr__(self, "participants", tuple(n for n in reads if n != "student"))
         # The student is always trained; a role naming it (a method's default learner) adds nothing.
-        object.__setattr__(self, "trains", tuple(n for n in dict.fromkeys(self.trains) if n != "student"))
+        object.__setattr__(self, "trained", tuple(n for n in dict.fromkeys(self.trained) if n != "student"))
         object.__setattr__(self, "needs_teacher", "teacher" in self.participants)
 
     def __getattr__(self, attribute: str):
@@ -353,19 +353,19 @@ def stateless_method(
     needs_labels: bool = False,
     batch_keys: tuple[str, ...] = (),
     participants: tuple[str, ...] = (),
-    trains: tuple[str, ...] = (),
+    trained: tuple[str, ...] = (),
 ) -> Method:
     """A method without variables: its loss is ``compute(inputs, rng)``, a value or ``(value, metrics)``.
 
     ``participants`` names the participants it reads besides the student (with ``needs_teacher``, the
     one named ``"teacher"``; pass ``needs_teacher=False`` when the participants are named otherwise) and
-    ``trains`` those it trains; a missing one is reported here, naming the method. A loss comparing a
+    ``trained`` those it trains; a missing one is reported here, naming the method. A loss comparing a
     learner's logits with a target's is :func:`logit_roles_method`.
     """
     reads = tuple(dict.fromkeys((*participants, *(("teacher",) if needs_teacher else ()))))
 
     def loss(vars: MethodVars, inputs: LossInputs, rng: Array) -> tuple[Array, LossAux]:
-        for participant in (*reads, *trains):
+        for participant in (*reads, *trained):
             inputs.output(participant, method=name)  # a missing one is reported naming this method
         out = compute(inputs, rng)
         value, metrics = out if isinstance(out, tuple) else (out, {})
@@ -373,7 +373,7 @@ def stateless_method(
 
     return Method(
         name=name, loss=loss, weight=weight, needs_labels=needs_labels, batch_keys=batch_keys,
-        participants=tuple(dict.fromkeys((*reads, *trains))), trains=trains,
+        participants=tuple(dict.fromkeys((*reads, *trained))), trained=trained,
     )
 
 
@@ -412,7 +412,7 @@ def logit_roles_method(
             inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits, inputs, rng
         ),
         weight=weight, needs_teacher=False, needs_labels=needs_labels, batch_keys=batch_keys,
-        participants=(student, teacher), trains=(student,),
+        participants=(student, teacher), trained=(student,),
     )
 
 
@@ -510,7 +510,7 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         needs_teacher=any(m.needs_teacher for m in terms),
         needs_labels=any(m.needs_labels for m in terms),
         participants=tuple(dict.fromkeys(n for m in terms for n in m.participants)),
-        trains=tuple(dict.fromkeys(n for m in terms for n in m.trains)),
+        trained=tuple(dict.fromkeys(n for m in terms for n in m.trained)),
         batch_keys=tuple(dict.fromkeys(k for m in terms for k in m.batch_keys)),
         meta_prefix=prefixes[0] if prefixes else None,
         predict=predict,

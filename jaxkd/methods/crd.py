@@ -152,9 +152,9 @@ def crd(
         rows_s = jax.lax.stop_gradient(state["memory_student"][idx])
         rows_t = jax.lax.stop_gradient(state["memory_teacher"][idx])
         # Z is set once, from the first step's scores, then frozen (RepDistiller's params[2:4] = -1 sentinel).
-        first_s = losses.crd_normalizer(jax.lax.stop_gradient(losses.crd_scores(e_s, rows_t, temperature=nce_t)),
+        first_s = losses.crd_partition_constant(jax.lax.stop_gradient(losses.crd_scores(e_s, rows_t, temperature=nce_t)),
                                         num_examples, mask)
-        first_t = losses.crd_normalizer(jax.lax.stop_gradient(losses.crd_scores(e_t, rows_s, temperature=nce_t)),
+        first_t = losses.crd_partition_constant(jax.lax.stop_gradient(losses.crd_scores(e_t, rows_s, temperature=nce_t)),
                                         num_examples, mask)
         # (A step whose examples are all masked leaves Z unset: 0, and the next step sets it.)
         z_s = jnp.where(state["z_student"] > 0, state["z_student"], first_s)

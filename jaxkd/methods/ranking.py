@@ -74,7 +74,7 @@ def margin_mse(
 
     keys = () if candidate_mask is None else (candidate_mask,)
     return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=keys,
-                            participants=(student, teacher), trains=(student,), needs_labels=positive == "label")
+                            participants=(student, teacher), trained=(student,), needs_labels=positive == "label")
 
 
 @register(
@@ -114,4 +114,4 @@ def listwise_kd(
 
     keys = () if candidate_mask is None else (candidate_mask,)
     return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=keys,
-                            participants=(student, teacher), trains=(student,))
+                            participants=(student, teacher), trained=(student,))

@@ -73,5 +73,5 @@ def sparse_forward_kl(
 
     return stateless_method(
         name, compute, weight=weight, needs_teacher=False, participants=(student,) if offline else (student, teacher),
-        trains=(student,), batch_keys=(indices_key, log_probs_key) if offline else (),
+        trained=(student,), batch_keys=(indices_key, log_probs_key) if offline else (),
     )

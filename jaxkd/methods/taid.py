@@ -70,4 +70,4 @@ def taid(
         return value, LossAux({"t": state.t}, new_state)
 
     return Method(name=name, loss=loss, init=init, weight=weight, participants=(student, teacher),
-                  trains=(student,), batch_keys=("tokens", "mask") if tokens else ())
+                  trained=(student,), batch_keys=("tokens", "mask") if tokens else ())
