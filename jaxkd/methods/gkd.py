@@ -168,3 +168,12 @@ def seqkd(
 
     return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher", participants=(teacher,),
                             batch_keys=_LM_KEYS)
+
+
+def _student_rollout(inputs: LossInputs, rng, *, prompt_length, temperature, top_k, top_p, eos_id, method):
+    """The batch with every row continued by the student after its prompt (for the on-policy methods): ``(x, generated target mask)``."""
+    tokens, mask = inputs.batch["tokens"], inputs.batch["mask"]
+    gen_tokens, gen_mask = generate_continuations(
+        inputs, "student", tokens, mask, rng, prompt_length=prompt_length, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_id=eos_id, method=method)
+    return {"tokens": gen_tokens.astype(tokens.dtype), "mask": gen_mask}, _generated_target_mask(gen_mask, prompt_length)
