@@ -123,8 +123,8 @@ def model_key(config: lm_models.LMConfig, rows: text.PackedText, *, steps: int, 
 
 def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_models.LMConfig, rows: text.PackedText,
                   steps: int, lr: float, warmup_steps: int, weight_decay: float, batch_size: int, seed: int,
-                  microbatches: int = 1, init_variables=None, init_key: str | None = None,
-                  evaluate_variables=None) -> tuple[Any, str]:
+                  evaluate_variables, microbatches: int = 1, init_variables=None,
+                  init_key: str | None = None) -> tuple[Any, str]:
     """A byte-level LM trained with ``lm_ce`` on ``rows`` (from ``init_variables``, named by ``init_key`` in the
     cache key, or fresh), once: returns ``(variables, folder)``, loading the folder when it holds the model
     (checksums checked) and training it there otherwise (resumably; ``evaluate_variables(variables) -> bits per
@@ -161,7 +161,7 @@ def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_mod
                                  method=methods.lm_ce(), tx=optimizer(lr, steps, warmup_steps, weight_decay),
                                  sample_batch=sample, rng=jax.random.PRNGKey(seed))
         loader = text.TextLoader(rows.tokens, rows.mask, batch_size=batch_size, seed=seed, num_epochs=None)
-        evaluation = bpb_evaluation(evaluate_variables or (lambda v: float("nan")), observe=False)
+        evaluation = bpb_evaluation(evaluate_variables, observe=False)
         state, _ = runner.fit(run=label, seed=seed, state=state, loaders={"train": loader}, steps=steps,
                               lr_schedule=schedule(lr, steps, warmup_steps), config=key, evaluation=evaluation,
                               checkpoint_dir=os.path.join(directory, "training"))
