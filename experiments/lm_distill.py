@@ -36,6 +36,7 @@ import numpy as np
 
 import jaxkd
 from jaxkd import methods
+from jaxkd.batch import with_token_normalizer
 from jaxkd.data import text
 from jaxkd.data.teacher_cache import TopKCache, cache_teacher_topk
 from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences
@@ -52,7 +53,6 @@ from experiments.lm_training import (
     pretrained_lm,
     rows_fingerprint,
     schedule,
-    with_normalizer,
 )
 from experiments.run_log import PreemptionFlag
 from experiments.runner import Runner, entry_point, progress_bar, run_command
@@ -258,7 +258,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     student_model = lm_models.lm(student_cfg)
     evaluation = bpb_evaluation(bpb_evaluator(student_model, corpus.eval_batches))
     rows_key = rows_fingerprint(train_data.tokens, train_data.mask)
-    sample = with_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
+    sample = with_token_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
 
     progress = progress_bar(len(run_methods) * len(cfg.seeds) * cfg.steps)
     rows: list[report.Row] = []

@@ -52,11 +52,6 @@ def lm_participant(config: lm_models.LMConfig, variables=None, *, trains: bool,
     return jaxkd.participants.teacher(model, variables, input=input)
 
 
-def with_normalizer(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The batch plus its global target-token count per example (exact means under accumulation)."""
-    return with_token_normalizer(batch)
-
-
 def padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
     """Rows in order, in batches of ``batch_size``, the last padded with fully masked rows (they score
     nothing): one compiled shape for every batch."""
@@ -135,7 +130,7 @@ def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_mod
                     batch_size=batch_size, microbatches=microbatches, seed=seed, init_key=init_key)
     directory = os.path.abspath(os.path.join(cache_root, key_hash(key)))
     model = lm_models.lm(config)
-    sample = with_normalizer({"tokens": rows.tokens[:batch_size], "mask": rows.mask[:batch_size]})
+    sample = with_token_normalizer({"tokens": rows.tokens[:batch_size], "mask": rows.mask[:batch_size]})
     fingerprint_path = os.path.join(directory, "fingerprint.json")
 
     def load():
