@@ -11,21 +11,31 @@ from typing import Any, Iterable, Mapping, MutableMapping
 
 
 def export_modules(
-    namespace: MutableMapping[str, Any], *, skip: Iterable[str] = (), first: Iterable[str] = ()
+    namespace: MutableMapping[str, Any], *, skip: Iterable[str] = (), first: Iterable[str] = (),
+    families: Iterable[str] = (),
 ) -> list[str]:
-    """Imports every module of the package whose ``__init__`` namespace is given (except ``skip``; the
-    ``first`` ones first, then the rest alphabetically) and copies the names of each module's ``__all__``
-    into it. Returns the exported names.
+    """Imports every module of the package whose ``__init__`` namespace is given, and of its family
+    sub-packages (``families``, in that order: ``logit/``, ``feature/`` ...), and copies the names of each
+    module's ``__all__`` into it. Returns the exported names.
 
-    This is how a new loss or method is one new file: nothing lists the package's modules by hand. A
-    function named like its module (``dkd.py`` defines ``dkd``) replaces the submodule attribute;
-    two modules exporting the same name is an error.
+    Order: the package's own modules (except ``skip``), the ``first`` ones first, then alphabetically; then
+    each family folder's modules, the ``first`` ones first. This is how a new loss or method is one new file
+    in its family's folder: nothing lists the package's modules by hand. A function named like its module
+    (``logit/dkd.py`` defines ``dkd``) is what the package exports under that name; two modules exporting
+    the same name is an error.
     """
     package, skip, first = namespace["__name__"], set(skip), list(first)
-    names = sorted(m.name for m in pkgutil.iter_modules(namespace["__path__"]) if m.name not in skip)
-    names = [n for n in first if n in names] + [n for n in names if n not in first]
+
+    def ordered(path, prefix):
+        names = sorted(m.name for m in pkgutil.iter_modules(path) if not m.ispkg and m.name not in skip)
+        return [prefix + n for n in first if n in names] + [prefix + n for n in names if n not in first]
+
+    modules = ordered(namespace["__path__"], "")
+    for family in families:
+        sub = importlib.import_module(f"{package}.{family}")
+        modules += ordered(sub.__path__, f"{family}.")
     exported = []
-    for name in names:
+    for name in modules:
         module = importlib.import_module(f"{package}.{name}")
         for export in module.__all__:
             value = getattr(module, export)

@@ -145,7 +145,7 @@ def _equalize_normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array
     """Spreads each global count (the entries named ``*normalizer``, :func:`jaxkd.batch.is_normalizer_key`)
     evenly over the examples before the batch is split: per-host shares (each host's count over its rows)
     sum to the global count, but only equal shares make every micro-batch's normalizer ``b/B`` of it (see
-    :mod:`jaxkd.losses.tokens`)."""
+    :mod:`jaxkd.losses.lm.tokens`)."""
     batch = dict(batch)
     for key, share in batch.items():
         if is_normalizer_key(key) and jnp.ndim(share) == 1:
@@ -200,7 +200,7 @@ def _accumulated_loss_and_grads(state: TrainState, batch, rng, k: int):
     """``k`` micro-batches in a ``lax.scan``: gradients, losses and metrics averaged; model state (batch
     statistics) and method state carried from one micro-batch to the next, as ``k`` smaller steps
     without updates in between would carry them. Token losses stay exact global means through the
-    token normalizers (:mod:`jaxkd.losses.tokens`); other means are means of equal-size micro-batches."""
+    token normalizers (:mod:`jaxkd.losses.lm.tokens`); other means are means of equal-size micro-batches."""
     model_states = {name: v.model_state for name, v in state.trained.items()}
     micro = _microbatches(_equalize_normalizers(batch), k)
 
@@ -354,7 +354,7 @@ def make_train_step(
       microbatches: gradient accumulation: the batch is split into this many micro-batches (rows
         ``i, i+k, …``), run one after another in a ``lax.scan`` inside the same compiled step (peak
         activation memory of one micro-batch), their gradients averaged, and one update applied. Token
-        losses are normalized by the global target count (:mod:`jaxkd.losses.tokens`), so the update
+        losses are normalized by the global target count (:mod:`jaxkd.losses.lm.tokens`), so the update
         equals the unsplit batch's; batch statistics and method state pass from one micro-batch to the
         next.
 

@@ -1,4 +1,4 @@
-"""ALM cross-tokenizer distillation (jaxkd/losses/alm.py): chunk alignment on concrete strings with
+"""ALM cross-tokenizer distillation (jaxkd/losses/lm/alm.py): chunk alignment on concrete strings with
 hand-made byte offsets, the loss against a float64 NumPy reference written from the paper's binarised
 divergences (tokenkit's ``compute_alm_loss``), gradients against float64 central differences, tokens
 outside chunks and masked chunks, and argument checks.

@@ -1,4 +1,4 @@
-"""BD-KD (jaxkd/losses/bdkd.py, jaxkd/methods/bdkd.py): the entropy weights against NumPy entropies, each
+"""BD-KD (jaxkd/losses/logit/bdkd.py, jaxkd/methods/logit/bdkd.py): the entropy weights against NumPy entropies, each
 weighted term and the loss against the NumPy form ``T²·[w_f·KL(p_t‖p_s) + w_r·KL(p_s‖p_t)]``, the
 direction of the balance, argument checks and the method's metrics.
 

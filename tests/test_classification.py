@@ -1,4 +1,4 @@
-"""Label cross-entropy and Hinton KD (jaxkd/losses/classification.py) against NumPy references written
+"""Label cross-entropy and Hinton KD (jaxkd/losses/logit/classification.py) against NumPy references written
 from the formulas; the shared reduction (mask, weights, sum, none) and its all-masked convention; the
 label and non-finite conventions of the issue (a label on an excluded class, NaN and +inf logits, labels
 out of range inside jit, temperatures out of range); the ``ce``/``kd`` methods and the train step's

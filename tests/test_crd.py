@@ -10,7 +10,7 @@ import pytest
 import jaxkd
 from jaxkd import losses, methods
 from jaxkd.methods.base import LossInputs, MethodVars
-from jaxkd.methods.crd import _class_tables, _contrast_indices
+from jaxkd.methods.feature.crd import _class_tables, _contrast_indices
 from jaxkd.models.base import Outputs
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
 
@@ -101,7 +101,7 @@ def test_z_is_set_on_the_first_step_then_frozen_and_banks_written_only_at_valid_
 
 
 def method_embed(vars, inputs, who):
-    from jaxkd.methods.connectors import LinearEmbed
+    from jaxkd.methods.feature.connectors import LinearEmbed
     from jaxkd.methods.features import module_apply
     f = inputs.outputs[who].features["pooled"]
     e, _ = module_apply(LinearEmbed(4), MethodVars(vars.params[f"embed_{who}"]), f)

@@ -1,5 +1,5 @@
 """Cross-tokenizer distillation end to end: parallel rows of the same text under a byte tokenizer and a BPE
-(jaxkd/data/cross_tokenizer.py), the ALM method (jaxkd/methods/alm.py) against a NumPy reference from
+(jaxkd/data/cross_tokenizer.py), the ALM method (jaxkd/methods/lm/alm.py) against a NumPy reference from
 log-softmax up, the cross-vocabulary check of jaxkd.create, and one jitted train step."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Dual-Head KD (jaxkd/losses/dhkd.py, jaxkd/methods/dhkd.py): BinaryKL-Norm against the official
+"""Dual-Head KD (jaxkd/losses/logit/dhkd.py, jaxkd/methods/logit/dhkd.py): BinaryKL-Norm against the official
 ``BinaryKLNorm`` written in NumPy (and past the point where its float32 clamp breaks), ``dhkd`` with its
 semi-supervised averaging against NumPy, and the method: its auxiliary head's loss in a train step
 against NumPy, and evaluation on the model's own head.

@@ -1,4 +1,4 @@
-"""Dual-Head Optimization (jaxkd/losses/dho.py, jaxkd/methods/dho.py): the semi-supervised loss (CE over the
+"""Dual-Head Optimization (jaxkd/losses/logit/dho.py, jaxkd/methods/logit/dho.py): the semi-supervised loss (CE over the
 real labeled examples, KD over all real ones) and the inference mixture against NumPy; the method's
 loss in a train step against NumPy, evaluation of the mixed heads, and one inference-changing method per
 chain.

@@ -1,4 +1,4 @@
-"""DIST (jaxkd/losses/dist.py, jaxkd/methods/dist.py) against the official ``DIST`` loss written in NumPy:
+"""DIST (jaxkd/losses/logit/dist.py, jaxkd/methods/logit/dist.py) against the official ``DIST`` loss written in NumPy:
 values, the inter/intra terms, its masking of padded examples (values, gradients, all -inf rows, an
 all-masked batch), sequence-shaped inputs, its fixed points, argument checks and the method.
 

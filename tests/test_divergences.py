@@ -1,4 +1,4 @@
-"""The logit divergences of jaxkd/losses/divergences.py (forward/reverse KL, JS, GKD's generalized JSD,
+"""The logit divergences of jaxkd/losses/logit/divergences.py (forward/reverse KL, JS, GKD's generalized JSD,
 DistiLLM's skew KLs, total variation, Alpha-Beta) against float64 NumPy references written from the
 formulas: values, limits and closed forms, DistiLLM's cross-entropy form, the one-sided ``-inf``
 conventions, all-excluded rows, argument checks, and their method factories.

@@ -1,4 +1,4 @@
-"""Decoupled KD (jaxkd/losses/dkd.py, jaxkd/methods/dkd.py) against the official code's computation
+"""Decoupled KD (jaxkd/losses/logit/dkd.py, jaxkd/methods/logit/dkd.py) against the official code's computation
 (mdistiller's ``dkd_loss``, written in NumPy), the paper's decomposition identity, the binary-task case
 (mdistiller#60), DKD on standardized logits, labels out of range inside jit, the method's label masking
 and its warm-up schedule.

@@ -1,4 +1,4 @@
-"""Deep mutual learning (jaxkd/losses/dml.py, jaxkd/methods/dml.py): the objective against NumPy, its
+"""Deep mutual learning (jaxkd/losses/logit/dml.py, jaxkd/methods/logit/dml.py): the objective against NumPy, its
 logit gradients against the closed form with gradient-stopped targets, and two students that teach each
 other, both trained and both evaluated.
 

@@ -39,7 +39,11 @@ def test_docs_build_without_warnings(tmp_path):
                  "notebooks/compose_losses"):
         assert (html / f"{page}.html").exists(), page
     losses = (html / "api" / "generated" / "jaxkd.losses.html").read_text()
-    assert 'id="module-jaxkd.losses.dkd"' in losses and 'id="jaxkd.losses.dkd.dkd"' in losses
+    assert 'id="module-jaxkd.losses.core"' in losses and "jaxkd.losses.logit.html" in losses  # links its families
+    logit = (html / "api" / "generated" / "jaxkd.losses.logit.html").read_text()
+    assert 'id="module-jaxkd.losses.logit.dkd"' in logit and 'id="jaxkd.losses.logit.dkd.dkd"' in logit
+    methods = (html / "api" / "generated" / "jaxkd.methods.feature.html").read_text()
+    assert 'id="jaxkd.methods.feature.fitnets.fitnets"' in methods
     # The notebook page shows the plot stored in the notebook's outputs.
     assert "<img" in (html / "notebooks" / "compose_losses.html").read_text()
 

@@ -1,4 +1,4 @@
-"""The feature-method infrastructure (jaxkd/methods/features.py, jaxkd/methods/connectors.py,
+"""The feature-method infrastructure (jaxkd/methods/features.py, jaxkd/methods/feature/connectors.py,
 jaxkd.losses.core.relational_loss): features by name with errors that list what exists, connectors sized
 from abstract shapes (RepDistiller's ConvReg rule) with errors naming both shapes, BatchNorm statistics as
 method state, and `feature_method` trained in the jitted step."""

@@ -1,4 +1,4 @@
-"""FitNets (jaxkd/losses/fitnets.py, jaxkd/methods/fitnets.py): the hint MSE against NumPy, the regressor
+"""FitNets (jaxkd/losses/feature/fitnets.py, jaxkd/methods/feature/fitnets.py): the hint MSE against NumPy, the regressor
 trained with the student, and the paper's two-stage recipe with stage weights: in the hint stage only the
 layers up to the guided layer (and the regressor) receive gradients from the loss.
 

@@ -1,4 +1,4 @@
-"""KL+DP, data-partitioned KD from Fantastic Gains (jaxkd/losses/kd_dp.py, jaxkd/methods/kd_dp.py), against
+"""KL+DP, data-partitioned KD from Fantastic Gains (jaxkd/losses/logit/kd_dp.py, jaxkd/methods/logit/kd_dp.py), against
 the official selection rule and loss written in NumPy (supervised and ``most-conf_u``), labels out of
 range inside jit, an excluded class no label uses, and the method's frozen initial student and
 ``teacher_fraction`` in train steps.

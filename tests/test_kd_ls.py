@@ -1,4 +1,4 @@
-"""Logit standardization (jaxkd/losses/kd_ls.py, jaxkd/methods/kd_ls.py): ``standardize_logits`` against the
+"""Logit standardization (jaxkd/losses/logit/kd_ls.py, jaxkd/methods/logit/kd_ls.py): ``standardize_logits`` against the
 official ``normalize`` (unbiased std, eps added outside the square root) written in NumPy, its documented
 treatment of constant and nearly constant rows and of excluded (-inf) entries; ``kd_ls`` against NumPy,
 its scale invariance, and the method.

@@ -1,5 +1,5 @@
-"""Multi-model LM distillation losses: InfiGFusion's graph-on-logits loss (jaxkd/losses/infigfusion.py) and
-FuseLLM's token alignment, fused target and loss (jaxkd/losses/fusellm.py).
+"""Multi-model LM distillation losses: InfiGFusion's graph-on-logits loss (jaxkd/losses/fusion/infigfusion.py) and
+FuseLLM's token alignment, fused target and loss (jaxkd/losses/fusion/fusellm.py).
 
 Values against float64 NumPy references written from the formulas (the co-activation graph formed
 explicitly, the 1-D Wasserstein distance by replicating atoms; FuseLLM's MinCE/AvgCE as the official

@@ -1,5 +1,5 @@
-"""MiniLLM's policy-gradient pieces (jaxkd/losses/minillm.py) and DistiLLM's adaptive off-policy schedule
-(jaxkd/losses/distillm.py).
+"""MiniLLM's policy-gradient pieces (jaxkd/losses/lm/minillm.py) and DistiLLM's adaptive off-policy schedule
+(jaxkd/losses/lm/distillm.py).
 
 MiniLLM: values against a NumPy transcription of the paper's formulas with the official code's
 conventions (microsoft/LMOps minillm/: rewards, discounted length-normalized returns, whitening, the PPO

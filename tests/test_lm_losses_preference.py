@@ -1,6 +1,6 @@
 """Sequence log-probabilities and preference-distillation losses: DPO and LLaVA-MoD's kto_pair
-(jaxkd/losses/dpo.py), DCKD and ADPA (jaxkd/losses/adpa.py), MGSR's clipped KL and span loss
-(jaxkd/losses/dac_kl.py).
+(jaxkd/losses/lm/dpo.py), DCKD and ADPA (jaxkd/losses/lm/adpa.py), MGSR's clipped KL and span loss
+(jaxkd/losses/lm/dac_kl.py).
 
 Values against NumPy written from the formulas, and against NumPy transcriptions of the official code's
 computation where it has its own conventions (TRL/LLaVA-MoD ``dpo_loss`` and ``kto_pair``; ADPA's

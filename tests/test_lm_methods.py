@@ -13,7 +13,7 @@ import jaxkd
 from jaxkd import losses, methods
 from jaxkd.batch import TOKEN_NORMALIZER as TOKEN_NORMALIZER_KEY, token_normalizer
 from jaxkd.methods.base import LossInputs
-from jaxkd.methods.dac_kl import identifier_spans
+from jaxkd.methods.lm.dac_kl import identifier_spans
 from jaxkd.models import lm as lm_models
 from jaxkd.participants import student, teacher
 

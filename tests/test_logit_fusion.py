@@ -1,4 +1,4 @@
-"""Decoding-time logit fusion (jaxkd/losses/logit_fusion.py): proxy-tuning and dynamic logits fusion
+"""Decoding-time logit fusion (jaxkd/losses/fusion/logit_fusion.py): proxy-tuning and dynamic logits fusion
 against float64 NumPy references (the paper's Eq. 5 objective and a brute-force search over the same
 candidates), the edge cases (α = 0 and a grid of 0 give the large model; one expert; a large model equal
 to the small base recovers the expert), excluded entries and argument checks. These are decoding-time

@@ -232,7 +232,7 @@ def test_lsskd_method_runs_the_heads_on_the_rotated_student():
     """The method's value equals the heads' joint logits on the student re-run on the rotated batch, built
     here in HSAKD's interleaved order (each image followed by its rotations), with BatchNorm in train mode."""
     from jaxkd.methods.features import module_apply
-    from jaxkd.methods.ofa import branch_heads
+    from jaxkd.methods.feature.ofa import branch_heads
 
     _, student = tiny_conv_models()
     batch = tiny_image_batch(batch_size=4)

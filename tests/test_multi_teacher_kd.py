@@ -1,4 +1,4 @@
-"""Multi-teacher KD (jaxkd/losses/multi_teacher_kd.py, jaxkd/methods/multi_teacher_kd.py): both targets
+"""Multi-teacher KD (jaxkd/losses/logit/multi_teacher_kd.py, jaxkd/methods/logit/multi_teacher_kd.py): both targets
 against NumPy from the formulas, the weights' checks, and the method distilling two teachers of different
 architectures held as named participants.
 

@@ -1,4 +1,4 @@
-"""Normalized KD (jaxkd/losses/nkd.py, jaxkd/methods/nkd.py) against the official code's computation written
+"""Normalized KD (jaxkd/losses/logit/nkd.py, jaxkd/methods/logit/nkd.py) against the official code's computation written
 in NumPy (target and non-target parts), the ``form="kl"`` variant (same student gradient, value lower by
 ``γλ²·H(T̂)``), labels out of range inside jit, argument checks and the method's label masking.
 

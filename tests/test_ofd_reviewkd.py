@@ -12,7 +12,7 @@ import pytest
 import jaxkd
 from jaxkd import losses, methods, models
 from jaxkd.methods.base import LossInputs
-from jaxkd.methods.ofd import OFDConnector, _default_bn
+from jaxkd.methods.feature.ofd import OFDConnector, _default_bn
 from jaxkd.models.base import Outputs
 from tests.helpers import NUM_CLASSES, tiny_image_batch
 

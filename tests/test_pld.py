@@ -1,4 +1,4 @@
-"""Plackett-Luce distillation (jaxkd/losses/pld.py, jaxkd/methods/pld.py) against the paper's Appendix C
+"""Plackett-Luce distillation (jaxkd/losses/logit/pld.py, jaxkd/methods/logit/pld.py) against the paper's Appendix C
 code written as NumPy loops (teacher-optimal permutation, ties broken by class index), its optimum, labels
 out of range inside jit, argument checks and the method's label masking.
 

@@ -10,7 +10,7 @@ import pytest
 import jaxkd
 from jaxkd import losses, methods
 from jaxkd.methods.base import LossInputs
-from jaxkd.methods.simkd import SimKDProjector, adaptive_average_pool
+from jaxkd.methods.feature.simkd import SimKDProjector, adaptive_average_pool
 from jaxkd.models.base import Outputs
 from jaxkd import models
 from tests.helpers import NUM_CLASSES, tiny_image_batch

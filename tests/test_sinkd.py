@@ -1,4 +1,4 @@
-"""SinKD (jaxkd/losses/sinkd.py, jaxkd/methods/sinkd.py) against the official plain Sinkhorn loop written in
+"""SinKD (jaxkd/losses/logit/sinkd.py, jaxkd/methods/logit/sinkd.py) against the official plain Sinkhorn loop written in
 NumPy (the official value is B times ours) and a float64 log-domain Sinkhorn for tiny ε; the plan's
 marginals and masked examples, an all-masked batch, argument checks and the method.
 

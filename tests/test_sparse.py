@@ -1,4 +1,4 @@
-"""Top-k (sparse) teachers (jaxkd/losses/sparse.py): ``topk_teacher`` and ``sparse_forward_kl`` with both
+"""Top-k (sparse) teachers (jaxkd/losses/logit/sparse.py): ``topk_teacher`` and ``sparse_forward_kl`` with both
 tail conventions against float64 NumPy references (DistillKit's renormalized and tail-bucket forms), the
 full-vocabulary and lower-bound limits, tail handling with excluded (-inf) classes, argument checks, and
 the ``sparse_forward_kl`` method online and offline.

@@ -1,4 +1,4 @@
-"""Swing distillation (jaxkd/losses/swing.py, jaxkd/methods/swing.py) against NumPy: the noiseless,
+"""Swing distillation (jaxkd/losses/logit/swing.py, jaxkd/methods/logit/swing.py) against NumPy: the noiseless,
 constant-temperature limit (Hinton KD) and the documented per-example temperature and log-space noise;
 randomness only from the key, argument checks, and the method's use of the step key and privacy scores.
 

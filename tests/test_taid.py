@@ -1,4 +1,4 @@
-"""TAID (jaxkd/losses/taid.py, jaxkd/methods/taid.py) against the official code's computation: the
+"""TAID (jaxkd/losses/logit/taid.py, jaxkd/methods/logit/taid.py) against the official code's computation: the
 cross-entropy form of the loss in NumPy, its gradient (the closed form and the KL form's), the adaptive
 update of ``t`` against the official rule in plain Python, and ``t`` carried in the method state through
 train steps.

@@ -1,4 +1,4 @@
-"""TGeo-KD (jaxkd/losses/tgeo_kd.py, jaxkd/methods/tgeo_kd.py): the official fusion-network inputs and the
+"""TGeo-KD (jaxkd/losses/logit/tgeo_kd.py, jaxkd/methods/logit/tgeo_kd.py): the official fusion-network inputs and the
 fused KD/CE loss against NumPy, labels on an excluded class (+inf inside jit, an error eagerly) and
 labels avoiding it (finite), and the method's hypergradient against finite differences of the one-step
 lookahead written out by hand.
@@ -17,7 +17,7 @@ import pytest
 
 import jaxkd
 from jaxkd import losses, methods
-from jaxkd.methods.tgeo_kd import _fusion_apply
+from jaxkd.methods.logit.tgeo_kd import _fusion_apply
 
 from tests.helpers import NUM_CLASSES, teacher_variables, tiny_batch, tiny_models
 from tests.numpy_reference import np_kl_logits, np_log_softmax, rand_logits

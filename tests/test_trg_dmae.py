@@ -188,7 +188,7 @@ def _np_dmae(s, t, visible):
 def test_dmae_teacher_sees_the_masked_input():
     """teacher_sees="masked": the teacher's features are the teacher model applied (eval mode) to the batch
     with the student's masked patches zeroed (masked here in NumPy); "full": its features of the full batch."""
-    from jaxkd.methods.connectors import LinearConnector
+    from jaxkd.methods.feature.connectors import LinearConnector
     from jaxkd.methods.features import module_apply
 
     teacher, student = tiny_conv_models()

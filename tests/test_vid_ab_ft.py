@@ -10,9 +10,9 @@ import pytest
 import jaxkd
 from jaxkd import losses, methods
 from jaxkd.methods import LossInputs, MethodVars, StepInfo
-from jaxkd.methods.activation_boundary import activation_boundary_connector
-from jaxkd.methods.factor_transfer import Paraphraser, Translator
-from jaxkd.methods.vid import VIDRegressor, match_spatial
+from jaxkd.methods.feature.activation_boundary import activation_boundary_connector
+from jaxkd.methods.feature.factor_transfer import Paraphraser, Translator
+from jaxkd.methods.feature.vid import VIDRegressor, match_spatial
 from jaxkd.models.base import Outputs
 from tests.helpers import tiny_conv_models, tiny_image_batch
 

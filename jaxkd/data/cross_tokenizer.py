@@ -21,7 +21,7 @@ Windows (:func:`parallel_rows`)
     padding; windows of dense text then end early at the student's budget. If no common boundary fits a
     window (two tokenizers whose boundaries never meet within the budget), it is an error, not a silent cut.
 
-Targets and chunks (the next-token convention of :mod:`jaxkd.losses.tokens`)
+Targets and chunks (the next-token convention of :mod:`jaxkd.losses.lm.tokens`)
     Position ``t``'s logits score token ``t + 1``, so the log-probabilities a model gives its tokens are
     those of the *targets* ``tokens[:, 1:]`` (``[N, T − 1]``, target ``j`` predicted at position ``j``; the
     ``BOS`` is never a target). The chunk ids are therefore given per target:
@@ -39,7 +39,7 @@ Bits per byte
 Batches (:class:`ParallelBatches`)
     A deterministic, resumable iterator: batch ``s`` of epoch ``e`` holds rows
     ``default_rng([seed, 0, e]).permutation(N)[s·b:(s+1)·b]`` (the order of :class:`jaxkd.data.Loader`), and
-    carries the global normalizers of the token and chunk means (:mod:`jaxkd.losses.tokens`), so means stay
+    carries the global normalizers of the token and chunk means (:mod:`jaxkd.losses.lm.tokens`), so means stay
     exact under gradient accumulation.
 """
 
@@ -264,7 +264,7 @@ def parallel_rows(
 
 def _alignment(t_off, s_off, t_mask, s_mask, num_chunks):
     """:func:`jaxkd.losses.alm_chunk_alignment` of every row."""
-    from jaxkd.losses.alm import alm_chunk_alignment
+    from jaxkd.losses.lm.alm import alm_chunk_alignment
 
     return alm_chunk_alignment(t_off, s_off, teacher_mask=t_mask, student_mask=s_mask, num_chunks=num_chunks)
 

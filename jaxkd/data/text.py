@@ -24,7 +24,7 @@ Packing
     the model where one ends.  A document longer than a row is continued on the next row, and the first
     token of a row has no context from the previous row.
 
-    The next-token convention of :mod:`jaxkd.losses.tokens`: logits at position ``t`` score token
+    The next-token convention of :mod:`jaxkd.losses.lm.tokens`: logits at position ``t`` score token
     ``t + 1``; the targets are ``tokens[:, 1:]`` and the target mask is ``mask[:, 1:] & mask[:, :-1]``.
     So the first token of every row is never a target.
 

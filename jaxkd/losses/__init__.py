@@ -5,11 +5,17 @@ Each loss is written once, per example, and made public by
 :mod:`jaxkd.losses.core` for the conventions every loss shares (at least float32 inside, ``-inf`` =
 excluded class, NaN propagates, one reduction) and :mod:`jaxkd.checks` for the argument checks.
 
-Every public name of every module of this package (its ``__all__``) is exported here, so a new loss is
-one new file: ``jaxkd/losses/<method>.py``, named after the method it implements.
+The folders are the families of the method table: :mod:`~jaxkd.losses.logit` (a learner's logits against a
+target's), :mod:`~jaxkd.losses.feature` (intermediate features), :mod:`~jaxkd.losses.lm` (language-model
+objectives) and :mod:`~jaxkd.losses.fusion` (several models into one target). Every public name of every
+module (its ``__all__``) is exported here, so a new loss is one new file, ``jaxkd/losses/<family>/<method>.py``,
+named after the method it implements.
 """
 
 from jaxkd._packages import export_modules, renamed_attributes
+
+#: The family folders, in the order the registry (and the README's method table) lists them.
+FAMILIES = ("logit", "feature", "lm", "fusion")
 from jaxkd.losses.core import (
     combine_masks,
     flatten_features,
@@ -25,7 +31,7 @@ from jaxkd.losses.core import (
 # -inf-safe masks, feature flattening and normalization), so an extension needs only ``jaxkd.losses``.
 __all__ = ["combine_masks", "flatten_features", "is_masked", "l2_normalize", "log_softmax", "per_example_loss",
            "reduce_loss", "to_float"]
-__all__ += export_modules(globals(), skip={"core"})
+__all__ += export_modules(globals(), skip={"core"}, families=FAMILIES, first=["classification", "divergences", "sparse"])
 __all__.sort()
 
 

@@ -1,12 +1,16 @@
 """Distillation methods as composable transforms (see :mod:`jaxkd.methods.base`).
 
-Every module of this package that defines methods registers them (:func:`register`) and lists them in
-its ``__all__``; all of them are imported and exported here, so a new method is its own file
-``jaxkd/methods/<method>.py`` (next to its loss, ``jaxkd/losses/<method>.py``) with one registration
-line — no list to edit.
+The folders are the families, as in :mod:`jaxkd.losses`: :mod:`~jaxkd.methods.logit`,
+:mod:`~jaxkd.methods.feature`, :mod:`~jaxkd.methods.lm` and :mod:`~jaxkd.methods.fusion`. Every module that
+defines methods registers them (:func:`register`) and lists them in its ``__all__``; all of them are imported
+and exported here, so a new method is its own file ``jaxkd/methods/<family>/<method>.py`` (next to its loss,
+``jaxkd/losses/<family>/<method>.py``) with one registration line — no list to edit.
 """
 
 from jaxkd._packages import export_modules, renamed_attributes
+
+#: The family folders, in the order the registry (and the README's method table) lists them.
+FAMILIES = ("logit", "feature", "lm", "fusion")
 from jaxkd.methods.base import (
     LABELED_KEY,
     MASK_KEY,
@@ -55,7 +59,8 @@ __all__ = [
 
 # The building blocks first, so the registry (and the README's method table) lists them first.
 __all__ += export_modules(
-    globals(), skip={"base", "registry", "spec", "heads"}, first=["classification", "divergences", "sparse"]
+    globals(), skip={"base", "registry", "spec", "heads"}, families=FAMILIES,
+    first=["classification", "divergences", "sparse"],
 )
 __all__.sort()
 

@@ -115,12 +115,21 @@ def register(
     return add if factory is None else add(factory)
 
 
+def folder_of(entry: Registered) -> str:
+    """The family folder of a built-in method's module (``logit`` for ``jaxkd.methods.logit.dkd``): the
+    method table's first column, so the table reads like the folder tree."""
+    parts = entry.factory.__module__.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["jaxkd", "methods"] else ""
+
+
 def method_table() -> str:
     """The README's method table (Markdown), one row per registered built-in method."""
-    rows = ["| name (`methods.parse`) | paper | loss functions (`jaxkd.losses`) | status |", "|---|---|---|---|"]
-    for entry in REGISTRY.values():
+    rows = ["| family | name (`methods.parse`) | paper | loss functions (`jaxkd.losses`) | status |",
+            "|---|---|---|---|---|"]
+    folders = ("logit", "feature", "lm", "fusion", "")  # jaxkd.methods.FAMILIES; registration order within one
+    for entry in sorted(REGISTRY.values(), key=lambda e: folders.index(folder_of(e))):
         if not entry.paper:  # user-registered methods are not part of the table
             continue
         losses = ", ".join(f"`{fn}`" for fn in entry.losses)
-        rows.append(f"| `{entry.name}` | {entry.paper} | {losses} | {entry.status} |")
+        rows.append(f"| {folder_of(entry)} | `{entry.name}` | {entry.paper} | {losses} | {entry.status} |")
     return "\n".join(rows)

@@ -16,11 +16,11 @@ The fused next-token distribution is ``softmax(combine([z_0, …, z_{M-1}]))``.
   per configuration):
 
   - :func:`proxy_tuning` — Liu et al., "Tuning Language Models by Proxy" (COLM 2024):
-    ``z̃ = z_large + α (z_tuned − z_untuned)`` (:func:`jaxkd.losses.logit_fusion.proxy_tuning_logits`);
+    ``z̃ = z_large + α (z_tuned − z_untuned)`` (:func:`jaxkd.losses.fusion.logit_fusion.proxy_tuning_logits`);
   - :func:`dynamic_logits_fusion` — Fan et al., "On Giant's Shoulders: Effortless Weak to Strong by
     Dynamic Logits Fusion" (NeurIPS 2024): ``z̃ = z_large + Σ_t α_t (z_t − z_small)`` with the weights
     ``α_t`` searched at every step to match each expert's KL shift
-    (:func:`jaxkd.losses.logit_fusion.dynamic_logits_fusion`).
+    (:func:`jaxkd.losses.fusion.logit_fusion.dynamic_logits_fusion`).
 
   Both name the members by their index in the member list.
 
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd.checks import check_choice, check_int, check_number
-from jaxkd.losses import logit_fusion
+from jaxkd.losses.fusion import logit_fusion
 from jaxkd.models.lm import LMConfig, TransformerLM, _params_tree, decode_step, prefill
 from jaxkd.models.sampling import Generation, _check_options, check_prompt, sample_loop
 
@@ -241,7 +241,7 @@ def proxy_tuning(large: int, small_tuned: int, small_untuned: int, alpha: float 
     Liu, Han, Wang, Tsvetkov, Choi & Smith, "Tuning Language Models by Proxy" (COLM 2024), Eq. 1 (the
     product of experts ``p_large · p_tuned / p_untuned``; the official code, ``alisawuffles/proxy-tuning``,
     adds raw logits with the weight ``alpha``); the arithmetic is
-    :func:`jaxkd.losses.logit_fusion.proxy_tuning_logits`. ``alpha=0`` gives the large model exactly.
+    :func:`jaxkd.losses.fusion.logit_fusion.proxy_tuning_logits`. ``alpha=0`` gives the large model exactly.
 
     Args:
       large, small_tuned, small_untuned: indices into the member list.
@@ -285,7 +285,7 @@ def dynamic_logits_fusion(large: int, experts: Sequence[tuple[int, int]], *,
     Fusion" (NeurIPS 2024): at every step ``z̃ = z_large + Σ_t α_t (z_t − z_small)`` with ``α`` chosen from
     ``alpha_grid`` to minimize the paper's Eq. 5,
     ``Σ_t (KL(P̃‖P) − KL(Q_t‖Q))² + (KL(P‖P̃) − KL(Q‖Q_t))²`` (the search is
-    :func:`jaxkd.losses.logit_fusion.dynamic_logits_fusion`'s; ``search="one_expert"`` is the paper's
+    :func:`jaxkd.losses.fusion.logit_fusion.dynamic_logits_fusion`'s; ``search="one_expert"`` is the paper's
     multi-expert search, one expert active per candidate).
 
     Args:
@@ -293,7 +293,7 @@ def dynamic_logits_fusion(large: int, experts: Sequence[tuple[int, int]], *,
       experts: ``[(tuned, untuned), ...]`` index pairs, one per expert. The paper tunes every expert from
         one small model, whose logits both the offsets and the KL targets use, so every pair must name the
         same ``untuned`` member.
-      alpha_grid, search: see :func:`jaxkd.losses.logit_fusion.dynamic_logits_fusion`.
+      alpha_grid, search: see :func:`jaxkd.losses.fusion.logit_fusion.dynamic_logits_fusion`.
 
     Raises:
       ValueError: no experts, a pair that is not two indices ``>= 0``, experts with different untuned

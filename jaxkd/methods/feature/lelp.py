@@ -1,0 +1,193 @@
+"""LELP as a method: the teacher's per-class projections (computed once) as method state, and a
+method-owned expanded head (``num_classes · subclasses`` outputs) on the student's embedding."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd import losses
+from jaxkd.checks import check_int, check_temperature
+from jaxkd.inference import map_batches
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.features import dense_layer, param_at, student_feature, teacher_feature
+from jaxkd.methods.heads import dense, dense_init
+from jaxkd.methods.registry import register
+from jaxkd.models.base import Outputs, get_feature
+from jaxkd.participants import Participant
+
+__all__ = ["lelp", "teacher_lelp_projections"]
+
+
+def teacher_lelp_projections(
+    model: Any,
+    variables: Any,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    num_classes: int,
+    subclasses: int = 4,
+    feature: str = "pooled",
+    classifier: str | None = "fc",
+    input_key: str = "image",
+    label_key: str = "label",
+    mask_key: str = "mask",
+) -> np.ndarray:
+    """The teacher's LELP projections ``[K, S, D + 1]`` over a dataset, for :func:`lelp`.
+
+    Runs ``model`` in eval mode over ``batches`` (e.g. one epoch of the training loader without
+    augmentation; ``batch[mask_key]``, when present, leaves out padding), collects the embeddings
+    ``feature`` and calls :func:`jaxkd.losses.lelp_projections` with the teacher's classifier kernel (its
+    dense layer at ``classifier``, ``"fc"`` on the CIFAR models; ``None`` skips the null-space step).
+    Save the result with ``np.save`` to name it in a method spec: ``lelp(projections='proj.npy')``.
+    """
+    num_classes = check_int("num_classes", num_classes, low=1)
+
+    def embed(outputs, batch):
+        f = get_feature(outputs, feature, who="teacher")
+        return jnp.asarray(f, jnp.float32).reshape(f.shape[0], -1)
+
+    feats, labels = [], []
+    teacher = Participant(model, variables, trains=False, input=input_key)
+    batches = list(batches)
+    for batch, f in zip(batches, map_batches(teacher, batches, embed, name="teacher")):
+        y = np.asarray(batch[label_key])
+        keep = np.asarray(batch[mask_key], bool) if mask_key in batch else np.ones(y.shape, bool)
+        feats.append(f[keep])
+        labels.append(y[keep])
+    if not feats:
+        raise ValueError("teacher_lelp_projections needs at least one batch")
+    kernel = None
+    if classifier is not None:
+        layer = param_at(variables["params"], classifier, who="the teacher", method="teacher_lelp_projections")
+        kernel = np.asarray(layer["kernel"], np.float64)
+    return losses.lelp_projections(np.concatenate(feats), np.concatenate(labels), num_classes=num_classes,
+                                   subclasses=subclasses, classifier_kernel=kernel)
+
+
+@register(
+    "lelp",
+    paper="Loo, Iliopoulos, Hu & Vee, *Linear Projections of Teacher Embeddings for Few-Class Distillation*, 2024",
+    losses=("lelp", "lelp_targets", "lelp_projections"),
+    status="supported (pseudo-subclass targets reconstructed from the paper's description; no official code)",
+)
+def lelp(
+    *,
+    projections: Any = None,
+    subclasses: int = 4,
+    classifier: str | None = "fc",
+    temperature: float = 1.0,
+    subclass_temperature: float = 1.0,
+    embedding: str = "pooled",
+    teacher_embedding: str | None = None,
+    teacher: str = "teacher",
+    predict_with_head: bool = False,
+    weight: Weight = 1.0,
+    name: str = "lelp",
+) -> Method:
+    """LELP (Loo, Iliopoulos, Hu & Vee, "Linear Projections of Teacher Embeddings for Few-Class
+    Distillation", 2024): :func:`jaxkd.losses.lelp` between a method-owned linear head on the student's
+    ``embedding`` with ``K·S`` outputs and the teacher's pseudo-subclass targets
+    (:func:`jaxkd.losses.lelp_targets`: the teacher's class probability split over the class's ``S``
+    pseudo-subclasses by the standardized projections of its embedding ``teacher_embedding`` onto the
+    class's principal directions).
+
+    ``projections`` (``[K, S, D + 1]``, computed once: :func:`teacher_lelp_projections` over the training
+    set, or :func:`jaxkd.losses.lelp_projections`; or the path of a ``.npy`` file holding it, for method
+    specs) is held as method state (saved with checkpoints). With ``projections=None`` (the default) they
+    are computed in the train step instead: the state accumulates each class's moments ``Σ f``, ``Σ f fᵀ``
+    and counts of the frozen teacher's embeddings over every (unmasked, labeled) example seen, and each
+    step's projections are :func:`jaxkd.losses.lelp_projections_from_moments` of them (``subclasses``
+    directions per class, the teacher classifier at ``classifier`` — a path in its parameters, ``"fc"``
+    on the CIFAR models, ``None`` to skip the null-space step): the projections of the whole training set
+    once every example has been seen (of the augmented images). The head (PyTorch ``nn.Linear`` init) is a
+    method parameter trained with the student; the student's own classifier is left to ``ce``. With
+    ``predict_with_head`` evaluation scores the head instead, its class logits being
+    ``logsumexp`` over each class's subclass logits (the class marginal). No official code was found; the
+    choices made (the factorized targets, standardized projections, defaults ``T = τ = 1`` and ``S = 4``)
+    are stated in :mod:`jaxkd.losses.feature.lelp`.
+    """
+    check_temperature("temperature", temperature)
+    check_temperature("subclass_temperature", subclass_temperature)
+    online = projections is None
+    if isinstance(projections, str):
+        projections = np.load(projections)
+    if online:
+        s = check_int("subclasses", subclasses, low=1)
+        proj = None
+    else:
+        proj = np.asarray(projections)
+        if proj.ndim != 3 or not np.issubdtype(proj.dtype, np.floating) or not np.all(np.isfinite(proj)):
+            raise ValueError(
+                f"projections must be a finite float array [num_classes, subclasses, dim + 1], got shape "
+                f"{proj.shape} ({proj.dtype})"
+            )
+        proj = jnp.asarray(proj, jnp.float32)
+        _, s, _ = proj.shape
+    t_name = teacher_embedding or embedding
+
+    def classifier_kernel(inputs: LossInputs):
+        return None if classifier is None else dense_layer(inputs, teacher, classifier, method=name)["kernel"]
+
+    def features(inputs: LossInputs):
+        f_s = student_feature(inputs, embedding, method=name)
+        f_t = teacher_feature(inputs, t_name, method=name, participant=teacher)
+        if len(f_s.shape) != 2 or len(f_t.shape) != 2:
+            raise ValueError(
+                f"{name!r} reads [B, D] embeddings; got student {tuple(f_s.shape)} and teacher {tuple(f_t.shape)}"
+            )
+        if not online and f_t.shape[-1] + 1 != proj.shape[-1]:
+            raise ValueError(
+                f"{name!r}: the teacher embedding {t_name!r} has {f_t.shape[-1]} dims but projections is "
+                f"{tuple(proj.shape)} (expected [K, S, {f_t.shape[-1] + 1}])"
+            )
+        return f_s, f_t
+
+    def init(rng, inputs: LossInputs) -> MethodVars:
+        f_s, f_t = features(inputs)
+        k = inputs.target(teacher, method=name).logits.shape[-1]
+        if online:
+            classifier_kernel(inputs)  # a wrong path is reported now
+            if s > f_t.shape[-1]:
+                raise ValueError(f"{name!r}: subclasses={s} exceeds the teacher embedding width {f_t.shape[-1]}")
+            d = f_t.shape[-1]
+            state = {"sums": jnp.zeros((k, d), jnp.float32), "outer": jnp.zeros((k, d, d), jnp.float32),
+                     "counts": jnp.zeros((k,), jnp.float32)}
+        else:
+            if proj.shape[0] != k:
+                raise ValueError(f"{name!r}: projections has {proj.shape[0]} classes, the teacher predicts {k}")
+            state = {"projections": proj}
+        return MethodVars(params={"head": dense_init(rng, f_s.shape[-1], k * s)}, state=state)
+
+    def loss(vars: MethodVars, inputs: LossInputs, rng):
+        f_s, f_t = features(inputs)
+        zt = inputs.target(teacher, method=name).logits
+        state = vars.state
+        if online:
+            # This batch's teacher embeddings join the per-class moments (masked / unlabeled ones excluded).
+            labels = inputs.labels(name)
+            w = jnp.ones(labels.shape, jnp.float32) if inputs.label_mask is None else inputs.label_mask.astype(jnp.float32)
+            one_hot = jax.nn.one_hot(labels, state["counts"].shape[0], dtype=jnp.float32) * w[:, None]
+            f = jnp.asarray(f_t, jnp.float32)
+            state = {"sums": state["sums"] + one_hot.T @ f,
+                     "outer": state["outer"] + jnp.einsum("bk,bd,be->kde", one_hot, f, f),
+                     "counts": state["counts"] + jnp.sum(one_hot, axis=0)}
+            current = losses.lelp_projections_from_moments(
+                state["sums"], state["outer"], state["counts"], subclasses=s, classifier_kernel=classifier_kernel(inputs)
+            )
+        else:
+            current = state["projections"]
+        value = losses.lelp(
+            dense(vars.params["head"], f_s), zt, f_t, jax.lax.stop_gradient(current),
+            temperature=temperature, subclass_temperature=subclass_temperature, mask=inputs.example_mask,
+        )
+        return value, LossAux({}, state)
+
+    def predict(vars: MethodVars, outputs: Outputs) -> jax.Array:
+        logits = dense(vars.params["head"], get_feature(outputs, embedding, who="student"))
+        return jax.nn.logsumexp(logits.reshape(logits.shape[0], -1, s), axis=-1)
+
+    return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,),
+                  predict=predict if predict_with_head else None)

@@ -1,0 +1,96 @@
+"""Fusing several language models into one student: FuseLLM's fused token target and InfiGFusion's
+graph-on-logits term (methods over :mod:`jaxkd.losses.fusion.fusellm` and :mod:`jaxkd.losses.fusion.infigfusion`).
+
+The teachers are participants of the train state (``"teacher"``, ``"teacher_b"`` …) sharing the
+student's vocabulary here — FuseLLM's token alignment across tokenizers is the host-side
+:func:`jaxkd.losses.fusellm_align_logits`. Every teacher runs in the step, frozen and gradient-stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+from jaxkd import losses
+from jaxkd.checks import check_choice, check_in_range, check_int
+from jaxkd.losses.lm.tokens import shift_logits
+from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.registry import register
+from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets
+
+__all__ = ["fusellm", "infigfusion"]
+
+
+@register(
+    "fusellm", inputs="tokens",
+    paper="Wan et al., *Knowledge Fusion of Large Language Models* (FuseLLM), ICLR 2024",
+    losses=("fusellm", "fusellm_fused_target", "fusellm_token_alignment"),
+    status="supported (teachers sharing the student's vocabulary in the step; alignment is host-side)",
+)
+def fusellm(
+    *,
+    teachers: Sequence[str] = ("teacher", "teacher_b"),
+    lm_weight: float = 0.9,
+    rule: str = "min_ce",
+    divergence: str = "ce",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    weight: Weight = 1.0,
+    name: str = "fusellm",
+) -> Method:
+    """FuseLLM: ``λ·CE(gold) + (1 − λ)·D(P_fused, p_S)`` per token, with ``P_fused`` the distribution of the
+    teacher whose gold cross-entropy on the sequence is lowest (``rule="min_ce"``) or the CE-weighted
+    mixture (``"avg_ce"``), as the official code computes them (:func:`jaxkd.losses.fusellm`; official
+    ``λ = 0.9``, MinCE, soft cross-entropy ``D``). The hard-label term is part of the loss: use it instead
+    of, not next to, ``lm_ce``. Metrics: none besides the loss."""
+    teachers = tuple(teachers)
+    if len(teachers) < 1 or len(set(teachers)) != len(teachers):
+        raise ValueError(f"teachers must name distinct participants, got {teachers}")
+    check_in_range("lm_weight", lm_weight, 0.0, 1.0)
+    check_choice("rule", rule, ("min_ce", "avg_ce"))
+    check_choice("divergence", divergence, ("ce", "kl"))
+    if top_k is not None:
+        check_int("top_k", top_k, low=1)
+
+    def compute(inputs: LossInputs, rng):
+        targets, target_mask, normalizer = lm_targets(inputs.batch)
+        stacked = jnp.stack([shift_logits(inputs.target(t, method=name).logits) for t in teachers])
+        return losses.fusellm(shift_logits(inputs.output("student", method=name).logits), stacked, targets,
+                                   lm_weight=lm_weight, rule=rule, divergence=divergence, temperature=temperature,
+                                   top_k=top_k, mask=target_mask, normalizer=normalizer)
+
+    return stateless_method(name, compute, weight=weight, needs_teacher="teacher" in teachers,
+                            participants=teachers, batch_keys=_LM_KEYS)
+
+
+@register(
+    "infigfusion", inputs="tokens",
+    paper="Wang et al., *InfiGFusion: Graph-on-Logits Distillation via Efficient Gromov-Wasserstein for Model Fusion*, NeurIPS 2025",
+    losses=("infigfusion",),
+    status="reconstructed from the abstract: node statistic and cost of the sorting GW are assumptions (see the loss)",
+)
+def infigfusion(
+    *,
+    k: int = 10,
+    values: str = "probs",
+    teacher: str = "teacher",
+    weight: Weight = 1.0,
+    name: str = "infigfusion",
+) -> Method:
+    """InfiGFusion's graph-on-logits distillation (GLD) between the student and one teacher, per sequence
+    (:func:`jaxkd.losses.infigfusion` over the next-token logits of the target positions). The paper
+    uses it next to a token-level term and SFT: combine with ``lm_ce`` and ``token_kd``. ``values="probs"``
+    by default: on raw logits (the abstract's wording) the graph's scale follows the logits' and a
+    weight that suits one model diverges on another (measured on the stdlib LM run)."""
+    check_int("k", k, low=1)
+    check_choice("values", values, ("logits", "probs"))
+
+    def compute(inputs: LossInputs, rng):
+        _, target_mask, _ = lm_targets(inputs.batch)
+        return losses.infigfusion(shift_logits(inputs.output("student", method=name).logits),
+                                      shift_logits(inputs.target(teacher, method=name).logits), k=k, values=values,
+                                      mask=target_mask)
+
+    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher",
+                            participants=(teacher,), batch_keys=_LM_KEYS)
