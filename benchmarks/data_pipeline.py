@@ -45,8 +45,8 @@ import time
 import numpy as np
 
 import grain
-from jaxkd.data import pipeline
-from jaxkd.data.pipeline import Loader
+from jaxkd.data import Loader
+from jaxkd.data.images import augmentation, normalization
 
 SEED = 0
 
@@ -61,8 +61,8 @@ def handwritten(images, labels, *, batch_size, mean, std, augment, seed=SEED):
         for step in range(steps):
             idx = order[step * batch_size : (step + 1) * batch_size]
             rng = np.random.default_rng([seed, 1, epoch, step])
-            batch = pipeline.augment(images[idx], augment, rng)
-            yield {"image": pipeline.normalize(batch, mean, std), "label": labels[idx]}
+            batch = augmentation.augment(images[idx], augment, rng)
+            yield {"image": normalization.normalize(batch, mean, std), "label": labels[idx]}
         epoch += 1
 
 
@@ -78,7 +78,7 @@ def batch_function_loop(images, labels, *, batch_size, mean, std, augment, seed=
 
 def _augment_one(image, mode, rng):
     """``augment`` for one example: the per-example pipeline's random_map."""
-    return pipeline.augment(image[None], mode, rng)[0]
+    return augmentation.augment(image[None], mode, rng)[0]
 
 
 def grain_per_example(images, labels, *, batch_size, mean, std, augment, seed=SEED):
@@ -89,7 +89,7 @@ def grain_per_example(images, labels, *, batch_size, mean, std, augment, seed=SE
         .random_map(lambda ex, rng: {**ex, "image": _augment_one(ex["image"], augment, rng)}, seed=seed)
         .repeat(None)
         .batch(batch_size, drop_remainder=True)
-        .map(lambda b: {"image": pipeline.normalize(b["image"], mean, std), "label": b["label"]})
+        .map(lambda b: {"image": normalization.normalize(b["image"], mean, std), "label": b["label"]})
     )
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
@@ -99,8 +99,8 @@ def grain_index_batches(images, labels, *, batch_size, mean, std, augment, seed=
 
     def make(k, idx):
         rng = np.random.default_rng([seed, 1, *divmod(k, steps)])
-        batch = pipeline.augment(images[idx], augment, rng)
-        return {"image": pipeline.normalize(batch, mean, std), "label": labels[idx]}
+        batch = augmentation.augment(images[idx], augment, rng)
+        return {"image": normalization.normalize(batch, mean, std), "label": labels[idx]}
 
     ds = (
         grain.MapDataset.range(images.shape[0])
@@ -147,12 +147,12 @@ def datasets(quick: bool):
     return {
         "digits (1297 x 8x8x1, batch 64, shift)": dict(
             images=digits, labels=bunch.target[:1297].astype(np.int32), batch_size=64,
-            mean=pipeline.DIGITS_MEAN, std=pipeline.DIGITS_STD, augment="shift",
+            mean=normalization.DIGITS_MEAN, std=normalization.DIGITS_STD, augment="shift",
             warmup=50, batches=500 if quick else 3000,
         ),
         f"cifar ({n} x 32x32x3, batch 128, crop_flip)": dict(
             images=cifar, labels=rng.integers(0, 10, n).astype(np.int32), batch_size=128,
-            mean=pipeline.CIFAR10_MEAN, std=pipeline.CIFAR10_STD, augment="crop_flip",
+            mean=normalization.CIFAR10_MEAN, std=normalization.CIFAR10_STD, augment="crop_flip",
             warmup=20, batches=100 if quick else 500,
         ),
     }

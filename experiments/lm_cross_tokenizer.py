@@ -4,10 +4,10 @@
     python -m experiments.lm_cross_tokenizer --config experiments/configs/lm_cross_tokenizer.py  # + bytes
     python -m experiments.lm_cross_tokenizer --set steps=100 --set "seeds=(0,)"
 
-1. The corpus: the standard library's ``.py`` files (:mod:`jaxkd.data.stdlib_corpus`), split by file.
+1. The corpus: the standard library's ``.py`` files (:mod:`jaxkd.data.text.stdlib_corpus`), split by file.
 2. The student's tokenizer: a byte-level BPE of ``bpe_vocab_size`` tokens learned on the *training*
-   split's files (:func:`jaxkd.data.bpe.train_bpe`), saved as ``tokenizer.json`` in the run folder.
-3. Parallel rows (:func:`jaxkd.data.cross_tokenizer.parallel_rows`): every file cut into windows that end
+   split's files (:func:`jaxkd.data.text.bpe.train_bpe`), saved as ``tokenizer.json`` in the run folder.
+3. Parallel rows (:func:`jaxkd.data.text.cross_tokenizer.parallel_rows`): every file cut into windows that end
    at a boundary of both tokenizations; per window the teacher's ``[BOS] + bytes`` (``seq_len`` tokens),
    the student's ``[BOS] + BPE tokens`` (``student_len``) and the ALM chunks of their targets. Cached in
    ``<out_dir>/cross_tokenizer/<key>.npz`` (the chunk alignment is host-side Python).
@@ -41,10 +41,10 @@ import numpy as np
 
 import jaxkd
 from jaxkd import methods
-from jaxkd.data import text
-from jaxkd.data.bpe import BPETokenizer, train_bpe
-from jaxkd.data.cross_tokenizer import PARALLEL_KEYS, ParallelBatches, ParallelText, check_byte_counts, parallel_rows
-from jaxkd.data.stdlib_corpus import stdlib_corpus_texts
+from jaxkd.data import ByteTokenizer
+from jaxkd.data.text.bpe import BPETokenizer, train_bpe
+from jaxkd.data.text.cross_tokenizer import PARALLEL_KEYS, ParallelBatches, ParallelText, check_byte_counts, parallel_rows
+from jaxkd.data.text.stdlib_corpus import stdlib_corpus_texts
 from jaxkd.models import lm as lm_models
 from experiments import config as config_lib
 from experiments import report
@@ -173,9 +173,9 @@ def cached_parallel_rows(files, bpe: BPETokenizer, cfg: CrossTokenizerExperiment
             return ParallelText(**{k: f[k] for k in fields}, num_documents=int(f["num_documents"]),
                                 paths=tuple(f["paths"].tolist()))
     start = time.time()
-    data = parallel_rows(files, text.ByteTokenizer(), bpe, teacher_len=cfg.seq_len, student_len=cfg.student_len,
+    data = parallel_rows(files, ByteTokenizer(), bpe, teacher_len=cfg.seq_len, student_len=cfg.student_len,
                          max_rows=max_rows)
-    check_byte_counts(data, text.ByteTokenizer(), bpe)
+    check_byte_counts(data, ByteTokenizer(), bpe)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, **{k: getattr(data, k) for k in fields}, num_documents=data.num_documents,
@@ -234,7 +234,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
             files = stdlib_corpus_texts(split, data_dir=data_dir, source_dir=cfg.corpus_dir,
                                         max_files=cfg.max_eval_files)
             data = cached_parallel_rows(files, bpe, cfg, split=split, max_rows=cfg.max_eval_rows)
-            evals[split] = {"num_bytes": check_byte_counts(data, text.ByteTokenizer(), bpe),
+            evals[split] = {"num_bytes": check_byte_counts(data, ByteTokenizer(), bpe),
                             "byte": padded_batches(data.tokens, data.mask, cfg.batch_size),
                             "bpe": padded_batches(data.student_tokens, data.student_mask, cfg.batch_size)}
         lm_cfg = cfg.teacher_experiment()
@@ -245,7 +245,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
 
     def evaluator(model, kind: str):
         """``variables -> {"<split>_bpb": bits per byte}``."""
-        lengths = bpe.token_byte_lengths if kind == "bpe" else text.ByteTokenizer().token_byte_lengths
+        lengths = bpe.token_byte_lengths if kind == "bpe" else ByteTokenizer().token_byte_lengths
         fns = {split: bpb_evaluator(model, e[kind], lengths) for split, e in evals.items()}
         return lambda variables: {f"{split}_bpb": fn(variables) for split, fn in fns.items()}
 
@@ -253,7 +253,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
         return methods.observe_validation_loss(state, result[f"{EVAL_SPLITS[0]}_bpb"] * np.log(2.0))
 
     configs = {
-        "byte": lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student),
+        "byte": lm_models.LMConfig(vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student),
         "bpe": lm_models.LMConfig(vocab_size=bpe.vocab_size, max_len=cfg.student_len, **cfg.student),
     }
     progress = progress_bar(len(run_methods) * len(cfg.seeds) * cfg.steps)

@@ -6,13 +6,13 @@
 
 1. The corpus: the ``.py`` files of the running interpreter's standard library (``sysconfig``), as the
    TFDS data set ``stdlib_corpus`` (array_record, prepared once into ``<out_dir>/tfds``), split by file
-   (:mod:`jaxkd.data.stdlib_corpus`), byte-tokenized and packed into rows of ``seq_len`` tokens.
+   (:mod:`jaxkd.data.text.stdlib_corpus`), byte-tokenized and packed into rows of ``seq_len`` tokens.
 2. The teacher: a transformer LM pretrained with next-token cross-entropy, once per (architecture, budget,
    optimizer, training rows, seed) in ``<out_dir>/teachers`` (:func:`experiments.lm_training.pretrained_lm`).
 3. Students: the same small LM trained for the same number of steps from the same initialization per
    seed, on data alone (``scratch``) and with each distillation objective, every method selected by its
    registry name in a spec string (``"lm_ce + token_kd(divergence='reverse_kl')"``).
-4. Validation bits per byte (:func:`jaxkd.data.text.bits_per_byte`) of the teacher and of every student,
+4. Validation bits per byte (:func:`jaxkd.data.bits_per_byte`) of the teacher and of every student,
    mean ± std over seeds, printed as a Markdown table and written to ``results.md``/``results.json``
    with the curves in ``curves.png``.
 
@@ -37,9 +37,9 @@ import numpy as np
 import jaxkd
 from jaxkd import methods
 from jaxkd.batch import with_token_normalizer
-from jaxkd.data import text
-from jaxkd.data.teacher_cache import TopKCache, cache_teacher_topk
-from jaxkd.data.stdlib_corpus import stdlib_corpus_sequences
+from jaxkd.data import ByteTokenizer, PackedText, TextLoader, count_byte_targets
+from jaxkd.data.text.teacher_cache import TopKCache, cache_teacher_topk
+from jaxkd.data.text.stdlib_corpus import stdlib_corpus_sequences
 from jaxkd.models import lm as lm_models
 
 from experiments import config as config_lib
@@ -67,7 +67,7 @@ class LMExperiment:
       name: the run folder's prefix.
       seq_len: tokens per packed row (the models' context).
       max_train_files, max_eval_files: how many corpus files each split keeps (a stable spread-out subset,
-        :func:`jaxkd.data.stdlib_corpus.stdlib_corpus_sequences`); ``None`` keeps all.
+        :func:`jaxkd.data.text.stdlib_corpus.stdlib_corpus_sequences`); ``None`` keeps all.
       max_eval_rows: validation rows scored (the first ones, fixed across runs).
       teacher, student: :class:`jaxkd.models.lm.LMConfig` fields (besides ``vocab_size``/``max_len``).
       cache_k: top-k entries per token of the offline teacher cache, written once per teacher when a method
@@ -85,7 +85,7 @@ class LMExperiment:
       eval_every: steps between validation evaluations (and the last step).
       out_dir: where run folders go.
       corpus_dir: a folder of ``.py`` files to read instead of the running interpreter's standard library
-        (:class:`jaxkd.data.stdlib_corpus.StdlibCorpus`'s ``source_dir``, same split by file); None: the stdlib.
+        (:class:`jaxkd.data.text.stdlib_corpus.StdlibCorpus`'s ``source_dir``, same split by file); None: the stdlib.
       compilation_cache: JAX's persistent compilation cache folder (:func:`jaxkd.compilation_cache.enable`:
         ``"default"``, a path, or None for none).
     """
@@ -175,7 +175,7 @@ TEACHER_SEED = 1234
 class Corpus:
     """The packed training rows, the validation batches and the bytes their targets stand for."""
 
-    train: text.PackedText
+    train: PackedText
     eval_batches: list
     eval_bytes: int
 
@@ -189,9 +189,9 @@ def load_corpus(cfg: Any) -> Corpus:
     val_data = stdlib_corpus_sequences("validation", seq_len=cfg.seq_len, data_dir=data_dir,
                                        source_dir=cfg.corpus_dir, max_files=cfg.max_eval_files)
     eval_rows = padded_batches(val_data.tokens[:cfg.max_eval_rows], val_data.mask[:cfg.max_eval_rows], cfg.batch_size)
-    num_bytes = text.count_byte_targets(np.concatenate([b["tokens"] for b in eval_rows]),
+    num_bytes = count_byte_targets(np.concatenate([b["tokens"] for b in eval_rows]),
                                         np.concatenate([b["mask"] for b in eval_rows]),
-                                        text.ByteTokenizer().token_byte_lengths)
+                                        ByteTokenizer().token_byte_lengths)
     return Corpus(train_data, eval_rows, num_bytes)
 
 
@@ -213,7 +213,7 @@ def pretrained_teacher(cfg: Any, runner: Runner, corpus: Corpus, name: str, arch
     corpus' training rows, shared by every experiment through ``<out_dir>/teachers``
     (:func:`experiments.lm_training.pretrained_lm`)."""
     steps = cfg.teacher_steps if steps is None else steps
-    config = lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **arch)
+    config = lm_models.LMConfig(vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **arch)
     evaluate = bpb_evaluator(lm_models.lm(config), corpus.eval_batches)
     variables, directory = pretrained_lm(
         runner, cache_root=os.path.join(cfg.out_dir, "teachers"), label=name, config=config, rows=corpus.train,
@@ -254,7 +254,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     with phases.phase("data"):
         corpus = load_corpus(cfg)
     train_data = corpus.train
-    student_cfg = lm_models.LMConfig(vocab_size=text.ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student)
+    student_cfg = lm_models.LMConfig(vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student)
     student_model = lm_models.lm(student_cfg)
     evaluation = bpb_evaluation(bpb_evaluator(student_model, corpus.eval_batches))
     rows_key = rows_fingerprint(train_data.tokens, train_data.mask)
@@ -299,7 +299,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                         if name != "student":
                             t = teachers[name]
                             parts[name] = lm_participant(t.config, t.variables, trains=False)
-                    loader = text.TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=seed,
+                    loader = TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=seed,
                                              num_epochs=None, teacher_cache=cache if cached else None)
                     with phases.phase("setup"):
                         state = jaxkd.create(participants=parts, method=method,

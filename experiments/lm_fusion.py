@@ -4,7 +4,7 @@ steer a larger base LM with small domain-tuned LMs, without training the large o
     python -m experiments.lm_fusion                       # the default run (about 6 min on 2 cores)
     python -m experiments.lm_fusion --set base_steps=100 --set tune_steps=50
 
-1. Data (:mod:`jaxkd.data.stdlib_corpus`, byte-tokenized, packed into rows of ``seq_len``): a *domain* is a
+1. Data (:mod:`jaxkd.data.text.stdlib_corpus`, byte-tokenized, packed into rows of ``seq_len``): a *domain* is a
    top-level package of the standard library chosen by path (default ``encodings/`` and ``asyncio/``).
    The general text is the training split's files outside every domain; each domain's tuning text is its
    training-split files; its held-out text is its validation- and test-split files (the corpus' fixed
@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import losses
-from jaxkd.data import text
-from jaxkd.data.stdlib_corpus import stdlib_corpus_texts
+from jaxkd.data import ByteTokenizer, PackedText, bits_per_byte, count_byte_targets, pack_documents
+from jaxkd.data.text.stdlib_corpus import stdlib_corpus_texts
 from jaxkd.models import fusion
 from jaxkd.models import lm as lm_models
 from experiments import config as config_lib
@@ -133,25 +133,25 @@ def domain_of(path: str, domains: tuple[str, ...]) -> str | None:
     return top if sep and top in domains else None
 
 
-def pack(files: list[tuple[str, bytes]], seq_len: int) -> text.PackedText:
+def pack(files: list[tuple[str, bytes]], seq_len: int) -> PackedText:
     """Byte-tokenized files packed into rows (``BOS`` file ``EOS`` …), as ``stdlib_corpus_sequences``."""
     if not files:
         raise ValueError("no files to pack: a domain or split is empty (choose another domain)")
-    tok = text.ByteTokenizer()
-    packed = text.pack_documents([tok.encode(t) for _, t in files], seq_len, bos=tok.bos_id, eos=tok.eos_id,
+    tok = ByteTokenizer()
+    packed = pack_documents([tok.encode(t) for _, t in files], seq_len, bos=tok.bos_id, eos=tok.eos_id,
                                  pad=tok.pad_id)
-    return text.PackedText(
+    return PackedText(
         tokens=packed["tokens"], mask=packed["mask"],
-        num_byte_targets=text.count_byte_targets(packed["tokens"], packed["mask"], tok.token_byte_lengths),
+        num_byte_targets=count_byte_targets(packed["tokens"], packed["mask"], tok.token_byte_lengths),
         num_documents=len(files), num_text_bytes=sum(len(t) for _, t in files), paths=tuple(p for p, _ in files))
 
 
-def eval_set(data: text.PackedText, max_rows: int, batch_size: int) -> dict[str, Any]:
+def eval_set(data: PackedText, max_rows: int, batch_size: int) -> dict[str, Any]:
     """``max_rows`` rows evenly spaced over the packed rows (spread over the files), in batches padded with
     fully masked rows, and the number of bytes their targets stand for."""
     rows = np.unique(np.linspace(0, len(data) - 1, min(max_rows, len(data))).round().astype(int))
     batches = padded_batches(data.tokens[rows], data.mask[rows], batch_size)
-    num_bytes = text.count_byte_targets(data.tokens[rows], data.mask[rows], text.ByteTokenizer().token_byte_lengths)
+    num_bytes = count_byte_targets(data.tokens[rows], data.mask[rows], ByteTokenizer().token_byte_lengths)
     return {"batches": batches, "num_bytes": num_bytes, "rows": len(rows)}
 
 
@@ -182,7 +182,7 @@ def fused_bpb(members, combine, rows: dict[str, Any]) -> float:
     for batch in rows["batches"]:
         log_probs = _fused_log_probs(members, combine, batch["tokens"], batch["mask"])
         total += float(_target_nats(log_probs, batch["tokens"], batch["mask"]))
-    return text.bits_per_byte(total, rows["num_bytes"])
+    return bits_per_byte(total, rows["num_bytes"])
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -205,7 +205,7 @@ def dlf_bpb_and_weights(members, combine, rows) -> tuple[float, list[float]]:
     for batch in rows["batches"]:
         n, s, c = _dlf_scores(members, combine, batch["tokens"], batch["mask"])
         nats, total, count = nats + float(n), total + np.asarray(s), count + int(c)
-    return text.bits_per_byte(nats, rows["num_bytes"]), [float(a) for a in total / count]
+    return bits_per_byte(nats, rows["num_bytes"]), [float(a) for a in total / count]
 
 
 _fused_generate = jax.jit(fusion.fused_generate, static_argnums=1,
@@ -213,7 +213,7 @@ _fused_generate = jax.jit(fusion.fused_generate, static_argnums=1,
 
 
 def _show(ids) -> str:
-    tok = text.ByteTokenizer()
+    tok = ByteTokenizer()
     ids = [int(i) for i in ids if int(i) < 256]  # specials dropped
     return tok.decode(ids).decode("utf-8", errors="replace")
 
@@ -241,7 +241,7 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
     for name, rows in held.items():
         print(f"held-out {name}: {rows['rows']} rows, {rows['num_bytes']} bytes", file=sys.stderr)
 
-    vocab = text.ByteTokenizer().vocab_size
+    vocab = ByteTokenizer().vocab_size
     large_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.large)
     small_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.small)
     cache_root = os.path.join(cfg.out_dir, "fusion_models")
@@ -306,7 +306,7 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
 
     # Greedy samples: one held-out prompt per domain, continued by the large base, its proxy-tuned version
     # (that domain's expert) and dynamic fusion with every expert.
-    tok = text.ByteTokenizer()
+    tok = ByteTokenizer()
     prompts = []
     for d in domains:
         # The domain's largest held-out file, from its first function definition after the middle (or the

@@ -27,7 +27,7 @@ import optax
 import jaxkd
 from jaxkd import eval_metrics, inference, methods
 from jaxkd.checkpoint import load_variables, save_variables
-from jaxkd.data import text
+from jaxkd.data import PAD_ID, ByteTokenizer, PackedText, TextLoader
 from jaxkd.batch import with_token_normalizer
 from jaxkd.models import lm as lm_models
 
@@ -56,7 +56,7 @@ def padded_batches(tokens: np.ndarray, mask: np.ndarray, batch_size: int) -> lis
     """Rows in order, in batches of ``batch_size``, the last padded with fully masked rows (they score
     nothing): one compiled shape for every batch."""
     pad = -len(tokens) % batch_size
-    tokens = np.concatenate([tokens, np.full((pad, tokens.shape[1]), text.PAD_ID, np.int32)])
+    tokens = np.concatenate([tokens, np.full((pad, tokens.shape[1]), PAD_ID, np.int32)])
     mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
     return [{"tokens": tokens[i:i + batch_size], "mask": mask[i:i + batch_size]}
             for i in range(0, len(tokens), batch_size)]
@@ -66,7 +66,7 @@ def bpb_evaluator(model: jaxkd.models.Model, batches: list[dict[str, np.ndarray]
     """``variables -> bits per byte`` of ``model`` over ``batches`` (``{"tokens", "mask"}``): the eval step's
     :func:`jaxkd.eval_metrics.bits_per_byte` summed over the batches through :mod:`jaxkd.inference` (one
     compile per model). ``token_byte_lengths``: the tokenizer's bytes per token (default: bytes, 1 each)."""
-    lengths = text.ByteTokenizer().token_byte_lengths if token_byte_lengths is None else token_byte_lengths
+    lengths = ByteTokenizer().token_byte_lengths if token_byte_lengths is None else token_byte_lengths
     metric = eval_metrics.bits_per_byte(lengths)
 
     def evaluate(variables) -> float:
@@ -106,7 +106,7 @@ def key_hash(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def model_key(config: lm_models.LMConfig, rows: text.PackedText, *, steps: int, lr: float, warmup_steps: int,
+def model_key(config: lm_models.LMConfig, rows: PackedText, *, steps: int, lr: float, warmup_steps: int,
               weight_decay: float, batch_size: int, microbatches: int, seed: int, init_key: str | None) -> dict:
     """Everything a pretrained model depends on, as JSON values: two trainings share a folder only when
     every entry (the training rows' hash included) is equal."""
@@ -116,7 +116,7 @@ def model_key(config: lm_models.LMConfig, rows: text.PackedText, *, steps: int, 
     return json.loads(json.dumps(key, sort_keys=True, default=str))  # JSON values (a dtype as its name)
 
 
-def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_models.LMConfig, rows: text.PackedText,
+def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_models.LMConfig, rows: PackedText,
                   steps: int, lr: float, warmup_steps: int, weight_decay: float, batch_size: int, seed: int,
                   evaluate_variables, microbatches: int = 1, init_variables=None,
                   init_key: str | None = None) -> tuple[Any, str]:
@@ -155,7 +155,7 @@ def pretrained_lm(runner: Runner, *, cache_root: str, label: str, config: lm_mod
             state = jaxkd.create(participants={"student": lm_participant(config, init_variables, trains=True)},
                                  method=methods.lm_ce(), tx=optimizer(lr, steps, warmup_steps, weight_decay),
                                  sample_batch=sample, rng=jax.random.PRNGKey(seed))
-        loader = text.TextLoader(rows.tokens, rows.mask, batch_size=batch_size, seed=seed, num_epochs=None)
+        loader = TextLoader(rows.tokens, rows.mask, batch_size=batch_size, seed=seed, num_epochs=None)
         evaluation = bpb_evaluation(evaluate_variables, observe=False)
         state, _ = runner.fit(run=label, seed=seed, state=state, loaders={"train": loader}, steps=steps,
                               lr_schedule=schedule(lr, steps, warmup_steps), config=key, evaluation=evaluation,

@@ -12,7 +12,7 @@ once at the end, so padded batches and uneven last batches aggregate exactly.
 * :func:`teacher_student_kl` — ``KL(p_teacher || p_student)`` per example, the distance big_vision's
   distill trainer reports.
 * :func:`bits_per_byte` — next-token cross-entropy of a language model in bits per byte of text (each target
-  token counts its bytes, :func:`jaxkd.data.text.bits_per_byte`'s definition).
+  token counts its bytes, :func:`jaxkd.data.bits_per_byte`'s definition).
 """
 
 from __future__ import annotations

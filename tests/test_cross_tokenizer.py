@@ -1,5 +1,5 @@
 """Cross-tokenizer distillation end to end: parallel rows of the same text under a byte tokenizer and a BPE
-(jaxkd/data/cross_tokenizer.py), the ALM method (jaxkd/methods/lm/alm.py) against a NumPy reference from
+(jaxkd/data/text/cross_tokenizer.py), the ALM method (jaxkd/methods/lm/alm.py) against a NumPy reference from
 log-softmax up, the cross-vocabulary check of jaxkd.create, and one jitted train step."""
 
 import jax
@@ -10,15 +10,15 @@ import pytest
 
 import jaxkd
 from jaxkd import methods
-from jaxkd.data.bpe import train_bpe
-from jaxkd.data.cross_tokenizer import (
+from jaxkd.data import ByteTokenizer
+from jaxkd.data.text.bpe import train_bpe
+from jaxkd.data.text.cross_tokenizer import (
     ALM_CHUNK_NORMALIZER_KEY,
     ParallelBatches,
     check_byte_counts,
     parallel_rows,
     window_bounds,
 )
-from jaxkd.data.text import ByteTokenizer
 from jaxkd.methods.base import LossInputs, MethodVars
 from jaxkd.models import lm as lm_models
 from jaxkd.models.base import Outputs

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxkd.data import pipeline
-from jaxkd.data.pipeline import Loader, Position, load_split
+from jaxkd import data
+from jaxkd.data import Loader, Position, load_split
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def digits_dir(tmp_path_factory) -> str:
     """A data_dir with the digits builder prepared in it (once per module)."""
     import tensorflow_datasets as tfds
 
-    from jaxkd.data.digits import Digits
+    from jaxkd.data.images.digits import Digits
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     builder = Digits(data_dir=data_dir)
@@ -41,7 +41,7 @@ def digits_train(digits_dir):
 
 
 def test_digits_builder_reads_back_through_data_source(digits_dir):
-    from jaxkd.data.digits import Digits
+    from jaxkd.data.images.digits import Digits
 
     builder = Digits(data_dir=digits_dir)
     assert builder.is_prepared()
@@ -60,7 +60,7 @@ def test_digits_builder_reads_back_through_data_source(digits_dir):
 def test_digits_splits_sizes_disjoint_and_match_sklearn(digits_dir, digits_train):
     from sklearn.datasets import load_digits
 
-    from jaxkd.data.digits.digits import split_indices
+    from jaxkd.data.images.digits.digits import split_indices
 
     test = load_split("digits", "test", data_dir=digits_dir)
     assert len(digits_train) == 1297 and len(test) == 500
@@ -91,9 +91,9 @@ def test_digits_splits_sizes_disjoint_and_match_sklearn(digits_dir, digits_train
 
 
 def test_digits_normalization_constants_match_train_split(digits_train):
-    mean, std = pipeline.channel_stats(digits_train.images)
-    np.testing.assert_allclose(mean, pipeline.DIGITS_MEAN, atol=1e-4)
-    np.testing.assert_allclose(std, pipeline.DIGITS_STD, atol=1e-4)
+    mean, std = data.channel_stats(digits_train.images)
+    np.testing.assert_allclose(mean, data.DIGITS_MEAN, atol=1e-4)
+    np.testing.assert_allclose(std, data.DIGITS_STD, atol=1e-4)
 
 
 def test_no_tensorflow_needed(tmp_path):
@@ -182,26 +182,26 @@ def test_unprepared_dataset_raises_file_not_found(tmp_path):
 def test_label_out_of_range_raises():
     images = np.zeros((4, 8, 8, 1), np.uint8)
     with pytest.raises(ValueError, match="label 10 "):
-        pipeline.Split(images, np.array([0, 1, 10, 2], np.int32), num_classes=10)
+        data.Split(images, np.array([0, 1, 10, 2], np.int32), num_classes=10)
     with pytest.raises(ValueError, match="label -1 "):
-        pipeline.validate_labels(np.array([0, -1]), 10)
+        data.validate_labels(np.array([0, -1]), 10)
     with pytest.raises(ValueError, match="label 3 "):
         Loader(images, np.array([0, 1, 2, 3]), batch_size=2, num_classes=3)
-    pipeline.validate_labels(np.array([0, 9]), 10)  # in range: no error
+    data.validate_labels(np.array([0, 9]), 10)  # in range: no error
 
 
 def test_subset_per_class():
     labels = np.repeat(np.arange(5), 20)
     np.random.default_rng(1).shuffle(labels)
-    a = pipeline.subset_per_class(labels, 3, seed=7)
-    b = pipeline.subset_per_class(labels, 3, seed=7)
-    c = pipeline.subset_per_class(labels, 3, seed=8)
+    a = data.subset_per_class(labels, 3, seed=7)
+    b = data.subset_per_class(labels, 3, seed=7)
+    c = data.subset_per_class(labels, 3, seed=8)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert len(np.unique(a)) == 15
     np.testing.assert_array_equal(np.bincount(labels[a]), [3] * 5)
     with pytest.raises(ValueError, match="class"):
-        pipeline.subset_per_class(labels, 21, seed=0)
+        data.subset_per_class(labels, 21, seed=0)
 
 
 # ---------------------------------------------------------------- Loader
@@ -307,9 +307,9 @@ def test_augment_shapes_dtypes_and_none_is_identity():
     rng = np.random.default_rng(0)
     digits = rng.integers(0, 256, size=(16, 8, 8, 1), dtype=np.uint8)
     cifar = rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
-    assert pipeline.augment(digits, "none", rng) is digits
+    assert data.augment(digits, "none", rng) is digits
     for images, mode in ((digits, "shift"), (cifar, "crop_flip"), (cifar, "shift")):
-        out = pipeline.augment(images, mode, np.random.default_rng(1))
+        out = data.augment(images, mode, np.random.default_rng(1))
         assert out.shape == images.shape and out.dtype == np.uint8
         assert not np.array_equal(out, images)
     # A shift moves content by at most `pad` pixels: values come from the image
@@ -317,20 +317,20 @@ def test_augment_shapes_dtypes_and_none_is_identity():
     one = np.zeros((1, 8, 8, 1), np.uint8)
     one[0, 4, 4, 0] = 200
     for seed in range(10):
-        out = pipeline.augment(one, "shift", np.random.default_rng(seed), pad=1)
+        out = data.augment(one, "shift", np.random.default_rng(seed), pad=1)
         (y, x) = np.argwhere(out[0, :, :, 0] == 200)[0]
         assert abs(y - 4) <= 1 and abs(x - 4) <= 1 and out.sum() == 200
     # pad=0 crop_flip is a pure horizontal flip on some examples.
-    out = pipeline.augment(cifar, "crop_flip", np.random.default_rng(2), pad=0)
+    out = data.augment(cifar, "crop_flip", np.random.default_rng(2), pad=0)
     flipped = np.all(out == cifar[:, :, ::-1], axis=(1, 2, 3))
     kept = np.all(out == cifar, axis=(1, 2, 3))
     assert np.all(flipped | kept) and flipped.any() and kept.any()
     with pytest.raises(ValueError):
-        pipeline.augment(digits, "rotate", rng)
+        data.augment(digits, "rotate", rng)
 
 
 def test_loader_none_augmentation_is_identity_after_normalization(digits_train):
-    mean, std = pipeline.NORMALIZATION["digits"]
+    mean, std = data.NORMALIZATION["digits"]
     loader = Loader(
         digits_train.images, digits_train.labels, batch_size=64, seed=5,
         mean=mean, std=std, num_classes=digits_train.num_classes,
@@ -338,7 +338,7 @@ def test_loader_none_augmentation_is_identity_after_normalization(digits_train):
     idx = loader.epoch_order(0)[:64]
     batch = next(iter(loader))
     np.testing.assert_allclose(
-        batch["image"], pipeline.normalize(digits_train.images[idx], mean, std), rtol=1e-6
+        batch["image"], data.normalize(digits_train.images[idx], mean, std), rtol=1e-6
     )
     np.testing.assert_array_equal(batch["label"], digits_train.labels[idx])
 
@@ -561,7 +561,7 @@ def test_loader_accepts_one_or_per_channel_constants():
     for mean, std in [((0.2,), (0.5,)), ((0.2, 0.2, 0.2), (0.5, 0.5, 0.5)), (0.2, 0.5)]:
         batch = next(iter(Loader(images, np.zeros(4, np.int64), batch_size=4, mean=mean, std=std)))
         np.testing.assert_allclose(batch["image"], 0.0, atol=1e-6)
-    np.testing.assert_allclose(pipeline.normalize(images, np.float32(0.2), np.float64(0.5)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(data.normalize(images, np.float32(0.2), np.float64(0.5)), 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -578,7 +578,7 @@ def test_normalize_refuses_bad_mean_std(mean, std, match):
     """normalize checks mean/std like the Loader (a zero std used to give inf/NaN images)."""
     images = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match=match):
-        pipeline.normalize(images, mean, std)
+        data.normalize(images, mean, std)
 
 
 @pytest.mark.parametrize("mode", ["none", "shift", "crop_flip"])
@@ -588,13 +588,13 @@ def test_augment_refuses_bad_pad(mode, pad, match):
     """A negative pad used to be accepted silently (as no padding)."""
     images = np.zeros((2, 4, 4, 1), np.uint8)
     with pytest.raises(ValueError, match=match):
-        pipeline.augment(images, mode, np.random.default_rng(0), pad=pad)
+        data.augment(images, mode, np.random.default_rng(0), pad=pad)
 
 
 def test_augment_refusal_names_mode():
     """An unknown augmentation names the ``mode`` argument and the choices."""
     with pytest.raises(ValueError, match=r"mode must be one of .*got mode='rotate'"):
-        pipeline.augment(np.zeros((2, 4, 4, 1), np.uint8), "rotate", np.random.default_rng(0))
+        data.augment(np.zeros((2, 4, 4, 1), np.uint8), "rotate", np.random.default_rng(0))
 
 
 def test_digits_unwritable_data_dir_names_it(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 import jaxkd
 from jaxkd import eval_metrics, methods
-from jaxkd.data import text
+from jaxkd.data import ByteTokenizer
 from jaxkd.models import lm as lm_models
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
 
@@ -60,7 +60,7 @@ def test_distance_metrics_name_a_missing_participant(state_and_batch):
 
 
 def test_bits_per_byte_matches_the_definition_on_left_padded_rows_with_holes():
-    tok = text.ByteTokenizer()
+    tok = ByteTokenizer()
     config = lm_models.LMConfig(vocab_size=tok.vocab_size, max_len=12, d_model=16, num_layers=1, num_heads=2, d_ff=32)
     model = lm_models.lm(config)
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from experiments import lm_cross_tokenizer, lm_distill, lm_fusion
-from jaxkd.data.stdlib_corpus import split_of
+from jaxkd.data.text.stdlib_corpus import split_of
 
 TINY_LM = dict(
     seq_len=32, max_train_files=None, max_eval_files=None, max_eval_rows=8,

@@ -296,7 +296,7 @@ def test_gkd_with_lambda_0_is_supervised_token_kd_and_samples_inside_the_step():
 
 
 def test_the_offline_top_k_cache_reproduces_the_live_teacher_run(tmp_path):
-    from jaxkd.data.teacher_cache import cache_teacher_topk
+    from jaxkd.data.text.teacher_cache import cache_teacher_topk
 
     cache = cache_teacher_topk(tmp_path / "topk.array_record", TEACHER_MODEL, TEACHER_VARS, BATCH["tokens"],
                                BATCH["mask"], k=6, batch_size=3)

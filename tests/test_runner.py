@@ -14,7 +14,7 @@ import pytest
 from experiments import config as config_lib
 from experiments import distill, lm_cross_tokenizer, lm_distill, lm_fusion, lm_training, report, runner
 from experiments.run_log import MetricsLog, read_records
-from jaxkd.data import text
+from jaxkd.data import PackedText
 from jaxkd.models import lm as lm_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,9 +128,9 @@ def test_stray_lines_in_metrics_never_block_a_rerun(tmp_path, caplog):
     assert os.path.getsize(tmp_path / "curves.png") > 0
 
 
-def _rows(seed: int) -> text.PackedText:
+def _rows(seed: int) -> PackedText:
     tokens = np.random.default_rng(seed).integers(3, 259, (8, 16)).astype(np.int32)
-    return text.PackedText(tokens=tokens, mask=np.ones_like(tokens, bool), num_byte_targets=8 * 15, num_documents=8,
+    return PackedText(tokens=tokens, mask=np.ones_like(tokens, bool), num_byte_targets=8 * 15, num_documents=8,
                            num_text_bytes=8 * 16, paths=("a.py",))
 
 

@@ -1,4 +1,4 @@
-"""Tests of jaxkd.data.teacher_cache: the offline top-k teacher cache (array_record)."""
+"""Tests of jaxkd.data.text.teacher_cache: the offline top-k teacher cache (array_record)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from jaxkd.data.teacher_cache import TopKCache, topk_tail_mass, write_topk_cache
+from jaxkd.data.text.teacher_cache import TopKCache, topk_tail_mass, write_topk_cache
 
 T, K, V = 5, 3, 11
 
@@ -146,7 +146,7 @@ def test_writer_refuses_bad_arguments(tmp_path):
 
 
 def test_text_loader_carries_the_rows_teacher_top_k(tmp_path):
-    from jaxkd.data.text import TextLoader, pack_documents
+    from jaxkd.data import TextLoader, pack_documents
 
     packed = pack_documents([np.arange(8), np.arange(3)], T)  # 15 tokens: 3 rows of 5
     records = _teacher_records(3, seed=3)

@@ -1,4 +1,5 @@
-"""Tests of the text side of LM distillation: jaxkd.data.text, .bpe and .stdlib_corpus."""
+"""Tests of the text side of LM distillation: jaxkd.data.text (tokenizer, packing, bits per byte, loader, bpe,
+stdlib_corpus)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxkd.data import bpe as bpe_lib
-from jaxkd.data import stdlib_corpus as sc
-from jaxkd.data.bpe import BPETokenizer, pretokenize, train_bpe
-from jaxkd.data.text import (
+from jaxkd.data import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -29,6 +27,9 @@ from jaxkd.data.text import (
     pack_documents,
     token_byte_offsets,
 )
+from jaxkd.data.text import bpe as bpe_lib
+from jaxkd.data.text import stdlib_corpus as sc
+from jaxkd.data.text.bpe import BPETokenizer, pretokenize, train_bpe
 
 B, E, P = BOS_ID, EOS_ID, PAD_ID
 
@@ -307,10 +308,10 @@ def test_find_source_files_keeps_only_library_py_files(source):
 def test_a_file_over_the_size_cap_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     (tmp_path / "small.py").write_text("x = 1\n")
     (tmp_path / "data.py").write_text("x = '" + "a" * (10 * 2**20) + "'\n")  # 10 MB on one line
-    with caplog.at_level("WARNING", logger="jaxkd.data.stdlib_corpus"):
+    with caplog.at_level("WARNING", logger="jaxkd.data.text.stdlib_corpus"):
         files = dict(sc.find_source_files(tmp_path))
     assert set(files) == {"small.py"}
-    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxkd.data.stdlib_corpus"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxkd.data.text.stdlib_corpus"]
     assert len(warnings) == 1, warnings
     assert "skipped 1 file" in warnings[0] and "data.py" in warnings[0] and str(tmp_path) in warnings[0]
     assert f"max_file_bytes={sc.MAX_FILE_BYTES}" in warnings[0] and "10485767 bytes" in warnings[0]

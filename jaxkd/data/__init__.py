@@ -1,17 +1,81 @@
-"""Data: TFDS loading without TensorFlow and host-side batch pipelines (Grain + NumPy).
+"""Data: TFDS loading without TensorFlow and host-side batch pipelines (Grain + NumPy), images and text apart.
 
-* :mod:`jaxkd.data.pipeline` — :class:`Loader` over images and labels; :mod:`jaxkd.data.digits`, the
-  ``digits`` builder (scikit-learn's bundled 8x8 images, no download).
-* :mod:`jaxkd.data.text` — the byte tokenizer, packing, bits per byte and :class:`TextLoader` for LMs;
-  :mod:`jaxkd.data.bpe`, a small learned byte-level BPE; :mod:`jaxkd.data.stdlib_corpus`, the Python
-  standard library's source as a TFDS data set (imported on demand: it loads tensorflow_datasets);
-  :mod:`jaxkd.data.teacher_cache`, offline top-k teacher signals in array_record.
+* :mod:`jaxkd.data.images` — image classification data: :mod:`~jaxkd.data.images.sources` (:func:`load_split`
+  of a TFDS split into memory, never downloading; :func:`subset_per_class`),
+  :mod:`~jaxkd.data.images.normalization`, :mod:`~jaxkd.data.images.augmentation`,
+  :mod:`~jaxkd.data.images.loader` (the :class:`Loader` of images and labels) and
+  :mod:`~jaxkd.data.images.digits`, the ``digits`` builder (scikit-learn's bundled 8x8 images, no download).
+* :mod:`jaxkd.data.text` — text for LMs: :mod:`~jaxkd.data.text.tokenizer` (the byte tokenizer and the
+  tokenizer contract), :mod:`~jaxkd.data.text.bpe` (a small learned byte-level BPE),
+  :mod:`~jaxkd.data.text.packing`, :mod:`~jaxkd.data.text.bits_per_byte`, :mod:`~jaxkd.data.text.loader`
+  (the :class:`TextLoader` of packed rows), :mod:`~jaxkd.data.text.teacher_cache` (offline top-k teacher
+  signals in array_record), :mod:`~jaxkd.data.text.cross_tokenizer` (parallel rows under two tokenizers)
+  and :mod:`~jaxkd.data.text.stdlib_corpus` (the Python standard library's source as a TFDS data set).
+  The last two are imported on demand (the corpus loads tensorflow_datasets).
+* :mod:`jaxkd.data.grain_loader` — what both loaders share: the Grain iteration, positions, resume state
+  and each process's rows.
+
+The public names of those modules (but the two on demand and the loaders' base class) are exported here.
 """
 
-from jaxkd.data import bpe, pipeline, teacher_cache, text
-from jaxkd.data.bpe import *  # noqa: F401,F403
-from jaxkd.data.pipeline import *  # noqa: F401,F403 - the public API is pipeline.__all__
-from jaxkd.data.teacher_cache import *  # noqa: F401,F403
-from jaxkd.data.text import *  # noqa: F401,F403
+from jaxkd.data.grain_loader import Position
+from jaxkd.data.images.augmentation import AUGMENTATIONS, augment
+from jaxkd.data.images.loader import Loader
+from jaxkd.data.images.normalization import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    NORMALIZATION,
+    channel_stats,
+    normalize,
+)
+from jaxkd.data.images.sources import Split, load_split, subset_per_class, validate_labels
+from jaxkd.data.text.bits_per_byte import bits_per_byte, count_byte_targets
+from jaxkd.data.text.bpe import PRETOKENIZE_PATTERN, BPETokenizer, pretokenize, train_bpe
+from jaxkd.data.text.loader import TextLoader
+from jaxkd.data.text.packing import PackedText, pack_documents
+from jaxkd.data.text.teacher_cache import TopKCache, cache_teacher_topk, topk_tail_mass, write_topk_cache
+from jaxkd.data.text.tokenizer import BOS_ID, EOS_ID, NUM_BYTES, PAD_ID, ByteTokenizer, Tokenizer, token_byte_offsets
 
-__all__ = sorted({*pipeline.__all__, *text.__all__, *bpe.__all__, *teacher_cache.__all__})
+__all__ = [
+    "AUGMENTATIONS",
+    "BOS_ID",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "EOS_ID",
+    "Loader",
+    "NORMALIZATION",
+    "NUM_BYTES",
+    "PAD_ID",
+    "PRETOKENIZE_PATTERN",
+    "PackedText",
+    "Position",
+    "Split",
+    "TextLoader",
+    "Tokenizer",
+    "TopKCache",
+    "augment",
+    "bits_per_byte",
+    "cache_teacher_topk",
+    "channel_stats",
+    "count_byte_targets",
+    "load_split",
+    "normalize",
+    "pack_documents",
+    "pretokenize",
+    "subset_per_class",
+    "token_byte_offsets",
+    "topk_tail_mass",
+    "train_bpe",
+    "validate_labels",
+    "write_topk_cache",
+]

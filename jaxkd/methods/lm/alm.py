@@ -8,7 +8,7 @@ over different vocabularies and cannot be compared token by token. ALM compares 
 instead: over each chunk of text whose two ends are token boundaries in both tokenizations, the teacher's
 and the student's log-likelihoods (the sums of their target tokens' log-probabilities) are matched with a
 binarised f-divergence. The batch carries both tokenizations of the same windows and the chunk ids of
-their targets (:func:`jaxkd.data.cross_tokenizer.parallel_rows`, which computes them host-side with
+their targets (:func:`jaxkd.data.text.cross_tokenizer.parallel_rows`, which computes them host-side with
 :func:`jaxkd.losses.alm_chunk_alignment`). With a byte-level teacher every student token is a chunk.
 
 Participants read their own tokenization: the student ``("student_tokens", "student_mask")`` and the
@@ -47,7 +47,7 @@ from jaxkd.models.base import Outputs
 __all__ = ["alm", "cache_teacher_log_probs", "lm_input", "student_input", "target_log_probs"]
 
 _DIVERGENCES = ("binary_kl", "binary_ce", "reverse_binary_kl")
-#: The batch entry with the per-example share of the global chunk count (see jaxkd.data.cross_tokenizer).
+#: The batch entry with the per-example share of the global chunk count (see jaxkd.data.text.cross_tokenizer).
 CHUNK_NORMALIZER_KEY = "alm_chunk_normalizer"
 
 
@@ -115,7 +115,7 @@ def alm(
     :func:`jaxkd.losses.alm` (the binarised divergence at temperature ``τ``, tokenkit's
     ``compute_alm_loss``, its ``alm_unconstrained`` chunks). The mean is over the chunks of the whole batch:
     divided by the batch's global chunk count (``batch["alm_chunk_normalizer"]``, see
-    :class:`jaxkd.data.cross_tokenizer.ParallelBatches`) when it carries one, so it is exact under gradient
+    :class:`jaxkd.data.text.cross_tokenizer.ParallelBatches`) when it carries one, so it is exact under gradient
     accumulation; else over the chunks of this (micro-)batch. The teacher's side is gradient-stopped.
     Both models' log-probabilities are ``log_softmax`` of their shifted logits gathered at the next token.
 

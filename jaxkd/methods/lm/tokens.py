@@ -203,7 +203,7 @@ def sparse_token_kd(
 
     Live (default): the top-k of the teacher's logits in the step. ``cached=True``: read
     ``batch[indices_key]`` / ``batch[log_probs_key]`` (``[B, T, k_stored]``, per *input* position, as
-    :func:`jaxkd.data.teacher_cache.cache_teacher_topk` writes them), so no teacher runs at all; with the
+    :func:`jaxkd.data.text.teacher_cache.cache_teacher_topk` writes them), so no teacher runs at all; with the
     same ``k`` the two give the same loss and gradients (tested). ``k`` may be smaller than the stored
     number (the first ``k``, in decreasing probability).
     """

@@ -63,7 +63,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxkd.checks import check_int
-from jaxkd.data.text import ByteTokenizer, PackedText, Tokenizer, count_byte_targets, pack_documents
+from jaxkd.data.text.bits_per_byte import count_byte_targets
+from jaxkd.data.text.packing import PackedText, pack_documents
+from jaxkd.data.text.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = [
     "EXCLUDED_DIRS",
@@ -78,7 +80,7 @@ __all__ = [
     "stdlib_corpus_texts",
 ]
 
-log = logging.getLogger("jaxkd.data.stdlib_corpus")
+log = logging.getLogger("jaxkd.data.text.stdlib_corpus")
 
 #: Files larger than this are skipped (not truncated) by default.
 MAX_FILE_BYTES = 512 * 1024
@@ -243,7 +245,7 @@ class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
             config = _custom_config(source_dir, max_file_bytes)
         super().__init__(config=config, **kwargs)
 
-    # See jaxkd.data.digits.Digits.code_path: tfds 4.9.10's default imports `importlib_resources`.
+    # See jaxkd.data.images.digits.Digits.code_path: tfds 4.9.10's default imports `importlib_resources`.
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
@@ -314,7 +316,7 @@ def stdlib_corpus_texts(
     through ``as_data_source``.  The files are ordered by the sha256 of their path: a stable
     pseudo-random order, so that the first ``max_files`` are spread over the whole library and a larger
     ``max_files`` only appends files.  (E.g. the texts to learn a BPE from,
-    :func:`jaxkd.data.bpe.train_bpe`.)
+    :func:`jaxkd.data.text.bpe.train_bpe`.)
 
     Args:
         split: a TFDS split (``"train"``, ``"validation"``, ``"test"``, ``"train[:10%]"``...).
@@ -347,7 +349,7 @@ def stdlib_corpus_texts(
         raise ValueError(
             f"split {split!r}: no file of {where!r} falls in split {base!r} (it has"
             f" {sorted(builder.info.splits)}); splits are drawn by file path, see"
-            " jaxkd.data.stdlib_corpus.split_of"
+            " jaxkd.data.text.stdlib_corpus.split_of"
         ) from e
     records = []
     for i in range(len(source)):
@@ -379,7 +381,7 @@ def stdlib_corpus_sequences(
 
     The files of :func:`stdlib_corpus_texts` (prepared on first use, read through
     ``as_data_source``, in the order of the sha256 of their path, the first ``max_files``), each
-    tokenized and packed with :func:`jaxkd.data.text.pack_documents` (``BOS`` file ``EOS``, ...).
+    tokenized and packed with :func:`jaxkd.data.pack_documents` (``BOS`` file ``EOS``, ...).
 
     Args:
         split: a TFDS split (``"train"``, ``"validation"``, ``"test"``, ``"train[:10%]"``...).
@@ -387,15 +389,15 @@ def stdlib_corpus_sequences(
         data_dir: TFDS data directory (None: TFDS's default).
         source_dir, max_file_bytes: see :class:`StdlibCorpus` (a custom folder or size cap).
         max_files: keep the first ``max_files`` files of that order (None: all).
-        tokenizer: a :class:`jaxkd.data.text.Tokenizer` (default :class:`ByteTokenizer`).
+        tokenizer: a :class:`jaxkd.data.Tokenizer` (default :class:`ByteTokenizer`).
 
     Returns:
-        A :class:`jaxkd.data.text.PackedText`: ``tokens``/``mask`` ``[N, seq_len]``,
+        A :class:`jaxkd.data.PackedText`: ``tokens``/``mask`` ``[N, seq_len]``,
         ``num_byte_targets`` (the bits-per-byte denominator of the whole split), ``paths``.
 
     Raises:
         ValueError: as :func:`stdlib_corpus_texts`, or ``seq_len < 2``, or a tokenizer without the
-            :class:`jaxkd.data.text.Tokenizer` interface.
+            :class:`jaxkd.data.Tokenizer` interface.
     """
     check_int("seq_len", seq_len, low=2)
     tokenizer = ByteTokenizer() if tokenizer is None else tokenizer

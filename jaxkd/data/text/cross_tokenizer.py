@@ -33,7 +33,7 @@ Targets and chunks (the next-token convention of :mod:`jaxkd.losses.lm.tokens`)
 
 Bits per byte
     Both rows of a window have the window's bytes as targets (``BOS`` is not a target, specials count 0),
-    so :func:`jaxkd.data.text.count_byte_targets` with each tokenizer's ``token_byte_lengths`` gives the
+    so :func:`jaxkd.data.count_byte_targets` with each tokenizer's ``token_byte_lengths`` gives the
     same number for both, ``row_bytes``: bits per byte compare across the two tokenizers exactly.
 
 Batches (:class:`ParallelBatches`)
@@ -51,7 +51,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from jaxkd.checks import check_int
-from jaxkd.data.text import Tokenizer, _as_bytes, count_byte_targets
+from jaxkd.data.text.bits_per_byte import count_byte_targets
+from jaxkd.data.text.tokenizer import Tokenizer, _as_bytes
 
 __all__ = [
     "ALM_CHUNK_NORMALIZER_KEY",
@@ -199,8 +200,8 @@ def parallel_rows(
 
     Args:
       texts: texts (``str`` are UTF-8 encoded), or ``(path, text)`` pairs as
-        :func:`jaxkd.data.stdlib_corpus.stdlib_corpus_texts` returns them.
-      teacher_tokenizer, student_tokenizer: :class:`jaxkd.data.text.Tokenizer` s (``encode_with_offsets``,
+        :func:`jaxkd.data.text.stdlib_corpus.stdlib_corpus_texts` returns them.
+      teacher_tokenizer, student_tokenizer: :class:`jaxkd.data.Tokenizer` s (``encode_with_offsets``,
         ``bos_id``, ``pad_id``, ``token_byte_lengths``).
       teacher_len, student_len: tokens per teacher / student row (``BOS`` included), ``>= 2``.
       max_rows: stop after this many rows (the first ones, in text order); ``None``: all.
@@ -272,7 +273,7 @@ def _alignment(t_off, s_off, t_mask, s_mask, num_chunks):
 def check_byte_counts(data: ParallelText, teacher_tokenizer: Tokenizer, student_tokenizer: Tokenizer) -> int:
     """The bits-per-byte denominator of ``data``, checked to be the same under both tokenizers.
 
-    :func:`jaxkd.data.text.count_byte_targets` of the teacher rows and of the student rows (each with its
+    :func:`jaxkd.data.count_byte_targets` of the teacher rows and of the student rows (each with its
     tokenizer's ``token_byte_lengths``); both must equal ``data.num_byte_targets``.
     """
     t = count_byte_targets(data.tokens, data.mask, teacher_tokenizer.token_byte_lengths)

@@ -7,7 +7,7 @@ regular expression, merges never cross a pre-token, and every pre-token starts a
 
 Vocabulary
     ``0..255``: the bytes.  ``256, 257, 258``: ``PAD``, ``BOS``, ``EOS`` (the ids of
-    :class:`jaxkd.data.text.ByteTokenizer`, so a BPE without merges *is* the byte tokenizer).  Merge
+    :class:`jaxkd.data.ByteTokenizer`, so a BPE without merges *is* the byte tokenizer).  Merge
     ``r`` (0-based, in the order learned) creates token ``259 + r``.  ``vocab_size = 259 + #merges``.
 
 Pre-tokens (:data:`PRETOKENIZE_PATTERN`)
@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from jaxkd.checks import check_int
-from jaxkd.data.text import BOS_ID, EOS_ID, NUM_BYTES, PAD_ID, _as_bytes, _as_ids, token_byte_offsets
+from jaxkd.data.text.tokenizer import BOS_ID, EOS_ID, NUM_BYTES, PAD_ID, _as_bytes, _as_ids, token_byte_offsets
 
 __all__ = ["BPETokenizer", "PRETOKENIZE_PATTERN", "pretokenize", "train_bpe"]
 

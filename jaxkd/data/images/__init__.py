@@ -1,0 +1,12 @@
+"""Image classification data: TFDS splits in memory, normalization, augmentation and the :class:`~jaxkd.data.Loader`.
+
+* :mod:`~jaxkd.data.images.sources` — :func:`~jaxkd.data.load_split` (TFDS without TensorFlow, never
+  downloading) and the :class:`~jaxkd.data.Split` it returns;
+* :mod:`~jaxkd.data.images.normalization` — per-channel normalization and its constants;
+* :mod:`~jaxkd.data.images.augmentation` — random shifts, crops and flips of a batch;
+* :mod:`~jaxkd.data.images.loader` — the :class:`~jaxkd.data.Loader`;
+* :mod:`~jaxkd.data.images.digits` — the ``digits`` TFDS builder (scikit-learn's bundled 8x8 images, no
+  download; imported on demand, it loads tensorflow_datasets).
+
+Their public names are exported from :mod:`jaxkd.data`.
+"""
