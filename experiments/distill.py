@@ -115,7 +115,7 @@ def with_meta(batch: dict, meta_batch: dict, prefix: str | None) -> dict:
 
 def with_index(batch: dict, method: methods.Method) -> dict:
     """``batch`` with an ``"index"`` entry when ``method`` reads one (the loader then yields it)."""
-    if "index" not in method.batch_keys:
+    if "index" not in method.needs.batch_keys:
         return batch
     return {**batch, "index": np.arange(len(batch["label"]), dtype=np.int32)}
 
@@ -150,7 +150,7 @@ def check_batch_size(cfg: config_lib.Config, dataset: Data, run_methods: dict[st
     n, why = len(dataset.student_train), ""
     if cfg.labels_per_class is not None:
         why = f" (labels_per_class={cfg.labels_per_class})"
-    meta = [name for name, m in run_methods.items() if m.meta_prefix is not None]
+    meta = [name for name, m in run_methods.items() if m.needs.meta_prefix is not None]
     if meta:  # those methods train on the rest after their meta set is held out
         held = len(hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)[1])
         n, why = n - held, f"{why} after the meta set of {meta[0]!r} is held out (meta_per_class={cfg.meta_per_class})"
@@ -168,7 +168,7 @@ def fit(runner: Runner, cfg: config_lib.Config, dataset: Data, evaluation: Evalu
     # Methods that index a per-example memory (CRD) read each example's row in `split`.
     with runner.phases.phase("batches"):
         loaders = {"train": train_loader(cfg, dataset, split, seed,
-                                         with_index="index" in state.method.batch_keys)}
+                                         with_index="index" in state.method.needs.batch_keys)}
         if meta is not None:
             loaders["meta"] = train_loader(cfg, dataset, meta, seed + 10_000, batch_size=min(cfg.batch_size, len(meta)))
     combine = (lambda b: with_meta(b["train"], b["meta"], meta_prefix)) if meta is not None else None
@@ -188,9 +188,7 @@ def plan(cfg: config_lib.Config, run_methods: dict[str, methods.Method]) -> Plan
     known = {"teacher", *cfg.teachers}
     frozen: list[str] = []
     for name, method in run_methods.items():
-        for participant in method.participants:
-            if participant in method.trained:
-                continue
+        for participant in method.needs.learned_from:  # the trained ones are built with the student
             if participant not in known:
                 raise ValueError(
                     f"config methods[{name!r}] reads participant {participant!r}, but the config defines teachers "
@@ -333,32 +331,32 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             for name, method in run_plan.methods.items():
                 for seed in cfg.seeds:
                     _, student_rng = jax.random.split(jax.random.PRNGKey(seed))
+                    needs = method.needs
                     participants = {}
-                    for p in method.participants:
-                        if p in method.trained:
+                    for p in needs.participants:
+                        if p in needs.trained:
                             participants[p] = jaxkd.Participant(model(trained_model_spec(cfg, p)))
                         else:
                             participants[p] = frozen_participant(cfg, model, p, teacher_vars[seed][p])
                     train_split, meta_split = dataset.student_train, None
-                    if method.meta_prefix is not None:
+                    if needs.meta_prefix is not None:
                         train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
                     with phases.phase("setup"):
                         state = jaxkd.create(
                             student=student, method=method, tx=student_tx, rng=student_rng, participants=participants,
-                            sample_batch=with_meta(with_index(sample, method), sample, method.meta_prefix),
+                            sample_batch=with_meta(with_index(sample, method), sample, needs.meta_prefix),
                             mesh=mesh,
                         )
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
                               "frozen_dtype": cfg.frozen_dtype,
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
-                              "participants": {p: list(trained_model_spec(cfg, p)) for p in method.trained},
-                              "teachers": {p: teacher_prints[seed][p] for p in method.participants
-                                           if p not in method.trained}}
+                              "participants": {p: list(trained_model_spec(cfg, p)) for p in needs.trained},
+                              "teachers": {p: teacher_prints[seed][p] for p in needs.learned_from}}
                     state, result = fit(runner, cfg, dataset, evaluation, run=name, seed=seed, state=state,
                                         split=train_split, steps=cfg.steps, lr_schedule=student_schedule,
-                                        config=config, meta=meta_split, meta_prefix=method.meta_prefix)
+                                        config=config, meta=meta_split, meta_prefix=needs.meta_prefix)
                     add(name, cfg.student, cfg.methods[name], result)
-                    for p in method.trained:
+                    for p in needs.trained:
                         add(f"{name}/{p}", trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})", result,
                             f"{p}_accuracy", compare=False)
                     del state

@@ -148,7 +148,7 @@ def parse_methods(cfg: CrossTokenizerExperiment) -> dict[str, methods.Method]:
 
 def uses_bpe(method: methods.Method) -> bool:
     """A run trains the BPE student when its method reads the student's tokens."""
-    return "student_tokens" in method.batch_keys
+    return "student_tokens" in method.needs.batch_keys
 
 
 # ----- data -----
@@ -269,7 +269,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
                                                "params": f"{teacher.config.num_params / 1e6:.2f}M"},
                                    [teacher_bpb], compare=False))
             extra = {}
-            if any(CACHE_KEY in m.batch_keys for m in run_methods.values()):
+            if any(CACHE_KEY in m.needs.batch_keys for m in run_methods.values()):
                 extra[CACHE_KEY] = cached_teacher_log_probs(teacher.config, teacher.variables, teacher.directory,
                                                             train_data, train_key, cfg.batch_size)
             for run, method in run_methods.items():
@@ -281,17 +281,17 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
                 per_seed, ms = [], []
                 for seed in cfg.seeds:
                     parts = {"student": jaxkd.participants.student(student_model, input=student_input)}
-                    if "teacher" in method.participants:
+                    if method.needs.teacher:
                         parts["teacher"] = lm_participant(teacher.config, teacher.variables, trains=False)
                     batches = ParallelBatches(train_data, batch_size=cfg.batch_size, seed=seed,
-                                              extra=extra if CACHE_KEY in method.batch_keys else None)
+                                              extra=extra if CACHE_KEY in method.needs.batch_keys else None)
                     with phases.phase("setup"):
                         state = jaxkd.create(participants=parts, method=method,
                                              tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
                                              sample_batch=batches.batch(0, 0), rng=jax.random.PRNGKey(seed))
                     config = student_config(cfg, cfg.methods[run], seed, rows=train_key, tokenizer=kind,
                                             student_len=cfg.student_len, teacher=teacher_identity(teacher)
-                                            if "teacher" in method.participants else None)
+                                            if method.needs.teacher else None)
                     _, result = runner.fit(run=run, seed=seed, state=state, loaders={"train": batches},
                                            steps=cfg.steps, lr_schedule=schedule(cfg.lr, cfg.steps, cfg.warmup_steps),
                                            config=config, evaluation=evaluation)

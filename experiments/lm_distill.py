@@ -247,7 +247,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     start = time.time()
     phases = Phases()
     run_methods = parse_methods(cfg)  # every spec checked before anything trains
-    needed = {p for m in run_methods.values() for p in m.participants}
+    needed = {p for m in run_methods.values() for p in m.needs.participants}
     for name in needed - {"student", "teacher", *cfg.extra_teachers}:
         raise ValueError(f"config methods read participant {name!r}; the config's teachers are "
                          f"{sorted({'teacher', *cfg.extra_teachers})} (add it to extra_teachers)")
@@ -277,7 +277,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                        compare=False))
 
             cache = None
-            if any("topk_indices" in m.batch_keys for m in run_methods.values()):
+            if any("topk_indices" in m.needs.batch_keys for m in run_methods.values()):
                 teacher = teachers["teacher"]
                 cache_path = os.path.join(teacher.directory, f"topk{cfg.cache_k}-{rows_key}.array_record")
                 if os.path.exists(cache_path):
@@ -292,13 +292,12 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
 
             for run, method in run_methods.items():
                 per_seed, ms = [], []
-                cached = "topk_indices" in method.batch_keys
+                cached = "topk_indices" in method.needs.batch_keys
                 for seed in cfg.seeds:
                     parts = {"student": lm_participant(student_cfg, trains=True)}
-                    for name in method.participants:
-                        if name != "student":
-                            t = teachers[name]
-                            parts[name] = lm_participant(t.config, t.variables, trains=False)
+                    for name in method.needs.participants:
+                        t = teachers[name]
+                        parts[name] = lm_participant(t.config, t.variables, trains=False)
                     loader = TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=seed,
                                              num_epochs=None, teacher_cache=cache if cached else None)
                     with phases.phase("setup"):
@@ -307,7 +306,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                              sample_batch={**sample, **cache.batch(np.arange(cfg.batch_size))}
                                              if cached else sample, rng=jax.random.PRNGKey(seed))
                     config = student_config(cfg, cfg.methods[run], seed, rows=rows_key, teachers={
-                        p: teacher_identity(teachers[p]) for p in method.participants if p != "student"},
+                        p: teacher_identity(teachers[p]) for p in method.needs.participants},
                         cache_k=cfg.cache_k if cached else None)
                     _, result = runner.fit(run=run, seed=seed, state=state, loaders={"train": loader},
                                            steps=cfg.steps, lr_schedule=schedule(cfg.lr, cfg.steps, cfg.warmup_steps),

@@ -24,6 +24,7 @@ device (a teacher too large for one device is loaded shard by shard).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Mapping
@@ -38,7 +39,7 @@ from jax.sharding import Mesh
 from jaxkd import participants as parts_lib
 from jaxkd import sharding as shd
 from jaxkd.checks import check_image_scale
-from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, Method, MethodVars, as_chain
+from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, Method, MethodVars, Needs, as_chain
 from jaxkd.models.base import Model, merge_variables, split_variables
 from jaxkd.participants import STUDENT, TEACHER, Participant
 
@@ -279,6 +280,11 @@ def create(
     does not sow, models over different classes, variables of another architecture, a participant the
     method asks for that the state lacks — is raised here, before training.
 
+    The steps, each its own function: :func:`gather_participants`; :func:`plan` (the checks, and every
+    participant's abstract variables and outputs); :func:`variable_shardings`; :func:`init` (the arrays,
+    built where they belong); :func:`check_loss` (the loss traced once); :func:`place` (committed to their
+    devices, as a :class:`TrainState`).
+
     Args:
       method: a method or chain (a single method is wrapped in a chain of one).
       tx: the Optax transformation for every trained participant (unless it has its own) and the
@@ -301,32 +307,121 @@ def create(
 
     Returns the state; it owns its buffers (given variables are copied: train steps donate the state).
     """
-    method = as_chain(method)
     parts = gather_participants(student=student, student_variables=student_variables, teacher=teacher,
                                 teacher_variables=teacher_variables, participants=participants, input_key=input_key)
-    check_sample_batch(sample_batch, parts, label_key=label_key)
-    for name, p in parts.items():  # values, so here on the host: inside the models' trace only dtypes show
-        for path, leaf in jax.tree_util.tree_leaves_with_path(p.model_input(sample_batch, name=name)):
-            key = p.input if isinstance(p.input, str) else jax.tree_util.keystr(path, simple=True, separator="/")
-            check_image_scale(f"participant {name!r}: batch[{key!r}]" if key else f"participant {name!r}'s input", leaf)
-    needed = ([label_key] if method.needs_labels else []) + list(method.batch_keys)
+    planned = plan(method, parts, sample_batch, tx=tx, rng=rng, label_key=label_key)
+    var_shardings = variable_shardings(planned, mesh)
+    trained, method_vars, opt_state, frozen = init(planned, var_shardings, mesh)
+    check_loss(planned, trained, method_vars, frozen)
+    return place(planned, trained, method_vars, opt_state, frozen, mesh)
+
+
+def check_needs(needs: Needs, parts: Mapping[str, Participant], sample_batch: Mapping[str, Any], *,
+                label_key: str = "label") -> None:
+    """The method's :class:`~jaxkd.methods.base.Needs` against the participants and the sample batch: every batch
+    entry it reads (the labels under ``label_key`` when it reads labels), every participant it reads, each
+    one it trains created trainable. The errors name what is missing and list what there is."""
+    needed = ([label_key] if needs.labels else []) + list(needs.batch_keys)
     missing = [k for k in needed if k not in sample_batch]
     if missing:
         raise ValueError(f"the method needs batch keys {missing}, the batch has {sorted(sample_batch)}")
-    if method.needs_teacher and TEACHER not in parts:
+    if needs.teacher and TEACHER not in parts:
         raise ValueError(
             f"the method needs a teacher (e.g. kd): a participant named 'teacher', but the participants are "
             f"{sorted(parts)}"
         )
-    for name in method.participants:
+    for name in needs.participants:
         if name not in parts:
             raise ValueError(f"the method reads participant {name!r}, but the train state has participants {sorted(parts)}")
-    for name in method.trained:
+    for name in needs.trained:
         if not parts[name].trains:
             raise ValueError(
                 f"the method trains participant {name!r} (e.g. a mutual-learning peer or an online teacher), but it "
                 "is frozen: give it trains=True"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What :func:`create` builds, known before any variable exists (from :func:`plan`).
+
+    Attributes:
+      method: the method as a chain.
+      parts: the participants by name, with their given variables.
+      tx: the optimizer over :attr:`TrainState.trainable` (:func:`combined_tx`).
+      batch: the sample batch as device arrays.
+      abstract_batch: its shapes and dtypes.
+      boxed: each participant's abstract variables as its model declares them (logical-axis boxes kept,
+        for shardings).
+      abstract_vars: each participant's abstract variables (plain shapes and dtypes).
+      outputs: each participant's abstract outputs on the sample batch (in train mode when it trains).
+      num_classes: the student's number of outputs.
+      label_key: the batch entry of the labels.
+      batch_spec: what every batch must look like.
+      rng: the state's PRNG key.
+      init_rngs: each participant's initialization key.
+      method_rng: the key of the method's ``init`` (and of the loss traced at creation).
+    """
+
+    method: Method
+    parts: dict[str, Participant]
+    tx: optax.GradientTransformation
+    batch: dict[str, jax.Array]
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]
+    boxed: dict[str, PyTree]
+    abstract_vars: dict[str, PyTree]
+    outputs: dict[str, Any]
+    num_classes: int
+    label_key: str
+    batch_spec: BatchSpec
+    rng: jax.Array
+    init_rngs: dict[str, jax.Array]
+    method_rng: jax.Array
+
+    @property
+    def static(self) -> tuple:
+        """``((name, Participant), ...)`` without variables, as the state holds them."""
+        return tuple((name, p.static()) for name, p in self.parts.items())
+
+    @property
+    def trained_names(self) -> list[str]:
+        return [n for n, p in self.parts.items() if p.trains]
+
+    @property
+    def frozen_names(self) -> list[str]:
+        return [n for n, p in self.parts.items() if not p.trains]
+
+    def loss_inputs(self, variables: Mapping[str, PyTree], outputs: Mapping[str, Any] | None = None,
+                    batch: Mapping[str, Any] | None = None) -> LossInputs:
+        """The method's inputs at step 0 over ``variables`` (by participant name); by default the abstract
+        outputs and batch."""
+        return LossInputs(outputs=self.outputs if outputs is None else outputs,
+                          batch=self.abstract_batch if batch is None else batch, step=jnp.zeros((), jnp.int32),
+                          variables=variables, participants=self.static, label_key=self.label_key)
+
+
+def plan(
+    method: Method,
+    parts: Mapping[str, Participant],
+    sample_batch: Mapping[str, Any],
+    *,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    label_key: str = "label",
+) -> Plan:
+    """The first step of :func:`create`: checks the sample batch against the participants (their inputs, the
+    image scale), the method's :class:`~jaxkd.methods.base.Needs` against both (:func:`check_needs`), and traces
+    every participant's variables and outputs with ``jax.eval_shape`` (no compute): given variables must be
+    exactly the model's, and every participant predicts the student's classes unless the method relates
+    vocabularies itself (``Needs.cross_vocabulary``)."""
+    method = as_chain(method)
+    parts = dict(parts)
+    check_sample_batch(sample_batch, parts, label_key=label_key)
+    for name, p in parts.items():  # values, so here on the host: inside the models' trace only dtypes show
+        for path, leaf in jax.tree_util.tree_leaves_with_path(p.model_input(sample_batch, name=name)):
+            key = p.input if isinstance(p.input, str) else jax.tree_util.keystr(path, simple=True, separator="/")
+            check_image_scale(f"participant {name!r}: batch[{key!r}]" if key else f"participant {name!r}'s input", leaf)
+    check_needs(method.needs, parts, sample_batch, label_key=label_key)
 
     batch = {k: jnp.asarray(v) for k, v in sample_batch.items()}
     rng, init_rng, method_rng, dropout_rng = jax.random.split(rng, 4)
@@ -345,7 +440,7 @@ def create(
         )
     num_classes = int(outputs[STUDENT].logits.shape[-1])
     for name, out in outputs.items():
-        if name != STUDENT and out.logits.shape[-1] != num_classes and not method.cross_vocabulary:
+        if name != STUDENT and out.logits.shape[-1] != num_classes and not method.needs.cross_vocabulary:
             raise ValueError(
                 f"participant {name!r} and the student must predict the same classes: the student has "
                 f"{num_classes} outputs, {name!r} has {out.logits.shape[-1]}. A language model whose "
@@ -353,79 +448,98 @@ def create(
                 f"jaxkd.models.vocab.truncate_vocab(model, size); models with different tokenizers need a "
                 f"cross-tokenizer method (alm)"
             )
+    return Plan(method=method, parts=parts, tx=combined_tx(tx, parts), batch=batch,
+                abstract_batch=_abstract_batch(sample_batch), boxed=boxed, abstract_vars=abstract_vars,
+                outputs=outputs, num_classes=num_classes, label_key=label_key,
+                batch_spec=BatchSpec.of(sample_batch), rng=rng, init_rngs=init_rngs, method_rng=method_rng)
 
-    static = tuple((name, p.static()) for name, p in parts.items())
-    trained_names = [n for n, p in parts.items() if p.trains]
-    frozen_names = [n for n, p in parts.items() if not p.trains]
-    full_tx = combined_tx(tx, parts)
-    abstract_batch = _abstract_batch(sample_batch)
+
+def variable_shardings(planned: Plan, mesh: Mesh | None) -> dict[str, PyTree]:
+    """Each participant's variable shardings over ``mesh``, by its ``rules`` or the mesh default (and the
+    logical axes its model declares); ``None`` per participant without a mesh (the default device)."""
+    if mesh is None:
+        return {name: None for name in planned.parts}
+    return {
+        name: shd.param_shardings(planned.abstract_vars[name], mesh, p.rules or shd.default_rules(mesh),
+                                  logical_specs=shd.logical_partition_specs(planned.boxed[name]))
+        for name, p in planned.parts.items()
+    }
+
+
+def init(planned: Plan, var_shardings: Mapping[str, PyTree], mesh: Mesh | None) -> tuple[PyTree, ...]:
+    """The arrays of the state, each written where ``var_shardings`` puts it: ``(trained, method_vars,
+    opt_state, frozen)`` — the trained participants' variables (copies of given ones, the others from their
+    model's ``init``), the method's variables from its ``init`` over the abstract outputs, the optimizer
+    state, and copies of the frozen participants' variables. The state owns every buffer (train steps
+    donate it; the caller's arrays must survive)."""
+    parts, method, trained_names = planned.parts, planned.method, planned.trained_names
 
     def build(rng_method, variables, frozen):
-        inputs = LossInputs(outputs=outputs, batch=abstract_batch, step=jnp.zeros((), jnp.int32),
-                            variables={**frozen, **variables}, participants=static, label_key=label_key)
-        method_vars = method.init(rng_method, inputs)
+        method_vars = method.init(rng_method, planned.loss_inputs({**frozen, **variables}))
         trained = {name: ModelVariables(*split_variables(variables[name])) for name in trained_names}
         trainable = {**{n: v.params for n, v in trained.items()}, "method": method_vars.params}
-        return trained, method_vars, full_tx.init(trainable)
+        return trained, method_vars, planned.tx.init(trainable)
 
     given = {n: parts[n].variables for n in trained_names if parts[n].variables is not None}
-    frozen_vars = {n: parts[n].variables for n in frozen_names}
-    var_shardings = {name: None for name in parts}
-    if mesh is not None:
-        var_shardings = {
-            name: shd.param_shardings(abstract_vars[name], mesh, parts[name].rules or shd.default_rules(mesh),
-                                      logical_specs=shd.logical_partition_specs(boxed[name]))
-            for name in parts
-        }
+    frozen_vars = {n: parts[n].variables for n in planned.frozen_names}
     # Copies: the state owns its buffers (steps donate it; the caller's arrays must survive).
     variables = _owned_copy(given, {n: var_shardings[n] for n in given} if mesh is not None else None)
     frozen_vars = _owned_copy(frozen_vars, {n: var_shardings[n] for n in frozen_vars} if mesh is not None else None)
     for name in trained_names:
         if name not in variables:
             # One compiled init per model (cached across states), writing each shard where it belongs.
-            x = parts[name].model_input(batch, name=name)
-            init = _unboxed_init(parts[name].model)
-            init = init if mesh is None else jax.jit(init.__wrapped__, out_shardings=var_shardings[name])
-            variables[name] = init(init_rngs[name], x)
+            x = parts[name].model_input(planned.batch, name=name)
+            model_init = _unboxed_init(parts[name].model)
+            if mesh is not None:
+                model_init = jax.jit(model_init.__wrapped__, out_shardings=var_shardings[name])
+            variables[name] = model_init(planned.init_rngs[name], x)
     if mesh is None:
-        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,))(method_rng, variables, frozen_vars)
+        trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,))(planned.method_rng, variables, frozen_vars)
     else:
-        out_abstract = jax.eval_shape(build, method_rng, variables, frozen_vars)
-        out_shardings = _state_shardings(out_abstract, var_shardings, full_tx, mesh, parts)
+        out_abstract = jax.eval_shape(build, planned.method_rng, variables, frozen_vars)
+        out_shardings = _state_shardings(out_abstract, var_shardings, planned.tx, mesh, parts)
         trained, method_vars, opt_state = jax.jit(build, donate_argnums=(1,), out_shardings=out_shardings)(
-            method_rng, variables, frozen_vars
+            planned.method_rng, variables, frozen_vars
         )
+    return trained, method_vars, opt_state, frozen_vars
 
-    # Trace the loss once on abstract values: raises every shape/key/feature/participant error now.
+
+def check_loss(planned: Plan, trained: Mapping[str, ModelVariables], method_vars: MethodVars,
+               frozen: Mapping[str, PyTree]) -> None:
+    """Traces the method's loss once on abstract values (``jax.eval_shape``, no compute): raises every
+    shape, batch key, feature and participant error of the loss now, before training."""
     def trace_loss(method_vars, outputs, batch, trained, frozen):
-        inputs = LossInputs(outputs=outputs, batch=batch, step=jnp.zeros((), jnp.int32),
-                            variables={**frozen, **{n: v.variables() for n, v in trained.items()}},
-                            participants=static, label_key=label_key)
-        return method.loss(method_vars, inputs, method_rng)
+        variables = {**frozen, **{n: v.variables() for n, v in trained.items()}}
+        return planned.method.loss(method_vars, planned.loss_inputs(variables, outputs, batch), planned.method_rng)
 
-    jax.eval_shape(trace_loss, method_vars, outputs, abstract_batch, trained, frozen_vars)
+    jax.eval_shape(trace_loss, method_vars, planned.outputs, planned.abstract_batch, trained, frozen)
 
-    # Every array committed to its device(s): a mix of committed and uncommitted arrays would compile the
-    # train step twice (the first step's outputs are all committed).
+
+def place(planned: Plan, trained: Mapping[str, ModelVariables], method_vars: MethodVars, opt_state: PyTree,
+          frozen: Mapping[str, PyTree], mesh: Mesh | None) -> TrainState:
+    """The :class:`TrainState` of the initialized arrays, every array committed to its device(s): on the
+    default device without a mesh, the step counters and PRNG key replicated over a mesh. (A mix of
+    committed and uncommitted arrays would compile the train step twice: the first step's outputs are all
+    committed.)"""
     replicate = (lambda a: jax.device_put(a, jax.devices()[0])) if mesh is None else (
         lambda a: jax.device_put(a, shd.replicated(mesh)))
     if mesh is None:
-        trained, method_vars, opt_state, frozen_vars = jax.device_put(
-            (trained, method_vars, opt_state, frozen_vars), jax.devices()[0])
+        trained, method_vars, opt_state, frozen = jax.device_put(
+            (trained, method_vars, opt_state, frozen), jax.devices()[0])
     return TrainState(
         step=replicate(jnp.zeros((), jnp.int32)),
         trained=trained,
-        frozen={n: ModelVariables(*split_variables(v)) for n, v in frozen_vars.items()},
+        frozen={n: ModelVariables(*split_variables(v)) for n, v in frozen.items()},
         opt_state=opt_state,
         method_vars=method_vars,
-        rng=replicate(rng),
+        rng=replicate(planned.rng),
         skipped_steps=replicate(jnp.zeros((), jnp.int32)),
-        participants=static,
-        method=method,
-        tx=full_tx,
-        label_key=label_key,
-        num_classes=num_classes,
-        batch_spec=BatchSpec.of(sample_batch),
+        participants=planned.static,
+        method=planned.method,
+        tx=planned.tx,
+        label_key=planned.label_key,
+        num_classes=planned.num_classes,
+        batch_spec=planned.batch_spec,
     )
 
 

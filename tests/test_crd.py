@@ -164,4 +164,4 @@ def test_crd_trains_in_the_jitted_step_with_exact_negatives():
     bank = after.state["crd"]["memory_student"]
     assert not np.array_equal(bank[4:12], before.state["crd"]["memory_student"][4:12])
     assert np.array_equal(bank[:4], before.state["crd"]["memory_student"][:4])
-    assert jaxkd.methods.parse("crd(num_examples=32, nce_k=12)").batch_keys == ("index",)
+    assert jaxkd.methods.parse("crd(num_examples=32, nce_k=12)").needs.batch_keys == ("index",)

@@ -190,7 +190,7 @@ def test_alm_method_is_alm_of_the_models_target_log_probs(divergence, temperatur
     # Each byte-level chunk of the teacher is a student token: the chunk NLLs are the targets' sums.
     np.testing.assert_allclose(float(metrics["student_chunk_nll"]), -ls.sum() / batch["alm_chunk_mask"].sum(),
                                rtol=1e-5)
-    assert method.cross_vocabulary and "student_tokens" in method.batch_keys
+    assert method.needs.cross_vocabulary and "student_tokens" in method.needs.batch_keys
 
 
 def test_alm_method_accumulates_exactly_with_the_chunk_normalizer_and_ignores_padding():
@@ -271,5 +271,5 @@ def test_cached_teacher_log_probs_give_the_live_loss_without_a_teacher():
     method = methods.alm(temperature=3.0, cached=True)
     cached, _ = jitted_loss(method)(zs, np.zeros_like(zt), batch)  # the teacher's logits are not read
     np.testing.assert_allclose(float(cached), float(live), rtol=1e-5)
-    assert method.participants == () and "tokens" not in method.batch_keys
-    assert "alm_teacher_log_probs" in method.batch_keys
+    assert method.needs.participants == () and "tokens" not in method.needs.batch_keys
+    assert "alm_teacher_log_probs" in method.needs.batch_keys

@@ -371,7 +371,7 @@ def fake_inputs(seed=0, teacher=True):
 
 @pytest.mark.parametrize("name,method,ref", METHODS, ids=[m[0] for m in METHODS])
 def test_methods_match_numpy_over_the_unmasked_examples(name, method, ref):
-    assert method.name == name and method.needs_teacher and method.weight == 1.0
+    assert method.name == name and method.needs.teacher and method.weight == 1.0
     inputs = fake_inputs()
     value, aux = method.loss(method.init(jax.random.PRNGKey(0), inputs), inputs, jax.random.PRNGKey(1))
     zs, zt = (np.asarray(inputs.outputs[n].logits) for n in ("student", "teacher"))

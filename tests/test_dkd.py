@@ -195,6 +195,6 @@ def test_method_checks_arguments_and_needs_labels():
                 lambda: methods.dkd(alpha="1"), lambda: methods.dkd(warmup_steps=2.5)):
         with pytest.raises(ValueError):
             bad()
-    assert methods.dkd().needs_labels and methods.dkd().needs_teacher
+    assert methods.dkd().needs.labels and methods.dkd().needs.teacher
     with pytest.raises(ValueError, match=r"needs batch\['label'\]"):
         run(methods.dkd(), fake_inputs().replace(batch={}))

@@ -90,6 +90,8 @@ def test_write_your_own_method_examples_run():
     assert int(state.method_vars.state["hint"]["calls"]) == 3 and "hint" in metrics
     assert all(bool(jax.numpy.isfinite(v)) for v in metrics.values())
     assert [term.name for term in namespace["method"].terms] == ["ce", "hint"]
+    assert namespace["needs"] == jaxkd.methods.Needs(participants=("teacher",), labels=True)
+    assert "needs a teacher" in namespace["message"] and "['student']" in namespace["message"]
 
 
 def test_every_results_table_is_printed_beside_its_command():

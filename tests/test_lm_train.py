@@ -105,7 +105,7 @@ def single_tokenization_token_methods():
             continue
         args = [a for a in (entry.example, "tokens=True" if "tokens" in params else "") if a]
         method = methods.parse(f"{name}({', '.join(args)})")
-        if "tokens" in method.batch_keys and set(method.batch_keys) <= set(KEYS):
+        if "tokens" in method.needs.batch_keys and set(method.needs.batch_keys) <= set(KEYS):
             found[name] = method
     return found
 
@@ -129,7 +129,7 @@ def test_gradient_accumulation_equals_the_whole_batch_for_every_token_method(nam
     2 + 0): a loss that divides a micro-batch by its own token count instead of the global one differs."""
     method = TOKEN_METHODS[name]
     parts = {"student": student(lm_models.lm(STUDENT_CFG), input=KEYS)}
-    for i, participant in enumerate(method.participants):
+    for i, participant in enumerate(method.needs.participants):
         parts[participant] = teacher(TEACHER_MODEL, jaxkd.sharding.unbox(TEACHER_MODEL.init(
             jax.random.PRNGKey(7 + i), {"tokens": BATCH["tokens"]})), input=KEYS)
 

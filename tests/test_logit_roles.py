@@ -87,7 +87,7 @@ def test_the_family_holds_the_logit_methods_and_each_takes_the_roles():
 @pytest.mark.parametrize("name", LOGIT_METHODS)
 def test_a_peer_learns_from_the_student_and_never_trains_it(name):
     method = build(name, student="peer", teacher="student")
-    assert method.participants == ("peer",) and method.trained == ("peer",)
+    assert method.needs.participants == ("peer",) and method.needs.trained == ("peer",)
     grads = loss_grads(method, trained_state(method, "peer"))
     assert_zero(grads["student"], f"{name}: the student (the target)")
     assert_nonzero(grads["peer"], f"{name}: the peer (the learner)")
@@ -96,7 +96,7 @@ def test_a_peer_learns_from_the_student_and_never_trains_it(name):
 @pytest.mark.parametrize("name", LOGIT_METHODS)
 def test_a_trained_teacher_gets_no_gradient_from_its_student_under_the_default_roles(name):
     method = build(name)
-    assert method.participants == ("teacher",) and method.trained == ()
+    assert method.needs.participants == ("teacher",) and method.needs.trained == ()
     grads = loss_grads(method, trained_state(method, "teacher"))
     assert_zero(grads["teacher"], f"{name}: the online teacher (the target)")
     assert_nonzero(grads["student"], f"{name}: the student (the learner)")

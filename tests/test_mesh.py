@@ -31,9 +31,9 @@ TEACHER_VARS = TEACHER.init(jax.random.PRNGKey(1), BATCHES[0]["image"])
 def new_state(spec, mesh=None):
     method = methods.parse(spec)
     participants = {}
-    if method.needs_teacher:
+    if method.needs.teacher:
         participants["teacher"] = jaxkd.Participant(TEACHER, TEACHER_VARS, trains=False)
-    if "peer" in method.trained:
+    if "peer" in method.needs.trained:
         participants["peer"] = jaxkd.Participant(PEER)
     return jaxkd.create(student=STUDENT, method=method, tx=optax.sgd(0.1, momentum=0.9), sample_batch=BATCHES[0],
                         rng=jax.random.PRNGKey(0), participants=participants, mesh=mesh)

@@ -8,7 +8,7 @@ import pytest
 
 import jaxkd
 from jaxkd import losses, methods
-from jaxkd.methods import LossAux, LossInputs, Method, MethodVars
+from jaxkd.methods import LossAux, LossInputs, Method, MethodVars, Needs
 from jaxkd.models import Outputs
 
 from tests.helpers import teacher_variables, tiny_batch, tiny_models
@@ -104,7 +104,7 @@ def projection_method(feature="pooled", width=32):
         value = jnp.mean((s - t) ** 2)
         return value, LossAux({"calls": vars.state["calls"]}, {"calls": vars.state["calls"] + 1})
 
-    return Method(name="hint", init=init, loss=loss, needs_teacher=True)
+    return Method(name="hint", init=init, loss=loss, needs=Needs(participants=("teacher",)))
 
 
 def test_user_method_params_are_trained_and_state_is_carried():

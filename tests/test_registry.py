@@ -59,7 +59,7 @@ def lm_fixtures(method):
              TOKEN_NORMALIZER_KEY: token_normalizer(mask[:, 1:] & mask[:, :-1])}
     init = lambda seed: jaxkd.sharding.unbox(model.init(jax.random.PRNGKey(seed), {"tokens": batch["tokens"]}))
     participants = {name: jaxkd.Participant(model, init(i + 1), trains=False, input=("tokens", "mask"))
-                    for i, name in enumerate(method.participants)}
+                    for i, name in enumerate(method.needs.participants)}
     return jaxkd.participants.student(model, input=("tokens", "mask")), participants, batch
 
 
@@ -84,15 +84,16 @@ def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_ste
     if name == "lelp":
         args = lelp_projections_file(tmp_path, TEACHER, TEACHER_VARS, BATCH)
     method = methods.parse(f"{name}({args})")
+    needs = method.needs
     batch = dict(BATCH)
-    if "index" in method.batch_keys:
+    if "index" in needs.batch_keys:
         batch["index"] = np.arange(len(batch["label"]), dtype=np.int32)
-    if method.meta_prefix is not None:
-        batch.update({method.meta_prefix + k: v for k, v in tiny_batch(seed=1).items()})
+    if needs.meta_prefix is not None:
+        batch.update({needs.meta_prefix + k: v for k, v in tiny_batch(seed=1).items()})
     # Every participant the method reads: trained ones fresh (peers, online teachers), others frozen.
     participants = {
-        name: jaxkd.Participant(TEACHER, None if name in method.trained else TEACHER_VARS, trains=name in method.trained)
-        for name in method.participants
+        name: jaxkd.Participant(TEACHER, None if name in needs.trained else TEACHER_VARS, trains=name in needs.trained)
+        for name in needs.participants
     }
     state = jaxkd.create(student=STUDENT, method=method, tx=optax.sgd(0.05), sample_batch=batch,
                          rng=jax.random.PRNGKey(0), participants=participants)

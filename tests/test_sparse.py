@@ -154,7 +154,7 @@ def test_sparse_kd_online_and_offline_match_numpy_over_the_unmasked_examples():
     value, _ = run(methods.sparse_forward_kl(k=3, tail="bucket", temperature=2.0), online)
     np.testing.assert_allclose(value, expected, rtol=2e-5)
     offline = methods.sparse_forward_kl(k=3, tail="bucket", temperature=2.0, indices_key="i", log_probs_key="lp")
-    assert not offline.needs_teacher and offline.batch_keys == ("i", "lp")
+    assert not offline.needs.teacher and offline.needs.batch_keys == ("i", "lp")
     value, _ = run(offline, fake_inputs({"mask": mask, "i": idx, "lp": lp}, teacher=False))
     np.testing.assert_allclose(value, expected, rtol=2e-5)
     with pytest.raises(ValueError, match="k=5 is larger than the 4 stored"):

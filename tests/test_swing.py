@@ -70,7 +70,7 @@ def test_method_uses_the_step_key_and_the_privacy_scores():
     noisy = methods.swing(noise_scale=0.5)
     assert run(noisy, 1) == run(noisy, 1) != run(noisy, 2)
     scored = methods.swing(noise_scale=0.0, base_temperature=2.0, max_temperature=8.0, privacy_key="privacy")
-    assert scored.batch_keys == ("privacy",)
+    assert scored.needs.batch_keys == ("privacy",)
     with pytest.raises(ValueError, match="privacy"):
         run(scored)
     r = np.linspace(0, 1, 6).astype(np.float32)

@@ -146,7 +146,7 @@ def test_a_finite_loss_with_a_nan_gradient_is_refused():
     from jaxkd.methods.base import stateless_method
 
     sqrt_of_zero = stateless_method(
-        "sqrt_of_zero", lambda inputs, rng: jnp.sqrt(jnp.sum(0.0 * inputs.output("student").logits ** 2)), needs_teacher=False)
+        "sqrt_of_zero", lambda inputs, rng: jnp.sqrt(jnp.sum(0.0 * inputs.output("student").logits ** 2)))
     state = new_state(method=METHOD + sqrt_of_zero)
     before = jax.device_get(state)
     with pytest.raises(NonFiniteError, match="^update 1: a gradient is not finite;") as info:
@@ -262,7 +262,7 @@ def _failing_at_run_time():
         jax.debug.callback(oom, jax.lax.stop_gradient(jnp.sum(z)))
         return jnp.sum(z) * 0.0
 
-    return methods.ce() + methods.base.stateless_method("fails", compute, needs_teacher=False)
+    return methods.ce() + methods.base.stateless_method("fails", compute)
 
 
 def test_a_step_failing_at_run_time_says_the_donated_state_is_lost():

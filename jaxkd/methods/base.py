@@ -13,15 +13,30 @@ A :class:`Method` is a small record of pure functions:
 * ``predict(vars, student_outputs) -> logits`` (optional) — what evaluation scores, for methods that
   change inference (a second head combined with the first).
 
+and one record of what it needs, :class:`Needs` (``method.needs``):
+
+* ``participants`` — every participant whose outputs the loss reads besides the student (``"teacher"``,
+  a peer, more teachers), the trained ones included; ``trained`` — those it trains (a mutual-learning
+  peer, an online teacher, the participant in its ``student`` role);
+* ``labels`` — whether it reads ``batch[label_key]``; ``batch_keys`` — the other batch entries it reads;
+* ``meta_prefix`` — for a held-out meta objective (TGeo-KD), the prefix of the meta batch's keys;
+* ``cross_vocabulary`` — whether it relates outputs over different vocabularies itself (ALM).
+
+:func:`jaxkd.create` checks the record against the participants and the sample batch (the errors name what
+is missing), and experiments read it to decide which participants to build and what the batches carry.
+Nothing is assumed: a method that reads the teacher names it (``Needs(participants=("teacher",))``).
+
 :func:`chain` (or ``+``) composes methods: each keeps its variables under its own name, the total is the
 weighted sum, and every term is reported as a metric. A weight is a finite number ``>= 0`` or a schedule
 ``step -> weight`` (as optax schedules are); ``w * method`` multiplies whatever weight the method already
-has (a warm-up schedule stays a warm-up), and ``w * (a + b)`` weights every member.
+has (a warm-up schedule stays a warm-up), and ``w * (a + b)`` weights every member. A chain needs what its
+members need together (:meth:`Needs.merge`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import flax.struct
@@ -32,7 +47,7 @@ from jaxkd import batch as batch_schema
 from jaxkd.checks import check_nonnegative
 from jaxkd.losses.core import combine_masks
 from jaxkd.models.base import Outputs
-from jaxkd.participants import Participant
+from jaxkd.participants import STUDENT, TEACHER, Participant
 
 Array = jax.Array
 PyTree = Any
@@ -253,7 +268,127 @@ def check_name(name: Any) -> str:
     return name
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+def _names(entry: str, names: Any) -> tuple[str, ...]:
+    """``names`` as a tuple of distinct non-empty strings, in order (a lone string is refused: it is not a
+    sequence of names)."""
+    if isinstance(names, str) or not isinstance(names, (tuple, list)):
+        raise TypeError(f"Needs.{entry} takes a tuple of names, got {names!r}")
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise TypeError(f"Needs.{entry} takes non-empty strings, got {n!r} in {names!r}")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a method needs from the train state and its batches: one record, checked by :func:`jaxkd.create`
+    and read by experiments (which participants to build, trained or frozen; what the batches carry).
+
+    Nothing is assumed: a method that reads the participant named ``"teacher"`` lists it. The student is
+    always there and always trained, so naming it adds nothing. Combine records with :meth:`merge` (or
+    ``a | b``), as :func:`chain` does.
+
+    Attributes:
+      participants: every participant whose outputs the loss reads besides the student, in order; the
+        ``trained`` ones are added. :func:`jaxkd.create` refuses a state without one (the error lists the
+        participants the state has).
+      trained: the participants besides the student the method trains (a mutual-learning peer, an online
+        teacher, the participant in a method's ``student`` role); experiments create them trainable, and
+        :func:`jaxkd.create` refuses a frozen one.
+      labels: whether the loss reads the labels (``batch[label_key]``).
+      batch_keys: other batch entries the loss reads (checked against the sample batch).
+      meta_prefix: for a method with a held-out meta objective (TGeo-KD): the batch also carries a meta
+        batch under the same keys with this prefix (``"meta_image"``, ``"meta_label"``); ``None`` otherwise.
+      cross_vocabulary: the loss relates outputs over *different* vocabularies itself (cross-tokenizer
+        distillation); otherwise :func:`jaxkd.create` requires every participant to predict the student's
+        classes.
+    """
+
+    participants: tuple[str, ...] = ()
+    trained: tuple[str, ...] = ()
+    labels: bool = False
+    batch_keys: tuple[str, ...] = ()
+    meta_prefix: str | None = None
+    cross_vocabulary: bool = False
+
+    def __post_init__(self):
+        trained = _names("trained", self.trained)
+        reads = _names("participants", self.participants)
+        object.__setattr__(self, "participants", tuple(n for n in dict.fromkeys((*reads, *trained)) if n != STUDENT))
+        object.__setattr__(self, "trained", tuple(n for n in trained if n != STUDENT))
+        object.__setattr__(self, "batch_keys", _names("batch_keys", self.batch_keys))
+        object.__setattr__(self, "labels", bool(self.labels))
+        object.__setattr__(self, "cross_vocabulary", bool(self.cross_vocabulary))
+        if self.meta_prefix is not None and not isinstance(self.meta_prefix, str):
+            raise TypeError(f"Needs.meta_prefix is a string or None, got {self.meta_prefix!r}")
+        if self.meta_prefix == "":
+            raise ValueError("Needs.meta_prefix must not be empty: the meta batch's keys would be the batch's own")
+
+    @property
+    def teacher(self) -> bool:
+        """Whether the participant named ``"teacher"`` is read (``"teacher" in participants``)."""
+        return TEACHER in self.participants
+
+    @property
+    def learned_from(self) -> tuple[str, ...]:
+        """The participants read but not trained by the method: the teachers it needs (frozen, or trained
+        elsewhere)."""
+        return tuple(n for n in self.participants if n not in self.trained)
+
+    def merge(self, *others: "Needs") -> "Needs":
+        """What this method and ``others`` need together (a chain's record): every participant, trained one
+        and batch key in order of appearance, labels or a shared vocabulary relation if any needs them. Meta
+        batches must agree: two different ``meta_prefix`` are refused."""
+        records = (self, *others)
+        for r in others:
+            if not isinstance(r, Needs):
+                raise TypeError(f"Needs.merge takes Needs records, got {type(r).__name__}")
+        prefixes = sorted({r.meta_prefix for r in records if r.meta_prefix is not None})
+        if len(prefixes) > 1:
+            raise ValueError(f"methods in a chain must share one meta batch, got meta prefixes {prefixes}")
+        return Needs(
+            participants=tuple(n for r in records for n in r.participants),
+            trained=tuple(n for r in records for n in r.trained),
+            labels=any(r.labels for r in records),
+            batch_keys=tuple(k for r in records for k in r.batch_keys),
+            meta_prefix=prefixes[0] if prefixes else None,
+            cross_vocabulary=any(r.cross_vocabulary for r in records),
+        )
+
+    def __or__(self, other: "Needs") -> "Needs":
+        if not isinstance(other, Needs):
+            return NotImplemented
+        return self.merge(other)
+
+
+#: The former keyword arguments and attributes of :class:`Method`, each an entry of :class:`Needs` now.
+_FORMER_NEEDS = {"needs_teacher": "teacher", "needs_labels": "labels", "batch_keys": "batch_keys",
+                 "meta_prefix": "meta_prefix", "participants": "participants", "trained": "trained",
+                 "cross_vocabulary": "cross_vocabulary"}
+
+
+def _needs_of(needs_teacher: bool = False, needs_labels: bool = False, batch_keys: tuple[str, ...] = (),
+              meta_prefix: str | None = None, participants: tuple[str, ...] = (), trained: tuple[str, ...] = (),
+              cross_vocabulary: bool = False) -> Needs:
+    """The record the former keyword arguments of :class:`Method` described."""
+    return Needs(participants=(*participants, *((TEACHER,) if needs_teacher else ())), trained=trained,
+                 labels=needs_labels, batch_keys=batch_keys, meta_prefix=meta_prefix,
+                 cross_vocabulary=cross_vocabulary)
+
+
+def _former_attribute(attribute: str) -> property:
+    entry = _FORMER_NEEDS[attribute]
+
+    def read(self: "Method"):
+        warnings.warn(f"Method.{attribute} is deprecated: read Method.needs.{entry} (what a method needs is one "
+                      f"record, jaxkd.methods.Needs)", FutureWarning, stacklevel=2)
+        return getattr(self.needs, entry)
+
+    read.__doc__ = f"Former name of ``needs.{entry}`` (warns)."
+    return property(read)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, init=False)
 class Method:
     """A distillation objective with its own variables. Build one with a factory (``jaxkd.methods.kd``).
 
@@ -263,23 +398,16 @@ class Method:
       init: ``(rng, inputs) -> MethodVars``; the default has no variables.
       update: ``(params, state, info) -> state`` after the optimizer step; the default keeps the state.
       weight: multiplier (or schedule ``step -> multiplier``) of this term in a chain.
-      needs_teacher: whether the loss reads the participant named ``"teacher"``.
-      participants: every participant besides the student whose outputs the loss reads (checked when the
-        train state is created: the error lists the participants the state has).
-      trained: participants besides the student the method expects to be *trained* (a mutual-learning
-        peer, an online teacher, the participant in a method's ``student`` role); experiments create them
-        trainable, and a frozen one is refused.
-      needs_labels: whether the loss reads the labels (``batch[label_key]``).
-      batch_keys: other batch entries the loss reads (checked when the train state is created).
-      meta_prefix: for methods with a held-out meta objective (TGeo-KD): the batch also carries a meta
-        batch under the same keys with this prefix (``"meta_image"``, ``"meta_label"``); ``None``
-        otherwise.
       predict: ``(vars, student_outputs) -> logits`` used by evaluation, or ``None`` for the student's
         own logits.
       terms: for a chain, its members (empty for a single method).
-      cross_vocabulary: the loss relates outputs over *different* vocabularies itself (cross-tokenizer
-        distillation); otherwise :func:`jaxkd.create` requires every participant to predict the
-        student's classes.
+      needs: what the loss reads and trains (:class:`Needs`): participants, trained ones, labels, batch
+        keys, a meta batch, the vocabulary relation. Checked when the train state is created.
+
+    ``predict``, ``terms`` and ``needs`` are keyword-only. The former keywords ``needs_teacher``,
+    ``needs_labels``, ``batch_keys``, ``meta_prefix``, ``participants``, ``trained`` and
+    ``cross_vocabulary`` still build the record (with a ``FutureWarning``), and reading them off a method
+    forwards to :attr:`needs` (also warning).
     """
 
     name: str
@@ -287,26 +415,48 @@ class Method:
     init: Callable[[Array, LossInputs], MethodVars] = _no_vars
     update: Callable[[PyTree, PyTree, StepInfo], PyTree] = _keep_state
     weight: Weight = 1.0
-    needs_teacher: bool = False
-    needs_labels: bool = False
-    batch_keys: tuple[str, ...] = ()
-    meta_prefix: str | None = None
     predict: Callable[[MethodVars, Outputs], Array] | None = None
     terms: tuple["Method", ...] = ()
-    participants: tuple[str, ...] = ()
-    trained: tuple[str, ...] = ()
-    cross_vocabulary: bool = False
+    needs: Needs = Needs()
 
-    def __post_init__(self):
+    def __init__(
+        self,
+        name: str,
+        loss: Callable[[MethodVars, LossInputs, Array], tuple[Array, LossAux]],
+        init: Callable[[Array, LossInputs], MethodVars] = _no_vars,
+        update: Callable[[PyTree, PyTree, StepInfo], PyTree] = _keep_state,
+        weight: Weight = 1.0,
+        *,
+        predict: Callable[[MethodVars, Outputs], Array] | None = None,
+        terms: tuple["Method", ...] = (),
+        needs: Needs = Needs(),
+        **former: Any,
+    ):
+        if not isinstance(needs, Needs):
+            raise TypeError(f"Method(needs=...) takes a jaxkd.methods.Needs record, got {type(needs).__name__}")
+        if former:
+            unknown = sorted(set(former) - set(_FORMER_NEEDS))
+            if unknown:
+                raise TypeError(f"Method() got unexpected keyword arguments {unknown}")
+            warnings.warn(
+                f"Method({', '.join(f'{k}=' for k in former)}) is deprecated: pass needs=jaxkd.methods.Needs(...) "
+                f"(entries participants, trained, labels, batch_keys, meta_prefix, cross_vocabulary)",
+                FutureWarning, stacklevel=2)
+            needs = needs | _needs_of(**former)
+        for field, value in (("name", name), ("loss", loss), ("init", init), ("update", update),
+                             ("weight", weight), ("predict", predict), ("terms", tuple(terms)), ("needs", needs)):
+            object.__setattr__(self, field, value)
         if not self.terms:
             check_name(self.name)
         check_weight(self.weight)
-        # needs_teacher is the shorthand for reading the participant named "teacher".
-        reads = tuple(dict.fromkeys((*self.participants, *(("teacher",) if self.needs_teacher else ()))))
-        object.__setattr__(self, "participants", tuple(n for n in reads if n != "student"))
-        # The student is always trained; a role naming it (a method's default learner) adds nothing.
-        object.__setattr__(self, "trained", tuple(n for n in dict.fromkeys(self.trained) if n != "student"))
-        object.__setattr__(self, "needs_teacher", "teacher" in self.participants)
+
+    needs_teacher = _former_attribute("needs_teacher")
+    needs_labels = _former_attribute("needs_labels")
+    batch_keys = _former_attribute("batch_keys")
+    meta_prefix = _former_attribute("meta_prefix")
+    participants = _former_attribute("participants")
+    trained = _former_attribute("trained")
+    cross_vocabulary = _former_attribute("cross_vocabulary")
 
     def __getattr__(self, attribute: str):
         # TrainState.method was once the method's variables: point old code at where they are now.
@@ -349,32 +499,41 @@ def stateless_method(
     compute: Callable[[LossInputs, Array], Array | tuple[Array, Mapping[str, Array]]],
     *,
     weight: Weight = 1.0,
-    needs_teacher: bool = True,
-    needs_labels: bool = False,
-    batch_keys: tuple[str, ...] = (),
     participants: tuple[str, ...] = (),
     trained: tuple[str, ...] = (),
+    needs_labels: bool = False,
+    batch_keys: tuple[str, ...] = (),
+    needs: Needs = Needs(),
+    **former: Any,
 ) -> Method:
     """A method without variables: its loss is ``compute(inputs, rng)``, a value or ``(value, metrics)``.
 
-    ``participants`` names the participants it reads besides the student (with ``needs_teacher``, the
-    one named ``"teacher"``; pass ``needs_teacher=False`` when the participants are named otherwise) and
-    ``trained`` those it trains; a missing one is reported here, naming the method. A loss comparing a
-    learner's logits with a target's is :func:`logit_roles_method`.
+    What it needs is ``needs`` (a :class:`Needs`) merged with the same entries given as keywords:
+    ``participants`` names every participant it reads besides the student — the teacher too,
+    ``participants=("teacher",)``: none is assumed — ``trained`` those it trains, ``needs_labels`` whether it
+    reads the labels and ``batch_keys`` the other batch entries. A participant missing at run time is
+    reported here, naming the method. A loss comparing a learner's logits with a target's is
+    :func:`logit_roles_method`.
+
+    The former ``needs_teacher=True`` (then the default) still adds ``"teacher"``, with a ``FutureWarning``.
     """
-    reads = tuple(dict.fromkeys((*participants, *(("teacher",) if needs_teacher else ()))))
+    if former:
+        if set(former) != {"needs_teacher"}:
+            unknown = sorted(set(former) - {"needs_teacher"})
+            raise TypeError(f"stateless_method() got unexpected keyword arguments {unknown}")
+        warnings.warn("stateless_method(needs_teacher=...) is deprecated: name the participants the method reads, "
+                      "participants=('teacher',) (none is assumed)", FutureWarning, stacklevel=2)
+    needs = Needs(participants=(*participants, *((TEACHER,) if former.get("needs_teacher") else ())), trained=trained,
+                  labels=needs_labels, batch_keys=batch_keys) | needs
 
     def loss(vars: MethodVars, inputs: LossInputs, rng: Array) -> tuple[Array, LossAux]:
-        for participant in (*reads, *trained):
+        for participant in needs.participants:
             inputs.output(participant, method=name)  # a missing one is reported naming this method
         out = compute(inputs, rng)
         value, metrics = out if isinstance(out, tuple) else (out, {})
         return value, LossAux(dict(metrics), vars.state)
 
-    return Method(
-        name=name, loss=loss, weight=weight, needs_labels=needs_labels, batch_keys=batch_keys,
-        participants=tuple(dict.fromkeys((*reads, *trained))), trained=trained,
-    )
+    return Method(name=name, loss=loss, weight=weight, needs=needs)
 
 
 def check_roles(method: str, student: str, teacher: str) -> None:
@@ -411,7 +570,7 @@ def logit_roles_method(
         lambda inputs, rng: compute(
             inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits, inputs, rng
         ),
-        weight=weight, needs_teacher=False, needs_labels=needs_labels, batch_keys=batch_keys,
+        weight=weight, needs_labels=needs_labels, batch_keys=batch_keys,
         participants=(student, teacher), trained=(student,),
     )
 
@@ -439,7 +598,8 @@ def chain(*methods: Method, name: str = "chain") -> Method:
     Each member's variables live under ``vars.params[member.name]`` / ``vars.state[member.name]``.
     Metrics: ``"<member>"`` is the member's unweighted loss, ``"<member>/<metric>"`` its own metrics,
     ``"<member>/weight"`` the weight used when it is a schedule, and ``"loss"`` the weighted total.
-    Nested chains are flattened; names must be unique (rename with ``method.named("kd2")``).
+    Nested chains are flattened; names must be unique (rename with ``method.named("kd2")``). The chain needs
+    what its members need together (:meth:`Needs.merge`: members with different meta batches are refused).
     """
     flat: list[Method] = []
     for m in methods:
@@ -487,9 +647,7 @@ def chain(*methods: Method, name: str = "chain") -> Method:
     def update(params: PyTree, state: PyTree, info: StepInfo) -> PyTree:
         return {m.name: m.update(params[m.name], state[m.name], info) for m in terms}
 
-    prefixes = sorted({m.meta_prefix for m in terms if m.meta_prefix is not None})
-    if len(prefixes) > 1:
-        raise ValueError(f"methods in a chain must share one meta batch, got meta prefixes {prefixes}")
+    needs = Needs().merge(*(m.needs for m in terms))  # refuses members with different meta batches
     predictors = [m for m in terms if m.predict is not None]
     if len(predictors) > 1:
         raise ValueError(
@@ -507,15 +665,9 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         loss=loss,
         init=init,
         update=update,
-        needs_teacher=any(m.needs_teacher for m in terms),
-        needs_labels=any(m.needs_labels for m in terms),
-        participants=tuple(dict.fromkeys(n for m in terms for n in m.participants)),
-        trained=tuple(dict.fromkeys(n for m in terms for n in m.trained)),
-        batch_keys=tuple(dict.fromkeys(k for m in terms for k in m.batch_keys)),
-        meta_prefix=prefixes[0] if prefixes else None,
         predict=predict,
         terms=terms,
-        cross_vocabulary=any(m.cross_vocabulary for m in terms),
+        needs=needs,
     )
 
 

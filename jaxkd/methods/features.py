@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.models.base import get_feature
 
 Array = jax.Array
@@ -220,4 +220,4 @@ def feature_method(
             total = total + w * value
         return total, LossAux(metrics, new_state if connector is not None else vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(student, teacher))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(student, teacher)))

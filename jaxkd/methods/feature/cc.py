@@ -6,7 +6,7 @@ import jax
 
 from jaxkd import losses
 from jaxkd.checks import check_int
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import LinearEmbed
 from jaxkd.methods import features
 from jaxkd.methods.registry import register
@@ -58,4 +58,4 @@ def cc(
         et, _ = features.module_apply(embed, MethodVars(vars.params["embed_t"]), t)
         return losses.cc(es, et, mask=inputs.example_mask), LossAux({}, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=("teacher",))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",)))

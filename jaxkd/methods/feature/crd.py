@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight, require
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, require
 from jaxkd.methods.feature.connectors import LinearEmbed
 from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
@@ -169,4 +169,5 @@ def crd(
         }
         return value, LossAux({"z_student": z_s, "z_teacher": z_t}, new_state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, batch_keys=(index_key,))
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(participants=("teacher",), batch_keys=(index_key,)))

@@ -57,7 +57,7 @@ def diswot(
         value = relation_weight * relation + semantic_weight * semantic
         return value, {"relation": relation, "semantic": semantic}
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=True, needs_labels=True)
+    return stateless_method(name, compute, weight=weight, participants=("teacher",), needs_labels=True)
 
 
 def diswot_rank(

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_int, check_number
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import LinearConnector, connector_between
 from jaxkd.methods.features import apply_participant, module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
@@ -131,4 +131,4 @@ def dmae(
         value = losses.dmae(s, t, positions, distance=distance, normalize=normalize, mask=inputs.example_mask)
         return value, LossAux({"visible_fraction": jnp.mean(visible.astype(jnp.float32))}, state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(student, teacher))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(student, teacher)))

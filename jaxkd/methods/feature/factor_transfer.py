@@ -10,7 +10,8 @@ import numpy as np
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_number
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, StepInfo, Weight, check_weight, resolve_weight
+from jaxkd.methods.base import (LossAux, LossInputs, Method, MethodVars, Needs, StepInfo, Weight, check_weight,
+                                resolve_weight)
 from jaxkd.methods.feature.connectors import _torch_bias_init, _torch_kernel_init
 from jaxkd.methods import features
 from jaxkd.methods.features import module_apply, module_init
@@ -194,4 +195,5 @@ def factor_transfer(
 
     stage_weight = lambda step: jnp.where(  # noqa: E731
         jnp.asarray(step) < n, jnp.float32(reconstruction_weight), resolve_weight(weight, step))
-    return Method(name=name, loss=loss, init=init, update=update, weight=stage_weight, participants=("teacher",))
+    return Method(name=name, loss=loss, init=init, update=update, weight=stage_weight,
+                  needs=Needs(participants=("teacher",)))

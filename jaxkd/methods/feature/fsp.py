@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.features import student_feature, teacher_feature
 from jaxkd.methods.registry import register
 
@@ -61,7 +61,7 @@ def consecutive_pairs_method(
         metrics = terms(inputs)
         return sum(metrics.values()), LossAux(metrics, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True)
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",)))
 
 
 @register(

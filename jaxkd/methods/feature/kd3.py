@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_nonnegative, check_positive, check_temperature
 from jaxkd.losses.core import to_float
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import LinearConnector
 from jaxkd.methods.registry import register
 from jaxkd.methods.features import (
@@ -244,4 +244,4 @@ def kd3(
             total = total + alignment_weight * align
         return jnp.asarray(total, jnp.float32), LossAux(metrics, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(teacher,)))

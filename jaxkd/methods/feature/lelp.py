@@ -12,7 +12,7 @@ import numpy as np
 from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
 from jaxkd.inference import map_batches
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.features import dense_layer, param_at, student_feature, teacher_feature
 from jaxkd.methods.heads import dense, dense_init
 from jaxkd.methods.registry import register
@@ -189,5 +189,5 @@ def lelp(
         logits = dense(vars.params["head"], get_feature(outputs, embedding, who="student"))
         return jax.nn.logsumexp(logits.reshape(logits.shape[0], -1, s), axis=-1)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,),
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(teacher,)),
                   predict=predict if predict_with_head else None)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.features import apply_participant, module_apply
 from jaxkd.methods.feature.ofa import _stage_names, apply_heads, branch_heads, init_heads
 from jaxkd.methods.registry import register
@@ -133,4 +133,4 @@ def lsskd(
         value = aux_ce_weight * ce_aux + aux_kd_weight * kd_aux + final_kd_weight * kd_final
         return value, LossAux({"ce_aux": ce_aux, "kd_aux": kd_aux, "kd_final": kd_final}, state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_labels=True)
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(labels=True))

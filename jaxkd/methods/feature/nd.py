@@ -11,7 +11,7 @@ import numpy as np
 from jaxkd import losses
 from jaxkd.checks import check_int
 from jaxkd.inference import reduce_batches
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import LinearConnector
 from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
@@ -148,4 +148,4 @@ def nd(
         value = losses.nd(s, t, labels, jax.lax.stop_gradient(current), mask=inputs.label_mask)
         return value, LossAux({}, state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, needs_labels=True)
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True))

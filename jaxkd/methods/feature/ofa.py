@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_positive, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.features import module_apply, module_init, student_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
@@ -226,4 +226,4 @@ def ofa(
         )
         return branch_weight * branches + logit_weight * metrics["logits"], LossAux(metrics, state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, needs_labels=True)
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True))

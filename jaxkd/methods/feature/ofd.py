@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.registry import register
 from jaxkd.methods.features import (
     module_apply, module_init, param_at, participant_variables, student_feature, teacher_feature,
@@ -132,4 +132,4 @@ def ofd(
             total = total + value / 2 ** (n - 1 - i)
         return total, LossAux(metrics if n > 1 else {}, new_state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(teacher,)))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.features import module_apply, student_feature, teacher_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.cifar_resnet import batch_norm
@@ -168,4 +168,4 @@ def reviewkd(
             factor = jnp.ones((), jnp.float32)
         return factor * value, LossAux({"warmup": factor}, state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(teacher,)))

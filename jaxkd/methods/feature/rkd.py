@@ -43,4 +43,4 @@ def rkd(
         distance, angle = losses.rkd_terms(s, t, mask=inputs.example_mask)
         return distance_weight * distance + angle_weight * angle, {"distance": distance, "angle": angle}
 
-    return stateless_method(name, compute, weight=weight)
+    return stateless_method(name, compute, weight=weight, participants=("teacher",))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.features import dense_layer, module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs, get_feature
@@ -155,4 +155,4 @@ def simkd(
         fc = vars.state["classifier"]
         return pooled @ fc["kernel"] + fc["bias"]
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(teacher,), predict=predict)
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(teacher,)), predict=predict)

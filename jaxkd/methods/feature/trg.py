@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_positive, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import LinearConnector
 from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
@@ -109,4 +109,4 @@ def trg(
                  + global_weight * terms["global"])
         return total, LossAux(terms, state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(student, teacher))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(student, teacher)))

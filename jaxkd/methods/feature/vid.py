@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_number, check_positive
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import _torch_kernel_init
 from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
@@ -137,4 +137,4 @@ def vid(
                 metrics[s_name] = value
         return total, LossAux(metrics, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=("teacher",))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",)))

@@ -60,8 +60,7 @@ def fusellm(
                                    lm_weight=lm_weight, rule=rule, divergence=divergence, temperature=temperature,
                                    top_k=top_k, mask=target_mask, normalizer=normalizer)
 
-    return stateless_method(name, compute, weight=weight, needs_teacher="teacher" in teachers,
-                            participants=teachers, batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=teachers, batch_keys=_LM_KEYS)
 
 
 @register(
@@ -92,5 +91,4 @@ def infigfusion(
                                       shift_logits(inputs.target(teacher, method=name).logits), k=k, values=values,
                                       mask=target_mask)
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher",
-                            participants=(teacher,), batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(teacher,), batch_keys=_LM_KEYS)

@@ -50,5 +50,4 @@ def adpa(
         r = jax.lax.stop_gradient(apply_participant(inputs, reference, x, train=False, method=name).logits)
         return losses.adpa(shift_logits(s), shift_logits(t), shift_logits(r), top_k=top_k, mask=target_mask)
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher",
-                            participants=(teacher, reference), batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(teacher, reference), batch_keys=_LM_KEYS)

@@ -40,7 +40,7 @@ from jaxkd.participants import Participant
 from jaxkd.checks import check_choice, check_int, check_positive
 from jaxkd.losses.core import log_softmax, reduce_loss
 from jaxkd.losses.lm.tokens import next_token_targets, shift_logits
-from jaxkd.methods.base import LossInputs, Method, Weight, require, stateless_method
+from jaxkd.methods.base import LossInputs, Method, Needs, Weight, require, stateless_method
 from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs
 
@@ -187,11 +187,11 @@ def alm(
 
     teacher_keys = (teacher_log_probs_key,) if cached else (teacher_tokens_key, teacher_mask_key)
     method = stateless_method(
-        name, compute, weight=weight, needs_teacher=not cached and teacher == "teacher",
-        participants=() if cached else (teacher,),
+        name, compute, weight=weight, participants=() if cached else (teacher,),
         batch_keys=(student_tokens_key, student_mask_key, *teacher_keys, teacher_chunks_key, student_chunks_key,
-                    chunk_mask_key))
-    return dataclasses.replace(method, cross_vocabulary=True)
+                    chunk_mask_key),
+        needs=Needs(cross_vocabulary=True))
+    return method
 
 
 def cache_teacher_log_probs(model, variables, tokens, mask, *, batch_size: int = 32) -> np.ndarray:

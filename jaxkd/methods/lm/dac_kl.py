@@ -59,5 +59,5 @@ def dac_kl(
         span_term = losses.span_correlation_loss(s, t, spans, target_mask)
         return token_term + span_weight * span_term, {"span": span_term}
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher", participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,),
                             batch_keys=_LM_KEYS)

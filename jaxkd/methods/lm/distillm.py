@@ -10,7 +10,7 @@ from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.distillm import DistiLLMSchedule
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.gkd import _student_rollout
 from jaxkd.methods.registry import register
@@ -79,8 +79,8 @@ def distillm(
         metrics = {"p": schedule.threshold, "student_output": use_student.astype(jnp.float32)}
         return value, LossAux(metrics, schedule)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=teacher == "teacher",
-                  participants=(teacher,), batch_keys=_LM_KEYS)
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(participants=(teacher,), batch_keys=_LM_KEYS))
 
 
 def observe_validation_loss(state, validation_loss: float, *, loss_eps: float = 0.1):

@@ -127,7 +127,7 @@ def gkd(
         return value, {"generated_fraction": jnp.asarray(num_generated / tokens.shape[0], jnp.float32),
                        "generated_tokens": jnp.sum(target_mask[:num_generated]).astype(jnp.float32)}
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher", participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,),
                             batch_keys=_LM_KEYS)
 
 
@@ -166,7 +166,7 @@ def seqkd(
         return losses.cross_entropy(shift_logits(student_logits), targets,
                                     mask=_generated_target_mask(gen_mask, prompt_length))
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher", participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,),
                             batch_keys=_LM_KEYS)
 
 

@@ -78,7 +78,7 @@ def minillm(
             clip_range=clip_range)
         return pg + (single if single_step else 0.0), {"pg": pg, "single_step": single}
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher", participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,),
                             batch_keys=_LM_KEYS)
 
 

@@ -73,5 +73,5 @@ def preference_kd(
         margin = beta * ((policy_c - ref_c) - (policy_r - ref_r))
         return value, {"reward_margin": jnp.sum(jnp.where(valid, margin, 0.0)) / jnp.maximum(jnp.sum(valid), 1)}
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher", participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,),
                             batch_keys=_LM_KEYS)

@@ -114,7 +114,7 @@ def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_ke
         return losses.cross_entropy(shift_logits(logits), targets, label_smoothing=label_smoothing,
                                     mask=target_mask, normalizer=normalizer)
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=False,
+    return stateless_method(name, compute, weight=weight,
                             participants=() if participant == "student" else (participant,),
                             batch_keys=(tokens_key, mask_key))
 
@@ -165,8 +165,7 @@ def token_kd(
             s_hidden, s_head, t_hidden, t_head, divergence=divergence, mask=target_mask.reshape(-1),
             normalizer=normalizer, chunk_size=chunk_size, **loss_fn.kwargs)
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=teacher == "teacher",
-                            participants=(teacher,), batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(teacher,), batch_keys=_LM_KEYS)
 
 
 def _hidden(outputs: Outputs, participant: str, method: str) -> jax.Array:
@@ -225,6 +224,5 @@ def sparse_token_kd(
         return losses.sparse_forward_kl(zs, indices[:, :-1], log_probs[:, :-1], temperature=temperature, tail=tail,
                                         mask=target_mask, normalizer=normalizer)
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=not cached and teacher == "teacher",
-                            participants=() if cached else (teacher,),
+    return stateless_method(name, compute, weight=weight, participants=() if cached else (teacher,),
                             batch_keys=_LM_KEYS + ((indices_key, log_probs_key) if cached else ()))

@@ -73,4 +73,4 @@ def bdkd_online(*, temperature: float = 4.0, weight: Weight = 1.0, name: str = "
         metrics = {"student_ce": student_ce, "teacher_ce": teacher_ce, "student_bd": student_bd, "teacher_bd": teacher_bd}
         return student_ce + teacher_ce + student_bd + teacher_bd, metrics
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=False, needs_labels=True, trained=("teacher",))
+    return stateless_method(name, compute, weight=weight, needs_labels=True, trained=("teacher",))

@@ -25,7 +25,7 @@ def ce(
             inputs.output(participant, method=name).logits, inputs.labels(name), label_smoothing=label_smoothing,
             mask=inputs.label_mask,
         ),
-        weight=weight, needs_teacher=False, needs_labels=True, trained=(participant,),
+        weight=weight, needs_labels=True, trained=(participant,),
     )
 
 

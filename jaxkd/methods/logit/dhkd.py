@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.heads import feature_head, feature_head_init
 from jaxkd.methods.registry import register
 
@@ -53,4 +53,4 @@ def dhkd(
         )
         return ce_weight * ce + kd_weight * bkl, LossAux({"ce": ce, "bkl": bkl}, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, needs_labels=True)
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.heads import feature_head, feature_head_init
 from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs
@@ -62,5 +62,5 @@ def dho(
         kd_logits = feature_head(vars.params["kd_head"], outputs, feature)
         return losses.dho_log_probs(outputs.logits, kd_logits, mix=mix, kd_head_temperature=kd_head_temperature)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, needs_labels=True,
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True),
                   predict=predict)

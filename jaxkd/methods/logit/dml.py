@@ -41,4 +41,4 @@ def dml(
         }
         return value, metrics
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=False, needs_labels=True, trained=peers)
+    return stateless_method(name, compute, weight=weight, needs_labels=True, trained=peers)

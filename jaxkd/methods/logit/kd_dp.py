@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.registry import register
 
 __all__ = ["kd_dp"]
@@ -50,4 +50,5 @@ def kd_dp(*, temperature: float = 1.0, supervised: bool = True, weight: Weight =
         use_teacher = losses.teacher_is_more_confident(teacher_logits, initial_logits, labels)
         return value, LossAux({"teacher_fraction": losses.reduce_loss(use_teacher, mask=mask)}, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, needs_labels=supervised)
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(participants=("teacher",), labels=supervised))

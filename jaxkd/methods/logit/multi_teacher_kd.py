@@ -53,4 +53,4 @@ def multi_teacher_kd(
         metrics = {t: losses.kd(zs, zt[..., i, :], temperature=temperature, mask=mask) for i, t in enumerate(teachers)}
         return value, metrics
 
-    return stateless_method(name, compute, weight=weight, needs_teacher=False, participants=teachers)
+    return stateless_method(name, compute, weight=weight, participants=teachers)

@@ -73,7 +73,7 @@ def margin_mse(
         return losses.margin_mse(s, t, candidate_mask=mask, mask=inputs.example_mask)
 
     keys = () if candidate_mask is None else (candidate_mask,)
-    return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=keys,
+    return stateless_method(name, compute, weight=weight, batch_keys=keys,
                             participants=(student, teacher), trained=(student,), needs_labels=positive == "label")
 
 
@@ -113,5 +113,5 @@ def listwise_kd(
         )
 
     keys = () if candidate_mask is None else (candidate_mask,)
-    return stateless_method(name, compute, weight=weight, needs_teacher=False, batch_keys=keys,
+    return stateless_method(name, compute, weight=weight, batch_keys=keys,
                             participants=(student, teacher), trained=(student,))

@@ -72,6 +72,6 @@ def sparse_forward_kl(
         )
 
     return stateless_method(
-        name, compute, weight=weight, needs_teacher=False, participants=(student,) if offline else (student, teacher),
+        name, compute, weight=weight, participants=(student,) if offline else (student, teacher),
         trained=(student,), batch_keys=(indices_key, log_probs_key) if offline else (),
     )

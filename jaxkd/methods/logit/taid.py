@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_positive
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight, check_roles
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.registry import LOGITS, register
 from jaxkd.methods.lm.tokens import lm_targets
@@ -69,5 +69,6 @@ def taid(
         )
         return value, LossAux({"t": state.t}, new_state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, participants=(student, teacher),
-                  trained=(student,), batch_keys=("tokens", "mask") if tokens else ())
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(participants=(student, teacher), trained=(student,),
+                              batch_keys=("tokens", "mask") if tokens else ()))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_positive, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Weight, require
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, require
 from jaxkd.methods.heads import dense, dense_init
 from jaxkd.methods.registry import register
 from jaxkd.models.base import merge_variables, split_variables
@@ -107,5 +107,5 @@ def tgeo_kd(
         metrics = {"student_loss": student_loss, "meta_ce": meta_ce, "ratio_mean": losses.reduce_loss(ratio, mask=mask)}
         return student_loss + meta_ce, LossAux(metrics, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs_teacher=True, needs_labels=True,
-                  meta_prefix=meta_prefix)
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(participants=("teacher",), labels=True, meta_prefix=meta_prefix))
