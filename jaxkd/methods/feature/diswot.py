@@ -9,9 +9,9 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_nonnegative
-from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import student_feature, teacher_feature
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.models.base import get_feature
 
 __all__ = ["diswot", "diswot_rank"]
@@ -21,6 +21,7 @@ __all__ = ["diswot", "diswot_rank"]
     "diswot", inputs="feature_maps",
     paper="Dong, Li & Wei, *DisWOT: Student Architecture Search for Distillation WithOut Training*, CVPR 2023",
     losses=("diswot_relation", "diswot_semantic", "fc_gradient", "diswot_score"),
+    family=LOGITS,
 )
 def diswot(
     *,
@@ -28,6 +29,8 @@ def diswot(
     embedding: str = "pooled",
     relation_weight: float = 1.0,
     semantic_weight: float = 1.0,
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "diswot",
 ) -> Method:
@@ -39,25 +42,32 @@ def diswot(
     weights ``∂CE/∂W_fc`` compared through their class-similarity matrices. The paper reports the
     distillers on top of KD (``"ce + kd + diswot"``); the official code does not publish the distillation
     weights, so both are 1 here. Metrics: ``relation``, ``semantic``.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    learner's map, logits and embedding are those of the participant in the ``student`` role; the teacher's
+    are gradient-stopped targets.
     """
     check_nonnegative("relation_weight", relation_weight)
     check_nonnegative("semantic_weight", semantic_weight)
+    check_roles(name, student, teacher)
 
     def compute(inputs: LossInputs, rng):
-        teacher = inputs.target("teacher", method=name)
+        target = inputs.target(teacher, method=name)
         mask = inputs.label_mask
         relation = losses.diswot_relation(
-            student_feature(inputs, feature, method=name), teacher_feature(inputs, feature, method=name),
-            mask=inputs.example_mask,
+            student_feature(inputs, feature, method=name, participant=student),
+            teacher_feature(inputs, feature, method=name, participant=teacher), mask=inputs.example_mask,
         )
         semantic = losses.diswot_semantic(
-            inputs.output("student", method=name).logits, student_feature(inputs, embedding, method=name),
-            teacher.logits, teacher_feature(inputs, embedding, method=name), inputs.labels(name), mask=mask,
+            inputs.output(student, method=name).logits,
+            student_feature(inputs, embedding, method=name, participant=student), target.logits,
+            teacher_feature(inputs, embedding, method=name, participant=teacher), inputs.labels(name), mask=mask,
         )
         value = relation_weight * relation + semantic_weight * semantic
         return value, {"relation": relation, "semantic": semantic}
 
-    return stateless_method(name, compute, weight=weight, participants=("teacher",), needs_labels=True)
+    return stateless_method(name, compute, weight=weight, needs_labels=True,
+                            participants=(student, teacher), trained=(student,))
 
 
 def diswot_rank(

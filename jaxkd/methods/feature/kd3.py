@@ -10,9 +10,9 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_nonnegative, check_positive, check_temperature
 from jaxkd.losses.core import to_float
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.feature.connectors import LinearConnector
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.methods.features import (
     apply_participant, module_apply, module_init, param_at, participant_variables, student_feature, teacher_feature,
 )
@@ -101,6 +101,7 @@ def mix_distribution(
     status="supported (all three components reconstructed from the paper's abstract, no official code: "
     "selection, feature and classifier alignment, and MixDistribution, assumed to be MixStyle-like mixing of "
     "per-example input channel statistics with InfoNCE alignment of the re-run student to the clean teacher)",
+    family=LOGITS,
 )
 def kd3(
     *,
@@ -115,6 +116,7 @@ def kd3(
     embedding: str = "pooled",
     teacher_embedding: str | None = None,
     classifier: str = "fc",
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "kd3",
@@ -154,7 +156,13 @@ def kd3(
     default and ``τ = 0.07`` RepDistiller's CRD default. The selection is recomputed every step from the
     current student (the paper's "dynamic" selection). Metrics: ``kd``, ``feature``, ``classifier``,
     ``alignment``, ``selected`` (fraction of valid examples selected).
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    learner's logits, embedding, classifier and re-run input are those of the participant in the
+    ``student`` role; the teacher's logits, embedding and classifier are gradient-stopped targets (a
+    trained participant in the ``teacher`` role is never moved by this term).
     """
+    check_roles(name, student, teacher)
     check_temperature("temperature", temperature)
     check_in_range("threshold", threshold, 0.0, 1.0)
     check_in_range("teacher_weight", teacher_weight, 0.0, 1.0)
@@ -166,7 +174,7 @@ def kd3(
     t_name = teacher_embedding or embedding
 
     def embeddings(inputs: LossInputs):
-        s = student_feature(inputs, embedding, method=name)
+        s = student_feature(inputs, embedding, method=name, participant=student)
         t = teacher_feature(inputs, t_name, method=name, participant=teacher)
         if len(s.shape) != 2 or len(t.shape) != 2:
             raise ValueError(
@@ -175,15 +183,18 @@ def kd3(
             )
         return s, t
 
-    def dense_of(inputs: LossInputs, participant: str):
+    def dense_of(inputs: LossInputs, participant: str, *, target: bool = False):
+        """The participant's classifier ``(kernel, bias)``: the learner's differentiated, a target's
+        gradient-stopped."""
         params = participant_variables(inputs, participant, method=name)["params"]
         fc = param_at(params, classifier, who=f"participant {participant!r}", method=name)
         if not hasattr(fc, "keys") or "kernel" not in fc:
             raise ValueError(f"{name!r}: {participant!r}'s {classifier!r} is not a dense layer with a 'kernel'")
-        return fc["kernel"], fc.get("bias")
+        kernel, bias = fc["kernel"], fc.get("bias")
+        return jax.lax.stop_gradient((kernel, bias)) if target else (kernel, bias)
 
     def student_input(inputs: LossInputs):
-        x = inputs.participant("student", method=name).model_input(inputs.batch, name="student")
+        x = inputs.participant(student, method=name).model_input(inputs.batch, name=student)
         dtype = getattr(x, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or len(x.shape) < 2:
             raise ValueError(
@@ -198,7 +209,7 @@ def kd3(
         if alignment_weight:
             student_input(inputs)
         if classifier_weight:
-            for participant, width in (("student", s.shape[-1]), (teacher, t.shape[-1])):
+            for participant, width in ((student, s.shape[-1]), (teacher, t.shape[-1])):
                 kernel, _ = dense_of(inputs, participant)
                 if kernel.shape[0] != width:
                     raise ValueError(
@@ -212,7 +223,7 @@ def kd3(
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
         s, t = embeddings(inputs)
-        zs, zt = inputs.output("student", method=name).logits, inputs.target("teacher", method=name).logits
+        zs, zt = inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits
         connector = None
         if "connector" in vars.params:
             s, _ = module_apply(LinearConnector(t.shape[-1]), MethodVars(vars.params["connector"], {}), s)
@@ -224,8 +235,8 @@ def kd3(
         metrics = {"kd": kd, "feature": feature,
                    "selected": losses.reduce_loss(selected, mask=inputs.example_mask)}
         if classifier_weight:
-            ws, bs = dense_of(inputs, "student")
-            wt, bt = dense_of(inputs, teacher)
+            ws, bs = dense_of(inputs, student)
+            wt, bt = dense_of(inputs, teacher, target=True)
             cls = losses.kd3_classifier_alignment(
                 ws, bs, wt, bt, None if connector is None else connector["kernel"],
                 None if connector is None else connector["bias"],
@@ -234,8 +245,8 @@ def kd3(
             total = total + classifier_weight * cls
         if alignment_weight:
             mixed = mix_distribution(rng, student_input(inputs), alpha=mix_alpha, mask=inputs.example_mask)
-            outputs = apply_participant(inputs, "student", mixed, train=True, method=name)
-            s_mix = get_feature(outputs, embedding, who="participant 'student'")
+            outputs = apply_participant(inputs, student, mixed, train=True, method=name)
+            s_mix = get_feature(outputs, embedding, who=f"participant {student!r}")
             if connector is not None:
                 s_mix, _ = module_apply(LinearConnector(t.shape[-1]), MethodVars(vars.params["connector"], {}), s_mix)
             align = losses.kd3_instance_alignment(s_mix, t, temperature=alignment_temperature,
@@ -244,4 +255,4 @@ def kd3(
             total = total + alignment_weight * align
         return jnp.asarray(total, jnp.float32), LossAux(metrics, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(teacher,)))
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(trained=(student,), participants=(teacher,)))

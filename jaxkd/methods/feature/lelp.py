@@ -12,10 +12,10 @@ import numpy as np
 from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
 from jaxkd.inference import map_batches
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import dense_layer, param_at, student_feature, teacher_feature
 from jaxkd.methods.heads import dense, dense_init
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.models.base import Outputs, get_feature
 from jaxkd.participants import Participant
 
@@ -72,6 +72,7 @@ def teacher_lelp_projections(
     paper="Loo, Iliopoulos, Hu & Vee, *Linear Projections of Teacher Embeddings for Few-Class Distillation*, 2024",
     losses=("lelp", "lelp_targets", "lelp_projections"),
     status="supported (pseudo-subclass targets reconstructed from the paper's description; no official code)",
+    family=LOGITS,
 )
 def lelp(
     *,
@@ -82,6 +83,7 @@ def lelp(
     subclass_temperature: float = 1.0,
     embedding: str = "pooled",
     teacher_embedding: str | None = None,
+    student: str = "student",
     teacher: str = "teacher",
     predict_with_head: bool = False,
     weight: Weight = 1.0,
@@ -108,8 +110,16 @@ def lelp(
     ``logsumexp`` over each class's subclass logits (the class marginal). No official code was found; the
     choices made (the factorized targets, standardized projections, defaults ``T = τ = 1`` and ``S = 4``)
     are stated in :mod:`jaxkd.losses.feature.lelp`.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    head reads the embedding of the participant in the ``student`` role; the teacher's logits, embedding
+    and classifier are gradient-stopped targets (the projections are of the ``teacher``'s embeddings).
+    Evaluation scores the student, so ``predict_with_head`` applies only when the learner is the student.
     """
     check_temperature("temperature", temperature)
+    check_roles(name, student, teacher)
+    if predict_with_head and student != "student":
+        raise ValueError(f"{name}: predict_with_head scores the student's head, but the head here is {student!r}'s")
     check_temperature("subclass_temperature", subclass_temperature)
     online = projections is None
     if isinstance(projections, str):
@@ -132,7 +142,7 @@ def lelp(
         return None if classifier is None else dense_layer(inputs, teacher, classifier, method=name)["kernel"]
 
     def features(inputs: LossInputs):
-        f_s = student_feature(inputs, embedding, method=name)
+        f_s = student_feature(inputs, embedding, method=name, participant=student)
         f_t = teacher_feature(inputs, t_name, method=name, participant=teacher)
         if len(f_s.shape) != 2 or len(f_t.shape) != 2:
             raise ValueError(
@@ -189,5 +199,5 @@ def lelp(
         logits = dense(vars.params["head"], get_feature(outputs, embedding, who="student"))
         return jax.nn.logsumexp(logits.reshape(logits.shape[0], -1, s), axis=-1)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=(teacher,)),
+    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(trained=(student,), participants=(teacher,)),
                   predict=predict if predict_with_head else None)

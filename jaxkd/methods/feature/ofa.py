@@ -11,9 +11,9 @@ import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_positive, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import module_apply, module_init, student_feature
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.models.base import get_feature
 from jaxkd.models.cifar_resnet import batch_norm
 
@@ -165,6 +165,7 @@ def apply_heads(heads: dict[str, nn.Module], vars: MethodVars, inputs: LossInput
     "ofa", inputs="feature_maps",
     paper="Hao et al., *One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge Distillation*, NeurIPS 2023",
     losses=("ofa",),
+    family=LOGITS,
 )
 def ofa(
     *,
@@ -175,6 +176,8 @@ def ofa(
     logit_weight: float = 1.0,
     width: int | None = None,
     embedding: str = "pooled",
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "ofa",
 ) -> Method:
@@ -190,7 +193,12 @@ def ofa(
     ``[B, N, D]`` or embeddings, so a ViT teacher with a CNN student and the reverse both work: only the
     teacher's logits are distilled. The heads are trained with the student and unused at inference.
     Metrics: ``logits`` and one per stage.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    branch heads read the stages of the participant in the ``student`` role, and the teacher's logits (and
+    its embedding width, for the default head width) are a gradient-stopped target.
     """
+    check_roles(name, student, teacher)
     stage_names = _stage_names(stages)
     eps_values = (eps,) * (len(stage_names) + 1) if not isinstance(eps, (tuple, list)) else tuple(eps)
     if len(eps_values) != len(stage_names) + 1:
@@ -206,24 +214,26 @@ def ofa(
         width = check_int("width", width, low=1)
 
     def heads_of(inputs):
-        return branch_heads(inputs, stage_names, width=width, embedding=embedding, method=name)
+        return branch_heads(inputs, stage_names, width=width, embedding=embedding, method=name, participant=student,
+                            teacher=teacher)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        return init_heads(heads_of(inputs), rng, inputs, method=name)
+        return init_heads(heads_of(inputs), rng, inputs, method=name, participant=student)
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        teacher = inputs.target("teacher", method=name)
+        zt = inputs.target(teacher, method=name).logits
         labels, mask = inputs.labels(name), inputs.label_mask
-        head_logits, state = apply_heads(heads_of(inputs), vars, inputs, method=name)
+        head_logits, state = apply_heads(heads_of(inputs), vars, inputs, method=name, participant=student)
         metrics = {}
         branches = jnp.zeros((), jnp.float32)
         for (s, z), e in zip(head_logits.items(), eps_values):
-            metrics[s] = losses.ofa(z, teacher.logits, labels, eps=e, temperature=temperature, mask=mask)
+            metrics[s] = losses.ofa(z, zt, labels, eps=e, temperature=temperature, mask=mask)
             branches = branches + metrics[s]
         metrics["logits"] = losses.ofa(
-            inputs.output("student", method=name).logits, teacher.logits, labels, eps=eps_values[-1],
+            inputs.output(student, method=name).logits, zt, labels, eps=eps_values[-1],
             temperature=temperature, mask=mask,
         )
         return branch_weight * branches + logit_weight * metrics["logits"], LossAux(metrics, state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True))
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(trained=(student,), participants=(teacher,), labels=True))

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
-from jaxkd.methods.registry import register
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets
 
 __all__ = ["fusellm", "infigfusion"]
@@ -36,6 +36,7 @@ def fusellm(
     divergence: str = "ce",
     temperature: float = 1.0,
     top_k: int | None = None,
+    student: str = "student",
     weight: Weight = 1.0,
     name: str = "fusellm",
 ) -> Method:
@@ -43,10 +44,13 @@ def fusellm(
     teacher whose gold cross-entropy on the sequence is lowest (``rule="min_ce"``) or the CE-weighted
     mixture (``"avg_ce"``), as the official code computes them (:func:`jaxkd.losses.fusellm`; official
     ``λ = 0.9``, MinCE, soft cross-entropy ``D``). The hard-label term is part of the loss: use it instead
-    of, not next to, ``lm_ce``. Metrics: none besides the loss."""
+    of, not next to, ``lm_ce``. Metrics: none besides the loss. ``student`` names the participant that
+    learns; the ``teachers``' logits are gradient-stopped targets (trained or not)."""
     teachers = tuple(teachers)
     if len(teachers) < 1 or len(set(teachers)) != len(teachers):
         raise ValueError(f"teachers must name distinct participants, got {teachers}")
+    for t in teachers:
+        check_roles(name, student, t)
     check_in_range("lm_weight", lm_weight, 0.0, 1.0)
     check_choice("rule", rule, ("min_ce", "avg_ce"))
     check_choice("divergence", divergence, ("ce", "kl"))
@@ -56,11 +60,12 @@ def fusellm(
     def compute(inputs: LossInputs, rng):
         targets, target_mask, normalizer = lm_targets(inputs.batch)
         stacked = jnp.stack([shift_logits(inputs.target(t, method=name).logits) for t in teachers])
-        return losses.fusellm(shift_logits(inputs.output("student", method=name).logits), stacked, targets,
+        return losses.fusellm(shift_logits(inputs.output(student, method=name).logits), stacked, targets,
                                    lm_weight=lm_weight, rule=rule, divergence=divergence, temperature=temperature,
                                    top_k=top_k, mask=target_mask, normalizer=normalizer)
 
-    return stateless_method(name, compute, weight=weight, participants=teachers, batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(student, *teachers),
+                            trained=(student,), batch_keys=_LM_KEYS)
 
 
 @register(
@@ -68,11 +73,13 @@ def fusellm(
     paper="Wang et al., *InfiGFusion: Graph-on-Logits Distillation via Efficient Gromov-Wasserstein for Model Fusion*, NeurIPS 2025",
     losses=("infigfusion",),
     status="reconstructed from the abstract: node statistic and cost of the sorting GW are assumptions (see the loss)",
+    family=LOGITS,
 )
 def infigfusion(
     *,
     k: int = 10,
     values: str = "probs",
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "infigfusion",
@@ -81,14 +88,18 @@ def infigfusion(
     (:func:`jaxkd.losses.infigfusion` over the next-token logits of the target positions). The paper
     uses it next to a token-level term and SFT: combine with ``lm_ce`` and ``token_kd``. ``values="probs"``
     by default: on raw logits (the abstract's wording) the graph's scale follows the logits' and a
-    weight that suits one model diverges on another (measured on the stdlib LM run)."""
+    weight that suits one model diverges on another (measured on the stdlib LM run). ``student``/``teacher``
+    name the participants in the two roles, as in :func:`~jaxkd.methods.token_kd` (the teacher's logits are a
+    gradient-stopped target)."""
+    check_roles(name, student, teacher)
     check_int("k", k, low=1)
     check_choice("values", values, ("logits", "probs"))
 
     def compute(inputs: LossInputs, rng):
         _, target_mask, _ = lm_targets(inputs.batch)
-        return losses.infigfusion(shift_logits(inputs.output("student", method=name).logits),
+        return losses.infigfusion(shift_logits(inputs.output(student, method=name).logits),
                                       shift_logits(inputs.target(teacher, method=name).logits), k=k, values=values,
                                       mask=target_mask)
 
-    return stateless_method(name, compute, weight=weight, participants=(teacher,), batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(student, teacher),
+                            trained=(student,), batch_keys=_LM_KEYS)

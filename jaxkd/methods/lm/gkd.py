@@ -10,17 +10,15 @@ engine, no host round trip (EasyDeL and TRL generate between steps). Sampling is
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant, participant_variables
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets, token_divergence
 
 __all__ = ["gkd", "generate_continuations", "seqkd"]
@@ -71,6 +69,7 @@ def _generated_target_mask(mask: jax.Array, prompt_length: int) -> jax.Array:
     paper="Agarwal et al., *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (GKD), ICLR 2024",
     losses=("generalized_jsd",),
     status="supported (student sampling inside the jitted step)",
+    family=LOGITS,
 )
 def gkd(
     *,
@@ -82,6 +81,7 @@ def gkd(
     top_p: float | None = None,
     prompt_length: int = 16,
     eos_id: int | None = None,
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "gkd",
@@ -100,7 +100,13 @@ def gkd(
     batch has the same expectation and a lower variance, and keeps the compiled step's shapes static.
     The mean over a batch with generated rows is over *this* (micro-)batch's targets: how many tokens a
     generated row keeps (up to its EOS) is known only after sampling.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.token_kd`:
+    the participant in the ``student`` role samples the on-policy rows and learns; the teacher's logits on
+    the mixed batch are a gradient-stopped target (``gkd(student="peer", teacher="student")`` never trains
+    the student).
     """
+    check_roles(name, student, teacher)
     check_in_range("lmbda", lmbda, 0.0, 1.0)
     check_nonnegative("sampling_temperature", sampling_temperature)  # 0 is greedy
     check_int("prompt_length", prompt_length, low=1)
@@ -111,15 +117,15 @@ def gkd(
         num_generated = int(round(lmbda * tokens.shape[0]))
         if num_generated == 0:
             _, target_mask, normalizer = lm_targets(inputs.batch)
-            zs, zt = inputs.output("student", method=name).logits, inputs.target(teacher, method=name).logits
+            zs, zt = inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits
             return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
         gen_tokens, gen_mask = generate_continuations(
-            inputs, "student", tokens[:num_generated], mask[:num_generated], rng, prompt_length=prompt_length,
+            inputs, student, tokens[:num_generated], mask[:num_generated], rng, prompt_length=prompt_length,
             temperature=sampling_temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, method=name)
         mixed_tokens = jnp.concatenate([gen_tokens, tokens[num_generated:]]).astype(tokens.dtype)
         mixed_mask = jnp.concatenate([gen_mask, mask[num_generated:]])
         x = {"tokens": mixed_tokens, "mask": mixed_mask}
-        student_logits = apply_participant(inputs, "student", x, train=True, method=name).logits
+        student_logits = apply_participant(inputs, student, x, train=True, method=name).logits
         teacher_logits = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
         _, target_mask = losses.next_token_targets(mixed_tokens, mixed_mask)
         target_mask = target_mask.at[:num_generated].set(_generated_target_mask(gen_mask, prompt_length))
@@ -127,8 +133,8 @@ def gkd(
         return value, {"generated_fraction": jnp.asarray(num_generated / tokens.shape[0], jnp.float32),
                        "generated_tokens": jnp.sum(target_mask[:num_generated]).astype(jnp.float32)}
 
-    return stateless_method(name, compute, weight=weight, participants=(teacher,),
-                            batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(student, teacher),
+                            trained=(student,), batch_keys=_LM_KEYS)
 
 
 @register(

@@ -20,9 +20,9 @@ from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
 from jaxkd.batch import batch_normalizer, normalizer_key_of
 from jaxkd.losses.lm.tokens import next_token_targets, shift_logits
-from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import participant_variables
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.models.base import Outputs
 
 __all__ = ["TOKENS_KEY", "TOKEN_DIVERGENCES", "lm_ce", "lm_targets", "output_projection_of", "sparse_token_kd", "token_divergence",
@@ -123,6 +123,7 @@ def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_ke
     "token_kd", inputs="tokens",
     paper="token-level KD of LMs: every divergence per next-token distribution (Kim & Rush 2016; GKD; DistiLLM)",
     losses=tuple(fn.__name__ for fn, _ in TOKEN_DIVERGENCES.values()) + ("fused_linear_divergence",),
+    family=LOGITS,
 )
 def token_kd(
     *,
@@ -132,6 +133,7 @@ def token_kd(
     alpha: float | None = None,
     fused: bool = False,
     chunk_size: int = 512,
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "token_kd",
@@ -147,25 +149,29 @@ def token_kd(
         chunk, never holding ``[B, T, V]`` logits (:func:`jaxkd.losses.fused_linear_divergence`); the same
         value and gradients.
       chunk_size: tokens per chunk of the fused computation.
-      teacher: the participant distilled from.
+      student: the participant that learns (its logits, or hidden states and output projection, are trained).
+      teacher: the participant distilled from (a gradient-stopped target, trained or not):
+        ``token_kd(student="peer", teacher="student")`` teaches a peer and never trains the student.
     """
     loss_fn = token_divergence(divergence, temperature=temperature, beta=beta, alpha=alpha)
     check_int("chunk_size", chunk_size, low=1)
+    check_roles(name, student, teacher)
 
     def compute(inputs: LossInputs, rng):
         targets, target_mask, normalizer = lm_targets(inputs.batch)
         if not fused:
-            zs, zt = inputs.output("student", method=name).logits, inputs.target(teacher, method=name).logits
+            zs, zt = inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits
             return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
-        s_hidden = _hidden(inputs.output("student", method=name), "student", name)
+        s_hidden = _hidden(inputs.output(student, method=name), student, name)
         t_hidden = _hidden(inputs.target(teacher, method=name), teacher, name)
-        s_head = output_projection_of(inputs, "student", method=name)
+        s_head = output_projection_of(inputs, student, method=name)
         t_head = jax.lax.stop_gradient(output_projection_of(inputs, teacher, method=name))
         return losses.fused_linear_divergence(
             s_hidden, s_head, t_hidden, t_head, divergence=divergence, mask=target_mask.reshape(-1),
             normalizer=normalizer, chunk_size=chunk_size, **loss_fn.kwargs)
 
-    return stateless_method(name, compute, weight=weight, participants=(teacher,), batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(student, teacher),
+                            trained=(student,), batch_keys=_LM_KEYS)
 
 
 def _hidden(outputs: Outputs, participant: str, method: str) -> jax.Array:
@@ -183,6 +189,7 @@ def _hidden(outputs: Outputs, participant: str, method: str) -> jax.Array:
     "sparse_token_kd", inputs="tokens",
     paper="token-level KD against the teacher's top-k log-probabilities plus a tail bucket (offline teacher signals)",
     losses=("topk_teacher", "sparse_forward_kl"),
+    family=LOGITS,
 )
 def sparse_token_kd(
     *,
@@ -192,6 +199,7 @@ def sparse_token_kd(
     cached: bool = False,
     indices_key: str = "topk_indices",
     log_probs_key: str = "topk_log_probs",
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "sparse_token_kd",
@@ -205,8 +213,12 @@ def sparse_token_kd(
     :func:`jaxkd.data.text.teacher_cache.cache_teacher_topk` writes them), so no teacher runs at all; with the
     same ``k`` the two give the same loss and gradients (tested). ``k`` may be smaller than the stored
     number (the first ``k``, in decreasing probability).
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`token_kd` (live, the
+    teacher's top-k is computed from its gradient-stopped logits; cached, no teacher is read).
     """
     check_int("k", k, low=1)
+    check_roles(name, student, teacher)
     check_temperature("temperature", temperature)
     check_choice("tail", tail, ("drop", "bucket"))
 
@@ -220,9 +232,9 @@ def sparse_token_kd(
         else:
             indices, log_probs = losses.topk_teacher(inputs.target(teacher, method=name).logits, k,
                                                      temperature=temperature)
-        zs = shift_logits(inputs.output("student", method=name).logits)
+        zs = shift_logits(inputs.output(student, method=name).logits)
         return losses.sparse_forward_kl(zs, indices[:, :-1], log_probs[:, :-1], temperature=temperature, tail=tail,
                                         mask=target_mask, normalizer=normalizer)
 
-    return stateless_method(name, compute, weight=weight, participants=() if cached else (teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(student,) if cached else (student, teacher), trained=(student,),
                             batch_keys=_LM_KEYS + ((indices_key, log_probs_key) if cached else ()))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.heads import feature_head, feature_head_init
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 
 __all__ = ["dhkd"]
 
@@ -16,6 +16,7 @@ __all__ = ["dhkd"]
     paper="Yang et al., *Dual-Head Knowledge Distillation*, 2024",
     losses=("dhkd", "dhkd_terms", "binary_kl_norm"),
     status="supported (without the official gradient alignment)",
+    family=LOGITS,
 )
 def dhkd(
     *,
@@ -24,6 +25,8 @@ def dhkd(
     kd_weight: float = 1.0,
     hidden: int | None = None,
     feature: str = "pooled",
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "dhkd",
 ) -> Method:
@@ -35,22 +38,28 @@ def dhkd(
     official CIFAR head also has dropout 0.1 and BatchNorm before the ReLU, left out here). The official
     CIFAR runs also project the KD gradient against the CE gradient (``--ga``); not done here. Official
     weights: 1 and 1 (CIFAR), 1 and 0.1 (ImageNet); T = 2. Metrics: ``ce``, ``bkl``.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    auxiliary head reads the features of the participant in the ``student`` role, whose own logits take the
+    CE term, and the teacher's logits are a gradient-stopped target.
     """
+    check_roles(name, student, teacher)
     check_temperature("temperature", temperature)
     if hidden is not None:
         hidden = check_int("hidden", hidden, low=1)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        student = inputs.output("student", method=name)
-        return MethodVars(params={"aux_head": feature_head_init(rng, student, feature, hidden)})
+        learner = inputs.output(student, method=name)
+        return MethodVars(params={"aux_head": feature_head_init(rng, learner, feature, hidden)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        student, teacher = inputs.output("student", method=name), inputs.target("teacher", method=name)
+        learner, target = inputs.output(student, method=name), inputs.target(teacher, method=name)
         ce, bkl = losses.dhkd_terms(
-            student.logits, feature_head(vars.params["aux_head"], student, feature), teacher.logits,
+            learner.logits, feature_head(vars.params["aux_head"], learner, feature), target.logits,
             inputs.labels(name), temperature=temperature, mask=inputs.example_mask,
             labeled=inputs.labeled,
         )
         return ce_weight * ce + kd_weight * bkl, LossAux({"ce": ce, "bkl": bkl}, vars.state)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True))
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(trained=(student,), participants=(teacher,), labels=True))

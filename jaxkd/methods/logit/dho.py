@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.heads import feature_head, feature_head_init
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.models.base import Outputs
 
 __all__ = ["dho"]
@@ -18,6 +18,7 @@ __all__ = ["dho"]
     paper="Kang et al., *Dual-Head Optimization* (semi-supervised KD from VLMs), 2025",
     losses=("dho", "dho_terms", "dho_log_probs"),
     status="supported (heads mixed at inference; unlabeled examples via `batch['labeled']`)",
+    family=LOGITS,
 )
 def dho(
     *,
@@ -27,6 +28,8 @@ def dho(
     mix: float = 0.5,
     kd_head_temperature: float = 1.0,
     feature: str = "pooled",
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "dho",
 ) -> Method:
@@ -40,19 +43,27 @@ def dho(
     the heads (:func:`jaxkd.losses.dho_log_probs`); the official code grid-searches ``mix`` and the head
     temperature on validation data, these defaults use 0.5 and 1.0. It replaces ``ce + kd`` (don't
     chain another ``ce``). Metrics: ``ce``, ``kd``.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the KD
+    head reads the features of the participant in the ``student`` role, whose own logits take the CE term,
+    and the teacher's logits are a gradient-stopped target. Evaluation scores the student, so the heads are
+    mixed at inference only when the learner is the student; for another learner (``dho(student="peer",
+    teacher="student")``) the KD head is a training aid of that participant and the student is evaluated
+    on its own logits.
     """
+    check_roles(name, student, teacher)
     check_temperature("temperature", temperature)
     check_temperature("kd_head_temperature", kd_head_temperature)
     check_in_range("mix", mix, 0.0, 1.0)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        student = inputs.output("student", method=name)
-        return MethodVars(params={"kd_head": feature_head_init(rng, student, feature)})
+        learner = inputs.output(student, method=name)
+        return MethodVars(params={"kd_head": feature_head_init(rng, learner, feature)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        student, teacher = inputs.output("student", method=name), inputs.target("teacher", method=name)
+        learner, target = inputs.output(student, method=name), inputs.target(teacher, method=name)
         ce, distill = losses.dho_terms(
-            student.logits, feature_head(vars.params["kd_head"], student, feature), teacher.logits,
+            learner.logits, feature_head(vars.params["kd_head"], learner, feature), target.logits,
             inputs.labels(name), temperature=temperature, mask=inputs.example_mask,
             labeled=inputs.labeled,
         )
@@ -62,5 +73,6 @@ def dho(
         kd_logits = feature_head(vars.params["kd_head"], outputs, feature)
         return losses.dho_log_probs(outputs.logits, kd_logits, mix=mix, kd_head_temperature=kd_head_temperature)
 
-    return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True),
-                  predict=predict)
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  predict=predict if student == "student" else None,
+                  needs=Needs(trained=(student,), participants=(teacher,), labels=True))

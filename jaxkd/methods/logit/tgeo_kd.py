@@ -19,13 +19,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from jaxkd import losses
 from jaxkd.checks import check_int, check_positive, check_temperature
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, require
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles, require
+from jaxkd.methods.features import participant_variables
 from jaxkd.methods.heads import dense, dense_init
-from jaxkd.methods.registry import register
+from jaxkd.methods.registry import LOGITS, register
 from jaxkd.models.base import merge_variables, split_variables
 
 __all__ = ["tgeo_kd"]
@@ -49,6 +49,7 @@ def _fusion_apply(layers: list[dict], x: jax.Array) -> jax.Array:
     losses=("tgeo_kd", "fusion_inputs"),
     status="supported (bilevel as a one-step lookahead on a held-out meta batch; the released code never "
     "trains its fusion net)",
+    family=LOGITS,
 )
 def tgeo_kd(
     *,
@@ -56,6 +57,8 @@ def tgeo_kd(
     lookahead_lr: float = 0.05,
     hidden: Sequence[int] = (32, 16),
     meta_prefix: str = "meta_",
+    student: str = "student",
+    teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "tgeo_kd",
 ) -> Method:
@@ -67,24 +70,29 @@ def tgeo_kd(
     16 → 1, LeakyReLU, sigmoid) is stepped by the student's optimizer (official: its own Adam, lr 0.1);
     ``lookahead_lr`` should be about the student's learning rate. It replaces ``ce + kd``. Official
     T = 1.5. Metrics: ``student_loss``, ``meta_ce``, ``ratio_mean``.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    lookahead step and the meta cross-entropy are those of the participant in the ``student`` role (its
+    model on the meta batch), and the teacher's logits are a gradient-stopped target.
     """
     check_temperature("temperature", temperature)
+    check_roles(name, student, teacher)
     check_positive("lookahead_lr", lookahead_lr)
     hidden = tuple(check_int("hidden", h, low=1) for h in hidden)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
-        num_classes = inputs.output("student", method=name).logits.shape[-1]
+        num_classes = inputs.output(student, method=name).logits.shape[-1]
         return MethodVars(params={"fusion": _fusion_init(rng, 9 * num_classes, hidden)})
 
     def loss(vars: MethodVars, inputs: LossInputs, rng):
-        student_logits = inputs.output("student", method=name).logits
-        teacher_logits = inputs.target("teacher", method=name).logits
+        student_logits = inputs.output(student, method=name).logits
+        teacher_logits = inputs.target(teacher, method=name).logits
         labels, mask = inputs.labels(name), inputs.label_mask
         # The meta batch carries the training batch's keys under meta_prefix; the student reads it the way
         # it reads its own batch (its input key, keys or function).
         meta_batch = {k[len(meta_prefix):]: v for k, v in inputs.batch.items() if k.startswith(meta_prefix)}
         meta_y = require(inputs.batch, meta_prefix + inputs.label_key, method=name)
-        meta_x = inputs.model_input_of(meta_batch)
+        meta_x = inputs.model_input_of(meta_batch, student)
         geometry = losses.fusion_inputs(student_logits, teacher_logits, labels, mask)
         ratio = _fusion_apply(vars.params["fusion"], geometry)
         student_loss = losses.tgeo_kd(
@@ -92,11 +100,12 @@ def tgeo_kd(
             mask=mask,
         )
 
-        params, model_state = split_variables(jax.lax.stop_gradient(inputs.student_variables))
-        apply = inputs.student_model.apply
+        params, model_state = split_variables(jax.lax.stop_gradient(participant_variables(inputs, student, method=name)))
+        apply = inputs.participant(student, method=name).model.apply
+        x = inputs.model_input_of(inputs.batch, student)
 
         def inner(p):
-            logits = apply(merge_variables(p, model_state), inputs.model_input, train=True).logits
+            logits = apply(merge_variables(p, model_state), x, train=True).logits
             return losses.tgeo_kd(logits, teacher_logits, labels, ratio, temperature=temperature, mask=mask)
 
         grads = jax.grad(inner)(params)
@@ -108,4 +117,4 @@ def tgeo_kd(
         return student_loss + meta_ce, LossAux(metrics, vars.state)
 
     return Method(name=name, loss=loss, init=init, weight=weight,
-                  needs=Needs(participants=("teacher",), labels=True, meta_prefix=meta_prefix))
+                  needs=Needs(trained=(student,), participants=(teacher,), labels=True, meta_prefix=meta_prefix))
