@@ -1,7 +1,7 @@
 """Logit methods in any roles (jaxkd/methods/base.py: ``LossInputs.output`` for the trained output,
-``LossInputs.target`` for a gradient-stopped target; ``family="logits"`` in jaxkd/methods/registry.py).
+``LossInputs.target`` for a gradient-stopped target; ``contract=LOGIT_ROLES`` in jaxkd/methods/registry.py).
 
-For every method the registry lists in the logits family (and, for a factory with a token variant, that
+For every method the registry lists under the logit-roles contract (and, for a factory with a token variant, that
 variant too): ``m(student="peer", teacher="student")`` in a mutual-learning state (student and peer both
 trained) trains the peer and sends exactly no gradient to the student through its loss; under the default
 roles a *trained* participant named ``"teacher"`` (online distillation) gets no gradient either; the roles
@@ -28,12 +28,12 @@ import jaxkd
 from jaxkd import losses, methods, models
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods import LossInputs, MethodVars
-from jaxkd.methods.registry import LOGITS, REGISTRY
+from jaxkd.methods.registry import LOGIT_ROLES, REGISTRY
 
 from tests.helpers import NUM_CLASSES, teacher_variables, tiny_batch, tiny_image_batch, tiny_models
 
-#: Every registered logit method: a method joins these tests by registering with family=LOGITS.
-LOGIT_METHODS = sorted(name for name, entry in REGISTRY.items() if entry.family == LOGITS)
+#: Every registered logit method: a method joins these tests by registering with contract=LOGIT_ROLES.
+LOGIT_METHODS = sorted(name for name, entry in REGISTRY.items() if entry.contract == LOGIT_ROLES)
 #: (name, extra spec arguments): every logit method as registered, and the token variant of those whose
 #: factory has one (``taid(tokens=True)``).
 CASES = [(name, "") for name in LOGIT_METHODS] + [
@@ -137,8 +137,8 @@ def assert_nonzero(tree, who):
     assert any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(tree)), f"{who} gets no gradient"
 
 
-def test_the_family_holds_the_logit_methods_and_each_takes_the_roles():
-    # The issue's methods are in the family (a family emptied by mistake would make the tests below vacuous).
+def test_the_contract_holds_the_logit_methods_and_each_takes_the_roles():
+    # The issue's methods declare the contract (a contract emptied by mistake would make the tests below vacuous).
     assert {"kd", "dkd", "nkd", "dist", "pld", "swing", "sparse_forward_kl", "kd_dp", "tgeo_kd", "kd3", "dho", "dhkd",
             "ofa", "diswot", "lelp", "token_kd", "sparse_token_kd", "gkd"} <= set(LOGIT_METHODS)
     assert ("taid", "tokens=True") in CASES
@@ -420,9 +420,9 @@ def test_a_frozen_learner_is_refused(name):
                      rng=jax.random.PRNGKey(0), participants={"peer": frozen_peer})
 
 
-def test_an_unknown_family_is_refused():
-    with pytest.raises(ValueError, match="family must be one of"):
-        methods.register("pixel_kd", methods.kd, family="pixels")
+def test_an_unknown_contract_is_refused():
+    with pytest.raises(ValueError, match="contract must be one of"):
+        methods.register("pixel_kd", methods.kd, contract="pixels")
     assert "pixel_kd" not in REGISTRY
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from jaxkd.methods.base import Method
 
-__all__ = ["ALIASES", "FAMILIES", "INPUTS", "LOGITS", "REGISTRY", "Registered", "method_table", "register", "resolve"]
+__all__ = ["ALIASES", "CONTRACTS", "INPUTS", "LOGIT_ROLES", "REGISTRY", "Registered", "method_table", "register", "resolve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,8 @@ class Registered:
     paper: str = ""
     losses: tuple[str, ...] = ()
     status: str = "supported"
-    family: str = ""
+    #: A contract the tests check for every method that declares it (:data:`CONTRACTS`); ``""`` for none.
+    contract: str = ""
     #: What its participants must produce (:data:`INPUTS`).
     inputs: str = "classifier"
     #: The arguments of a small valid spec (``"total_steps=10"`` for TAID): what a factory needs that has no
@@ -47,11 +48,12 @@ class Registered:
 INPUTS = ("classifier", "feature_maps", "tokens", "two_tokenizations")
 
 
-#: The family of methods whose loss compares the logits of the participant in the ``student`` role with
+#: The contract of methods whose loss compares the logits of the participant in the ``student`` role with
 #: those of the participant in the ``teacher`` role (read as a gradient-stopped target), and whose factory
 #: takes those roles as ``student=`` / ``teacher=``: ``dkd(student="peer", teacher="student")``.
-LOGITS = "logits"
-FAMILIES = ("", LOGITS)
+LOGIT_ROLES = "logit_roles"
+#: The contracts a method may declare at registration (its family is its folder: :func:`folder_of`).
+CONTRACTS = ("", LOGIT_ROLES)
 
 
 #: name -> :class:`Registered`, for every method :func:`jaxkd.methods.parse` can build.
@@ -83,7 +85,7 @@ def register(
     paper: str = "",
     losses: tuple[str, ...] = (),
     status: str = "supported",
-    family: str = "",
+    contract: str = "",
     inputs: str = "classifier",
     example: str = "",
     same_width: bool = False,
@@ -92,14 +94,14 @@ def register(
 
     Use it as a decorator on a built-in factory (with the paper and the ``jaxkd.losses`` functions it
     uses, for the method table) or call it with a factory defined outside jaxkd:
-    ``register("my_kd", my_kd)``. ``family`` groups methods that share a contract tests check for all of
-    them (:data:`LOGITS`); ``""`` for none. ``inputs`` (:data:`INPUTS`), ``example`` and ``same_width`` say
+    ``register("my_kd", my_kd)``. ``contract`` names a contract the tests check for every method
+    declaring it (:data:`LOGIT_ROLES`); ``""`` for none. ``inputs`` (:data:`INPUTS`), ``example`` and ``same_width`` say
     what the method needs, so tests and tools build a working instance from the registry alone.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a registered name must be a Python identifier (it is parsed), got {name!r}")
-    if family not in FAMILIES:
-        raise ValueError(f"register({name!r}): family must be one of {FAMILIES}, got {family!r}")
+    if contract not in CONTRACTS:
+        raise ValueError(f"register({name!r}): contract must be one of {CONTRACTS}, got {contract!r}")
     if inputs not in INPUTS:
         raise ValueError(f"register({name!r}): inputs must be one of {INPUTS}, got {inputs!r}")
 
@@ -109,7 +111,7 @@ def register(
         existing = REGISTRY.get(name)
         if existing is not None and existing.factory is not fn:
             raise ValueError(f"a method named {name!r} is already registered")
-        REGISTRY[name] = Registered(name, fn, paper, tuple(losses), status, family, inputs, example, bool(same_width))
+        REGISTRY[name] = Registered(name, fn, paper, tuple(losses), status, contract, inputs, example, bool(same_width))
         return fn
 
     return add if factory is None else add(factory)

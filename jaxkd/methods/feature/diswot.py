@@ -11,7 +11,7 @@ from jaxkd import losses
 from jaxkd.checks import check_nonnegative
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import student_feature, teacher_feature
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import get_feature
 
 __all__ = ["diswot", "diswot_rank"]
@@ -21,7 +21,7 @@ __all__ = ["diswot", "diswot_rank"]
     "diswot", inputs="feature_maps",
     paper="Dong, Li & Wei, *DisWOT: Student Architecture Search for Distillation WithOut Training*, CVPR 2023",
     losses=("diswot_relation", "diswot_semantic", "fc_gradient", "diswot_score"),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def diswot(
     *,

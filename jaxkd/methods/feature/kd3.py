@@ -12,7 +12,7 @@ from jaxkd.checks import check_in_range, check_nonnegative, check_positive, chec
 from jaxkd.losses.core import to_float
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.feature.connectors import LinearConnector
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.methods.features import (
     apply_participant, module_apply, module_init, param_at, participant_variables, student_feature, teacher_feature,
 )
@@ -101,7 +101,7 @@ def mix_distribution(
     status="supported (all three components reconstructed from the paper's abstract, no official code: "
     "selection, feature and classifier alignment, and MixDistribution, assumed to be MixStyle-like mixing of "
     "per-example input channel statistics with InfoNCE alignment of the re-run student to the clean teacher)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def kd3(
     *,

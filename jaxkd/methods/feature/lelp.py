@@ -15,7 +15,7 @@ from jaxkd.inference import map_batches
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import dense_layer, param_at, student_feature, teacher_feature
 from jaxkd.methods.heads import dense, dense_init
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import Outputs, get_feature
 from jaxkd.participants import Participant
 
@@ -72,7 +72,7 @@ def teacher_lelp_projections(
     paper="Loo, Iliopoulos, Hu & Vee, *Linear Projections of Teacher Embeddings for Few-Class Distillation*, 2024",
     losses=("lelp", "lelp_targets", "lelp_projections"),
     status="supported (pseudo-subclass targets reconstructed from the paper's description; no official code)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def lelp(
     *,

@@ -13,7 +13,7 @@ from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_positive, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import module_apply, module_init, student_feature
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import get_feature
 from jaxkd.models.cifar_resnet import batch_norm
 
@@ -165,7 +165,7 @@ def apply_heads(heads: dict[str, nn.Module], vars: MethodVars, inputs: LossInput
     "ofa", inputs="feature_maps",
     paper="Hao et al., *One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge Distillation*, NeurIPS 2023",
     losses=("ofa",),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def ofa(
     *,

@@ -16,7 +16,7 @@ from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets
 
 __all__ = ["fusellm", "infigfusion"]
@@ -73,7 +73,7 @@ def fusellm(
     paper="Wang et al., *InfiGFusion: Graph-on-Logits Distillation via Efficient Gromov-Wasserstein for Model Fusion*, NeurIPS 2025",
     losses=("infigfusion",),
     status="reconstructed from the abstract: node statistic and cost of the sorting GW are assumptions (see the loss)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def infigfusion(
     *,

@@ -9,7 +9,7 @@ from jaxkd import losses
 from jaxkd.checks import check_in_range, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets
 
 __all__ = ["dac_kl", "identifier_spans"]
@@ -31,7 +31,7 @@ def identifier_spans(tokens: jax.Array, mask: jax.Array) -> jax.Array:
     paper="Liu et al., *Multi-Granularity Semantic Revision for Large Language Model Distillation*, 2024",
     losses=("dac_kl", "span_correlation_loss"),
     status="assumed form: the paper's Eq. 6/10 and code are unreachable (fixed quantile clipping; see the loss)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def dac_kl(
     *,

@@ -18,7 +18,7 @@ from jaxkd.checks import check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant, participant_variables
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets, token_divergence
 
 __all__ = ["gkd", "generate_continuations", "seqkd"]
@@ -69,7 +69,7 @@ def _generated_target_mask(mask: jax.Array, prompt_length: int) -> jax.Array:
     paper="Agarwal et al., *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (GKD), ICLR 2024",
     losses=("generalized_jsd",),
     status="supported (student sampling inside the jitted step)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def gkd(
     *,

@@ -22,7 +22,7 @@ from jaxkd.batch import batch_normalizer, normalizer_key_of
 from jaxkd.losses.lm.tokens import next_token_targets, shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import participant_variables
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import Outputs
 
 __all__ = ["TOKENS_KEY", "TOKEN_DIVERGENCES", "lm_ce", "lm_targets", "output_projection_of", "sparse_token_kd", "token_divergence",
@@ -123,7 +123,7 @@ def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_ke
     "token_kd", inputs="tokens",
     paper="token-level KD of LMs: every divergence per next-token distribution (Kim & Rush 2016; GKD; DistiLLM)",
     losses=tuple(fn.__name__ for fn, _ in TOKEN_DIVERGENCES.values()) + ("fused_linear_divergence",),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def token_kd(
     *,
@@ -189,7 +189,7 @@ def _hidden(outputs: Outputs, participant: str, method: str) -> jax.Array:
     "sparse_token_kd", inputs="tokens",
     paper="token-level KD against the teacher's top-k log-probabilities plus a tail bucket (offline teacher signals)",
     losses=("topk_teacher", "sparse_forward_kl"),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def sparse_token_kd(
     *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_temperature
 from jaxkd.methods.base import Method, Weight, logit_roles_method, stateless_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["bdkd", "bdkd_online"]
 
@@ -15,7 +15,7 @@ __all__ = ["bdkd", "bdkd_online"]
     paper="Amara et al., *BD-KD: Balancing the Divergences for Online KD*, 2022 (offline half)",
     losses=("bdkd", "bdkd_terms", "bdkd_weights"),
     status="from the paper's text",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def bdkd(
     *, temperature: float = 4.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_method, stateless_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["ce", "kd"]
 
@@ -30,7 +30,7 @@ def ce(
 
 
 @register("kd", paper="Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, 2015",
-          losses=("kd",), family=LOGITS)
+          losses=("kd",), contract=LOGIT_ROLES)
 def kd(
     *, temperature: float = 4.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
     name: str = "kd",

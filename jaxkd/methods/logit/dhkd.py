@@ -6,7 +6,7 @@ from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.heads import feature_head, feature_head_init
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["dhkd"]
 
@@ -16,7 +16,7 @@ __all__ = ["dhkd"]
     paper="Yang et al., *Dual-Head Knowledge Distillation*, 2024",
     losses=("dhkd", "dhkd_terms", "binary_kl_norm"),
     status="supported (without the official gradient alignment)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def dhkd(
     *,

@@ -7,7 +7,7 @@ from jaxkd import losses
 from jaxkd.checks import check_in_range, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.heads import feature_head, feature_head_init
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import Outputs
 
 __all__ = ["dho"]
@@ -18,7 +18,7 @@ __all__ = ["dho"]
     paper="Kang et al., *Dual-Head Optimization* (semi-supervised KD from VLMs), 2025",
     losses=("dho", "dho_terms", "dho_log_probs"),
     status="supported (heads mixed at inference; unlabeled examples via `batch['labeled']`)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def dho(
     *,

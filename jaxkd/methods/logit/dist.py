@@ -5,13 +5,13 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_nonnegative, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_roles_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["dist"]
 
 
 @register("dist", paper="Huang et al., *Knowledge Distillation from A Stronger Teacher*, NeurIPS 2022",
-          losses=("dist", "dist_terms"), family=LOGITS)
+          losses=("dist", "dist_terms"), contract=LOGIT_ROLES)
 def dist(
     *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, student: str = "student",
     teacher: str = "teacher", weight: Weight = 1.0, name: str = "dist",

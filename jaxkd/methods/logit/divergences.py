@@ -15,12 +15,12 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_number, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["alpha_beta_divergence", "forward_kl", "generalized_jsd", "js_divergence", "reverse_kl", "skew_kl", "skew_reverse_kl", "total_variation"]
 
 
-@register("forward_kl", paper="forward KL (Hinton et al. 2015 without T²; GKD's β = 0)", losses=('forward_kl',), family=LOGITS)
+@register("forward_kl", paper="forward KL (Hinton et al. 2015 without T²; GKD's β = 0)", losses=('forward_kl',), contract=LOGIT_ROLES)
 def forward_kl(
     *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
     name: str = "forward_kl",
@@ -35,7 +35,7 @@ def forward_kl(
                         temperature=temperature)
 
 
-@register("reverse_kl", paper="reverse KL (Gu et al., *MiniLLM*, ICLR 2024, token level; GKD's β = 1)", losses=('reverse_kl',), family=LOGITS)
+@register("reverse_kl", paper="reverse KL (Gu et al., *MiniLLM*, ICLR 2024, token level; GKD's β = 1)", losses=('reverse_kl',), contract=LOGIT_ROLES)
 def reverse_kl(
     *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
     name: str = "reverse_kl",
@@ -50,7 +50,7 @@ def reverse_kl(
                         temperature=temperature)
 
 
-@register("js_divergence", paper='Jensen–Shannon divergence (Lin, *Divergence Measures Based on the Shannon Entropy*, 1991)', losses=('js_divergence',), family=LOGITS)
+@register("js_divergence", paper='Jensen–Shannon divergence (Lin, *Divergence Measures Based on the Shannon Entropy*, 1991)', losses=('js_divergence',), contract=LOGIT_ROLES)
 def js_divergence(
     *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
     name: str = "js_divergence",
@@ -65,7 +65,7 @@ def js_divergence(
                         temperature=temperature)
 
 
-@register("generalized_jsd", paper='Agarwal et al., *On-Policy Distillation of Language Models* (GKD), ICLR 2024', losses=('generalized_jsd',), family=LOGITS)
+@register("generalized_jsd", paper='Agarwal et al., *On-Policy Distillation of Language Models* (GKD), ICLR 2024', losses=('generalized_jsd',), contract=LOGIT_ROLES)
 def generalized_jsd(
     *, beta: float = 0.5, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
     weight: Weight = 1.0, name: str = "generalized_jsd",
@@ -83,7 +83,7 @@ def generalized_jsd(
                         temperature=temperature, beta=beta)
 
 
-@register("skew_kl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew KL)', losses=('skew_kl',), family=LOGITS)
+@register("skew_kl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew KL)', losses=('skew_kl',), contract=LOGIT_ROLES)
 def skew_kl(
     *, alpha: float = 0.1, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
     weight: Weight = 1.0, name: str = "skew_kl",
@@ -101,7 +101,7 @@ def skew_kl(
                         temperature=temperature, alpha=alpha)
 
 
-@register("skew_reverse_kl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew reverse KL)', losses=('skew_reverse_kl',), family=LOGITS)
+@register("skew_reverse_kl", paper='Ko et al., *DistiLLM*, ICML 2024 (skew reverse KL)', losses=('skew_reverse_kl',), contract=LOGIT_ROLES)
 def skew_reverse_kl(
     *, alpha: float = 0.1, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
     weight: Weight = 1.0, name: str = "skew_reverse_kl",
@@ -118,7 +118,7 @@ def skew_reverse_kl(
                         temperature=temperature, alpha=alpha)
 
 
-@register("total_variation", paper='total variation distance (Wen et al., *f-Divergence Minimization for Sequence-Level KD*, ACL 2023)', losses=('total_variation',), family=LOGITS)
+@register("total_variation", paper='total variation distance (Wen et al., *f-Divergence Minimization for Sequence-Level KD*, ACL 2023)', losses=('total_variation',), contract=LOGIT_ROLES)
 def total_variation(
     *, temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
     name: str = "total_variation",
@@ -134,7 +134,7 @@ def total_variation(
                         temperature=temperature)
 
 
-@register("alpha_beta_divergence", example="alpha=0.5, beta=0.5", paper='Cichocki, Cruces & Amari, *Generalized Alpha-Beta Divergences*, 2011', losses=('alpha_beta_divergence',), family=LOGITS)
+@register("alpha_beta_divergence", example="alpha=0.5, beta=0.5", paper='Cichocki, Cruces & Amari, *Generalized Alpha-Beta Divergences*, 2011', losses=('alpha_beta_divergence',), contract=LOGIT_ROLES)
 def alpha_beta_divergence(
     *, alpha: float, beta: float, temperature: float = 1.0, student: str = "student", teacher: str = "teacher",
     weight: Weight = 1.0, name: str = "alpha_beta_divergence",

@@ -7,7 +7,7 @@ import optax
 from jaxkd import losses
 from jaxkd.checks import check_int, check_nonnegative, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_roles_method, multiply_weights
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["dkd", "warmup_schedule"]
 
@@ -27,7 +27,7 @@ def warmup_schedule(warmup_steps: int) -> optax.Schedule:
 
 
 @register("dkd", paper="Zhao et al., *Decoupled Knowledge Distillation*, CVPR 2022", losses=("dkd", "dkd_terms"),
-          family=LOGITS)
+          contract=LOGIT_ROLES)
 def dkd(
     *,
     alpha: float = 1.0,

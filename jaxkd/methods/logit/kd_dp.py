@@ -9,7 +9,7 @@ from jaxkd import losses
 from jaxkd.checks import check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import participant_variables
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["kd_dp"]
 
@@ -19,7 +19,7 @@ __all__ = ["kd_dp"]
     paper="Roth et al., *Fantastic Gains and Where to Find Them* (KL+DP), ICLR 2024",
     losses=("kd_dp", "teacher_is_more_confident"),
     status="supported (frozen initial student in method state)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def kd_dp(
     *, temperature: float = 1.0, supervised: bool = True, student: str = "student", teacher: str = "teacher",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_temperature
 from jaxkd.methods.base import Method, Weight, logit_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["kd_ls"]
 
@@ -14,7 +14,7 @@ __all__ = ["kd_ls"]
     "kd_ls",
     paper="Sun et al., *Logit Standardization in Knowledge Distillation*, CVPR 2024 (also `dkd(standardize=True)`)",
     losses=("kd_ls", "standardize_logits"),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def kd_ls(
     *, temperature: float = 2.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,

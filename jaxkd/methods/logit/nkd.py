@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_nonnegative, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_roles_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["nkd"]
 
@@ -14,7 +14,7 @@ __all__ = ["nkd"]
     "nkd",
     paper="Yang et al., *From KD to Self-KD: Normalized Loss and Customized Soft Labels*, ICCV 2023",
     losses=("nkd", "nkd_terms"),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def nkd(
     *, temperature: float = 1.0, gamma: float = 1.5, form: str = "ce", student: str = "student",

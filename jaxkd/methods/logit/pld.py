@@ -5,13 +5,13 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_temperature
 from jaxkd.methods.base import Method, Weight, logit_roles_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["pld"]
 
 
 @register("pld", paper="Bassam, Zhu & Bian, *Choice-Theoretic List-Wise KD (Plackett–Luce)*, 2025",
-          losses=("pld",), family=LOGITS)
+          losses=("pld",), contract=LOGIT_ROLES)
 def pld(
     *, teacher_temperature: float = 1.0, student: str = "student", teacher: str = "teacher", weight: Weight = 1.0,
     name: str = "pld",

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_temperature
 from jaxkd.methods.base import Method, Weight, check_roles, require, stateless_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["listwise_kd", "margin_mse"]
 
@@ -38,7 +38,7 @@ def _label_first(scores: jax.Array, labels: jax.Array) -> jax.Array:
     paper="Hofstätter, Althammer, Schröder, Sertkan & Hanbury, *Improving Efficient Neural Ranking Models with "
     "Cross-Architecture Knowledge Distillation*, arXiv 2020",
     losses=("margin_mse",),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def margin_mse(
     *,
@@ -82,7 +82,7 @@ def margin_mse(
     paper="Tamber, Kazi, Sourabh & Lin, *Teaching Dense Retrieval Models to Specialize with Listwise Distillation "
     "and LLM Data Augmentation*, arXiv 2025",
     losses=("listwise_kd",),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def listwise_kd(
     *,

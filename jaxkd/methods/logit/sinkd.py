@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_int, check_positive, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["sinkd"]
 
@@ -15,7 +15,7 @@ __all__ = ["sinkd"]
     paper="Cui et al., *SinKD: Sinkhorn Distance Minimization for KD*, LREC-COLING 2024",
     losses=("sinkd", "sinkhorn_plan"),
     status="supported (paper's loss; the released script never applies it)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def sinkd(
     *, temperature: float = 2.0, epsilon: float = 0.1, iterations: int = 20, student: str = "student",

@@ -7,7 +7,7 @@ import jax
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_int, check_temperature
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, require, stateless_method
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["sparse_forward_kl"]
 
@@ -16,7 +16,7 @@ __all__ = ["sparse_forward_kl"]
     "sparse_forward_kl", example="k=2",
     paper="top-k / sparse teacher (offline top-k logits, with a tail bucket or renormalized)",
     losses=("topk_teacher", "sparse_forward_kl"),
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def sparse_forward_kl(
     *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_nonnegative, check_temperature
 from jaxkd.methods.base import Method, Weight, logit_roles_method, require
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 
 __all__ = ["swing"]
 
@@ -15,7 +15,7 @@ __all__ = ["swing"]
     paper="Li et al., *Swing Distillation: A Privacy-Preserving KD Framework*, 2022",
     losses=("swing",),
     status="from the paper's text",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def swing(
     *,

@@ -6,7 +6,7 @@ from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_positive
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.methods.lm.tokens import lm_targets
 
 __all__ = ["taid"]
@@ -17,7 +17,7 @@ __all__ = ["taid"]
     paper="Shing et al., *TAID: Temporally Adaptive Interpolated Distillation*, ICLR 2025",
     losses=("taid", "taid_update"),
     status="supported (adaptive `t` in method state)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def taid(
     *,

@@ -25,7 +25,7 @@ from jaxkd.checks import check_int, check_positive, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles, require
 from jaxkd.methods.features import participant_variables
 from jaxkd.methods.heads import dense, dense_init
-from jaxkd.methods.registry import LOGITS, register
+from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import merge_variables, split_variables
 
 __all__ = ["tgeo_kd"]
@@ -49,7 +49,7 @@ def _fusion_apply(layers: list[dict], x: jax.Array) -> jax.Array:
     losses=("tgeo_kd", "fusion_inputs"),
     status="supported (bilevel as a one-step lookahead on a held-out meta batch; the released code never "
     "trains its fusion net)",
-    family=LOGITS,
+    contract=LOGIT_ROLES,
 )
 def tgeo_kd(
     *,
