@@ -32,6 +32,7 @@ from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Reduction = Literal["mean", "sum", "none"]
@@ -277,8 +278,21 @@ def flatten_features(x: Array) -> Array:
     """``[B, ...] -> [B, D]`` (row-major, as PyTorch's ``view(B, -1)`` of the same layout), in at least float32."""
     x = to_float(x)
     if x.ndim < 1:
-        raise ValueError(f"features must be [batch, ...], got a scalar")
+        raise ValueError("features must be [batch, ...], got a scalar")
     return x.reshape(x.shape[0], -1)
+
+
+def feature_mse(student: Array, teacher: Array, *, mismatch: str) -> Array:
+    """Per-example ``mean((student − teacher)²)`` over every value of two ``[B, ...]`` features of one shape
+    (:func:`flatten_features` of each, then the mean over the flattened axis): ``[B]``.
+
+    ``mismatch`` is the ``ValueError`` raised when the shapes differ, a ``str.format`` template given the
+    two shapes as ``student`` and ``teacher``. The hint/regression loss of FitNets and SimKD.
+    """
+    if np.shape(student) != np.shape(teacher):
+        raise ValueError(mismatch.format(student=np.shape(student), teacher=np.shape(teacher)))
+    diff = flatten_features(student) - flatten_features(teacher)
+    return jnp.mean(diff * diff, axis=-1)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:

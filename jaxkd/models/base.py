@@ -301,6 +301,18 @@ def check_image_input(module: nn.Module, x: Array, *, first_layer: str, flatten:
             )
 
 
+def classifier_logits(module: nn.Module, pooled: Array, num_classes: int, *, name: str = "fc", **dense) -> Array:
+    """The image models' head: sows ``pooled`` (the ``[B, C]`` embedding fed to the classifier, published
+    as ``"pooled"``) and returns ``Dense(num_classes)(pooled)`` as float32 logits ``[B, num_classes]``.
+
+    Called inside ``module``'s compact ``__call__``: the Dense layer (``dtype=module.dtype``, further
+    keyword arguments ``dense`` such as ``kernel_init``) is ``module``'s child named ``name``.
+    """
+    module.sow(INTERMEDIATES, "pooled", pooled)
+    logits = nn.Dense(num_classes, dtype=module.dtype, name=name, **dense)(pooled)
+    return logits.astype(jnp.float32)
+
+
 def split_variables(variables: Mapping[str, PyTree]) -> tuple[PyTree, dict[str, PyTree]]:
     """``variables -> (params, model_state)`` where model_state holds every other collection."""
     variables = dict(variables)

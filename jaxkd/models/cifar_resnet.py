@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxkd.models.base import check_image_input
+from jaxkd.models.base import Array, check_image_input, classifier_logits
 from jaxkd.models.conv import conv_general_dilated
 
 # PyTorch ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``: N(0, 2 / (k*k*out_channels)).
@@ -57,6 +57,26 @@ def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
     )
+
+
+def blocks_per_stage(depth: int, other_layers: int, what: str) -> int:
+    """``n`` of a three-stage network of ``depth = 6n + other_layers`` weighted layers (two convolutions per
+    block); ``ValueError`` naming ``what`` for another depth."""
+    if (depth - other_layers) % 6 != 0:
+        raise ValueError(f"{what} depth must be 6n+{other_layers}, got {depth}")
+    return (depth - other_layers) // 6
+
+
+def sown_conv_bn_relu(
+    module: nn.Module, conv_layer: nn.Module, x: Array, train: bool, *, bn: str, feature: str
+) -> Array:
+    """``relu(batch_norm(conv_layer(x)))`` with the BatchNorm ``bn`` a child of ``module``, sown under
+    ``feature`` (the CNNs' stem, and their head convolution's ``prepool`` map). Called inside ``module``'s
+    compact ``__call__``."""
+    x = conv_layer(x)
+    x = nn.relu(batch_norm(train, module.dtype, bn)(x))
+    module.sow("intermediates", feature, x)
+    return x
 
 
 class BasicBlock(nn.Module):
@@ -99,15 +119,12 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """Logits ``[batch, num_classes]`` (float32) of normalized float images ``x`` ``[B, H, W, C]``."""
-        if (self.depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
+        n = blocks_per_stage(self.depth, 2, "CIFAR ResNet")
         check_image_input(self, x, first_layer="stem_conv")
-        n = (self.depth - 2) // 6
         stem, *widths = self.num_filters
 
-        x = conv(stem, 3, 1, self.dtype, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
-        self.sow("intermediates", "stem", x)
+        stem_conv = conv(stem, 3, 1, self.dtype, "stem_conv")
+        x = sown_conv_bn_relu(self, stem_conv, x, train, bn="stem_bn", feature="stem")
         for stage, (width, strides) in enumerate(zip(widths, (1, 2, 2)), start=1):
             for block in range(n):
                 x = BasicBlock(
@@ -117,10 +134,7 @@ class CifarResNet(nn.Module):
             x, preact = x
             self.sow("intermediates", f"stage{stage}_preact", preact)
             self.sow("intermediates", f"stage{stage}", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "pooled", x)
-        logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
-        return logits.astype(jnp.float32)
+        return classifier_logits(self, jnp.mean(x, axis=(1, 2)), self.num_classes, kernel_init=dense_init)
 
 
 _NARROW = (16, 16, 32, 64)

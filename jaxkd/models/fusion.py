@@ -41,7 +41,15 @@ import numpy as np
 from jaxkd.checks import check_choice, check_int, check_number
 from jaxkd.losses.fusion import logit_fusion
 from jaxkd.models.lm import LMConfig, TransformerLM, _params_tree, decode_step, prefill
-from jaxkd.models.sampling import Generation, _check_options, check_prompt, sample_loop
+from jaxkd.models.sampling import (
+    Generation,
+    _check_eos_id,
+    _check_options,
+    _empty_generation,
+    _last_prompt_logits,
+    _sample_after_prompt,
+    check_prompt,
+)
 
 __all__ = [
     "DynamicLogitsFusion",
@@ -134,21 +142,17 @@ def fused_generate(members: Sequence[tuple[LMConfig, Any]], combine: Combine, pr
         if p + n > config.max_len:
             raise ValueError(f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds members[{i}]'s "
                              f"max_len={config.max_len}")
-    if eos_id is not None and check_int("eos_id", eos_id, low=0) >= vocab:
-        raise ValueError(f"eos_id must lie in [0, vocab_size={vocab}), got eos_id={eos_id}")
+    _check_eos_id(eos_id, vocab)
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     if n == 0:
-        empty = jnp.zeros((b, 0), jnp.int32)
-        return Generation(prompt_tokens, prompt_mask, empty, empty.astype(bool), empty.astype(jnp.float32))
+        return _empty_generation(prompt_tokens, prompt_mask)
 
     configs = [config for config, _ in members]
     params = jax.lax.stop_gradient([params for _, params in members])
-    # The last real prompt token of each row (P - 1 for left padding; 0 for a fully padded row), as generate.
-    last = jnp.max(jnp.where(prompt_mask, jnp.arange(p), 0), axis=1)
     first, caches = [], []
     for config, member_params in zip(configs, params):
         logits, cache = prefill(member_params, config, prompt_tokens, prompt_mask, cache_len=p + n)
-        first.append(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0])
+        first.append(_last_prompt_logits(logits, prompt_mask))
         caches.append(cache)
     first_logits = _combined(combine, first, (b, vocab))
 
@@ -160,13 +164,9 @@ def fused_generate(members: Sequence[tuple[LMConfig, Any]], combine: Combine, pr
             new_caches.append(cache)
         return _combined(combine, logits, (b, vocab)), new_caches
 
-    new_tokens, new_mask, log_probs = sample_loop(
-        step, caches, first_logits, rng, max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=eos_id)
-    return Generation(
-        tokens=jnp.concatenate([prompt_tokens, new_tokens], axis=1),
-        mask=jnp.concatenate([prompt_mask, new_mask], axis=1),
-        new_tokens=new_tokens, new_mask=new_mask, log_probs=log_probs,
+    return _sample_after_prompt(
+        step, caches, first_logits, rng, prompt_tokens, prompt_mask, max_new_tokens=n, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=eos_id,
     )
 
 

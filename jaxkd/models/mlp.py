@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxkd.models.base import check_image_input
+from jaxkd.models.base import check_image_input, classifier_logits
 
 
 class MLP(nn.Module):
@@ -37,6 +37,4 @@ class MLP(nn.Module):
         for i, width in enumerate(self.hidden_sizes, start=1):
             x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{i}")(x))
             self.sow("intermediates", f"hidden{i}", x)
-        self.sow("intermediates", "pooled", x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return logits.astype(jnp.float32)
+        return classifier_logits(self, x, self.num_classes)

@@ -37,8 +37,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxkd.models.base import check_image_input
-from jaxkd.models.cifar_resnet import batch_norm, conv_init
+from jaxkd.models.base import check_image_input, classifier_logits
+from jaxkd.models.cifar_resnet import batch_norm, conv_init, sown_conv_bn_relu
 from jaxkd.models.conv import conv_general_dilated
 
 #: ``(expansion t, base width c, blocks n, first stride s)`` per block group; ``None`` means ``T``.
@@ -109,9 +109,8 @@ class MobileNetV2(nn.Module):
     def __call__(self, x, train: bool):
         """Logits ``[batch, num_classes]`` (float32) of normalized float images ``x`` ``[B, H, W, C]``."""
         check_image_input(self, x, first_layer="stem_conv")
-        x = grouped_conv(int(32 * self.width_mult), 3, 2, 1, self.dtype, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
-        self.sow("intermediates", "stem", x)
+        stem_conv = grouped_conv(int(32 * self.width_mult), 3, 2, 1, self.dtype, "stem_conv")
+        x = sown_conv_bn_relu(self, stem_conv, x, train, bn="stem_bn", feature="stem")
         stage = 0
         for group, (t, c, n, s) in enumerate(_SETTING):
             width = int(c * self.width_mult)
@@ -125,15 +124,11 @@ class MobileNetV2(nn.Module):
                 self.sow("intermediates", f"stage{stage}", x)
                 self.sow("intermediates", f"stage{stage}_preact", x)
         last = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
-        x = grouped_conv(last, 1, 1, 1, self.dtype, "head_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "head_bn")(x))
-        self.sow("intermediates", "prepool", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "pooled", x)
-        logits = nn.Dense(
-            self.num_classes, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, name="fc"
-        )(x)
-        return logits.astype(jnp.float32)
+        head_conv = grouped_conv(last, 1, 1, 1, self.dtype, "head_conv")
+        x = sown_conv_bn_relu(self, head_conv, x, train, bn="head_bn", feature="prepool")
+        return classifier_logits(
+            self, jnp.mean(x, axis=(1, 2)), self.num_classes, kernel_init=nn.initializers.normal(0.01)
+        )
 
 
 def mobilenetv2(*, num_classes: int, dtype: Any = jnp.float32) -> MobileNetV2:

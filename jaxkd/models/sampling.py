@@ -190,6 +190,35 @@ def check_prompt(prompt_tokens: Array, prompt_mask: Array | None) -> tuple[Array
     return prompt_tokens, prompt_mask.astype(bool)
 
 
+def _check_eos_id(eos_id: int | None, vocab_size: int) -> None:
+    if eos_id is not None and check_int("eos_id", eos_id, low=0) >= vocab_size:
+        raise ValueError(f"eos_id must lie in [0, vocab_size={vocab_size}), got eos_id={eos_id}")
+
+
+def _empty_generation(prompt_tokens: Array, prompt_mask: Array) -> Generation:
+    """The :class:`Generation` of ``max_new_tokens=0``: the prompt, and ``[B, 0]`` new arrays."""
+    empty = jnp.zeros((prompt_tokens.shape[0], 0), jnp.int32)
+    return Generation(prompt_tokens, prompt_mask, empty, empty.astype(bool), empty.astype(jnp.float32))
+
+
+def _last_prompt_logits(logits: Array, prompt_mask: Array) -> Array:
+    """``[B, V]``: a prefill's logits ``[B, P, V]`` at each row's last real prompt token (``P - 1`` for left
+    padding; 0 for a fully padded row), which the first new token is drawn from."""
+    last = jnp.max(jnp.where(prompt_mask, jnp.arange(prompt_mask.shape[1]), 0), axis=1)
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+
+def _sample_after_prompt(step_fn: Callable[[Any, Array], tuple[Array, Any]], carry: Any, first_logits: Array,
+                         rng: Array, prompt_tokens: Array, prompt_mask: Array, **options) -> Generation:
+    """:func:`sample_loop` (``options``: its keyword arguments) continuing the prompt, as a :class:`Generation`."""
+    new_tokens, new_mask, log_probs = sample_loop(step_fn, carry, first_logits, rng, **options)
+    return Generation(
+        tokens=jnp.concatenate([prompt_tokens, new_tokens], axis=1),
+        mask=jnp.concatenate([prompt_mask, new_mask], axis=1),
+        new_tokens=new_tokens, new_mask=new_mask, log_probs=log_probs,
+    )
+
+
 def generate(config: LMConfig, params: Any, prompt_tokens: Array, prompt_mask: Array | None = None, *, rng: Array,
              max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None) -> Generation:
@@ -213,33 +242,24 @@ def generate(config: LMConfig, params: Any, prompt_tokens: Array, prompt_mask: A
     n = check_int("max_new_tokens", max_new_tokens, low=0)
     _check_options(temperature, top_k, top_p)
     prompt_tokens, prompt_mask = check_prompt(prompt_tokens, prompt_mask)
-    b, p = prompt_tokens.shape
+    p = prompt_tokens.shape[1]
     if p + n > config.max_len:
         raise ValueError(
             f"prompt length {p} + max_new_tokens {n} = {p + n} exceeds the model's max_len={config.max_len}"
         )
-    if eos_id is not None and check_int("eos_id", eos_id, low=0) >= config.vocab_size:
-        raise ValueError(f"eos_id must lie in [0, vocab_size={config.vocab_size}), got eos_id={eos_id}")
+    _check_eos_id(eos_id, config.vocab_size)
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     if n == 0:
-        empty = jnp.zeros((b, 0), jnp.int32)
-        return Generation(prompt_tokens, prompt_mask, empty, empty.astype(bool), empty.astype(jnp.float32))
+        return _empty_generation(prompt_tokens, prompt_mask)
 
     params = jax.lax.stop_gradient(params)
     logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_len=p + n)
-    # The last real prompt token of each row (P - 1 for left padding; 0 for a fully padded row).
-    last = jnp.max(jnp.where(prompt_mask, jnp.arange(p), 0), axis=1)
-    first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
 
     def step(cache, token):
         return decode_step(params, config, token, cache)
 
-    new_tokens, new_mask, log_probs = sample_loop(
-        step, cache, first_logits, rng, max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=eos_id)
-    return Generation(
-        tokens=jnp.concatenate([prompt_tokens, new_tokens], axis=1),
-        mask=jnp.concatenate([prompt_mask, new_mask], axis=1),
-        new_tokens=new_tokens, new_mask=new_mask, log_probs=log_probs,
+    return _sample_after_prompt(
+        step, cache, _last_prompt_logits(logits, prompt_mask), rng, prompt_tokens, prompt_mask, max_new_tokens=n,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
     )
 

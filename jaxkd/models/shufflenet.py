@@ -45,8 +45,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxkd.models.base import check_image_input
-from jaxkd.models.cifar_resnet import batch_norm, dense_init
+from jaxkd.models.base import check_image_input, classifier_logits
+from jaxkd.models.cifar_resnet import batch_norm, dense_init, sown_conv_bn_relu
 from jaxkd.models.mobilenetv2 import grouped_conv
 
 
@@ -59,6 +59,14 @@ def channel_shuffle(x, groups: int):
 def _conv(features, kernel, strides, groups, dtype, name):
     """A grouped convolution with PyTorch's default initialisation."""
     return grouped_conv(features, kernel, strides, groups, dtype, name, kernel_init=dense_init)
+
+
+def _stem(module: nn.Module, x, train: bool):
+    """Both ShuffleNets' stem, sown as ``stem``: ``relu(bn(conv1x1(x)))`` to 24 channels at full resolution
+    (after :func:`jaxkd.models.base.check_image_input` on ``x``)."""
+    check_image_input(module, x, first_layer="stem_conv")
+    stem_conv = _conv(24, 1, 1, 1, module.dtype, "stem_conv")
+    return sown_conv_bn_relu(module, stem_conv, x, train, bn="stem_bn", feature="stem")
 
 
 class ShuffleV1Unit(nn.Module):
@@ -110,10 +118,7 @@ class ShuffleNetV1(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """Logits ``[batch, num_classes]`` (float32) of normalized float images ``x`` ``[B, H, W, C]``."""
-        check_image_input(self, x, first_layer="stem_conv")
-        x = _conv(24, 1, 1, 1, self.dtype, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
-        self.sow("intermediates", "stem", x)
+        x = _stem(self, x, train)
         for stage, (width, n) in enumerate(zip(self.out_planes, self.num_blocks), start=1):
             for block in range(n):
                 produced = width - x.shape[-1] if block == 0 else width
@@ -123,10 +128,7 @@ class ShuffleNetV1(nn.Module):
                 )(x, train)
             self.sow("intermediates", f"stage{stage}_preact", preact)
             self.sow("intermediates", f"stage{stage}", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "pooled", x)
-        logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
-        return logits.astype(jnp.float32)
+        return classifier_logits(self, jnp.mean(x, axis=(1, 2)), self.num_classes, kernel_init=dense_init)
 
 
 class ShuffleV2Down(nn.Module):
@@ -184,24 +186,17 @@ class ShuffleNetV2(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """Logits ``[batch, num_classes]`` (float32) of normalized float images ``x`` ``[B, H, W, C]``."""
-        check_image_input(self, x, first_layer="stem_conv")
+        x = _stem(self, x, train)
         *widths, head = self.out_channels
-        x = _conv(24, 1, 1, 1, self.dtype, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
-        self.sow("intermediates", "stem", x)
         for stage, (width, n) in enumerate(zip(widths, self.num_blocks), start=1):
             x = ShuffleV2Down(width, dtype=self.dtype, name=f"stage{stage}_down")(x, train)
             for block in range(n):
                 x, preact = ShuffleV2Basic(dtype=self.dtype, name=f"stage{stage}_block{block}")(x, train)
             self.sow("intermediates", f"stage{stage}_preact", preact)
             self.sow("intermediates", f"stage{stage}", x)
-        x = _conv(head, 1, 1, 1, self.dtype, "head_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "head_bn")(x))
-        self.sow("intermediates", "prepool", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "pooled", x)
-        logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
-        return logits.astype(jnp.float32)
+        head_conv = _conv(head, 1, 1, 1, self.dtype, "head_conv")
+        x = sown_conv_bn_relu(self, head_conv, x, train, bn="head_bn", feature="prepool")
+        return classifier_logits(self, jnp.mean(x, axis=(1, 2)), self.num_classes, kernel_init=dense_init)
 
 
 def shufflenetv1(*, num_classes: int, dtype: Any = jnp.float32) -> ShuffleNetV1:

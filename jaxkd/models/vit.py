@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.checks import check_int, check_number
-from jaxkd.models.base import check_image_input
+from jaxkd.models.base import check_image_input, classifier_logits
 
 _dense_init = nn.initializers.xavier_uniform()
 _LN_EPS = 1e-6
@@ -154,12 +154,7 @@ class ViT(nn.Module):
             self.sow("intermediates", f"block{i}_attention", weights)
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="final_ln")(x)
         self.sow("intermediates", "tokens", x)
-        x = x[:, 0]
-        self.sow("intermediates", "pooled", x)
-        logits = nn.Dense(
-            self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head"
-        )(x)
-        return logits.astype(jnp.float32)
+        return classifier_logits(self, x[:, 0], self.num_classes, name="head", kernel_init=nn.initializers.zeros)
 
 
 #: ``vit_tiny``'s configuration (ViT-Ti width: DeiT's 192 wide, 3 heads, MLP ratio 4; 6 blocks), for

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd.checks import check_number
-from jaxkd.models.base import check_image_input
-from jaxkd.models.cifar_resnet import batch_norm, conv, dense_init
+from jaxkd.models.base import check_image_input, classifier_logits
+from jaxkd.models.cifar_resnet import batch_norm, blocks_per_stage, conv, dense_init
 
 
 class PreActBlock(nn.Module):
@@ -76,10 +76,8 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """Logits ``[batch, num_classes]`` (float32) of normalized float images ``x`` ``[B, H, W, C]``."""
-        if (self.depth - 4) % 6 != 0:
-            raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
+        n = blocks_per_stage(self.depth, 4, "WRN")
         check_image_input(self, x, first_layer="stem_conv")
-        n = (self.depth - 4) // 6
         widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
 
         x = conv(16, 3, 1, self.dtype, "stem_conv")(x)
@@ -101,10 +99,7 @@ class WideResNet(nn.Module):
         x = nn.relu(normed)
         self.sow("intermediates", "stage3_preact", normed)
         self.sow("intermediates", "prepool", x)
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "pooled", x)
-        logits = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
-        return logits.astype(jnp.float32)
+        return classifier_logits(self, jnp.mean(x, axis=(1, 2)), self.num_classes, kernel_init=dense_init)
 
 
 #: name -> (depth, widen_factor), as in RepDistiller's ``models/wrn.py``.

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
-
-from jaxkd.losses.core import Array, flatten_features, per_example_loss
+from jaxkd.losses.core import Array, feature_mse, per_example_loss
 
 __all__ = ["fitnets"]
 
@@ -25,10 +22,8 @@ def fitnets(student: Array, teacher: Array) -> Array:
       student: the regressed student feature ``[B, ...]`` (any layout; already the teacher's shape).
       teacher: the teacher feature, same shape.
     """
-    if np.shape(student) != np.shape(teacher):
-        raise ValueError(
-            f"fitnets needs the (regressed) student feature in the teacher feature's shape, got student "
-            f"{np.shape(student)} and teacher {np.shape(teacher)}; map the student with a connector first"
-        )
-    diff = flatten_features(student) - flatten_features(teacher)
-    return jnp.mean(diff * diff, axis=-1)
+    return feature_mse(
+        student, teacher,
+        mismatch="fitnets needs the (regressed) student feature in the teacher feature's shape, got student "
+        "{student} and teacher {teacher}; map the student with a connector first",
+    )

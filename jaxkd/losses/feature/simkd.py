@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from jaxkd.losses.core import Array, flatten_features, per_example_loss
+from jaxkd.losses.core import Array, feature_mse, per_example_loss
 
 __all__ = ["simkd"]
 
@@ -19,10 +17,8 @@ def simkd(student_feature: Array, teacher_feature: Array) -> Array:
     ``[B, H, W, C]`` (or any ``[B, ...]``). The mean over the batch is the official ``nn.MSELoss()``
     (DefangChen/SimKD, ``helper/loops.py``: ``criterion_kd(trans_feat_s, trans_feat_t)``).
     """
-    if jnp.shape(student_feature) != jnp.shape(teacher_feature):
-        raise ValueError(
-            f"simkd takes the projected student feature and the teacher feature of one shape, got "
-            f"{jnp.shape(student_feature)} and {jnp.shape(teacher_feature)}"
-        )
-    diff = flatten_features(student_feature) - flatten_features(teacher_feature)
-    return jnp.mean(diff * diff, axis=-1)
+    return feature_mse(
+        student_feature, teacher_feature,
+        mismatch="simkd takes the projected student feature and the teacher feature of one shape, got "
+        "{student} and {teacher}",
+    )

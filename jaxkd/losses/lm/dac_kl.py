@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxkd.checks import check_same_logits, check_values_in_range, is_concrete
 from jaxkd.losses.core import Array, is_masked, kl_from_log_probs, log_softmax, per_example_loss, probs, reduce_loss
+from jaxkd.losses.lm.tokens import check_sequence_logits
 
 __all__ = ["dac_kl", "dac_kl_region", "span_correlation_loss"]
 
@@ -129,13 +130,7 @@ def span_correlation_loss(
       span_ids: int ``[B, T]``: the span of each position, ``-1`` outside every span.
       mask: bool ``[B, T]`` or ``None``.
     """
-    check_same_logits(student_logits, teacher_logits)
-    if jnp.ndim(student_logits) != 3:
-        raise ValueError(f"logits must be [batch, length, vocab], got shape {jnp.shape(student_logits)}")
-    if jnp.shape(span_ids) != jnp.shape(student_logits)[:2]:
-        raise ValueError(
-            f"span_ids must have shape logits.shape[:2]={jnp.shape(student_logits)[:2]}, got {jnp.shape(span_ids)}"
-        )
+    check_sequence_logits(student_logits, teacher_logits, "span_ids", span_ids)
     if not jnp.issubdtype(jnp.result_type(span_ids), jnp.integer):
         raise ValueError(f"span_ids must be integers, got dtype {jnp.result_type(span_ids)}")
     if mask is not None and jnp.shape(mask) != jnp.shape(span_ids):

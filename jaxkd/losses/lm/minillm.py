@@ -61,6 +61,7 @@ from jaxkd.checks import check_choice, check_in_range, check_positive, check_sam
 from jaxkd.losses.core import Array, compute_dtype, log_mixture, log_softmax, per_example_loss, reduce_loss
 from jaxkd.losses.logit.divergences import reverse_kl
 from jaxkd.losses.lm.dpo import token_log_probs
+from jaxkd.losses.lm.tokens import check_sequence_logits
 
 __all__ = [
     "minillm_advantages",
@@ -324,14 +325,7 @@ def minillm_pg_loss(
 
 
 def _check_rollout(student_logits, teacher_logits, sampled_tokens, mask, behaviour_log_probs) -> None:
-    check_same_logits(student_logits, teacher_logits)
-    if jnp.ndim(student_logits) != 3:
-        raise ValueError(f"logits must be [batch, length, vocab], got shape {jnp.shape(student_logits)}")
-    if jnp.shape(sampled_tokens) != jnp.shape(student_logits)[:2]:
-        raise ValueError(
-            f"sampled_tokens must have shape logits.shape[:2]={jnp.shape(student_logits)[:2]}, "
-            f"got {jnp.shape(sampled_tokens)}"
-        )
+    check_sequence_logits(student_logits, teacher_logits, "sampled_tokens", sampled_tokens)
     if jnp.shape(mask) != jnp.shape(sampled_tokens):
         raise ValueError(f"mask must have sampled_tokens' shape {jnp.shape(sampled_tokens)}, got {jnp.shape(mask)}")
     if behaviour_log_probs is not None and jnp.shape(behaviour_log_probs) != jnp.shape(sampled_tokens):

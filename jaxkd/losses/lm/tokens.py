@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxkd.checks import check_same_logits
 from jaxkd.losses.core import Array
 
 __all__ = ["next_token_targets", "shift_logits"]
@@ -41,6 +42,18 @@ def _check_tokens(tokens, mask) -> None:
         raise ValueError(f"mask must have the tokens' shape {jnp.shape(tokens)}, got {jnp.shape(mask)}")
     if jnp.shape(tokens)[1] < 2:
         raise ValueError(f"a sequence needs at least 2 tokens to have a next-token target, got length {jnp.shape(tokens)[1]}")
+
+
+def check_sequence_logits(student_logits, teacher_logits, name: str, per_token) -> None:
+    """Student and teacher logits of one shape ``[B, T, V]``, and ``per_token`` (an array named ``name``:
+    sampled tokens, span ids) ``[B, T]``, their ``logits.shape[:2]``."""
+    check_same_logits(student_logits, teacher_logits)
+    if jnp.ndim(student_logits) != 3:
+        raise ValueError(f"logits must be [batch, length, vocab], got shape {jnp.shape(student_logits)}")
+    if jnp.shape(per_token) != jnp.shape(student_logits)[:2]:
+        raise ValueError(
+            f"{name} must have shape logits.shape[:2]={jnp.shape(student_logits)[:2]}, got {jnp.shape(per_token)}"
+        )
 
 
 def next_token_targets(tokens: Array, mask: Array | None = None) -> tuple[Array, Array]:

@@ -151,6 +151,16 @@ def generalized_jsd(
 # ----- DistiLLM skew KL -----
 
 
+def _skew_kl(
+    student_logits: Array, teacher_logits: Array, temperature: float, alpha: float, *, reverse: bool
+) -> Array:
+    """``KL(p ‖ α·p + (1 − α)·q)`` with ``(p, q) = (p_T, p_S)`` (skew KL), or ``(p_S, p_T)`` when ``reverse``."""
+    check_in_range("alpha", alpha, 0.0, 1.0)
+    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
+    log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
+    return kl_from_log_probs(log_p, log_mixture(log_p, log_q, alpha))
+
+
 @per_example_loss
 def skew_kl(
     student_logits: Array, teacher_logits: Array, *, temperature: float = 1.0, alpha: float = 0.1
@@ -167,9 +177,7 @@ def skew_kl(
     Args:
       alpha: ``α`` in ``[0, 1]``.
     """
-    check_in_range("alpha", alpha, 0.0, 1.0)
-    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return kl_from_log_probs(log_t, log_mixture(log_t, log_s, alpha))
+    return _skew_kl(student_logits, teacher_logits, temperature, alpha, reverse=False)
 
 
 @per_example_loss
@@ -186,9 +194,7 @@ def skew_reverse_kl(
     Args:
       alpha: ``α`` in ``[0, 1]``.
     """
-    check_in_range("alpha", alpha, 0.0, 1.0)
-    log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
-    return kl_from_log_probs(log_s, log_mixture(log_s, log_t, alpha))
+    return _skew_kl(student_logits, teacher_logits, temperature, alpha, reverse=True)
 
 
 # ----- total variation -----
