@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -189,3 +189,17 @@ def check_image_scale(name: str, images: Any) -> None:
             "expect normalized images (uint8 is refused for the same reason): divide by 255 and normalize with "
             "jaxkd.data.normalize, or pass the uint8 images to jaxkd.data.Loader, which normalizes them"
         )
+
+
+def check_teacher_weights(num_teachers: int, weights: Sequence[float] | None) -> np.ndarray:
+    """``teacher_weights`` checked (one finite number ``>= 0`` per teacher, not all zero), or ``1/K`` each."""
+    if weights is None:
+        return np.full((num_teachers,), 1.0 / num_teachers)
+    weights = list(weights)
+    for i, w in enumerate(weights):
+        check_nonnegative(f"teacher_weights[{i}]", w)
+    if len(weights) != num_teachers:
+        raise ValueError(f"teacher_weights has {len(weights)} entries for {num_teachers} teachers")
+    if not sum(weights) > 0:
+        raise ValueError(f"at least one teacher weight must be positive, got teacher_weights={weights}")
+    return np.asarray(weights, np.float64)

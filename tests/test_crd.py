@@ -57,7 +57,7 @@ def test_memory_update_is_the_closed_form_momentum_update_and_skips_masked_examp
     e = rng.normal(size=(4, 3))
     y = np.array([7, 2, 5, 0])
     mask = np.array([True, True, False, True])
-    new = np.asarray(losses.crd_memory_update(memory, e, y, momentum=0.5, mask=mask))
+    new = np.asarray(methods.crd_memory_update(memory, e, y, momentum=0.5, mask=mask))
     expected = memory.copy()
     for b in range(4):
         if mask[b]:

@@ -11,6 +11,7 @@ import pytest
 
 import jaxkd
 from jaxkd import losses, methods
+from jaxkd.methods.feature.kd3 import mix_distribution
 from tests.helpers import NUM_CLASSES, teacher_variables, tiny_batch, tiny_models
 
 
@@ -116,7 +117,7 @@ def test_lelp_projections_recover_known_directions():
     scales = np.array([[0.1, 0.1, 3.0, 1.5, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 2.0, 1.0]])
     labels = np.repeat([0, 1], n)
     emb = means[labels] + rng.normal(size=(2 * n, d)) * scales[labels]
-    proj = losses.lelp_projections(emb, labels, num_classes=2, subclasses=2)
+    proj = methods.lelp_projections(emb, labels, num_classes=2, subclasses=2)
     assert proj.shape == (2, 2, d + 1) and proj.dtype == np.float64
     for c, axes in ((0, (2, 3)), (1, (4, 5))):
         for s, axis in enumerate(axes):
@@ -127,11 +128,11 @@ def test_lelp_projections_recover_known_directions():
     # Removing the classifier's span: with axis 2 a classifier column, class 0's top direction is axis 3.
     kernel = np.zeros((d, 2))
     kernel[2, 0], kernel[0, 1] = 1.0, 1.0
-    proj_null = losses.lelp_projections(emb, labels, num_classes=2, subclasses=1, classifier_kernel=kernel)
+    proj_null = methods.lelp_projections(emb, labels, num_classes=2, subclasses=1, classifier_kernel=kernel)
     top = proj_null[0, 0, :d] / np.linalg.norm(proj_null[0, 0, :d])
     assert abs(top[3]) > 0.99 and abs(top[2]) < 1e-9
     # A class without examples and directions without variance are all zeros (an equal split).
-    proj3 = losses.lelp_projections(emb[:3].astype(np.float32), labels[:3], num_classes=2, subclasses=4)
+    proj3 = methods.lelp_projections(emb[:3].astype(np.float32), labels[:3], num_classes=2, subclasses=4)
     assert proj3.dtype == np.float32
     assert not np.any(proj3[1]) and not np.any(proj3[0, 2:]) and np.all(np.any(proj3[0, :2], axis=-1))
 
@@ -169,11 +170,11 @@ def test_lelp_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="subclass_temperature"):
         losses.lelp_targets(zt, f, proj, subclass_temperature=-1.0)
     with pytest.raises(ValueError, match="subclasses"):
-        losses.lelp_projections(f, np.zeros(4, int), num_classes=3, subclasses=9)
+        methods.lelp_projections(f, np.zeros(4, int), num_classes=3, subclasses=9)
     with pytest.raises(ValueError, match="labels must lie"):
-        losses.lelp_projections(f, np.array([0, 1, 2, 3]), num_classes=3)
+        methods.lelp_projections(f, np.array([0, 1, 2, 3]), num_classes=3)
     with pytest.raises(ValueError, match="classifier_kernel"):
-        losses.lelp_projections(f, np.zeros(4, int), num_classes=3, classifier_kernel=np.zeros((4, 3)))
+        methods.lelp_projections(f, np.zeros(4, int), num_classes=3, classifier_kernel=np.zeros((4, 3)))
     with pytest.raises(ValueError, match="projections must be a finite"):
         methods.lelp(projections=np.zeros((3, 6)))
     with pytest.raises(ValueError, match="temperature"):
@@ -234,10 +235,10 @@ def test_projections_from_moments_equal_the_svd_helper(with_classifier):
     scales = np.array([3.0, 2.0, 1.0, 0.5, 0.3, 0.1])
     f = rng.normal(size=(labels.size, d)) * scales + rng.normal(size=(k, d))[labels]
     w = rng.normal(size=(d, 2)) if with_classifier else None
-    expected = losses.lelp_projections(f, labels, num_classes=k, subclasses=s, classifier_kernel=w)
+    expected = methods.lelp_projections(f, labels, num_classes=k, subclasses=s, classifier_kernel=w)
     one_hot = np.eye(k)[labels]
     with jax.enable_x64(True):
-        got = losses.lelp_projections_from_moments(
+        got = methods.lelp_projections_from_moments(
             one_hot.T @ f, np.einsum("bk,bd,be->kde", one_hot, f, f), one_hot.sum(0), subclasses=s,
             classifier_kernel=w,
         )
@@ -312,7 +313,7 @@ def test_mix_distribution_closed_form_and_identity():
     lam = np.array([0.0, 0.25, 0.5, 0.9, 1.0, 0.3], np.float32)
     partner = np.array([3, 0, 5, 1, 2, 4])
     eps = 1e-6
-    got = methods.mix_distribution(jax.random.PRNGKey(0), x, eps=eps, mix_weight=lam, partner=partner)
+    got = mix_distribution(jax.random.PRNGKey(0), x, eps=eps, mix_weight=lam, partner=partner)
     assert got.shape == x.shape and got.dtype == x.dtype
     mu, sig = _np_stats(x.astype(np.float64), eps)
     l = lam.reshape(b, 1, 1, 1)
@@ -325,11 +326,11 @@ def test_mix_distribution_closed_form_and_identity():
     np.testing.assert_allclose(got_mu[0], mu[3], atol=1e-5)
     np.testing.assert_allclose(got_sig[0], sig[3], rtol=1e-4)
     # The mixing weight 1 returns the input, whatever the partner.
-    same = methods.mix_distribution(jax.random.PRNGKey(1), x, mix_weight=1.0, partner=partner)
+    same = mix_distribution(jax.random.PRNGKey(1), x, mix_weight=1.0, partner=partner)
     np.testing.assert_allclose(same, x, rtol=1e-5, atol=1e-5)
     # A [B, D] input has one channel: its D values.
     v = rng.normal(size=(4, 7)).astype(np.float32)
-    got_v = methods.mix_distribution(jax.random.PRNGKey(0), v, mix_weight=0.5, partner=np.array([1, 0, 3, 2]))
+    got_v = mix_distribution(jax.random.PRNGKey(0), v, mix_weight=0.5, partner=np.array([1, 0, 3, 2]))
     m, sd = v.mean(1, keepdims=True), np.sqrt(v.var(1, keepdims=True) + 1e-6)
     p = np.array([1, 0, 3, 2])
     np.testing.assert_allclose(got_v, (0.5 * sd + 0.5 * sd[p]) * (v - m) / sd + 0.5 * m + 0.5 * m[p], rtol=1e-5,
@@ -341,7 +342,7 @@ def test_mix_distribution_draws_keep_each_examples_content():
     b = 8
     x = (rng.normal(size=(b, 6, 6, 2)) * rng.uniform(0.5, 3.0, size=(b, 1, 1, 2))
          + 5.0 * rng.normal(size=(b, 1, 1, 2))).astype(np.float32)
-    draw = jax.jit(lambda key, x: methods.mix_distribution(key, x, alpha=0.5))  # jittable
+    draw = jax.jit(lambda key, x: mix_distribution(key, x, alpha=0.5))  # jittable
     got = np.asarray(draw(jax.random.PRNGKey(3), x), np.float64)
     assert got.shape == x.shape
     # Content: each perturbed example, standardized per channel, is the original standardized example.
@@ -370,7 +371,7 @@ def test_mix_distribution_draws_keep_each_examples_content():
     mask = np.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
     far = x.copy()
     far[~mask] += 1000.0
-    draw_masked = jax.jit(lambda key, x, mask: methods.mix_distribution(key, x, alpha=1.0, mask=mask))
+    draw_masked = jax.jit(lambda key, x, mask: mix_distribution(key, x, alpha=1.0, mask=mask))
     with_mask = np.asarray(draw_masked(jax.random.PRNGKey(5), far, mask))
     np.testing.assert_allclose(with_mask[~mask], far[~mask], rtol=1e-5)
     assert np.abs(with_mask[mask].mean(axis=(1, 2))).max() < 100.0
@@ -392,7 +393,7 @@ def test_kd3_alignment_term_is_the_infonce_of_the_rerun_student_on_the_mixed_bat
     key = jax.random.PRNGKey(4)
     value, aux = loss(key)
     dense = mvars.params["connector"]["Dense_0"]
-    mixed = methods.mix_distribution(key, batch["image"], alpha=0.3)
+    mixed = mix_distribution(key, batch["image"], alpha=0.3)
     s_mix = np.asarray(student.apply(svars, mixed, train=True).features["pooled"], np.float64)
     s_mix = s_mix @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"], np.float64)
     expected = _np_infonce(s_mix, t_out.features["pooled"], 0.5)
@@ -417,13 +418,13 @@ def test_kd3_mix_distribution_bad_inputs():
         losses.kd3_instance_alignment(s, t, reduction="none")
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="alpha"):
-        methods.mix_distribution(key, np.zeros((4, 2, 2, 1)), alpha=0.0)
+        mix_distribution(key, np.zeros((4, 2, 2, 1)), alpha=0.0)
     with pytest.raises(ValueError, match="float inputs"):
-        methods.mix_distribution(key, np.zeros((4, 2, 2, 1), np.int32))
+        mix_distribution(key, np.zeros((4, 2, 2, 1), np.int32))
     with pytest.raises(ValueError, match="mix_weight"):
-        methods.mix_distribution(key, np.zeros((4, 2, 2, 1)), mix_weight=np.ones(3))
+        mix_distribution(key, np.zeros((4, 2, 2, 1)), mix_weight=np.ones(3))
     with pytest.raises(ValueError, match="partner"):
-        methods.mix_distribution(key, np.zeros((4, 2, 2, 1)), partner=np.arange(3))
+        mix_distribution(key, np.zeros((4, 2, 2, 1)), partner=np.arange(3))
     with pytest.raises(ValueError, match="alignment_weight"):
         methods.kd3(alignment_weight=-1.0)
     with pytest.raises(ValueError, match="alignment_temperature"):

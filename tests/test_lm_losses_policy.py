@@ -1,5 +1,5 @@
 """MiniLLM's policy-gradient pieces (jaxkd/losses/lm/minillm.py) and DistiLLM's adaptive off-policy schedule
-(jaxkd/losses/lm/distillm.py).
+(its schedule, in jaxkd/methods/lm/distillm.py).
 
 MiniLLM: values against a NumPy transcription of the paper's formulas with the official code's
 conventions (microsoft/LMOps minillm/: rewards, discounted length-normalized returns, whitening, the PPO
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxkd import losses
+from jaxkd import losses, methods
 from tests.numpy_reference import np_log_softmax
 from tests.test_loss_contract import central_differences
 
@@ -310,18 +310,18 @@ class OfficialAdaptive:
         else:
             samp_threshold = self.adaptive_threshold * (1 - global_step / total_iters)
         if r < samp_threshold or (r < self.adaptive_threshold and buffer_len < capacity):
-            return losses.DISTILLM_GENERATE
+            return methods.DISTILLM_GENERATE
         elif r < self.adaptive_threshold:
-            return losses.DISTILLM_REPLAY
-        return losses.DISTILLM_DATASET
+            return methods.DISTILLM_REPLAY
+        return methods.DISTILLM_DATASET
 
 
 def test_schedule_update_matches_the_official_rule():
     # A validation loss that falls, drifts up slowly (accumulating past eps), jumps, and falls again.
     dev = [2.0, 1.9, 1.95, 2.0, 2.06, 2.3, 2.35, 2.2, 2.45, 2.6, 2.75, 2.9, 3.05, 3.2, 3.4, 3.6, 3.8, 4.0]
     ref = OfficialAdaptive(0.0, 2.05)
-    state = losses.distillm_schedule_init(0.0, 2.05)
-    update = jax.jit(losses.distillm_schedule_update)
+    state = methods.distillm_schedule_init(0.0, 2.05)
+    update = jax.jit(methods.distillm_schedule_update)
     thresholds = []
     for loss in dev:
         ref.after_evaluation(loss)
@@ -333,10 +333,10 @@ def test_schedule_update_matches_the_official_rule():
 
 
 def test_schedule_without_an_initial_loss_records_the_first():
-    state = losses.distillm_schedule_init(0.2)
-    state = losses.distillm_schedule_update(state, 5.0)  # recorded, no raise
+    state = methods.distillm_schedule_init(0.2)
+    state = methods.distillm_schedule_update(state, 5.0)  # recorded, no raise
     assert float(state.threshold) == pytest.approx(0.2) and float(state.prev_loss) == 5.0
-    state = losses.distillm_schedule_update(state, 5.2, loss_eps=0.1)
+    state = methods.distillm_schedule_update(state, 5.2, loss_eps=0.1)
     assert float(state.threshold) == pytest.approx(0.3)
 
 
@@ -349,36 +349,36 @@ def test_data_source_matches_the_official_branches():
              for ratio in ("decreasing", "constant", "increasing")]
     for ratio in ("decreasing", "constant", "increasing"):
         fn = jax.jit(jax.vmap(
-            lambda th, key, step, buf: losses.distillm_data_source(
-                losses.DistiLLMSchedule(th, jnp.float32(0), jnp.bool_(True)), key, step, buf,
+            lambda th, key, step, buf: methods.distillm_data_source(
+                methods.DistiLLMSchedule(th, jnp.float32(0), jnp.bool_(True)), key, step, buf,
                 total_steps=100, replay_ratio=ratio),
         ))
         sub = [c for c in cases if c[3] == ratio]
         rows = [(p, k, step, buf) for (p, step, buf, _) in sub for k in range(len(keys))]
         got = np.asarray(fn(jnp.array([r[0] for r in rows], jnp.float32), keys[jnp.array([r[1] for r in rows])],
                             jnp.array([r[2] for r in rows]), jnp.array([r[3] for r in rows])))
-        use = np.asarray(jax.vmap(lambda th, key: losses.distillm_use_student_output(
-            losses.DistiLLMSchedule(th, jnp.float32(0), jnp.bool_(True)), key, 50, 1000, total_steps=100,
+        use = np.asarray(jax.vmap(lambda th, key: methods.distillm_use_student_output(
+            methods.DistiLLMSchedule(th, jnp.float32(0), jnp.bool_(True)), key, 50, 1000, total_steps=100,
             replay_ratio=ratio))(jnp.array([r[0] for r in rows], jnp.float32), keys[jnp.array([r[1] for r in rows])]))
         for (p, k, step, buf), source, student in zip(rows, got, use):
             r = float(uniforms[k])
             official = OfficialAdaptive(p, 0.0)
             assert source == official.branch(r, step, 100, buf, replay_ratio=ratio), (p, step, buf, ratio)
-            assert student == (official.branch(r, 50, 100, 1000, replay_ratio=ratio) != losses.DISTILLM_DATASET)
-    fresh, p = losses.distillm_sampling_thresholds(losses.distillm_schedule_init(0.5), 25, total_steps=100)
+            assert student == (official.branch(r, 50, 100, 1000, replay_ratio=ratio) != methods.DISTILLM_DATASET)
+    fresh, p = methods.distillm_sampling_thresholds(methods.distillm_schedule_init(0.5), 25, total_steps=100)
     assert float(fresh) == pytest.approx(0.375) and float(p) == pytest.approx(0.5)
 
 
 def test_distillm_bad_arguments_raise():
-    state = losses.distillm_schedule_init(0.1, 1.0)
+    state = methods.distillm_schedule_init(0.1, 1.0)
     key = jax.random.PRNGKey(0)
     for bad, match in [
-        (lambda: losses.distillm_schedule_init(1.5), "init_threshold must lie"),
-        (lambda: losses.distillm_schedule_init(0.0, "2.0"), "initial_validation_loss must be a number"),
-        (lambda: losses.distillm_schedule_update(state, 1.0, step_size=0.0), "step_size"),
-        (lambda: losses.distillm_data_source(state, key, 1, 0, total_steps=0), "total_steps"),
-        (lambda: losses.distillm_data_source(state, key, 1, 0, total_steps=10, capacity=0), "capacity"),
-        (lambda: losses.distillm_data_source(state, key, 1, 0, total_steps=10, replay_ratio="random"), "replay_ratio"),
+        (lambda: methods.distillm_schedule_init(1.5), "init_threshold must lie"),
+        (lambda: methods.distillm_schedule_init(0.0, "2.0"), "initial_validation_loss must be a number"),
+        (lambda: methods.distillm_schedule_update(state, 1.0, step_size=0.0), "step_size"),
+        (lambda: methods.distillm_data_source(state, key, 1, 0, total_steps=0), "total_steps"),
+        (lambda: methods.distillm_data_source(state, key, 1, 0, total_steps=10, capacity=0), "capacity"),
+        (lambda: methods.distillm_data_source(state, key, 1, 0, total_steps=10, replay_ratio="random"), "replay_ratio"),
     ]:
         with pytest.raises(ValueError, match=match):
             bad()

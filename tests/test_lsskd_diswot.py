@@ -8,6 +8,7 @@ import pytest
 
 import jaxkd
 from jaxkd import losses, methods, models
+from jaxkd.methods.feature.lsskd import rotated_copies
 from tests.helpers import NUM_CLASSES, tiny_conv_models, tiny_image_batch
 
 
@@ -207,12 +208,12 @@ def test_lsskd_rotation_errors():
     with pytest.raises(ValueError, match="rotations"):
         methods.lsskd(rotations="yes")
     with pytest.raises(ValueError, match="square"):
-        methods.rotated_copies(np.zeros((2, 4, 6, 1)))
+        rotated_copies(np.zeros((2, 4, 6, 1)))
 
 
 def test_rotated_copies_rotate_nhwc_images():
     x = np.arange(2 * 3 * 3 * 2, dtype=np.float32).reshape(2, 3, 3, 2)
-    r = np.asarray(methods.rotated_copies(x))
+    r = np.asarray(rotated_copies(x))
     assert r.shape == (4, 2, 3, 3, 2)
     n = 3
     for b in range(2):

@@ -68,7 +68,7 @@ def test_class_means_and_teacher_class_means():
     rng = np.random.default_rng(3)
     f, y = rng.normal(size=(9, 3)), np.array([0, 1, 1, 2, 0, 0, 2, 1, 1])
     ref = np.stack([f[y == k].mean(0) for k in range(3)] + [np.zeros(3)])
-    np.testing.assert_allclose(losses.class_means(f, y, 4), ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(methods.class_means(f, y, 4), ref, rtol=1e-5, atol=1e-7)
     teacher, _ = tiny_conv_models()
     b1, b2 = tiny_image_batch(seed=0), tiny_image_batch(seed=1)
     tvars = teacher.init(jax.random.PRNGKey(1), b1["image"])
@@ -76,7 +76,7 @@ def test_class_means_and_teacher_class_means():
     feats = [teacher.apply(tvars, b["image"], train=False).features["pooled"] for b in (b1, b2)]
     all_f = np.concatenate([feats[0], np.asarray(feats[1])[:5]])
     all_y = np.concatenate([b1["label"], b2["label"][:5]])
-    np.testing.assert_allclose(means, losses.class_means(all_f, all_y, NUM_CLASSES), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(means, methods.class_means(all_f, all_y, NUM_CLASSES), rtol=1e-4, atol=1e-5)
 
 
 def test_nd_errors():
@@ -114,7 +114,7 @@ def test_ofa_and_nd_train_a_cnn_student_from_a_token_teacher():
     batch = tiny_image_batch()
     tvars = teacher.init(jax.random.PRNGKey(1), batch["image"])
     t_pooled = teacher.apply(tvars, batch["image"], train=False).features["pooled"]
-    means = losses.class_means(t_pooled, batch["label"], NUM_CLASSES)
+    means = methods.class_means(t_pooled, batch["label"], NUM_CLASSES)
     method = methods.ce() + methods.ofa() + 2.0 * methods.nd(class_means=means)
     state = jaxkd.create(student=student, teacher=teacher, teacher_variables=tvars, method=method,
                          tx=optax.sgd(0.05, momentum=0.9), sample_batch=batch, rng=jax.random.PRNGKey(0))

@@ -27,7 +27,7 @@ CONV_BATCH = tiny_image_batch(batch_size=8)
 def lelp_projections_file(tmp_path, teacher, teacher_vars, batch) -> str:
     """LELP's projections (computed once from the teacher's embeddings) as the .npy a spec names."""
     out = teacher.apply(teacher_vars, batch["image"], train=False)
-    projections = losses.lelp_projections(np.asarray(out.features["pooled"]), batch["label"], num_classes=NUM_CLASSES,
+    projections = methods.lelp_projections(np.asarray(out.features["pooled"]), batch["label"], num_classes=NUM_CLASSES,
                                           subclasses=2)
     path = tmp_path / "lelp.npy"
     np.save(path, projections)

@@ -58,7 +58,7 @@ def test_bad_arguments_raise():
         (lambda: losses.taid(z, z, t=1.5), "t must lie"),
         (lambda: losses.taid(z, z, t="0.5"), "t must be a number"),
         (lambda: losses.taid(z, np.zeros((2, 4)), t=0.5), "number of classes"),
-        (lambda: losses.taid_update(losses.taid_init_state(0.4), 1.0, 0, total_steps=0), "total_steps"),
+        (lambda: methods.taid_update(methods.taid_init_state(0.4), 1.0, 0, total_steps=0), "total_steps"),
         (lambda: methods.taid(total_steps=10, t_start=0.8, t_end=0.5), "t_end"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -80,10 +80,10 @@ def reference_taid_updates(losses_seen, steps, total, t0=0.4, t1=1.0, a=5e-4, b=
 def test_update_rule_matches_the_official_one():
     rng = np.random.default_rng(0)
     js = list(np.cumprod(1 - 0.05 * rng.random(30)) * 3.0)  # a decreasing loss
-    state = losses.taid_init_state(0.4)
+    state = methods.taid_init_state(0.4)
     got = []
     for step, j in enumerate(js):
-        state = losses.taid_update(state, j, step, total_steps=1000, alpha=0.05)
+        state = methods.taid_update(state, j, step, total_steps=1000, alpha=0.05)
         got.append(float(state.t))
     np.testing.assert_allclose(got, reference_taid_updates(js, range(30), 1000, a=0.05), rtol=1e-5)
     assert got[0] == pytest.approx(0.4) and got[-1] > got[1]
@@ -100,6 +100,6 @@ def test_t_is_carried_in_the_method_state_and_never_below_the_linear_schedule():
     for _ in range(10):
         state, metrics = step(state, batch)
         ts.append(float(metrics["taid/t"]))
-    assert isinstance(state.method_vars.state["taid"], losses.TAIDState)
+    assert isinstance(state.method_vars.state["taid"], methods.TAIDState)
     assert ts[0] == pytest.approx(0.4) and all(b >= a for a, b in zip(ts, ts[1:]))
     assert float(state.method_vars.state["taid"].t) >= 0.4 + 0.6 * 9 / 20 - 1e-6

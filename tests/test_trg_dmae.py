@@ -8,6 +8,7 @@ import pytest
 
 import jaxkd
 from jaxkd import losses, methods
+from jaxkd.methods.feature.dmae import random_patch_mask
 from tests.helpers import tiny_conv_models, tiny_image_batch
 
 
@@ -101,10 +102,10 @@ def test_dmae_matches_reference():
 
 
 def test_random_patch_mask_keeps_the_official_count():
-    visible = methods.random_patch_mask(jax.random.PRNGKey(0), 5, (4, 4), 0.75)
+    visible = random_patch_mask(jax.random.PRNGKey(0), 5, (4, 4), 0.75)
     assert visible.shape == (5, 4, 4)
     np.testing.assert_array_equal(np.asarray(visible).sum((1, 2)), 4)  # int(16 * 0.25)
-    other = methods.random_patch_mask(jax.random.PRNGKey(1), 5, (4, 4), 0.75)
+    other = random_patch_mask(jax.random.PRNGKey(1), 5, (4, 4), 0.75)
     assert not np.array_equal(np.asarray(visible), np.asarray(other))
 
 
@@ -198,7 +199,7 @@ def test_dmae_teacher_sees_the_masked_input():
     inputs = _dmae_inputs(student, teacher, svars, tvars, batch)
     rng = jax.random.PRNGKey(7)
     # patch 4 on 8x8 images: a 2x2 patch grid, the resolution of stage3's maps
-    visible = np.asarray(methods.random_patch_mask(rng, 4, (2, 2), 0.5))
+    visible = np.asarray(random_patch_mask(rng, 4, (2, 2), 0.5))
     assert visible.sum() == 4 * 2
     pixels = np.repeat(np.repeat(visible, 4, axis=1), 4, axis=2)[..., None]
     masked = np.where(pixels, x, 0.0).astype(np.float32)

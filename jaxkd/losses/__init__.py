@@ -10,6 +10,11 @@ target's), :mod:`~jaxkd.losses.feature` (intermediate features), :mod:`~jaxkd.lo
 objectives) and :mod:`~jaxkd.losses.fusion` (several models into one target). Every public name of every
 module (its ``__all__``) is exported here, so a new loss is one new file, ``jaxkd/losses/<family>/<method>.py``,
 named after the method it implements.
+
+What is here: objectives, the pieces an objective is built from (``dkd_terms``, ``crd_scores``,
+``sinkhorn_plan``), and the helpers a new loss is written with. What a method carries across steps (TAID's
+``t``, DistiLLM's schedule, CRD's memory-bank update) and what is computed once on the host before training
+(ND's class means, LELP's projections) lives with its method in :mod:`jaxkd.methods`.
 """
 
 from jaxkd._packages import export_modules, renamed_attributes

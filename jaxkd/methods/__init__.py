@@ -5,6 +5,11 @@ The folders are the families, as in :mod:`jaxkd.losses`: :mod:`~jaxkd.methods.lo
 defines methods registers them (:func:`register`) and lists them in its ``__all__``; all of them are imported
 and exported here, so a new method is its own file ``jaxkd/methods/<family>/<method>.py`` (next to its loss,
 ``jaxkd/losses/<family>/<method>.py``) with one registration line — no list to edit.
+
+What is here: the method protocol and composition (:mod:`jaxkd.methods.base`), every registered factory, the
+helpers a new method is written with (features by name, connectors sized from shapes), and each method's
+state types and host-side precomputes (``teacher_class_means``, ``cache_teacher_log_probs``). The Flax modules
+and helpers one method uses internally stay in its module.
 """
 
 from jaxkd._packages import export_modules, renamed_attributes

@@ -9,13 +9,12 @@ normalization constants ``Z`` and the negative sampling live in the method
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from jaxkd.checks import check_in_range, check_int, check_positive, check_temperature
+from jaxkd.checks import check_int, check_positive, check_temperature
 from jaxkd.losses.core import Array, per_example_loss, to_float
 
-__all__ = ["crd", "crd_memory_update", "crd_nce", "crd_partition_constant", "crd_scores"]
+__all__ = ["crd", "crd_nce", "crd_partition_constant", "crd_scores"]
 
 #: ``eps`` of RepDistiller's ``ContrastLoss``.
 NCE_EPS = 1e-7
@@ -121,27 +120,3 @@ def crd_partition_constant(scores: Array, num_examples: int, mask: Array | None 
     w = jnp.asarray(mask, scores.dtype)[:, None] * jnp.ones_like(scores)
     total = jnp.sum(jnp.where(w > 0, scores, 0.0))
     return total / jnp.maximum(jnp.sum(w), 1.0) * num_examples
-
-
-def crd_memory_update(
-    memory: Array, embedding: Array, indices: Array, *, momentum: float = 0.5, mask: Array | None = None
-) -> Array:
-    """The bank after RepDistiller's write: ``memory[y] = normalize(momentum·memory[y] + (1 − momentum)·e)``
-    at each example's own index ``y``; masked examples (padding) write nothing. Gradient-free (the
-    official code writes under ``torch.no_grad``)."""
-    check_in_range("momentum", momentum, 0.0, 1.0)
-    memory_dtype = jnp.result_type(memory)
-    memory = jax.lax.stop_gradient(to_float(memory))
-    e = jax.lax.stop_gradient(to_float(embedding))
-    indices = jnp.asarray(indices)
-    if e.ndim != 2 or indices.shape != e.shape[:1] or memory.ndim != 2 or memory.shape[1] != e.shape[1]:
-        raise ValueError(
-            f"crd_memory_update takes memory [N, D], embedding [B, D] and indices [B], got shapes {memory.shape}, "
-            f"{e.shape} and {indices.shape}"
-        )
-    mixed = momentum * memory[indices] + (1.0 - momentum) * e
-    updated = mixed / jnp.sqrt(jnp.sum(mixed * mixed, axis=-1, keepdims=True))
-    if mask is not None:
-        # An index past the end is dropped: a masked example writes nothing.
-        indices = jnp.where(jnp.asarray(mask, bool), indices, memory.shape[0])
-    return memory.at[indices].set(updated, mode="drop").astype(memory_dtype)

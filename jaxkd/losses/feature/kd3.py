@@ -10,7 +10,7 @@ every choice the abstract leaves open is stated where it is made. The paper's th
 MixDistribution contrastive block ("generate perturbed data with a new distribution for instance
 alignment, so that the student network can further learn a distribution-invariant representation"),
 is :func:`kd3_instance_alignment` (the contrastive instance alignment) together with
-:func:`jaxkd.methods.mix_distribution` (the perturbation, applied by the ``kd3`` method); the paper's
+:func:`jaxkd.methods.feature.kd3.mix_distribution` (the perturbation, applied by the ``kd3`` method); the paper's
 full text was not reachable, so both are this implementation's reading of the abstract (MixStyle-like
 statistics mixing, InfoNCE alignment), as stated there.
 """
@@ -116,7 +116,7 @@ def kd3_instance_alignment(student_embedding: Array, teacher_embedding: Array, *
     over the ``N`` valid examples (``i`` and ``j`` both run over them; the positive of the student's
     ``s_i`` is the teacher's ``t_i`` of the same instance, the other instances of the batch are the
     negatives). The perturbed input — the original instance with a new distribution — is made by
-    :func:`jaxkd.methods.mix_distribution` inside the ``kd3`` method; aligning its student embedding with
+    :func:`jaxkd.methods.feature.kd3.mix_distribution` inside the ``kd3`` method; aligning its student embedding with
     the teacher's clean one is what makes the student's representation distribution-invariant.
 
     The abstract names a "contrastive learning block called MixDistribution" for "instance alignment" but

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.checks import check_int, check_label_values
+from jaxkd.checks import check_label_values
 from jaxkd.losses.core import Array, l2_normalize, per_example_loss, safe_sqrt, to_float
 
-__all__ = ["class_means", "nd"]
+__all__ = ["nd"]
 
 
 @per_example_loss
@@ -54,23 +53,3 @@ def nd(student_embedding: Array, teacher_embedding: Array, labels: Array, class_
     projection = jnp.sum(s * direction, axis=-1)
     value = 1.0 - projection / jnp.where(scale > 0, scale, 1.0)
     return jnp.where(valid, value, jnp.nan)
-
-
-def class_means(features: Array, labels: Array, num_classes: int, *, mask: Array | None = None) -> Array:
-    """The mean feature of each class, ``[K, D]``: ``c_k = Σ_{i: y_i = k} f_i / |{i: y_i = k}|`` (0 for a class
-    without examples). ``features`` ``[N, ...]`` are flattened to ``[N, D]``; ``mask`` (boolean ``[N]``)
-    leaves out padding. The ND paper's class centers (the official ``emb_fea_distribution.py`` averages the
-    trained teacher's embeddings of the whole training set, in eval mode); to accumulate over batches, use
-    :func:`jaxkd.methods.teacher_class_means`.
-    """
-    num_classes = check_int("num_classes", num_classes, low=1)
-    f = to_float(features)
-    f = f.reshape(f.shape[0], -1)
-    if np.shape(labels) != f.shape[:1]:
-        raise ValueError(f"labels must have shape {f.shape[:1]}, got {np.shape(labels)}")
-    check_label_values(labels, num_classes)
-    w = jnp.ones(f.shape[:1], f.dtype) if mask is None else jnp.asarray(mask, f.dtype)
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=f.dtype) * w[:, None]
-    sums = one_hot.T @ f
-    counts = jnp.sum(one_hot, axis=0)
-    return sums / jnp.maximum(counts, 1.0)[:, None]

@@ -7,24 +7,10 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.checks import check_choice, check_nonnegative, check_same_logits, check_temperature
+from jaxkd.checks import check_choice, check_same_logits, check_teacher_weights, check_temperature
 from jaxkd.losses.core import Array, kl_from_log_probs, log_softmax, masked_logsumexp, per_example_loss
 
-__all__ = ["check_teacher_weights", "multi_teacher_kd"]
-
-
-def check_teacher_weights(num_teachers: int, weights: Sequence[float] | None) -> np.ndarray:
-    """``teacher_weights`` checked (one finite number ``>= 0`` per teacher, not all zero), or ``1/K`` each."""
-    if weights is None:
-        return np.full((num_teachers,), 1.0 / num_teachers)
-    weights = list(weights)
-    for i, w in enumerate(weights):
-        check_nonnegative(f"teacher_weights[{i}]", w)
-    if len(weights) != num_teachers:
-        raise ValueError(f"teacher_weights has {len(weights)} entries for {num_teachers} teachers")
-    if not sum(weights) > 0:
-        raise ValueError(f"at least one teacher weight must be positive, got teacher_weights={weights}")
-    return np.asarray(weights, np.float64)
+__all__ = ["multi_teacher_kd"]
 
 
 @per_example_loss

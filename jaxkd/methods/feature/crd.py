@@ -10,12 +10,13 @@ import numpy as np
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
+from jaxkd.losses.core import Array, to_float
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, require
 from jaxkd.methods.feature.connectors import LinearEmbed
 from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
 
-__all__ = ["crd"]
+__all__ = ["crd", "crd_memory_update"]
 
 
 def _class_tables(labels: Any, num_examples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -85,7 +86,7 @@ def crd(
     ``s = 1/√(feat_dim/3)``): for each example, its own bank row (the positive, at the dataset index
     ``batch[index_key]``) and ``nce_k`` negatives drawn with the method's rng. ``Z_s``, ``Z_t`` are set
     on the first step to ``mean(exp(scores/T))·N`` and then frozen (state). After each forward pass the
-    banks are written at the positives (:func:`jaxkd.losses.crd_memory_update`, momentum ``nce_m``);
+    banks are written at the positives (:func:`jaxkd.methods.crd_memory_update`, momentum ``nce_m``);
     masked (padding) examples neither count in the loss or ``Z`` nor write into the banks.
 
     Args:
@@ -162,8 +163,8 @@ def crd(
         value = losses.crd(e_s, e_t, rows_s, rows_t, z_student=z_s, z_teacher=z_t, num_examples=num_examples,
                            temperature=nce_t, mask=mask)
         new_state = {
-            "memory_student": losses.crd_memory_update(state["memory_student"], e_s, index, momentum=nce_m, mask=mask),
-            "memory_teacher": losses.crd_memory_update(state["memory_teacher"], e_t, index, momentum=nce_m, mask=mask),
+            "memory_student": crd_memory_update(state["memory_student"], e_s, index, momentum=nce_m, mask=mask),
+            "memory_teacher": crd_memory_update(state["memory_teacher"], e_t, index, momentum=nce_m, mask=mask),
             "z_student": z_s,
             "z_teacher": z_t,
         }
@@ -171,3 +172,27 @@ def crd(
 
     return Method(name=name, loss=loss, init=init, weight=weight,
                   needs=Needs(participants=("teacher",), batch_keys=(index_key,)))
+
+
+def crd_memory_update(
+    memory: Array, embedding: Array, indices: Array, *, momentum: float = 0.5, mask: Array | None = None
+) -> Array:
+    """The bank after RepDistiller's write: ``memory[y] = normalize(momentum·memory[y] + (1 − momentum)·e)``
+    at each example's own index ``y``; masked examples (padding) write nothing. Gradient-free (the
+    official code writes under ``torch.no_grad``)."""
+    check_in_range("momentum", momentum, 0.0, 1.0)
+    memory_dtype = jnp.result_type(memory)
+    memory = jax.lax.stop_gradient(to_float(memory))
+    e = jax.lax.stop_gradient(to_float(embedding))
+    indices = jnp.asarray(indices)
+    if e.ndim != 2 or indices.shape != e.shape[:1] or memory.ndim != 2 or memory.shape[1] != e.shape[1]:
+        raise ValueError(
+            f"crd_memory_update takes memory [N, D], embedding [B, D] and indices [B], got shapes {memory.shape}, "
+            f"{e.shape} and {indices.shape}"
+        )
+    mixed = momentum * memory[indices] + (1.0 - momentum) * e
+    updated = mixed / jnp.sqrt(jnp.sum(mixed * mixed, axis=-1, keepdims=True))
+    if mask is not None:
+        # An index past the end is dropped: a masked example writes nothing.
+        indices = jnp.where(jnp.asarray(mask, bool), indices, memory.shape[0])
+    return memory.at[indices].set(updated, mode="drop").astype(memory_dtype)

@@ -13,7 +13,7 @@ from jaxkd.methods.features import apply_participant, module_apply, module_init,
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
 
-__all__ = ["dmae", "random_patch_mask"]
+__all__ = ["dmae"]
 
 
 def random_patch_mask(rng: jax.Array, batch: int, grid: tuple[int, int], mask_ratio: float) -> jax.Array:

@@ -19,7 +19,7 @@ from jaxkd.methods.registry import register
 from jaxkd.methods.feature.vid import match_spatial
 from jaxkd.models.cifar_resnet import batch_norm
 
-__all__ = ["Paraphraser", "Translator", "factor_transfer"]
+__all__ = ["factor_transfer"]
 
 # PyTorch's ConvTranspose2d computes its default init's fan-in from weight.size(1) = out_channels:
 # U(±1/√(out·k·k)); Flax's fan_out of a (k, k, in, out) kernel is that number.

@@ -11,7 +11,7 @@ from jaxkd.methods.features import feature_method
 from jaxkd.methods.registry import register
 from jaxkd.models.cifar_resnet import batch_norm
 
-__all__ = ["ICKDEmbed", "ickd"]
+__all__ = ["ickd"]
 
 _torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 

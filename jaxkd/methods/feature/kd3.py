@@ -18,7 +18,7 @@ from jaxkd.methods.features import (
 )
 from jaxkd.models.base import get_feature
 
-__all__ = ["kd3", "mix_distribution"]
+__all__ = ["kd3"]
 
 
 def _random_partners(rng: jax.Array, batch: int, mask) -> jax.Array:

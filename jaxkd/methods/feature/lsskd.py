@@ -16,7 +16,7 @@ from jaxkd.methods.feature.ofa import _stage_names, apply_heads, branch_heads, i
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
 
-__all__ = ["lsskd", "rotated_copies"]
+__all__ = ["lsskd"]
 
 #: The self-supervised transformations: rotations by k·90°, k = 0..3 (SLA's and HSAKD's).
 NUM_ROTATIONS = 4

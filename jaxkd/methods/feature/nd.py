@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import losses
-from jaxkd.checks import check_int
+from jaxkd.checks import check_int, check_label_values
+from jaxkd.losses.core import Array, to_float
 from jaxkd.inference import reduce_batches
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import LinearConnector
@@ -18,7 +19,7 @@ from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
 from jaxkd.participants import Participant
 
-__all__ = ["nd", "teacher_class_means"]
+__all__ = ["class_means", "nd", "teacher_class_means"]
 
 
 def teacher_class_means(
@@ -51,7 +52,7 @@ def teacher_class_means(
     def checked(batch):
         labels = np.asarray(batch[label_key])
         valid = np.asarray(batch[mask_key], bool) if mask_key in batch else np.ones(labels.shape, bool)
-        losses.class_means(np.zeros((labels.shape[0], 1), np.float32), labels, num_classes, mask=valid)  # label checks
+        class_means(np.zeros((labels.shape[0], 1), np.float32), labels, num_classes, mask=valid)  # label checks
         return {input_key: batch[input_key], label_key: labels, "_valid": valid}
 
     try:
@@ -67,7 +68,7 @@ def teacher_class_means(
 @register(
     "nd",
     paper="Wang et al., *Improving Knowledge Distillation via Regularizing Feature Norm and Direction*, 2023",
-    losses=("nd", "class_means"),
+    losses=("nd",),
 )
 def nd(
     *,
@@ -81,7 +82,7 @@ def nd(
     embedding ``s``, the teacher's ``t`` and the teacher's class mean ``c_y`` of the label.
 
     ``class_means`` (``[K, D]``, computed once: :func:`teacher_class_means` over the training set, or
-    :func:`jaxkd.losses.class_means`; or the path of a ``.npy`` file holding it, for method specs) is held as
+    :func:`jaxkd.methods.class_means`; or the path of a ``.npy`` file holding it, for method specs) is held as
     method state (saved with checkpoints). With ``class_means=None`` (the default) they are computed in the
     step instead: the state accumulates, per class, the sum and count of the frozen teacher's embeddings of
     every (unmasked, labeled) training example seen, and the loss uses their running mean (the batch's own
@@ -149,3 +150,23 @@ def nd(
         return value, LossAux({}, state)
 
     return Method(name=name, loss=loss, init=init, weight=weight, needs=Needs(participants=("teacher",), labels=True))
+
+
+def class_means(features: Array, labels: Array, num_classes: int, *, mask: Array | None = None) -> Array:
+    """The mean feature of each class, ``[K, D]``: ``c_k = Σ_{i: y_i = k} f_i / |{i: y_i = k}|`` (0 for a class
+    without examples). ``features`` ``[N, ...]`` are flattened to ``[N, D]``; ``mask`` (boolean ``[N]``)
+    leaves out padding. The ND paper's class centers (the official ``emb_fea_distribution.py`` averages the
+    trained teacher's embeddings of the whole training set, in eval mode); to accumulate over batches, use
+    :func:`jaxkd.methods.teacher_class_means`.
+    """
+    num_classes = check_int("num_classes", num_classes, low=1)
+    f = to_float(features)
+    f = f.reshape(f.shape[0], -1)
+    if np.shape(labels) != f.shape[:1]:
+        raise ValueError(f"labels must have shape {f.shape[:1]}, got {np.shape(labels)}")
+    check_label_values(labels, num_classes)
+    w = jnp.ones(f.shape[:1], f.dtype) if mask is None else jnp.asarray(mask, f.dtype)
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=f.dtype) * w[:, None]
+    sums = one_hot.T @ f
+    counts = jnp.sum(one_hot, axis=0)
+    return sums / jnp.maximum(counts, 1.0)[:, None]

@@ -17,7 +17,7 @@ from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import get_feature
 from jaxkd.models.cifar_resnet import batch_norm
 
-__all__ = ["BranchHead", "ofa"]
+__all__ = ["ofa"]
 
 # The official init (``distillers/utils.py: init_weights``): kaiming-normal (fan_out, ReLU) convolutions,
 # truncated-normal (std 0.02) linear weights with zero biases.

@@ -18,7 +18,7 @@ from jaxkd.methods.features import (
 )
 from jaxkd.models.cifar_resnet import batch_norm, conv_init
 
-__all__ = ["OFDConnector", "ofd"]
+__all__ = ["ofd"]
 
 
 class OFDConnector(nn.Module):

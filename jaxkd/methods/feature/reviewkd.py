@@ -16,7 +16,7 @@ from jaxkd.methods.features import module_apply, student_feature, teacher_featur
 from jaxkd.methods.registry import register
 from jaxkd.models.cifar_resnet import batch_norm
 
-__all__ = ["ABF", "ReviewKDFusion", "reviewkd"]
+__all__ = ["reviewkd"]
 
 # kaiming_uniform_(a=1): U(−√(3/fan_in), √(3/fan_in)); PyTorch's default Conv2d init for the attention conv.
 _kaiming_uniform_a1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")

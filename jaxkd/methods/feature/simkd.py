@@ -17,7 +17,7 @@ from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs, get_feature
 from jaxkd.models.cifar_resnet import batch_norm
 
-__all__ = ["SimKDProjector", "simkd"]
+__all__ = ["simkd"]
 
 # PyTorch's default Conv2d init (kaiming_uniform, a=√5): U(−1/√fan_in, 1/√fan_in).
 _torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")

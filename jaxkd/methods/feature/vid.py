@@ -17,7 +17,7 @@ from jaxkd.methods.feature.connectors import _torch_kernel_init
 from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
 from jaxkd.methods.registry import register
 
-__all__ = ["VIDRegressor", "match_spatial", "vid"]
+__all__ = ["vid"]
 
 
 class VIDRegressor(nn.Module):

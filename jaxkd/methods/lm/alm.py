@@ -44,7 +44,7 @@ from jaxkd.methods.base import LossInputs, Method, Needs, Weight, require, state
 from jaxkd.methods.registry import register
 from jaxkd.models.base import Outputs
 
-__all__ = ["alm", "cache_teacher_log_probs", "lm_input", "student_input", "target_log_probs"]
+__all__ = ["alm", "cache_teacher_log_probs", "lm_input", "student_input"]
 
 _DIVERGENCES = ("binary_kl", "binary_ce", "reverse_binary_kl")
 #: The batch entry with the per-example share of the global chunk count (see jaxkd.data.text.cross_tokenizer).

@@ -25,8 +25,7 @@ from jaxkd.methods.features import participant_variables
 from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.models.base import Outputs
 
-__all__ = ["TOKENS_KEY", "TOKEN_DIVERGENCES", "lm_ce", "lm_targets", "output_projection_of", "sparse_token_kd", "token_divergence",
-           "token_kd"]
+__all__ = ["lm_ce", "sparse_token_kd", "token_kd"]
 
 #: The batch entry of token ids; the token mask is ``batch["mask"]`` ([B, T]).
 TOKENS_KEY = "tokens"

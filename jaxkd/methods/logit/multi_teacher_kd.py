@@ -7,7 +7,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.checks import check_choice, check_temperature
+from jaxkd.checks import check_choice, check_teacher_weights, check_temperature
 from jaxkd.methods.base import Method, Weight, check_roles, stateless_method
 from jaxkd.methods.registry import register
 
@@ -49,7 +49,7 @@ def multi_teacher_kd(
         check_roles(name, student, t)
     check_temperature("temperature", temperature)
     check_choice("target", target, ("losses", "mixture"))
-    w = losses.check_teacher_weights(len(teachers), teacher_weights)
+    w = check_teacher_weights(len(teachers), teacher_weights)
     if target == "mixture" and abs(w.sum() - 1.0) > 1e-6:
         raise ValueError(f"target='mixture' needs teacher_weights that sum to 1, got {tuple(w)}")
 
