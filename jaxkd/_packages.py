@@ -47,16 +47,22 @@ def export_modules(
     return exported
 
 
-def renamed_attributes(namespace: MutableMapping[str, Any], renamed: Mapping[str, str]):
+def renamed_attributes(namespace: MutableMapping[str, Any], renamed: Mapping[str, str],
+                       moved: Mapping[str, str] = {}):  # noqa: B006 - read only
     """A module ``__getattr__`` under which each former name in ``renamed`` (old -> new) still resolves to
-    the renamed object, with one ``FutureWarning`` naming the new name."""
+    the renamed object, and each name in ``moved`` (name -> the module it lives in now) to the moved one, with
+    one ``FutureWarning`` naming where it is now."""
     package = namespace["__name__"]
 
     def __getattr__(name: str):
         new = renamed.get(name)
-        if new is None:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        warnings.warn(f"{package}.{name} is deprecated: use {package}.{new}", FutureWarning, stacklevel=2)
-        return namespace[new]
+        if new is not None:
+            warnings.warn(f"{package}.{name} is deprecated: use {package}.{new}", FutureWarning, stacklevel=2)
+            return namespace[new]
+        home = moved.get(name)
+        if home is not None:
+            warnings.warn(f"{package}.{name} moved: use {home}.{name}", FutureWarning, stacklevel=2)
+            return getattr(importlib.import_module(home), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

@@ -135,3 +135,14 @@ def test_user_methods_register_by_name():
             methods.register("my_test_kd", lambda: None)
     finally:
         del methods.REGISTRY["my_test_kd"]
+
+
+def test_names_that_moved_out_of_losses_still_resolve_with_a_warning():
+    # Method state and host precomputes moved next to their method; the old address warns and still works.
+    with pytest.warns(FutureWarning, match=r"jaxkd.losses.taid_update moved: use jaxkd.methods.taid_update"):
+        assert jaxkd.losses.taid_update is methods.taid_update
+    with pytest.warns(FutureWarning, match="jaxkd.checks.check_teacher_weights"):
+        assert jaxkd.losses.check_teacher_weights is jaxkd.checks.check_teacher_weights
+    assert "taid_update" not in jaxkd.losses.__all__ and "taid_update" in methods.__all__
+    with pytest.raises(AttributeError, match="no attribute 'taid_updat'"):
+        jaxkd.losses.taid_updat

@@ -46,4 +46,14 @@ _RENAMED = {"nd_loss": "nd", "ofa_loss": "ofa", "swing_kd": "swing", "adpa_loss"
             # "normalizer" is a mean's denominator everywhere; CRD's Z is the NCE partition constant.
             "crd_normalizer": "crd_partition_constant"}
 
-__getattr__ = renamed_attributes(globals(), _RENAMED)
+#: Names that moved next to their method (state, schedules, host precomputes) or into :mod:`jaxkd.checks`.
+_MOVED = {
+    **dict.fromkeys(("TAIDState", "taid_init_state", "taid_update", "DistiLLMSchedule", "DISTILLM_DATASET",
+                     "DISTILLM_GENERATE", "DISTILLM_REPLAY", "distillm_schedule_init", "distillm_schedule_update",
+                     "distillm_sampling_thresholds", "distillm_data_source", "distillm_use_student_output",
+                     "crd_memory_update", "class_means", "lelp_projections", "lelp_projections_from_moments"),
+                    "jaxkd.methods"),
+    "check_teacher_weights": "jaxkd.checks",
+}
+
+__getattr__ = renamed_attributes(globals(), _RENAMED, _MOVED)
