@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd.checks import check_temperature
 
 Array = jax.Array
@@ -120,8 +121,8 @@ def _name(metric: str, student: str, teacher: str) -> str:
     return f"{student}_{teacher}_{metric}"
 
 
-def bits_per_byte(token_byte_lengths: Any, *, participant: str = "student", tokens_key: str = "tokens",
-                  mask_key: str = "mask") -> EvalMetric:
+def bits_per_byte(token_byte_lengths: Any, *, participant: str = "student", tokens_key: str = TOKENS,
+                  mask_key: str = MASK) -> EvalMetric:
     """A language model's next-token cross-entropy in bits per byte (``bpb``, ``<name>_bpb``): over the targets
     ``tokens[:, 1:]`` where both positions are real (``mask[:, 1:] & mask[:, :-1]``), the summed nats over
     ``ln 2`` divided by the bytes the targets stand for (``token_byte_lengths[id]`` each; 0 for specials)."""

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxkd.batch import IMAGE
 from jaxkd.models.base import Model
 
 PyTree = Any
@@ -61,7 +62,7 @@ class Participant:
     model: Model
     variables: PyTree | None = None
     trains: bool = True
-    input: Input = "image"
+    input: Input = IMAGE
     tx: optax.GradientTransformation | None = None
     rules: Any = None
 

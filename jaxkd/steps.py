@@ -33,8 +33,8 @@ from jaxkd import sharding as shd
 from jaxkd.checks import check_choice, check_int, check_label_values
 from jaxkd.eval_metrics import EvalMetric, EvalView, top1
 from jaxkd.losses.core import combine_masks
-from jaxkd.batch import is_normalizer_key
-from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, MethodVars, StepInfo, require
+from jaxkd.batch import LABELED, MASK, is_normalizer_key
+from jaxkd.methods.base import LossInputs, MethodVars, StepInfo, require
 from jaxkd.participants import STUDENT
 from jaxkd.train_state import ModelVariables, TrainState, check_sample_batch
 
@@ -92,7 +92,7 @@ def check_batch(state: TrainState, batch: Mapping[str, Any]) -> None:
         # checks them.
         check_label_values(np.empty((0,), labels.dtype), state.num_classes, name=name)
         return
-    flags = [np.asarray(batch[k], bool) for k in (MASK_KEY, LABELED_KEY) if k in batch]
+    flags = [np.asarray(batch[k], bool) for k in (MASK, LABELED) if k in batch]
     where = np.logical_and.reduce(flags) if flags else None
     check_label_values(np.asarray(labels), state.num_classes, where=where, name=name)
 
@@ -106,7 +106,7 @@ def _label_status(labels: jax.Array, valid: jax.Array | None, num_classes: int) 
 
 def _labels_and_mask(state: TrainState, batch: Mapping[str, jax.Array]):
     labels = batch.get(state.label_key)
-    valid = combine_masks(batch.get(MASK_KEY), batch.get(LABELED_KEY))
+    valid = combine_masks(batch.get(MASK), batch.get(LABELED))
     return labels, valid
 
 

@@ -36,10 +36,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jaxkd.batch import IMAGE, LABEL, LABELED, MASK
 from jaxkd import participants as parts_lib
 from jaxkd import sharding as shd
 from jaxkd.checks import check_image_scale
-from jaxkd.methods.base import LABELED_KEY, MASK_KEY, LossInputs, Method, MethodVars, Needs, as_chain
+from jaxkd.methods.base import LossInputs, Method, MethodVars, Needs, as_chain
 from jaxkd.models.base import Model, merge_variables, split_variables
 from jaxkd.participants import STUDENT, TEACHER, Participant
 
@@ -98,7 +99,7 @@ class TrainState(flax.struct.PyTreeNode):
     participants: tuple = flax.struct.field(pytree_node=False, default=())
     method: Method = flax.struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
-    label_key: str = flax.struct.field(pytree_node=False, default="label")
+    label_key: str = flax.struct.field(pytree_node=False, default=LABEL)
     num_classes: int = flax.struct.field(pytree_node=False, default=0)
     batch_spec: BatchSpec = flax.struct.field(pytree_node=False, default=BatchSpec())
 
@@ -186,7 +187,7 @@ def check_variables_match(variables: Mapping[str, PyTree], expected: PyTree, *, 
 
 
 def check_sample_batch(
-    batch: Mapping[str, Any], participants: Mapping[str, Participant], *, label_key: str = "label"
+    batch: Mapping[str, Any], participants: Mapping[str, Participant], *, label_key: str = LABEL
 ) -> int:
     """A mapping from which every participant's input can be read, with a leading example axis of size
     ``>= 1``; the labels and the ``"mask"`` / ``"labeled"`` flags have the student's number of examples.
@@ -204,7 +205,7 @@ def check_sample_batch(
             raise ValueError(f"the batch has no examples (participant {name!r}'s input has none)")
         if name == STUDENT:
             n = size
-    per_example = [k for k in (label_key, MASK_KEY, LABELED_KEY) if k in batch]
+    per_example = [k for k in (label_key, MASK, LABELED) if k in batch]
     different = {k: np.shape(batch[k]) for k in per_example if np.shape(batch[k])[:1] != (n,)}
     if different:
         raise ValueError(f"batch entries disagree on the number of examples: the student's input has {n}, but {different}")
@@ -269,8 +270,8 @@ def create(
     teacher_variables: Mapping[str, PyTree] | None = None,
     student_variables: Mapping[str, PyTree] | None = None,
     participants: Mapping[str, Participant] | None = None,
-    input_key: str = "image",
-    label_key: str = "label",
+    input_key: str = IMAGE,
+    label_key: str = LABEL,
     mesh: Mesh | None = None,
 ) -> TrainState:
     """Initializes the trained participants (unless given variables), the method and the optimizer.
@@ -317,7 +318,7 @@ def create(
 
 
 def check_needs(needs: Needs, parts: Mapping[str, Participant], sample_batch: Mapping[str, Any], *,
-                label_key: str = "label") -> None:
+                label_key: str = LABEL) -> None:
     """The method's :class:`~jaxkd.methods.base.Needs` against the participants and the sample batch: every batch
     entry it reads (the labels under ``label_key`` when it reads labels), every participant it reads, each
     one it trains created trainable. The errors name what is missing and list what there is."""
@@ -407,7 +408,7 @@ def plan(
     *,
     tx: optax.GradientTransformation,
     rng: jax.Array,
-    label_key: str = "label",
+    label_key: str = LABEL,
 ) -> Plan:
     """The first step of :func:`create`: checks the sample batch against the participants (their inputs, the
     image scale), the method's :class:`~jaxkd.methods.base.Needs` against both (:func:`check_needs`), and traces

@@ -17,8 +17,6 @@ from jaxkd._packages import export_modules, renamed_attributes
 #: The family folders, in the order the registry (and the README's method table) lists them.
 FAMILIES = ("logit", "feature", "lm", "fusion")
 from jaxkd.methods.base import (
-    LABELED_KEY,
-    MASK_KEY,
     LossAux,
     LossInputs,
     Method,
@@ -40,8 +38,6 @@ from jaxkd.methods.registry import ALIASES, REGISTRY, method_table, register
 from jaxkd.methods.spec import parse
 
 __all__ = [
-    "LABELED_KEY",
-    "MASK_KEY",
     "REGISTRY",
     "LossAux",
     "LossInputs",
@@ -75,4 +71,20 @@ __all__.sort()
 #: Former factory names (the registry's :data:`~jaxkd.methods.registry.ALIASES`, plus the AB connector).
 _RENAMED = {**ALIASES, "abound_connector": "activation_boundary_connector"}
 
-__getattr__ = renamed_attributes(globals(), _RENAMED)
+#: The batch key names live in :mod:`jaxkd.batch` (``MASK``, ``LABELED``).
+_MOVED_KEYS = {"MASK_KEY": "MASK", "LABELED_KEY": "LABELED"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED_KEYS:
+        import warnings
+
+        from jaxkd import batch
+
+        new = _MOVED_KEYS[name]
+        warnings.warn(f"jaxkd.methods.{name} is deprecated: use jaxkd.batch.{new}", FutureWarning, stacklevel=2)
+        return getattr(batch, new)
+    return _renamed(name)
+
+
+_renamed = renamed_attributes(globals(), _RENAMED)

@@ -43,7 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxkd import batch as batch_schema
+from jaxkd.batch import IMAGE, LABEL, LABELED, MASK
 from jaxkd.checks import check_nonnegative
 from jaxkd.losses.core import combine_masks
 from jaxkd.models.base import Outputs
@@ -53,8 +53,6 @@ Array = jax.Array
 PyTree = Any
 Weight = Union[float, Callable[[Array], Array]]
 
-#: The batch entries of valid examples and of labeled ones (:mod:`jaxkd.batch`), under their methods names.
-MASK_KEY, LABELED_KEY = batch_schema.MASK, batch_schema.LABELED
 #: Metric names the train step writes itself; no method may be named like them.
 RESERVED_NAMES = ("loss", "grad_norm", "accuracy", "skipped")
 
@@ -86,7 +84,7 @@ class LossInputs:
     step: Array
     variables: Mapping[str, PyTree] = flax.struct.field(default_factory=dict)
     participants: tuple = flax.struct.field(pytree_node=False, default=())
-    label_key: str = flax.struct.field(pytree_node=False, default="label")
+    label_key: str = flax.struct.field(pytree_node=False, default=LABEL)
 
     @classmethod
     def of(
@@ -98,8 +96,8 @@ class LossInputs:
         *,
         student_variables: PyTree = None,
         student_model: Any = None,
-        input_key: str = "image",
-        label_key: str = "label",
+        input_key: str = IMAGE,
+        label_key: str = LABEL,
         **others: Outputs,
     ) -> "LossInputs":
         """The inputs of a one-student, one-teacher step (tests, notebooks): ``others`` adds participants."""
@@ -161,12 +159,12 @@ class LossInputs:
     @property
     def example_mask(self) -> Array | None:
         """Which examples are real (``batch["mask"]``), or ``None`` when all are."""
-        return self.batch.get(MASK_KEY)
+        return self.batch.get(MASK)
 
     @property
     def labeled(self) -> Array | None:
         """Which examples carry a label (``batch["labeled"]``), or ``None`` when all do."""
-        return self.batch.get(LABELED_KEY)
+        return self.batch.get(LABELED)
 
     @property
     def label_mask(self) -> Array | None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxkd.batch import IMAGE, INDEX, LABEL, MASK
 from jaxkd.checks import check_choice, check_int
 from jaxkd.data.grain_loader import GrainLoader, Position
 from jaxkd.data.images.augmentation import AUGMENTATIONS, Augmentation, _apply, _draw
@@ -92,23 +93,23 @@ class _BatchMaker:
             rng = np.random.default_rng([self.seed, 1, epoch, step])
             draws = _draw(self.augment, real, rng, self.pad)
             images = _apply(images, draws.rows(lo, lo + local))
-        out = {"image": self.normalize(images), "label": self.labels[idx]}
+        out = {IMAGE: self.normalize(images), LABEL: self.labels[idx]}
         if self.with_index:
-            out["index"] = idx.astype(np.int32)
+            out[INDEX] = idx.astype(np.int32)
         if not self.drop_remainder:
             have = idx.shape[0]
             mask = np.zeros((local,), dtype=bool)
             mask[:have] = True
             if have < local:
-                out["image"] = np.concatenate(
-                    [out["image"], np.zeros((local - have, *images.shape[1:]), np.float32)]
+                out[IMAGE] = np.concatenate(
+                    [out[IMAGE], np.zeros((local - have, *images.shape[1:]), np.float32)]
                 )
-                out["label"] = np.concatenate(
-                    [out["label"], np.zeros((local - have,), np.int32)]
+                out[LABEL] = np.concatenate(
+                    [out[LABEL], np.zeros((local - have,), np.int32)]
                 )
                 if self.with_index:
-                    out["index"] = np.concatenate([out["index"], np.zeros((local - have,), np.int32)])
-            out["mask"] = mask
+                    out[INDEX] = np.concatenate([out[INDEX], np.zeros((local - have,), np.int32)])
+            out[MASK] = mask
         return out
 
     def __call__(self, index: int, _step_in_epoch: int) -> dict[str, np.ndarray]:

@@ -50,6 +50,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd.checks import check_int
 from jaxkd.data.text.bits_per_byte import count_byte_targets
 from jaxkd.data.text.tokenizer import Tokenizer, _as_bytes
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 #: The array entries of a :class:`ParallelText` row (and of every batch).
-PARALLEL_KEYS = ("tokens", "mask", "student_tokens", "student_mask", "alm_teacher_chunks", "alm_student_chunks",
+PARALLEL_KEYS = (TOKENS, MASK, "student_tokens", "student_mask", "alm_teacher_chunks", "alm_student_chunks",
                  "alm_chunk_mask")
 #: The batch entry holding the per-example share of the global chunk count (the ALM mean's denominator).
 ALM_CHUNK_NORMALIZER_KEY = "alm_chunk_normalizer"
@@ -353,7 +354,7 @@ class ParallelBatches:
         rows = self.epoch_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
         out = self.data.rows(rows)
         out.update({k: v[rows] for k, v in self.extra.items()})
-        out[TOKEN_NORMALIZER_KEY] = token_normalizer(out["mask"][:, 1:] & out["mask"][:, :-1])
+        out[TOKEN_NORMALIZER_KEY] = token_normalizer(out[MASK][:, 1:] & out[MASK][:, :-1])
         out[normalizer_key_of("student_tokens")] = token_normalizer(
             out["student_mask"][:, 1:] & out["student_mask"][:, :-1])
         # The chunk count has the token count's form: the per-example share of the global count.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxkd.batch import INDEX, MASK, TOKENS
 from jaxkd.checks import check_int
 from jaxkd.data.grain_loader import GrainLoader, Position
 from jaxkd.data.text.tokenizer import PAD_ID
@@ -55,11 +56,11 @@ class _TextBatchMaker:
         have = idx.shape[0]
         tokens = np.full((local, self.tokens.shape[1]), self.pad, np.int32)
         tokens[:have] = self.tokens[idx]
-        out = {"tokens": tokens, "mask": global_mask[lo : lo + local], TOKEN_NORMALIZER_KEY: share}
+        out = {TOKENS: tokens, MASK: global_mask[lo : lo + local], TOKEN_NORMALIZER_KEY: share}
         if self.with_index:
             index = np.zeros((local,), np.int32)
             index[:have] = idx
-            out["index"] = index
+            out[INDEX] = index
         if self.teacher_cache is not None:
             cache = self.teacher_cache
             teacher = cache.batch(idx)

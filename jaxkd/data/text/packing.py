@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd.checks import check_int
 from jaxkd.data.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -82,7 +83,7 @@ def pack_documents(
     tokens[: stream.shape[0]] = stream
     mask = np.zeros((rows * seq_len,), bool)
     mask[: stream.shape[0]] = True
-    return {"tokens": tokens.reshape(rows, seq_len), "mask": mask.reshape(rows, seq_len)}
+    return {TOKENS: tokens.reshape(rows, seq_len), MASK: mask.reshape(rows, seq_len)}
 
 
 
@@ -116,7 +117,7 @@ class PackedText:
         return int(self.tokens.shape[0])
 
     def keys(self):
-        return ("tokens", "mask")
+        return (TOKENS, MASK)
 
     def items(self):
         return self.as_dict().items()
@@ -125,4 +126,4 @@ class PackedText:
         return self.as_dict()[key]
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokens, "mask": self.mask}
+        return {TOKENS: self.tokens, MASK: self.mask}

@@ -62,6 +62,7 @@ import sysconfig
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd.checks import check_int
 from jaxkd.data.text.bits_per_byte import count_byte_targets
 from jaxkd.data.text.packing import PackedText, pack_documents
@@ -414,10 +415,10 @@ def stdlib_corpus_sequences(
         docs, seq_len, bos=tokenizer.bos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id
     )
     return PackedText(
-        tokens=packed["tokens"],
-        mask=packed["mask"],
+        tokens=packed[TOKENS],
+        mask=packed[MASK],
         num_byte_targets=count_byte_targets(
-            packed["tokens"], packed["mask"], tokenizer.token_byte_lengths
+            packed[TOKENS], packed[MASK], tokenizer.token_byte_lengths
         ),
         num_documents=len(files),
         num_text_bytes=int(sum(len(text) for _, text in files)),

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd.checks import check_choice, check_int
 
 __all__ = ["TopKCache", "cache_teacher_topk", "topk_tail_mass", "write_topk_cache"]
@@ -380,13 +381,13 @@ def cache_teacher_topk(
     def topk(outputs, batch):
         return topk_teacher(outputs.logits, k, temperature=temperature)
 
-    vocab_size = int(jax.eval_shape(lambda: model.apply(variables, {"tokens": tokens[:1], "mask": mask[:1]},
+    vocab_size = int(jax.eval_shape(lambda: model.apply(variables, {TOKENS: tokens[:1], MASK: mask[:1]},
                                                         train=False).logits).shape[-1])
-    teacher = Participant(model, variables, trains=False, input=("tokens", "mask"))
+    teacher = Participant(model, variables, trains=False, input=(TOKENS, MASK))
 
     def records():
         n = tokens.shape[0]
-        batches = ({"tokens": tokens[i:i + batch_size], "mask": mask[i:i + batch_size]} for i in range(0, n, batch_size))
+        batches = ({TOKENS: tokens[i:i + batch_size], MASK: mask[i:i + batch_size]} for i in range(0, n, batch_size))
         start = 0
         for indices, log_probs in map_batches(teacher, batches, topk, name="teacher"):
             for j in range(indices.shape[0]):

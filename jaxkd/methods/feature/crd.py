@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.batch import INDEX
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
 from jaxkd.losses.core import Array, to_float
@@ -73,7 +74,7 @@ def crd(
     labels: Sequence[int] | None = None,
     student_feature_name: str = "pooled",
     teacher_feature_name: str = "pooled",
-    index_key: str = "index",
+    index_key: str = INDEX,
     weight: Weight = 1.0,
     name: str = "crd",
 ) -> Method:

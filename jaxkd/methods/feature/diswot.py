@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxkd.batch import IMAGE, LABEL
 from jaxkd import losses
 from jaxkd.checks import check_nonnegative
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
@@ -80,8 +81,8 @@ def diswot_rank(
     feature: str = "stage3",
     embedding: str = "pooled",
     semantic: bool = True,
-    input_key: str = "image",
-    label_key: str = "label",
+    input_key: str = IMAGE,
+    label_key: str = LABEL,
 ) -> list[tuple[str, float]]:
     """DisWOT's training-free student search step: scores every candidate student for ``teacher`` on one
     batch and returns ``[(name, score), ...]`` best first (:func:`jaxkd.losses.diswot_score`; ties keep the

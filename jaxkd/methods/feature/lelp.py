@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.batch import IMAGE, LABEL, MASK
 from jaxkd import losses
 from jaxkd.checks import check_int, check_temperature
 from jaxkd.inference import map_batches
@@ -32,9 +33,9 @@ def teacher_lelp_projections(
     subclasses: int = 4,
     feature: str = "pooled",
     classifier: str | None = "fc",
-    input_key: str = "image",
-    label_key: str = "label",
-    mask_key: str = "mask",
+    input_key: str = IMAGE,
+    label_key: str = LABEL,
+    mask_key: str = MASK,
 ) -> np.ndarray:
     """The teacher's LELP projections ``[K, S, D + 1]`` over a dataset, for :func:`lelp`.
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.batch import IMAGE, LABEL, MASK
 from jaxkd import losses
 from jaxkd.checks import check_int, check_label_values
 from jaxkd.losses.core import Array, to_float
@@ -29,9 +30,9 @@ def teacher_class_means(
     *,
     num_classes: int,
     feature: str = "pooled",
-    input_key: str = "image",
-    label_key: str = "label",
-    mask_key: str = "mask",
+    input_key: str = IMAGE,
+    label_key: str = LABEL,
+    mask_key: str = MASK,
 ) -> jax.Array:
     """The teacher's class-mean features over a dataset, ``[K, D]``, for :func:`nd`.
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd import losses
 from jaxkd.inference import map_rows
 from jaxkd.participants import Participant
@@ -62,7 +63,7 @@ class lm_input:  # noqa: N801 - used like a function
     mask_key: str
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return {"tokens": batch[self.tokens_key], "mask": batch[self.mask_key]}
+        return {TOKENS: batch[self.tokens_key], MASK: batch[self.mask_key]}
 
 
 #: The input of a student with its own tokenizer: ``{"tokens": batch["student_tokens"], "mask":
@@ -94,8 +95,8 @@ def alm(
     epsilon: float = 1e-6,
     student_tokens_key: str = "student_tokens",
     student_mask_key: str = "student_mask",
-    teacher_tokens_key: str = "tokens",
-    teacher_mask_key: str = "mask",
+    teacher_tokens_key: str = TOKENS,
+    teacher_mask_key: str = MASK,
     teacher_chunks_key: str = "alm_teacher_chunks",
     student_chunks_key: str = "alm_student_chunks",
     chunk_mask_key: str = "alm_chunk_mask",
@@ -207,8 +208,8 @@ def cache_teacher_log_probs(model, variables, tokens, mask, *, batch_size: int =
         raise ValueError(f"tokens and mask must both be [N, T], got shapes {tokens.shape} and {mask.shape}")
 
     def run(outputs, batch):
-        return target_log_probs(outputs.logits, batch["tokens"], batch["mask"])
+        return target_log_probs(outputs.logits, batch[TOKENS], batch[MASK])
 
-    teacher = Participant(model, variables, trains=False, input=("tokens", "mask"))
-    return map_rows(teacher, {"tokens": tokens, "mask": mask}, run, batch_size=batch_size, name="teacher").astype(
+    teacher = Participant(model, variables, trains=False, input=(TOKENS, MASK))
+    return map_rows(teacher, {TOKENS: tokens, MASK: mask}, run, batch_size=batch_size, name="teacher").astype(
         np.float32)

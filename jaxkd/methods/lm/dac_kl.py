@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxkd.batch import TOKENS
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
@@ -59,7 +60,7 @@ def dac_kl(
         s = shift_logits(inputs.output(student, method=name).logits)
         t = shift_logits(inputs.target(teacher, method=name).logits)
         token_term = losses.dac_kl(s, t, lower=lower, upper=upper, mask=target_mask, normalizer=normalizer)
-        spans = identifier_spans(inputs.batch["tokens"][:, 1:], target_mask)  # the spans of the targets
+        spans = identifier_spans(inputs.batch[TOKENS][:, 1:], target_mask)  # the spans of the targets
         span_term = losses.span_correlation_loss(s, t, spans, target_mask)
         return token_term + span_weight * span_term, {"span": span_term}
 

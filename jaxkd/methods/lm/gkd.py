@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
@@ -113,7 +114,7 @@ def gkd(
     loss_fn = token_divergence("generalized_jsd", temperature=temperature, beta=beta)
 
     def compute(inputs: LossInputs, rng):
-        tokens, mask = inputs.batch["tokens"], inputs.batch["mask"]
+        tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
         num_generated = int(round(lmbda * tokens.shape[0]))
         if num_generated == 0:
             _, target_mask, normalizer = lm_targets(inputs.batch)
@@ -124,7 +125,7 @@ def gkd(
             temperature=sampling_temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, method=name)
         mixed_tokens = jnp.concatenate([gen_tokens, tokens[num_generated:]]).astype(tokens.dtype)
         mixed_mask = jnp.concatenate([gen_mask, mask[num_generated:]])
-        x = {"tokens": mixed_tokens, "mask": mixed_mask}
+        x = {TOKENS: mixed_tokens, MASK: mixed_mask}
         student_logits = apply_participant(inputs, student, x, train=True, method=name).logits
         teacher_logits = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
         _, target_mask = losses.next_token_targets(mixed_tokens, mixed_mask)
@@ -162,13 +163,13 @@ def seqkd(
     check_nonnegative("sampling_temperature", sampling_temperature)  # 0 is greedy
 
     def compute(inputs: LossInputs, rng):
-        tokens, mask = inputs.batch["tokens"], inputs.batch["mask"]
+        tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
         gen_tokens, gen_mask = generate_continuations(
             inputs, teacher, tokens, mask, rng, prompt_length=prompt_length, temperature=sampling_temperature,
             top_k=top_k, top_p=top_p, eos_id=eos_id, method=name)
-        x = {"tokens": gen_tokens.astype(tokens.dtype), "mask": gen_mask}
+        x = {TOKENS: gen_tokens.astype(tokens.dtype), MASK: gen_mask}
         student_logits = apply_participant(inputs, "student", x, train=True, method=name).logits
-        targets, _ = losses.next_token_targets(x["tokens"], gen_mask)
+        targets, _ = losses.next_token_targets(x[TOKENS], gen_mask)
         return losses.cross_entropy(shift_logits(student_logits), targets,
                                     mask=_generated_target_mask(gen_mask, prompt_length))
 
@@ -178,8 +179,8 @@ def seqkd(
 
 def _student_rollout(inputs: LossInputs, rng, *, prompt_length, temperature, top_k, top_p, eos_id, method):
     """The batch with every row continued by the student after its prompt (for the on-policy methods): ``(x, generated target mask)``."""
-    tokens, mask = inputs.batch["tokens"], inputs.batch["mask"]
+    tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
     gen_tokens, gen_mask = generate_continuations(
         inputs, "student", tokens, mask, rng, prompt_length=prompt_length, temperature=temperature, top_k=top_k,
         top_p=top_p, eos_id=eos_id, method=method)
-    return {"tokens": gen_tokens.astype(tokens.dtype), "mask": gen_mask}, _generated_target_mask(gen_mask, prompt_length)
+    return {TOKENS: gen_tokens.astype(tokens.dtype), MASK: gen_mask}, _generated_target_mask(gen_mask, prompt_length)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
@@ -56,7 +57,7 @@ def minillm(
         from jaxkd.methods.lm.gkd import _lm_config
         from jaxkd.models.fusion import fused_generate
 
-        tokens, mask = inputs.batch["tokens"], inputs.batch["mask"]
+        tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
         length = tokens.shape[1]
         if not 1 <= prompt_length < length:
             raise ValueError(f"{name!r}: prompt_length must lie in [1, {length}), got {prompt_length}")
@@ -65,11 +66,11 @@ def minillm(
         out = fused_generate(members, _TeacherMix(teacher_mix_alpha), tokens[:, :prompt_length],
                              mask[:, :prompt_length], rng=rng, max_new_tokens=length - prompt_length,
                              temperature=sampling_temperature)
-        x = {"tokens": jax.lax.stop_gradient(out.tokens).astype(tokens.dtype), "mask": out.mask}
+        x = {TOKENS: jax.lax.stop_gradient(out.tokens).astype(tokens.dtype), MASK: out.mask}
         target_mask = _generated_target_mask(out.mask, prompt_length)
         s = apply_participant(inputs, "student", x, train=True, method=name).logits
         t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
-        targets, _ = losses.next_token_targets(x["tokens"], x["mask"])
+        targets, _ = losses.next_token_targets(x[TOKENS], x[MASK])
         # The behaviour log-probs of the generated tokens sit at the positions that predicted them.
         behaviour = jnp.zeros(targets.shape, jnp.float32).at[:, prompt_length - 1:].set(out.log_probs)
         pg, single = losses.minillm_terms(

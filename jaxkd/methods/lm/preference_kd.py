@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_int, check_positive
 from jaxkd.losses.lm.tokens import shift_logits
@@ -49,16 +50,16 @@ def preference_kd(
     check_int("prompt_length", prompt_length, low=1)
 
     def compute(inputs: LossInputs, rng):
-        tokens, mask = inputs.batch["tokens"], inputs.batch["mask"]
+        tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
         rejected, rejected_targets_mask = _student_rollout(
             inputs, rng, prompt_length=prompt_length, temperature=sampling_temperature, top_k=None, top_p=None,
             eos_id=None, method=name)
-        chosen = {"tokens": tokens, "mask": mask}
+        chosen = {TOKENS: tokens, MASK: mask}
         chosen_targets_mask = _generated_target_mask(mask, prompt_length)
 
         def logps(participant, x, target_mask, train):
             logits = apply_participant(inputs, participant, x, train=train, method=name).logits
-            targets, _ = losses.next_token_targets(x["tokens"], x["mask"])
+            targets, _ = losses.next_token_targets(x[TOKENS], x[MASK])
             return losses.sequence_log_probs(shift_logits(logits), targets, target_mask, average=average_log_prob)
 
         policy_c = logps("student", chosen, chosen_targets_mask, True)

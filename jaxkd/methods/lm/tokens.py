@@ -18,7 +18,7 @@ import jax
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_temperature
-from jaxkd.batch import batch_normalizer, normalizer_key_of
+from jaxkd.batch import MASK, TOKENS, batch_normalizer, normalizer_key_of
 from jaxkd.losses.lm.tokens import next_token_targets, shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import participant_variables
@@ -27,9 +27,8 @@ from jaxkd.models.base import Outputs
 
 __all__ = ["lm_ce", "sparse_token_kd", "token_kd"]
 
-#: The batch entry of token ids; the token mask is ``batch["mask"]`` ([B, T]).
-TOKENS_KEY = "tokens"
-_LM_KEYS = (TOKENS_KEY, "mask")
+#: The batch entries of an LM batch: token ids and the token mask, both [B, T] (:mod:`jaxkd.batch`).
+_LM_KEYS = (TOKENS, MASK)
 
 #: Divergence name -> (loss function, the hyper-parameters it takes besides the temperature).
 TOKEN_DIVERGENCES: dict[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
@@ -43,11 +42,11 @@ TOKEN_DIVERGENCES: dict[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] =
 }
 
 
-def lm_targets(batch: Mapping[str, Any], tokens_key: str = TOKENS_KEY) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def lm_targets(batch: Mapping[str, Any], tokens_key: str = TOKENS) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(targets [B, T-1], target_mask [B, T-1], normalizer)`` of an LM batch: the next tokens, which
     positions have a real input and a real target, and the global target count (``None`` when the batch
     does not carry it: the mean is then over this batch's targets)."""
-    targets, target_mask = next_token_targets(batch[tokens_key], batch.get("mask"))
+    targets, target_mask = next_token_targets(batch[tokens_key], batch.get(MASK))
     return targets, target_mask, batch_normalizer(batch)
 
 
@@ -92,7 +91,7 @@ def output_projection_of(inputs: LossInputs, participant: str, *, method: str) -
 
 
 @register("lm_ce", inputs="tokens", paper="next-token cross-entropy (the data term of LM distillation)", losses=("cross_entropy",))
-def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS_KEY, mask_key: str = "mask",
+def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS, mask_key: str = MASK,
           normalizer_key: str | None = None, participant: str = "student", weight: Weight = 1.0,
           name: str = "lm_ce") -> Method:
     """The next-token cross-entropy of ``participant`` (the student) on the batch: ``−log p(x_{t+1} | x_≤t)``

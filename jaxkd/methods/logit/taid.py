@@ -6,6 +6,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxkd.batch import MASK, TOKENS
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_positive
 from jaxkd.losses.core import Array
@@ -76,7 +77,7 @@ def taid(
 
     return Method(name=name, loss=loss, init=init, weight=weight,
                   needs=Needs(participants=(student, teacher), trained=(student,),
-                              batch_keys=("tokens", "mask") if tokens else ()))
+                              batch_keys=(TOKENS, MASK) if tokens else ()))
 
 
 @flax.struct.dataclass

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import jax
 
+from jaxkd.batch import MASK
 from jaxkd import losses
 from jaxkd.checks import check_int, check_positive, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles, require
@@ -111,7 +112,7 @@ def tgeo_kd(
         grads = jax.grad(inner)(params)
         lookahead = jax.tree.map(lambda p, g: p - lookahead_lr * g, params, grads)
         meta_logits = apply(merge_variables(lookahead, model_state), meta_x, train=True).logits
-        meta_ce = losses.cross_entropy(meta_logits, meta_y, mask=inputs.batch.get(meta_prefix + "mask"))
+        meta_ce = losses.cross_entropy(meta_logits, meta_y, mask=inputs.batch.get(meta_prefix + MASK))
 
         metrics = {"student_loss": student_loss, "meta_ce": meta_ce, "ratio_mean": losses.reduce_loss(ratio, mask=mask)}
         return student_loss + meta_ce, LossAux(metrics, vars.state)
