@@ -462,3 +462,22 @@ def test_a_role_the_state_lacks_is_refused_listing_the_participants():
         jaxkd.create(student=student, teacher=teacher, teacher_variables=teacher_variables(teacher, batch),
                      method=methods.ce() + methods.dkd(teacher="peer"), tx=optax.sgd(0.1), sample_batch=batch,
                      rng=jax.random.PRNGKey(0))
+
+
+#: The on-policy and preference LM methods: the learner samples (or is scored on) sequences inside the step.
+ON_POLICY = ["adpa", "distillm", "llava_mod", "minillm", "preference_kd", "seqkd"]
+
+
+@pytest.mark.parametrize("name", ON_POLICY)
+def test_on_policy_methods_take_roles_and_never_train_the_target(name):
+    # The learner in the student role samples and is trained; the target (here the trained "student") gets
+    # exactly no gradient through the loss. adpa reads a third participant, its teacher's reference.
+    method = build(name, student="peer", teacher="student")
+    assert method.needs.trained == ("peer",)  # "student" is always there, so the record does not list it
+    names = ("student", "peer", "reference") if name == "adpa" else ("student", "peer")
+    state = make_state(method, "tokens", names=names, model_of={"reference": "teacher"})
+    grads = loss_grads(state, setup("tokens").batch)
+    assert_zero(grads["student"], f"{name}: the target")
+    assert_nonzero(grads["peer"], f"{name}: the learner")
+    if name == "adpa":
+        assert_zero(grads["reference"], "adpa: the reference")

@@ -60,10 +60,10 @@ import platform
 import sysconfig
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from jaxkd.batch import MASK, TOKENS
 from jaxkd.checks import check_int
+from jaxkd.data.local_builder import LocalBuilder
 from jaxkd.data.text.bits_per_byte import count_byte_targets
 from jaxkd.data.text.packing import PackedText, pack_documents
 from jaxkd.data.text.tokenizer import ByteTokenizer, Tokenizer
@@ -208,7 +208,7 @@ def _custom_config(source_dir, max_file_bytes) -> StdlibCorpusConfig:
     )
 
 
-class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
+class StdlibCorpus(LocalBuilder):
     """The Python standard library's ``.py`` files as a text data set (see the module docstring).
 
     Args:
@@ -245,12 +245,6 @@ class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
                 )
             config = _custom_config(source_dir, max_file_bytes)
         super().__init__(config=config, **kwargs)
-
-    # See jaxkd.data.images.digits.Digits.code_path: tfds 4.9.10's default imports `importlib_resources`.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

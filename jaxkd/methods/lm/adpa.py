@@ -8,7 +8,7 @@ import jax
 from jaxkd import losses
 from jaxkd.checks import check_int
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.gkd import _student_rollout
 from jaxkd.methods.registry import register
@@ -25,6 +25,7 @@ __all__ = ["adpa"]
 )
 def adpa(
     *,
+    student: str = "student",
     teacher: str = "teacher",
     reference: str = "reference",
     top_k: int | None = None,
@@ -37,17 +38,23 @@ def adpa(
     token with the advantage ``A = log π_teacher − log π_reference`` of a preference-tuned teacher over its
     reference (:func:`jaxkd.losses.adpa`; ``top_k`` keeps the advantage at the teacher's top-k
     entries, official 50). The two teachers are participants ``teacher`` and ``reference`` of the train
-    state. Combine with ``lm_ce`` and/or a KL term (DCKD) as the paper does."""
+    state. Combine with ``lm_ce`` and/or a KL term (DCKD) as the paper does.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    participant in the ``student`` role samples the continuations and is trained; the one in the ``teacher``
+    role is a gradient-stopped target (``adpa(student="peer", teacher="student")`` teaches a peer)."""
+    check_roles(name, student, teacher)
     check_int("prompt_length", prompt_length, low=1)
     if top_k is not None:
         check_int("top_k", top_k, low=1)
 
     def compute(inputs: LossInputs, rng):
         x, target_mask = _student_rollout(inputs, rng, prompt_length=prompt_length, temperature=sampling_temperature,
-                                          top_k=None, top_p=None, eos_id=None, method=name)
-        s = apply_participant(inputs, "student", x, train=True, method=name).logits
+                                          top_k=None, top_p=None, eos_id=None, method=name, learner=student)
+        s = apply_participant(inputs, student, x, train=True, method=name).logits
         t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
         r = jax.lax.stop_gradient(apply_participant(inputs, reference, x, train=False, method=name).logits)
         return losses.adpa(shift_logits(s), shift_logits(t), shift_logits(r), top_k=top_k, mask=target_mask)
 
-    return stateless_method(name, compute, weight=weight, participants=(teacher, reference), batch_keys=_LM_KEYS)
+    return stateless_method(name, compute, weight=weight, participants=(teacher, reference), trained=(student,),
+                            batch_keys=_LM_KEYS)

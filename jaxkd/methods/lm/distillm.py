@@ -49,7 +49,7 @@ from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_nonnegative, check_number, check_positive
 from jaxkd.losses.core import Array
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.gkd import _student_rollout
 from jaxkd.methods.registry import register
@@ -210,6 +210,7 @@ def distillm(
     prompt_length: int = 16,
     init_threshold: float = 0.0,
     sampling_temperature: float = 1.0,
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "distillm",
@@ -225,7 +226,12 @@ def distillm(
     buffer — which lets a full buffer replace some fresh generations by old ones, to save generation time
     — is not kept: every student-output step samples fresh sequences (the on-policy limit of the
     schedule). Metrics: ``p``, ``student_output`` (1 on a generated step).
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    participant in the ``student`` role samples the continuations and is trained; the one in the ``teacher``
+    role is a gradient-stopped target (``distillm(student="peer", teacher="student")`` teaches a peer).
     """
+    check_roles(name, student, teacher)
     check_choice("divergence", divergence, ("skew_kl", "skew_reverse_kl"))
     check_int("prompt_length", prompt_length, low=1)
     check_in_range("init_threshold", init_threshold, 0.0, 1.0)
@@ -242,14 +248,14 @@ def distillm(
 
         def on_data(_):
             _, target_mask, normalizer = lm_targets(inputs.batch)
-            zs, zt = inputs.output("student", method=name).logits, inputs.target(teacher, method=name).logits
+            zs, zt = inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits
             return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
 
         def on_student_outputs(_):
             x, target_mask = _student_rollout(inputs, sample_rng, prompt_length=prompt_length,
                                               temperature=sampling_temperature, top_k=None, top_p=None, eos_id=None,
-                                              method=name)
-            s = apply_participant(inputs, "student", x, train=True, method=name).logits
+                                              method=name, learner=student)
+            s = apply_participant(inputs, student, x, train=True, method=name).logits
             t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
             return loss_fn(shift_logits(s), shift_logits(t), mask=target_mask)
 
@@ -258,7 +264,7 @@ def distillm(
         return value, LossAux(metrics, schedule)
 
     return Method(name=name, loss=loss, init=init, weight=weight,
-                  needs=Needs(participants=(teacher,), batch_keys=_LM_KEYS))
+                  needs=Needs(participants=(teacher,), trained=(student,), batch_keys=_LM_KEYS))
 
 
 def observe_validation_loss(state, validation_loss: float, *, loss_eps: float = 0.1):

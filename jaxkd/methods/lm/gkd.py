@@ -151,6 +151,7 @@ def seqkd(
     top_k: int | None = None,
     top_p: float | None = None,
     eos_id: int | None = None,
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "seqkd",
@@ -158,7 +159,12 @@ def seqkd(
     """Sequence-level KD: the student's next-token cross-entropy on the *teacher's* continuations of the
     batch's prompts (its first ``prompt_length`` tokens), generated inside the step — greedy by default
     (``sampling_temperature=0``; Kim & Rush use beam search, which a fixed-shape sampler replaces by its
-    mode-seeking greedy limit). The loss counts the generated tokens only."""
+    mode-seeking greedy limit). The loss counts the generated tokens only.
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the one
+    in the ``teacher`` role generates (no gradient flows through sampled tokens), the one in the ``student``
+    role is trained on its sequences."""
+    check_roles(name, student, teacher)
     check_int("prompt_length", prompt_length, low=1)
     check_nonnegative("sampling_temperature", sampling_temperature)  # 0 is greedy
 
@@ -168,19 +174,21 @@ def seqkd(
             inputs, teacher, tokens, mask, rng, prompt_length=prompt_length, temperature=sampling_temperature,
             top_k=top_k, top_p=top_p, eos_id=eos_id, method=name)
         x = {TOKENS: gen_tokens.astype(tokens.dtype), MASK: gen_mask}
-        student_logits = apply_participant(inputs, "student", x, train=True, method=name).logits
+        student_logits = apply_participant(inputs, student, x, train=True, method=name).logits
         targets, _ = losses.next_token_targets(x[TOKENS], gen_mask)
         return losses.cross_entropy(shift_logits(student_logits), targets,
                                     mask=_generated_target_mask(gen_mask, prompt_length))
 
-    return stateless_method(name, compute, weight=weight, participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,), trained=(student,),
                             batch_keys=_LM_KEYS)
 
 
-def _student_rollout(inputs: LossInputs, rng, *, prompt_length, temperature, top_k, top_p, eos_id, method):
-    """The batch with every row continued by the student after its prompt (for the on-policy methods): ``(x, generated target mask)``."""
+def _student_rollout(inputs: LossInputs, rng, *, prompt_length, temperature, top_k, top_p, eos_id, method,
+                     learner: str = "student"):
+    """The batch with every row continued by ``learner`` (the participant in the ``student`` role) after its
+    prompt, for the on-policy methods: ``(x, generated target mask)``."""
     tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
     gen_tokens, gen_mask = generate_continuations(
-        inputs, "student", tokens, mask, rng, prompt_length=prompt_length, temperature=temperature, top_k=top_k,
+        inputs, learner, tokens, mask, rng, prompt_length=prompt_length, temperature=temperature, top_k=top_k,
         top_p=top_p, eos_id=eos_id, method=method)
     return {TOKENS: gen_tokens.astype(tokens.dtype), MASK: gen_mask}, _generated_target_mask(gen_mask, prompt_length)

@@ -24,6 +24,7 @@ def llava_mod(
     loss_type: str = "dpo",
     prompt_length: int = 16,
     preference_weight: float = 1.0,
+    student: str = "student",
     teacher: str = "teacher",
     name: str = "llava_mod",
 ) -> Method:
@@ -31,12 +32,13 @@ def llava_mod(
     the teacher per token — for ``mimic_steps``, then **preference distillation** —
     :func:`preference_kd` (DPO with the teacher as reference) plus the CE — for the rest. The stages are
     :func:`until` / :func:`after` weights in one chain, so one train state and one compiled step run both
-    (two programs' worth of work, only the active stage's terms count)."""
+    (two programs' worth of work, only the active stage's terms count). ``student``/``teacher`` name the
+    participants in the two roles of every term, as in :func:`~jaxkd.methods.kd`."""
     check_int("mimic_steps", mimic_steps, low=0)
     check_nonnegative("preference_weight", preference_weight)
     from jaxkd.methods.lm.tokens import lm_ce
 
-    mimic = until(mimic_steps) * token_kd(divergence="forward_kl", teacher=teacher, name="mimic")
-    preference = preference_kd(beta=beta, loss_type=loss_type, prompt_length=prompt_length, teacher=teacher,
+    mimic = until(mimic_steps) * token_kd(divergence="forward_kl", student=student, teacher=teacher, name="mimic")
+    preference = preference_kd(beta=beta, loss_type=loss_type, prompt_length=prompt_length, student=student, teacher=teacher,
                                name="preference", weight=multiply_weights(preference_weight, after(mimic_steps)))
-    return chain(lm_ce(), mimic, preference, name=name)
+    return chain(lm_ce(participant=student), mimic, preference, name=name)

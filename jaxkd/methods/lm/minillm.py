@@ -10,7 +10,7 @@ from jaxkd.batch import MASK, TOKENS
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.gkd import _generated_target_mask
 from jaxkd.methods.registry import register
@@ -33,6 +33,7 @@ def minillm(
     gamma: float = 0.95,
     clip_range: float = 0.2,
     single_step: bool = True,
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "minillm",
@@ -47,7 +48,12 @@ def minillm(
     single-step reverse KL. The official trainer reuses a rollout for several PPO epochs; here each step
     samples fresh sequences and makes one update from them (the ratio is 1 at the update, so the clip is
     inactive). Combine with ``lm_ce`` (the official pretraining-loss term).
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    participant in the ``student`` role samples the continuations and is trained; the one in the ``teacher``
+    role is a gradient-stopped target (``minillm(student="peer", teacher="student")`` teaches a peer).
     """
+    check_roles(name, student, teacher)
     check_int("prompt_length", prompt_length, low=1)
     check_in_range("teacher_mix_alpha", teacher_mix_alpha, 0.0, 1.0)
     check_nonnegative("sampling_temperature", sampling_temperature)
@@ -62,13 +68,13 @@ def minillm(
         if not 1 <= prompt_length < length:
             raise ValueError(f"{name!r}: prompt_length must lie in [1, {length}), got {prompt_length}")
         members = [(_lm_config(inputs, who, name), participant_variables(inputs, who, method=name)["params"])
-                   for who in ("student", teacher)]
+                   for who in (student, teacher)]
         out = fused_generate(members, _TeacherMix(teacher_mix_alpha), tokens[:, :prompt_length],
                              mask[:, :prompt_length], rng=rng, max_new_tokens=length - prompt_length,
                              temperature=sampling_temperature)
         x = {TOKENS: jax.lax.stop_gradient(out.tokens).astype(tokens.dtype), MASK: out.mask}
         target_mask = _generated_target_mask(out.mask, prompt_length)
-        s = apply_participant(inputs, "student", x, train=True, method=name).logits
+        s = apply_participant(inputs, student, x, train=True, method=name).logits
         t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
         targets, _ = losses.next_token_targets(x[TOKENS], x[MASK])
         # The behaviour log-probs of the generated tokens sit at the positions that predicted them.
@@ -79,7 +85,7 @@ def minillm(
             clip_range=clip_range)
         return pg + (single if single_step else 0.0), {"pg": pg, "single_step": single}
 
-    return stateless_method(name, compute, weight=weight, participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,), trained=(student,),
                             batch_keys=_LM_KEYS)
 
 

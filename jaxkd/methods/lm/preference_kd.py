@@ -10,7 +10,7 @@ from jaxkd.batch import MASK, TOKENS
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_int, check_positive
 from jaxkd.losses.lm.tokens import shift_logits
-from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.gkd import _generated_target_mask, _student_rollout
 from jaxkd.methods.registry import register
@@ -32,6 +32,7 @@ def preference_kd(
     prompt_length: int = 16,
     sampling_temperature: float = 1.0,
     average_log_prob: bool = False,
+    student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
     name: str = "preference_kd",
@@ -44,7 +45,12 @@ def preference_kd(
     self-play construction of SPIN, Chen et al. 2024). Response log-probabilities are summed over the
     continuation (``average_log_prob=True``: averaged, LLaVA-MoD's ``get_logp`` option). Metrics:
     ``reward_margin`` (β·(r_chosen − r_rejected)).
+
+    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
+    participant in the ``student`` role samples the continuations and is trained; the one in the ``teacher``
+    role is a gradient-stopped target (``preference_kd(student="peer", teacher="student")`` teaches a peer).
     """
+    check_roles(name, student, teacher)
     check_positive("beta", beta)
     check_choice("loss_type", loss_type, ("dpo", "kto_pair"))
     check_int("prompt_length", prompt_length, low=1)
@@ -53,7 +59,7 @@ def preference_kd(
         tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
         rejected, rejected_targets_mask = _student_rollout(
             inputs, rng, prompt_length=prompt_length, temperature=sampling_temperature, top_k=None, top_p=None,
-            eos_id=None, method=name)
+            eos_id=None, method=name, learner=student)
         chosen = {TOKENS: tokens, MASK: mask}
         chosen_targets_mask = _generated_target_mask(mask, prompt_length)
 
@@ -62,8 +68,8 @@ def preference_kd(
             targets, _ = losses.next_token_targets(x[TOKENS], x[MASK])
             return losses.sequence_log_probs(shift_logits(logits), targets, target_mask, average=average_log_prob)
 
-        policy_c = logps("student", chosen, chosen_targets_mask, True)
-        policy_r = logps("student", rejected, rejected_targets_mask, True)
+        policy_c = logps(student, chosen, chosen_targets_mask, True)
+        policy_r = logps(student, rejected, rejected_targets_mask, True)
         ref_c = jax.lax.stop_gradient(logps(teacher, chosen, chosen_targets_mask, False))
         ref_r = jax.lax.stop_gradient(logps(teacher, rejected, rejected_targets_mask, False))
         valid = jnp.any(chosen_targets_mask, axis=-1) & jnp.any(rejected_targets_mask, axis=-1)
@@ -74,5 +80,5 @@ def preference_kd(
         margin = beta * ((policy_c - ref_c) - (policy_r - ref_r))
         return value, {"reward_margin": jnp.sum(jnp.where(valid, margin, 0.0)) / jnp.maximum(jnp.sum(valid), 1)}
 
-    return stateless_method(name, compute, weight=weight, participants=(teacher,),
+    return stateless_method(name, compute, weight=weight, participants=(teacher,), trained=(student,),
                             batch_keys=_LM_KEYS)

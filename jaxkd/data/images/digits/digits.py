@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import io
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from jaxkd.data.local_builder import LocalBuilder
 
 NUM_EXAMPLES = 1797
 NUM_TRAIN = 1297
@@ -76,20 +77,11 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(LocalBuilder):
     """scikit-learn's bundled 8x8 handwritten digits (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-
-    # tfds 4.9.10's default ``code_path`` imports the ``importlib_resources``
-    # backport, which tfds only declares as a dependency for Python < 3.9; the
-    # path only serves to look for a ``checksums.tsv`` beside this file (there is
-    # none: nothing is downloaded), so point it at this file directly.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
