@@ -10,7 +10,7 @@ from jaxkd.checks import check_int
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
-from jaxkd.methods.lm.gkd import _student_rollout
+from jaxkd.methods.lm.rollout import learner_rollout
 from jaxkd.methods.registry import register
 from jaxkd.methods.lm.tokens import _LM_KEYS
 
@@ -49,7 +49,7 @@ def adpa(
         check_int("top_k", top_k, low=1)
 
     def compute(inputs: LossInputs, rng):
-        x, target_mask = _student_rollout(inputs, rng, prompt_length=prompt_length, temperature=sampling_temperature,
+        x, target_mask = learner_rollout(inputs, rng, prompt_length=prompt_length, temperature=sampling_temperature,
                                           top_k=None, top_p=None, eos_id=None, method=name, learner=student)
         s = apply_participant(inputs, student, x, train=True, method=name).logits
         t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)

@@ -51,7 +51,7 @@ from jaxkd.losses.core import Array
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import apply_participant
-from jaxkd.methods.lm.gkd import _student_rollout
+from jaxkd.methods.lm.rollout import learner_rollout
 from jaxkd.methods.registry import register
 from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets, token_divergence
 
@@ -252,7 +252,7 @@ def distillm(
             return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
 
         def on_student_outputs(_):
-            x, target_mask = _student_rollout(inputs, sample_rng, prompt_length=prompt_length,
+            x, target_mask = learner_rollout(inputs, sample_rng, prompt_length=prompt_length,
                                               temperature=sampling_temperature, top_k=None, top_p=None, eos_id=None,
                                               method=name, learner=student)
             s = apply_participant(inputs, student, x, train=True, method=name).logits

@@ -1,12 +1,5 @@
-"""On-policy distillation of LMs: GKD's student-generated sequences and sequence-level KD, sampled inside
-the compiled train step.
-
-Both methods replace (part of) the batch with sequences a model generates from the batch's prompts — the
-first ``prompt_length`` tokens of each row — continued to the row's full length with the KV-cache sampler
-(:func:`jaxkd.models.sampling.generate`), inside the same ``jit`` as the update: no separate generation
-engine, no host round trip (EasyDeL and TRL generate between steps). Sampling is not differentiated
-(the sampled tokens are constants; gradients flow through the re-run forward passes only).
-"""
+"""GKD as a method: on-policy distillation of LMs on a batch partly replaced by the student's own
+continuations of its prompts, sampled inside the compiled train step (:mod:`jaxkd.methods.lm.rollout`)."""
 
 from __future__ import annotations
 
@@ -18,51 +11,12 @@ from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
-from jaxkd.methods.features import apply_participant, participant_variables
+from jaxkd.methods.features import apply_participant
+from jaxkd.methods.lm.rollout import generate_continuations, generated_target_mask
 from jaxkd.methods.registry import LOGIT_ROLES, register
 from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets, token_divergence
 
-__all__ = ["gkd", "generate_continuations", "seqkd"]
-
-
-def _lm_config(inputs: LossInputs, participant: str, method: str):
-    model = inputs.participant(participant, method=method).model
-    config = getattr(model.module, "config", None)
-    if config is None:
-        raise ValueError(f"{method!r} generates with participant {participant!r} ({model.name}), which is not a "
-                         "jaxkd language model (jaxkd.models.lm.lm)")
-    return config
-
-
-def generate_continuations(
-    inputs: LossInputs, participant: str, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
-    prompt_length: int, temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None,
-    method: str,
-) -> tuple[jax.Array, jax.Array]:
-    """Participant ``participant`` continues ``tokens[:, :prompt_length]`` to the rows' full length.
-
-    Returns ``(tokens, mask)`` of the rows' shape: the prompt, then the sampled tokens; the mask keeps the
-    prompt's mask and marks generated tokens up to and including the first EOS. Gradient-stopped.
-    """
-    from jaxkd.models.sampling import generate
-
-    length = tokens.shape[1]
-    if not 1 <= prompt_length < length:
-        raise ValueError(f"{method!r}: prompt_length must lie in [1, {length}) for sequences of length {length}, "
-                         f"got {prompt_length}")
-    config = _lm_config(inputs, participant, method)
-    params = jax.lax.stop_gradient(participant_variables(inputs, participant, method=method)["params"])
-    out = generate(config, params, tokens[:, :prompt_length], mask[:, :prompt_length], rng=rng,
-                   max_new_tokens=length - prompt_length, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=eos_id)
-    return jax.lax.stop_gradient(out.tokens), jax.lax.stop_gradient(out.mask)
-
-
-def _generated_target_mask(mask: jax.Array, prompt_length: int) -> jax.Array:
-    """Targets that are generated tokens (index ``≥ prompt_length``) of a generated row, ``[B, T−1]``."""
-    _, target_mask = losses.next_token_targets(jnp.zeros(mask.shape, jnp.int32), mask)
-    is_generated = jnp.arange(1, mask.shape[1]) >= prompt_length
-    return target_mask & is_generated
+__all__ = ["gkd"]
 
 
 @register(
@@ -129,66 +83,10 @@ def gkd(
         student_logits = apply_participant(inputs, student, x, train=True, method=name).logits
         teacher_logits = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
         _, target_mask = losses.next_token_targets(mixed_tokens, mixed_mask)
-        target_mask = target_mask.at[:num_generated].set(_generated_target_mask(gen_mask, prompt_length))
+        target_mask = target_mask.at[:num_generated].set(generated_target_mask(gen_mask, prompt_length))
         value = loss_fn(shift_logits(student_logits), shift_logits(teacher_logits), mask=target_mask)
         return value, {"generated_fraction": jnp.asarray(num_generated / tokens.shape[0], jnp.float32),
                        "generated_tokens": jnp.sum(target_mask[:num_generated]).astype(jnp.float32)}
 
     return stateless_method(name, compute, weight=weight, participants=(student, teacher),
                             trained=(student,), batch_keys=_LM_KEYS)
-
-
-@register(
-    "seqkd", inputs="tokens", example="prompt_length=3",
-    paper="Kim & Rush, *Sequence-Level Knowledge Distillation*, EMNLP 2016",
-    losses=("cross_entropy",),
-    status="supported (teacher sequences generated inside the step)",
-)
-def seqkd(
-    *,
-    prompt_length: int = 16,
-    sampling_temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    student: str = "student",
-    teacher: str = "teacher",
-    weight: Weight = 1.0,
-    name: str = "seqkd",
-) -> Method:
-    """Sequence-level KD: the student's next-token cross-entropy on the *teacher's* continuations of the
-    batch's prompts (its first ``prompt_length`` tokens), generated inside the step — greedy by default
-    (``sampling_temperature=0``; Kim & Rush use beam search, which a fixed-shape sampler replaces by its
-    mode-seeking greedy limit). The loss counts the generated tokens only.
-
-    ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the one
-    in the ``teacher`` role generates (no gradient flows through sampled tokens), the one in the ``student``
-    role is trained on its sequences."""
-    check_roles(name, student, teacher)
-    check_int("prompt_length", prompt_length, low=1)
-    check_nonnegative("sampling_temperature", sampling_temperature)  # 0 is greedy
-
-    def compute(inputs: LossInputs, rng):
-        tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
-        gen_tokens, gen_mask = generate_continuations(
-            inputs, teacher, tokens, mask, rng, prompt_length=prompt_length, temperature=sampling_temperature,
-            top_k=top_k, top_p=top_p, eos_id=eos_id, method=name)
-        x = {TOKENS: gen_tokens.astype(tokens.dtype), MASK: gen_mask}
-        student_logits = apply_participant(inputs, student, x, train=True, method=name).logits
-        targets, _ = losses.next_token_targets(x[TOKENS], gen_mask)
-        return losses.cross_entropy(shift_logits(student_logits), targets,
-                                    mask=_generated_target_mask(gen_mask, prompt_length))
-
-    return stateless_method(name, compute, weight=weight, participants=(teacher,), trained=(student,),
-                            batch_keys=_LM_KEYS)
-
-
-def _student_rollout(inputs: LossInputs, rng, *, prompt_length, temperature, top_k, top_p, eos_id, method,
-                     learner: str = "student"):
-    """The batch with every row continued by ``learner`` (the participant in the ``student`` role) after its
-    prompt, for the on-policy methods: ``(x, generated target mask)``."""
-    tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
-    gen_tokens, gen_mask = generate_continuations(
-        inputs, learner, tokens, mask, rng, prompt_length=prompt_length, temperature=temperature, top_k=top_k,
-        top_p=top_p, eos_id=eos_id, method=method)
-    return {TOKENS: gen_tokens.astype(tokens.dtype), MASK: gen_mask}, _generated_target_mask(gen_mask, prompt_length)

@@ -1,5 +1,5 @@
 """MiniLLM as a method: on-policy reverse-KL policy gradient on student (teacher-mixed) samples, generated
-inside the compiled step (:func:`jaxkd.methods.lm.gkd.generate_continuations`)."""
+inside the compiled step (:func:`jaxkd.methods.generate_continuations`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from jaxkd.checks import check_in_range, check_int, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
-from jaxkd.methods.lm.gkd import _generated_target_mask
+from jaxkd.methods.lm.rollout import generated_target_mask
 from jaxkd.methods.registry import register
 from jaxkd.methods.lm.tokens import _LM_KEYS
 
@@ -60,20 +60,20 @@ def minillm(
 
     def compute(inputs: LossInputs, rng):
         from jaxkd.methods.features import participant_variables
-        from jaxkd.methods.lm.gkd import _lm_config
+        from jaxkd.methods.lm.rollout import lm_config_of
         from jaxkd.models.fusion import fused_generate
 
         tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
         length = tokens.shape[1]
         if not 1 <= prompt_length < length:
             raise ValueError(f"{name!r}: prompt_length must lie in [1, {length}), got {prompt_length}")
-        members = [(_lm_config(inputs, who, name), participant_variables(inputs, who, method=name)["params"])
+        members = [(lm_config_of(inputs, who, name), participant_variables(inputs, who, method=name)["params"])
                    for who in (student, teacher)]
         out = fused_generate(members, _TeacherMix(teacher_mix_alpha), tokens[:, :prompt_length],
                              mask[:, :prompt_length], rng=rng, max_new_tokens=length - prompt_length,
                              temperature=sampling_temperature)
         x = {TOKENS: jax.lax.stop_gradient(out.tokens).astype(tokens.dtype), MASK: out.mask}
-        target_mask = _generated_target_mask(out.mask, prompt_length)
+        target_mask = generated_target_mask(out.mask, prompt_length)
         s = apply_participant(inputs, student, x, train=True, method=name).logits
         t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
         targets, _ = losses.next_token_targets(x[TOKENS], x[MASK])

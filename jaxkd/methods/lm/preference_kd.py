@@ -12,7 +12,7 @@ from jaxkd.checks import check_choice, check_int, check_positive
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
-from jaxkd.methods.lm.gkd import _generated_target_mask, _student_rollout
+from jaxkd.methods.lm.rollout import generated_target_mask, learner_rollout
 from jaxkd.methods.registry import register
 from jaxkd.methods.lm.tokens import _LM_KEYS
 
@@ -57,11 +57,11 @@ def preference_kd(
 
     def compute(inputs: LossInputs, rng):
         tokens, mask = inputs.batch[TOKENS], inputs.batch[MASK]
-        rejected, rejected_targets_mask = _student_rollout(
+        rejected, rejected_targets_mask = learner_rollout(
             inputs, rng, prompt_length=prompt_length, temperature=sampling_temperature, top_k=None, top_p=None,
             eos_id=None, method=name, learner=student)
         chosen = {TOKENS: tokens, MASK: mask}
-        chosen_targets_mask = _generated_target_mask(mask, prompt_length)
+        chosen_targets_mask = generated_target_mask(mask, prompt_length)
 
         def logps(participant, x, target_mask, train):
             logits = apply_participant(inputs, participant, x, train=train, method=name).logits
