@@ -146,3 +146,25 @@ def test_names_that_moved_out_of_losses_still_resolve_with_a_warning():
     assert "taid_update" not in jaxkd.losses.__all__ and "taid_update" in methods.__all__
     with pytest.raises(AttributeError, match="no attribute 'taid_updat'"):
         jaxkd.losses.taid_updat
+
+
+def test_one_method_per_file_named_after_it():
+    # The folder tree is the method table: jaxkd/methods/<family>/<name>.py registers the method <name>, or is
+    # a helper module its family shares (connectors, the LM rollout, token targets) and registers none.
+    import collections
+
+    from jaxkd.methods.registry import folder_of
+
+    by_module = collections.defaultdict(list)
+    for name, entry in methods.REGISTRY.items():
+        if entry.paper:  # built-in
+            by_module[entry.factory.__module__].append(name)
+            assert folder_of(entry) in jaxkd.methods.FAMILIES, name
+    for module, names in by_module.items():
+        assert names == [module.rsplit(".", 1)[1]], (module, names)
+    families = pathlib.Path(jaxkd.methods.__file__).parent
+    files = {f"jaxkd.methods.{p.parent.name}.{p.stem}" for f in jaxkd.methods.FAMILIES
+             for p in (families / f).glob("*.py") if p.stem != "__init__"}
+    helpers = files - set(by_module)
+    assert helpers == {"jaxkd.methods.feature.connectors", "jaxkd.methods.lm.rollout", "jaxkd.methods.lm.tokens",
+                       "jaxkd.methods.logit.ranking"}, helpers

@@ -34,7 +34,7 @@ from jaxkd.methods.base import (
     stateless_method,
     until,
 )
-from jaxkd.methods.registry import ALIASES, REGISTRY, method_table, register
+from jaxkd.methods.registry import ALIASES, LEADING_METHODS, REGISTRY, method_table, register
 from jaxkd.methods.spec import parse
 
 __all__ = [
@@ -63,7 +63,7 @@ __all__ = [
 # The building blocks first, so the registry (and the README's method table) lists them first.
 __all__ += export_modules(
     globals(), skip={"base", "registry", "spec", "heads"}, families=FAMILIES,
-    first=["classification", "divergences", "sparse"],
+    first=LEADING_METHODS,
 )
 __all__.sort()
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from jaxkd.methods.base import Method
 
-__all__ = ["ALIASES", "CONTRACTS", "INPUTS", "LOGIT_ROLES", "REGISTRY", "Registered", "method_table", "register", "resolve"]
+__all__ = ["ALIASES", "CONTRACTS", "INPUTS", "LEADING_METHODS", "LOGIT_ROLES", "REGISTRY", "Registered", "method_table", "register", "resolve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,12 @@ INPUTS = ("classifier", "feature_maps", "tokens", "two_tokenizations")
 LOGIT_ROLES = "logit_roles"
 #: The contracts a method may declare at registration (its family is its folder: :func:`folder_of`).
 CONTRACTS = ("", LOGIT_ROLES)
+
+
+#: The methods the method table lists first, in this order (the cross-entropy, Hinton's KD and the divergences:
+#: the building blocks every other method is compared with); the others follow by family, then by name.
+LEADING_METHODS = ("ce", "kd", "forward_kl", "reverse_kl", "js_divergence", "generalized_jsd", "skew_kl",
+                   "skew_reverse_kl", "total_variation", "alpha_beta_divergence", "sparse_forward_kl")
 
 
 #: name -> :class:`Registered`, for every method :func:`jaxkd.methods.parse` can build.
@@ -128,8 +134,13 @@ def method_table() -> str:
     """The README's method table (Markdown), one row per registered built-in method."""
     rows = ["| family | name (`methods.parse`) | paper | loss functions (`jaxkd.losses`) | status |",
             "|---|---|---|---|---|"]
-    folders = ("logit", "feature", "lm", "fusion", "")  # jaxkd.methods.FAMILIES; registration order within one
-    for entry in sorted(REGISTRY.values(), key=lambda e: folders.index(folder_of(e))):
+    folders = ("logit", "feature", "lm", "fusion", "")  # jaxkd.methods.FAMILIES, then user-registered ones
+
+    def order(entry: Registered):
+        lead = LEADING_METHODS.index(entry.name) if entry.name in LEADING_METHODS else len(LEADING_METHODS)
+        return folders.index(folder_of(entry)), lead, entry.name
+
+    for entry in sorted(REGISTRY.values(), key=order):
         if not entry.paper:  # user-registered methods are not part of the table
             continue
         losses = ", ".join(f"`{fn}`" for fn in entry.losses)

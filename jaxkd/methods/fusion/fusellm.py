@@ -17,7 +17,7 @@ from jaxkd.checks import check_choice, check_in_range, check_int
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.registry import register
-from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets
+from jaxkd.methods.lm.tokens import LM_KEYS, lm_targets
 
 __all__ = ["fusellm"]
 
@@ -65,4 +65,4 @@ def fusellm(
                                    top_k=top_k, mask=target_mask, normalizer=normalizer)
 
     return stateless_method(name, compute, weight=weight, participants=(student, *teachers),
-                            trained=(student,), batch_keys=_LM_KEYS)
+                            trained=(student,), batch_keys=LM_KEYS)

@@ -9,7 +9,7 @@ from jaxkd.checks import check_choice, check_int
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.registry import LOGIT_ROLES, register
-from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets
+from jaxkd.methods.lm.tokens import LM_KEYS, lm_targets
 
 __all__ = ["infigfusion"]
 
@@ -48,4 +48,4 @@ def infigfusion(
                                       mask=target_mask)
 
     return stateless_method(name, compute, weight=weight, participants=(student, teacher),
-                            trained=(student,), batch_keys=_LM_KEYS)
+                            trained=(student,), batch_keys=LM_KEYS)

@@ -12,7 +12,7 @@ from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import learner_rollout
 from jaxkd.methods.registry import register
-from jaxkd.methods.lm.tokens import _LM_KEYS
+from jaxkd.methods.lm.tokens import LM_KEYS
 
 __all__ = ["adpa"]
 
@@ -57,4 +57,4 @@ def adpa(
         return losses.adpa(shift_logits(s), shift_logits(t), shift_logits(r), top_k=top_k, mask=target_mask)
 
     return stateless_method(name, compute, weight=weight, participants=(teacher, reference), trained=(student,),
-                            batch_keys=_LM_KEYS)
+                            batch_keys=LM_KEYS)

@@ -11,7 +11,7 @@ from jaxkd.checks import check_in_range, check_nonnegative
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.registry import LOGIT_ROLES, register
-from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets
+from jaxkd.methods.lm.tokens import LM_KEYS, lm_targets
 
 __all__ = ["dac_kl", "identifier_spans"]
 
@@ -65,4 +65,4 @@ def dac_kl(
         return token_term + span_weight * span_term, {"span": span_term}
 
     return stateless_method(name, compute, weight=weight, participants=(student, teacher),
-                            trained=(student,), batch_keys=_LM_KEYS)
+                            trained=(student,), batch_keys=LM_KEYS)

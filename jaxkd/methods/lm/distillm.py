@@ -45,7 +45,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_int, check_nonnegative, check_number, check_positive
 from jaxkd.losses.core import Array
 from jaxkd.losses.lm.tokens import shift_logits
@@ -53,7 +52,7 @@ from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, W
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import learner_rollout
 from jaxkd.methods.registry import register
-from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets, token_divergence
+from jaxkd.methods.lm.tokens import LM_KEYS, lm_targets, token_divergence
 
 __all__ = [
     "DISTILLM_DATASET",
@@ -264,7 +263,7 @@ def distillm(
         return value, LossAux(metrics, schedule)
 
     return Method(name=name, loss=loss, init=init, weight=weight,
-                  needs=Needs(participants=(teacher,), trained=(student,), batch_keys=_LM_KEYS))
+                  needs=Needs(participants=(teacher,), trained=(student,), batch_keys=LM_KEYS))
 
 
 def observe_validation_loss(state, validation_loss: float, *, loss_eps: float = 0.1):

@@ -14,7 +14,7 @@ from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import generate_continuations, generated_target_mask
 from jaxkd.methods.registry import LOGIT_ROLES, register
-from jaxkd.methods.lm.tokens import _LM_KEYS, lm_targets, token_divergence
+from jaxkd.methods.lm.tokens import LM_KEYS, lm_targets, token_divergence
 
 __all__ = ["gkd"]
 
@@ -89,4 +89,4 @@ def gkd(
                        "generated_tokens": jnp.sum(target_mask[:num_generated]).astype(jnp.float32)}
 
     return stateless_method(name, compute, weight=weight, participants=(student, teacher),
-                            trained=(student,), batch_keys=_LM_KEYS)
+                            trained=(student,), batch_keys=LM_KEYS)

@@ -6,7 +6,7 @@ from jaxkd.checks import check_int, check_nonnegative
 from jaxkd.methods.base import Method, after, chain, multiply_weights, until
 from jaxkd.methods.lm.preference_kd import preference_kd
 from jaxkd.methods.registry import register
-from jaxkd.methods.lm.tokens import token_kd
+from jaxkd.methods.lm.token_kd import token_kd
 
 __all__ = ["llava_mod"]
 
@@ -36,7 +36,7 @@ def llava_mod(
     participants in the two roles of every term, as in :func:`~jaxkd.methods.kd`."""
     check_int("mimic_steps", mimic_steps, low=0)
     check_nonnegative("preference_weight", preference_weight)
-    from jaxkd.methods.lm.tokens import lm_ce
+    from jaxkd.methods.lm.lm_ce import lm_ce
 
     mimic = until(mimic_steps) * token_kd(divergence="forward_kl", student=student, teacher=teacher, name="mimic")
     preference = preference_kd(beta=beta, loss_type=loss_type, prompt_length=prompt_length, student=student, teacher=teacher,

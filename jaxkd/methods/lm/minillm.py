@@ -14,7 +14,7 @@ from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import generated_target_mask
 from jaxkd.methods.registry import register
-from jaxkd.methods.lm.tokens import _LM_KEYS
+from jaxkd.methods.lm.tokens import LM_KEYS
 
 __all__ = ["minillm"]
 
@@ -86,7 +86,7 @@ def minillm(
         return pg + (single if single_step else 0.0), {"pg": pg, "single_step": single}
 
     return stateless_method(name, compute, weight=weight, participants=(teacher,), trained=(student,),
-                            batch_keys=_LM_KEYS)
+                            batch_keys=LM_KEYS)
 
 
 class _TeacherMix:

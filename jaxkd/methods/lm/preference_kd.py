@@ -14,7 +14,7 @@ from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import generated_target_mask, learner_rollout
 from jaxkd.methods.registry import register
-from jaxkd.methods.lm.tokens import _LM_KEYS
+from jaxkd.methods.lm.tokens import LM_KEYS
 
 __all__ = ["preference_kd"]
 
@@ -81,4 +81,4 @@ def preference_kd(
         return value, {"reward_margin": jnp.sum(jnp.where(valid, margin, 0.0)) / jnp.maximum(jnp.sum(valid), 1)}
 
     return stateless_method(name, compute, weight=weight, participants=(teacher,), trained=(student,),
-                            batch_keys=_LM_KEYS)
+                            batch_keys=LM_KEYS)

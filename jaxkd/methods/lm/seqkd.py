@@ -10,7 +10,7 @@ from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import generate_continuations, generated_target_mask
-from jaxkd.methods.lm.tokens import _LM_KEYS
+from jaxkd.methods.lm.tokens import LM_KEYS
 from jaxkd.methods.registry import register
 
 __all__ = ["seqkd"]
@@ -58,4 +58,4 @@ def seqkd(
                                     mask=generated_target_mask(gen_mask, prompt_length))
 
     return stateless_method(name, compute, weight=weight, participants=(teacher,), trained=(student,),
-                            batch_keys=_LM_KEYS)
+                            batch_keys=LM_KEYS)
