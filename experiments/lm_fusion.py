@@ -42,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import losses
+from jaxkd.batch import MASK, TOKENS
 from jaxkd.data import ByteTokenizer, PackedText, bits_per_byte, count_byte_targets, pack_documents
 from jaxkd.data.text.stdlib_corpus import stdlib_corpus_texts
+from jaxkd.inference import sum_over_batches
 from jaxkd.models import fusion
 from jaxkd.models import lm as lm_models
 from experiments import config as config_lib
@@ -178,11 +180,10 @@ _fused_log_probs = jax.jit(fusion.fused_log_probs, static_argnums=1)
 
 def fused_bpb(members, combine, rows: dict[str, Any]) -> float:
     """Bits per byte of the fused model ``(members, combine)`` over the held-out rows (teacher forcing)."""
-    total = 0.0
-    for batch in rows["batches"]:
-        log_probs = _fused_log_probs(members, combine, batch["tokens"], batch["mask"])
-        total += float(_target_nats(log_probs, batch["tokens"], batch["mask"]))
-    return bits_per_byte(total, rows["num_bytes"])
+    nats = sum_over_batches(
+        lambda b: _target_nats(_fused_log_probs(members, combine, b[TOKENS], b[MASK]), b[TOKENS], b[MASK]),
+        rows["batches"])
+    return bits_per_byte(float(nats), rows["num_bytes"])
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -201,11 +202,8 @@ def _dlf_scores(members, combine, tokens, mask):
 
 def dlf_bpb_and_weights(members, combine, rows) -> tuple[float, list[float]]:
     """Bits per byte of dynamic logits fusion on the held-out rows and its mean weight per expert."""
-    nats, total, count = 0.0, 0.0, 0
-    for batch in rows["batches"]:
-        n, s, c = _dlf_scores(members, combine, batch["tokens"], batch["mask"])
-        nats, total, count = nats + float(n), total + np.asarray(s), count + int(c)
-    return bits_per_byte(nats, rows["num_bytes"]), [float(a) for a in total / count]
+    nats, total, count = sum_over_batches(lambda b: _dlf_scores(members, combine, b[TOKENS], b[MASK]), rows["batches"])
+    return bits_per_byte(float(nats), rows["num_bytes"]), [float(a) for a in np.asarray(total) / int(count)]
 
 
 _fused_generate = jax.jit(fusion.fused_generate, static_argnums=1,

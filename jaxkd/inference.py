@@ -13,7 +13,8 @@ bits per byte — so padding, batching and compiling are done once, the same way
 
 :func:`map_batches` yields per-example outputs batch by batch (for streaming writers), :func:`map_rows` maps
 row-aligned arrays and returns the stacked outputs, :func:`reduce_batches` sums per-batch sums on the device
-(statistics, scores) and fetches once.
+(statistics, scores) and fetches once; :func:`sum_over_batches` does the same for a jitted score that is not
+one participant's (decoding-time fusion of several models).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PyTree = Any
 #: ``fn(outputs, batch) -> pytree``: what is kept of a batch (per example, leading axis = batch; or sums).
 OutputFn = Callable[[Outputs, Mapping[str, jax.Array]], PyTree]
 
-__all__ = ["map_batches", "map_rows", "num_rows", "padded_batch", "reduce_batches"]
+__all__ = ["map_batches", "map_rows", "num_rows", "padded_batch", "reduce_batches", "sum_over_batches"]
 
 
 def num_rows(batch: Mapping[str, Any]) -> int:
@@ -120,6 +121,15 @@ def reduce_batches(participant: Participant, batches: Iterable[Mapping[str, Any]
     nats), accumulated on the device and fetched once. ``fn`` must give padded rows no weight (they are all
     zeros, with ``False`` masks; a batch with no mask is never padded unless it is shorter than the first)."""
     run, variables = _runner(participant, fn, name)
+    return sum_over_batches(lambda batch: run(variables, batch), batches, mesh=mesh)
+
+
+def sum_over_batches(score: Callable[[Mapping[str, jax.Array]], PyTree], batches: Iterable[Mapping[str, Any]], *,
+                     mesh=None) -> PyTree:
+    """The sum over batches of ``score(batch)``, for what is not one participant (several models decoded
+    together, a fused distribution): ``score`` is a jitted function of a batch returning per-batch sums.
+    Batches are padded and placed as :func:`reduce_batches` does (the same rule for padded rows), the sums
+    accumulated on the device and fetched once."""
     total, size = None, None
     for batch in batches:
         size = num_rows(batch) if size is None else size
@@ -127,8 +137,8 @@ def reduce_batches(participant: Participant, batches: Iterable[Mapping[str, Any]
         if have < size and not any(v.dtype == bool for v in padded.values()):
             raise ValueError("a shorter batch can be padded only when it carries a boolean mask to exclude the "
                              "padding (e.g. batch['mask'])")
-        out = run(variables, _place(padded, mesh))
+        out = score(_place(padded, mesh))
         total = out if total is None else jax.tree.map(jnp.add, total, out)
     if total is None:
-        raise ValueError("reduce_batches got no batches")
+        raise ValueError("no batches to sum over")
     return jax.device_get(total)

@@ -91,3 +91,25 @@ def test_bad_inputs_are_named(teacher):
     with pytest.raises(ValueError, match="more than the first batch's"):
         list(inference.map_batches(Participant(model, variables), [{"image": x[:2]}, {"image": x[:4]}],
                                    lambda o, b: o.logits))
+
+
+def test_sum_over_batches_scores_what_is_not_one_participant():
+    # Two "models" scored together (a fused score): the sum over a dataset of 7 rows in batches of 3, the last
+    # padded with masked rows that count nothing, equals the NumPy sum over the rows.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 4)).astype(np.float32)
+    w1, w2 = rng.normal(size=(4,)).astype(np.float32), rng.normal(size=(4,)).astype(np.float32)
+
+    @jax.jit
+    def score(batch):
+        fused = jnp.maximum(batch["x"] @ w1, batch["x"] @ w2)
+        return {"total": jnp.sum(jnp.where(batch["mask"], fused, 0.0)), "count": jnp.sum(batch["mask"])}
+
+    batches = [{"x": x[i:i + 3], "mask": np.ones(len(x[i:i + 3]), bool)} for i in range(0, 7, 3)]
+    out = inference.sum_over_batches(score, batches)
+    np.testing.assert_allclose(out["total"], np.maximum(x @ w1, x @ w2).sum(), rtol=1e-5)
+    assert int(out["count"]) == 7
+    with pytest.raises(ValueError, match="boolean mask"):
+        inference.sum_over_batches(lambda b: jnp.sum(b["x"]), [{"x": x[:3]}, {"x": x[3:5]}])
+    with pytest.raises(ValueError, match="no batches"):
+        inference.sum_over_batches(score, [])
