@@ -74,15 +74,19 @@ def _prefix(name: str) -> str:
     return "" if name == "student" else f"{name}_"
 
 
+def correct_and_count(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
+    """``(Σ w·[argmax z = y], Σ w)`` over the examples (``weights`` 0/1 or ``None``: all count): the sums of
+    top-1 accuracy, shared by the eval metric and the train step's running accuracy."""
+    weights = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * weights
+    return jnp.sum(correct), jnp.sum(weights)
+
+
 def top1() -> EvalMetric:
     """Top-1 accuracy of every evaluated participant: ``accuracy`` (the student), ``<name>_accuracy``."""
     def fn(view: EvalView) -> Sums:
-        out = {}
-        for name, logits in view.logits.items():
-            w = view.weights(logits)
-            correct = (jnp.argmax(logits, -1) == view.labels).astype(jnp.float32) * w
-            out[f"{_prefix(name)}accuracy"] = (jnp.sum(correct), jnp.sum(w))
-        return out
+        return {f"{_prefix(name)}accuracy": correct_and_count(logits, view.labels, view.weights(logits))
+                for name, logits in view.logits.items()}
 
     return EvalMetric("top1", fn, needs_labels=True)
 

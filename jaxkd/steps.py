@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from jaxkd import sharding as shd
 from jaxkd.checks import check_choice, check_int, check_label_values
-from jaxkd.eval_metrics import EvalMetric, EvalView, top1
+from jaxkd.eval_metrics import EvalMetric, EvalView, correct_and_count, top1
 from jaxkd.losses.core import combine_masks
 from jaxkd.batch import LABELED, MASK, is_normalizer_key
 from jaxkd.methods.base import LossInputs, MethodVars, StepInfo, require
@@ -110,13 +110,6 @@ def _labels_and_mask(state: TrainState, batch: Mapping[str, jax.Array]):
     return labels, valid
 
 
-def _accuracy_terms(logits: jax.Array, labels: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(number correct, number of valid examples)."""
-    valid = jnp.ones(labels.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * valid
-    return jnp.sum(correct), jnp.sum(valid)
-
-
 def _all_finite(tree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.array(True)
@@ -191,7 +184,7 @@ def _batch_metrics(state: TrainState, batch, trained_out) -> tuple[jax.Array, Me
     if labels is not None and jnp.issubdtype(labels.dtype, jnp.integer):
         status = _label_status(labels, valid, state.num_classes)
         for name, out in trained_out.items():
-            correct, count = _accuracy_terms(out.logits, labels, valid)
+            correct, count = correct_and_count(out.logits, labels, valid)
             metrics["accuracy" if name == STUDENT else f"{name}/accuracy"] = correct / jnp.maximum(count, 1.0)
     return status, metrics
 
