@@ -11,6 +11,13 @@ and :mod:`jaxkd.losses` never sees a batch (its functions take arrays).
 * :data:`LABELED`: which examples carry a label in a semi-supervised batch (absent: all do).
 * :data:`INDEX`: each example's row in its dataset (a per-example memory bank, e.g. CRD's).
 * :data:`TOKENS`: a language model's token ids ``[B, T]``.
+* :data:`SEGMENT_IDS`, :data:`POSITIONS`: for rows packing several documents, each token's document within
+  its row (``1, 2, …``; 0 on padding) and its position inside that document (restarting at 0). A model reading
+  them attends only within a document; the targets never cross a document boundary (:func:`target_mask`).
+* :data:`LOSS_MASK`: which tokens count as targets ``[B, T]`` (True: completion or assistant tokens; False:
+  prompt tokens), TRL's completion-only loss (``DataCollatorForCompletionOnlyLM``,
+  ``SFTConfig(completion_only_loss=True)``'s ``completion_mask``, ``assistant_only_loss``'s
+  ``assistant_masks``). Absent: every real token counts.
 * Global counts (entries named ``*normalizer``, :data:`TOKEN_NORMALIZER`): per example, a global count over
   the global batch size, so a mean over tokens stays exact when the train step splits the batch into
   micro-batches (:func:`token_normalizer`). The step spreads such entries evenly before splitting
@@ -30,10 +37,14 @@ __all__ = [
     "INDEX",
     "LABEL",
     "LABELED",
+    "LOSS_MASK",
     "MASK",
+    "POSITIONS",
+    "SEGMENT_IDS",
     "TOKENS",
     "TOKEN_NORMALIZER",
     "batch_normalizer",
+    "batch_target_mask",
     "is_normalizer_key",
     "normalizer_key_of",
     "target_mask",
@@ -50,19 +61,60 @@ LABELED = "labeled"
 #: Each example's row in its dataset.
 INDEX = "index"
 TOKENS = "tokens"
+#: Each token's document within its packed row ``[B, T]`` (``1, 2, …``; 0 on padding).
+SEGMENT_IDS = "segment_ids"
+#: Each token's position within its document ``[B, T]`` (restarting at 0 for every packed document).
+POSITIONS = "positions"
+#: Which tokens count as targets ``[B, T]`` (completion-only loss: False on prompt tokens).
+LOSS_MASK = "loss_mask"
 #: The per-example share of the global target-token count of the tokenization under :data:`TOKENS`.
 TOKEN_NORMALIZER = "token_normalizer"
 
 
-def target_mask(mask: Any) -> Any:
+def target_mask(mask: Any, segment_ids: Any = None, loss_mask: Any = None) -> Any:
     """Which next-token targets count, ``[B, T − 1]``: position ``t`` predicts token ``t + 1``, and counts when
-    both are real (``mask[:, 1:] & mask[:, :-1]``: left padding, right padding and holes alike). NumPy in,
-    NumPy out; JAX arrays stay JAX arrays."""
-    xp = jnp if isinstance(mask, jax.Array) else np
+    both are real (``mask[:, 1:] & mask[:, :-1]``: left padding, right padding and holes alike), both lie in
+    the same document when ``segment_ids`` are given (the last token of a packed document predicts nothing:
+    ``segment_ids[:, 1:] == segment_ids[:, :-1]``), and the target is a loss token when ``loss_mask`` is
+    given (``loss_mask[:, 1:]``: prompt tokens are never targets). NumPy in, NumPy out; JAX arrays stay JAX
+    arrays."""
+    xp = jnp if any(isinstance(a, jax.Array) for a in (mask, segment_ids, loss_mask)) else np
     mask = xp.asarray(mask, bool)
     if mask.ndim != 2:
         raise ValueError(f"a token mask must be [batch, length], got shape {mask.shape}")
-    return mask[:, 1:] & mask[:, :-1]
+    out = mask[:, 1:] & mask[:, :-1]
+    if segment_ids is not None:
+        segment_ids = xp.asarray(segment_ids)
+        if segment_ids.shape != mask.shape:
+            raise ValueError(f"segment_ids must have the mask's shape {mask.shape}, got {segment_ids.shape}")
+        out = out & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    if loss_mask is not None:
+        loss_mask = xp.asarray(loss_mask, bool)
+        if loss_mask.shape != mask.shape:
+            raise ValueError(f"loss_mask must have the mask's shape {mask.shape}, got {loss_mask.shape}")
+        out = out & loss_mask[:, 1:]
+    return out
+
+
+def _prefixed(tokens_key: str, key: str) -> str:
+    """``key`` for the tokenization under ``tokens_key``: ``"segment_ids"`` for ``"tokens"``,
+    ``"student_segment_ids"`` for ``"student_tokens"``."""
+    if not isinstance(tokens_key, str) or not tokens_key.endswith(TOKENS):
+        return key
+    return tokens_key[: -len(TOKENS)] + key
+
+
+def batch_target_mask(batch: Mapping[str, Any], tokens_key: str = TOKENS, mask_key: str | None = None) -> Any:
+    """:func:`target_mask` of the ``tokens_key`` rows of ``batch``: its token mask (``mask_key``, default
+    :data:`MASK` with ``tokens_key``'s prefix, e.g. ``"student_mask"``; absent: all real), and its
+    :data:`SEGMENT_IDS` and :data:`LOSS_MASK` (same prefix) when the batch carries them."""
+    mask = batch.get(_prefixed(tokens_key, MASK) if mask_key is None else mask_key)
+    if mask is None:
+        tokens = batch[tokens_key]
+        xp = jnp if isinstance(tokens, jax.Array) else np
+        mask = xp.ones(np.shape(tokens), bool)
+    return target_mask(mask, batch.get(_prefixed(tokens_key, SEGMENT_IDS)),
+                       batch.get(_prefixed(tokens_key, LOSS_MASK)))
 
 
 def token_normalizer(target_mask) -> np.ndarray:
@@ -107,5 +159,6 @@ def batch_normalizer(batch: Mapping[str, Any], key: str = TOKEN_NORMALIZER) -> j
 def with_token_normalizer(batch: Mapping[str, Any], tokens_key: str = TOKENS,
                           mask_key: str = MASK) -> dict[str, Any]:
     """``batch`` plus the global target-token count of its ``tokens_key`` rows under
-    :func:`normalizer_key_of` ``(tokens_key)`` (host side, before any split)."""
-    return {**batch, normalizer_key_of(tokens_key): token_normalizer(target_mask(batch[mask_key]))}
+    :func:`normalizer_key_of` ``(tokens_key)`` (host side, before any split); document boundaries
+    (:data:`SEGMENT_IDS`) and prompt tokens (:data:`LOSS_MASK`) are not counted (:func:`batch_target_mask`)."""
+    return {**batch, normalizer_key_of(tokens_key): token_normalizer(batch_target_mask(batch, tokens_key, mask_key))}

@@ -34,7 +34,11 @@ instead of NaN: padded positions' outputs are finite and meaningless (but the sa
 clipped into ``[0, V)`` (values cannot be checked under ``jit``). Default positions are
 ``max(cumsum(mask) - 1, 0)`` along the sequence: the first real token of every row is at position 0,
 so a left-padded prompt is embedded exactly like the unpadded one (and right-padded continuations
-continue from the last real token); an explicit ``positions`` input overrides them.
+continue from the last real token); an explicit ``positions`` input overrides them. An optional
+``"segment_ids"`` input (int ``[B, T]``, :data:`jaxkd.batch.SEGMENT_IDS`, one id per packed document of a
+row) restricts attention to keys of the query's own segment, and the default positions then restart at 0
+in every segment: a packed document is computed as if it were alone in its row (the packing of
+``DataCollatorWithFlattening`` in transformers/TRL's ``padding_free``, here with an explicit mask).
 
 Features sown (``"intermediates"``): ``block0`` … ``block{L-1}`` (the ``[B, T, d]`` residual stream
 after each block, compute dtype) and ``hidden`` (the final-normed ``[B, T, d]`` states, the input of
@@ -377,10 +381,11 @@ class KVCache:
 def _parse_inputs(x: Any, config: LMConfig) -> tuple[Array, Array, Array | None]:
     """``(tokens [B, T] int32, mask [B, T] bool, positions [B, T] int32 or None)`` with checks."""
     if isinstance(x, Mapping):
-        unknown = sorted(set(x) - {"tokens", "mask", "positions"})
+        unknown = sorted(set(x) - {"tokens", "mask", "positions", "segment_ids"})
         if unknown or "tokens" not in x:
             raise ValueError(
-                f"TransformerLM input must be a dict with 'tokens' and optionally 'mask' and 'positions'; got "
+                f"TransformerLM input must be a dict with 'tokens' and optionally 'mask', 'positions' and "
+                f"'segment_ids'; got "
                 f"keys {sorted(x)}" + (f" (unknown: {unknown})" if unknown else "")
             )
         tokens, mask, positions = x["tokens"], x.get("mask"), x.get("positions")
@@ -418,6 +423,27 @@ def _default_positions(mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def _segment_ids(x: Any, shape: tuple[int, ...]) -> Array | None:
+    """The optional ``"segment_ids"`` input (int32 ``[B, T]``, checked), or ``None``."""
+    segment_ids = x.get("segment_ids") if isinstance(x, Mapping) else None
+    if segment_ids is None:
+        return None
+    segment_ids = jnp.asarray(segment_ids)
+    if segment_ids.shape != shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers of the tokens' shape {shape}, got "
+                         f"{segment_ids.dtype} {segment_ids.shape}")
+    return segment_ids.astype(jnp.int32)
+
+
+def _segment_positions(mask: Array, segment_ids: Array) -> Array:
+    """Each real token's index among the real tokens of its segment (0, 1, … per packed document)."""
+    count = jnp.cumsum(mask.astype(jnp.int32), axis=1)  # real tokens up to and including t
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    before = jax.lax.cummax(jnp.where(starts, count - mask.astype(jnp.int32), 0), axis=1)
+    return jnp.maximum(count - before - 1, 0)
+
+
 class TransformerLM(nn.Module):
     """Decoder-only transformer LM (see the module docstring). ``__call__(x, train)`` returns float32
     logits ``[B, T, V]``; with ``cache=`` (a :class:`KVCache`) it writes the tokens into the cache and
@@ -430,6 +456,7 @@ class TransformerLM(nn.Module):
         del train  # no dropout
         cfg = self.config
         tokens, mask, positions = _parse_inputs(x, cfg)
+        segment_ids = _segment_ids(x, tokens.shape)
         b, t = tokens.shape
         embedding = _param(self, "embedding", nn.initializers.normal(cfg.d_model ** -0.5),
                            (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
@@ -439,9 +466,12 @@ class TransformerLM(nn.Module):
 
         if cache is None:
             if positions is None:
-                positions = _default_positions(mask)
+                positions = _default_positions(mask) if segment_ids is None else _segment_positions(mask, segment_ids)
             key_mask, query_slots, num_slots = mask, jnp.arange(t), t
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) cannot be written into a KV cache: decode one "
+                                 "document per row")
             if t > cache.length:
                 raise ValueError(f"{t} tokens do not fit a KV cache of {cache.length} slots")
             if positions is None:
@@ -450,6 +480,8 @@ class TransformerLM(nn.Module):
             query_slots, num_slots = cache.index + jnp.arange(t), cache.length
         # Query t (at slot query_slots[t]) reads the real keys at slots up to its own.
         allowed = key_mask[:, None, :] & (jnp.arange(num_slots)[None, None, :] <= query_slots[None, :, None])
+        if segment_ids is not None:  # packed documents: a query reads only its own document's keys
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         cos, sin = _rope_angles(positions, cfg)
 
         keys, values = (None, None) if cache is None else (cache.keys, cache.values)

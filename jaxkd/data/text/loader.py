@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxkd.batch import INDEX, MASK, TOKENS
+from jaxkd.batch import INDEX, LOSS_MASK, MASK, POSITIONS, SEGMENT_IDS, TOKENS, target_mask
 from jaxkd.checks import check_int
 from jaxkd.data.grain_loader import GrainLoader, Position
 from jaxkd.data.text.tokenizer import PAD_ID
@@ -27,9 +27,10 @@ class _TextBatchMaker:
 
     def __init__(
         self, tokens, mask, *, batch_size, shuffle, seed, drop_remainder, steps_per_epoch,
-        process_index, process_count, with_index, teacher_cache, pad,
+        process_index, process_count, with_index, teacher_cache, pad, extras=None,
     ):
         self.tokens, self.mask = tokens, mask
+        self.extras = dict(extras or {})  # segment_ids / positions / loss_mask, [N, T] each
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_remainder, self.steps_per_epoch = drop_remainder, steps_per_epoch
         self.local_batch_size = batch_size // process_count
@@ -51,12 +52,18 @@ class _TextBatchMaker:
         # rows of a last partial batch have none), then keep this process's share.
         global_mask = np.zeros((b, self.mask.shape[1]), bool)
         global_mask[: rows.shape[0]] = self.mask[rows]
-        share = token_normalizer(global_mask[:, 1:] & global_mask[:, :-1])[lo : lo + local]
+        extras = {}
+        for key, values in self.extras.items():  # padding rows: segment 0, position 0, no loss token
+            extras[key] = np.zeros((b, values.shape[1]), values.dtype)
+            extras[key][: rows.shape[0]] = values[rows]
+        share = token_normalizer(target_mask(global_mask, extras.get(SEGMENT_IDS), extras.get(LOSS_MASK)))
+        share = share[lo : lo + local]
         idx = rows[lo : lo + local]
         have = idx.shape[0]
         tokens = np.full((local, self.tokens.shape[1]), self.pad, np.int32)
         tokens[:have] = self.tokens[idx]
         out = {TOKENS: tokens, MASK: global_mask[lo : lo + local], TOKEN_NORMALIZER_KEY: share}
+        out.update({key: values[lo : lo + local] for key, values in extras.items()})
         if self.with_index:
             index = np.zeros((local,), np.int32)
             index[:have] = idx
@@ -97,6 +104,11 @@ class TextLoader(GrainLoader):
     last batch is padded with rows whose mask is all False (tokens ``pad``).  ``with_index=True`` adds
     ``"index": int32 [b]`` (the rows' indices; 0 on padding rows); ``teacher_cache`` adds its
     ``"topk_indices"``/``"topk_log_probs"`` ``[b, T_cache, k]`` of the same rows (padding rows: zero mass).
+    ``segment_ids``/``positions`` (packed documents, :func:`jaxkd.data.pack_documents` ``(segment_ids=True)``)
+    and ``loss_mask`` (completion-only loss, :mod:`jaxkd.data.text.chat`) are passed through under the same
+    names (padding rows: 0 / 0 / False), and the normalizer counts only the targets they leave
+    (:func:`jaxkd.batch.target_mask`). A mapping ``tokens`` (a :class:`~jaxkd.data.PackedText`, a
+    :func:`~jaxkd.data.pack_documents` or :func:`~jaxkd.data.chat_rows` dict) gives all of them at once.
 
     Args:
         tokens: integer ``[N, T]``, e.g. :func:`jaxkd.data.pack_documents`'s or a :class:`jaxkd.data.PackedText`'s.
@@ -107,6 +119,8 @@ class TextLoader(GrainLoader):
         with_index: also yield the rows' indices.
         teacher_cache: a :class:`jaxkd.data.text.teacher_cache.TopKCache` with one sequence per row.
         pad: the id filling padding rows (default :data:`jaxkd.data.PAD_ID`; the mask says what is padding).
+        segment_ids, positions: integer ``[N, T]``, each token's packed document and its position in it.
+        loss_mask: bool ``[N, T]``, which tokens count as targets (False: prompt tokens).
 
     Raises:
         ValueError: a bad argument (the message names it), or a teacher cache whose length differs
@@ -116,7 +130,7 @@ class TextLoader(GrainLoader):
     def __init__(
         self,
         tokens,
-        mask,
+        mask=None,
         *,
         batch_size: int,
         shuffle: bool = True,
@@ -131,7 +145,20 @@ class TextLoader(GrainLoader):
         with_index: bool = False,
         teacher_cache=None,
         pad: int = PAD_ID,
+        segment_ids=None,
+        positions=None,
+        loss_mask=None,
     ):
+        if not isinstance(tokens, np.ndarray) and hasattr(tokens, "keys"):  # a packed/chat mapping
+            rows = tokens
+            tokens = rows[TOKENS]
+            mask = rows[MASK] if mask is None else mask
+            keys = set(rows.keys())
+            segment_ids = rows[SEGMENT_IDS] if segment_ids is None and SEGMENT_IDS in keys else segment_ids
+            positions = rows[POSITIONS] if positions is None and POSITIONS in keys else positions
+            loss_mask = rows[LOSS_MASK] if loss_mask is None and LOSS_MASK in keys else loss_mask
+        if mask is None:
+            raise ValueError("TextLoader needs a mask (or a mapping with 'tokens' and 'mask')")
         # The geometry, processes, workers and position are GrainLoader's _set_iteration/_start; the methods
         # inherited use only those fields and self._maker.
         tokens = np.asarray(tokens)
@@ -145,6 +172,17 @@ class TextLoader(GrainLoader):
         if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
             raise ValueError(f"tokens must be ids in [0, 2**31), got [{tokens.min()}, {tokens.max()}]")
         check_int("pad", pad, low=0)
+        extras = {}
+        for key, values, kind in ((SEGMENT_IDS, segment_ids, "int"), (POSITIONS, positions, "int"),
+                                  (LOSS_MASK, loss_mask, "bool")):
+            if values is None:
+                continue
+            values = np.asarray(values)
+            ok = values.dtype == bool if kind == "bool" else np.issubdtype(values.dtype, np.integer)
+            if values.shape != tokens.shape or not ok:
+                raise ValueError(f"{key} must be {kind} with the tokens' shape {tokens.shape}, got "
+                                 f"{values.dtype} {values.shape}")
+            extras[key] = values if kind == "bool" else values.astype(np.int32)
         if teacher_cache is not None and len(teacher_cache) != tokens.shape[0]:
             raise ValueError(
                 f"teacher_cache has {len(teacher_cache)} sequences, the tokens {tokens.shape[0]} rows:"
@@ -161,7 +199,7 @@ class TextLoader(GrainLoader):
             self.tokens, self.mask, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
             drop_remainder=drop_remainder, steps_per_epoch=self.steps_per_epoch,
             process_index=self.process_index, process_count=self.process_count, with_index=bool(with_index),
-            teacher_cache=teacher_cache, pad=int(pad),
+            teacher_cache=teacher_cache, pad=int(pad), extras=extras,
         )
         self._start(start)
 

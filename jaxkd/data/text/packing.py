@@ -17,6 +17,17 @@ Packing
     The next-token convention of :mod:`jaxkd.losses.lm.tokens`: logits at position ``t`` score token
     ``t + 1``; the targets are ``tokens[:, 1:]`` and the target mask is ``mask[:, 1:] & mask[:, :-1]``.
     So the first token of every row is never a target.
+
+Segment ids
+    ``pack_documents(..., segment_ids=True)`` also returns each token's document within its row
+    (``"segment_ids"``: ``1, 2, …``; 0 on padding) and its position inside it (``"positions"``, restarting
+    at 0 with every document).  A model reading them (:mod:`jaxkd.models.lm`) attends only within a
+    document and embeds its positions as if it were alone, and the targets do not cross a boundary
+    (:func:`jaxkd.batch.target_mask`: the ``EOS`` of a document predicts nothing): the packed rows then
+    train exactly like the same documents padded one per row, with no padding compute (the
+    ``position_ids`` of transformers' ``DataCollatorWithFlattening`` / TRL's ``padding_free``, and the
+    segment ids of Krell et al., 2021, "Efficient Sequence Packing without Cross-contamination").  The part
+    of a document continued on the next row is a document of that row (positions from 0 again).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from jaxkd.batch import MASK, TOKENS
+from jaxkd.batch import MASK, POSITIONS, SEGMENT_IDS, TOKENS
 from jaxkd.checks import check_int
 from jaxkd.data.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -40,6 +51,7 @@ def pack_documents(
     bos: int = BOS_ID,
     eos: int = EOS_ID,
     pad: int = PAD_ID,
+    segment_ids: bool = False,
 ) -> dict[str, np.ndarray]:
     """Packs tokenized documents into rows of ``seq_len`` (GPT-2 style; see the module docstring).
 
@@ -52,9 +64,12 @@ def pack_documents(
         docs: documents, each a 1-D sequence of integer ids (possibly empty).
         seq_len: tokens per row, an integer ``>= 2`` (a row needs an input and a target).
         bos, eos, pad: the special ids (default :class:`~jaxkd.data.ByteTokenizer`'s).
+        segment_ids: also return ``"segment_ids"`` and ``"positions"`` (int32 ``[N, seq_len]``: each
+            token's document within its row, 1, 2, … and 0 on padding; its position in that document).
 
     Returns:
-        ``{"tokens": int32 [N, seq_len], "mask": bool [N, seq_len]}``.
+        ``{"tokens": int32 [N, seq_len], "mask": bool [N, seq_len]}`` (plus ``"segment_ids"`` and
+        ``"positions"`` with ``segment_ids=True``).
 
     Raises:
         ValueError: ``docs`` is empty, a document is not a 1-D integer sequence, or ``seq_len < 2``.
@@ -62,7 +77,7 @@ def pack_documents(
     check_int("seq_len", seq_len, low=2)
     for name, value in (("bos", bos), ("eos", eos), ("pad", pad)):
         check_int(name, value, low=0)
-    pieces = []
+    pieces, doc_index = [], []
     special_bos = np.array([bos], np.int32)
     special_eos = np.array([eos], np.int32)
     int32 = np.iinfo(np.int32)
@@ -75,6 +90,7 @@ def pack_documents(
         if arr.size and (arr.min() < 0 or arr.max() > int32.max):
             raise ValueError(f"docs[{i}] has ids outside [0, 2**31): [{arr.min()}, {arr.max()}]")
         pieces += [special_bos, arr.astype(np.int32), special_eos]
+        doc_index.append(np.full((arr.shape[0] + 2,), i, np.int64))
     if not pieces:
         raise ValueError("docs is empty: nothing to pack")
     stream = np.concatenate(pieces)
@@ -83,7 +99,19 @@ def pack_documents(
     tokens[: stream.shape[0]] = stream
     mask = np.zeros((rows * seq_len,), bool)
     mask[: stream.shape[0]] = True
-    return {TOKENS: tokens.reshape(rows, seq_len), MASK: mask.reshape(rows, seq_len)}
+    out = {TOKENS: tokens.reshape(rows, seq_len), MASK: mask.reshape(rows, seq_len)}
+    if segment_ids:
+        doc = np.full((rows * seq_len,), -1, np.int64)
+        doc[: stream.shape[0]] = np.concatenate(doc_index)
+        doc = doc.reshape(rows, seq_len)
+        starts = np.ones(doc.shape, bool)
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        real = out[MASK]
+        out[SEGMENT_IDS] = np.where(real, np.cumsum(starts & real, axis=1), 0).astype(np.int32)
+        column = np.broadcast_to(np.arange(seq_len), doc.shape)
+        first = np.maximum.accumulate(np.where(starts, column, 0), axis=1)
+        out[POSITIONS] = np.where(real, column - first, 0).astype(np.int32)
+    return out
 
 
 
@@ -101,9 +129,10 @@ class PackedText:
         num_text_bytes: bytes of text of those documents (the targets cover all but the first token
             of each row).
         paths: the documents' names, in packing order.
+        segment_ids, positions: int32 ``[N, seq_len]`` or ``None`` (``pack_documents(..., segment_ids=True)``).
 
-    ``packed["tokens"]`` / ``packed["mask"]`` give the arrays, so it can be used where a
-    ``dict[str, np.ndarray]`` is expected.
+    ``packed["tokens"]`` / ``packed["mask"]`` (and ``"segment_ids"``/``"positions"`` when set) give the
+    arrays, so it can be used where a ``dict[str, np.ndarray]`` is expected.
     """
 
     tokens: np.ndarray
@@ -112,12 +141,14 @@ class PackedText:
     num_documents: int
     num_text_bytes: int
     paths: tuple[str, ...] = ()
+    segment_ids: np.ndarray | None = None
+    positions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
     def keys(self):
-        return (TOKENS, MASK)
+        return tuple(self.as_dict())
 
     def items(self):
         return self.as_dict().items()
@@ -126,4 +157,9 @@ class PackedText:
         return self.as_dict()[key]
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {TOKENS: self.tokens, MASK: self.mask}
+        out = {TOKENS: self.tokens, MASK: self.mask}
+        if self.segment_ids is not None:
+            out[SEGMENT_IDS] = self.segment_ids
+        if self.positions is not None:
+            out[POSITIONS] = self.positions
+        return out

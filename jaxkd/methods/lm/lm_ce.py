@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxkd import losses
 from jaxkd.checks import check_in_range
-from jaxkd.batch import MASK, TOKENS, batch_normalizer, normalizer_key_of
+from jaxkd.batch import MASK, TOKENS, batch_normalizer, batch_target_mask, normalizer_key_of
 from jaxkd.losses.lm.tokens import next_token_targets, shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
 from jaxkd.methods.registry import register
@@ -22,12 +22,16 @@ def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS, mask_key: s
     tokenizer reads e.g. ``"student_tokens"``); ``normalizer_key`` the global target count of that
     tokenization (default :func:`jaxkd.batch.normalizer_key_of` ``(tokens_key)``: ``"token_normalizer"``,
     ``"student_token_normalizer"``...; when the batch lacks it the mean is over the (micro-)batch's own
-    targets). Registry ``"lm_ce"``."""
+    targets). Targets crossing a packed document boundary (``"segment_ids"``) and prompt targets
+    (``"loss_mask"``, completion-only loss) do not count (:func:`jaxkd.batch.batch_target_mask`).
+    Registry ``"lm_ce"``."""
     check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
     count_key = normalizer_key_of(tokens_key) if normalizer_key is None else normalizer_key
 
     def compute(inputs: LossInputs, rng):
         targets, target_mask = next_token_targets(inputs.batch[tokens_key], inputs.batch.get(mask_key))
+        # Packed documents' boundaries and prompt tokens (segment_ids / loss_mask, when the batch has them).
+        target_mask = target_mask & batch_target_mask(inputs.batch, tokens_key, mask_key)
         # Each tokenization has its own global count (a second tokenization holds other tokens).
         normalizer = batch_normalizer(inputs.batch, count_key)
         logits = inputs.output(participant, method=name).logits

@@ -20,7 +20,7 @@ import jax
 
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_in_range, check_temperature
-from jaxkd.batch import MASK, TOKENS, batch_normalizer
+from jaxkd.batch import MASK, TOKENS, batch_normalizer, batch_target_mask
 from jaxkd.losses.lm.tokens import next_token_targets
 from jaxkd.methods.base import LossInputs
 from jaxkd.methods.features import participant_variables
@@ -45,9 +45,13 @@ TOKEN_DIVERGENCES: dict[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] =
 
 def lm_targets(batch: Mapping[str, Any], tokens_key: str = TOKENS) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(targets [B, T-1], target_mask [B, T-1], normalizer)`` of an LM batch: the next tokens, which
-    positions have a real input and a real target, and the global target count (``None`` when the batch
-    does not carry it: the mean is then over this batch's targets)."""
+    positions have a real input and a real target — in the same packed document when the batch carries
+    :data:`jaxkd.batch.SEGMENT_IDS`, and a loss token when it carries :data:`jaxkd.batch.LOSS_MASK`
+    (completion-only loss: prompt tokens are never targets; :func:`jaxkd.batch.batch_target_mask`) — and
+    the global target count (``None`` when the batch does not carry it: the mean is then over this batch's
+    targets)."""
     targets, target_mask = next_token_targets(batch[tokens_key], batch.get(MASK))
+    target_mask = target_mask & batch_target_mask(batch, tokens_key, MASK)
     return targets, target_mask, batch_normalizer(batch)
 
 
