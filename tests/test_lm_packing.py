@@ -137,3 +137,69 @@ def test_text_loader_passes_segment_ids_and_counts_within_documents():
     expected = target_mask(packed[MASK], None, loss_mask).sum()
     np.testing.assert_allclose(batch[TOKEN_NORMALIZER].sum(), expected, rtol=1e-6)
     assert batch[LOSS_MASK].dtype == bool
+
+
+# Completion-only loss: rows of prompt + completion, the prompt tokens never targets.
+LOSS_TOKENS = rng.integers(3, V, size=(3, T)).astype(np.int32)
+LOSS_ROW_MASK = np.arange(T)[None] < np.array([[12], [9], [7]])
+PROMPT_LENGTHS = np.array([[5], [2], [4]])
+COMPLETION = (np.arange(T)[None] >= PROMPT_LENGTHS) & LOSS_ROW_MASK
+
+
+def completion_batch(loss_mask):
+    batch = {TOKENS: LOSS_TOKENS, MASK: LOSS_ROW_MASK, LOSS_MASK: loss_mask}
+    return {**batch, TOKEN_NORMALIZER: token_normalizer(batch_target_mask(batch))}
+
+
+def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_loss_mask_counts_only_completion_targets():
+    batch = completion_batch(COMPLETION)
+    # Targets are tokens 1..len-1 of each row that are completion tokens: 12-5, 9-2, 7-4.
+    np.testing.assert_array_equal(batch_target_mask(batch).sum(axis=1), [7, 7, 3])
+    np.testing.assert_allclose(batch[TOKEN_NORMALIZER], np.full(3, 17 / 3), rtol=1e-6)
+    _, mask, normalizer = lm_targets({k: jnp.asarray(v) for k, v in batch.items()})
+    assert int(mask.sum()) == 17 and float(normalizer) == 17.0
+    # Packing and a loss mask together: both apply.
+    packed = pack_documents([[5, 6], [7]], 7, bos=1, eos=2, pad=0, segment_ids=True)
+    loss_mask = np.array([[0, 0, 1, 1, 0, 1, 1]], bool)
+    expected = [[0, 1, 1, 0, 1, 1]]
+    np.testing.assert_array_equal(target_mask(packed[MASK], packed[SEGMENT_IDS], loss_mask), expected)
+    np.testing.assert_array_equal(batch_target_mask({**packed, LOSS_MASK: loss_mask}), expected)
+
+
+def test_completion_only_lm_ce_and_token_kd_against_numpy():
+    batch = completion_batch(COMPLETION)
+    x = {TOKENS: LOSS_TOKENS, MASK: LOSS_ROW_MASK}
+    ls = log_softmax(MODEL.apply(VARS[0], x, train=False).logits)[:, :-1]
+    lt = log_softmax(MODEL.apply(VARS[1], x, train=False).logits)[:, :-1]
+    weights = (LOSS_ROW_MASK[:, 1:] & LOSS_ROW_MASK[:, :-1] & COMPLETION[:, 1:]).astype(np.float64)
+    assert weights.sum() == 17
+    nll = -np.take_along_axis(ls, LOSS_TOKENS[:, 1:, None], -1)[..., 0]
+    forward_kl = (np.exp(lt) * (lt - ls)).sum(-1)
+    for method, expected in ((methods.lm_ce(), (nll * weights).sum() / 17),
+                             (methods.token_kd(divergence="forward_kl"), (forward_kl * weights).sum() / 17)):
+        value, _ = loss_and_grad(method, batch, (TOKENS, MASK))
+        np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+
+
+def test_every_token_method_splits_over_prompt_and_completion_targets():
+    """For a per-token mean, L(all)·N(all) = L(completion)·N(completion) + L(prompt)·N(prompt): each method
+    sums exactly the targets its loss mask leaves."""
+    prompt = ~COMPLETION & LOSS_ROW_MASK
+    n_all, n_completion = int(target_mask(LOSS_ROW_MASK).sum()), 17
+    n_prompt = int(target_mask(LOSS_ROW_MASK, None, prompt).sum())
+    assert n_all == n_completion + n_prompt == 25 and n_prompt == 8
+    for method in (methods.lm_ce(), methods.token_kd(divergence="reverse_kl"),
+                   methods.sparse_token_kd(k=4), methods.taid(total_steps=10, tokens=True),
+                   methods.gkd(lmbda=0.0, prompt_length=2)):
+        everything, _ = loss_and_grad(method, completion_batch(LOSS_ROW_MASK), (TOKENS, MASK))
+        completion, _ = loss_and_grad(method, completion_batch(COMPLETION), (TOKENS, MASK))
+        prompts, _ = loss_and_grad(method, completion_batch(prompt), (TOKENS, MASK))
+        np.testing.assert_allclose(float(completion) * n_completion + float(prompts) * n_prompt,
+                                   float(everything) * n_all, rtol=1e-5, err_msg=method.name)
+        assert abs(float(completion) - float(everything)) > 1e-4, method.name

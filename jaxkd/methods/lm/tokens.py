@@ -6,6 +6,9 @@ An LM batch is ``{"tokens": int32 [B, T], "mask": bool [B, T]}`` (plus the globa
 :data:`jaxkd.batch.TOKEN_NORMALIZER`); LM participants read ``("tokens", "mask")``. Every
 token method scores position ``t``'s logits against token ``t + 1`` (:func:`jaxkd.losses.next_token_targets`)
 and averages over the target tokens of the whole batch — exact under gradient accumulation and sharding.
+A batch may also carry :data:`jaxkd.batch.SEGMENT_IDS` (packed documents: no target crosses a boundary) and
+:data:`jaxkd.batch.LOSS_MASK` (completion-only loss, TRL's ``completion_only_loss``/``assistant_only_loss``:
+prompt tokens are never targets); :func:`lm_targets` honours both, so every method built on it does.
 
 The token divergences are the ones of :mod:`jaxkd.losses` applied per token (nothing is rewritten);
 ``fused=True`` computes the same value from the models' final hidden states and output projections in
