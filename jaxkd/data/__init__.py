@@ -7,6 +7,8 @@
   :mod:`~jaxkd.data.images.digits`, the ``digits`` builder (scikit-learn's bundled 8x8 images, no download).
 * :mod:`jaxkd.data.text` — text for LMs: :mod:`~jaxkd.data.text.tokenizer` (the byte tokenizer and the
   tokenizer contract), :mod:`~jaxkd.data.text.bpe` (a small learned byte-level BPE),
+  :mod:`~jaxkd.data.text.hf_tokenizer` (a checkpoint's ``tokenizer.json`` and chat template),
+  :mod:`~jaxkd.data.text.chat` (chat / prompt-completion JSONL with completion-only loss masks),
   :mod:`~jaxkd.data.text.packing`, :mod:`~jaxkd.data.text.bits_per_byte`, :mod:`~jaxkd.data.text.loader`
   (the :class:`TextLoader` of packed rows), :mod:`~jaxkd.data.text.teacher_cache` (offline top-k teacher
   signals in array_record), :mod:`~jaxkd.data.text.cross_tokenizer` (parallel rows under two tokenizers)
@@ -35,6 +37,7 @@ from jaxkd.data.images.normalization import (
 from jaxkd.data.images.sources import Split, load_split, subset_per_class, validate_labels
 from jaxkd.data.text.bits_per_byte import bits_per_byte, count_byte_targets
 from jaxkd.data.text.bpe import PRETOKENIZE_PATTERN, BPETokenizer, pretokenize, train_bpe
+from jaxkd.data.text.hf_tokenizer import HFTokenizer
 from jaxkd.data.text.loader import TextLoader
 from jaxkd.data.text.packing import PackedText, pack_documents
 from jaxkd.data.text.teacher_cache import TopKCache, cache_teacher_topk, topk_tail_mass, write_topk_cache
@@ -52,6 +55,7 @@ __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
     "EOS_ID",
+    "HFTokenizer",
     "Loader",
     "NORMALIZATION",
     "NUM_BYTES",
