@@ -125,3 +125,87 @@ def test_chat_template_renders_as_transformers(checkpoint):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
     with pytest.raises(ValueError, match="no chat template"):
         HFTokenizer(byte_level_bpe()).apply_chat_template(MESSAGES)
+
+
+# Chat / prompt-completion JSONL (TRL's formats) with completion-only loss masks.
+
+def write_jsonl(path, records, raw=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for line in raw:
+            f.write(line + "\n")
+    return path
+
+
+def test_standard_prompt_completion_and_text_rows_with_byte_tokens(tmp_path):
+    from jaxkd.batch import LOSS_MASK, MASK, TOKENS
+    from jaxkd.data import ByteTokenizer, chat_rows
+
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "ab", "completion": "cde"}, {"text": "xy"}])
+    rows = chat_rows(path, ByteTokenizer(), 8)
+    np.testing.assert_array_equal(rows[TOKENS], [[257, 97, 98, 99, 100, 101, 258, 256],
+                                                 [257, 120, 121, 258, 256, 256, 256, 256]])
+    np.testing.assert_array_equal(rows[MASK].sum(1), [7, 4])
+    np.testing.assert_array_equal(rows[LOSS_MASK], [[0, 0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
+    from jaxkd.batch import batch_target_mask
+    # Targets: c, d, e, EOS of the first row; x, y, EOS of the second.
+    assert int(batch_target_mask(rows).sum()) == 4 + 3
+
+
+def test_conversational_prompt_completion_matches_trl_and_messages_mask_assistant_turns(checkpoint, tmp_path):
+    from jaxkd.batch import LOSS_MASK, MASK, POSITIONS, SEGMENT_IDS, TOKENS
+    from jaxkd.data import TextLoader, chat_example, chat_rows
+
+    tok = HFTokenizer.from_pretrained(checkpoint)
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=byte_level_bpe(), chat_template=CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>")
+    prompt, completion = MESSAGES[:2], MESSAGES[2:3]
+    ids, target = chat_example({"prompt": prompt, "completion": completion}, tok)
+    # TRL's SFTTrainer: the prompt rendered with the generation prompt, then prompt + completion; the rest
+    # of the ids is the completion.
+    prompt_ids = reference.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                               return_dict=False)
+    full_ids = reference.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
+    assert ids.tolist() == list(full_ids)
+    assert target.tolist() == [False] * len(prompt_ids) + [True] * (len(full_ids) - len(prompt_ids))
+    assert reference.decode(ids[target].tolist()) == "Hi – 🙂<|im_end|>\n"
+
+    conversation = MESSAGES + [{"role": "assistant", "content": "Hi again"}]
+    ids, target = chat_example({"messages": conversation}, tok)
+    assert reference.decode(ids[target].tolist()) == "Hi – 🙂<|im_end|>\nHi again<|im_end|>\n"
+    assert ids.tolist() == reference.apply_chat_template(conversation, tokenize=True, return_dict=False)
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}, {"prompt": prompt, "completion": completion},
+                                                 {"prompt": "Q:", "completion": " A"}])
+    examples = [chat_example(r, tok) for r in ({"messages": conversation}, {"prompt": prompt, "completion": completion},
+                                                {"prompt": "Q:", "completion": " A"})]
+    assert [len(ids) for ids, _ in examples] == [90, 58, 6]
+    rows = chat_rows(path, tok, 96, pack=True)   # best-fit decreasing: [90 + 6], [58]
+    np.testing.assert_array_equal(rows[MASK].sum(1), [96, 58])
+    np.testing.assert_array_equal(rows[TOKENS][0], np.concatenate([examples[0][0], examples[2][0]]))
+    np.testing.assert_array_equal(rows[LOSS_MASK][1, :58], examples[1][1])
+    np.testing.assert_array_equal(rows[SEGMENT_IDS][:, [0, 57, 58, 89, 90, 95]], [[1, 1, 1, 1, 2, 2], [1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(rows[POSITIONS][0, [0, 89, 90, 95]], [0, 89, 0, 5])
+    unpacked = chat_rows(path, tok, 64)             # one example per row, truncated to 64
+    np.testing.assert_array_equal(unpacked[MASK].sum(1), [64, 58, 6])
+    batch = next(iter(TextLoader(rows, batch_size=rows[TOKENS].shape[0], shuffle=False)))
+    assert LOSS_MASK in batch and SEGMENT_IDS in batch
+
+
+def test_a_line_without_the_expected_keys_names_the_file_and_line(checkpoint, tmp_path):
+    from jaxkd.data import ByteTokenizer, chat_rows
+
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}], raw=["", '{"question": "a"}'])
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: expected 'messages'.*got keys \['question'\]"):
+        chat_rows(path, ByteTokenizer(), 8)
+    path = write_jsonl(tmp_path / "broken.jsonl", [], raw=["{not json"])
+    with pytest.raises(ValueError, match=r"broken\.jsonl, line 1: not JSON"):
+        chat_rows(path, ByteTokenizer(), 8)
+    path = write_jsonl(tmp_path / "roles.jsonl", [{"messages": [{"content": "x"}]}])
+    with pytest.raises(ValueError, match=r"roles\.jsonl, line 1: 'messages' must be a list"):
+        chat_rows(path, HFTokenizer.from_pretrained(checkpoint), 8)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES}])
+    with pytest.raises(ValueError, match=r"chat\.jsonl, line 1: conversational examples need a tokenizer"):
+        chat_rows(path, ByteTokenizer(), 8)

@@ -37,6 +37,7 @@ from jaxkd.data.images.normalization import (
 from jaxkd.data.images.sources import Split, load_split, subset_per_class, validate_labels
 from jaxkd.data.text.bits_per_byte import bits_per_byte, count_byte_targets
 from jaxkd.data.text.bpe import PRETOKENIZE_PATTERN, BPETokenizer, pretokenize, train_bpe
+from jaxkd.data.text.chat import chat_example, chat_rows, read_jsonl
 from jaxkd.data.text.hf_tokenizer import HFTokenizer
 from jaxkd.data.text.loader import TextLoader
 from jaxkd.data.text.packing import PackedText, pack_documents
@@ -71,11 +72,14 @@ __all__ = [
     "bits_per_byte",
     "cache_teacher_topk",
     "channel_stats",
+    "chat_example",
+    "chat_rows",
     "count_byte_targets",
     "load_split",
     "normalize",
     "pack_documents",
     "pretokenize",
+    "read_jsonl",
     "subset_per_class",
     "token_byte_offsets",
     "topk_tail_mass",
