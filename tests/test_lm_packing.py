@@ -121,6 +121,24 @@ def test_packed_losses_gradients_and_token_count_equal_unpacked():
         assert max(diffs) < 1e-5, max(diffs)
 
 
+def test_a_train_step_on_packed_rows_split_in_micro_batches_equals_the_unpacked_step():
+    method = methods.lm_ce() + methods.token_kd(divergence="forward_kl")
+
+    def state(batch, keys):
+        parts = {"student": student(MODEL, VARS[0], input=keys), "teacher": teacher(MODEL, VARS[1], input=keys)}
+        return jaxkd.create(participants=parts, method=method, tx=optax.sgd(0.5), sample_batch=batch,
+                            rng=jax.random.PRNGKey(0))
+
+    packed, unpacked = packed_batch(), unpacked_batch()
+    a, ma = jaxkd.make_train_step(microbatches=3)(state(packed, PACKED_KEYS), packed)
+    b, mb = jaxkd.make_train_step()(state(unpacked, (TOKENS, MASK)), unpacked)
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+    diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))),
+                                         jax.device_get(a.student.params), jax.device_get(b.student.params)))
+    print(f"train step: |loss diff| {abs(float(ma['loss']) - float(mb['loss'])):.3g}, max |param diff| {max(diffs):.3g}")
+    assert max(diffs) < 1e-5
+
+
 def test_text_loader_passes_segment_ids_and_counts_within_documents():
     packed = pack_documents(DOCS, T, bos=1, eos=2, pad=0, segment_ids=True)
     n = packed[TOKENS].shape[0]
