@@ -266,8 +266,11 @@ def _check_rope_scaling(scaling: Any) -> tuple[tuple[str, Any], ...] | None:
     if set(items) != expected:
         raise ValueError(f"rope_scaling of rope_type {kind!r} takes exactly the keys {sorted(expected)}, got {sorted(items)}")
     for key in _ROPE_SCALING_KEYS[kind]:
-        check_number(f"rope_scaling[{key!r}]", items[key], low=0.0, low_open=True)
-        items[key] = float(items[key])
+        if key == "original_max_position_embeddings":
+            items[key] = check_int(f"rope_scaling[{key!r}]", items[key], low=1)
+        else:
+            check_number(f"rope_scaling[{key!r}]", items[key], low=0.0, low_open=True)
+            items[key] = float(items[key])
     if kind == "llama3" and items["high_freq_factor"] == items["low_freq_factor"]:
         raise ValueError(f"rope_scaling llama3 needs high_freq_factor != low_freq_factor, got {scaling!r}")
     return tuple(sorted(items.items()))
