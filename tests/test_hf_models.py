@@ -137,8 +137,8 @@ def test_round_trip(family, tmp_path):
 
 def test_greedy_generation_equals_transformers(family):
     name, hf, _, model, variables = family
-    if name != "qwen3":
-        pytest.skip("one family is enough")
+    if name not in ("qwen3", "mistral"):  # q/k norm, and a sliding window the generation outgrows
+        pytest.skip("two families are enough")
     prompt = np.random.RandomState(2).randint(0, SMALL["vocab_size"], (2, 5))
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(2, 5, dtype=torch.long),
