@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxkd.models import from_hf, to_hf  # noqa: E402
 from jaxkd.models import sampling  # noqa: E402
+from jaxkd.models.hf import init_student_from, student_layers  # noqa: E402
 from jaxkd.models.lm import LMConfig, TransformerLM, lm  # noqa: E402
 
 TOL = 1e-4
@@ -105,6 +106,8 @@ def test_config_mapping(family):
     }[name]
     for field, value in expected.items():
         assert getattr(config, field) == value, field
+    assert config.num_params == sum(p.numel() for p in hf.parameters()) == sum(
+        np.size(x) for x in jax.tree.leaves(variables))
 
 
 def test_options_matter(family):
@@ -264,3 +267,25 @@ def test_export_checks(tmp_path):
     out = _jax_logits(plain, variables, tokens, mask)
     assert np.abs(out - _hf_logits(back, tokens, mask))[mask].max() < TOL
     assert isinstance(plain.module, TransformerLM)
+
+
+def test_student_from_teacher_layers(family):
+    name, _, _, teacher, variables = family
+    if name != "qwen3":
+        pytest.skip("one family is enough")
+    assert student_layers(12, 6) == (0, 2, 4, 6, 8, 11)  # Distil-Whisper's maximally spaced
+    assert student_layers(12, 3, "first_n") == (0, 1, 2)
+    assert student_layers(12, strategy="every_other") == (0, 2, 4, 6, 8, 10)
+    tokens, mask = _batch("right")
+    same, same_vars = init_student_from(teacher, variables, (0, 1))  # every layer: the teacher itself
+    np.testing.assert_array_equal(_jax_logits(same, same_vars, tokens, mask), _jax_logits(teacher, variables, tokens, mask))
+    student, student_vars = init_student_from(teacher, variables, ("maximally_spaced", 1))
+    config = student.module.config
+    assert config.num_layers == 1 and config.qk_norm and config.head_dim == 12
+    assert student_vars["params"]["block_0"] is variables["params"]["block_1"]
+    assert student_vars["params"]["embedding"] is variables["params"]["embedding"]
+    assert np.isfinite(_jax_logits(student, student_vars, tokens, mask)).all()
+    with pytest.raises(ValueError, match="increasing teacher layer indices"):
+        init_student_from(teacher, variables, (1, 0))
+    with pytest.raises(ValueError, match="unknown layer strategy"):
+        init_student_from(teacher, variables, "every_third")

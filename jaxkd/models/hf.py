@@ -31,6 +31,8 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -41,7 +43,7 @@ from flax.core import meta
 from jaxkd.models.base import Model
 from jaxkd.models.lm import LMConfig, TransformerLM, lm
 
-__all__ = ["IGNORED_FIELDS", "SUPPORTED_MODEL_TYPES", "from_hf", "to_hf"]
+__all__ = ["IGNORED_FIELDS", "SUPPORTED_MODEL_TYPES", "from_hf", "init_student_from", "student_layers", "to_hf"]
 
 #: The transformers ``model_type`` values :func:`from_hf` and :func:`to_hf` handle.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -446,3 +448,63 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return model_type
 
+
+
+# --- a student from its teacher's layers -------------------------------------------------------------------
+
+_LAYER_STRATEGIES = ("maximally_spaced", "first_n", "every_other")
+
+
+def student_layers(teacher_layers: int, num_layers: int | None = None, strategy: str = "maximally_spaced") -> tuple[int, ...]:
+    """Which teacher layers a shallower student copies.
+
+    ``"maximally_spaced"`` (Distil-Whisper's ``create_student_model.py``): ``linspace(0, L - 1, n)``
+    rounded down, the last teacher layer always kept (12 → 6: ``(0, 2, 4, 6, 8, 11)``); ``"first_n"``: the
+    first ``n``; ``"every_other"``: ``0, 2, 4, …`` (``num_layers`` not needed; DistilBERT copied every
+    other layer, in practice ``(0, 2, 4, 7, 9, 11)`` of 12: pass such a list to :func:`init_student_from`
+    directly).
+    """
+    if strategy not in _LAYER_STRATEGIES:
+        raise ValueError(f"unknown layer strategy {strategy!r}; available: {list(_LAYER_STRATEGIES)}")
+    if strategy == "every_other":
+        return tuple(range(0, teacher_layers, 2))
+    if num_layers is None or not 1 <= num_layers <= teacher_layers:
+        raise ValueError(f"num_layers must be in [1, {teacher_layers}] for strategy {strategy!r}, got {num_layers!r}")
+    if strategy == "first_n":
+        return tuple(range(num_layers))
+    mapping = np.linspace(0, teacher_layers - 1, num_layers, dtype=int)
+    mapping[-1] = teacher_layers - 1
+    return tuple(int(i) for i in mapping)
+
+
+def init_student_from(teacher: Model | LMConfig, teacher_variables: Any, layers: Any) -> tuple[Model, dict]:
+    """A shallower student initialized from its teacher: the same :class:`~jaxkd.models.lm.LMConfig` with
+    ``num_layers = len(layers)``, the teacher's embedding, final norm and head, and student block ``i`` a
+    copy of teacher block ``layers[i]`` (DistilBERT, Sanh et al. 2019; Distil-Whisper, Gandhi et al. 2023).
+
+    ``layers``: teacher layer indices (increasing, no repeats), or a strategy name of
+    :func:`student_layers` with the student depth, ``("maximally_spaced", 6)``, or ``"every_other"``.
+    Returns ``(model, {"params": ...})`` (boxes, so logical axis names, kept as the teacher's).
+    """
+    if isinstance(teacher, Model):
+        if not isinstance(teacher.module, TransformerLM):
+            raise ValueError(f"init_student_from takes a jaxkd.models.lm teacher, got {teacher.name!r}")
+        config = teacher.module.config
+    elif isinstance(teacher, LMConfig):
+        config = teacher
+    else:
+        raise ValueError(f"teacher must be a jaxkd.models.lm model or an LMConfig, got {type(teacher).__name__}")
+    if isinstance(layers, str):
+        layers = student_layers(config.num_layers, None, layers)
+    elif isinstance(layers, tuple) and len(layers) == 2 and isinstance(layers[0], str):
+        layers = student_layers(config.num_layers, layers[1], layers[0])
+    layers = tuple(int(i) for i in layers)
+    if not layers or any(not 0 <= i < config.num_layers for i in layers) or list(layers) != sorted(set(layers)):
+        raise ValueError(f"layers must be increasing teacher layer indices in [0, {config.num_layers}), got {layers}")
+    params = teacher_variables
+    if isinstance(params, dict) and "params" in params and "embedding" not in params:
+        params = params["params"]
+    student = {k: v for k, v in params.items() if not k.startswith("block_")}
+    student.update({f"block_{i}": params[f"block_{j}"] for i, j in enumerate(layers)})
+    student_config = dataclasses.replace(config, num_layers=len(layers))
+    return lm(student_config, name=f"student_of_{config.num_layers}_layers_{len(layers)}"), {"params": student}
