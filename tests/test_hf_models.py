@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from jaxkd.models import from_hf, to_hf  # noqa: E402
 from jaxkd.models import sampling  # noqa: E402
 from jaxkd.models.hf import init_student_from, student_layers  # noqa: E402
-from jaxkd.models.lm import LMConfig, TransformerLM, lm  # noqa: E402
+from jaxkd.models.lm import LOGICAL_AXES, LMConfig, TransformerLM, lm  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -106,6 +107,8 @@ def test_config_mapping(family):
     }[name]
     for field, value in expected.items():
         assert getattr(config, field) == value, field
+    boxes = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(b, nn.LogicallyPartitioned) and set(b.names) <= set(LOGICAL_AXES) for b in boxes)
     assert config.num_params == sum(p.numel() for p in hf.parameters()) == sum(
         np.size(x) for x in jax.tree.leaves(variables))
 
@@ -208,6 +211,8 @@ def test_bad_checkpoints(family, tmp_path):
         from_hf(tmp_path)
     with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: \['llama'"):
         from_hf(_copy(path, tmp_path / "a", lambda c: c.update(model_type="gpt2")))
+    with pytest.raises(ValueError, match="use_mrope"):
+        from_hf(_copy(path, tmp_path / "g", lambda c: c.update(model_type="qwen2", use_mrope=True, head_dim=8) or c.pop("attention_bias")))
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         from_hf(_copy(path, tmp_path / "b", lambda c: c.update(hidden_act="gelu")))
     with pytest.raises(ValueError, match=r"\['quantization_config'\] are not implemented"):

@@ -75,7 +75,7 @@ _MAPPED_FIELDS = {
 _FAMILY_FIELDS = {
     "llama": {"attention_bias", "mlp_bias"},
     "mistral": {"sliding_window"},
-    "qwen2": {"sliding_window", "use_sliding_window", "layer_types"},
+    "qwen2": {"sliding_window", "use_sliding_window", "layer_types", "use_mrope"},
     "qwen3": {"attention_bias", "sliding_window", "use_sliding_window", "layer_types"},
 }
 
@@ -135,6 +135,8 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
         raise _error(path, f"hidden_act={cfg['hidden_act']!r} is not implemented (jaxkd's MLP is SwiGLU: silu)")
     if cfg.get("mlp_bias", False):
         raise _error(path, "mlp_bias=True is not implemented")
+    if cfg.get("use_mrope", False):
+        raise _error(path, "use_mrope=True (multimodal RoPE) is not implemented")
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim", 128 if model_type == "qwen3" else None)
     if head_dim is not None and d % heads == 0 and head_dim == d // heads:
