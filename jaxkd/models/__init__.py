@@ -10,6 +10,9 @@ Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``,
 ``vit`` and ``vit_tiny`` (``patch_size=4, hidden=192, depth=6, heads=3, mlp_dim=768, dropout_rate=0.0``;
 ``vit`` is the configurable family, ``vit_tiny`` the preset, both take the same keywords) and ``mlp``
 (``hidden_sizes=(256, 256)``).
+
+Hugging Face checkpoints of the LLaMA family (llama, mistral, qwen2, qwen3): :func:`from_hf` and
+:func:`to_hf` (:mod:`jaxkd.models.hf`).
 """
 
 from __future__ import annotations
@@ -40,12 +43,23 @@ __all__ = [
     "Model",
     "Outputs",
     "available",
+    "from_hf",
     "from_linen",
     "get",
     "get_feature",
     "merge_variables",
     "split_variables",
+    "to_hf",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # jaxkd.models.hf.from_hf / to_hf, imported on first use (safetensors stays out of ``import jaxkd``).
+    if name in ("from_hf", "to_hf"):
+        from jaxkd.models import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _mlp(

@@ -21,7 +21,13 @@ Architecture (the LLaMA family: Touvron et al., "LLaMA: Open and Efficient Found
   ``W_down (silu(x W_gate) ⊙ (x W_up))``;
 * a final RMSNorm and the output head: ``logits = h Eᵀ`` (tied, the default) or ``h W_head``.
 
-No biases anywhere (LLaMA). Parameters are ``param_dtype`` (float32); activations and matmuls run in
+No biases by default (LLaMA). Options of :class:`LMConfig`, each off by default, cover the Hugging Face
+families :mod:`jaxkd.models.hf` reads and writes (Mistral, Qwen2, Qwen3): ``qkv_bias`` / ``out_bias``
+(``block_{i}/attention/{query_bias [H, hd], key_bias, value_bias [K, hd], out_bias [d]}``), ``qk_norm``
+(``block_{i}/attention/{query_norm, key_norm}/scale [hd]``), ``attention_head_dim`` (a head width other
+than ``d / H``), ``rope_scaling`` (linear, LLaMA 3.1) and ``sliding_window``.
+
+Parameters are ``param_dtype`` (float32); activations and matmuls run in
 ``dtype`` (bfloat16 allowed) with float32 normalization, softmax and RoPE; **logits are always float32**
 (the vocabulary projection accumulates in float32).
 
@@ -132,6 +138,21 @@ class LMConfig:
       norm_eps: RMSNorm's epsilon.
       dtype: activation/compute dtype (float32 or bfloat16 …); logits are float32 regardless.
       param_dtype: parameter dtype.
+      attention_head_dim: features per head when they are not ``d_model / num_heads`` (Qwen3's explicit
+        ``head_dim``); ``None`` (the default) means ``d_model / num_heads``. Must be even.
+      rope_scaling: ``None`` (plain RoPE) or a frequency rescaling of transformers'
+        ``modeling_rope_utils.py``, given as a dict (stored as a sorted tuple of items, so the config stays
+        hashable): ``{"rope_type": "linear", "factor": f}`` (every inverse frequency divided by ``f``) or
+        ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+        "original_max_position_embeddings"}`` (LLaMA 3.1: long wavelengths divided by ``factor``, short
+        ones kept, the band between interpolated). Dynamic NTK scaling is not implemented.
+      qkv_bias: biases on the query, key and value projections (Qwen2; LLaMA's ``attention_bias``).
+      out_bias: a bias on the attention output projection (LLaMA's ``attention_bias``).
+      qk_norm: RMSNorm over ``head_dim`` (its own ``[head_dim]`` scale) on the queries and the keys of each
+        head, before RoPE (Qwen3).
+      sliding_window: ``None`` (full causal attention) or ``w``: query slot ``t`` reads key slots
+        ``s`` with ``t - w < s <= t`` only (Mistral; transformers' ``sliding_window_overlay``). Slots, not
+        positions: left padding counts, as in transformers.
     """
 
     vocab_size: int
@@ -146,15 +167,26 @@ class LMConfig:
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_head_dim: int | None = None
+    rope_scaling: Any = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), low=1))
         kv = self.num_heads if self.num_kv_heads is None else check_int("num_kv_heads", self.num_kv_heads, low=1)
         object.__setattr__(self, "num_kv_heads", kv)
-        if self.d_model % self.num_heads:
+        if self.attention_head_dim is not None:
+            hd = check_int("attention_head_dim", self.attention_head_dim, low=1)
+            object.__setattr__(self, "attention_head_dim", hd)
+            if hd % 2:
+                raise ValueError(f"attention_head_dim must be even (rotary embeddings rotate feature pairs), got {hd}")
+        elif self.d_model % self.num_heads:
             raise ValueError(f"num_heads must divide d_model, got d_model={self.d_model}, num_heads={self.num_heads}")
-        if (self.d_model // self.num_heads) % 2:
+        elif (self.d_model // self.num_heads) % 2:
             raise ValueError(
                 f"head_dim = d_model / num_heads = {self.d_model // self.num_heads} must be even (rotary "
                 f"embeddings rotate feature pairs), got d_model={self.d_model}, num_heads={self.num_heads}"
@@ -176,15 +208,29 @@ class LMConfig:
         object.__setattr__(self, "tie_embeddings", bool(self.tie_embeddings))
         object.__setattr__(self, "rope_base", float(self.rope_base))
         object.__setattr__(self, "norm_eps", float(self.norm_eps))
+        for name in ("qkv_bias", "out_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if self.sliding_window is not None:
+            object.__setattr__(self, "sliding_window", check_int("sliding_window", self.sliding_window, low=1))
+        object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        """Features per head: ``attention_head_dim`` when given, else ``d_model / num_heads``."""
+        return self.d_model // self.num_heads if self.attention_head_dim is None else self.attention_head_dim
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        """``rope_scaling`` as a dict (None when unscaled)."""
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @property
     def num_params(self) -> int:
         """The exact parameter count: ``V d`` (embedding) ``+ L [2d + d·H·hd + 2·d·K·hd + H·hd·d +
-        3·d·d_ff] + d`` (final norm) ``+ d V`` when the head is untied."""
+        3·d·d_ff] + d`` (final norm) ``+ d V`` when the head is untied (plus the optional biases
+        ``(H + 2K) hd`` and ``d`` and q/k norm scales ``2 hd`` per block)."""
         return self.num_non_embedding_params + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
 
     @property
@@ -193,8 +239,45 @@ class LMConfig:
         Language Models", 2020, count these); the :data:`LM_PRESETS` names give this number roughly."""
         d, hd = self.d_model, self.head_dim
         attention = d * self.num_heads * hd + 2 * d * self.num_kv_heads * hd + self.num_heads * hd * d
+        if self.qkv_bias:
+            attention += (self.num_heads + 2 * self.num_kv_heads) * hd
+        if self.out_bias:
+            attention += d
+        if self.qk_norm:
+            attention += 2 * hd
         block = 2 * d + attention + 3 * d * self.d_ff
         return self.num_layers * block + d
+
+
+_ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling: Any) -> tuple[tuple[str, Any], ...] | None:
+    """``None`` or the rope scaling as a sorted tuple of ``(key, value)`` items, checked."""
+    if scaling is None:
+        return None
+    items = dict(scaling)
+    kind = items.get("rope_type")
+    if kind not in _ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"rope_scaling rope_type must be one of {sorted(_ROPE_SCALING_KEYS)} (dynamic NTK and the others of "
+            f"transformers' modeling_rope_utils.py are not implemented), got {scaling!r}"
+        )
+    expected = {"rope_type", *_ROPE_SCALING_KEYS[kind]}
+    if set(items) != expected:
+        raise ValueError(f"rope_scaling of rope_type {kind!r} takes exactly the keys {sorted(expected)}, got {sorted(items)}")
+    for key in _ROPE_SCALING_KEYS[kind]:
+        if key == "original_max_position_embeddings":
+            items[key] = check_int(f"rope_scaling[{key!r}]", items[key], low=1)
+        else:
+            check_number(f"rope_scaling[{key!r}]", items[key], low=0.0, low_open=True)
+            items[key] = float(items[key])
+    if kind == "llama3" and items["high_freq_factor"] == items["low_freq_factor"]:
+        raise ValueError(f"rope_scaling llama3 needs high_freq_factor != low_freq_factor, got {scaling!r}")
+    return tuple(sorted(items.items()))
 
 
 # Static pytree: jax.jit takes an LMConfig argument as part of the (hashed) tree structure.
@@ -281,9 +364,34 @@ def _rotary(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def _scaled_inv_freq(config: LMConfig) -> np.ndarray:
+    """The rescaled inverse frequencies ``[head_dim / 2]`` float32, computed as transformers
+    ``modeling_rope_utils.py`` does (``_compute_linear_scaling_rope_parameters``,
+    ``_compute_llama3_parameters``), in float32."""
+    dim = config.head_dim
+    inv_freq = (1.0 / (np.float32(config.rope_base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = config.rope_scaling_dict
+    factor = np.float32(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
 def _rope_angles(positions: Array, config: LMConfig) -> tuple[Array, Array]:
     half = config.head_dim // 2
-    inv_freq = config.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / config.head_dim)
+    if config.rope_scaling is None:
+        inv_freq = config.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / config.head_dim)
+    else:
+        inv_freq = jnp.asarray(_scaled_inv_freq(config))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -305,9 +413,19 @@ class Attention(nn.Module):
         wv = _param(self, "value", _fan_in(0, (1, 2)), (d, k, hd), ("embed", "kv_heads", "head_dim"))
         wo = _param(self, "out", _fan_in((0, 1), 2), (h, hd, d), ("heads", "head_dim", "embed"))
         dt = cfg.dtype
-        q = _rotary(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), cos, sin)
-        new_key = _rotary(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), cos, sin)
+        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        new_key = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
         new_value = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        if cfg.qkv_bias:
+            q = q + _param(self, "query_bias", nn.initializers.zeros, (h, hd), ("heads", "head_dim")).astype(dt)
+            new_key = new_key + _param(self, "key_bias", nn.initializers.zeros, (k, hd), ("kv_heads", "head_dim")).astype(dt)
+            new_value = new_value + _param(self, "value_bias", nn.initializers.zeros, (k, hd),
+                                           ("kv_heads", "head_dim")).astype(dt)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg, name="query_norm")(q)
+            new_key = RMSNorm(cfg, name="key_norm")(new_key)
+        q = _rotary(q, cos, sin)
+        new_key = _rotary(new_key, cos, sin)
         key, value = new_key, new_value
         if kv is not None:
             zero = jnp.zeros((), jnp.int32)
@@ -323,7 +441,10 @@ class Attention(nn.Module):
         readable = jnp.any(allowed, axis=-1)[:, None, None, :, None]
         weights = jnp.where(readable, jax.nn.softmax(scores, axis=-1), 0.0).astype(dt)
         out = jnp.einsum("bkgts,bskh->btkgh", weights, value).reshape(b, t, h, hd)
-        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), (new_key, new_value)
+        out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+        if cfg.out_bias:
+            out = out + _param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dt)
+        return out, (new_key, new_value)
 
 
 class MLP(nn.Module):
@@ -482,6 +603,8 @@ class TransformerLM(nn.Module):
         allowed = key_mask[:, None, :] & (jnp.arange(num_slots)[None, None, :] <= query_slots[None, :, None])
         if segment_ids is not None:  # packed documents: a query reads only its own document's keys
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if cfg.sliding_window is not None:  # and only the last sliding_window slots (Mistral)
+            allowed = allowed & (jnp.arange(num_slots)[None, None, :] > query_slots[None, :, None] - cfg.sliding_window)
         cos, sin = _rope_angles(positions, cfg)
 
         keys, values = (None, None) if cache is None else (cache.keys, cache.values)
