@@ -9,6 +9,7 @@ policy-gradient value, the gradient against float64 finite differences with the 
 from functools import partial
 
 import jax
+import jaxkd
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,3 +135,47 @@ def test_bad_input_raises():
     ]:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+# ----- the iw_opd method (student sampling inside the step) -----
+
+def test_the_method_is_the_loss_on_the_students_own_rollout_and_trains_the_student():
+    from jaxkd import methods
+    from jaxkd.methods.base import LossInputs
+    from jaxkd.methods.features import apply_participant
+    from jaxkd.methods.lm.rollout import learner_rollout
+    from jaxkd.losses.lm.tokens import shift_logits
+    from tests.test_lm_train import BATCH, new_state
+
+    method = methods.iw_opd(prompt_length=3, gamma=0.7, temperature=1.2)
+    state = new_state(method)
+    s, t = state.participant("student"), state.participant("teacher")
+    x = {"tokens": BATCH["tokens"], "mask": BATCH["mask"]}
+    outputs = {"student": s.model.apply({"params": state.student.params}, x, train=True),
+               "teacher": t.model.apply(state.teacher.variables(), x, train=False)}
+    variables = {"student": {"params": state.student.params}, "teacher": state.teacher.variables()}
+    inputs = LossInputs(outputs=outputs, batch=BATCH, step=state.step, variables=variables,
+                        participants=state.participants, label_key="label")
+    rng = jax.random.PRNGKey(3)
+    value, _ = method.loss(state.method_vars, inputs, rng)
+    rolled, target_mask = learner_rollout(inputs, rng, prompt_length=3, temperature=1.2, top_k=None, top_p=None,
+                                          eos_id=None, method="iw_opd")
+    assert np.any(np.asarray(rolled["tokens"]) != BATCH["tokens"])  # the student's own continuations
+    zs = apply_participant(inputs, "student", rolled, train=True, method="iw_opd").logits
+    zt = apply_participant(inputs, "teacher", rolled, train=False, method="iw_opd").logits
+    targets = np.asarray(rolled["tokens"])[:, 1:]
+    want = np_trl_iw_opd(np.asarray(shift_logits(zs)), np.asarray(shift_logits(zt)), targets,
+                         np.asarray(target_mask), 1.2, 0.7)
+    np.testing.assert_allclose(float(value), want, rtol=1e-4)
+    before = jax.device_get(state.student.params)
+    new, metrics = jaxkd.make_train_step()(state, BATCH)
+    assert np.isfinite(float(metrics["loss"]))
+    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                                   before, jax.device_get(new.student.params))
+    assert any(jax.tree_util.tree_leaves(moved))
+    for bad, match in [(lambda: methods.iw_opd(gamma=-1.0), "gamma"), (lambda: methods.iw_opd(prompt_length=0),
+                                                                       "prompt_length"),
+                       (lambda: methods.iw_opd(epsilon=0.0), "epsilon"),
+                       (lambda: methods.iw_opd(student="a", teacher="a"), "must be different participants")]:
+        with pytest.raises(ValueError, match=match):
+            bad()

@@ -469,7 +469,7 @@ def test_a_role_the_state_lacks_is_refused_listing_the_participants():
 
 
 #: The on-policy and preference LM methods: the learner samples (or is scored on) sequences inside the step.
-ON_POLICY = ["adpa", "distillm", "llava_mod", "minillm", "preference_kd", "seqkd"]
+ON_POLICY = ["adpa", "distillm", "iw_opd", "llava_mod", "minillm", "preference_kd", "seqkd"]
 
 
 @pytest.mark.parametrize("name", ON_POLICY)
