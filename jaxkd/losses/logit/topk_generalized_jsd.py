@@ -56,7 +56,7 @@ def topk_generalized_jsd(
     teacher_logits: Array,
     *,
     k: int,
-    beta: float = 1.0,
+    beta: float = 0.5,
     support: Support = "auto",
     tail: Tail = "bucket",
     temperature: float = 1.0,
@@ -85,14 +85,16 @@ def topk_generalized_jsd(
     Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
     (ICLR 2024) for ``D_β``; the top-k support and tail bucket follow TRL's
     ``trl/experimental/iw_opd/iw_opd_trainer.py`` (``generalized_jsd_loss(top_k=..., add_tail=...)``,
-    ``_add_tail_bucket``, ``_jsd_divergence``). Conventions of :mod:`jaxkd.losses.logit.divergences`: float32,
+    ``_add_tail_bucket``, ``_jsd_divergence``); SDFT/SDPO's ``compute_topk_self_distillation_loss``
+    (``trl/experimental/sdft/loss_utils.py``) is ``support="student"`` with ``β`` their ``distillation_alpha``. Conventions of :mod:`jaxkd.losses.logit.divergences`: float32,
     ``-inf`` logits are zero mass with zero gradients, a KL term ``p·log(p/0)`` is dropped (TRL's
     ``nan_to_num`` would make it ``3.4e38``).
 
     Args:
       student_logits, teacher_logits: ``[..., V]``, the same shape.
       k: ``1 <= k <= V``.
-      beta: ``β`` in ``[0, 1]``, a Python number (it selects the formula and the ``"auto"`` support).
+      beta: ``β`` in ``[0, 1]`` (TRL's default 0.5), a Python number (it selects the formula and the ``"auto"``
+        support).
       support: ``"auto"``, ``"teacher"``, ``"student"`` or ``"union"``.
       tail: ``"bucket"`` (TRL's default ``add_tail=True``) or ``"drop"``.
       temperature: ``T > 0``, for both.
