@@ -130,6 +130,8 @@ CASES = [
     Case("alpha_beta_divergence",
          lambda y: lambda s, t: losses.alpha_beta_divergence(s, t, alpha=0.7, beta=0.4, **NONE)),
     Case("sparse_forward_kl", _sparse("bucket")),
+    Case("topk_generalized_jsd", lambda y: lambda s, t: losses.topk_generalized_jsd(
+        s, t, k=2, beta=0.3, temperature=1.5, **NONE)),
     Case("dkd", lambda y: lambda s, t: losses.dkd(s, t, y, alpha=1.5, beta=3.0, temperature=2.0, **NONE)),
     Case("dkd_terms", lambda y: lambda s, t: _sum(losses.dkd_terms(s, t, y, temperature=3.0, **NONE))),
     Case("kd_ls", lambda y: lambda s, t: losses.kd_ls(s, t, temperature=2.0, **NONE)),

@@ -270,3 +270,57 @@ def test_compiled_temporary_memory_is_at_most_a_quarter_of_the_materialized_one(
         hs, ws, ht, wt, divergence="reverse_kl", mask=m))
     assert naive_bytes >= 4 * n * v * 4  # the materialized program holds several [N, V] float32 arrays
     assert fused_bytes <= naive_bytes / 4, (fused_bytes, naive_bytes)
+
+
+# ----- logit soft-capping (Gemma's final_logit_softcapping) -----
+
+CAP = 1.3  # small enough that tanh bends the logits of make_inputs (|z| up to ~4)
+
+
+def capped_naive(hs, ws, ht, wt, name, **kw):
+    cap = lambda z: CAP * jnp.tanh(z / CAP)  # noqa: E731
+    return getattr(losses, name)(cap(hs @ ws), cap(ht @ wt), temperature=T, **DIVERGENCES[name], **kw)
+
+
+@pytest.mark.parametrize("name, reduction", [("forward_kl", "mean"), ("generalized_jsd", "mean"),
+                                             ("reverse_kl", "sum"), ("skew_kl", "none")])
+def test_softcap_equals_the_unfused_divergence_of_the_capped_logits(name, reduction):
+    args = make_inputs(seed=5)
+    capped = functools.partial(fused, softcap=CAP)
+    run = lambda loss: value_and_grads(loss, name, reduction)(*args, MASK, WEIGHTS)  # noqa: E731
+    (v_got, g_got), (v_want, g_want) = run(capped), run(capped_naive)
+    assert_close(v_got, v_want, err_msg=f"{name} {reduction} value")
+    for arg, a, b in zip(("hidden", "head"), g_got, g_want):
+        assert_close(a, b, err_msg=f"{name} {reduction} d/d{arg}")
+    # The cap changes the loss (it is not a no-op at these logits).
+    (v_plain, _) = run(fused)
+    assert not np.allclose(np.asarray(v_plain), np.asarray(v_got), rtol=1e-3)
+
+
+def test_softcap_against_numpy_and_float64_finite_differences():
+    hs, ws, ht, wt = make_inputs(seed=6)
+    cap = lambda z: CAP * np.tanh(z / CAP)  # noqa: E731
+    zs, zt = cap(hs.astype(np.float64) @ ws) / T, cap(ht.astype(np.float64) @ wt) / T
+    log_ps = zs - np.log(np.exp(zs).sum(-1, keepdims=True))
+    log_pt = zt - np.log(np.exp(zt).sum(-1, keepdims=True))
+    w = MASK * WEIGHTS
+    expected = (w * (np.exp(log_pt) * (log_pt - log_ps)).sum(-1)).sum() / w.sum()
+    got = fused(hs, ws, ht, wt, "forward_kl", softcap=CAP, mask=MASK, weights=WEIGHTS)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    with jax.enable_x64(True):
+        hs, ws, ht, wt = make_inputs(seed=6, dtype=np.float64)
+        f = lambda a, b: fused(a, b, ht, wt, "reverse_kl", softcap=CAP, mask=MASK, weights=WEIGHTS)  # noqa: E731
+        g_hidden, g_head = jax.jit(jax.grad(f, argnums=(0, 1)))(hs, ws)
+        fd_hidden = central_differences(lambda a: f(a, ws), hs)
+        fd_head = central_differences(lambda b: f(hs, b), ws)
+    np.testing.assert_allclose(g_hidden, fd_hidden, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(g_head, fd_head, rtol=1e-6, atol=1e-8)
+
+
+def test_bad_softcap_raises():
+    hs, ws, ht, wt = make_inputs()
+    for bad in (0.0, -1.0, float("inf"), "30"):
+        with pytest.raises(ValueError, match="softcap"):
+            losses.fused_linear_divergence(hs, ws, ht, wt, softcap=bad)
+    with pytest.raises(ValueError, match="softcap must be a concrete number"):
+        jax.jit(lambda c: losses.fused_linear_divergence(hs, ws, ht, wt, softcap=c))(30.0)

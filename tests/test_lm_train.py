@@ -309,3 +309,25 @@ def test_the_offline_top_k_cache_reproduces_the_live_teacher_run(tmp_path):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     chex.assert_trees_all_close(jax.device_get(live.student.params), jax.device_get(cached.student.params),
                                 rtol=1e-6, atol=1e-7)
+
+
+def test_fused_token_kd_softcap_caps_both_models_projected_logits():
+    # The tiny LMs' logits are hidden @ head uncapped: the fused loss with softcap=c equals the divergence of
+    # c·tanh(z/c) on both models' logits (tests/test_fused_linear.py checks the loss itself, gradients included).
+    from jaxkd.methods.lm.tokens import lm_targets
+
+    cap = lambda z: 1.5 * jnp.tanh(z / 1.5)  # noqa: E731
+    state = new_state(methods.token_kd(divergence="reverse_kl", fused=True, chunk_size=5, softcap=1.5))
+    x = {"tokens": BATCH["tokens"], "mask": BATCH["mask"]}
+    zs = state.participant("student").model.apply({"params": state.student.params}, x, train=False).logits
+    zt = TEACHER_MODEL.apply(TEACHER_VARS, x, train=False).logits
+    _, target_mask, normalizer = lm_targets(BATCH)
+    want = losses.reverse_kl(cap(zs[:, :-1]), cap(zt[:, :-1]), mask=target_mask, normalizer=normalizer)
+    plain = losses.reverse_kl(zs[:, :-1], zt[:, :-1], mask=target_mask, normalizer=normalizer)
+    _, metrics = jaxkd.make_train_step()(state, BATCH)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
+    assert abs(float(want) - float(plain)) > 1e-4
+    with pytest.raises(ValueError, match="softcap applies to the fused path"):
+        methods.token_kd(softcap=30.0)
+    with pytest.raises(ValueError, match="softcap"):
+        methods.token_kd(fused=True, softcap=0.0)

@@ -348,6 +348,10 @@ DIRECT: dict[str, dict[str, Any]] = {
     "sparse_forward_kl": {"kwargs": dict(k=2, tail="bucket", temperature=2.0),
                           "call": lambda c: losses.sparse_forward_kl(
                               c.zs, *losses.topk_teacher(c.zt, 2, temperature=2.0), temperature=2.0, tail="bucket")},
+    "topk_generalized_jsd": _divergence(losses.topk_generalized_jsd, k=2, beta=0.3, support="union"),
+    "topk_reverse_kl": {"kwargs": dict(k=2, tail="drop", temperature=2.0),
+                        "call": lambda c: losses.topk_generalized_jsd(c.zs, c.zt, k=2, beta=1.0, tail="drop",
+                                                                      temperature=2.0)},
     "sparse_token_kd": {"kwargs": dict(k=3, tail="drop", temperature=2.0), "call": _sparse_token_kd},
     "swing": {"kwargs": dict(base_temperature=2.0, noise_scale=0.3),
               "call": lambda c: losses.swing(c.zs, c.zt, c.rng, base_temperature=2.0, noise_scale=0.3)},
@@ -465,7 +469,7 @@ def test_a_role_the_state_lacks_is_refused_listing_the_participants():
 
 
 #: The on-policy and preference LM methods: the learner samples (or is scored on) sequences inside the step.
-ON_POLICY = ["adpa", "distillm", "llava_mod", "minillm", "preference_kd", "seqkd"]
+ON_POLICY = ["adpa", "distillm", "iw_opd", "llava_mod", "minillm", "preference_kd", "seqkd"]
 
 
 @pytest.mark.parametrize("name", ON_POLICY)

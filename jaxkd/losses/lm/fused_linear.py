@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxkd.checks import check_in_range, check_int, check_temperature, is_concrete
+from jaxkd.checks import check_in_range, check_int, check_positive, check_temperature, is_concrete
 from jaxkd.losses.core import Array, Reduction, compute_dtype, example_weights, to_float
 from jaxkd.losses.logit.divergences import (
     forward_kl,
@@ -71,10 +71,19 @@ def _chunks(x: Array, num_chunks: int, chunk: int) -> Array:
     return x.reshape(num_chunks, chunk, *x.shape[1:])
 
 
+def softcap_logits(z: Array, softcap: float | None) -> Array:
+    """Gemma's ``final_logit_softcapping``: ``z -> c·tanh(z / c)`` (``None``: ``z`` unchanged)."""
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
 def _divergence(static, hyper):
-    """The per-token divergence ``(student_logits, teacher_logits) -> [chunk]`` the config names."""
-    name, _, _, _, static_kwargs = static
-    return functools.partial(_DIVERGENCES[name][0], **dict(static_kwargs), **hyper, reduction="none")
+    """The per-token divergence ``(student_logits, teacher_logits) -> [chunk]`` the config names, on the
+    soft-capped logits when the config has a cap."""
+    name, _, _, _, static_kwargs, softcap = static
+    fn = functools.partial(_DIVERGENCES[name][0], **dict(static_kwargs), **hyper, reduction="none")
+    if softcap is None:
+        return fn
+    return lambda zs, zt: fn(softcap_logits(zs, softcap), softcap_logits(zt, softcap))
 
 
 def _weighted(values: Array, w: Array) -> Array:
@@ -85,7 +94,7 @@ def _weighted(values: Array, w: Array) -> Array:
 def _scan(static, hyper, hs, ws, ht, wt, w, *, with_grads: bool):
     """``Σ_i w_i·l_i`` over all tokens, chunk by chunk, and (``with_grads``) its gradients with respect to
     ``hs`` ``[N, d]`` and ``ws`` ``[d, V]`` in the compute dtype."""
-    _, chunk, _, _, _ = static
+    _, chunk, _, _, _, _ = static
     divergence = _divergence(static, hyper)
     n = hs.shape[0]
     num_chunks = max(1, math.ceil(n / chunk))
@@ -127,7 +136,7 @@ def _fused_sum_fwd(static, hyper, hs, ws, ht, wt, w):
 
 
 def _fused_sum_bwd(static, residuals, cotangent):
-    _, _, hs_dtype, ws_dtype, _ = static
+    _, _, hs_dtype, ws_dtype, _, _ = static
     grad_hidden, grad_head = residuals
     # None: a zero cotangent for the hyper-parameters, the teacher and the weights (constants).
     return None, (cotangent * grad_hidden).astype(hs_dtype), (cotangent * grad_head).astype(ws_dtype), None, None, None
@@ -140,7 +149,7 @@ def _per_token(static, hyper, hs, ws, ht, wt, w):
     """``w_i·l_i`` for every token ``[N]`` by a scan whose chunks are rematerialized under autodiff
     (``jax.checkpoint``): any cotangent works, and memory stays per chunk, at the price of recomputing
     each chunk's logits in the backward pass."""
-    _, chunk, _, _, _ = static
+    _, chunk, _, _, _, _ = static
     divergence = _divergence(static, hyper)
     n = hs.shape[0]
     num_chunks = max(1, math.ceil(n / chunk))
@@ -225,6 +234,7 @@ def fused_linear_divergence(
     reduction: Reduction = "mean",
     chunk_size: int = 512,
     normalizer: Array | float | None = None,
+    softcap: float | None = None,
 ) -> Array:
     """A token divergence between ``student_hidden @ student_head`` and ``teacher_hidden @ teacher_head``,
     computed ``chunk_size`` tokens at a time without materializing the ``[N, V]`` logits.
@@ -236,6 +246,13 @@ def fused_linear_divergence(
     gradients, when every token is masked), ``"sum"`` is ``Σ w·l``, ``"none"`` the per-token ``w·l``
     ``[N]``. ``normalizer`` replaces the mean's denominator ``Σ w`` (e.g. the global count of target
     tokens under gradient accumulation; 0 gives 0, as in :func:`jaxkd.losses.reduce_loss`).
+
+    Soft-capping (``softcap = c``): Gemma 2's ``final_logit_softcapping`` (Gemma Team, "Gemma 2: Improving
+    Open Language Models at a Practical Size", 2024), ``z -> c·tanh(z / c)``, applied to both the student's
+    and the teacher's logits of each chunk before the divergence (and before the temperature), as TRL's chunked
+    SFT loss applies it to each chunk's logits (``trl/trainer/sft_trainer.py``, ``_chunk``); the value is
+    ``D(c·tanh(z_S/c), c·tanh(z_T/c))`` on the materialized logits, and the gradient includes the cap's
+    ``1 − tanh²(z_S/c)``.
 
     Gradients (``"mean"``/``"sum"``): computed in the forward pass, chunk by chunk, as Liger-Kernel's
     fused linear JSD does — ``g = ∂(Σ w·l)/∂z_S`` from ``jax.vjp`` of the divergence, then
@@ -273,11 +290,17 @@ def fused_linear_divergence(
         13–15 % of the unfused temporary memory, 0.6–1.05x the unfused time (1024: 25–30 %).
       normalizer: optional scalar replacing ``Σ w`` in ``"mean"`` (ignored by ``"sum"`` and ``"none"``, as
         in :func:`jaxkd.losses.reduce_loss`).
+      softcap: ``c > 0`` (a Python number) to soft-cap both models' logits, or ``None`` (default) for none.
     """
     _check_shapes(student_hidden, student_head, teacher_hidden, teacher_head)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got reduction={reduction!r}")
     chunk_size = check_int("chunk_size", chunk_size, low=1)
+    if softcap is not None:
+        if not is_concrete(softcap):
+            raise ValueError("softcap must be a concrete number (it is compiled into the fused loss), not a traced value")
+        check_positive("softcap", softcap)
+        softcap = float(softcap)
     static_kwargs, traced = _hyper_parameters(divergence, temperature, beta, alpha)
     n = student_hidden.shape[0]
     dtype = jnp.promote_types(compute_dtype(student_hidden), compute_dtype(student_head))
@@ -288,6 +311,7 @@ def fused_linear_divergence(
         jnp.dtype(student_hidden.dtype),
         jnp.dtype(student_head.dtype),
         tuple(sorted(static_kwargs.items())),
+        softcap,
     )
     args = (traced, student_hidden, student_head, teacher_hidden, teacher_head, w)
     if reduction == "none":

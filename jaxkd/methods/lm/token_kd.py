@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 from jaxkd import losses
-from jaxkd.checks import check_int
+from jaxkd.checks import check_int, check_positive
 from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.registry import LOGIT_ROLES, register
@@ -27,6 +27,7 @@ def token_kd(
     alpha: float | None = None,
     fused: bool = False,
     chunk_size: int = 512,
+    softcap: float | None = None,
     student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
@@ -43,12 +44,21 @@ def token_kd(
         chunk, never holding ``[B, T, V]`` logits (:func:`jaxkd.losses.fused_linear_divergence`); the same
         value and gradients.
       chunk_size: tokens per chunk of the fused computation.
+      softcap: with ``fused=True``, Gemma's ``final_logit_softcapping`` ``c``: both models' projected logits
+        ``hidden @ head`` become ``c·tanh(z / c)`` before the divergence, as the model's own logits are
+        (:func:`jaxkd.losses.fused_linear_divergence`). Refused without ``fused``: the logits path reads the
+        models' logits, which already carry their cap.
       student: the participant that learns (its logits, or hidden states and output projection, are trained).
       teacher: the participant distilled from (a gradient-stopped target, trained or not):
         ``token_kd(student="peer", teacher="student")`` teaches a peer and never trains the student.
     """
     loss_fn = token_divergence(divergence, temperature=temperature, beta=beta, alpha=alpha)
     check_int("chunk_size", chunk_size, low=1)
+    if softcap is not None:
+        if not fused:
+            raise ValueError(f"{name}: softcap applies to the fused path (fused=True), which projects the hidden states "
+                             "itself; the logits path reads the models' logits, which already carry their cap")
+        check_positive("softcap", softcap)
     check_roles(name, student, teacher)
 
     def compute(inputs: LossInputs, rng):
@@ -62,7 +72,7 @@ def token_kd(
         t_head = jax.lax.stop_gradient(output_projection_of(inputs, teacher, method=name))
         return losses.fused_linear_divergence(
             s_hidden, s_head, t_hidden, t_head, divergence=divergence, mask=target_mask.reshape(-1),
-            normalizer=normalizer, chunk_size=chunk_size, **loss_fn.kwargs)
+            normalizer=normalizer, chunk_size=chunk_size, softcap=softcap, **loss_fn.kwargs)
 
     return stateless_method(name, compute, weight=weight, participants=(student, teacher),
                             trained=(student,), batch_keys=LM_KEYS)
