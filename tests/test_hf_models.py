@@ -209,8 +209,8 @@ def test_bad_checkpoints(family, tmp_path):
         pytest.skip("one family is enough")
     with pytest.raises(ValueError, match="no config.json"):
         from_hf(tmp_path)
-    with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: \['llama'"):
-        from_hf(_copy(path, tmp_path / "a", lambda c: c.update(model_type="gpt2")))
+    with pytest.raises(ValueError, match=r"model_type 'bert' is not supported; supported: \['llama'"):
+        from_hf(_copy(path, tmp_path / "a", lambda c: c.update(model_type="bert")))
     with pytest.raises(ValueError, match="use_mrope"):
         from_hf(_copy(path, tmp_path / "g", lambda c: c.update(model_type="qwen2", use_mrope=True, head_dim=8) or c.pop("attention_bias")))
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
@@ -258,8 +258,8 @@ def test_export_checks(tmp_path):
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     with pytest.raises(ValueError, match="not a 'llama' model: qk_norm=True"):
         to_hf(model, variables, tmp_path, model_type="llama")
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
-        to_hf(model, variables, tmp_path, model_type="gpt2")
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
+        to_hf(model, variables, tmp_path, model_type="bert")
     with pytest.raises(ValueError, match="exports jaxkd.models.lm models"):
         to_hf(dataclasses.replace(model, module=None), variables, tmp_path)
     # a plain jaxkd LM exports as llama and loads with equal logits
@@ -294,3 +294,129 @@ def test_student_from_teacher_layers(family):
         init_student_from(teacher, variables, (1, 0))
     with pytest.raises(ValueError, match="unknown layer strategy"):
         init_student_from(teacher, variables, "every_third")
+
+
+# --- Gemma 2, Gemma 3 text, GPT-2 ------------------------------------------------------------------------
+
+GEMMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=128, max_position_embeddings=64, sliding_window=3, query_pre_attn_scalar=12)
+NEW_FAMILIES = {
+    "gemma2": ("Gemma2Config", dict(GEMMA, final_logit_softcapping=2.0, attn_logit_softcapping=1.5)),
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        GEMMA, final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=None,
+                                eos_token_id=None)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(NEW_FAMILIES))
+def new_family(request, tmp_path_factory):
+    """(name, transformers model, checkpoint dir, jaxkd model, variables) for gemma2, gemma3_text, gpt2."""
+    config_name, extra = NEW_FAMILIES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**extra)
+    config._attn_implementation = "eager"  # the reference attention (Gemma's soft-capping)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path, safe_serialization=True)
+    model, variables = from_hf(path)
+    return request.param, hf, path, model, variables
+
+
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_new_families_logits_equal_transformers(new_family, pad):
+    name, hf, _, model, variables = new_family
+    tokens, mask = _batch(pad)
+    ref = _hf_logits(hf, tokens, mask)
+    out = _jax_logits(model, variables, tokens, mask)
+    delta = np.abs(out - ref)[mask].max()
+    print(f"{name} {pad}-padded max |dlogit| = {delta:.2e}")
+    assert delta < TOL
+
+
+def test_new_families_config_and_options(new_family):
+    name, hf, _, model, variables = new_family
+    config = model.module.config
+    expected = {
+        "gemma2": dict(sliding_window=3, sliding_layers=(True, False, True), attn_softcap=1.5, final_softcap=2.0,
+                       attention_scale=12 ** -0.5, head_dim=16, norm_plus_one=True, sandwich_norm=True,
+                       embedding_scale=True, mlp_activation="gelu_tanh", qk_norm=False, local_rope_base=None),
+        "gemma3_text": dict(sliding_layers=(True, False, True), attn_softcap=None, final_softcap=3.0, qk_norm=True,
+                            rope_base=1e6, local_rope_base=100.0, rope_scaling=(("factor", 2.0), ("rope_type", "linear"))),
+        "gpt2": dict(norm_type="layer", position_embedding="learned", mlp_gate=False, mlp_bias=True, qkv_bias=True,
+                     out_bias=True, d_ff=128, norm_eps=1e-5, tie_embeddings=True),
+    }[name]
+    for field, value in expected.items():
+        assert getattr(config, field) == value, field
+    boxes = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(b, nn.LogicallyPartitioned) and set(b.names) <= set(LOGICAL_AXES) for b in boxes)
+    assert config.num_params == sum(p.numel() for p in hf.parameters()) == sum(
+        np.size(x) for x in jax.tree.leaves(variables))
+    # each option matters: dropping it breaks the match (the test is not vacuous)
+    changes = {"gemma2": [dict(attn_softcap=None), dict(final_softcap=None), dict(sliding_layers=None),
+                          dict(attention_scale=None)],
+               "gemma3_text": [dict(local_rope_base=None), dict(final_softcap=None), dict(sliding_window=None,
+                                                                                           sliding_layers=None)],
+               "gpt2": [dict(attention_scale=1.0)]}[name]
+    tokens, mask = _batch("right")
+    ref = _hf_logits(hf, tokens, mask)
+    for change in changes:
+        plain = _jax_logits(lm(dataclasses.replace(config, **change)), variables, tokens, mask)
+        assert np.abs(plain - ref)[mask].max() > 1e-3, change
+
+
+def test_new_families_round_trip(new_family, tmp_path):
+    name, hf, _, model, variables = new_family
+    assert to_hf(model, variables, tmp_path) == hf.config.model_type
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(back) is type(hf)
+    tokens, mask = _batch("left")
+    assert np.abs(_hf_logits(back, tokens, mask) - _hf_logits(hf, tokens, mask))[mask].max() < 1e-6
+    again, again_vars = from_hf(tmp_path)
+    assert again.module.config == model.module.config
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(again_vars), jax.tree.leaves(variables)))
+
+
+def test_new_families_greedy_generation(new_family):
+    """Gemma 3's local layers (window 3) are outgrown by the generation: the KV cache reads per-layer windows."""
+    name, hf, _, model, variables = new_family
+    if name == "gemma2":
+        pytest.skip("gemma3_text (per-layer windows, two RoPE bases) and gpt2 (learned positions) are enough")
+    prompt = np.random.RandomState(2).randint(0, 128, (2, 5))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(2, 5, dtype=torch.long),
+                          do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0).numpy()
+    out = sampling.generate(model.module.config, variables, prompt, rng=jax.random.PRNGKey(0), max_new_tokens=6,
+                            temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def test_new_families_refusals(new_family, tmp_path):
+    name, _, path, model, variables = new_family
+    bad = {
+        "gemma2": [(dict(hidden_activation="gelu"), "hidden_activation='gelu'"),
+                   (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+                   (dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]), "layer_types"),
+                   (dict(altup_num_inputs=4), r"\['altup_num_inputs'\] are not implemented")],
+        "gemma3_text": [(dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0},
+                                               "sliding_attention": {"rope_type": "default"}}), "rope_type 'yarn'"),
+                        (dict(rope_parameters={"full_attention": {"rope_type": "default"},
+                                               "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+                         "sliding_attention layers")],
+        "gpt2": [(dict(activation_function="relu"), "activation_function='relu'"),
+                 (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+                 (dict(add_cross_attention=True), "add_cross_attention")],
+    }[name]
+    for i, (edit, match) in enumerate(bad):
+        with pytest.raises(ValueError, match=match):
+            from_hf(_copy(path, tmp_path / str(i), lambda c, edit=edit: c.update(edit)))
+    config = model.module.config
+    other = {"gemma2": "llama", "gemma3_text": "gemma2", "gpt2": "gemma2"}[name]
+    with pytest.raises(ValueError, match=f"not a '{other}' model"):
+        to_hf(config, variables, tmp_path / "x", model_type=other)

@@ -46,11 +46,12 @@ from jaxkd.models.lm import LMConfig, TransformerLM, lm
 __all__ = ["IGNORED_FIELDS", "SUPPORTED_MODEL_TYPES", "from_hf", "init_student_from", "student_layers", "to_hf"]
 
 #: The transformers ``model_type`` values :func:`from_hf` and :func:`to_hf` handle.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",
 }
 
 #: ``config.json`` fields that do not change the forward pass (bookkeeping, generation defaults, training-
@@ -77,6 +78,25 @@ _FAMILY_FIELDS = {
     "mistral": {"sliding_window"},
     "qwen2": {"sliding_window", "use_sliding_window", "layer_types", "use_mrope"},
     "qwen3": {"attention_bias", "sliding_window", "use_sliding_window", "layer_types"},
+}
+
+_GEMMA_FIELDS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_activation", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "query_pre_attn_scalar",
+    "sliding_window", "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
+    "use_bidirectional_attention", "cache_implementation",
+}
+_GPT2_FIELDS = {
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function", "layer_norm_epsilon",
+    "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "n_ctx",
+}
+_EXTRA_FIELDS = {
+    "gemma2": _GEMMA_FIELDS,
+    "gemma3_text": _GEMMA_FIELDS | {"rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"},
+    "gpt2": _GPT2_FIELDS,
 }
 
 
@@ -123,10 +143,18 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise _error(path, f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
-    unknown = sorted(set(cfg) - IGNORED_FIELDS - _MAPPED_FIELDS - _FAMILY_FIELDS[model_type])
+    if model_type in _EXTRA_FIELDS:
+        known = IGNORED_FIELDS | _EXTRA_FIELDS[model_type]
+    else:
+        known = IGNORED_FIELDS | _MAPPED_FIELDS | _FAMILY_FIELDS[model_type]
+    unknown = sorted(set(cfg) - known)
     if unknown:
         raise _error(path, f"config fields {unknown} are not implemented by jaxkd for model_type {model_type!r} "
                            f"(they may change the model; known-irrelevant fields are jaxkd.models.hf.IGNORED_FIELDS)")
+    if model_type == "gpt2":
+        return model_type, _gpt2_config(cfg, dtype, path)
+    if model_type in ("gemma2", "gemma3_text"):
+        return model_type, _gemma_config(cfg, model_type, dtype, path)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads", "max_position_embeddings") if cfg.get(k) is None]
     if missing:
@@ -178,6 +206,96 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
     return model_type, config
 
 
+def _gemma_config(cfg: dict, model_type: str, dtype: Any, path: Path) -> LMConfig:
+    """Gemma 2 (``models/gemma2/modeling_gemma2.py``) and Gemma 3 text (``models/gemma3/modeling_gemma3.py``)."""
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if cfg.get(k) is None]
+    if missing:
+        raise _error(path, f"config.json lacks {missing}")
+    gemma3 = model_type == "gemma3_text"
+    act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise _error(path, f"hidden_activation={act!r} is not implemented (jaxkd's Gemma MLP is GeGLU with the tanh "
+                           f"approximation, gelu_pytorch_tanh)")
+    if cfg.get("use_bidirectional_attention"):
+        raise _error(path, "use_bidirectional_attention=True is not implemented (jaxkd's decoder is causal)")
+    layers = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        pattern = 2 if not gemma3 else (cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if len(layer_types) != layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise _error(path, f"layer_types {layer_types} is not implemented (one of sliding_attention / full_attention "
+                           f"per layer)")
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+    window = cfg.get("sliding_window", 4096) if any(sliding) else None
+    if any(sliding) and window is None:
+        raise _error(path, "sliding_attention layers without a sliding_window")
+    # RoPE: gemma2 one set; gemma3 the global layers' (maybe scaled) and the local layers' own base
+    params = cfg.get("rope_parameters")
+    local_base = None
+    if gemma3:
+        if params is not None and ("full_attention" in params or "sliding_attention" in params):
+            theta, scaling = _rope({"rope_parameters": {"rope_theta": 1e6, **params.get("full_attention", {})}}, path)
+            local_base, local_scaling = _rope(
+                {"rope_parameters": {"rope_theta": 1e4, **params.get("sliding_attention", {})}}, path)
+            if local_scaling is not None:
+                raise _error(path, f"a scaled RoPE on the sliding_attention layers ({local_scaling}) is not implemented")
+        else:
+            theta, scaling = _rope({"rope_theta": 1e6, **cfg}, path)
+            local_base = float(cfg.get("rope_local_base_freq", 1e4))
+        if not any(sliding):
+            local_base = None
+    else:
+        theta, scaling = _rope(cfg, path)
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim", 256)
+    if head_dim is not None and d % heads == 0 and head_dim == d // heads:
+        head_dim = None
+    bias = bool(cfg.get("attention_bias", False))
+    qpas = cfg.get("query_pre_attn_scalar", 256)
+    final = cfg.get("final_logit_softcapping", None if gemma3 else 30.0)
+    # gemma3's attention never passes attn_logit_softcapping to its attention function: not applied
+    attn = None if gemma3 else cfg.get("attn_logit_softcapping", 50.0)
+    return LMConfig(
+        vocab_size=cfg["vocab_size"], d_model=d, num_layers=layers, num_heads=heads, d_ff=cfg["intermediate_size"],
+        max_len=cfg.get("max_position_embeddings", 131072 if gemma3 else 8192),
+        num_kv_heads=cfg.get("num_key_value_heads") or heads, tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        rope_base=theta, norm_eps=cfg.get("rms_norm_eps", 1e-6), dtype=dtype, param_dtype=dtype,
+        attention_head_dim=head_dim, rope_scaling=scaling, qkv_bias=bias, out_bias=bias, qk_norm=gemma3,
+        sliding_window=window, sliding_layers=None if all(sliding) or not any(sliding) else sliding,
+        local_rope_base=local_base, norm_plus_one=True, sandwich_norm=True, embedding_scale=True,
+        mlp_activation="gelu_tanh", attention_scale=float(qpas) ** -0.5, attn_softcap=attn, final_softcap=final,
+    )
+
+
+def _gpt2_config(cfg: dict, dtype: Any, path: Path) -> LMConfig:
+    """GPT-2 (``models/gpt2/modeling_gpt2.py``)."""
+    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions") if cfg.get(k) is None]
+    if missing:
+        raise _error(path, f"config.json lacks {missing}")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise _error(path, f"activation_function={act!r} is not implemented (jaxkd's GPT-2 MLP uses gelu_new, the "
+                           f"tanh approximation)")
+    for name in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if cfg.get(name):
+            raise _error(path, f"{name}=True is not implemented")
+    # reorder_and_upcast_attn only changes mixed-precision rounding: jaxkd's scores are float32 anyway
+    d = cfg["n_embd"]
+    return LMConfig(
+        vocab_size=cfg["vocab_size"], d_model=d, num_layers=cfg["n_layer"], num_heads=cfg["n_head"],
+        d_ff=cfg.get("n_inner") or 4 * d, max_len=cfg["n_positions"], tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5), dtype=dtype, param_dtype=dtype, qkv_bias=True, out_bias=True,
+        norm_type="layer", position_embedding="learned", mlp_activation="gelu_tanh", mlp_gate=False, mlp_bias=True,
+        attention_scale=None if cfg.get("scale_attn_weights", True) else 1.0,
+    )
+
+
+def _embedding_name(model_type: str) -> str:
+    return "transformer.wte.weight" if model_type == "gpt2" else "model.embed_tokens.weight"
+
+
 # --- the weight map ----------------------------------------------------------------------------------------
 
 # (hf name, jaxkd param path, hf shape, hf -> jaxkd, jaxkd -> hf)
@@ -188,7 +306,42 @@ def _same(x):
     return x
 
 
+def _gpt2_weight_map(config: LMConfig) -> Iterator[_Entry]:
+    """GPT-2's ``Conv1D`` weights are stored ``[in, out]``; ``c_attn`` holds q, k, v side by side (three
+    entries of one tensor name: :func:`to_hf` concatenates them along the last axis)."""
+    d, h, hd, f, v = config.d_model, config.num_heads, config.head_dim, config.d_ff, config.vocab_size
+    yield "transformer.wte.weight", ("embedding",), (v, d), _same, _same
+    yield "transformer.wpe.weight", ("position_embedding",), (config.max_len, d), _same, _same
+
+    def norm(hf, jx):
+        yield f"{hf}.weight", (*jx, "scale"), (d,), _same, _same
+        yield f"{hf}.bias", (*jx, "bias"), (d,), _same, _same
+
+    for i in range(config.num_layers):
+        pre, blk = f"transformer.h.{i}.", f"block_{i}"
+        yield from norm(f"{pre}ln_1", (blk, "attention_norm"))
+        for j, name in enumerate(("query", "key", "value")):
+            yield (f"{pre}attn.c_attn.weight", (blk, "attention", name), (d, 3 * h * hd),
+                   lambda w, j=j: w[:, j * h * hd:(j + 1) * h * hd].reshape(d, h, hd), lambda p: p.reshape(d, -1))
+            yield (f"{pre}attn.c_attn.bias", (blk, "attention", f"{name}_bias"), (3 * h * hd,),
+                   lambda b, j=j: b[j * h * hd:(j + 1) * h * hd].reshape(h, hd), lambda p: p.reshape(-1))
+        yield (f"{pre}attn.c_proj.weight", (blk, "attention", "out"), (h * hd, d),
+               lambda w: w.reshape(h, hd, d), lambda p: p.reshape(h * hd, d))
+        yield f"{pre}attn.c_proj.bias", (blk, "attention", "out_bias"), (d,), _same, _same
+        yield from norm(f"{pre}ln_2", (blk, "mlp_norm"))
+        yield f"{pre}mlp.c_fc.weight", (blk, "mlp", "up"), (d, f), _same, _same
+        yield f"{pre}mlp.c_fc.bias", (blk, "mlp", "up_bias"), (f,), _same, _same
+        yield f"{pre}mlp.c_proj.weight", (blk, "mlp", "down"), (f, d), _same, _same
+        yield f"{pre}mlp.c_proj.bias", (blk, "mlp", "down_bias"), (d,), _same, _same
+    yield from norm("transformer.ln_f", ("final_norm",))
+    if not config.tie_embeddings:
+        yield "lm_head.weight", ("head",), (v, d), np.transpose, np.transpose
+
+
 def _weight_map(config: LMConfig) -> Iterator[_Entry]:
+    if config.position_embedding == "learned":
+        yield from _gpt2_weight_map(config)
+        return
     d, h, k, hd, f, v = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.d_ff,
                          config.vocab_size)
 
@@ -214,7 +367,12 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
         yield f"{pre}mlp.up_proj.weight", (blk, "mlp", "up"), (f, d), np.transpose, np.transpose
         yield f"{pre}mlp.down_proj.weight", (blk, "mlp", "down"), (d, f), np.transpose, np.transpose
         yield f"{pre}input_layernorm.weight", (blk, "attention_norm", "scale"), (d,), _same, _same
-        yield f"{pre}post_attention_layernorm.weight", (blk, "mlp_norm", "scale"), (d,), _same, _same
+        if config.sandwich_norm:  # Gemma 2 / 3
+            yield f"{pre}post_attention_layernorm.weight", (blk, "post_attention_norm", "scale"), (d,), _same, _same
+            yield f"{pre}pre_feedforward_layernorm.weight", (blk, "mlp_norm", "scale"), (d,), _same, _same
+            yield f"{pre}post_feedforward_layernorm.weight", (blk, "post_mlp_norm", "scale"), (d,), _same, _same
+        else:
+            yield f"{pre}post_attention_layernorm.weight", (blk, "mlp_norm", "scale"), (d,), _same, _same
     yield "model.norm.weight", ("final_norm", "scale"), (d,), _same, _same
     if not config.tie_embeddings:
         yield "lm_head.weight", ("head",), (v, d), np.transpose, np.transpose
@@ -238,6 +396,7 @@ class _Tensors:
             raise _error(path, "no model.safetensors or model.safetensors.index.json (only safetensors "
                                "checkpoints are read)")
         self._headers: dict[Path, tuple[int, dict]] = {}
+        self.prefix = ""  # added to the stored names (GPT-2 checkpoints saved without "transformer.")
 
     def _header(self, file: Path) -> tuple[int, dict]:
         if file not in self._headers:
@@ -247,10 +406,11 @@ class _Tensors:
         return self._headers[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._header(self.files[name])[1][name]["shape"])
+        return tuple(self._header(self.files[name])[1][name[len(self.prefix):]]["shape"])
 
     def get(self, name: str) -> np.ndarray:
         file = self.files[name]
+        name = name[len(self.prefix):]
         start, header = self._header(file)
         entry = header[name]
         if entry["dtype"] == "BF16":  # numpy has no bfloat16: the raw bytes, viewed as ml_dtypes'
@@ -308,10 +468,14 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Model, dict]
         raise _error(path, "no config.json: not a transformers checkpoint directory")
     cfg = json.loads(config_file.read_text())
     tensors = _Tensors(path)
+    embedding_name = _embedding_name(cfg.get("model_type"))
+    if cfg.get("model_type") == "gpt2" and embedding_name not in tensors.files and "wte.weight" in tensors.files:
+        tensors.files = {f"transformer.{n}": file for n, file in tensors.files.items()}  # GPT2Model's names
+        tensors.prefix = "transformer."
     if dtype is None:
-        if "model.embed_tokens.weight" not in tensors.files:
-            raise _error(path, "missing tensor 'model.embed_tokens.weight'")
-        dtype = tensors.get("model.embed_tokens.weight").dtype
+        if embedding_name not in tensors.files:
+            raise _error(path, f"missing tensor {embedding_name!r}")
+        dtype = tensors.get(embedding_name).dtype
     dtype = jnp.dtype(dtype)
     _, config = config_from_hf(cfg, dtype=dtype, path=config_file)
     model = lm(config, name=f"hf_{cfg['model_type']}")
@@ -319,6 +483,7 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Model, dict]
     flat = {path_: leaf for path_, leaf in _flatten(abstract)}
     params: dict = {}
     used = set()
+    cache: dict[str, np.ndarray] = {}
     for hf_name, key, hf_shape, to_jax, _ in _weight_map(config):
         if hf_name not in tensors.files:
             raise _error(path, f"missing tensor {hf_name!r} (expected shape {hf_shape})")
@@ -327,11 +492,14 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Model, dict]
             raise _error(path, f"tensor {hf_name!r} has shape {shape}, the config implies {hf_shape}")
         used.add(hf_name)
         box = flat.pop(key)
-        value = jnp.asarray(to_jax(np.asarray(tensors.get(hf_name))), dtype)
+        if hf_name not in cache:
+            cache = {hf_name: np.asarray(tensors.get(hf_name))}  # GPT-2's c_attn: three entries in a row
+        value = jnp.asarray(to_jax(cache[hf_name]), dtype)
         _set(params, key, box.replace_boxed(value) if isinstance(box, meta.AxisMetadata) else value)
     assert not flat, f"unmapped jaxkd parameters {sorted(flat)}"
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
-    extra = sorted(n for n in set(tensors.files) - used - ignorable if not n.endswith("rotary_emb.inv_freq"))
+    buffers = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")  # GPT-2's old causal-mask buffers
+    extra = sorted(n for n in set(tensors.files) - used - ignorable if not n.endswith(buffers))
     if extra:
         raise _error(path, f"tensors jaxkd does not implement: {extra[:8]}{' …' if len(extra) > 8 else ''}")
     return model, {"params": params}
@@ -352,6 +520,10 @@ def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
 
 
 def _model_type_for(config: LMConfig) -> str:
+    if config.position_embedding == "learned":
+        return "gpt2"
+    if config.sandwich_norm:
+        return "gemma3_text" if config.qk_norm else "gemma2"
     if config.qk_norm:
         return "qwen3"
     if config.qkv_bias and not config.out_bias:
@@ -361,10 +533,39 @@ def _model_type_for(config: LMConfig) -> str:
     return "llama"
 
 
+_PLAIN = dict(sliding_layers=None, local_rope_base=None, norm_type="rms", norm_plus_one=False, sandwich_norm=False,
+              embedding_scale=False, position_embedding="rope", mlp_activation="silu", mlp_gate=True, mlp_bias=False,
+              attention_scale=None, attn_softcap=None, final_softcap=None)
+_GEMMA = dict(norm_type="rms", norm_plus_one=True, sandwich_norm=True, embedding_scale=True, position_embedding="rope",
+              mlp_activation="gelu_tanh", mlp_gate=True, mlp_bias=False)
+_FAMILY_OPTIONS = {
+    "gemma2": dict(_GEMMA, qk_norm=False, local_rope_base=None),
+    "gemma3_text": dict(_GEMMA, qk_norm=True, attn_softcap=None),
+    "gpt2": dict(sliding_window=None, sliding_layers=None, local_rope_base=None, norm_type="layer", norm_plus_one=False,
+                 sandwich_norm=False, embedding_scale=False, position_embedding="learned", mlp_activation="gelu_tanh",
+                 mlp_gate=False, mlp_bias=True, qkv_bias=True, out_bias=True, qk_norm=False, attn_softcap=None,
+                 final_softcap=None, rope_scaling=None, attention_head_dim=None),
+}
+
+
 def _check_exportable(config: LMConfig, model_type: str) -> None:
     problems = []
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    if model_type in _FAMILY_OPTIONS:
+        problems = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in _FAMILY_OPTIONS[model_type].items()
+                    if getattr(config, k) != v]
+        if model_type != "gpt2" and config.qkv_bias != config.out_bias:
+            problems.append(f"qkv_bias={config.qkv_bias} != out_bias={config.out_bias} ({model_type}'s attention_bias "
+                            f"is on q, k, v and o alike)")
+        if model_type == "gpt2" and config.num_kv_heads != config.num_heads:
+            problems.append(f"num_kv_heads={config.num_kv_heads} != num_heads={config.num_heads}")
+        if model_type == "gpt2" and config.attention_scale not in (None, 1.0):
+            problems.append(f"attention_scale={config.attention_scale} (GPT-2 scales by 1/sqrt(head_dim) or not at all)")
+        if problems:
+            raise ValueError(f"this LMConfig is not a {model_type!r} model: {'; '.join(problems)}")
+        return
+    problems = [f"{k}={getattr(config, k)!r}" for k, v in _PLAIN.items() if getattr(config, k) != v]
     if config.qk_norm != (model_type == "qwen3"):
         problems.append(f"qk_norm={config.qk_norm}")
     if model_type == "qwen2" and not (config.qkv_bias and not config.out_bias):
@@ -409,18 +610,76 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
     if isinstance(params, dict) and "params" in params and "embedding" not in params:
         params = params["params"]
     params = meta.unbox(params)
-    tensors = {}
+    parts: dict[str, list] = {}
+    shapes = {}
     for hf_name, key, hf_shape, _, to_torch in _weight_map(config):
         value = params
         for name in key:
             value = value[name]
-        array = np.asarray(to_torch(np.asarray(jax.device_get(value))))
-        assert array.shape == hf_shape, (hf_name, array.shape, hf_shape)
+        parts.setdefault(hf_name, []).append(np.asarray(to_torch(np.asarray(jax.device_get(value)))))
+        shapes[hf_name] = hf_shape
+    tensors = {}
+    for hf_name, arrays in parts.items():  # GPT-2's c_attn: q, k, v side by side
+        array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=-1)
+        assert array.shape == shapes[hf_name], (hf_name, array.shape, shapes[hf_name])
         tensors[hf_name] = array
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _write_safetensors(path / "model.safetensors", tensors)
     dtype = jnp.dtype(config.param_dtype).name
+    if model_type in _FAMILY_OPTIONS:
+        cfg = _family_config(config, model_type, dtype)
+        cfg.update(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)
+    else:
+        cfg = _llama_like_config(config, model_type, dtype, bos_token_id, eos_token_id, pad_token_id)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    generation = {"_from_model_config": True}
+    generation.update({k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
+                                         ("pad_token_id", pad_token_id)) if v is not None})
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return model_type
+
+
+def _family_config(config: LMConfig, model_type: str, dtype: str) -> dict:
+    """The ``config.json`` of a gemma2, gemma3_text or gpt2 export."""
+    if model_type == "gpt2":
+        return {
+            "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": config.vocab_size,
+            "n_positions": config.max_len, "n_embd": config.d_model, "n_layer": config.num_layers,
+            "n_head": config.num_heads, "n_inner": config.d_ff, "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.norm_eps, "scale_attn_weights": config.attention_scale is None,
+            "tie_word_embeddings": config.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "dtype": dtype,
+        }
+    rope = {"rope_theta": config.rope_base, "rope_type": "default"}
+    if config.rope_scaling is not None:
+        rope.update(config.rope_scaling_dict)
+    if model_type == "gemma3_text":
+        local = config.rope_base if config.local_rope_base is None else config.local_rope_base
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    if config.attention_scale is None:
+        qpas = config.head_dim
+    else:
+        qpas = config.attention_scale ** -2
+        qpas = int(round(qpas)) if abs(qpas - round(qpas)) < 1e-6 * qpas else qpas
+    cfg = {
+        "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_len, "rms_norm_eps": config.norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": config.tie_embeddings,
+        "rope_parameters": rope, "attention_bias": config.qkv_bias, "query_pre_attn_scalar": qpas,
+        "sliding_window": config.sliding_window,
+        "layer_types": ["sliding_attention" if config.is_sliding(i) else "full_attention"
+                        for i in range(config.num_layers)],
+        "final_logit_softcapping": config.final_softcap, "attn_logit_softcapping": config.attn_softcap,
+        "use_bidirectional_attention": False, "dtype": dtype,
+    }
+    return cfg
+
+
+def _llama_like_config(config: LMConfig, model_type: str, dtype: str, bos_token_id, eos_token_id, pad_token_id) -> dict:
     rope = {"rope_theta": config.rope_base, "rope_type": "default"}
     if config.rope_scaling is not None:
         rope.update(config.rope_scaling_dict)
@@ -443,12 +702,7 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
     if model_type in ("qwen2", "qwen3"):
         cfg.update(use_sliding_window=False, sliding_window=None,
                    layer_types=["full_attention"] * config.num_layers)
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    generation = {"_from_model_config": True}
-    generation.update({k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
-                                         ("pad_token_id", pad_token_id)) if v is not None})
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return model_type
+    return cfg
 
 
 

@@ -60,6 +60,7 @@ Logical axis names (every parameter carries them through ``nn.with_logical_parti
 ``head_dim``    features per head
 ``mlp``         the MLP's hidden width ``d_ff``
 ``norm``        RMSNorm scales
+``position``    rows of the learned position embedding (``position_embedding="learned"``)
 ==============  ======================================================================
 
 Parameter tree: ``embedding [V, d] (vocab, embed)``; ``block_{i}/attention_norm/scale [d] (norm)``;
@@ -111,7 +112,7 @@ __all__ = [
 Array = jax.Array
 
 #: Every logical axis name a :class:`TransformerLM` parameter uses.
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "position")
 
 # Masked attention scores: the most negative finite float32, not -inf, so that a query row whose keys
 # are all masked gets a finite softmax (then zeroed) instead of NaN, in value and gradient; in a row
@@ -153,6 +154,33 @@ class LMConfig:
       sliding_window: ``None`` (full causal attention) or ``w``: query slot ``t`` reads key slots
         ``s`` with ``t - w < s <= t`` only (Mistral; transformers' ``sliding_window_overlay``). Slots, not
         positions: left padding counts, as in transformers.
+      sliding_layers: ``None`` (the window, if any, applies to every layer) or one bool per layer, True for
+        the layers that use ``sliding_window`` (Gemma 2 / 3's ``layer_types``: local and global layers
+        alternate); the others attend to every earlier slot. The KV cache keeps every slot either way.
+      local_rope_base: ``None`` or the RoPE base of the sliding-window layers (Gemma 3's
+        ``rope_local_base_freq``; ``rope_scaling`` then applies to the global layers only).
+      norm_type: ``"rms"`` (RMSNorm, the default) or ``"layer"`` (LayerNorm with a bias, GPT-2:
+        ``(x - mean) / sqrt(var + eps) · scale + bias``, in float32; ``block_{i}/…_norm/{scale, bias}``).
+      norm_plus_one: RMSNorm multiplies by ``1 + scale`` (Gemma; the scale is initialized to zero),
+        computed in float32 as transformers' ``GemmaRMSNorm``; also the q/k norms.
+      sandwich_norm: Gemma 2 / 3's extra norms on the block outputs: ``x + N_post(Attn(N(x)))`` and
+        ``x + N_post(MLP(N(x)))`` (``block_{i}/post_attention_norm``, ``block_{i}/post_mlp_norm``).
+      embedding_scale: the token embeddings are multiplied by ``sqrt(d_model)`` (Gemma), the factor cast to
+        the parameter dtype first as transformers does (bfloat16 rounds ``sqrt(3072)`` to 55.5).
+      position_embedding: ``"rope"`` (the default) or ``"learned"``: absolute position embeddings
+        ``position_embedding [max_len, d]`` added to the token embeddings, no rotation (GPT-2's ``wpe``).
+      mlp_activation: ``"silu"`` (the default) or ``"gelu_tanh"`` (the tanh approximation of GELU:
+        transformers' ``gelu_pytorch_tanh`` and ``gelu_new``).
+      mlp_gate: the MLP is gated, ``W_down (act(x W_gate) ⊙ x W_up)`` (the default), or not:
+        ``W_down act(x W_up)`` (GPT-2).
+      mlp_bias: biases on the MLP's projections (``block_{i}/mlp/{gate_bias, up_bias [d_ff], down_bias [d]}``).
+      attention_scale: the factor of the attention scores; ``None`` is ``1 / sqrt(head_dim)`` (Gemma:
+        ``query_pre_attn_scalar ** -0.5``; GPT-2's ``scale_attn_weights=False``: 1).
+      attn_softcap: ``None`` or ``c``: scores ``-> c · tanh(scores / c)`` after scaling, before masking
+        (Gemma 2's ``attn_logit_softcapping``).
+      final_softcap: ``None`` or ``c``: logits ``-> c · tanh(logits / c)`` in float32 (Gemma's
+        ``final_logit_softcapping``). The sown ``hidden`` and :func:`output_projection` give the logits
+        *before* the cap: fused vocabulary losses take ``softcap=config.final_softcap``.
     """
 
     vocab_size: int
@@ -173,6 +201,19 @@ class LMConfig:
     out_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    sliding_layers: Any = None
+    local_rope_base: float | None = None
+    norm_type: str = "rms"
+    norm_plus_one: bool = False
+    sandwich_norm: bool = False
+    embedding_scale: bool = False
+    position_embedding: str = "rope"
+    mlp_activation: str = "silu"
+    mlp_gate: bool = True
+    mlp_bias: bool = False
+    attention_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
@@ -208,13 +249,35 @@ class LMConfig:
         object.__setattr__(self, "tie_embeddings", bool(self.tie_embeddings))
         object.__setattr__(self, "rope_base", float(self.rope_base))
         object.__setattr__(self, "norm_eps", float(self.norm_eps))
-        for name in ("qkv_bias", "out_bias", "qk_norm"):
+        for name in ("qkv_bias", "out_bias", "qk_norm", "norm_plus_one", "sandwich_norm", "embedding_scale",
+                     "mlp_gate", "mlp_bias"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
         if self.sliding_window is not None:
             object.__setattr__(self, "sliding_window", check_int("sliding_window", self.sliding_window, low=1))
         object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
+        if self.sliding_layers is not None:
+            layers = tuple(self.sliding_layers)
+            if len(layers) != self.num_layers or not all(isinstance(x, (bool, np.bool_)) for x in layers):
+                raise ValueError(f"sliding_layers must be one bool per layer ({self.num_layers}), got {self.sliding_layers!r}")
+            if self.sliding_window is None:
+                raise ValueError("sliding_layers needs a sliding_window")
+            object.__setattr__(self, "sliding_layers", tuple(bool(x) for x in layers))
+        for name in ("local_rope_base", "attention_scale", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), low=0.0, low_open=True)
+                object.__setattr__(self, name, float(getattr(self, name)))
+        for name, allowed in (("norm_type", ("rms", "layer")), ("position_embedding", ("rope", "learned")),
+                              ("mlp_activation", ("silu", "gelu_tanh"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.norm_plus_one and self.norm_type != "rms":
+            raise ValueError("norm_plus_one applies to RMSNorm (norm_type='rms')")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer ``layer`` attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or self.sliding_layers[layer])
 
     @property
     def head_dim(self) -> int:
@@ -231,7 +294,9 @@ class LMConfig:
         """The exact parameter count: ``V d`` (embedding) ``+ L [2d + d·H·hd + 2·d·K·hd + H·hd·d +
         3·d·d_ff] + d`` (final norm) ``+ d V`` when the head is untied (plus the optional biases
         ``(H + 2K) hd`` and ``d`` and q/k norm scales ``2 hd`` per block)."""
-        return self.num_non_embedding_params + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        positions = self.max_len * self.d_model if self.position_embedding == "learned" else 0
+        return (self.num_non_embedding_params + positions
+                + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2))
 
     @property
     def num_non_embedding_params(self) -> int:
@@ -245,8 +310,12 @@ class LMConfig:
             attention += d
         if self.qk_norm:
             attention += 2 * hd
-        block = 2 * d + attention + 3 * d * self.d_ff
-        return self.num_layers * block + d
+        mlp = (3 if self.mlp_gate else 2) * d * self.d_ff
+        if self.mlp_bias:
+            mlp += (2 if self.mlp_gate else 1) * self.d_ff + d
+        norm = d if self.norm_type == "rms" else 2 * d
+        block = (4 if self.sandwich_norm else 2) * norm + attention + mlp
+        return self.num_layers * block + norm
 
 
 _ROPE_SCALING_KEYS = {
@@ -331,6 +400,7 @@ def lm_logical_rules() -> Rules:
         ("mlp", TENSOR),
         ("head_dim", None),
         ("norm", None),
+        ("position", None),
     ))
 
 
@@ -350,10 +420,20 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",))
+        cfg = self.config
+        init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+        scale = _param(self, "scale", init, (x.shape[-1],), ("norm",))
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.config.norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(self.config.dtype)
+        if cfg.norm_type == "layer":  # GPT-2's LayerNorm (torch's: biased variance)
+            centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+            y = centered * jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + cfg.norm_eps)
+            bias = _param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",))
+            return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.dtype)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+        scale32 = scale.astype(jnp.float32)
+        if cfg.norm_plus_one:  # Gemma: (1 + w), in float32
+            scale32 = 1.0 + scale32
+        return (y * scale32).astype(cfg.dtype)
 
 
 def _rotary(x: Array, cos: Array, sin: Array) -> Array:
@@ -386,9 +466,13 @@ def _scaled_inv_freq(config: LMConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def _rope_angles(positions: Array, config: LMConfig) -> tuple[Array, Array]:
+def _rope_angles(positions: Array, config: LMConfig, local: bool = False) -> tuple[Array, Array]:
     half = config.head_dim // 2
-    if config.rope_scaling is None:
+    if local:  # Gemma 3's sliding layers: their own base, unscaled
+        inv_freq = (1.0 / (np.float32(config.local_rope_base) ** (np.arange(0, config.head_dim, 2).astype(np.float32)
+                                                                    / np.float32(config.head_dim)))).astype(np.float32)
+        inv_freq = jnp.asarray(inv_freq)
+    elif config.rope_scaling is None:
         inv_freq = config.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / config.head_dim)
     else:
         inv_freq = jnp.asarray(_scaled_inv_freq(config))
@@ -424,8 +508,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg, name="query_norm")(q)
             new_key = RMSNorm(cfg, name="key_norm")(new_key)
-        q = _rotary(q, cos, sin)
-        new_key = _rotary(new_key, cos, sin)
+        if cos is not None:
+            q = _rotary(q, cos, sin)
+            new_key = _rotary(new_key, cos, sin)
         key, value = new_key, new_value
         if kv is not None:
             zero = jnp.zeros((), jnp.int32)
@@ -435,7 +520,10 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         q = q.reshape(b, t, k, h // k, hd)  # query head j*G + g reads kv head j (HF repeat_kv's order)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed[:, None, None], scores / math.sqrt(hd), _MASKED_SCORE)
+        scores = scores / math.sqrt(hd) if cfg.attention_scale is None else scores * cfg.attention_scale
+        if cfg.attn_softcap is not None:  # Gemma 2: c · tanh(scores / c), before the mask
+            scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        scores = jnp.where(allowed[:, None, None], scores, _MASKED_SCORE)
         # A query with no key to read (a padded position before the row's first real token) gets a zero
         # attention output, the same with or without a cache.
         readable = jnp.any(allowed, axis=-1)[:, None, None, :, None]
@@ -448,19 +536,29 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``W_down (silu(x W_gate) ⊙ x W_up)``."""
+    """SwiGLU: ``W_down (silu(x W_gate) ⊙ x W_up)``; GeGLU with ``mlp_activation="gelu_tanh"``; without the
+    gate (``mlp_gate=False``) ``W_down act(x W_up)``; optional biases."""
 
     config: LMConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _param(self, "gate", _fan_in(0, 1), (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
-        up = _param(self, "up", _fan_in(0, 1), (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
-        down = _param(self, "down", _fan_in(0, 1), (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         dt = cfg.dtype
-        hidden = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
-        return hidden @ down.astype(dt)
+
+        def dense(name, inputs, shape, axes):
+            y = inputs @ _param(self, name, _fan_in(0, 1), shape, axes).astype(dt)
+            if cfg.mlp_bias:
+                y = y + _param(self, f"{name}_bias", nn.initializers.zeros, shape[-1:], axes[-1:]).astype(dt)
+            return y
+
+        act = jax.nn.silu if cfg.mlp_activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
+        wide = ((cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+        if cfg.mlp_gate:
+            hidden = act(dense("gate", x, *wide)) * dense("up", x, *wide)
+        else:
+            hidden = act(dense("up", x, *wide))
+        return dense("down", hidden, (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
 
 
 class Block(nn.Module):
@@ -470,10 +568,15 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed, kv=None, index=None):
-        y, new_kv = Attention(self.config, name="attention")(
-            RMSNorm(self.config, name="attention_norm")(x), cos, sin, allowed, kv, index)
+        cfg = self.config
+        y, new_kv = Attention(cfg, name="attention")(RMSNorm(cfg, name="attention_norm")(x), cos, sin, allowed, kv, index)
+        if cfg.sandwich_norm:
+            y = RMSNorm(cfg, name="post_attention_norm")(y)
         x = x + y
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        y = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+        if cfg.sandwich_norm:
+            y = RMSNorm(cfg, name="post_mlp_norm")(y)
+        x = x + y
         return x, new_kv
 
 
@@ -582,7 +685,10 @@ class TransformerLM(nn.Module):
         embedding = _param(self, "embedding", nn.initializers.normal(cfg.d_model ** -0.5),
                            (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         # Padding never reaches the network: its (arbitrary, maybe out-of-range) ids are replaced by zeros.
-        h = jnp.take(embedding, jnp.clip(tokens, 0, cfg.vocab_size - 1), axis=0).astype(cfg.dtype)
+        h = jnp.take(embedding, jnp.clip(tokens, 0, cfg.vocab_size - 1), axis=0)
+        if cfg.embedding_scale:  # Gemma: sqrt(d), cast to the weights' dtype first (transformers)
+            h = h * jnp.asarray(math.sqrt(cfg.d_model), jnp.float32).astype(h.dtype)
+        h = h.astype(cfg.dtype)
         h = jnp.where(mask[..., None], h, 0)
 
         if cache is None:
@@ -603,15 +709,26 @@ class TransformerLM(nn.Module):
         allowed = key_mask[:, None, :] & (jnp.arange(num_slots)[None, None, :] <= query_slots[None, :, None])
         if segment_ids is not None:  # packed documents: a query reads only its own document's keys
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        if cfg.sliding_window is not None:  # and only the last sliding_window slots (Mistral)
+        full_allowed = allowed
+        if cfg.sliding_window is not None:  # and only the last sliding_window slots (Mistral; Gemma's local layers)
             allowed = allowed & (jnp.arange(num_slots)[None, None, :] > query_slots[None, :, None] - cfg.sliding_window)
-        cos, sin = _rope_angles(positions, cfg)
+        if cfg.position_embedding == "learned":  # GPT-2: absolute positions added, no rotation
+            table = _param(self, "position_embedding", nn.initializers.normal(0.02), (cfg.max_len, cfg.d_model),
+                           ("position", "embed"))
+            h = h + jnp.take(table, jnp.clip(positions, 0, cfg.max_len - 1), axis=0).astype(cfg.dtype)
+            h = jnp.where(mask[..., None], h, 0)
+            cos = sin = local_cos = local_sin = None
+        else:
+            cos, sin = _rope_angles(positions, cfg)
+            local_cos, local_sin = (cos, sin) if cfg.local_rope_base is None else _rope_angles(positions, cfg, local=True)
 
         keys, values = (None, None) if cache is None else (cache.keys, cache.values)
         for i in range(cfg.num_layers):
             kv = None if cache is None else (keys[i], values[i])
+            sliding = cfg.is_sliding(i)
             h, (new_key, new_value) = Block(cfg, name=f"block_{i}")(
-                h, cos, sin, allowed, kv, None if cache is None else cache.index)
+                h, local_cos if sliding else cos, local_sin if sliding else sin, allowed if sliding else full_allowed,
+                kv, None if cache is None else cache.index)
             self.sow("intermediates", f"block{i}", h)
             if cache is not None:
                 # Written into the whole [L, ...] buffer: in place under jit, where stacking per-layer
@@ -628,6 +745,8 @@ class TransformerLM(nn.Module):
             projection = _param(self, "head", _fan_in(0, 1), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
         logits = jnp.einsum("btd,dv->btv", h, projection.astype(cfg.dtype), preferred_element_type=jnp.float32)
         logits = logits.astype(jnp.float32)
+        if cfg.final_softcap is not None:  # Gemma: c · tanh(logits / c)
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         if cache is None:
             return logits
         new_cache = KVCache(
