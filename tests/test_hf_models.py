@@ -420,3 +420,21 @@ def test_new_families_refusals(new_family, tmp_path):
     other = {"gemma2": "llama", "gemma3_text": "gemma2", "gpt2": "gemma2"}[name]
     with pytest.raises(ValueError, match=f"not a '{other}' model"):
         to_hf(config, variables, tmp_path / "x", model_type=other)
+
+
+def test_new_families_kv_cache_equals_forward(new_family):
+    """prefill + decode_step on a left-padded batch give the full forward's logits (per-layer windows, softcaps)."""
+    name, _, _, model, variables = new_family
+    if name != "gemma2":
+        pytest.skip("gemma3_text and gpt2 decode in test_new_families_greedy_generation")
+    from jaxkd.models.lm import decode_step, prefill
+
+    config = model.module.config
+    tokens, mask = _batch("left")
+    full = _jax_logits(model, variables, tokens, mask)
+    logits, cache = prefill(variables, config, tokens[:, :4], mask[:, :4], cache_len=8)
+    steps = [np.asarray(logits)]
+    for t in range(4, 8):
+        step, cache = decode_step(variables, config, tokens[:, t], cache)
+        steps.append(np.asarray(step)[:, None])
+    np.testing.assert_allclose(np.concatenate(steps, axis=1)[mask], full[mask], atol=1e-5)

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: the LLaMA family (``llama``, ``mistral``, ``qwen2``, ``qwen3``).
+"""Hugging Face checkpoints in and out: the LLaMA family (``llama``, ``mistral``, ``qwen2``, ``qwen3``),
+Gemma 2 and 3 (``gemma2``, ``gemma3_text``) and ``gpt2``.
 
 :func:`from_hf` reads a transformers checkpoint directory (``config.json`` and ``model.safetensors`` or a
 sharded ``model.safetensors.index.json``) into a :func:`jaxkd.models.lm.lm` model and its variables;
@@ -12,7 +13,12 @@ Followed (transformers 5.x): ``models/llama/modeling_llama.py`` (``attention_bia
 on q, k, v only), ``models/qwen3/modeling_qwen3.py`` (``q_norm``/``k_norm`` over ``head_dim`` before
 RoPE, explicit ``head_dim``), ``modeling_rope_utils.py`` (``rope_parameters`` / the older ``rope_theta``
 and ``rope_scaling``: default, ``linear`` and ``llama3``), ``masking_utils.py`` (the sliding window:
-query slot ``t`` reads key slots ``s > t - sliding_window``).
+query slot ``t`` reads key slots ``s > t - sliding_window``), ``models/gemma2/modeling_gemma2.py`` and
+``models/gemma3/modeling_gemma3.py`` (GeGLU, ``(1 + w)`` RMSNorm in float32, embeddings times ``sqrt(d)``
+cast to the weights' dtype, sandwich norms, ``query_pre_attn_scalar``, attention and final logit soft-caps
+— Gemma 3 applies no attention soft-cap —, per-layer ``layer_types`` windows, Gemma 3's q/k norms and local
+RoPE base), ``models/gpt2/modeling_gpt2.py`` (LayerNorm, learned positions, ``Conv1D`` ``[in, out]``
+weights, ``c_attn`` split into q, k, v, biases everywhere, ``gelu_new``).
 
 Config fields are mapped one by one; a field that would change the model and is not implemented
 (``hidden_act`` other than ``silu``, ``mlp_bias``, dynamic/YaRN RoPE, a per-layer mix of sliding and full

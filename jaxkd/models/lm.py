@@ -25,7 +25,10 @@ No biases by default (LLaMA). Options of :class:`LMConfig`, each off by default,
 families :mod:`jaxkd.models.hf` reads and writes (Mistral, Qwen2, Qwen3): ``qkv_bias`` / ``out_bias``
 (``block_{i}/attention/{query_bias [H, hd], key_bias, value_bias [K, hd], out_bias [d]}``), ``qk_norm``
 (``block_{i}/attention/{query_norm, key_norm}/scale [hd]``), ``attention_head_dim`` (a head width other
-than ``d / H``), ``rope_scaling`` (linear, LLaMA 3.1) and ``sliding_window``.
+than ``d / H``), ``rope_scaling`` (linear, LLaMA 3.1) and ``sliding_window``; Gemma 2 / 3 (``sliding_layers``,
+``local_rope_base``, ``norm_plus_one``, ``sandwich_norm``, ``embedding_scale``, ``mlp_activation="gelu_tanh"``,
+``attention_scale``, ``attn_softcap``, ``final_softcap``) and GPT-2 (``norm_type="layer"``,
+``position_embedding="learned"``, ``mlp_gate=False``, ``mlp_bias``).
 
 Parameters are ``param_dtype`` (float32); activations and matmuls run in
 ``dtype`` (bfloat16 allowed) with float32 normalization, softmax and RoPE; **logits are always float32**
