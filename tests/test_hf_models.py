@@ -438,3 +438,35 @@ def test_new_families_kv_cache_equals_forward(new_family):
         step, cache = decode_step(variables, config, tokens[:, t], cache)
         steps.append(np.asarray(step)[:, None])
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[mask], full[mask], atol=1e-5)
+
+
+def test_gpt2_hub_layout_and_gemma_fused_softcap(new_family, tmp_path):
+    """GPT-2 as the Hub stores it (GPT2Model's names without ``transformer.``, the old ``attn.bias`` mask
+    buffers) reads the same; Gemma's capped logits are ``softcap(hidden @ output_projection)``."""
+    name, _, path, model, variables = new_family
+    tokens, mask = _batch("right")
+    if name == "gpt2":
+        import safetensors
+
+        from jaxkd.models import hf as hf_lib
+
+        with safetensors.safe_open(path / "model.safetensors", "np") as f:
+            tensors = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys() if k != "lm_head.weight"}
+        tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+        (tmp_path / "hub").mkdir()
+        shutil.copy(path / "config.json", tmp_path / "hub" / "config.json")
+        hf_lib._write_safetensors(tmp_path / "hub" / "model.safetensors", tensors)
+        again, again_vars = from_hf(tmp_path / "hub")
+        np.testing.assert_array_equal(_jax_logits(again, again_vars, tokens, mask),
+                                      _jax_logits(model, variables, tokens, mask))
+    elif name == "gemma2":
+        from jaxkd.models.lm import output_projection
+
+        config = model.module.config
+        out = model.apply(variables, {"tokens": tokens, "mask": mask}, train=False)
+        raw = np.asarray(out.features["hidden"]) @ np.asarray(output_projection(variables, config))
+        capped = np.tanh(raw / config.final_softcap) * config.final_softcap
+        np.testing.assert_allclose(capped, np.asarray(out.logits), atol=1e-5)
+        assert np.abs(raw - np.asarray(out.logits)).max() > 1e-2  # the cap is not a no-op here
+    else:
+        pytest.skip("gpt2 and gemma2 cover it")
