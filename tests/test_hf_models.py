@@ -470,3 +470,13 @@ def test_gpt2_hub_layout_and_gemma_fused_softcap(new_family, tmp_path):
         assert np.abs(raw - np.asarray(out.logits)).max() > 1e-2  # the cap is not a no-op here
     else:
         pytest.skip("gpt2 and gemma2 cover it")
+
+
+def test_gemma_student_keeps_layer_windows(new_family):
+    name, _, _, teacher, variables = new_family
+    if name != "gemma2":
+        pytest.skip("one family is enough")
+    student, student_vars = init_student_from(teacher, variables, (1, 2))
+    assert student.module.config.sliding_layers == (False, True)
+    tokens, mask = _batch("right")
+    assert np.isfinite(_jax_logits(student, student_vars, tokens, mask)).all()

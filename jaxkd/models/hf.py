@@ -768,5 +768,6 @@ def init_student_from(teacher: Model | LMConfig, teacher_variables: Any, layers:
         params = params["params"]
     student = {k: v for k, v in params.items() if not k.startswith("block_")}
     student.update({f"block_{i}": params[f"block_{j}"] for i, j in enumerate(layers)})
-    student_config = dataclasses.replace(config, num_layers=len(layers))
+    sliding = None if config.sliding_layers is None else tuple(config.sliding_layers[j] for j in layers)
+    student_config = dataclasses.replace(config, num_layers=len(layers), sliding_layers=sliding)
     return lm(student_config, name=f"student_of_{config.num_layers}_layers_{len(layers)}"), {"params": student}
