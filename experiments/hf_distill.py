@@ -132,7 +132,22 @@ HFDistillExperiment.CHECKS = {
 
 def parse_method(cfg: HFDistillExperiment) -> methods.Method:
     constants = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seq_len": cfg.seq_len}
-    return config_lib.parse_methods({"student": cfg.method}, constants)["student"]
+    try:
+        return methods.parse(cfg.method, constants)
+    except ValueError as e:
+        raise ValueError(f"config method: {e}") from None
+
+
+def check_paths(cfg: HFDistillExperiment) -> None:
+    """Every input is a local file or directory (nothing is downloaded): the first missing one is named."""
+    dirs = [("teacher", cfg.teacher)] + ([("student", cfg.student)] if cfg.student != INIT_FROM_TEACHER else [])
+    for name, path in dirs:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{name}: no checkpoint directory {path} (the recipe reads local directories: "
+                                    "download the checkpoint first, e.g. huggingface-cli download REPO --local-dir DIR)")
+    for name, path in (("train_data", cfg.train_data), ("eval_data", cfg.eval_data)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{name}: no file {path}")
 
 
 # ----- models -----
@@ -204,6 +219,7 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
     start = time.time()
     phases = Phases()
     method = parse_method(cfg)  # checked before anything loads
+    check_paths(cfg)
     with phases.phase("setup"):
         tokenizer = HFTokenizer.from_pretrained(cfg.tokenizer or cfg.teacher)
         teacher, teacher_vars, student, student_vars = load_models(cfg, tokenizer.vocab_size)

@@ -159,3 +159,17 @@ def test_killed_run_resumes_bitwise(setup, tmp_path):
 
     assert final_state(out) == final_state(tmp_path / "reference")
     assert sorted(map(json.dumps, records(out))) == sorted(map(json.dumps, records(tmp_path / "reference")))
+
+
+def test_command_errors_are_one_line(setup, tmp_path, capsys):
+    from experiments import hf_distill
+    from experiments.runner import entry_point
+
+    for override, message in ((f"teacher={tmp_path / 'nowhere'}", "teacher: no checkpoint directory"),
+                              (f"train_data={tmp_path / 'none.jsonl'}", "train_data: no file"),
+                              ("method=lm_ce + nope()", "config method: unknown method 'nope'"),
+                              ("microbatches=3", "microbatches must divide batch_size")):
+        with pytest.raises(SystemExit) as e:
+            entry_point(hf_distill.main, settings(setup) + ["--set", override, "--out", str(tmp_path / "e")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
