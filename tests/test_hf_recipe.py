@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     byte_level_bpe().save(str(teacher / "tokenizer.json"))
     (teacher / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE}))
-    student = _checkpoint(root / "student", 1, 336, 1)
+    _checkpoint(root / "student", 1, 336, 1)
     for name, n in (("train", 20), ("eval", 6)):
         with open(root / f"{name}.jsonl", "w") as f:
             for i in range(n):
