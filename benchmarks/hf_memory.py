@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=8, help="the mesh's devices (one device is always shown too)")
     parser.add_argument("--data", type=int, default=8, help="data-parallel ways of the mesh (divides --devices)")
     parser.add_argument("--param-dtype", default="float32", choices=sorted(BYTES))
-    parser.add_argument("--teacher-dtype", default="bfloat16", choices=sorted(BYTES))
+    parser.add_argument("--teacher-dtype", default="float32", choices=sorted(BYTES))
     parser.add_argument("--act-dtype", default="float32", choices=sorted(BYTES))
     parser.add_argument("--flash", action="store_true", help="a fused attention (no attention probabilities kept)")
     parser.add_argument("--fused", action="store_true", help="token_kd(fused=True): no logits materialized")

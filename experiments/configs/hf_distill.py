@@ -21,8 +21,8 @@ def get_config() -> HFDistillExperiment:
         method="lm_ce + token_kd(divergence='forward_kl')",
         steps=1000,
         lr=5e-5,
-        batch_size=8,
-        microbatches=4,
+        batch_size=16,
+        microbatches=2,
         eval_every=100,
         checkpoint_every=100,
     )
