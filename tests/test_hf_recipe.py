@@ -1,7 +1,8 @@
 """The Hugging Face recipe (experiments/hf_distill.py) end to end on tiny random checkpoints: a qwen2 teacher and
 student whose embeddings are padded differently past their shared tokenizer (cut to it, no flag), chat JSONL,
 a few steps; the exported student loads in transformers with jaxkd's logits; a run killed (SIGKILL) and
-re-run ends with the uninterrupted run's parameters and export, bitwise."""
+re-run ends with the uninterrupted run's parameters and export, bitwise (a student made of teacher blocks,
+one example per row)."""
 
 import glob
 import json
@@ -127,8 +128,8 @@ def test_vocabularies_that_almost_match(setup, tmp_path):
 
 def command(setup, out):
     return [sys.executable, "-m", "experiments.hf_distill", "--out", str(out),
-            *settings(setup, student="init_from_teacher", student_layers=2, steps=40, checkpoint_every=4,
-                      eval_every=40)]
+            *settings(setup, student="init_from_teacher", student_layers=2, pack=False, steps=24,
+                      checkpoint_every=4, eval_every=24)]
 
 
 def final_state(out):
