@@ -1,6 +1,6 @@
 """The one experiment runner: the command line, the run folder, and the resumable fit loop every experiment
 script shares (vision: :mod:`experiments.distill`; language models: :mod:`experiments.lm_distill`,
-:mod:`experiments.lm_cross_tokenizer`, :mod:`experiments.lm_fusion`).
+:mod:`experiments.lm_cross_tokenizer`, :mod:`experiments.lm_fusion`, :mod:`experiments.hf_distill`).
 
 A script is its config class, its data and its evaluation; this module does the rest:
 

@@ -12,9 +12,9 @@ from experiments import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
 SHIPPED = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                 if not os.path.basename(p).startswith(("_", "lm_")))
-# Language-model experiments have their own config classes (experiments/lm_*.py).
-LM_SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "lm_*.py")))
+                 if not os.path.basename(p).startswith(("_", "lm_", "hf_")))
+# Language-model experiments have their own config classes (experiments/lm_*.py, experiments/hf_distill.py).
+LM_SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "lm_*.py")) + glob.glob(os.path.join(CONFIG_DIR, "hf_*.py")))
 
 
 @pytest.mark.parametrize(
@@ -97,9 +97,11 @@ def test_shipped_configs_validate(path):
 
 def lm_config_type(path):
     """The config class of a shipped LM config file (each script has its own)."""
-    from experiments import lm_cross_tokenizer, lm_distill, lm_fusion
+    from experiments import hf_distill, lm_cross_tokenizer, lm_distill, lm_fusion
 
     name = os.path.basename(path)
+    if name == "hf_distill.py":
+        return hf_distill.HFDistillExperiment
     if name == "lm_cross_tokenizer.py":
         return lm_cross_tokenizer.CrossTokenizerExperiment
     if name == "lm_fusion.py":
@@ -115,6 +117,8 @@ def test_shipped_lm_configs_load_and_their_specs_parse(path):
     constants = {k: getattr(cfg, k) for k in ("steps", "batch_size", "lr", "seq_len") if hasattr(cfg, k)}
     for spec in getattr(cfg, "methods", {}).values():
         methods.parse(spec, constants)
+    if hasattr(cfg, "method"):  # one method (experiments/hf_distill.py)
+        methods.parse(cfg.method, constants)
 
 
 def test_defaults_validate():

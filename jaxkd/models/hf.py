@@ -48,6 +48,8 @@ from flax.core import meta
 
 from jaxkd.models.base import Model
 from jaxkd.models.lm import LMConfig, TransformerLM, lm
+from jaxkd.models.vocab import truncate_vocab
+from jaxkd.checks import check_int
 
 __all__ = ["IGNORED_FIELDS", "SUPPORTED_MODEL_TYPES", "from_hf", "init_student_from", "student_layers", "to_hf"]
 
@@ -454,7 +456,7 @@ def _write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
 
 # --- in and out --------------------------------------------------------------------------------------------
 
-def from_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Model, dict]:
+def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | None = None) -> tuple[Model, dict]:
     """A transformers checkpoint directory as ``(model, variables)``: ``model`` is :func:`jaxkd.models.lm.lm`
     of the mapped :class:`~jaxkd.models.lm.LMConfig` (``model.module.config``), ``variables`` is
     ``{"params": ...}`` boxed with the logical axis names, as ``model.init`` gives.
@@ -462,11 +464,16 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Model, dict]
     ``dtype``: the parameter and compute dtype; ``None`` keeps the checkpoint's (the embedding's dtype:
     bfloat16 stays bfloat16). Logits are float32 regardless.
 
+    ``vocab_size``: the tokenizer's real vocabulary (``HFTokenizer.vocab_size``). An embedding padded past it
+    (Qwen2.5: 151936 or 152064 rows for 151665 tokens) is cut to it with
+    :func:`jaxkd.models.vocab.truncate_vocab`, so the padded rows are in no logit, softmax or divergence;
+    the variables keep every row (:func:`to_hf` writes them back whole).
+
     Raises:
       ValueError: no ``config.json``; an unsupported ``model_type`` (the message lists
         :data:`SUPPORTED_MODEL_TYPES`); a config field jaxkd does not implement (named); no safetensors
         weights; a missing tensor, or one of the wrong shape (named, with both shapes); a tensor jaxkd
-        would not use.
+        would not use; a ``vocab_size`` larger than the model's embedding (both sizes named).
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -484,6 +491,11 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Model, dict]
         dtype = tensors.get(embedding_name).dtype
     dtype = jnp.dtype(dtype)
     _, config = config_from_hf(cfg, dtype=dtype, path=config_file)
+    if vocab_size is not None:
+        vocab_size = check_int("vocab_size", vocab_size, low=1)
+        if vocab_size > config.vocab_size:
+            raise _error(path, f"the tokenizer's vocabulary ({vocab_size} tokens) is larger than the model's "
+                               f"embedding ({config.vocab_size} rows): not this model's tokenizer")
     model = lm(config, name=f"hf_{cfg['model_type']}")
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
     flat = {path_: leaf for path_, leaf in _flatten(abstract)}
@@ -508,6 +520,8 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Model, dict]
     extra = sorted(n for n in set(tensors.files) - used - ignorable if not n.endswith(buffers))
     if extra:
         raise _error(path, f"tensors jaxkd does not implement: {extra[:8]}{' …' if len(extra) > 8 else ''}")
+    if vocab_size is not None and vocab_size < config.vocab_size:
+        model = truncate_vocab(model, vocab_size)
     return model, {"params": params}
 
 
