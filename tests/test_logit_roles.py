@@ -113,19 +113,20 @@ def step_inputs(state, batch, params):
                       participants=state.participants, label_key=state.label_key)
 
 
-def loss_value(state, batch):
-    return float(jax.jit(lambda: state.method.loss(state.method_vars, step_inputs(state, batch, None), RNG)[0])())
-
-
 def loss_grads(state, batch):
     """``d loss / d params`` of every trained participant, the way the train step differentiates: each
     trained participant's forward in train mode inside the differentiated function."""
+    return loss_value_and_grads(state, batch)[1]
+
+
+def loss_value_and_grads(state, batch):
+    """The loss value and :func:`loss_grads`, from one compiled program."""
 
     def loss(params):
         value, _ = state.method.loss(state.method_vars, step_inputs(state, batch, params), RNG)
         return value
 
-    return jax.jit(jax.grad(loss))({n: v.params for n, v in state.trained.items()})
+    return jax.jit(jax.value_and_grad(loss))({n: v.params for n, v in state.trained.items()})
 
 
 def assert_zero(tree, who):
@@ -147,12 +148,40 @@ def test_the_contract_holds_the_logit_methods_and_each_takes_the_roles():
         assert {"student", "teacher"} <= set(keywords), name
 
 
+# The three tests below share their states and compiled programs per case (module-wide caches, so a case
+# builds two states, not five, and compiles one value-and-gradient program per state): the swapped-roles
+# state m(student="peer", teacher="student") on {student: A, peer: B}, and the default-roles state m() on
+# {student: B, teacher: A} (the same networks renamed: the student role runs the peer's model at B, the
+# trained teacher the student's model at A). States are never stepped, so sharing them is safe.
+
+
+@functools.cache
+def swapped_state(name: str, extra: str):
+    return make_state(build(name, extra, student="peer", teacher="student"), kind_of(name, extra), ("student", "peer"))
+
+
+@functools.cache
+def default_state(name: str, extra: str):
+    swapped = swapped_state(name, extra)
+    a, b = (swapped.trained[n].variables() for n in ("student", "peer"))
+    return make_state(build(name, extra), kind_of(name, extra), ("student", "teacher"),
+                      variables={"student": b, "teacher": a}, model_of={"student": "peer", "teacher": "student"})
+
+
+@functools.cache
+def value_and_grads(name: str, extra: str, roles: str):
+    """The loss value and ``d loss / d params`` of every trained participant of the case's ``roles`` state
+    (``"swapped"`` or ``"default"``), from one compiled program."""
+    state = (swapped_state if roles == "swapped" else default_state)(name, extra)
+    value, grads = loss_value_and_grads(state, setup(kind_of(name, extra)).batch)
+    return float(value), grads
+
+
 @pytest.mark.parametrize("name,extra", CASES, ids=CASE_IDS)
 def test_a_peer_learns_from_the_student_and_never_trains_it(name, extra):
     method = build(name, extra, student="peer", teacher="student")
     assert method.needs.participants == ("peer",) and method.needs.trained == ("peer",)
-    kind = kind_of(name, extra)
-    grads = loss_grads(make_state(method, kind, ("student", "peer")), setup(kind).batch)
+    _, grads = value_and_grads(name, extra, "swapped")
     assert_zero(grads["student"], f"{name}: the student (the target)")
     assert_nonzero(grads["peer"], f"{name}: the peer (the learner)")
 
@@ -161,8 +190,7 @@ def test_a_peer_learns_from_the_student_and_never_trains_it(name, extra):
 def test_a_trained_teacher_gets_no_gradient_from_its_student_under_the_default_roles(name, extra):
     method = build(name, extra)
     assert method.needs.participants == ("teacher",) and method.needs.trained == ()
-    kind = kind_of(name, extra)
-    grads = loss_grads(make_state(method, kind, ("student", "teacher")), setup(kind).batch)
+    _, grads = value_and_grads(name, extra, "default")
     assert_zero(grads["teacher"], f"{name}: the online teacher (the target)")
     assert_nonzero(grads["student"], f"{name}: the student (the learner)")
 
@@ -171,13 +199,9 @@ def test_a_trained_teacher_gets_no_gradient_from_its_student_under_the_default_r
 def test_the_roles_route_each_participant_to_its_argument(name, extra):
     # m(student="peer", teacher="student") on {student: A, peer: B} is m() on {student: B, teacher: A}: the
     # same loss with the participants renamed, so neither role is read from the wrong participant.
-    kind = kind_of(name, extra)
-    swapped = make_state(build(name, extra, student="peer", teacher="student"), kind, ("student", "peer"))
-    a, b = (swapped.trained[n].variables() for n in ("student", "peer"))
-    default = make_state(build(name, extra), kind, ("student", "teacher"), variables={"student": b, "teacher": a},
-                         model_of={"student": "peer", "teacher": "student"})
-    batch = setup(kind).batch
-    np.testing.assert_allclose(loss_value(swapped, batch), loss_value(default, batch), rtol=1e-6)
+    swapped, _ = value_and_grads(name, extra, "swapped")
+    default, _ = value_and_grads(name, extra, "default")
+    np.testing.assert_allclose(swapped, default, rtol=1e-6)
 
 
 # ---- The value in swapped roles is the loss function of (peer logits, student logits) ------------------
@@ -376,11 +400,16 @@ def test_the_value_in_swapped_roles_is_the_loss_of_the_peer_and_the_student_logi
     method = REGISTRY[name].factory(**entry["kwargs"], student="peer", teacher="student")
     state = make_state(method, kind, ("student", "peer"))
     batch = setup(kind).batch
-    inputs = step_inputs(state, batch, None)
-    member = MethodVars(state.method_vars.params[method.name], state.method_vars.state[method.name])
-    value, aux = method.loss(member, inputs, RNG)
-    want = entry["call"](Ctx(inputs.outputs["peer"], inputs.outputs["student"], batch, member, RNG))
-    got = {"": value, **aux.metrics}
+
+    @jax.jit  # one compiled program for the method's loss and the direct call (op by op, each primitive compiles)
+    def both():
+        inputs = step_inputs(state, batch, None)
+        member = MethodVars(state.method_vars.params[method.name], state.method_vars.state[method.name])
+        value, aux = method.loss(member, inputs, RNG)
+        want = entry["call"](Ctx(inputs.outputs["peer"], inputs.outputs["student"], batch, member, RNG))
+        return {"": value, **aux.metrics}, want
+
+    got, want = both()
     for metric, expected in (want.items() if isinstance(want, dict) else (("", want),)):
         np.testing.assert_allclose(float(got[metric]), float(expected), rtol=1e-5, atol=1e-7, err_msg=f"{key} {metric}")
 
