@@ -300,7 +300,13 @@ checkpoint = sys.modules["checkpoint"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(checkpoint)
 ckpt = checkpoint.Checkpointer(sys.argv[2], max_to_keep=None)
 ckpt.save(2, {"w": jnp.ones((2048, 2048))}, extra={"batch": 2})
-os.kill(os.getpid(), signal.SIGKILL)  # killed while the asynchronous write goes on
+# Killed while the asynchronous write goes on: once its temporary folder exists (a kill before the write
+# has begun would leave nothing half-written to check), or when it has finished (the test then skips).
+import time
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not any(n.startswith("2") for n in os.listdir(sys.argv[2])):
+    time.sleep(0.001)
+os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
