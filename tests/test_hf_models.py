@@ -82,8 +82,8 @@ def _jax_logits(model, variables, tokens, mask):
     return np.asarray(model.apply(variables, {"tokens": tokens, "mask": mask}, train=False).logits)
 
 
-@pytest.mark.parametrize("pad", ["right", "left"])
-def test_logits_equal_transformers(family, pad):
+def assert_logits_equal_transformers(family, pad):
+    """jaxkd's logits equal transformers' at every real position of a right- or left-padded batch."""
     name, hf, _, model, variables = family
     tokens, mask = _batch(pad)
     ref = _hf_logits(hf, tokens, mask)
@@ -91,6 +91,11 @@ def test_logits_equal_transformers(family, pad):
     delta = np.abs(out - ref)[mask].max()
     print(f"{name} {pad}-padded max |dlogit| = {delta:.2e}")
     assert delta < TOL
+
+
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_logits_equal_transformers(family, pad):
+    assert_logits_equal_transformers(family, pad)
 
 
 def test_config_mapping(family):
@@ -330,13 +335,7 @@ def new_family(request, tmp_path_factory):
 
 @pytest.mark.parametrize("pad", ["right", "left"])
 def test_new_families_logits_equal_transformers(new_family, pad):
-    name, hf, _, model, variables = new_family
-    tokens, mask = _batch(pad)
-    ref = _hf_logits(hf, tokens, mask)
-    out = _jax_logits(model, variables, tokens, mask)
-    delta = np.abs(out - ref)[mask].max()
-    print(f"{name} {pad}-padded max |dlogit| = {delta:.2e}")
-    assert delta < TOL
+    assert_logits_equal_transformers(new_family, pad)
 
 
 def test_new_families_config_and_options(new_family):
