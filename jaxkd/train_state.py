@@ -238,7 +238,10 @@ def gather_participants(
             raise ValueError(f"participant {name!r} was given twice (as {name}= and in participants=)")
         out[name] = p
     parts_lib.check_names(out)
-    return out
+    # Variables as `model.init` and `from_hf` give them carry Flax's logical-axis boxes; the state holds
+    # plain arrays (the axis names are read from the model's own abstract init when sharding).
+    return {name: p if p.variables is None else dataclasses.replace(p, variables=shd.unbox(p.variables))
+            for name, p in out.items()}
 
 
 def combined_tx(tx: optax.GradientTransformation, parts: Mapping[str, Participant]) -> optax.GradientTransformation:

@@ -4,6 +4,7 @@ under gradient accumulation, padding, vocabulary checks, on-policy GKD inside th
 import inspect
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -331,3 +332,16 @@ def test_fused_token_kd_softcap_caps_both_models_projected_logits():
         methods.token_kd(softcap=30.0)
     with pytest.raises(ValueError, match="softcap"):
         methods.token_kd(fused=True, softcap=0.0)
+
+
+def test_boxed_variables_as_init_and_from_hf_give_them_are_accepted_as_given():
+    """``model.init`` and ``from_hf`` return variables in Flax's logical-axis boxes; ``create`` takes them as
+    they come and holds exactly the arrays inside (not a re-initialization)."""
+    boxed = TEACHER_MODEL.init(jax.random.PRNGKey(7), {"tokens": BATCH["tokens"]})
+    assert any(isinstance(x, flax.core.meta.Partitioned)
+               for x in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, flax.core.meta.AxisMetadata)))
+    parts = {"student": student(TEACHER_MODEL, boxed, input=KEYS), "teacher": teacher(TEACHER_MODEL, boxed, input=KEYS)}
+    state = jaxkd.create(participants=parts, method=methods.token_kd(), tx=optax.sgd(0.5), sample_batch=BATCH,
+                         rng=jax.random.PRNGKey(0))
+    for got in (state.student.variables(), state.variables_of("teacher").variables()):
+        chex.assert_trees_all_equal(jax.device_get(got), jax.device_get(TEACHER_VARS))

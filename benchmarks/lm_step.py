@@ -1,0 +1,227 @@
+"""One language-model distillation step, jaxkd against PyTorch + transformers + TRL's loss, in one run.
+
+    pip install -e ".[bench]"
+    python benchmarks/lm_step.py                    # the README's table (Qwen2-style, vocabulary 8192, 8 x 256)
+    python benchmarks/lm_step.py --small            # a seconds-long smoke run
+
+The step, the same on both sides: the frozen teacher's forward (eval, no gradient), the student's forward
+and backward, the token-level loss over every next-token position, an AdamW update. The loss is TRL's
+``GKDTrainer.generalized_jsd_loss`` (trl/experimental/gkd/gkd_trainer.py, imported, not rewritten) on the
+PyTorch side and :func:`jaxkd.methods.token_kd` on jaxkd's: forward KL (``beta=0``) and the generalized
+JSD (``beta=0.5``). Both sides hold *the same weights*: random ``Qwen2ForCausalLM`` models are written with
+``save_pretrained`` and read by :func:`jaxkd.models.from_hf`, so the first step's losses agree (printed as
+a check) and the parameter counts are equal by construction.
+
+Timing: both sides compiled/warmed first, then ``--blocks`` rounds, each a block of ``--steps`` jaxkd steps
+then a block of PyTorch steps (alternating, so a slower or busier minute of the machine hits both), every
+step timed alone; the table gives the median. FLOP/s use XLA's count of jaxkd's step (the same arithmetic as
+PyTorch's: same shapes, same operations), compared to the measured float32 matmul rate of each framework
+on this machine (a ``--peak-size`` square matmul, best of 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    vocab: int = 8192
+    teacher_d: int = 512
+    teacher_layers: int = 4
+    teacher_heads: int = 8
+    student_d: int = 256
+    student_layers: int = 2
+    student_heads: int = 4
+    kv_heads: int = 2
+    batch: int = 8
+    seq_len: int = 256
+
+
+SMALL = Shapes(vocab=512, teacher_d=64, teacher_layers=2, teacher_heads=4, student_d=32, student_layers=1,
+               student_heads=2, kv_heads=2, batch=2, seq_len=32)
+
+
+def qwen2_config(d: int, layers: int, heads: int, shapes: Shapes):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=shapes.vocab, hidden_size=d, intermediate_size=int(8 * d / 3) // 64 * 64 or 4 * d,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=shapes.kv_heads,
+                       max_position_embeddings=max(2 * shapes.seq_len, 64), tie_word_embeddings=True,
+                       use_sliding_window=False, torch_dtype="float32")
+
+
+def torch_models(shapes: Shapes, folder: str):
+    """Random teacher and student, saved for jaxkd to read the same weights."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    models = {}
+    for name, (d, layers, heads) in {"teacher": (shapes.teacher_d, shapes.teacher_layers, shapes.teacher_heads),
+                                     "student": (shapes.student_d, shapes.student_layers, shapes.student_heads)}.items():
+        model = Qwen2ForCausalLM(qwen2_config(d, layers, heads, shapes)).float()
+        model.config._attn_implementation = "sdpa"
+        model.save_pretrained(os.path.join(folder, name))
+        models[name] = model
+    return models["teacher"], models["student"]
+
+
+def torch_step_fn(teacher, student, beta: float, lr: float):
+    import torch
+    from trl.experimental.gkd import GKDTrainer
+
+    teacher.eval()
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+
+    def step(tokens, mask):
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=tokens, attention_mask=mask).logits
+        student_logits = student(input_ids=tokens, attention_mask=mask).logits
+        labels = torch.where(mask[:, 1:].bool(), tokens[:, 1:], torch.full_like(tokens[:, 1:], -100))
+        loss = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=labels,
+                                               beta=beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def jax_step_fn(folder: str, batch, beta: float, lr: float):
+    import jax
+    import optax
+
+    import jaxkd
+    from jaxkd import methods
+    from jaxkd.batch import with_token_normalizer
+    from jaxkd.models import from_hf
+
+    teacher, teacher_vars = from_hf(os.path.join(folder, "teacher"))
+    student, student_vars = from_hf(os.path.join(folder, "student"))
+    keys = ("tokens", "mask")
+    batch = with_token_normalizer(batch)
+    method = methods.token_kd(divergence="generalized_jsd", beta=beta) if beta else methods.token_kd()
+    state = jaxkd.create(participants={"student": jaxkd.participants.student(student, student_vars, input=keys),
+                                       "teacher": jaxkd.participants.teacher(teacher, teacher_vars, input=keys)},
+                         method=method, tx=optax.adamw(lr, weight_decay=0.0), sample_batch=batch,
+                         rng=jax.random.PRNGKey(0))
+    step = jaxkd.make_train_step()
+    device_batch = jax.device_put(batch)
+    lowered = step.jitted.lower(state, device_batch)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return compiled, state, device_batch, compile_s, float(cost["flops"])
+
+
+def matmul_rates(n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 2 * n ** 3 / min(times) / 1e9
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    t = torch.randn(n, n)
+    return {"jax": best(lambda: f(a).block_until_ready()), "torch": best(lambda: t @ t)}
+
+
+def measure(shapes: Shapes, beta: float, blocks: int, steps: int) -> list[dict]:
+    import jax
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, shapes.vocab, size=(shapes.batch, shapes.seq_len)).astype(np.int32)
+    mask = np.ones_like(tokens, dtype=bool)
+    with tempfile.TemporaryDirectory() as folder:
+        teacher, student = torch_models(shapes, folder)
+        compiled, state, device_batch, compile_s, flops = jax_step_fn(folder, {"tokens": tokens, "mask": mask},
+                                                                      beta, lr=1e-4)
+    torch_step = torch_step_fn(teacher, student, beta, lr=1e-4)
+    t_tokens, t_mask = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+    start = time.perf_counter()
+    first_torch = float(torch_step(t_tokens, t_mask))
+    torch_first_s = time.perf_counter() - start
+    state, metrics = compiled(state, device_batch)
+    first_jax = float(metrics["loss"])
+    if abs(first_jax - first_torch) > 1e-3 * max(1.0, abs(first_torch)):
+        raise RuntimeError(f"the first step's losses differ: jaxkd {first_jax}, PyTorch {first_torch}: not the same step")
+    for _ in range(2):  # warm-up, untimed
+        state, metrics = compiled(state, device_batch)
+        torch_step(t_tokens, t_mask)
+    jax.block_until_ready(state)
+
+    times = {"jaxkd": [], "PyTorch": []}
+    for _ in range(blocks):
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, device_batch)
+            jax.block_until_ready((state, metrics))
+            times["jaxkd"].append(time.perf_counter() - start)
+        for _ in range(steps):
+            start = time.perf_counter()
+            torch_step(t_tokens, t_mask)
+            times["PyTorch"].append(time.perf_counter() - start)
+    first = {"jaxkd": compile_s, "PyTorch": torch_first_s}
+    return [{"framework": name, "beta": beta, "first_s": first[name], "ms": 1000 * statistics.median(ts),
+             "flops": flops, "tokens": shapes.batch * shapes.seq_len, "first_loss": first_jax}
+            for name, ts in times.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny shapes: a smoke run")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="steps per block")
+    parser.add_argument("--peak-size", type=int, default=2048)
+    args = parser.parse_args()
+    shapes = SMALL if args.small else Shapes()
+    rows = [row for beta in (0.0, 0.5) for row in measure(shapes, beta, args.blocks, args.steps)]
+    peak = matmul_rates(args.peak_size)
+    import jax
+    import torch
+
+    print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU threads; teacher Qwen2 "
+          f"d{shapes.teacher_d} x {shapes.teacher_layers}, student d{shapes.student_d} x {shapes.student_layers}, "
+          f"GQA {shapes.kv_heads} kv heads, vocabulary {shapes.vocab}, batch {shapes.batch} x {shapes.seq_len}; "
+          f"float32 matmul rate: jax {peak['jax']:.0f}, torch {peak['torch']:.0f} GFLOP/s\n")
+    print("| loss | implementation | compile / first step (s) | ms/step | tokens/s | GFLOP/s (of its matmul rate) "
+          "| step time vs PyTorch |")
+    print("|---|---|---|---|---|---|---|")
+    for beta in (0.0, 0.5):
+        pair = {r["framework"]: r for r in rows if r["beta"] == beta}
+        loss = "forward KL (β=0)" if beta == 0 else f"generalized JSD (β={beta})"
+        for name in ("jaxkd", "PyTorch"):
+            r = pair[name]
+            rate = r["flops"] / (r["ms"] / 1000) / 1e9
+            own = peak["jax" if name == "jaxkd" else "torch"]
+            print(f"| {loss} | {name} | {r['first_s']:.1f} | {r['ms']:.0f} | {r['tokens'] / (r['ms'] / 1000):.0f} "
+                  f"| {rate:.0f} ({100 * rate / own:.0f}%) | {r['ms'] / pair['PyTorch']['ms']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
