@@ -118,14 +118,13 @@ def test_config_mapping(family):
         np.size(x) for x in jax.tree.leaves(variables))
 
 
+@pytest.mark.parametrize("family", ["llama_llama3", "llama_linear_tied", "mistral"], indirect=True)
 def test_options_matter(family):
     """The option under test changes the logits: dropping it breaks the match (the test is not vacuous)."""
     name, hf, _, model, variables = family
     config = model.module.config
     change = {"llama_llama3": dict(rope_scaling=None), "llama_linear_tied": dict(rope_scaling=None),
-              "mistral": dict(sliding_window=None), "qwen2": None, "qwen3": None}[name]
-    if change is None:
-        pytest.skip("biases / q-k norm are parameters: a missing one fails the load")
+              "mistral": dict(sliding_window=None)}[name]  # qwen2/3's biases and q/k norms are parameters: a load fails without them
     tokens, mask = _batch("right")
     plain = _jax_logits(lm(dataclasses.replace(config, **change)), variables, tokens, mask)
     assert np.abs(plain - _hf_logits(hf, tokens, mask))[mask].max() > 1e-3
@@ -146,10 +145,9 @@ def test_round_trip(family, tmp_path):
     assert all(chex_equal)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "mistral"], indirect=True)  # q/k norm; a window the generation outgrows
 def test_greedy_generation_equals_transformers(family):
     name, hf, _, model, variables = family
-    if name not in ("qwen3", "mistral"):  # q/k norm, and a sliding window the generation outgrows
-        pytest.skip("two families are enough")
     prompt = np.random.RandomState(2).randint(0, SMALL["vocab_size"], (2, 5))
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(2, 5, dtype=torch.long),
@@ -176,11 +174,10 @@ def test_bf16_stays_bf16(tmp_path):
     assert torch.equal(back.model.embed_tokens.weight, hf.model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("family", ["llama_llama3"], indirect=True)
 def test_legacy_rope_fields_and_sharded_index(family, tmp_path):
     """transformers 4's ``rope_theta`` / ``rope_scaling`` spelling, and a sharded index, read the same."""
     name, _, path, model, variables = family
-    if name != "llama_llama3":
-        pytest.skip("one family is enough")
     cfg = json.loads((path / "config.json").read_text())
     rope = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rope.pop("rope_theta")
@@ -208,10 +205,9 @@ def _copy(path, tmp_path, edit=None):
     return tmp_path / "ckpt"
 
 
+@pytest.mark.parametrize("family", ["qwen3"], indirect=True)
 def test_bad_checkpoints(family, tmp_path):
     name, _, path, model, variables = family
-    if name != "qwen3":
-        pytest.skip("one family is enough")
     with pytest.raises(ValueError, match="no config.json"):
         from_hf(tmp_path)
     with pytest.raises(ValueError, match=r"model_type 'bert' is not supported; supported: \['llama'"):
@@ -279,10 +275,9 @@ def test_export_checks(tmp_path):
     assert isinstance(plain.module, TransformerLM)
 
 
+@pytest.mark.parametrize("family", ["qwen3"], indirect=True)
 def test_student_from_teacher_layers(family):
     name, _, _, teacher, variables = family
-    if name != "qwen3":
-        pytest.skip("one family is enough")
     assert student_layers(12, 6) == (0, 2, 4, 6, 8, 11)  # Distil-Whisper's maximally spaced
     assert student_layers(12, 3, "first_n") == (0, 1, 2)
     assert student_layers(12, strategy="every_other") == (0, 2, 4, 6, 8, 10)
@@ -382,11 +377,10 @@ def test_new_families_round_trip(new_family, tmp_path):
                for a, b in zip(jax.tree.leaves(again_vars), jax.tree.leaves(variables)))
 
 
+@pytest.mark.parametrize("new_family", ["gemma3_text", "gpt2"], indirect=True)  # windows + two RoPE bases; learned positions
 def test_new_families_greedy_generation(new_family):
     """Gemma 3's local layers (window 3) are outgrown by the generation: the KV cache reads per-layer windows."""
     name, hf, _, model, variables = new_family
-    if name == "gemma2":
-        pytest.skip("gemma3_text (per-layer windows, two RoPE bases) and gpt2 (learned positions) are enough")
     prompt = np.random.RandomState(2).randint(0, 128, (2, 5))
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(2, 5, dtype=torch.long),
@@ -421,11 +415,10 @@ def test_new_families_refusals(new_family, tmp_path):
         to_hf(config, variables, tmp_path / "x", model_type=other)
 
 
+@pytest.mark.parametrize("new_family", ["gemma2"], indirect=True)  # gemma3_text and gpt2 decode in the generation test
 def test_new_families_kv_cache_equals_forward(new_family):
     """prefill + decode_step on a left-padded batch give the full forward's logits (per-layer windows, softcaps)."""
     name, _, _, model, variables = new_family
-    if name != "gemma2":
-        pytest.skip("gemma3_text and gpt2 decode in test_new_families_greedy_generation")
     from jaxkd.models.lm import decode_step, prefill
 
     config = model.module.config
@@ -439,6 +432,7 @@ def test_new_families_kv_cache_equals_forward(new_family):
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[mask], full[mask], atol=1e-5)
 
 
+@pytest.mark.parametrize("new_family", ["gpt2", "gemma2"], indirect=True)
 def test_gpt2_hub_layout_and_gemma_fused_softcap(new_family, tmp_path):
     """GPT-2 as the Hub stores it (GPT2Model's names without ``transformer.``, the old ``attn.bias`` mask
     buffers) reads the same; Gemma's capped logits are ``softcap(hidden @ output_projection)``."""
@@ -458,7 +452,7 @@ def test_gpt2_hub_layout_and_gemma_fused_softcap(new_family, tmp_path):
         again, again_vars = from_hf(tmp_path / "hub")
         np.testing.assert_array_equal(_jax_logits(again, again_vars, tokens, mask),
                                       _jax_logits(model, variables, tokens, mask))
-    elif name == "gemma2":
+    else:
         from jaxkd.models.lm import output_projection
 
         config = model.module.config
@@ -467,14 +461,11 @@ def test_gpt2_hub_layout_and_gemma_fused_softcap(new_family, tmp_path):
         capped = np.tanh(raw / config.final_softcap) * config.final_softcap
         np.testing.assert_allclose(capped, np.asarray(out.logits), atol=1e-5)
         assert np.abs(raw - np.asarray(out.logits)).max() > 1e-2  # the cap is not a no-op here
-    else:
-        pytest.skip("gpt2 and gemma2 cover it")
 
 
+@pytest.mark.parametrize("new_family", ["gemma2"], indirect=True)
 def test_gemma_student_keeps_layer_windows(new_family):
     name, _, _, teacher, variables = new_family
-    if name != "gemma2":
-        pytest.skip("one family is enough")
     student, student_vars = init_student_from(teacher, variables, (1, 2))
     assert student.module.config.sliding_layers == (False, True)
     tokens, mask = _batch("right")
