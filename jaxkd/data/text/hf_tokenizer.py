@@ -173,11 +173,31 @@ class HFTokenizer:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
     def encode_with_offsets(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids, byte_starts, byte_ends)``: the spans of :func:`jaxkd.data.token_byte_offsets` (running sums
-        of the tokens' byte lengths)."""
+        """``(ids, byte_starts, byte_ends)``: each token's byte span *in the text*, from the running sums of the
+        tokens' byte lengths (:func:`jaxkd.data.token_byte_offsets`).
+
+        A SentencePiece-style tokenizer (``Metaspace``, or ``ByteLevel(add_prefix_space=True)``) spells the
+        text with one space in front that the text does not have (``"▁Hello"`` for ``"Hello"``): the spans
+        are shifted back by that byte, the first token's clipped to start at 0, so spans of two tokenizers of
+        the same text line up byte for byte (cross-tokenizer chunks, :func:`jaxkd.data.text.cross_tokenizer.parallel_rows`).
+
+        Raises:
+            ValueError: the tokens spell other bytes than the text's (a special token's text written in it, which
+                stands for no bytes; a normalizer that rewrites the text: lowercasing, NFKC …), so no span maps
+                back onto the text.
+        """
         ids = self.encode(text)
         starts, ends = token_byte_offsets(ids, self)
-        return ids, starts, ends
+        data = text if isinstance(text, (bytes, bytearray, memoryview)) else text.encode("utf-8")
+        spelled = self.decode(ids)
+        if spelled == bytes(data):
+            return ids, starts, ends
+        if spelled == b" " + bytes(data):
+            return ids, np.maximum(starts - 1, 0), np.maximum(ends - 1, 0)
+        raise ValueError(f"the tokenizer's tokens spell {len(spelled)} bytes that differ from the text's {len(data)} "
+                         f"(first at byte {next((i for i, (a, b) in enumerate(zip(spelled, data)) if a != b), min(len(spelled), len(data)))}): "
+                         "special tokens written in the text, or a normalizer that rewrites it: token spans cannot be "
+                         "mapped back onto the text")
 
     def encode_chars(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """``(ids int32 [n], char_offsets int64 [n, 2])``: the ids of ``text`` (special tokens written in it, as
