@@ -218,9 +218,9 @@ def test_bad_checkpoints(family, tmp_path):
         from_hf(_copy(path, tmp_path / "b", lambda c: c.update(hidden_act="gelu")))
     with pytest.raises(ValueError, match=r"\['quantization_config'\] are not implemented"):
         from_hf(_copy(path, tmp_path / "c", lambda c: c.update(quantization_config={"bits": 4})))
-    with pytest.raises(ValueError, match="rope_type 'dynamic' is not implemented"):
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not implemented"):
         from_hf(_copy(path, tmp_path / "d", lambda c: c.update(
-            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})))
+            rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})))
     with pytest.raises(ValueError, match="layer_types"):
         from_hf(_copy(path, tmp_path / "e", lambda c: c.update(
             sliding_window=4, layer_types=["full_attention", "sliding_attention"])))

@@ -12,7 +12,7 @@ Followed (transformers 5.x): ``models/llama/modeling_llama.py`` (``attention_bia
 ``models/mistral/modeling_mistral.py`` (``sliding_window``), ``models/qwen2/modeling_qwen2.py`` (biases
 on q, k, v only), ``models/qwen3/modeling_qwen3.py`` (``q_norm``/``k_norm`` over ``head_dim`` before
 RoPE, explicit ``head_dim``), ``modeling_rope_utils.py`` (``rope_parameters`` / the older ``rope_theta``
-and ``rope_scaling``: default, ``linear`` and ``llama3``), ``masking_utils.py`` (the sliding window:
+and ``rope_scaling``: default, ``linear``, ``llama3`` and ``dynamic``), ``masking_utils.py`` (the sliding window:
 query slot ``t`` reads key slots ``s > t - sliding_window``), ``models/gemma2/modeling_gemma2.py`` and
 ``models/gemma3/modeling_gemma3.py`` (GeGLU, ``(1 + w)`` RMSNorm in float32, embeddings times ``sqrt(d)``
 cast to the weights' dtype, sandwich norms, ``query_pre_attn_scalar``, attention and final logit soft-caps
@@ -21,7 +21,7 @@ RoPE base), ``models/gpt2/modeling_gpt2.py`` (LayerNorm, learned positions, ``Co
 weights, ``c_attn`` split into q, k, v, biases everywhere, ``gelu_new``).
 
 Config fields are mapped one by one; a field that would change the model and is not implemented
-(``hidden_act`` other than ``silu``, ``mlp_bias``, dynamic/YaRN RoPE, a per-layer mix of sliding and full
+(``hidden_act`` other than ``silu``, ``mlp_bias``, YaRN/LongRoPE, a per-layer mix of sliding and full
 attention, quantization …) or is unknown raises a ``ValueError`` naming it. The fields known not to
 change the forward pass are listed in :data:`IGNORED_FIELDS`.
 
@@ -32,6 +32,7 @@ Weights are read memory-mapped; bfloat16 tensors (which numpy lacks) are read as
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -134,14 +135,26 @@ def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
             raise _error(path, f"unexpected default-RoPE parameters {sorted(params)}")
         return float(theta), None
     keys = {"linear": {"factor"},
-            "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+            "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+            "dynamic": {"factor"}}
     if kind not in keys:
-        raise _error(path, f"rope_type {kind!r} is not implemented (jaxkd implements default, linear and llama3 "
-                           f"of transformers' modeling_rope_utils.py)")
+        raise _error(path, f"rope_type {kind!r} is not implemented (jaxkd implements default, linear, llama3 and "
+                           f"dynamic of transformers' modeling_rope_utils.py)")
+    if kind == "dynamic":  # transformers scales from max_position_embeddings; jaxkd keeps it in the scaling
+        params.pop("original_max_position_embeddings", None)
     if params.keys() != keys[kind]:
         raise _error(path, f"rope_type {kind!r} with parameters {sorted(params)} is not implemented (expected "
                            f"{sorted(keys[kind])})")
     return float(theta), {"rope_type": kind, **params}
+
+
+def _dynamic_context(scaling: dict | None, max_positions: int) -> tuple[dict | None, int]:
+    """``(rope_scaling, max_len)``: dynamic NTK RoPE scales from ``max_position_embeddings`` (kept in jaxkd's
+    scaling as ``original_max_position_embeddings``) up to ``factor`` times it, jaxkd's ``max_len``."""
+    if scaling is None or scaling["rope_type"] != "dynamic":
+        return scaling, max_positions
+    return ({**scaling, "original_max_position_embeddings": max_positions},
+            int(math.ceil(scaling["factor"] * max_positions)))
 
 
 def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "config.json") -> tuple[str, LMConfig]:
@@ -202,9 +215,10 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
             raise _error(path, f"layer_types {layer_types} (a per-layer mix of sliding-window and full attention, or "
                                f"another attention) is not implemented")
     theta, scaling = _rope(cfg, path)
+    scaling, max_len = _dynamic_context(scaling, cfg["max_position_embeddings"])
     config = LMConfig(
         vocab_size=cfg["vocab_size"], d_model=d, num_layers=cfg["num_hidden_layers"], num_heads=heads,
-        d_ff=cfg["intermediate_size"], max_len=cfg["max_position_embeddings"],
+        d_ff=cfg["intermediate_size"], max_len=max_len,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_base=theta,
         norm_eps=cfg.get("rms_norm_eps", 1e-6), dtype=dtype, param_dtype=dtype, attention_head_dim=head_dim,
@@ -256,6 +270,8 @@ def _gemma_config(cfg: dict, model_type: str, dtype: Any, path: Path) -> LMConfi
             local_base = None
     else:
         theta, scaling = _rope(cfg, path)
+    if scaling is not None and scaling["rope_type"] == "dynamic":
+        raise _error(path, f"{model_type}: dynamic RoPE is implemented for the LLaMA-like families only")
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim", 256)
     if head_dim is not None and d % heads == 0 and head_dim == d // heads:
@@ -701,14 +717,17 @@ def _family_config(config: LMConfig, model_type: str, dtype: str) -> dict:
 
 def _llama_like_config(config: LMConfig, model_type: str, dtype: str, bos_token_id, eos_token_id, pad_token_id) -> dict:
     rope = {"rope_theta": config.rope_base, "rope_type": "default"}
+    max_positions = config.max_len
     if config.rope_scaling is not None:
         rope.update(config.rope_scaling_dict)
+        if rope["rope_type"] == "dynamic":  # transformers scales from max_position_embeddings
+            max_positions = rope.pop("original_max_position_embeddings")
     cfg = {
         "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_len, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+        "max_position_embeddings": max_positions, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
         "tie_word_embeddings": config.tie_embeddings, "rope_parameters": rope, "dtype": dtype,
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
         "use_cache": True,

@@ -149,7 +149,10 @@ class LMConfig:
         hashable): ``{"rope_type": "linear", "factor": f}`` (every inverse frequency divided by ``f``) or
         ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
         "original_max_position_embeddings"}`` (LLaMA 3.1: long wavelengths divided by ``factor``, short
-        ones kept, the band between interpolated). Dynamic NTK scaling is not implemented.
+        ones kept, the band between interpolated) or ``{"rope_type": "dynamic", "factor",
+        "original_max_position_embeddings"}`` (dynamic NTK: when a forward's largest position ``p`` reaches
+        past ``L = original_max_position_embeddings``, the base becomes ``base · (f (p + 1) / L - (f - 1))
+        ^ (hd / (hd - 2))``; see :func:`_dynamic_inv_freq`).
       qkv_bias: biases on the query, key and value projections (Qwen2; LLaMA's ``attention_bias``).
       out_bias: a bias on the attention output projection (LLaMA's ``attention_bias``).
       qk_norm: RMSNorm over ``head_dim`` (its own ``[head_dim]`` scale) on the queries and the keys of each
@@ -324,6 +327,7 @@ class LMConfig:
 _ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "dynamic": ("factor", "original_max_position_embeddings"),
 }
 
 
@@ -335,7 +339,7 @@ def _check_rope_scaling(scaling: Any) -> tuple[tuple[str, Any], ...] | None:
     kind = items.get("rope_type")
     if kind not in _ROPE_SCALING_KEYS:
         raise ValueError(
-            f"rope_scaling rope_type must be one of {sorted(_ROPE_SCALING_KEYS)} (dynamic NTK and the others of "
+            f"rope_scaling rope_type must be one of {sorted(_ROPE_SCALING_KEYS)} (YaRN, LongRoPE and the others of "
             f"transformers' modeling_rope_utils.py are not implemented), got {scaling!r}"
         )
     expected = {"rope_type", *_ROPE_SCALING_KEYS[kind]}
@@ -469,6 +473,24 @@ def _scaled_inv_freq(config: LMConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def _dynamic_inv_freq(positions: Array, config: LMConfig) -> Array:
+    """Dynamic NTK-aware RoPE (bloc97 and emozilla, 2023; transformers' ``_compute_dynamic_ntk_parameters``):
+    with ``n = max(max(positions) + 1, L)``, ``L = original_max_position_embeddings``,
+    ``base' = base · (f · n / L - (f - 1)) ^ (hd / (hd - 2))`` and ``inv_freq = base' ^ (-2i / hd)``, in float32.
+
+    ``n`` is the largest position of *this call* (the whole batch; one token's position in a decode step), so
+    a KV cache keeps each key rotated as it was when written — as transformers' ``dynamic_rope_update``
+    does while a sequence grows. transformers also keeps the largest ``n`` seen across calls (a model
+    that once read a longer batch scales a later, shorter one as the longer): that history is not a
+    function of the inputs and is not reproduced.
+    """
+    scaling = config.rope_scaling_dict
+    dim, factor, original = config.head_dim, scaling["factor"], scaling["original_max_position_embeddings"]
+    n = jnp.maximum(jnp.max(positions) + 1, original).astype(jnp.float32)
+    base = config.rope_base * (factor * n / original - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+
+
 def _rope_angles(positions: Array, config: LMConfig, local: bool = False) -> tuple[Array, Array]:
     half = config.head_dim // 2
     if local:  # Gemma 3's sliding layers: their own base, unscaled
@@ -477,6 +499,8 @@ def _rope_angles(positions: Array, config: LMConfig, local: bool = False) -> tup
         inv_freq = jnp.asarray(inv_freq)
     elif config.rope_scaling is None:
         inv_freq = config.rope_base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / config.head_dim)
+    elif config.rope_scaling_dict["rope_type"] == "dynamic":
+        inv_freq = _dynamic_inv_freq(positions, config)
     else:
         inv_freq = jnp.asarray(_scaled_inv_freq(config))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
