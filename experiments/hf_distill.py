@@ -39,10 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxkd
-from jaxkd import inference, methods
+from jaxkd import inference, methods, sharding
 from jaxkd.batch import MASK, POSITIONS, SEGMENT_IDS, TOKENS, batch_target_mask, with_token_normalizer
 from jaxkd.data import HFTokenizer, TextLoader, chat_rows
 from jaxkd.models.hf import from_hf, init_student_from, to_hf
+from jaxkd.models.lm import lm_logical_rules
 from jaxkd.models.vocab import truncate_vocab
 from jaxkd.sharding import unbox
 
@@ -79,6 +80,9 @@ class HFDistillExperiment:
       dtype: parameters and compute, ``float32`` (default), ``bfloat16`` or ``checkpoint`` (as stored).
       max_eval_rows: held-out rows scored (the first ones).
       eval_every, checkpoint_every: steps between evaluations / checkpoints (and at the end).
+      mesh: None (one device) or the device mesh's axis sizes, e.g. ``{"data": 2, "fsdp": 2, "tensor": 2}``
+        (:func:`jaxkd.sharding.make_mesh`): the student's state and the teacher are sharded by the LM's logical rules (MaxText's layout), batches
+        split over ``data`` x ``fsdp`` (``batch_size / microbatches`` must divide by it).
       out_dir: where run folders go without ``--out``.
     """
 
@@ -105,6 +109,7 @@ class HFDistillExperiment:
     eval_every: int = 100
     checkpoint_every: int = 100
     tensorboard: bool = True
+    mesh: dict | None = None
     out_dir: str = "runs"
     compilation_cache: str | None = "default"
 
@@ -126,7 +131,7 @@ HFDistillExperiment.CHECKS = {
     "checkpoint_every": config_lib.at_least(0), "student_layers": config_lib.at_least(0),
     "seed": config_lib.at_least(0), "lr": config_lib.positive, "weight_decay": config_lib.nonnegative,
     "layer_strategy": config_lib.one_of(LAYER_STRATEGIES), "dtype": config_lib.one_of(DTYPES),
-    "method": _check_method,
+    "method": _check_method, "mesh": config_lib.optional(config_lib.check_mesh),
 }
 
 
@@ -155,7 +160,8 @@ def check_paths(cfg: HFDistillExperiment) -> None:
 
 def load_models(cfg: HFDistillExperiment, vocab_size: int):
     """``(teacher model, teacher variables, student model, student variables)``, both cut to the tokenizer's
-    ``vocab_size`` (:func:`jaxkd.models.from_hf`'s ``vocab_size``)."""
+    ``vocab_size`` (:func:`jaxkd.models.from_hf`'s ``vocab_size``); :func:`jaxkd.create` places them on the
+    run's mesh."""
     dtype = None if cfg.dtype == "checkpoint" else jnp.dtype(cfg.dtype)
     teacher, teacher_vars = from_hf(cfg.teacher, dtype=dtype, vocab_size=vocab_size)
     if cfg.student == INIT_FROM_TEACHER:
@@ -200,12 +206,13 @@ def _loss_sums(lengths, outputs, batch):
     return {"nats": jnp.sum(nats), "tokens": jnp.sum(keep), "bytes": jnp.sum(jnp.where(keep, lengths[targets], 0))}
 
 
-def evaluator(model, keys, batches, token_byte_lengths):
-    """``variables -> {"loss": nats per target token, "bpb": bits per byte}`` over ``batches``."""
+def evaluator(model, keys, batches, token_byte_lengths, mesh=None):
+    """``variables -> {"loss": nats per target token, "bpb": bits per byte}`` over ``batches`` (split over the
+    mesh's batch axes when there is one)."""
     fn = functools.partial(_loss_sums, jnp.asarray(token_byte_lengths, jnp.float32))
 
     def evaluate(variables) -> dict[str, float]:
-        sums = inference.reduce_batches(jaxkd.Participant(model, variables, input=keys), batches, fn)
+        sums = inference.reduce_batches(jaxkd.Participant(model, variables, input=keys), batches, fn, mesh=mesh)
         nats, tokens, num_bytes = (float(sums[k]) for k in ("nats", "tokens", "bytes"))
         return {"loss": nats / max(tokens, 1.0), "bpb": nats / math.log(2.0) / max(num_bytes, 1.0)}
 
@@ -220,6 +227,13 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
     phases = Phases()
     method = parse_method(cfg)  # checked before anything loads
     check_paths(cfg)
+    mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None
+    if mesh is not None:
+        try:
+            sharding.check_batch_size(cfg.batch_size // cfg.microbatches, mesh)
+        except ValueError as e:
+            raise ValueError(f"batch_size / microbatches = {cfg.batch_size // cfg.microbatches} rows per step of the "
+                             f"mesh {dict(mesh.shape)}: {e}") from None
     with phases.phase("setup"):
         tokenizer = HFTokenizer.from_pretrained(cfg.tokenizer or cfg.teacher)
         teacher, teacher_vars, student, student_vars = load_models(cfg, tokenizer.vocab_size)
@@ -234,9 +248,9 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
                          f"tokens, fewer than batch_size={cfg.batch_size}")
     if held_out is not None:
         evaluate = evaluator(student, keys, eval_batches(held_out, cfg.batch_size, cfg.max_eval_rows),
-                             tokenizer.token_byte_lengths)
+                             tokenizer.token_byte_lengths, mesh)
         teacher_result = evaluator(teacher, keys, eval_batches(held_out, cfg.batch_size, cfg.max_eval_rows),
-                                   tokenizer.token_byte_lengths)(teacher_vars)
+                                   tokenizer.token_byte_lengths, mesh)(teacher_vars)
     else:
         evaluate, teacher_result = (lambda variables: {}), {}
 
@@ -246,9 +260,10 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
     evaluation = Evaluation(lambda state: evaluate(state.student.variables()), prefix="val_", after=after,
                             progress=("loss", ".4f") if held_out is not None else None)
     sample = with_token_normalizer({k: v[:cfg.batch_size] for k, v in train_rows.items()})
-    participants = {"student": jaxkd.participants.student(student, student_vars, input=keys)}
+    rules = lm_logical_rules() if mesh is not None else None  # MaxText's layout: fsdp on the width, tensor on heads
+    participants = {"student": jaxkd.participants.student(student, student_vars, input=keys, rules=rules)}
     if "teacher" in method.needs.participants:
-        participants["teacher"] = jaxkd.participants.teacher(teacher, teacher_vars, input=keys)
+        participants["teacher"] = jaxkd.participants.teacher(teacher, teacher_vars, input=keys, rules=rules)
     unknown = set(method.needs.participants) - set(participants) - {"student"}
     if unknown:
         raise ValueError(f"method {cfg.method!r} reads participants {sorted(unknown)}; this recipe has 'student' "
@@ -256,7 +271,7 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
     with phases.phase("setup"):
         state = jaxkd.create(participants=participants, method=method,
                              tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
-                             sample_batch=sample, rng=jax.random.PRNGKey(cfg.seed))
+                             sample_batch=sample, rng=jax.random.PRNGKey(cfg.seed), mesh=mesh)
     loader = TextLoader(train_rows, batch_size=cfg.batch_size, seed=cfg.seed, num_epochs=None, pad=pad)
     identity = {"method": cfg.method, "teacher": os.path.abspath(cfg.teacher),
                 "student": cfg.student if cfg.student == INIT_FROM_TEACHER else os.path.abspath(cfg.student),
@@ -270,7 +285,7 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
     with PreemptionFlag() as preemption:
         runner = Runner(out_dir, progress=progress, preemption=preemption, phases=phases, eval_every=cfg.eval_every,
                         checkpoint_every=cfg.checkpoint_every, tensorboard=cfg.tensorboard,
-                        microbatches=cfg.microbatches)
+                        microbatches=cfg.microbatches, mesh=mesh)
         try:
             state, result = runner.fit(run="student", seed=cfg.seed, state=state, loaders={"train": loader},
                                        steps=cfg.steps, lr_schedule=schedule(cfg.lr, cfg.steps, cfg.warmup_steps),
@@ -301,6 +316,7 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
              f"{cell(result, 'loss')} | {cell(result, 'bpb')} |"]
     summary = {"table": "\n".join(lines), "teacher": teacher_result, "student": result, "export": export,
                "vocab_size": tokenizer.vocab_size, "train_rows": int(len(train_rows[TOKENS])),
+               "devices": len(jax.tree.leaves(state.student.params)[0].sharding.device_set),
                "config": dataclasses.asdict(cfg), "time": phases.breakdown(), "seconds": time.time() - start}
     if jax.process_index() == 0:
         from experiments import report

@@ -174,3 +174,25 @@ def test_command_errors_are_one_line(setup, tmp_path, capsys):
             entry_point(hf_distill.main, settings(setup) + ["--set", override, "--out", str(tmp_path / "e")])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_the_recipe_on_a_mesh_equals_one_device(setup, tmp_path):
+    """The same run on a (data 2, fsdp 2, tensor 2) mesh of the 8 simulated devices: the student's state and the
+    teacher sharded by the LM rules, batches split four ways; its losses and exported weights equal the
+    one-device run's up to float32 reduction order."""
+    from experiments import hf_distill
+
+    common = dict(steps=2, eval_every=2, checkpoint_every=0, batch_size=8, microbatches=2)
+    single = hf_distill.main(settings(setup, **common) + ["--out", str(tmp_path / "one")])
+    meshed = hf_distill.main(settings(setup, **common, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+                             + ["--out", str(tmp_path / "mesh")])
+    for a, b in zip(records(tmp_path / "one"), records(tmp_path / "mesh"), strict=True):
+        assert a.keys() == b.keys()
+        for key in ("loss", "val_loss", "val_bpb"):
+            if key in a:
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-5)
+    np.testing.assert_allclose(meshed["student"]["loss"], single["student"]["loss"], rtol=2e-5)
+    assert single["devices"] == 1 and meshed["devices"] == 8
+    with pytest.raises(ValueError, match=r"batch_size / microbatches = 2 rows .* not divisible by data x fsdp"):
+        hf_distill.main(settings(setup, **{**common, "microbatches": 4}, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+                        + ["--out", str(tmp_path / "bad")])
