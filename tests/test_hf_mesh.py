@@ -117,12 +117,12 @@ def test_greedy_generation_on_the_mesh_equals_transformers(loaded):
 
 
 def _recording(monkeypatch):
-    """Every ``_Tensors.read`` as ``(tensor name, HF slices, bytes)``."""
+    """Every ``_Tensors.read`` as ``(tensor name, HF slices, bytes copied out)``."""
     reads = []
     original = hf_lib._Tensors.read
 
-    def read(self, name, index):
-        block = original(self, name, index)
+    def read(self, name, index, view=None):
+        block = original(self, name, index, view)
         reads.append((name, tuple((s.start, s.stop) for s in index), block.nbytes))
         return block
 

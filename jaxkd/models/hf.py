@@ -347,13 +347,16 @@ class _Strided:
             hi[axis] += step * (index[k].stop - 1)
         return tuple(slice(a, b + 1) for a, b in zip(lo, hi))
 
+    def view(self, hf_block: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        """The jaxkd block ``index`` as a view walking ``hf_block`` (the HF array's :meth:`hf_block`, any
+        strides: a slice of a memory map) by the layout's steps; nothing is copied."""
+        shape = tuple(s.stop - s.start for s in index)
+        strides = tuple(step * hf_block.strides[axis] for axis, step in zip(self.hf_axes, self.steps))
+        return np.lib.stride_tricks.as_strided(hf_block, shape=shape, strides=strides, writeable=False)
+
     def read(self, read_hf: Callable[[tuple[slice, ...]], np.ndarray], index: tuple[slice, ...]) -> np.ndarray:
         """The jaxkd block ``index`` (normalized slices), from ``read_hf(hf slices)`` of :meth:`hf_block`."""
-        block = np.ascontiguousarray(read_hf(self.hf_block(index)))
-        shape = tuple(s.stop - s.start for s in index)
-        strides = tuple(step * block.strides[axis] for axis, step in zip(self.hf_axes, self.steps))
-        # A view walking the block by the layout's steps; copied, so the block can go.
-        return np.array(np.lib.stride_tricks.as_strided(block, shape=shape, strides=strides))
+        return np.array(self.view(read_hf(self.hf_block(index)), index))
 
 
 def _strided(shape: tuple[int, ...], hf_axes: tuple[int, ...], steps: tuple[int, ...],
@@ -477,9 +480,10 @@ class _Tensors:
             raise ValueError(f"tensor {name!r} has dtype {code}; jaxkd reads {sorted(_NUMPY_DTYPES)}")
         return np.dtype(_NUMPY_DTYPES[code])
 
-    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """``tensor[index]`` (one slice per axis) copied from a memory map of the file: the OS pages in
-        only the pages that hold the block, and they are unmapped when the call returns."""
+    def read(self, name: str, index: tuple[slice, ...], view: Callable[[np.ndarray], np.ndarray] | None = None
+             ) -> np.ndarray:
+        """``tensor[index]`` (one slice per axis), or ``view(tensor[index])``, copied once from a memory map of
+        the file: the OS pages in only the pages that hold the block, unmapped when the call returns."""
         file = self.files[name]
         start, header = self._header(file)
         entry = header[name[len(self.prefix):]]
@@ -494,8 +498,9 @@ class _Tensors:
         # bfloat16 mapped as uint16 (np.memmap wants a builtin dtype), then viewed as ml_dtypes' bfloat16
         raw_dtype = np.dtype("<u2") if dtype == np.dtype(ml_dtypes.bfloat16) else dtype
         mapped = np.memmap(file, dtype=raw_dtype, mode="r", offset=start + begin, shape=shape)
+        block = mapped[index]
         # the copy owns its memory; the map (the last reference) goes on return, and its pages with it
-        return np.array(mapped[index]).view(dtype)
+        return np.array(block if view is None else view(block)).view(dtype)
 
     def get(self, name: str) -> np.ndarray:
         file = self.files[name]
@@ -534,9 +539,9 @@ def _read_one(tensors: "_Tensors", name: str, to_jax: Callable, shape: tuple[int
     if to_jax is _same:
         return tensors.read(name, index)
     if to_jax is np.transpose:
-        return np.ascontiguousarray(tensors.read(name, index[::-1]).T)
+        return tensors.read(name, index[::-1], np.transpose)
     if isinstance(to_jax, _Strided):
-        return to_jax.read(lambda block: tensors.read(name, block), index)
+        return tensors.read(name, to_jax.hf_block(index), lambda block: to_jax.view(block, index))
     # an arbitrary function: no index translation, so the whole tensor is read
     whole = tensors.read(name, tuple(slice(0, n) for n in tensors.shape(name)))
     return np.ascontiguousarray(np.asarray(to_jax(whole))[index])
@@ -600,9 +605,9 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
     :class:`jax.sharding.Mesh` each parameter is created sharded, never gathered: its ``NamedSharding``
     comes from its logical axis names and ``rules`` (:func:`jaxkd.sharding.boxed_shardings`; default
     :func:`jaxkd.sharding.default_rules` of the mesh, as a train state's participants get; pass
-    :func:`jaxkd.models.lm.lm_logical_rules` for MaxText's fsdp + tensor layout), and
-    ``jax.make_array_from_callback`` asks for the blocks this host's devices hold (each distinct block read
-    once, replicas share it). A jaxkd block is translated into the HF slice it comes from (a transpose
+    :func:`jaxkd.models.lm.lm_logical_rules` for MaxText's fsdp + tensor layout), and only the blocks this
+    host's devices hold (``sharding.addressable_devices_indices_map``) are read, each distinct block once
+    (replicas share it), put on its devices and dropped before the next is read. A jaxkd block is translated into the HF slice it comes from (a transpose
     reverses the index; a reshape that splits an HF axis into heads x ``head_dim`` turns a block of heads
     into a contiguous range of rows; GPT-2's q, k, v are offsets into ``c_attn``) and read from a memory
     map of the safetensors file, so host memory holds the shards plus one block in flight, not the model
@@ -681,18 +686,24 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
 
 def _sharded_entry(tensors: _Tensors, hf_name: str | tuple[str, ...], to_jax: Callable, shape: tuple[int, ...],
                    dtype: np.dtype, sharding: NamedSharding) -> jax.Array:
-    """One parameter made shard by shard where ``sharding`` puts it (``jax.make_array_from_callback`` asks
-    only for this host's devices' blocks); replicas of a block (a data axis) share one read."""
-    blocks: dict[tuple, np.ndarray] = {}
+    """One parameter made shard by shard where ``sharding`` puts it: for each distinct block this host's
+    devices hold (``sharding.addressable_devices_indices_map``), the block is read, put on its devices
+    (replicas share the read) and dropped before the next is read; the array is assembled from the
+    per-device buffers (``jax.make_array_from_single_device_arrays``).
 
-    def block(index: tuple) -> np.ndarray:
-        index = _normalize(index, shape)
-        where = tuple((s.start, s.stop) for s in index)
-        if where not in blocks:
-            blocks[where] = _read_entry(tensors, hf_name, to_jax, shape, index).astype(dtype, copy=False)
-        return blocks[where]
-
-    return jax.make_array_from_callback(shape, sharding, block, dtype=dtype)
+    Why not ``jax.make_array_from_callback``: it reads every block of the host before putting any on a
+    device, so the host holds its part of the tensor twice at once (measured by
+    ``benchmarks/hf_load_memory.py``); one block at a time holds one block more than the result."""
+    by_block: dict[tuple, list] = {}  # (start, stop) per axis -> the devices holding that block
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        by_block.setdefault(tuple((s.start, s.stop) for s in _normalize(index, shape)), []).append(device)
+    buffers = []
+    for where, devices in by_block.items():
+        index = tuple(slice(start, stop) for start, stop in where)
+        block = _read_entry(tensors, hf_name, to_jax, shape, index).astype(dtype, copy=False)
+        buffers += [jax.device_put(block, device) for device in devices]
+        del block  # before the next block is read
+    return jax.make_array_from_single_device_arrays(shape, sharding, buffers)
 
 
 def _flatten(tree, prefix=()):
