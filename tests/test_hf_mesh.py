@@ -10,13 +10,23 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from jax.sharding import NamedSharding, PartitionSpec as P
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxkd import sharding
 from jaxkd.models import from_hf, sampling
 from jaxkd.models import hf as hf_lib
 from jaxkd.models.lm import lm_logical_rules
-from tests.test_hf_models import FAMILIES, NEW_FAMILIES, TOL, _batch, _hf_logits, _hf_model
+from tests.test_hf_models import (
+    FAMILIES,
+    NEW_FAMILIES,
+    TOL,
+    _batch,
+    _hf_logits,
+    _hf_model,
+)
 
 RULES = lm_logical_rules()
 ON_MESH = {"llama": FAMILIES["llama_llama3"], "qwen2": FAMILIES["qwen2"], "gemma2": NEW_FAMILIES["gemma2"],
@@ -77,7 +87,7 @@ def _leaves(variables):
 
 
 def test_each_parameter_is_placed_by_the_rules_and_equals_the_single_device_load(loaded):
-    name, _, path, mesh, _, variables = loaded
+    _, _, path, mesh, _, variables = loaded
     _, single = from_hf(path)
     single = dict(_leaves(single))
     split = 0
@@ -105,7 +115,7 @@ def test_logits_on_the_mesh_equal_transformers(loaded):
 
 
 def test_greedy_generation_on_the_mesh_equals_transformers(loaded):
-    name, hf, _, _, model, variables = loaded
+    _, hf, _, _, model, variables = loaded
     prompt = np.random.RandomState(2).randint(0, 128, (2, 5))
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(2, 5, dtype=torch.long),
@@ -228,3 +238,30 @@ def test_mesh_errors(checkpoints):
     # 2 KV heads cannot split 8 ways: named by the sharding rules, before anything is read
     with pytest.raises(ValueError, match=r"key: shape \(32, 2, 8\) cannot take spec"):
         from_hf(path, mesh=sharding.make_mesh({"tensor": 8}), rules=RULES)
+
+
+def _block(draw, shape):
+    index = []
+    for n in shape:
+        start = draw(st.integers(0, n - 1))
+        index.append(slice(start, draw(st.integers(start + 1, n))))
+    return tuple(index)
+
+
+@given(st.data())
+def test_strided_layouts_read_any_block_as_numpy_reshapes_it(data):
+    """Any block, also one cutting ``head_dim`` (the bounding rows are read, then picked), equals the block
+    of the whole tensor transformed the direct way (transpose and reshape, GPT-2's column thirds)."""
+    d, heads, head_dim = 6, 4, 3
+    w = np.arange(heads * head_dim * d, dtype=np.float32).reshape(heads * head_dim, d)  # torch [out, in]
+    cases = [
+        (hf_lib._strided((d, heads, head_dim), (1, 0, 0), (1, head_dim, 1)), w, w.T.reshape(d, heads, head_dim)),
+        (hf_lib._strided((heads, head_dim, d), (1, 1, 0), (head_dim, 1, 1)), w.T, w.reshape(heads, head_dim, d)),
+        (hf_lib._strided((d, 2, head_dim), (0, 1, 1), (1, head_dim, 1), (0, 2 * head_dim)), w.T,
+         w.T[:, 2 * head_dim:4 * head_dim].reshape(d, 2, head_dim)),
+    ]
+    for layout, hf_tensor, reference in cases:
+        index = _block(data.draw, reference.shape)
+        np.testing.assert_array_equal(layout.read(hf_tensor.__getitem__, index), reference[index])
+        rows = layout.hf_block(index)
+        assert all(0 <= s.start < s.stop <= n for s, n in zip(rows, hf_tensor.shape))

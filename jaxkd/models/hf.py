@@ -26,7 +26,9 @@ attention, quantization …) or is unknown raises a ``ValueError`` naming it. Th
 change the forward pass are listed in :data:`IGNORED_FIELDS`.
 
 Weights are read memory-mapped; bfloat16 tensors (which numpy lacks) are read as raw bytes and viewed as
-``ml_dtypes.bfloat16``, so a bf16 checkpoint stays bf16 unless ``dtype`` says otherwise.
+``ml_dtypes.bfloat16``, so a bf16 checkpoint stays bf16 unless ``dtype`` says otherwise. With a ``mesh``,
+:func:`from_hf` reads each shard from its own slice of the file (the weight map's transposes and reshapes
+translate a shard's index into HF rows and columns), so a checkpoint is never gathered in host memory.
 """
 
 from __future__ import annotations
@@ -495,6 +497,9 @@ class _Tensors:
                              f"{dtype} need {int(np.prod(shape)) * dtype.itemsize}")
         if not shape:
             return np.fromfile(file, dtype=dtype, count=1, offset=start + begin).reshape(())
+        if 0 in shape:  # nothing to map
+            empty = np.zeros(shape, dtype)[index]
+            return np.array(empty if view is None else view(empty))
         # bfloat16 mapped as uint16 (np.memmap wants a builtin dtype), then viewed as ml_dtypes' bfloat16
         raw_dtype = np.dtype("<u2") if dtype == np.dtype(ml_dtypes.bfloat16) else dtype
         mapped = np.memmap(file, dtype=raw_dtype, mode="r", offset=start + begin, shape=shape)
@@ -503,16 +508,8 @@ class _Tensors:
         return np.array(block if view is None else view(block)).view(dtype)
 
     def get(self, name: str) -> np.ndarray:
-        file = self.files[name]
-        name = name[len(self.prefix):]
-        start, header = self._header(file)
-        entry = header[name]
-        if entry["dtype"] == "BF16":  # numpy has no bfloat16: the raw bytes, viewed as ml_dtypes'
-            begin, end = entry["data_offsets"]
-            raw = np.memmap(file, dtype=np.uint16, mode="r", offset=start + begin, shape=((end - begin) // 2,))
-            return raw.view(ml_dtypes.bfloat16).reshape(entry["shape"])
-        with safetensors.safe_open(file, "np") as f:
-            return f.get_tensor(name)
+        """The whole tensor."""
+        return self.read(name, tuple(slice(0, n) for n in self.shape(name)))
 
 
 #: safetensors dtype codes -> the little-endian numpy dtype they are read as.
@@ -533,7 +530,7 @@ def _normalize(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def _read_one(tensors: "_Tensors", name: str, to_jax: Callable, shape: tuple[int, ...],
+def _read_one(tensors: _Tensors, name: str, to_jax: Callable, shape: tuple[int, ...],
               index: tuple[slice, ...]) -> np.ndarray:
     """The block ``index`` of the jaxkd array (shape ``shape``) that ``to_jax`` makes of tensor ``name``."""
     if to_jax is _same:
@@ -547,7 +544,7 @@ def _read_one(tensors: "_Tensors", name: str, to_jax: Callable, shape: tuple[int
     return np.ascontiguousarray(np.asarray(to_jax(whole))[index])
 
 
-def _read_entry(tensors: "_Tensors", hf_name: str | tuple[str, ...], to_jax: Callable, shape: tuple[int, ...],
+def _read_entry(tensors: _Tensors, hf_name: str | tuple[str, ...], to_jax: Callable, shape: tuple[int, ...],
                 index: tuple) -> np.ndarray:
     """Block ``index`` of the jaxkd parameter (shape ``shape``) of one weight-map entry, reading only the
     HF slices it comes from (:class:`_Strided`, ``np.transpose`` or the identity; any other ``to_jax``
