@@ -518,8 +518,8 @@ _NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfl
 
 
 def _normalize(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """``index`` (what ``jax.make_array_from_callback`` passes: slices, maybe ``slice(None)``) as
-    ``slice(start, stop)`` per axis of ``shape``."""
+    """``index`` (a sharding's per-device index: slices, maybe ``slice(None)``, maybe fewer than the axes)
+    as ``slice(start, stop)`` per axis of ``shape``."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     out = []
     for s, n in zip(index, shape):
@@ -604,11 +604,12 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
     :func:`jaxkd.sharding.default_rules` of the mesh, as a train state's participants get; pass
     :func:`jaxkd.models.lm.lm_logical_rules` for MaxText's fsdp + tensor layout), and only the blocks this
     host's devices hold (``sharding.addressable_devices_indices_map``) are read, each distinct block once
-    (replicas share it), put on its devices and dropped before the next is read. A jaxkd block is translated into the HF slice it comes from (a transpose
-    reverses the index; a reshape that splits an HF axis into heads x ``head_dim`` turns a block of heads
-    into a contiguous range of rows; GPT-2's q, k, v are offsets into ``c_attn``) and read from a memory
-    map of the safetensors file, so host memory holds the shards plus one block in flight, not the model
-    twice (``benchmarks/hf_load_memory.py`` measures it). Every entry of the supported families
+    (replicas share it), put on its devices and dropped before the next is read. A jaxkd block is
+    translated into the HF slice it comes from (a transpose reverses the index; a reshape that splits an HF
+    axis into heads x ``head_dim`` turns a block of heads into a contiguous range of rows; GPT-2's q, k, v
+    are offsets into ``c_attn``) and read from a memory map of the safetensors file, so host memory holds
+    the shards plus one block in flight, not the model twice (``benchmarks/hf_load_memory.py`` measures
+    it). Every entry of the supported families
     translates; only a ``to_jax`` that is not the identity, ``np.transpose`` or a ``_Strided`` layout
     (none here) reads its tensor whole. An entry naming a tuple of tensors (stacked experts) reads only
     the experts in the block. ``rules`` without a ``mesh`` is an error.
