@@ -222,6 +222,15 @@ def logical_partition_specs(boxed_variables: Any) -> Any:
     return jax.tree.map(lambda x: nn.get_partition_spec(x) if is_box(x) else None, boxed_variables, is_leaf=is_box)
 
 
+def boxed_shardings(boxed_variables: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """A ``NamedSharding`` per array of a tree holding flax metadata boxes (what ``model.init`` or
+    ``jax.eval_shape`` of it gives): :func:`param_shardings` of the unboxed arrays, with the logical axis
+    names the boxes carry. ``rules`` defaults to :func:`default_rules` of ``mesh``, so a train state
+    (:func:`jaxkd.train_state.variable_shardings`) and a checkpoint loaded onto the mesh
+    (:func:`jaxkd.models.from_hf`) place a model's variables alike."""
+    return param_shardings(unbox(boxed_variables), mesh, rules, logical_specs=logical_partition_specs(boxed_variables))
+
+
 def unbox(variables: Any) -> Any:
     """The arrays inside flax metadata boxes, without applying sharding constraints (``nn.unbox``)."""
     return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, meta.Partitioned)

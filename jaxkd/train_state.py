@@ -464,8 +464,7 @@ def variable_shardings(planned: Plan, mesh: Mesh | None) -> dict[str, PyTree]:
     if mesh is None:
         return {name: None for name in planned.parts}
     return {
-        name: shd.param_shardings(planned.abstract_vars[name], mesh, p.rules or shd.default_rules(mesh),
-                                  logical_specs=shd.logical_partition_specs(planned.boxed[name]))
+        name: shd.boxed_shardings(planned.boxed[name], mesh, p.rules)
         for name, p in planned.parts.items()
     }
 

@@ -26,7 +26,9 @@ attention, quantization …) or is unknown raises a ``ValueError`` naming it. Th
 change the forward pass are listed in :data:`IGNORED_FIELDS`.
 
 Weights are read memory-mapped; bfloat16 tensors (which numpy lacks) are read as raw bytes and viewed as
-``ml_dtypes.bfloat16``, so a bf16 checkpoint stays bf16 unless ``dtype`` says otherwise.
+``ml_dtypes.bfloat16``, so a bf16 checkpoint stays bf16 unless ``dtype`` says otherwise. With a ``mesh``,
+:func:`from_hf` reads each shard from its own slice of the file (the weight map's transposes and reshapes
+translate a shard's index into HF rows and columns), so a checkpoint is never gathered in host memory.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ import ml_dtypes
 import numpy as np
 import safetensors
 from flax.core import meta
+from jax.sharding import Mesh, NamedSharding
 
 from jaxkd.models.base import Model
 from jaxkd.models.lm import LMConfig, TransformerLM, lm
 from jaxkd.models.vocab import truncate_vocab
 from jaxkd.checks import check_int
+from jaxkd.sharding import Rules, boxed_shardings
 
 __all__ = ["IGNORED_FIELDS", "SUPPORTED_MODEL_TYPES", "from_hf", "init_student_from", "student_layers", "to_hf"]
 
@@ -330,6 +334,60 @@ def _same(x):
     return x
 
 
+@dataclasses.dataclass(frozen=True)
+class _Strided:
+    """An HF -> jaxkd transform made of transposes, reshapes and a fixed sub-range (GPT-2's q, k, v thirds of
+    ``c_attn``), written so that a jaxkd index translates into the HF block it comes from.
+
+    jaxkd element ``j`` (shape :attr:`shape`) is the HF element whose index along HF axis ``a`` is
+    ``offsets[a] + sum(steps[k] * j[k] for k with hf_axes[k] == a)``. A transpose maps each jaxkd axis to
+    another HF axis with step 1; a reshape that splits HF axis ``a`` into ``(n, m)`` maps two jaxkd axes to
+    ``a`` with steps ``m`` and 1. For a jaxkd block ``[start_k, stop_k)`` the HF block along ``a`` is
+    ``[offsets[a] + sum(steps * start), offsets[a] + sum(steps * (stop - 1)) + 1)``: exactly the shard's
+    elements when only the leading axis of a split is cut (heads, not ``head_dim``); when a trailing one is
+    cut too, the bounding range (at most the tensor) is read and the shard picked from it.
+    """
+
+    shape: tuple[int, ...]
+    hf_axes: tuple[int, ...]
+    steps: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def __call__(self, hf_array: np.ndarray) -> np.ndarray:
+        """The whole jaxkd array of a whole HF tensor."""
+        return self.read(lambda block: np.asarray(hf_array)[block], tuple(slice(0, n) for n in self.shape))
+
+    def hf_block(self, index: tuple[slice, ...]) -> tuple[slice, ...]:
+        """The HF slices (one per HF axis) that hold the jaxkd block ``index`` (normalized slices)."""
+        lo, hi = list(self.offsets), list(self.offsets)
+        for k, (axis, step) in enumerate(zip(self.hf_axes, self.steps)):
+            lo[axis] += step * index[k].start
+            hi[axis] += step * (index[k].stop - 1)
+        return tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+
+    def view(self, hf_block: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        """The jaxkd block ``index`` as a view walking ``hf_block`` (the HF array's :meth:`hf_block`, any
+        strides: a slice of a memory map) by the layout's steps; nothing is copied."""
+        shape = tuple(s.stop - s.start for s in index)
+        strides = tuple(step * hf_block.strides[axis] for axis, step in zip(self.hf_axes, self.steps))
+        return np.lib.stride_tricks.as_strided(hf_block, shape=shape, strides=strides, writeable=False)
+
+    def read(self, read_hf: Callable[[tuple[slice, ...]], np.ndarray], index: tuple[slice, ...]) -> np.ndarray:
+        """The jaxkd block ``index`` (normalized slices), from ``read_hf(hf slices)`` of :meth:`hf_block`."""
+        return np.array(self.view(read_hf(self.hf_block(index)), index))
+
+
+def _strided(shape: tuple[int, ...], hf_axes: tuple[int, ...], steps: tuple[int, ...],
+             offsets: tuple[int, ...] | None = None) -> _Strided:
+    hf_ndim = max(hf_axes) + 1
+    return _Strided(tuple(shape), tuple(hf_axes), tuple(steps), tuple(offsets or (0,) * hf_ndim))
+
+
+def _split(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The steps of the axes one HF axis is reshaped into (row-major): ``(n, m) -> (m, 1)``."""
+    return tuple(int(np.prod(shape[k + 1:])) for k in range(len(shape)))
+
+
 def _gpt2_weight_map(config: LMConfig) -> Iterator[_Entry]:
     """GPT-2's ``Conv1D`` weights are stored ``[in, out]``; ``c_attn`` holds q, k, v side by side (three
     entries of one tensor name: :func:`to_hf` concatenates them along the last axis)."""
@@ -344,13 +402,13 @@ def _gpt2_weight_map(config: LMConfig) -> Iterator[_Entry]:
     for i in range(config.num_layers):
         pre, blk = f"transformer.h.{i}.", f"block_{i}"
         yield from norm(f"{pre}ln_1", (blk, "attention_norm"))
-        for j, name in enumerate(("query", "key", "value")):
+        for j, name in enumerate(("query", "key", "value")):  # [d, 3 h hd]: the j-th third, split into heads
             yield (f"{pre}attn.c_attn.weight", (blk, "attention", name), (d, 3 * h * hd),
-                   lambda w, j=j: w[:, j * h * hd:(j + 1) * h * hd].reshape(d, h, hd), lambda p: p.reshape(d, -1))
+                   _strided((d, h, hd), (0, 1, 1), (1, hd, 1), (0, j * h * hd)), lambda p: p.reshape(d, -1))
             yield (f"{pre}attn.c_attn.bias", (blk, "attention", f"{name}_bias"), (3 * h * hd,),
-                   lambda b, j=j: b[j * h * hd:(j + 1) * h * hd].reshape(h, hd), lambda p: p.reshape(-1))
+                   _strided((h, hd), (0, 0), (hd, 1), (j * h * hd,)), lambda p: p.reshape(-1))
         yield (f"{pre}attn.c_proj.weight", (blk, "attention", "out"), (h * hd, d),
-               lambda w: w.reshape(h, hd, d), lambda p: p.reshape(h * hd, d))
+               _strided((h, hd, d), (0, 0, 1), (hd, 1, 1)), lambda p: p.reshape(h * hd, d))
         yield f"{pre}attn.c_proj.bias", (blk, "attention", "out_bias"), (d,), _same, _same
         yield from norm(f"{pre}ln_2", (blk, "mlp_norm"))
         yield f"{pre}mlp.c_fc.weight", (blk, "mlp", "up"), (d, f), _same, _same
@@ -370,7 +428,8 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
                          config.vocab_size)
 
     def linear_in(out_shape):  # torch [out, in] -> jaxkd [in, *out_shape]
-        return lambda w: w.T.reshape(w.shape[1], *out_shape), lambda p: p.reshape(p.shape[0], -1).T
+        to_jax = _strided((d, *out_shape), (1,) + (0,) * len(out_shape), (1, *_split(out_shape)))
+        return to_jax, lambda p: p.reshape(p.shape[0], -1).T
 
     yield "model.embed_tokens.weight", ("embedding",), (v, d), _same, _same
     for i in range(config.num_layers):
@@ -379,9 +438,9 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
             yield (f"{pre}self_attn.{hf_name}.weight", (blk, "attention", name), (n * hd, d), *linear_in((n, hd)))
             if config.qkv_bias:
                 yield (f"{pre}self_attn.{hf_name}.bias", (blk, "attention", f"{name}_bias"), (n * hd,),
-                       lambda b, n=n: b.reshape(n, hd), lambda p: p.reshape(-1))
+                       _strided((n, hd), (0, 0), (hd, 1)), lambda p: p.reshape(-1))
         yield (f"{pre}self_attn.o_proj.weight", (blk, "attention", "out"), (d, h * hd),
-               lambda w: w.T.reshape(h, hd, d), lambda p: p.reshape(h * hd, d).T)
+               _strided((h, hd, d), (1, 1, 0), (hd, 1, 1)), lambda p: p.reshape(h * hd, d).T)
         if config.out_bias:
             yield f"{pre}self_attn.o_proj.bias", (blk, "attention", "out_bias"), (d,), _same, _same
         if config.qk_norm:
@@ -432,17 +491,86 @@ class _Tensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header(self.files[name])[1][name[len(self.prefix):]]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
+    def dtype(self, name: str) -> np.dtype:
+        """The stored dtype, from the header (nothing read)."""
+        code = self._header(self.files[name])[1][name[len(self.prefix):]]["dtype"]
+        if code not in _NUMPY_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {code}; jaxkd reads {sorted(_NUMPY_DTYPES)}")
+        return np.dtype(_NUMPY_DTYPES[code])
+
+    def read(self, name: str, index: tuple[slice, ...], view: Callable[[np.ndarray], np.ndarray] | None = None
+             ) -> np.ndarray:
+        """``tensor[index]`` (one slice per axis), or ``view(tensor[index])``, copied once from a memory map of
+        the file: the OS pages in only the pages that hold the block, unmapped when the call returns."""
         file = self.files[name]
-        name = name[len(self.prefix):]
         start, header = self._header(file)
-        entry = header[name]
-        if entry["dtype"] == "BF16":  # numpy has no bfloat16: the raw bytes, viewed as ml_dtypes'
-            begin, end = entry["data_offsets"]
-            raw = np.memmap(file, dtype=np.uint16, mode="r", offset=start + begin, shape=((end - begin) // 2,))
-            return raw.view(ml_dtypes.bfloat16).reshape(entry["shape"])
-        with safetensors.safe_open(file, "np") as f:
-            return f.get_tensor(name)
+        entry = header[name[len(self.prefix):]]
+        dtype = self.dtype(name)
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"{file}: tensor {name!r} holds {end - begin} bytes, its shape {shape} and dtype "
+                             f"{dtype} need {int(np.prod(shape)) * dtype.itemsize}")
+        if not shape:
+            return np.fromfile(file, dtype=dtype, count=1, offset=start + begin).reshape(())
+        if 0 in shape:  # nothing to map
+            empty = np.zeros(shape, dtype)[index]
+            return np.array(empty if view is None else view(empty))
+        # bfloat16 mapped as uint16 (np.memmap wants a builtin dtype), then viewed as ml_dtypes' bfloat16
+        raw_dtype = np.dtype("<u2") if dtype == np.dtype(ml_dtypes.bfloat16) else dtype
+        mapped = np.memmap(file, dtype=raw_dtype, mode="r", offset=start + begin, shape=shape)
+        block = mapped[index]
+        # the copy owns its memory; the map (the last reference) goes on return, and its pages with it
+        return np.array(block if view is None else view(block)).view(dtype)
+
+    def get(self, name: str) -> np.ndarray:
+        """The whole tensor."""
+        return self.read(name, tuple(slice(0, n) for n in self.shape(name)))
+
+
+#: safetensors dtype codes -> the little-endian numpy dtype they are read as.
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfloat16, "I64": "<i8", "I32": "<i4",
+                 "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def _normalize(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``index`` (a sharding's per-device index: slices, maybe ``slice(None)``, maybe fewer than the axes)
+    as ``slice(start, stop)`` per axis of ``shape``."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"a strided index {s} into shape {shape}; shards are contiguous blocks")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def _read_one(tensors: _Tensors, name: str, to_jax: Callable, shape: tuple[int, ...],
+              index: tuple[slice, ...]) -> np.ndarray:
+    """The block ``index`` of the jaxkd array (shape ``shape``) that ``to_jax`` makes of tensor ``name``."""
+    if to_jax is _same:
+        return tensors.read(name, index)
+    if to_jax is np.transpose:
+        return tensors.read(name, index[::-1], np.transpose)
+    if isinstance(to_jax, _Strided):
+        return tensors.read(name, to_jax.hf_block(index), lambda block: to_jax.view(block, index))
+    # an arbitrary function: no index translation, so the whole tensor is read
+    whole = tensors.read(name, tuple(slice(0, n) for n in tensors.shape(name)))
+    return np.ascontiguousarray(np.asarray(to_jax(whole))[index])
+
+
+def _read_entry(tensors: _Tensors, hf_name: str | tuple[str, ...], to_jax: Callable, shape: tuple[int, ...],
+                index: tuple) -> np.ndarray:
+    """Block ``index`` of the jaxkd parameter (shape ``shape``) of one weight-map entry, reading only the
+    HF slices it comes from (:class:`_Strided`, ``np.transpose`` or the identity; any other ``to_jax``
+    reads its tensor whole). A tuple of names is a stack of experts, ``np.stack([to_jax(t) for t in
+    names])``: only the experts in ``index[0]`` are read."""
+    index = _normalize(index, shape)
+    if isinstance(hf_name, tuple):
+        experts = range(len(hf_name))[index[0]]
+        return np.stack([_read_one(tensors, hf_name[e], to_jax, shape[1:], index[1:]) for e in experts], axis=0)
+    return _read_one(tensors, hf_name, to_jax, shape, index)
 
 
 _SAFETENSORS_DTYPES = {
@@ -472,7 +600,8 @@ def _write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
 
 # --- in and out --------------------------------------------------------------------------------------------
 
-def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | None = None) -> tuple[Model, dict]:
+def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | None = None, mesh: Mesh | None = None,
+            rules: Rules | None = None) -> tuple[Model, dict]:
     """A transformers checkpoint directory as ``(model, variables)``: ``model`` is :func:`jaxkd.models.lm.lm`
     of the mapped :class:`~jaxkd.models.lm.LMConfig` (``model.module.config``), ``variables`` is
     ``{"params": ...}`` boxed with the logical axis names, as ``model.init`` gives.
@@ -485,12 +614,37 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
     :func:`jaxkd.models.vocab.truncate_vocab`, so the padded rows are in no logit, softmax or divergence;
     the variables keep every row (:func:`to_hf` writes them back whole).
 
+    ``mesh``: ``None`` puts every parameter whole on the default device. With a
+    :class:`jax.sharding.Mesh` each parameter is created sharded, never gathered: its ``NamedSharding``
+    comes from its logical axis names and ``rules`` (:func:`jaxkd.sharding.boxed_shardings`; default
+    :func:`jaxkd.sharding.default_rules` of the mesh, as a train state's participants get; pass
+    :func:`jaxkd.models.lm.lm_logical_rules` for MaxText's fsdp + tensor layout), and only the blocks this
+    host's devices hold (``sharding.addressable_devices_indices_map``) are read, each distinct block once
+    (replicas share it), put on its devices and dropped before the next is read. A jaxkd block is
+    translated into the HF slice it comes from (a transpose reverses the index; a reshape that splits an HF
+    axis into heads x ``head_dim`` turns a block of heads into a contiguous range of rows; GPT-2's q, k, v
+    are offsets into ``c_attn``) and read from a memory map of the safetensors file, so host memory holds
+    the shards plus one block in flight, not the model twice (``benchmarks/hf_load_memory.py`` measures
+    it). Every entry of the supported families
+    translates; only a ``to_jax`` that is not the identity, ``np.transpose`` or a ``_Strided`` layout
+    (none here) reads its tensor whole. An entry naming a tuple of tensors (stacked experts) reads only
+    the experts in the block. ``rules`` without a ``mesh`` is an error.
+
     Raises:
       ValueError: no ``config.json``; an unsupported ``model_type`` (the message lists
         :data:`SUPPORTED_MODEL_TYPES`); a config field jaxkd does not implement (named); no safetensors
         weights; a missing tensor, or one of the wrong shape (named, with both shapes); a tensor jaxkd
-        would not use; a ``vocab_size`` larger than the model's embedding (both sizes named).
+        would not use; a ``vocab_size`` larger than the model's embedding (both sizes named); ``mesh``
+        not a ``Mesh``, ``rules`` not a :class:`jaxkd.sharding.Rules` or given without a mesh; a shape the
+        mesh axes do not divide (named by :func:`jaxkd.sharding.param_shardings`).
     """
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (jaxkd.sharding.make_mesh) or None, got "
+                         f"{type(mesh).__name__}")
+    if rules is not None and not isinstance(rules, Rules):
+        raise ValueError(f"rules must be a jaxkd.sharding.Rules or None, got {type(rules).__name__}")
+    if rules is not None and mesh is None:
+        raise ValueError("rules given without a mesh: they place parameters on a mesh's axes (pass mesh=)")
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -504,7 +658,7 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
     if dtype is None:
         if embedding_name not in tensors.files:
             raise _error(path, f"missing tensor {embedding_name!r}")
-        dtype = tensors.get(embedding_name).dtype
+        dtype = tensors.dtype(embedding_name)
     dtype = jnp.dtype(dtype)
     _, config = config_from_hf(cfg, dtype=dtype, path=config_file)
     if vocab_size is not None:
@@ -514,21 +668,24 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
                                f"embedding ({config.vocab_size} rows): not this model's tokenizer")
     model = lm(config, name=f"hf_{cfg['model_type']}")
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    shardings = None if mesh is None else dict(_flatten(boxed_shardings(abstract, mesh, rules)))
     flat = {path_: leaf for path_, leaf in _flatten(abstract)}
     params: dict = {}
     used = set()
-    cache: dict[str, np.ndarray] = {}
     for hf_name, key, hf_shape, to_jax, _ in _weight_map(config):
-        if hf_name not in tensors.files:
-            raise _error(path, f"missing tensor {hf_name!r} (expected shape {hf_shape})")
-        shape = tensors.shape(hf_name)
-        if shape != hf_shape:
-            raise _error(path, f"tensor {hf_name!r} has shape {shape}, the config implies {hf_shape}")
-        used.add(hf_name)
+        for name in hf_name if isinstance(hf_name, tuple) else (hf_name,):
+            if name not in tensors.files:
+                raise _error(path, f"missing tensor {name!r} (expected shape {hf_shape})")
+            shape = tensors.shape(name)
+            if shape != hf_shape:
+                raise _error(path, f"tensor {name!r} has shape {shape}, the config implies {hf_shape}")
+            used.add(name)
         box = flat.pop(key)
-        if hf_name not in cache:
-            cache = {hf_name: np.asarray(tensors.get(hf_name))}  # GPT-2's c_attn: three entries in a row
-        value = jnp.asarray(to_jax(cache[hf_name]), dtype)
+        shape = tuple(meta.unbox(box).shape)
+        if mesh is None:
+            value = jnp.asarray(_read_entry(tensors, hf_name, to_jax, shape, ()), dtype)
+        else:
+            value = _sharded_entry(tensors, hf_name, to_jax, shape, dtype, shardings[key])
         _set(params, key, box.replace_boxed(value) if isinstance(box, meta.AxisMetadata) else value)
     assert not flat, f"unmapped jaxkd parameters {sorted(flat)}"
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
@@ -539,6 +696,28 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
     if vocab_size is not None and vocab_size < config.vocab_size:
         model = truncate_vocab(model, vocab_size)
     return model, {"params": params}
+
+
+def _sharded_entry(tensors: _Tensors, hf_name: str | tuple[str, ...], to_jax: Callable, shape: tuple[int, ...],
+                   dtype: np.dtype, sharding: NamedSharding) -> jax.Array:
+    """One parameter made shard by shard where ``sharding`` puts it: for each distinct block this host's
+    devices hold (``sharding.addressable_devices_indices_map``), the block is read, put on its devices
+    (replicas share the read) and dropped before the next is read; the array is assembled from the
+    per-device buffers (``jax.make_array_from_single_device_arrays``).
+
+    Why not ``jax.make_array_from_callback``: it reads every block of the host before putting any on a
+    device, so the host holds its part of the tensor twice at once (measured by
+    ``benchmarks/hf_load_memory.py``); one block at a time holds one block more than the result."""
+    by_block: dict[tuple, list] = {}  # (start, stop) per axis -> the devices holding that block
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        by_block.setdefault(tuple((s.start, s.stop) for s in _normalize(index, shape)), []).append(device)
+    buffers = []
+    for where, devices in by_block.items():
+        index = tuple(slice(start, stop) for start, stop in where)
+        block = _read_entry(tensors, hf_name, to_jax, shape, index).astype(dtype, copy=False)
+        buffers += [jax.device_put(block, device) for device in devices]
+        del block  # before the next block is read
+    return jax.make_array_from_single_device_arrays(shape, sharding, buffers)
 
 
 def _flatten(tree, prefix=()):
