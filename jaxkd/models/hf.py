@@ -54,12 +54,16 @@ from jaxkd.checks import check_int
 __all__ = ["IGNORED_FIELDS", "SUPPORTED_MODEL_TYPES", "from_hf", "init_student_from", "student_layers", "to_hf"]
 
 #: The transformers ``model_type`` values :func:`from_hf` and :func:`to_hf` handle.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "qwen3_moe", "mixtral")
+
+# The mixture-of-experts families (LMConfig.num_experts set).
+_MOE_TYPES = ("qwen3_moe", "mixtral")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
 }
 
 #: ``config.json`` fields that do not change the forward pass (bookkeeping, generation defaults, training-
@@ -86,6 +90,13 @@ _FAMILY_FIELDS = {
     "mistral": {"sliding_window"},
     "qwen2": {"sliding_window", "use_sliding_window", "layer_types", "use_mrope"},
     "qwen3": {"attention_bias", "sliding_window", "use_sliding_window", "layer_types"},
+    # output_router_logits only adds outputs; router_jitter_noise is training-time noise on the router input
+    # (transformers applies it only in training mode, like dropout: jaxkd's forward is the eval forward)
+    "mixtral": {"sliding_window", "num_local_experts", "num_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                "output_router_logits", "router_jitter_noise"},
+    "qwen3_moe": {"attention_bias", "sliding_window", "use_sliding_window", "num_local_experts", "num_experts",
+                  "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                  "mlp_only_layers", "router_aux_loss_coef", "output_router_logits"},
 }
 
 _GEMMA_FIELDS = {
@@ -179,7 +190,7 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
         head_dim = None
     if model_type == "qwen2":
         qkv_bias, out_bias = True, False
-    elif model_type == "mistral":
+    elif model_type in ("mistral", "mixtral"):
         qkv_bias = out_bias = False
     else:
         qkv_bias = out_bias = bool(cfg.get("attention_bias", False))
@@ -188,6 +199,10 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
         window = cfg.get("sliding_window", 4096)
         if cfg.get("layer_types") is not None:
             raise _error(path, "layer_types for mistral is not implemented")
+    elif model_type == "mixtral":  # every layer through the window when one is set (MixtralModel's mask)
+        window = cfg.get("sliding_window")
+    elif model_type == "qwen3_moe":  # Qwen3MoeConfig keeps sliding_window only with use_sliding_window, for every layer
+        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
     else:
         layers = cfg["num_hidden_layers"]
         layer_types = cfg.get("layer_types")
@@ -208,10 +223,39 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_base=theta,
         norm_eps=cfg.get("rms_norm_eps", 1e-6), dtype=dtype, param_dtype=dtype, attention_head_dim=head_dim,
-        rope_scaling=scaling, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=model_type == "qwen3",
-        sliding_window=window,
+        rope_scaling=scaling, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        sliding_window=window, **(_moe_options(cfg, model_type, path) if model_type in _MOE_TYPES else {}),
     )
     return model_type, config
+
+
+def _moe_options(cfg: dict, model_type: str, path: Path) -> dict:
+    """The :class:`~jaxkd.models.lm.LMConfig` mixture-of-experts fields of a ``qwen3_moe``
+    (``models/qwen3_moe/configuration_qwen3_moe.py``) or ``mixtral`` (``models/mixtral/configuration_mixtral.py``)
+    config. Both spell the expert count ``num_experts`` or ``num_local_experts`` (an ``attribute_map`` alias:
+    ``save_pretrained`` writes the latter, Hub Qwen3-MoE configs the former)."""
+    qwen = model_type == "qwen3_moe"
+    counts = {cfg[k] for k in ("num_experts", "num_local_experts") if cfg.get(k) is not None}
+    if len(counts) > 1:
+        raise _error(path, f"num_experts={cfg['num_experts']} and num_local_experts={cfg['num_local_experts']} differ")
+    experts = counts.pop() if counts else (128 if qwen else 8)
+    if not isinstance(experts, int) or experts < 1:
+        raise _error(path, f"num_experts={experts!r} is not implemented for {model_type} (a dense model is qwen3 / "
+                           f"mistral; jaxkd's mixture needs num_experts >= 1)")
+    options = dict(num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok", 8 if qwen else 2),
+                   router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001))
+    if not qwen:  # Mixtral's experts are intermediate_size wide and always renormalize the top-k weights
+        return dict(options, norm_topk_prob=True)
+    # Dense layers between the sparse ones (Qwen3MoeDecoderLayer's mlp_only_layers / decoder_sparse_step) are
+    # not implemented: every layer is a mixture.
+    if cfg.get("decoder_sparse_step", 1) != 1:
+        raise _error(path, f"decoder_sparse_step={cfg['decoder_sparse_step']} is not implemented (jaxkd makes every "
+                           f"layer a mixture of experts: decoder_sparse_step=1)")
+    if cfg.get("mlp_only_layers"):
+        raise _error(path, f"mlp_only_layers={cfg['mlp_only_layers']} is not implemented (jaxkd makes every layer a "
+                           f"mixture of experts: mlp_only_layers=[])")
+    return dict(options, moe_d_ff=cfg.get("moe_intermediate_size", 768),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
 
 
 def _gemma_config(cfg: dict, model_type: str, dtype: Any, path: Path) -> LMConfig:
@@ -306,8 +350,11 @@ def _embedding_name(model_type: str) -> str:
 
 # --- the weight map ----------------------------------------------------------------------------------------
 
-# (hf name, jaxkd param path, hf shape, hf -> jaxkd, jaxkd -> hf)
-_Entry = tuple[str, tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+# (hf name, jaxkd param path, hf shape, hf -> jaxkd, jaxkd -> hf). The hf name may be a tuple of names (one
+# tensor per expert): the jaxkd value is np.stack([hf_to_jax(tensor(name)) for name in names], axis=0), each
+# tensor of the hf shape, and to_hf splits axis 0 and applies jax_to_hf to each part.
+_Entry = tuple[str | tuple[str, ...], tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray],
+               Callable[[np.ndarray], np.ndarray]]
 
 
 def _same(x):
@@ -371,9 +418,12 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
         if config.qk_norm:
             yield f"{pre}self_attn.q_norm.weight", (blk, "attention", "query_norm", "scale"), (hd,), _same, _same
             yield f"{pre}self_attn.k_norm.weight", (blk, "attention", "key_norm", "scale"), (hd,), _same, _same
-        yield f"{pre}mlp.gate_proj.weight", (blk, "mlp", "gate"), (f, d), np.transpose, np.transpose
-        yield f"{pre}mlp.up_proj.weight", (blk, "mlp", "up"), (f, d), np.transpose, np.transpose
-        yield f"{pre}mlp.down_proj.weight", (blk, "mlp", "down"), (d, f), np.transpose, np.transpose
+        if config.num_experts is not None:
+            yield from _experts_weight_map(config, pre, blk)
+        else:
+            yield f"{pre}mlp.gate_proj.weight", (blk, "mlp", "gate"), (f, d), np.transpose, np.transpose
+            yield f"{pre}mlp.up_proj.weight", (blk, "mlp", "up"), (f, d), np.transpose, np.transpose
+            yield f"{pre}mlp.down_proj.weight", (blk, "mlp", "down"), (d, f), np.transpose, np.transpose
         yield f"{pre}input_layernorm.weight", (blk, "attention_norm", "scale"), (d,), _same, _same
         if config.sandwich_norm:  # Gemma 2 / 3
             yield f"{pre}post_attention_layernorm.weight", (blk, "post_attention_norm", "scale"), (d,), _same, _same
@@ -384,6 +434,22 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
     yield "model.norm.weight", ("final_norm", "scale"), (d,), _same, _same
     if not config.tie_embeddings:
         yield "lm_head.weight", ("head",), (v, d), np.transpose, np.transpose
+
+
+def _experts_weight_map(config: LMConfig, pre: str, blk: str) -> Iterator[_Entry]:
+    """The router and the experts as ``save_pretrained`` writes them (and Hub checkpoints hold them): one
+    torch ``[out, in]`` tensor per expert and projection, stacked here on a leading expert axis.
+    Qwen3-MoE: ``mlp.gate.weight [E, d]``, ``mlp.experts.{e}.{gate,up,down}_proj.weight``; Mixtral:
+    ``block_sparse_moe.gate.weight``, ``block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`` (gate, up, down).
+    transformers 5 fuses them in memory (``experts.gate_up_proj [E, 2f, d]``) and splits them back on save."""
+    d, e, f = config.d_model, config.num_experts, config.expert_d_ff
+    qwen = config.qk_norm  # Qwen3-MoE has q/k norms, Mixtral none (to_hf checks the families)
+    moe = f"{pre}mlp" if qwen else f"{pre}block_sparse_moe"
+    names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"} if qwen else {"gate": "w1", "up": "w3", "down": "w2"}
+    yield f"{moe}.gate.weight", (blk, "mlp", "router"), (e, d), np.transpose, np.transpose
+    for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+        experts = tuple(f"{moe}.experts.{i}.{names[name]}.weight" for i in range(e))
+        yield experts, (blk, "mlp", f"experts_{name}"), shape, np.transpose, np.transpose
 
 
 # --- safetensors -------------------------------------------------------------------------------------------
@@ -503,16 +569,21 @@ def from_hf(path: str | os.PathLike, *, dtype: Any = None, vocab_size: int | Non
     used = set()
     cache: dict[str, np.ndarray] = {}
     for hf_name, key, hf_shape, to_jax, _ in _weight_map(config):
-        if hf_name not in tensors.files:
-            raise _error(path, f"missing tensor {hf_name!r} (expected shape {hf_shape})")
-        shape = tensors.shape(hf_name)
-        if shape != hf_shape:
-            raise _error(path, f"tensor {hf_name!r} has shape {shape}, the config implies {hf_shape}")
-        used.add(hf_name)
+        names = hf_name if isinstance(hf_name, tuple) else (hf_name,)  # a tuple: per-expert tensors, stacked
+        for name in names:
+            if name not in tensors.files:
+                raise _error(path, f"missing tensor {name!r} (expected shape {hf_shape})")
+            shape = tensors.shape(name)
+            if shape != hf_shape:
+                raise _error(path, f"tensor {name!r} has shape {shape}, the config implies {hf_shape}")
+        used.update(names)
         box = flat.pop(key)
-        if hf_name not in cache:
-            cache = {hf_name: np.asarray(tensors.get(hf_name))}  # GPT-2's c_attn: three entries in a row
-        value = jnp.asarray(to_jax(cache[hf_name]), dtype)
+        if isinstance(hf_name, tuple):
+            value = jnp.asarray(np.stack([to_jax(np.asarray(tensors.get(name))) for name in names], axis=0), dtype)
+        else:
+            if hf_name not in cache:
+                cache = {hf_name: np.asarray(tensors.get(hf_name))}  # GPT-2's c_attn: three entries in a row
+            value = jnp.asarray(to_jax(cache[hf_name]), dtype)
         _set(params, key, box.replace_boxed(value) if isinstance(box, meta.AxisMetadata) else value)
     assert not flat, f"unmapped jaxkd parameters {sorted(flat)}"
     ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
@@ -540,6 +611,8 @@ def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
 
 
 def _model_type_for(config: LMConfig) -> str:
+    if config.num_experts is not None:
+        return "qwen3_moe" if config.qk_norm else "mixtral"
     if config.position_embedding == "learned":
         return "gpt2"
     if config.sandwich_norm:
@@ -572,6 +645,9 @@ def _check_exportable(config: LMConfig, model_type: str) -> None:
     problems = []
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    if (config.num_experts is not None) != (model_type in _MOE_TYPES):
+        raise ValueError(f"this LMConfig is not a {model_type!r} model: num_experts={config.num_experts} (the "
+                         f"mixture-of-experts families are {list(_MOE_TYPES)})")
     if model_type in _FAMILY_OPTIONS:
         problems = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in _FAMILY_OPTIONS[model_type].items()
                     if getattr(config, k) != v]
@@ -586,16 +662,18 @@ def _check_exportable(config: LMConfig, model_type: str) -> None:
             raise ValueError(f"this LMConfig is not a {model_type!r} model: {'; '.join(problems)}")
         return
     problems = [f"{k}={getattr(config, k)!r}" for k, v in _PLAIN.items() if getattr(config, k) != v]
-    if config.qk_norm != (model_type == "qwen3"):
+    if config.qk_norm != (model_type in ("qwen3", "qwen3_moe")):
         problems.append(f"qk_norm={config.qk_norm}")
     if model_type == "qwen2" and not (config.qkv_bias and not config.out_bias):
         problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias} (qwen2 has q/k/v biases only)")
-    if model_type in ("llama", "qwen3") and config.qkv_bias != config.out_bias:
+    if model_type in ("llama", "qwen3", "qwen3_moe") and config.qkv_bias != config.out_bias:
         problems.append(f"qkv_bias={config.qkv_bias} != out_bias={config.out_bias} ({model_type}'s attention_bias "
                         f"is on q, k, v and o alike)")
-    if model_type == "mistral" and (config.qkv_bias or config.out_bias):
+    if model_type in ("mistral", "mixtral") and (config.qkv_bias or config.out_bias):
         problems.append("attention biases")
-    if model_type != "mistral" and config.sliding_window is not None:
+    if model_type == "mixtral" and not config.norm_topk_prob:
+        problems.append("norm_topk_prob=False (Mixtral always renormalizes the top-k router weights)")
+    if model_type not in ("mistral", "mixtral", "qwen3_moe") and config.sliding_window is not None:
         problems.append(f"sliding_window={config.sliding_window}")
     if problems:
         raise ValueError(f"this LMConfig is not a {model_type!r} model: {'; '.join(problems)}")
@@ -636,7 +714,14 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
         value = params
         for name in key:
             value = value[name]
-        parts.setdefault(hf_name, []).append(np.asarray(to_torch(np.asarray(jax.device_get(value)))))
+        value = np.asarray(jax.device_get(value))
+        if isinstance(hf_name, tuple):  # stacked experts: one tensor per expert
+            assert len(hf_name) == value.shape[0], (hf_name, value.shape)
+            for name, part in zip(hf_name, value):
+                parts.setdefault(name, []).append(np.asarray(to_torch(part)))
+                shapes[name] = hf_shape
+            continue
+        parts.setdefault(hf_name, []).append(np.asarray(to_torch(value)))
         shapes[hf_name] = hf_shape
     tensors = {}
     for hf_name, arrays in parts.items():  # GPT-2's c_attn: q, k, v side by side
@@ -713,7 +798,7 @@ def _llama_like_config(config: LMConfig, model_type: str, dtype: str, bos_token_
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
         "use_cache": True,
     }
-    if model_type in ("llama", "qwen3"):
+    if model_type in ("llama", "qwen3", "qwen3_moe"):
         cfg["attention_bias"] = config.qkv_bias
     if model_type == "llama":
         cfg["mlp_bias"] = False
@@ -722,6 +807,15 @@ def _llama_like_config(config: LMConfig, model_type: str, dtype: str, bos_token_
     if model_type in ("qwen2", "qwen3"):
         cfg.update(use_sliding_window=False, sliding_window=None,
                    layer_types=["full_attention"] * config.num_layers)
+    if model_type in _MOE_TYPES:  # the keys save_pretrained writes
+        cfg.update(num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                   router_aux_loss_coef=config.router_aux_loss_coef, output_router_logits=False,
+                   sliding_window=config.sliding_window)
+    if model_type == "mixtral":  # its experts are intermediate_size wide
+        cfg.update(intermediate_size=config.expert_d_ff, router_jitter_noise=0.0)
+    if model_type == "qwen3_moe":
+        cfg.update(moe_intermediate_size=config.expert_d_ff, norm_topk_prob=config.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=config.sliding_window is not None)
     return cfg
 
 
