@@ -1,10 +1,10 @@
 """Hugging Face checkpoints in and out: the LLaMA family (``llama``, ``mistral``, ``qwen2``, ``qwen3``),
-Gemma 2 and 3 (``gemma2``, ``gemma3_text``) and ``gpt2``.
+Gemma 2 and 3 (``gemma2``, ``gemma3_text``), ``gpt2`` and the mixtures of experts ``qwen3_moe`` and ``mixtral``.
 
 :func:`from_hf` reads a transformers checkpoint directory (``config.json`` and ``model.safetensors`` or a
 sharded ``model.safetensors.index.json``) into a :func:`jaxkd.models.lm.lm` model and its variables;
 :func:`to_hf` writes one back that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with the
-same logits. All four families are the one decoder of :mod:`jaxkd.models.lm` with options, so the KV
+same logits. All the families are the one decoder of :mod:`jaxkd.models.lm` with options, so the KV
 cache, :func:`jaxkd.models.sampling.generate`, the fused vocabulary losses and the sharding rules work
 for every imported model.
 
@@ -18,7 +18,15 @@ query slot ``t`` reads key slots ``s > t - sliding_window``), ``models/gemma2/mo
 cast to the weights' dtype, sandwich norms, ``query_pre_attn_scalar``, attention and final logit soft-caps
 — Gemma 3 applies no attention soft-cap —, per-layer ``layer_types`` windows, Gemma 3's q/k norms and local
 RoPE base), ``models/gpt2/modeling_gpt2.py`` (LayerNorm, learned positions, ``Conv1D`` ``[in, out]``
-weights, ``c_attn`` split into q, k, v, biases everywhere, ``gelu_new``).
+weights, ``c_attn`` split into q, k, v, biases everywhere, ``gelu_new``),
+``models/qwen3_moe/modeling_qwen3_moe.py`` (Qwen3's attention, every MLP a mixture of ``num_experts``
+experts of width ``moe_intermediate_size``, top-``num_experts_per_tok`` softmax router, ``norm_topk_prob``)
+and ``models/mixtral/modeling_mixtral.py`` (Mistral's attention with an optional ``sliding_window``,
+``num_local_experts`` experts of width ``intermediate_size``, top-k weights always renormalized); the experts
+are read and written one tensor per expert, as ``save_pretrained`` writes them and Hub checkpoints hold them
+(``mlp.experts.{e}.{gate,up,down}_proj.weight``; Mixtral's ``block_sparse_moe.experts.{e}.{w1,w3,w2}.weight``),
+and stacked on jaxkd's ``expert`` axis. Qwen3-MoE's dense layers between sparse ones (``mlp_only_layers``,
+``decoder_sparse_step`` other than 1) are refused.
 
 Config fields are mapped one by one; a field that would change the model and is not implemented
 (``hidden_act`` other than ``silu``, ``mlp_bias``, dynamic/YaRN RoPE, a per-layer mix of sliding and full
@@ -687,8 +695,9 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
     logits). ``model`` is a :func:`jaxkd.models.lm.lm` model (or its :class:`~jaxkd.models.lm.LMConfig`);
     ``variables`` its variables (or the ``params``). Tensors keep the parameter dtype.
 
-    ``model_type``: default ``qwen3`` when the config has ``qk_norm``, ``qwen2`` with q/k/v biases only,
-    ``mistral`` with a sliding window, ``llama`` otherwise. Returns the model type written.
+    ``model_type``: default ``qwen3_moe`` / ``mixtral`` for a mixture of experts with / without ``qk_norm``,
+    otherwise ``qwen3`` when the config has ``qk_norm``, ``qwen2`` with q/k/v biases only, ``mistral`` with a
+    sliding window, ``llama`` otherwise. Returns the model type written.
 
     Raises:
       ValueError: ``model`` is not a TransformerLM; ``model_type`` unsupported, or not what the config is
