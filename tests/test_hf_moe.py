@@ -28,9 +28,10 @@ TINY = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_hea
             num_experts_per_tok=2, max_position_embeddings=64)
 FAMILIES = {
     # Qwen3-MoE's default: the top-k weights are the plain softmax probabilities (norm_topk_prob=False);
-    # an explicit head_dim other than d / H; the dense intermediate_size is unused (every layer sparse).
+    # an explicit head_dim other than d / H; decoder_sparse_step=2: layer 0 is a dense MLP of width
+    # intermediate_size, layer 1 the mixture.
     "qwen3_moe": ("Qwen3MoeConfig", dict(TINY, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
-                                         head_dim=12, rms_norm_eps=1e-5)),
+                                         head_dim=12, rms_norm_eps=1e-5, decoder_sparse_step=2)),
     # Mixtral renormalizes the top-k weights; a sliding window shorter than the batches; tied embeddings.
     "mixtral": ("MixtralConfig", dict(TINY, intermediate_size=16, num_local_experts=4, sliding_window=5,
                                       tie_word_embeddings=True)),
@@ -72,9 +73,11 @@ def test_config_parameter_count_and_options_matter(family):
     name, hf, _, model, variables = family
     config = model.module.config
     expected = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_d_ff=16, expert_d_ff=16, d_ff=48,
-                                  norm_topk_prob=False, qk_norm=True, head_dim=12, tie_embeddings=False),
+                                  norm_topk_prob=False, qk_norm=True, head_dim=12, tie_embeddings=False,
+                                  moe_layers=(False, True)),
                 "mixtral": dict(num_experts=4, num_experts_per_tok=2, moe_d_ff=None, expert_d_ff=16, d_ff=16,
-                                norm_topk_prob=True, qk_norm=False, sliding_window=5, tie_embeddings=True)}[name]
+                                norm_topk_prob=True, qk_norm=False, sliding_window=5, tie_embeddings=True,
+                                moe_layers=None)}[name]
     for field, value in expected.items():
         assert getattr(config, field) == value, field
     mlp = variables["params"]["block_1"]["mlp"]
@@ -83,6 +86,16 @@ def test_config_parameter_count_and_options_matter(family):
         "experts_gate": ((4, 32, 16), ("expert", "embed", "mlp")),
         "experts_up": ((4, 32, 16), ("expert", "embed", "mlp")),
         "experts_down": ((4, 16, 32), ("expert", "mlp", "embed"))}
+    if name == "qwen3_moe":  # the dense layer 0; mlp_only_layers is the other spelling of dense layers
+        assert {k: v.value.shape for k, v in variables["params"]["block_0"]["mlp"].items()} == {
+            "gate": (32, 48), "up": (32, 48), "down": (48, 32)}
+        cfg = dict(hf.config.to_dict(), decoder_sparse_step=1, mlp_only_layers=[0])
+        assert hf_lib.config_from_hf(cfg)[1] == config
+        cfg["mlp_only_layers"] = []
+        assert hf_lib.config_from_hf(cfg)[1].moe_layers is None
+        # a student of the dense layer alone is a dense model; of the sparse one, a mixture
+        assert hf_lib.init_student_from(model, variables, (0,))[0].module.config.num_experts is None
+        assert hf_lib.init_student_from(model, variables, (1,))[0].module.config.moe_layers == (True,)
     # expert 3's up projection of layer 1 is the transposed torch tensor, as saved
     up = hf.model.layers[1].mlp.experts.gate_up_proj[3, 16:].detach().numpy()  # [gate; up] fused in memory
     np.testing.assert_array_equal(np.asarray(mlp["experts_up"].value[3]), up.T)
@@ -141,8 +154,9 @@ def test_refusals(family, tmp_path):
     name, _, path, model, variables = family
     config = model.module.config
     bad = {
-        "qwen3_moe": [(dict(decoder_sparse_step=2), "decoder_sparse_step=2 is not implemented"),
-                      (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\] is not implemented"),
+        "qwen3_moe": [(dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\] and decoder_sparse_step=2 leave no "
+                                                  "mixture-of-experts layer"),
+                      (dict(decoder_sparse_step=0), "decoder_sparse_step=0 is not implemented"),
                       (dict(num_experts=8), "num_experts=8 and num_local_experts=4 differ"),
                       (dict(num_local_experts=0), "num_experts=0 is not implemented"),
                       (dict(num_experts_per_tok=5), "num_experts_per_tok must be at most num_experts=4")],
@@ -167,7 +181,7 @@ def test_refusals(family, tmp_path):
         to_hf(config, variables, tmp_path / "x", model_type=other)
     with pytest.raises(ValueError, match="not a 'qwen3' model: num_experts=4"):
         to_hf(config, variables, tmp_path / "x", model_type="qwen3")
-    dense = dataclasses.replace(config, num_experts=None, num_experts_per_tok=None, moe_d_ff=None)
+    dense = dataclasses.replace(config, num_experts=None, num_experts_per_tok=None, moe_d_ff=None, moe_layers=None)
     with pytest.raises(ValueError, match=f"not a '{name}' model: num_experts=None"):
         to_hf(dense, variables, tmp_path / "x", model_type=name)
     if name == "mixtral":
@@ -185,6 +199,10 @@ def test_lmconfig_moe_errors():
         LMConfig(**base, num_experts=0, num_experts_per_tok=1)
     with pytest.raises(ValueError, match="gated and bias-free: got mlp_gate=False"):
         LMConfig(**base, num_experts=2, num_experts_per_tok=1, mlp_gate=False)
+    with pytest.raises(ValueError, match=r"moe_layers must be one bool per layer \(1\)"):
+        LMConfig(**base, num_experts=2, num_experts_per_tok=1, moe_layers=(True, False))
+    with pytest.raises(ValueError, match="has no mixture-of-experts layer"):
+        LMConfig(**base, num_experts=2, num_experts_per_tok=1, moe_layers=(False,))
 
 
 def _hf_router_outputs(hf, tokens, mask):
@@ -203,7 +221,7 @@ def test_load_balancing_loss_equals_transformers(family):
     aux, hf_router = _hf_router_outputs(hf, tokens, mask)
     features = jax.jit(lambda v, x: model.apply(v, x, train=False).features)
     router = np.asarray(features(variables, {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)})["router_logits"])
-    assert router.shape == (2, *tokens.shape, 4)
+    assert router.shape == ({"qwen3_moe": 1, "mixtral": 2}[name], *tokens.shape, 4)  # the mixture layers only
     np.testing.assert_allclose(router[:, mask], np.stack(hf_router)[:, mask], atol=1e-5)
     config = model.module.config
     loss_fn = jax.jit(load_balancing_loss, static_argnums=(1, 2))

@@ -26,7 +26,7 @@ and ``models/mixtral/modeling_mixtral.py`` (Mistral's attention with an optional
 are read and written one tensor per expert, as ``save_pretrained`` writes them and Hub checkpoints hold them
 (``mlp.experts.{e}.{gate,up,down}_proj.weight``; Mixtral's ``block_sparse_moe.experts.{e}.{w1,w3,w2}.weight``),
 and stacked on jaxkd's ``expert`` axis. Qwen3-MoE's dense layers between sparse ones (``mlp_only_layers``,
-``decoder_sparse_step`` other than 1) are refused.
+``decoder_sparse_step``) are ``LMConfig.moe_layers``.
 
 Config fields are mapped one by one; a field that would change the model and is not implemented
 (``hidden_act`` other than ``silu``, ``mlp_bias``, dynamic/YaRN RoPE, a per-layer mix of sliding and full
@@ -254,15 +254,18 @@ def _moe_options(cfg: dict, model_type: str, path: Path) -> dict:
                    router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001))
     if not qwen:  # Mixtral's experts are intermediate_size wide and always renormalize the top-k weights
         return dict(options, norm_topk_prob=True)
-    # Dense layers between the sparse ones (Qwen3MoeDecoderLayer's mlp_only_layers / decoder_sparse_step) are
-    # not implemented: every layer is a mixture.
-    if cfg.get("decoder_sparse_step", 1) != 1:
-        raise _error(path, f"decoder_sparse_step={cfg['decoder_sparse_step']} is not implemented (jaxkd makes every "
-                           f"layer a mixture of experts: decoder_sparse_step=1)")
-    if cfg.get("mlp_only_layers"):
-        raise _error(path, f"mlp_only_layers={cfg['mlp_only_layers']} is not implemented (jaxkd makes every layer a "
-                           f"mixture of experts: mlp_only_layers=[])")
-    return dict(options, moe_d_ff=cfg.get("moe_intermediate_size", 768),
+    # Qwen3MoeDecoderLayer: layer i is sparse iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step
+    # == 0; the others are dense MLPs of width intermediate_size.
+    step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+    if not isinstance(step, int) or step < 1:
+        raise _error(path, f"decoder_sparse_step={step!r} is not implemented (a positive integer)")
+    if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
+        raise _error(path, f"mlp_only_layers={dense!r} is not implemented (a list of layer indices)")
+    layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(cfg["num_hidden_layers"]))
+    if not any(layers):
+        raise _error(path, f"mlp_only_layers={dense} and decoder_sparse_step={step} leave no mixture-of-experts "
+                           f"layer: a dense model (read it as qwen3)")
+    return dict(options, moe_d_ff=cfg.get("moe_intermediate_size", 768), moe_layers=None if all(layers) else layers,
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
 
 
@@ -426,7 +429,7 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
         if config.qk_norm:
             yield f"{pre}self_attn.q_norm.weight", (blk, "attention", "query_norm", "scale"), (hd,), _same, _same
             yield f"{pre}self_attn.k_norm.weight", (blk, "attention", "key_norm", "scale"), (hd,), _same, _same
-        if config.num_experts is not None:
+        if config.is_moe(i):
             yield from _experts_weight_map(config, pre, blk)
         else:
             yield f"{pre}mlp.gate_proj.weight", (blk, "mlp", "gate"), (f, d), np.transpose, np.transpose
@@ -681,6 +684,8 @@ def _check_exportable(config: LMConfig, model_type: str) -> None:
         problems.append("attention biases")
     if model_type == "mixtral" and not config.norm_topk_prob:
         problems.append("norm_topk_prob=False (Mixtral always renormalizes the top-k router weights)")
+    if model_type == "mixtral" and config.moe_layers is not None:
+        problems.append(f"moe_layers={config.moe_layers} (every Mixtral layer is a mixture of experts)")
     if model_type not in ("mistral", "mixtral", "qwen3_moe") and config.sliding_window is not None:
         problems.append(f"sliding_window={config.sliding_window}")
     if problems:
@@ -824,7 +829,8 @@ def _llama_like_config(config: LMConfig, model_type: str, dtype: str, bos_token_
         cfg.update(intermediate_size=config.expert_d_ff, router_jitter_noise=0.0)
     if model_type == "qwen3_moe":
         cfg.update(moe_intermediate_size=config.expert_d_ff, norm_topk_prob=config.norm_topk_prob,
-                   decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=config.sliding_window is not None)
+                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(config.num_layers) if not config.is_moe(i)],
+                   use_sliding_window=config.sliding_window is not None)
     return cfg
 
 
@@ -886,5 +892,8 @@ def init_student_from(teacher: Model | LMConfig, teacher_variables: Any, layers:
     student = {k: v for k, v in params.items() if not k.startswith("block_")}
     student.update({f"block_{i}": params[f"block_{j}"] for i, j in enumerate(layers)})
     sliding = None if config.sliding_layers is None else tuple(config.sliding_layers[j] for j in layers)
-    student_config = dataclasses.replace(config, num_layers=len(layers), sliding_layers=sliding)
+    moe = {} if config.moe_layers is None else dict(moe_layers=tuple(config.moe_layers[j] for j in layers))
+    if moe and not any(moe["moe_layers"]):  # only dense layers copied: a dense student
+        moe = dict(num_experts=None, num_experts_per_tok=None, moe_d_ff=None, moe_layers=None)
+    student_config = dataclasses.replace(config, num_layers=len(layers), sliding_layers=sliding, **moe)
     return lm(student_config, name=f"student_of_{config.num_layers}_layers_{len(layers)}"), {"params": student}

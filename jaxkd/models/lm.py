@@ -55,7 +55,8 @@ in every segment: a packed document is computed as if it were alone in its row (
 Features sown (``"intermediates"``): ``block0`` … ``block{L-1}`` (the ``[B, T, d]`` residual stream
 after each block, compute dtype) and ``hidden`` (the final-normed ``[B, T, d]`` states, the input of
 the output projection: ``logits = hidden @ output_projection(params, config)``); a mixture-of-experts model
-also sows ``router_logits`` (``[L, B, T, E]``, every layer's router logits, compute dtype).
+also sows ``router_logits`` (``[L', B, T, E]``, the router logits of its ``L'`` mixture-of-experts layers,
+compute dtype).
 
 Logical axis names (every parameter carries them through ``nn.with_logical_partitioning``):
 
@@ -76,7 +77,8 @@ Parameter tree: ``embedding [V, d] (vocab, embed)``; ``block_{i}/attention_norm/
 kv_heads, head_dim), out [H, hd, d] (heads, head_dim, embed)}``; ``block_{i}/mlp_norm/scale``;
 ``block_{i}/mlp/{gate, up [d, d_ff] (embed, mlp), down [d_ff, d] (mlp, embed)}`` (a mixture of ``E``
 experts of width ``f = moe_d_ff`` instead: ``block_{i}/mlp/{router [d, E] (embed, expert), experts_gate,
-experts_up [E, d, f] (expert, embed, mlp), experts_down [E, f, d] (expert, mlp, embed)}``);
+experts_up [E, d, f] (expert, embed, mlp), experts_down [E, f, d] (expert, mlp, embed)}``, in the layers
+``moe_layers`` names);
 ``final_norm/scale``; ``head [d, V] (embed, vocab)`` when untied. :func:`lm_logical_rules` maps them
 onto the ``(data, fsdp, tensor)`` mesh.
 
@@ -201,6 +203,9 @@ class LMConfig:
         ``intermediate_size`` wide, Qwen3-MoE's ``moe_intermediate_size``).
       norm_topk_prob: the ``k`` selected router probabilities are renormalized to sum to 1 (Mixtral
         always; Qwen3-MoE's ``norm_topk_prob``); False keeps the plain softmax probabilities.
+      moe_layers: ``None`` (with ``num_experts``: every layer is a mixture) or one bool per layer, True for
+        the mixture-of-experts layers, the others a dense gated MLP of width ``d_ff`` (Qwen3-MoE's
+        ``mlp_only_layers`` and ``decoder_sparse_step``). At least one layer must be a mixture.
       router_aux_loss_coef: the weight a training loss gives :func:`load_balancing_loss` (transformers adds
         ``router_aux_loss_coef · aux_loss`` to the LM loss when asked for router logits). The forward pass
         does not use it; it is kept so a checkpoint's value survives :func:`jaxkd.models.hf.to_hf`.
@@ -241,6 +246,7 @@ class LMConfig:
     num_experts_per_tok: int | None = None
     moe_d_ff: int | None = None
     norm_topk_prob: bool = True
+    moe_layers: Any = None
     router_aux_loss_coef: float = 0.001
 
     def __post_init__(self):
@@ -311,7 +317,7 @@ class LMConfig:
         check_number("router_aux_loss_coef", self.router_aux_loss_coef, low=0.0)
         object.__setattr__(self, "router_aux_loss_coef", float(self.router_aux_loss_coef))
         if self.num_experts is None:
-            unused = [f"{name}={getattr(self, name)!r}" for name in ("num_experts_per_tok", "moe_d_ff")
+            unused = [f"{name}={getattr(self, name)!r}" for name in ("num_experts_per_tok", "moe_d_ff", "moe_layers")
                       if getattr(self, name) is not None]
             if unused:
                 raise ValueError(f"{', '.join(unused)} needs num_experts (a mixture-of-experts MLP); got num_experts=None")
@@ -329,6 +335,18 @@ class LMConfig:
         if not self.mlp_gate or self.mlp_bias:
             raise ValueError(f"a mixture-of-experts MLP (num_experts={experts}) is gated and bias-free: got "
                              f"mlp_gate={self.mlp_gate}, mlp_bias={self.mlp_bias}")
+        if self.moe_layers is not None:
+            layers = tuple(self.moe_layers)
+            if len(layers) != self.num_layers or not all(isinstance(x, (bool, np.bool_)) for x in layers):
+                raise ValueError(f"moe_layers must be one bool per layer ({self.num_layers}), got {self.moe_layers!r}")
+            if not any(layers):
+                raise ValueError(f"moe_layers={self.moe_layers!r} has no mixture-of-experts layer: a dense model is "
+                                 f"num_experts=None")
+            object.__setattr__(self, "moe_layers", tuple(bool(x) for x in layers))
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is the mixture of experts."""
+        return self.num_experts is not None and (self.moe_layers is None or self.moe_layers[layer])
 
     @property
     def expert_d_ff(self) -> int | None:
@@ -356,7 +374,7 @@ class LMConfig:
         """The exact parameter count: ``V d`` (embedding) ``+ L [2d + d·H·hd + 2·d·K·hd + H·hd·d +
         3·d·d_ff] + d`` (final norm) ``+ d V`` when the head is untied (plus the optional biases
         ``(H + 2K) hd`` and ``d`` and q/k norm scales ``2 hd`` per block). A mixture of ``E`` experts of
-        width ``f`` replaces ``3·d·d_ff`` by ``d·E`` (the router) ``+ 3·E·d·f``."""
+        width ``f`` replaces ``3·d·d_ff`` by ``d·E`` (the router) ``+ 3·E·d·f`` in each mixture layer."""
         positions = self.max_len * self.d_model if self.position_embedding == "learned" else 0
         return (self.num_non_embedding_params + positions
                 + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2))
@@ -373,15 +391,14 @@ class LMConfig:
             attention += d
         if self.qk_norm:
             attention += 2 * hd
-        if self.num_experts is not None:  # the router and E stacked gated experts
-            mlp = d * self.num_experts + 3 * self.num_experts * d * self.expert_d_ff
-        else:
-            mlp = (3 if self.mlp_gate else 2) * d * self.d_ff
+        mlp = (3 if self.mlp_gate else 2) * d * self.d_ff
         if self.mlp_bias:
             mlp += (2 if self.mlp_gate else 1) * self.d_ff + d
+        moe = 0 if self.num_experts is None else d * self.num_experts + 3 * self.num_experts * d * self.expert_d_ff
+        moe_layers = sum(self.is_moe(i) for i in range(self.num_layers))  # the router and E stacked gated experts
         norm = d if self.norm_type == "rms" else 2 * d
-        block = (4 if self.sandwich_norm else 2) * norm + attention + mlp
-        return self.num_layers * block + norm
+        block = (4 if self.sandwich_norm else 2) * norm + attention
+        return self.num_layers * block + (self.num_layers - moe_layers) * mlp + moe_layers * moe + norm
 
 
 _ROPE_SCALING_KEYS = {
@@ -684,10 +701,11 @@ class MoEMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + Attn(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``. Returns ``(x, new_kv,
-    router_logits)`` (``None`` for a dense MLP)."""
+    """Pre-norm block: ``x + Attn(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``, the MLP a mixture of experts
+    when ``moe``. Returns ``(x, new_kv, router_logits)`` (``None`` for a dense MLP)."""
 
     config: LMConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed, kv=None, index=None):
@@ -697,7 +715,7 @@ class Block(nn.Module):
             y = RMSNorm(cfg, name="post_attention_norm")(y)
         x = x + y
         router_logits = None
-        if cfg.num_experts is None:
+        if not self.moe:
             y = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
         else:
             y, router_logits = MoEMLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
@@ -854,11 +872,12 @@ class TransformerLM(nn.Module):
         for i in range(cfg.num_layers):
             kv = None if cache is None else (keys[i], values[i])
             sliding = cfg.is_sliding(i)
-            h, (new_key, new_value), layer_router_logits = Block(cfg, name=f"block_{i}")(
+            h, (new_key, new_value), layer_router_logits = Block(cfg, moe=cfg.is_moe(i), name=f"block_{i}")(
                 h, local_cos if sliding else cos, local_sin if sliding else sin, allowed if sliding else full_allowed,
                 kv, None if cache is None else cache.index)
             self.sow("intermediates", f"block{i}", h)
-            router_logits.append(layer_router_logits)
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
             if cache is not None:
                 # Written into the whole [L, ...] buffer: in place under jit, where stacking per-layer
                 # copies would rewrite the entire cache at every decoding step.
