@@ -70,7 +70,7 @@ def test_logits_equal_transformers(family, pad):
 
 
 def test_config_parameter_count_and_options_matter(family):
-    name, hf, _, model, variables = family
+    name, hf, path, model, variables = family
     config = model.module.config
     expected = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_d_ff=16, expert_d_ff=16, d_ff=48,
                                   norm_topk_prob=False, qk_norm=True, head_dim=12, tie_embeddings=False,
@@ -93,6 +93,12 @@ def test_config_parameter_count_and_options_matter(family):
         assert hf_lib.config_from_hf(cfg)[1] == config
         cfg["mlp_only_layers"] = []
         assert hf_lib.config_from_hf(cfg)[1].moe_layers is None
+        # the Hub's spelling (Qwen3-30B-A3B's config.json): num_experts, rope_theta / rope_scaling, torch_dtype
+        hub = json.loads((path / "config.json").read_text())
+        hub["num_experts"] = hub.pop("num_local_experts")
+        hub.update(rope_theta=hub.pop("rope_parameters")["rope_theta"], rope_scaling=None, max_window_layers=2,
+                   torch_dtype="float32")
+        assert hf_lib.config_from_hf(hub)[1] == config
         # a student of the dense layer alone is a dense model; of the sparse one, a mixture
         assert hf_lib.init_student_from(model, variables, (0,))[0].module.config.num_experts is None
         assert hf_lib.init_student_from(model, variables, (1,))[0].module.config.moe_layers == (True,)

@@ -662,8 +662,11 @@ class MoEMLP(nn.Module):
 
     * router logits ``r = x W_router`` (``[B, T, E]``, compute dtype), probabilities ``p = softmax(r)`` in
       float32;
-    * the ``k`` largest ``p`` (``jax.lax.top_k``: equal values go lowest expert index first, as
-      ``torch.topk`` orders them on CPU), renormalized to sum to 1 when ``norm_topk_prob``;
+    * the ``k`` largest ``p``, renormalized to sum to 1 when ``norm_topk_prob``. Exactly equal values go
+      lowest expert index first (``jax.lax.top_k``, XLA's stable TopK). ``torch.topk`` on CPU orders exact
+      ties its own way (its selection is not stable: ``softmax([1, 1, 1, 0])`` gives experts 1 and 2), so
+      an exactly tied router (an all-zero one, say) may route differently from transformers; trained or
+      random float weights tie with probability zero;
     * ``y = Σ_{e in top-k} w_e · W_down,e (act(x W_gate,e) ⊙ x W_up,e)``.
 
     Computed densely: every expert runs on every token and a ``[B, T, E]`` combine matrix (the top-k
