@@ -11,8 +11,8 @@ Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``,
 ``vit`` is the configurable family, ``vit_tiny`` the preset, both take the same keywords) and ``mlp``
 (``hidden_sizes=(256, 256)``).
 
-Hugging Face checkpoints of the LLaMA family (llama, mistral, qwen2, qwen3): :func:`from_hf` and
-:func:`to_hf` (:mod:`jaxkd.models.hf`).
+Hugging Face checkpoints (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gpt2 and the mixtures of
+experts qwen3_moe and mixtral): :func:`from_hf` and :func:`to_hf` (:mod:`jaxkd.models.hf`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Hugging Face checkpoints in and out: the LLaMA family (``llama``, ``mistral``, ``qwen2``, ``qwen3``),
-Gemma 2 and 3 (``gemma2``, ``gemma3_text``) and ``gpt2``.
+Gemma 2 and 3 (``gemma2``, ``gemma3_text``), ``gpt2`` and the mixtures of experts ``qwen3_moe`` and ``mixtral``.
 
 :func:`from_hf` reads a transformers checkpoint directory (``config.json`` and ``model.safetensors`` or a
 sharded ``model.safetensors.index.json``) into a :func:`jaxkd.models.lm.lm` model and its variables;
 :func:`to_hf` writes one back that ``transformers.AutoModelForCausalLM.from_pretrained`` loads with the
-same logits. All four families are the one decoder of :mod:`jaxkd.models.lm` with options, so the KV
+same logits. All the families are the one decoder of :mod:`jaxkd.models.lm` with options, so the KV
 cache, :func:`jaxkd.models.sampling.generate`, the fused vocabulary losses and the sharding rules work
 for every imported model.
 
@@ -18,7 +18,15 @@ query slot ``t`` reads key slots ``s > t - sliding_window``), ``models/gemma2/mo
 cast to the weights' dtype, sandwich norms, ``query_pre_attn_scalar``, attention and final logit soft-caps
 — Gemma 3 applies no attention soft-cap —, per-layer ``layer_types`` windows, Gemma 3's q/k norms and local
 RoPE base), ``models/gpt2/modeling_gpt2.py`` (LayerNorm, learned positions, ``Conv1D`` ``[in, out]``
-weights, ``c_attn`` split into q, k, v, biases everywhere, ``gelu_new``).
+weights, ``c_attn`` split into q, k, v, biases everywhere, ``gelu_new``),
+``models/qwen3_moe/modeling_qwen3_moe.py`` (Qwen3's attention, every MLP a mixture of ``num_experts``
+experts of width ``moe_intermediate_size``, top-``num_experts_per_tok`` softmax router, ``norm_topk_prob``)
+and ``models/mixtral/modeling_mixtral.py`` (Mistral's attention with an optional ``sliding_window``,
+``num_local_experts`` experts of width ``intermediate_size``, top-k weights always renormalized); the experts
+are read and written one tensor per expert, as ``save_pretrained`` writes them and Hub checkpoints hold them
+(``mlp.experts.{e}.{gate,up,down}_proj.weight``; Mixtral's ``block_sparse_moe.experts.{e}.{w1,w3,w2}.weight``),
+and stacked on jaxkd's ``expert`` axis. Qwen3-MoE's dense layers between sparse ones (``mlp_only_layers``,
+``decoder_sparse_step``) are ``LMConfig.moe_layers``.
 
 Config fields are mapped one by one; a field that would change the model and is not implemented
 (``hidden_act`` other than ``silu``, ``mlp_bias``, YaRN/LongRoPE, a per-layer mix of sliding and full
@@ -59,12 +67,16 @@ from jaxkd.sharding import Rules, boxed_shardings
 __all__ = ["IGNORED_FIELDS", "SUPPORTED_MODEL_TYPES", "from_hf", "init_student_from", "student_layers", "to_hf"]
 
 #: The transformers ``model_type`` values :func:`from_hf` and :func:`to_hf` handle.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "qwen3_moe", "mixtral")
+
+# The mixture-of-experts families (LMConfig.num_experts set).
+_MOE_TYPES = ("qwen3_moe", "mixtral")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
 }
 
 #: ``config.json`` fields that do not change the forward pass (bookkeeping, generation defaults, training-
@@ -91,6 +103,13 @@ _FAMILY_FIELDS = {
     "mistral": {"sliding_window"},
     "qwen2": {"sliding_window", "use_sliding_window", "layer_types", "use_mrope"},
     "qwen3": {"attention_bias", "sliding_window", "use_sliding_window", "layer_types"},
+    # output_router_logits only adds outputs; router_jitter_noise is training-time noise on the router input
+    # (transformers applies it only in training mode, like dropout: jaxkd's forward is the eval forward)
+    "mixtral": {"sliding_window", "num_local_experts", "num_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                "output_router_logits", "router_jitter_noise"},
+    "qwen3_moe": {"attention_bias", "sliding_window", "use_sliding_window", "num_local_experts", "num_experts",
+                  "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                  "mlp_only_layers", "router_aux_loss_coef", "output_router_logits"},
 }
 
 _GEMMA_FIELDS = {
@@ -196,7 +215,7 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
         head_dim = None
     if model_type == "qwen2":
         qkv_bias, out_bias = True, False
-    elif model_type == "mistral":
+    elif model_type in ("mistral", "mixtral"):
         qkv_bias = out_bias = False
     else:
         qkv_bias = out_bias = bool(cfg.get("attention_bias", False))
@@ -205,6 +224,10 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
         window = cfg.get("sliding_window", 4096)
         if cfg.get("layer_types") is not None:
             raise _error(path, "layer_types for mistral is not implemented")
+    elif model_type == "mixtral":  # every layer through the window when one is set (MixtralModel's mask)
+        window = cfg.get("sliding_window")
+    elif model_type == "qwen3_moe":  # Qwen3MoeConfig keeps sliding_window only with use_sliding_window, for every layer
+        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
     else:
         layers = cfg["num_hidden_layers"]
         layer_types = cfg.get("layer_types")
@@ -226,10 +249,42 @@ def config_from_hf(cfg: dict, *, dtype: Any = jnp.float32, path: Path | str = "c
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_base=theta,
         norm_eps=cfg.get("rms_norm_eps", 1e-6), dtype=dtype, param_dtype=dtype, attention_head_dim=head_dim,
-        rope_scaling=scaling, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=model_type == "qwen3",
-        sliding_window=window,
+        rope_scaling=scaling, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        sliding_window=window, **(_moe_options(cfg, model_type, path) if model_type in _MOE_TYPES else {}),
     )
     return model_type, config
+
+
+def _moe_options(cfg: dict, model_type: str, path: Path) -> dict:
+    """The :class:`~jaxkd.models.lm.LMConfig` mixture-of-experts fields of a ``qwen3_moe``
+    (``models/qwen3_moe/configuration_qwen3_moe.py``) or ``mixtral`` (``models/mixtral/configuration_mixtral.py``)
+    config. Both spell the expert count ``num_experts`` or ``num_local_experts`` (an ``attribute_map`` alias:
+    ``save_pretrained`` writes the latter, Hub Qwen3-MoE configs the former)."""
+    qwen = model_type == "qwen3_moe"
+    counts = {cfg[k] for k in ("num_experts", "num_local_experts") if cfg.get(k) is not None}
+    if len(counts) > 1:
+        raise _error(path, f"num_experts={cfg['num_experts']} and num_local_experts={cfg['num_local_experts']} differ")
+    experts = counts.pop() if counts else (128 if qwen else 8)
+    if not isinstance(experts, int) or experts < 1:
+        raise _error(path, f"num_experts={experts!r} is not implemented for {model_type} (a dense model is qwen3 / "
+                           f"mistral; jaxkd's mixture needs num_experts >= 1)")
+    options = dict(num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok", 8 if qwen else 2),
+                   router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001))
+    if not qwen:  # Mixtral's experts are intermediate_size wide and always renormalize the top-k weights
+        return dict(options, norm_topk_prob=True)
+    # Qwen3MoeDecoderLayer: layer i is sparse iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step
+    # == 0; the others are dense MLPs of width intermediate_size.
+    step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+    if not isinstance(step, int) or step < 1:
+        raise _error(path, f"decoder_sparse_step={step!r} is not implemented (a positive integer)")
+    if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
+        raise _error(path, f"mlp_only_layers={dense!r} is not implemented (a list of layer indices)")
+    layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(cfg["num_hidden_layers"]))
+    if not any(layers):
+        raise _error(path, f"mlp_only_layers={dense} and decoder_sparse_step={step} leave no mixture-of-experts "
+                           f"layer: a dense model (read it as qwen3)")
+    return dict(options, moe_d_ff=cfg.get("moe_intermediate_size", 768), moe_layers=None if all(layers) else layers,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
 
 
 def _gemma_config(cfg: dict, model_type: str, dtype: Any, path: Path) -> LMConfig:
@@ -326,8 +381,11 @@ def _embedding_name(model_type: str) -> str:
 
 # --- the weight map ----------------------------------------------------------------------------------------
 
-# (hf name, jaxkd param path, hf shape, hf -> jaxkd, jaxkd -> hf)
-_Entry = tuple[str, tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+# (hf name, jaxkd param path, hf shape, hf -> jaxkd, jaxkd -> hf). The hf name may be a tuple of names (one
+# tensor per expert): the jaxkd value is np.stack([hf_to_jax(tensor(name)) for name in names], axis=0), each
+# tensor of the hf shape, and to_hf splits axis 0 and applies jax_to_hf to each part.
+_Entry = tuple[str | tuple[str, ...], tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray],
+               Callable[[np.ndarray], np.ndarray]]
 
 
 def _same(x):
@@ -446,9 +504,12 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
         if config.qk_norm:
             yield f"{pre}self_attn.q_norm.weight", (blk, "attention", "query_norm", "scale"), (hd,), _same, _same
             yield f"{pre}self_attn.k_norm.weight", (blk, "attention", "key_norm", "scale"), (hd,), _same, _same
-        yield f"{pre}mlp.gate_proj.weight", (blk, "mlp", "gate"), (f, d), np.transpose, np.transpose
-        yield f"{pre}mlp.up_proj.weight", (blk, "mlp", "up"), (f, d), np.transpose, np.transpose
-        yield f"{pre}mlp.down_proj.weight", (blk, "mlp", "down"), (d, f), np.transpose, np.transpose
+        if config.is_moe(i):
+            yield from _experts_weight_map(config, pre, blk)
+        else:
+            yield f"{pre}mlp.gate_proj.weight", (blk, "mlp", "gate"), (f, d), np.transpose, np.transpose
+            yield f"{pre}mlp.up_proj.weight", (blk, "mlp", "up"), (f, d), np.transpose, np.transpose
+            yield f"{pre}mlp.down_proj.weight", (blk, "mlp", "down"), (d, f), np.transpose, np.transpose
         yield f"{pre}input_layernorm.weight", (blk, "attention_norm", "scale"), (d,), _same, _same
         if config.sandwich_norm:  # Gemma 2 / 3
             yield f"{pre}post_attention_layernorm.weight", (blk, "post_attention_norm", "scale"), (d,), _same, _same
@@ -459,6 +520,22 @@ def _weight_map(config: LMConfig) -> Iterator[_Entry]:
     yield "model.norm.weight", ("final_norm", "scale"), (d,), _same, _same
     if not config.tie_embeddings:
         yield "lm_head.weight", ("head",), (v, d), np.transpose, np.transpose
+
+
+def _experts_weight_map(config: LMConfig, pre: str, blk: str) -> Iterator[_Entry]:
+    """The router and the experts as ``save_pretrained`` writes them (and Hub checkpoints hold them): one
+    torch ``[out, in]`` tensor per expert and projection, stacked here on a leading expert axis.
+    Qwen3-MoE: ``mlp.gate.weight [E, d]``, ``mlp.experts.{e}.{gate,up,down}_proj.weight``; Mixtral:
+    ``block_sparse_moe.gate.weight``, ``block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`` (gate, up, down).
+    transformers 5 fuses them in memory (``experts.gate_up_proj [E, 2f, d]``) and splits them back on save."""
+    d, e, f = config.d_model, config.num_experts, config.expert_d_ff
+    qwen = config.qk_norm  # Qwen3-MoE has q/k norms, Mixtral none (to_hf checks the families)
+    moe = f"{pre}mlp" if qwen else f"{pre}block_sparse_moe"
+    names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"} if qwen else {"gate": "w1", "up": "w3", "down": "w2"}
+    yield f"{moe}.gate.weight", (blk, "mlp", "router"), (e, d), np.transpose, np.transpose
+    for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+        experts = tuple(f"{moe}.experts.{i}.{names[name]}.weight" for i in range(e))
+        yield experts, (blk, "mlp", f"experts_{name}"), shape, np.transpose, np.transpose
 
 
 # --- safetensors -------------------------------------------------------------------------------------------
@@ -735,6 +812,8 @@ def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
 
 
 def _model_type_for(config: LMConfig) -> str:
+    if config.num_experts is not None:
+        return "qwen3_moe" if config.qk_norm else "mixtral"
     if config.position_embedding == "learned":
         return "gpt2"
     if config.sandwich_norm:
@@ -767,6 +846,9 @@ def _check_exportable(config: LMConfig, model_type: str) -> None:
     problems = []
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    if (config.num_experts is not None) != (model_type in _MOE_TYPES):
+        raise ValueError(f"this LMConfig is not a {model_type!r} model: num_experts={config.num_experts} (the "
+                         f"mixture-of-experts families are {list(_MOE_TYPES)})")
     if model_type in _FAMILY_OPTIONS:
         problems = [f"{k}={getattr(config, k)!r} (expected {v!r})" for k, v in _FAMILY_OPTIONS[model_type].items()
                     if getattr(config, k) != v]
@@ -781,16 +863,20 @@ def _check_exportable(config: LMConfig, model_type: str) -> None:
             raise ValueError(f"this LMConfig is not a {model_type!r} model: {'; '.join(problems)}")
         return
     problems = [f"{k}={getattr(config, k)!r}" for k, v in _PLAIN.items() if getattr(config, k) != v]
-    if config.qk_norm != (model_type == "qwen3"):
+    if config.qk_norm != (model_type in ("qwen3", "qwen3_moe")):
         problems.append(f"qk_norm={config.qk_norm}")
     if model_type == "qwen2" and not (config.qkv_bias and not config.out_bias):
         problems.append(f"qkv_bias={config.qkv_bias}, out_bias={config.out_bias} (qwen2 has q/k/v biases only)")
-    if model_type in ("llama", "qwen3") and config.qkv_bias != config.out_bias:
+    if model_type in ("llama", "qwen3", "qwen3_moe") and config.qkv_bias != config.out_bias:
         problems.append(f"qkv_bias={config.qkv_bias} != out_bias={config.out_bias} ({model_type}'s attention_bias "
                         f"is on q, k, v and o alike)")
-    if model_type == "mistral" and (config.qkv_bias or config.out_bias):
+    if model_type in ("mistral", "mixtral") and (config.qkv_bias or config.out_bias):
         problems.append("attention biases")
-    if model_type != "mistral" and config.sliding_window is not None:
+    if model_type == "mixtral" and not config.norm_topk_prob:
+        problems.append("norm_topk_prob=False (Mixtral always renormalizes the top-k router weights)")
+    if model_type == "mixtral" and config.moe_layers is not None:
+        problems.append(f"moe_layers={config.moe_layers} (every Mixtral layer is a mixture of experts)")
+    if model_type not in ("mistral", "mixtral", "qwen3_moe") and config.sliding_window is not None:
         problems.append(f"sliding_window={config.sliding_window}")
     if problems:
         raise ValueError(f"this LMConfig is not a {model_type!r} model: {'; '.join(problems)}")
@@ -804,8 +890,9 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
     logits). ``model`` is a :func:`jaxkd.models.lm.lm` model (or its :class:`~jaxkd.models.lm.LMConfig`);
     ``variables`` its variables (or the ``params``). Tensors keep the parameter dtype.
 
-    ``model_type``: default ``qwen3`` when the config has ``qk_norm``, ``qwen2`` with q/k/v biases only,
-    ``mistral`` with a sliding window, ``llama`` otherwise. Returns the model type written.
+    ``model_type``: default ``qwen3_moe`` / ``mixtral`` for a mixture of experts with / without ``qk_norm``,
+    otherwise ``qwen3`` when the config has ``qk_norm``, ``qwen2`` with q/k/v biases only, ``mistral`` with a
+    sliding window, ``llama`` otherwise. Returns the model type written.
 
     Raises:
       ValueError: ``model`` is not a TransformerLM; ``model_type`` unsupported, or not what the config is
@@ -831,7 +918,14 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
         value = params
         for name in key:
             value = value[name]
-        parts.setdefault(hf_name, []).append(np.asarray(to_torch(np.asarray(jax.device_get(value)))))
+        value = np.asarray(jax.device_get(value))
+        if isinstance(hf_name, tuple):  # stacked experts: one tensor per expert
+            assert len(hf_name) == value.shape[0], (hf_name, value.shape)
+            for name, part in zip(hf_name, value):
+                parts.setdefault(name, []).append(np.asarray(to_torch(part)))
+                shapes[name] = hf_shape
+            continue
+        parts.setdefault(hf_name, []).append(np.asarray(to_torch(value)))
         shapes[hf_name] = hf_shape
     tensors = {}
     for hf_name, arrays in parts.items():  # GPT-2's c_attn: q, k, v side by side
@@ -911,7 +1005,7 @@ def _llama_like_config(config: LMConfig, model_type: str, dtype: str, bos_token_
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
         "use_cache": True,
     }
-    if model_type in ("llama", "qwen3"):
+    if model_type in ("llama", "qwen3", "qwen3_moe"):
         cfg["attention_bias"] = config.qkv_bias
     if model_type == "llama":
         cfg["mlp_bias"] = False
@@ -920,6 +1014,16 @@ def _llama_like_config(config: LMConfig, model_type: str, dtype: str, bos_token_
     if model_type in ("qwen2", "qwen3"):
         cfg.update(use_sliding_window=False, sliding_window=None,
                    layer_types=["full_attention"] * config.num_layers)
+    if model_type in _MOE_TYPES:  # the keys save_pretrained writes
+        cfg.update(num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                   router_aux_loss_coef=config.router_aux_loss_coef, output_router_logits=False,
+                   sliding_window=config.sliding_window)
+    if model_type == "mixtral":  # its experts are intermediate_size wide
+        cfg.update(intermediate_size=config.expert_d_ff, router_jitter_noise=0.0)
+    if model_type == "qwen3_moe":
+        cfg.update(moe_intermediate_size=config.expert_d_ff, norm_topk_prob=config.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(config.num_layers) if not config.is_moe(i)],
+                   use_sliding_window=config.sliding_window is not None)
     return cfg
 
 
@@ -981,5 +1085,8 @@ def init_student_from(teacher: Model | LMConfig, teacher_variables: Any, layers:
     student = {k: v for k, v in params.items() if not k.startswith("block_")}
     student.update({f"block_{i}": params[f"block_{j}"] for i, j in enumerate(layers)})
     sliding = None if config.sliding_layers is None else tuple(config.sliding_layers[j] for j in layers)
-    student_config = dataclasses.replace(config, num_layers=len(layers), sliding_layers=sliding)
+    moe = {} if config.moe_layers is None else dict(moe_layers=tuple(config.moe_layers[j] for j in layers))
+    if moe and not any(moe["moe_layers"]):  # only dense layers copied: a dense student
+        moe = dict(num_experts=None, num_experts_per_tok=None, moe_d_ff=None, moe_layers=None)
+    student_config = dataclasses.replace(config, num_layers=len(layers), sliding_layers=sliding, **moe)
     return lm(student_config, name=f"student_of_{config.num_layers}_layers_{len(layers)}"), {"params": student}

@@ -27,8 +27,11 @@ families :mod:`jaxkd.models.hf` reads and writes (Mistral, Qwen2, Qwen3): ``qkv_
 (``block_{i}/attention/{query_norm, key_norm}/scale [hd]``), ``attention_head_dim`` (a head width other
 than ``d / H``), ``rope_scaling`` (linear, LLaMA 3.1) and ``sliding_window``; Gemma 2 / 3 (``sliding_layers``,
 ``local_rope_base``, ``norm_plus_one``, ``sandwich_norm``, ``embedding_scale``, ``mlp_activation="gelu_tanh"``,
-``attention_scale``, ``attn_softcap``, ``final_softcap``) and GPT-2 (``norm_type="layer"``,
-``position_embedding="learned"``, ``mlp_gate=False``, ``mlp_bias``).
+``attention_scale``, ``attn_softcap``, ``final_softcap``), GPT-2 (``norm_type="layer"``,
+``position_embedding="learned"``, ``mlp_gate=False``, ``mlp_bias``) and the mixture-of-experts MLP of
+Qwen3-MoE and Mixtral (``num_experts``, ``num_experts_per_tok``, ``moe_d_ff``, ``norm_topk_prob``: see
+:class:`MoEMLP`; the per-layer router logits are sown as the ``router_logits`` feature for
+:func:`load_balancing_loss`).
 
 Parameters are ``param_dtype`` (float32); activations and matmuls run in
 ``dtype`` (bfloat16 allowed) with float32 normalization, softmax and RoPE; **logits are always float32**
@@ -51,7 +54,9 @@ in every segment: a packed document is computed as if it were alone in its row (
 
 Features sown (``"intermediates"``): ``block0`` … ``block{L-1}`` (the ``[B, T, d]`` residual stream
 after each block, compute dtype) and ``hidden`` (the final-normed ``[B, T, d]`` states, the input of
-the output projection: ``logits = hidden @ output_projection(params, config)``).
+the output projection: ``logits = hidden @ output_projection(params, config)``); a mixture-of-experts model
+also sows ``router_logits`` (``[L', B, T, E]``, the router logits of its ``L'`` mixture-of-experts layers,
+compute dtype).
 
 Logical axis names (every parameter carries them through ``nn.with_logical_partitioning``):
 
@@ -64,12 +69,16 @@ Logical axis names (every parameter carries them through ``nn.with_logical_parti
 ``mlp``         the MLP's hidden width ``d_ff``
 ``norm``        RMSNorm scales
 ``position``    rows of the learned position embedding (``position_embedding="learned"``)
+``expert``      the experts of a mixture-of-experts MLP (``num_experts``)
 ==============  ======================================================================
 
 Parameter tree: ``embedding [V, d] (vocab, embed)``; ``block_{i}/attention_norm/scale [d] (norm)``;
 ``block_{i}/attention/{query [d, H, hd] (embed, heads, head_dim), key, value [d, K, hd] (embed,
 kv_heads, head_dim), out [H, hd, d] (heads, head_dim, embed)}``; ``block_{i}/mlp_norm/scale``;
-``block_{i}/mlp/{gate, up [d, d_ff] (embed, mlp), down [d_ff, d] (mlp, embed)}``;
+``block_{i}/mlp/{gate, up [d, d_ff] (embed, mlp), down [d_ff, d] (mlp, embed)}`` (a mixture of ``E``
+experts of width ``f = moe_d_ff`` instead: ``block_{i}/mlp/{router [d, E] (embed, expert), experts_gate,
+experts_up [E, d, f] (expert, embed, mlp), experts_down [E, f, d] (expert, mlp, embed)}``, in the layers
+``moe_layers`` names);
 ``final_norm/scale``; ``head [d, V] (embed, vocab)`` when untied. :func:`lm_logical_rules` maps them
 onto the ``(data, fsdp, tensor)`` mesh.
 
@@ -106,6 +115,7 @@ __all__ = [
     "decode_step",
     "init_cache",
     "lm",
+    "load_balancing_loss",
     "lm_config",
     "lm_logical_rules",
     "output_projection",
@@ -115,7 +125,7 @@ __all__ = [
 Array = jax.Array
 
 #: Every logical axis name a :class:`TransformerLM` parameter uses.
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "position")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "position", "expert")
 
 # Masked attention scores: the most negative finite float32, not -inf, so that a query row whose keys
 # are all masked gets a finite softmax (then zeroed) instead of NaN, in value and gradient; in a row
@@ -187,6 +197,21 @@ class LMConfig:
       final_softcap: ``None`` or ``c``: logits ``-> c · tanh(logits / c)`` in float32 (Gemma's
         ``final_logit_softcapping``). The sown ``hidden`` and :func:`output_projection` give the logits
         *before* the cap: fused vocabulary losses take ``softcap=config.final_softcap``.
+      num_experts: ``None`` (a dense MLP, the default) or ``E``: every block's MLP is a mixture of ``E``
+        gated experts with a top-``k`` softmax router (:class:`MoEMLP`; Qwen3-MoE, Mixtral). Needs
+        ``mlp_gate=True`` and ``mlp_bias=False``.
+      num_experts_per_tok: ``k``, the experts each token is routed to (``1 <= k <= E``); required with
+        ``num_experts``.
+      moe_d_ff: each expert's hidden width ``f``; ``None`` means ``d_ff`` (Mixtral's experts are
+        ``intermediate_size`` wide, Qwen3-MoE's ``moe_intermediate_size``).
+      norm_topk_prob: the ``k`` selected router probabilities are renormalized to sum to 1 (Mixtral
+        always; Qwen3-MoE's ``norm_topk_prob``); False keeps the plain softmax probabilities.
+      moe_layers: ``None`` (with ``num_experts``: every layer is a mixture) or one bool per layer, True for
+        the mixture-of-experts layers, the others a dense gated MLP of width ``d_ff`` (Qwen3-MoE's
+        ``mlp_only_layers`` and ``decoder_sparse_step``). At least one layer must be a mixture.
+      router_aux_loss_coef: the weight a training loss gives :func:`load_balancing_loss` (transformers adds
+        ``router_aux_loss_coef · aux_loss`` to the LM loss when asked for router logits). The forward pass
+        does not use it; it is kept so a checkpoint's value survives :func:`jaxkd.models.hf.to_hf`.
     """
 
     vocab_size: int
@@ -220,6 +245,12 @@ class LMConfig:
     attention_scale: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_d_ff: int | None = None
+    norm_topk_prob: bool = True
+    moe_layers: Any = None
+    router_aux_loss_coef: float = 0.001
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
@@ -280,6 +311,52 @@ class LMConfig:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.norm_plus_one and self.norm_type != "rms":
             raise ValueError("norm_plus_one applies to RMSNorm (norm_type='rms')")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if not isinstance(self.norm_topk_prob, (bool, np.bool_)):
+            raise ValueError(f"norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
+        object.__setattr__(self, "norm_topk_prob", bool(self.norm_topk_prob))
+        check_number("router_aux_loss_coef", self.router_aux_loss_coef, low=0.0)
+        object.__setattr__(self, "router_aux_loss_coef", float(self.router_aux_loss_coef))
+        if self.num_experts is None:
+            unused = [f"{name}={getattr(self, name)!r}" for name in ("num_experts_per_tok", "moe_d_ff", "moe_layers")
+                      if getattr(self, name) is not None]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} needs num_experts (a mixture-of-experts MLP); got num_experts=None")
+            return
+        experts = check_int("num_experts", self.num_experts, low=1)
+        object.__setattr__(self, "num_experts", experts)
+        if self.num_experts_per_tok is None:
+            raise ValueError(f"num_experts={experts} needs num_experts_per_tok (the top-k experts of each token)")
+        top_k = check_int("num_experts_per_tok", self.num_experts_per_tok, low=1)
+        if top_k > experts:
+            raise ValueError(f"num_experts_per_tok must be at most num_experts={experts}, got {top_k}")
+        object.__setattr__(self, "num_experts_per_tok", top_k)
+        if self.moe_d_ff is not None:
+            object.__setattr__(self, "moe_d_ff", check_int("moe_d_ff", self.moe_d_ff, low=1))
+        if not self.mlp_gate or self.mlp_bias:
+            raise ValueError(f"a mixture-of-experts MLP (num_experts={experts}) is gated and bias-free: got "
+                             f"mlp_gate={self.mlp_gate}, mlp_bias={self.mlp_bias}")
+        if self.moe_layers is not None:
+            layers = tuple(self.moe_layers)
+            if len(layers) != self.num_layers or not all(isinstance(x, (bool, np.bool_)) for x in layers):
+                raise ValueError(f"moe_layers must be one bool per layer ({self.num_layers}), got {self.moe_layers!r}")
+            if not any(layers):
+                raise ValueError(f"moe_layers={self.moe_layers!r} has no mixture-of-experts layer: a dense model is "
+                                 f"num_experts=None")
+            object.__setattr__(self, "moe_layers", tuple(bool(x) for x in layers))
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer ``layer``'s MLP is the mixture of experts."""
+        return self.num_experts is not None and (self.moe_layers is None or self.moe_layers[layer])
+
+    @property
+    def expert_d_ff(self) -> int | None:
+        """Each expert's hidden width: ``moe_d_ff``, else ``d_ff`` (None for a dense model)."""
+        if self.num_experts is None:
+            return None
+        return self.d_ff if self.moe_d_ff is None else self.moe_d_ff
 
     def is_sliding(self, layer: int) -> bool:
         """Whether layer ``layer`` attends through the sliding window."""
@@ -299,7 +376,8 @@ class LMConfig:
     def num_params(self) -> int:
         """The exact parameter count: ``V d`` (embedding) ``+ L [2d + d·H·hd + 2·d·K·hd + H·hd·d +
         3·d·d_ff] + d`` (final norm) ``+ d V`` when the head is untied (plus the optional biases
-        ``(H + 2K) hd`` and ``d`` and q/k norm scales ``2 hd`` per block)."""
+        ``(H + 2K) hd`` and ``d`` and q/k norm scales ``2 hd`` per block). A mixture of ``E`` experts of
+        width ``f`` replaces ``3·d·d_ff`` by ``d·E`` (the router) ``+ 3·E·d·f`` in each mixture layer."""
         positions = self.max_len * self.d_model if self.position_embedding == "learned" else 0
         return (self.num_non_embedding_params + positions
                 + self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2))
@@ -319,9 +397,11 @@ class LMConfig:
         mlp = (3 if self.mlp_gate else 2) * d * self.d_ff
         if self.mlp_bias:
             mlp += (2 if self.mlp_gate else 1) * self.d_ff + d
+        moe = 0 if self.num_experts is None else d * self.num_experts + 3 * self.num_experts * d * self.expert_d_ff
+        moe_layers = sum(self.is_moe(i) for i in range(self.num_layers))  # the router and E stacked gated experts
         norm = d if self.norm_type == "rms" else 2 * d
-        block = (4 if self.sandwich_norm else 2) * norm + attention + mlp
-        return self.num_layers * block + norm
+        block = (4 if self.sandwich_norm else 2) * norm + attention
+        return self.num_layers * block + (self.num_layers - moe_layers) * mlp + moe_layers * moe + norm
 
 
 _ROPE_SCALING_KEYS = {
@@ -398,8 +478,18 @@ def lm_logical_rules() -> Rules:
     The sharded sizes must divide by the mesh axes: with a tensor axis of size ``n``, ``vocab_size``,
     ``num_heads``, ``num_kv_heads`` and ``d_ff`` must be multiples of ``n`` (pad the vocabulary, or use
     ``Rules.overrides`` for a model with fewer KV heads than tensor shards).
+
+    Mixture-of-experts weights (``[E, d, f]``, ``[E, f, d]``, router ``[d, E]``): ``expert`` over ``fsdp``.
+    MaxText (``configs/base.yml``: ``['exp', 'expert']``) puts the experts on a mesh axis of their own that
+    also splits the batch (expert parallelism); of this mesh's axes ``fsdp`` is the one with that role, so
+    each fsdp shard keeps ``E / n`` whole experts, and the experts' ``mlp`` still goes over ``tensor``
+    (MaxText's ``mlp_moe``), the Megatron split inside every expert. The expert rule comes first because
+    the first rule to claim a mesh axis wins: on the expert weights ``embed`` then stays whole (``fsdp``
+    is taken, as MaxText's ``embed_moe`` excludes the expert axis). ``num_experts`` must divide by the
+    fsdp size (else ``Rules.overrides``).
     """
     return Rules(logical=(
+        ("expert", FSDP),
         ("vocab", TENSOR),
         ("embed", FSDP),
         ("heads", TENSOR),
@@ -588,10 +678,61 @@ class MLP(nn.Module):
         return dense("down", hidden, (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
 
 
-class Block(nn.Module):
-    """Pre-norm block: ``x + Attn(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``."""
+class MoEMLP(nn.Module):
+    """A mixture of ``E`` gated experts with a top-``k`` softmax router (Shazeer et al., "Outrageously Large
+    Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer", 2017; Jiang et al., "Mixtral of Experts",
+    2024), as transformers' ``models/qwen3_moe/modeling_qwen3_moe.py`` (``Qwen3MoeSparseMoeBlock``) and
+    ``models/mixtral/modeling_mixtral.py`` (``MixtralSparseMoeBlock``) compute it:
+
+    * router logits ``r = x W_router`` (``[B, T, E]``, compute dtype), probabilities ``p = softmax(r)`` in
+      float32;
+    * the ``k`` largest ``p``, renormalized to sum to 1 when ``norm_topk_prob``. Exactly equal values go
+      lowest expert index first (``jax.lax.top_k``, XLA's stable TopK). ``torch.topk`` on CPU orders exact
+      ties its own way (its selection is not stable: ``softmax([1, 1, 1, 0])`` gives experts 1 and 2), so
+      an exactly tied router (an all-zero one, say) may route differently from transformers; trained or
+      random float weights tie with probability zero;
+    * ``y = Σ_{e in top-k} w_e · W_down,e (act(x W_gate,e) ⊙ x W_up,e)``.
+
+    Computed densely: every expert runs on every token and a ``[B, T, E]`` combine matrix (the top-k
+    weights, zero for the other experts) weights the hidden units before the down projection (linear, so
+    equal to weighting each expert's output). Exact, free of gathers and capacity limits, and shardable by
+    the ``expert`` axis like any einsum; it costs ``E / k`` times the routed FLOPs (a grouped-matmul
+    dispatch, MaxText's ``sparse_matmul``, would be the fast path). Returns ``(y [B, T, d], r)``.
+    """
 
     config: LMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt, d, e, f = cfg.dtype, cfg.d_model, cfg.num_experts, cfg.expert_d_ff
+        # LeCun normal per expert: the expert axis is a batch axis, not part of the fan-in
+        def experts_init(in_axis, out_axis):
+            return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                                    out_axis=out_axis, batch_axis=(0,))
+
+        router = _param(self, "router", _fan_in(0, 1), (d, e), ("embed", "expert"))
+        w_gate = _param(self, "experts_gate", experts_init(1, 2), (e, d, f), ("expert", "embed", "mlp"))
+        w_up = _param(self, "experts_up", experts_init(1, 2), (e, d, f), ("expert", "embed", "mlp"))
+        w_down = _param(self, "experts_down", experts_init(1, 2), (e, f, d), ("expert", "mlp", "embed"))
+        router_logits = jnp.einsum("btd,de->bte", x, router.astype(dt))
+        probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+        top_probs, top_experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+        if cfg.norm_topk_prob:
+            top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+        combine = jnp.sum(jax.nn.one_hot(top_experts, e, dtype=jnp.float32) * top_probs[..., None], axis=-2)
+        act = jax.nn.silu if cfg.mlp_activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
+        hidden = act(jnp.einsum("btd,edf->btef", x, w_gate.astype(dt))) * jnp.einsum("btd,edf->btef", x, w_up.astype(dt))
+        hidden = hidden * combine.astype(dt)[..., None]
+        return jnp.einsum("btef,efd->btd", hidden, w_down.astype(dt)), router_logits
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + Attn(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``, the MLP a mixture of experts
+    when ``moe``. Returns ``(x, new_kv, router_logits)`` (``None`` for a dense MLP)."""
+
+    config: LMConfig
+    moe: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed, kv=None, index=None):
@@ -600,11 +741,15 @@ class Block(nn.Module):
         if cfg.sandwich_norm:
             y = RMSNorm(cfg, name="post_attention_norm")(y)
         x = x + y
-        y = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+        router_logits = None
+        if not self.moe:
+            y = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+        else:
+            y, router_logits = MoEMLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
         if cfg.sandwich_norm:
             y = RMSNorm(cfg, name="post_mlp_norm")(y)
         x = x + y
-        return x, new_kv
+        return x, new_kv, router_logits
 
 
 @flax.struct.dataclass
@@ -750,13 +895,16 @@ class TransformerLM(nn.Module):
             local_cos, local_sin = (cos, sin) if cfg.local_rope_base is None else _rope_angles(positions, cfg, local=True)
 
         keys, values = (None, None) if cache is None else (cache.keys, cache.values)
+        router_logits = []
         for i in range(cfg.num_layers):
             kv = None if cache is None else (keys[i], values[i])
             sliding = cfg.is_sliding(i)
-            h, (new_key, new_value) = Block(cfg, name=f"block_{i}")(
+            h, (new_key, new_value), layer_router_logits = Block(cfg, moe=cfg.is_moe(i), name=f"block_{i}")(
                 h, local_cos if sliding else cos, local_sin if sliding else sin, allowed if sliding else full_allowed,
                 kv, None if cache is None else cache.index)
             self.sow("intermediates", f"block{i}", h)
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
             if cache is not None:
                 # Written into the whole [L, ...] buffer: in place under jit, where stacking per-layer
                 # copies would rewrite the entire cache at every decoding step.
@@ -764,6 +912,8 @@ class TransformerLM(nn.Module):
                          jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
                 keys = jax.lax.dynamic_update_slice(keys, new_key[None].astype(keys.dtype), start)
                 values = jax.lax.dynamic_update_slice(values, new_value[None].astype(values.dtype), start)
+        if cfg.num_experts is not None:  # for load_balancing_loss, as transformers' output_router_logits
+            self.sow("intermediates", "router_logits", jnp.stack(router_logits))
         h = RMSNorm(cfg, name="final_norm")(h)
         self.sow("intermediates", "hidden", h)
         if cfg.tie_embeddings:
@@ -851,3 +1001,50 @@ def decode_step(params: Any, config: LMConfig, token: Array, cache: KVCache) -> 
         raise ValueError(f"decode_step takes one token per row, shape [batch], got shape {token.shape}")
     logits, cache = TransformerLM(config).apply({"params": _params_tree(params)}, token[:, None], cache=cache)
     return logits[:, 0], cache
+
+
+def load_balancing_loss(router_logits: Any, num_experts: int, top_k: int, mask: Any = None) -> Array:
+    """The auxiliary load-balancing loss of a mixture-of-experts LM (Fedus et al., "Switch Transformers:
+    Scaling to Trillion Parameter Models with Simple and Efficient Sparsity", 2021, eqs. 4-6), as
+    transformers' ``load_balancing_loss_func`` (``models/mixtral/modeling_mixtral.py``,
+    ``models/qwen3_moe/modeling_qwen3_moe.py``) computes it, with every layer's tokens pooled:
+
+    ``p = softmax(router_logits)`` (float32), ``f_e = Σ m · [e in top_k(p)] / N`` (the fraction of routed
+    slots that go to expert ``e``: the ``f_e`` sum to ``k``), ``P_e = Σ m · p_e / N``, ``loss = E Σ_e f_e P_e``,
+    the sums over layers and tokens, ``m`` the padding mask (1 for real tokens) and ``N = L · Σ m``. Perfect
+    balance gives ``k``. Equal probabilities go to the lowest expert index first (``jax.lax.top_k``).
+
+    Args:
+      router_logits: ``[L, B, T, E]`` (the ``router_logits`` feature a mixture-of-experts
+        :class:`TransformerLM` sows) or one layer's ``[B, T, E]``.
+      num_experts: ``E``; must equal the logits' last dimension.
+      top_k: the experts per token (``LMConfig.num_experts_per_tok``).
+      mask: optional ``[B, T]`` padding mask (True / 1 = real token). A batch with no real token gives 0,
+        not NaN.
+
+    Returns the scalar float32 loss (to be added with ``router_aux_loss_coef``, transformers' 0.001 default).
+    """
+    router_logits = jnp.asarray(router_logits)
+    num_experts = check_int("num_experts", num_experts, low=1)
+    top_k = check_int("top_k", top_k, low=1)
+    if router_logits.ndim == 3:
+        router_logits = router_logits[None]
+    if router_logits.ndim != 4 or router_logits.shape[-1] != num_experts:
+        raise ValueError(f"router_logits must be [layers, batch, length, num_experts={num_experts}] or [batch, "
+                         f"length, num_experts], got shape {router_logits.shape}")
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be at most num_experts={num_experts}, got {top_k}")
+    if mask is None:
+        weight = jnp.ones(router_logits.shape[1:3], jnp.float32)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != router_logits.shape[1:3]:
+            raise ValueError(f"mask must be [batch, length] = {router_logits.shape[1:3]}, got shape {mask.shape}")
+        weight = mask.astype(jnp.float32)
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, selected = jax.lax.top_k(probs, top_k)
+    routed = jnp.sum(jax.nn.one_hot(selected, num_experts, dtype=jnp.float32), axis=-2)  # [L, B, T, E]
+    rows = router_logits.shape[0] * jnp.maximum(jnp.sum(weight), 1.0)
+    tokens_per_expert = jnp.einsum("lbte,bt->e", routed, weight) / rows
+    prob_per_expert = jnp.einsum("lbte,bt->e", probs, weight) / rows
+    return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)
