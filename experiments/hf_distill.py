@@ -81,7 +81,8 @@ class HFDistillExperiment:
       max_eval_rows: held-out rows scored (the first ones).
       eval_every, checkpoint_every: steps between evaluations / checkpoints (and at the end).
       mesh: None (one device) or the device mesh's axis sizes, e.g. ``{"data": 2, "fsdp": 2, "tensor": 2}``
-        (:func:`jaxkd.sharding.make_mesh`): the student's state and the teacher are sharded by the LM's logical rules (MaxText's layout), batches
+        (:func:`jaxkd.sharding.make_mesh`): both models are read from their safetensors into their shards,
+        the student's state and the teacher are sharded by the LM's logical rules (MaxText's layout), batches
         split over ``data`` x ``fsdp`` (``batch_size / microbatches`` must divide by it).
       out_dir: where run folders go without ``--out``.
     """
@@ -158,12 +159,13 @@ def check_paths(cfg: HFDistillExperiment) -> None:
 # ----- models -----
 
 
-def load_models(cfg: HFDistillExperiment, vocab_size: int):
+def load_models(cfg: HFDistillExperiment, vocab_size: int, mesh=None):
     """``(teacher model, teacher variables, student model, student variables)``, both cut to the tokenizer's
-    ``vocab_size`` (:func:`jaxkd.models.from_hf`'s ``vocab_size``); :func:`jaxkd.create` places them on the
-    run's mesh."""
+    ``vocab_size`` (:func:`jaxkd.models.from_hf`'s ``vocab_size``); with a mesh, read from the safetensors
+    straight into their shards (the LM rules), never whole on one host."""
     dtype = None if cfg.dtype == "checkpoint" else jnp.dtype(cfg.dtype)
-    teacher, teacher_vars = from_hf(cfg.teacher, dtype=dtype, vocab_size=vocab_size)
+    placed = dict(mesh=mesh, rules=lm_logical_rules()) if mesh is not None else {}
+    teacher, teacher_vars = from_hf(cfg.teacher, dtype=dtype, vocab_size=vocab_size, **placed)
     if cfg.student == INIT_FROM_TEACHER:
         layers = teacher.module.config.num_layers
         n = cfg.student_layers or max(1, layers // 2)
@@ -174,7 +176,7 @@ def load_models(cfg: HFDistillExperiment, vocab_size: int):
         if teacher.vocab_size is not None:
             student = truncate_vocab(student, teacher.vocab_size)
     else:
-        student, student_vars = from_hf(cfg.student, dtype=dtype, vocab_size=vocab_size)
+        student, student_vars = from_hf(cfg.student, dtype=dtype, vocab_size=vocab_size, **placed)
     # Plain arrays, as the train state holds them (the logical axis names are the models' own).
     return teacher, unbox(teacher_vars), student, unbox(student_vars)
 
@@ -236,7 +238,7 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
                              f"mesh {dict(mesh.shape)}: {e}") from None
     with phases.phase("setup"):
         tokenizer = HFTokenizer.from_pretrained(cfg.tokenizer or cfg.teacher)
-        teacher, teacher_vars, student, student_vars = load_models(cfg, tokenizer.vocab_size)
+        teacher, teacher_vars, student, student_vars = load_models(cfg, tokenizer.vocab_size, mesh)
     with phases.phase("data"):
         pad = tokenizer.pad_id or 0
         train_rows = chat_rows(cfg.train_data, tokenizer, cfg.seq_len, pack=cfg.pack, pad=pad)

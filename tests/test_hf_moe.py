@@ -299,3 +299,20 @@ def test_experts_sharded_over_the_mesh_give_the_same_logits():
     single = _logits(model, params, tokens, mask)
     assert np.abs(single).max() > 0.1  # not a degenerate model
     np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5)
+
+
+def test_loaded_onto_the_mesh_expert_by_expert_equals_transformers(family):
+    """``from_hf(path, mesh=)`` on a (data 2, fsdp 2, tensor 2) mesh: each fsdp shard reads its two experts'
+    tensors only, the parameters equal the one-device load bitwise, the sharded logits transformers'."""
+    name, hf, path, model, variables = family
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded_model, sharded = from_hf(path, mesh=mesh, rules=lm_logical_rules())
+    moe = sharding.unbox(sharded)["params"]["block_1"]["mlp"]["experts_up"]
+    assert moe.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
+    assert moe.addressable_shards[0].data.shape[0] == 2  # of 4 experts
+    for a, b in zip(jax.tree.leaves(sharding.unbox(sharded)), jax.tree.leaves(sharding.unbox(variables)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for pad in ("right", "left"):
+        tokens, mask = _batch(pad)
+        got = _logits(sharded_model, sharded, tokens, mask)
+        assert np.abs(got - _hf_logits(hf, tokens, mask))[mask].max() < 1e-4
