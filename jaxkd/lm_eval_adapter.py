@@ -105,7 +105,8 @@ def _greedy_generate(params: Any, tokens, mask, *, config: LMConfig, vocab_size:
         return token, done | jnp.isin(token, stops)
 
     token, done = pick(logits[:, -1], jnp.zeros((batch,), bool))  # left padding: the last slot is real
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+    # Slots the loop never writes (it ended early) hold a stop token: the text is cut at the first one anyway.
+    out = jnp.full((batch, max_new_tokens), stops[0], jnp.int32).at[:, 0].set(token)
 
     def cond(state):
         i, _, _, done, _ = state
@@ -117,8 +118,6 @@ def _greedy_generate(params: Any, tokens, mask, *, config: LMConfig, vocab_size:
         token, done = pick(logits, done)
         return i + 1, cache, token, done, out.at[:, i].set(token)
 
-    # Unwritten slots (the loop ended early) are stop tokens: the text is cut at the first one anyway.
-    out = jnp.where(jnp.arange(max_new_tokens) == 0, out, stops[0])
     return jax.lax.while_loop(cond, body, (jnp.asarray(1), cache, token, done, out))[4]
 
 
@@ -347,16 +346,18 @@ class JaxkdLM(TemplateLM):
             max_context = self.max_length - max_new
             if max_context < 1:
                 raise ValueError(f"max_gen_toks={max_new} leaves no room for a context in max_length={self.max_length}")
-            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_context) for i in indices}
+            # An empty context (no BOS added) is the prefix token, as for loglikelihood.
+            prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_context) or [self.prefix_token_id]
+                       for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
-                length = length_bucket(max(1, len(prompts[chunk[0]])), max_context)
+                length = length_bucket(len(prompts[chunk[0]]), max_context)
                 tokens = np.full((self.batch_size, length), self.eot_token_id, np.int32)
                 mask = np.zeros((self.batch_size, length), bool)
                 for row, i in enumerate(chunk + [chunk[0]] * (self.batch_size - len(chunk))):
-                    if prompts[i]:  # left padding: every row's last real token sits in the last slot
-                        tokens[row, -len(prompts[i]):], mask[row, -len(prompts[i]):] = prompts[i], True
+                    # Left padding: every row's last real token sits in the last slot.
+                    tokens[row, -len(prompts[i]):], mask[row, -len(prompts[i]):] = prompts[i], True
                 new = np.asarray(jax.device_get(self._generate(self.variables["params"], tokens, mask,
                                                                max_new_tokens=max_new)))
                 for row, i in enumerate(chunk):

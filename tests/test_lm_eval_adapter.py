@@ -114,8 +114,8 @@ def test_generate_until_equals_hflm(models):
     _, ours, reference = models
     args = [("The cat", {"until": ["."], "max_gen_toks": 6}), ("A dog ran in the", {"until": ["."], "max_gen_toks": 6}),
             ("Students learn from teachers. " * 3, {"until": ["."], "max_gen_toks": 6}),  # context left-truncated
-            ("The cat", {"until": ["e", "a"], "max_gen_toks": 4, "do_sample": False}),
-            ("Distillation", {"max_gen_toks": 5})]
+            ("The cat", {"until": ["e", "a"], "max_gen_toks": 6, "do_sample": False}),
+            ("Distillation", {"max_gen_toks": 6}), ("", {"max_gen_toks": 6})]  # one compiled program: 6 new tokens
     requests = _requests("generate_until", args)
     expected = reference.generate_until(requests)
     assert ours.generate_until(requests) == expected
@@ -150,12 +150,15 @@ def _write_tasks(directory):
 
 
 def test_simple_evaluate_on_local_tasks_equals_hflm(models, tmp_path):
-    _, ours, reference = models
+    path, _, reference = models
     names = _write_tasks(tmp_path)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)  # lm-eval's own 10k tasks: 14 s
-    run = lambda model: lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager,  # noqa: E731
-                                                bootstrap_iters=0, log_samples=True)
-    got, expected = run(ours), run(reference)
+    run = lambda model, **kw: lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager,  # noqa: E731
+                                                      bootstrap_iters=0, log_samples=True, **kw)
+    # The registered name and lm-eval's argument string, as its command line passes them.
+    got = run("jaxkd", model_args=f"pretrained={path},max_length={MAX_LENGTH}", batch_size=4)
+    expected = run(reference)
+    assert got["config"]["model"] == "jaxkd"
     for name in names:
         metrics = {k: v for k, v in expected["results"][name].items() if "," in k and "stderr" not in k}
         assert len(metrics) == (2 if name.endswith("mc") else 3)
