@@ -16,7 +16,10 @@ answers the harness's three request types the way ``lm_eval/models/huggingface.p
 * ``generate_until((context, gen_kwargs))`` → greedy continuation with the KV cache
   (:func:`jaxkd.models.lm.prefill`, :func:`jaxkd.models.lm.decode_step`) of at most ``max_gen_toks`` tokens
   (default 256), stopped at the checkpoint's EOS ids, decoded and cut at the first of the ``until`` strings
-  (and the EOS token's text), the context left-truncated to ``max_length - max_gen_toks`` tokens.
+  (and the EOS token's text), the context left-truncated to ``max_length - max_gen_toks`` tokens. The
+  compiled loop ends once every row of the batch has emitted a stop id; the ``until`` strings are applied
+  to the decoded text, so a row that wrote one keeps decoding until then (its text is the same as
+  transformers' ``generate`` with lm-eval's stopping criteria gives).
 
 Compiles are bounded: requests are sorted by length, batched ``batch_size`` at a time (the last batch
 filled with copies of its first row) and padded to a power-of-two length (at least 16, at most

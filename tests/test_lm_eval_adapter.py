@@ -17,13 +17,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 lm_eval = pytest.importorskip("lm_eval")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
 from jaxkd.data import ByteTokenizer  # noqa: E402
-from jaxkd.lm_eval_adapter import JaxkdLM, length_bucket  # noqa: E402
 from jaxkd.models.lm import LMConfig, lm  # noqa: E402
+
+# lm-eval's model, task and dataset modules (3 s) and the adapter, which imports them, are imported by the tests
+# that use them, not when every pytest worker collects this file.
 
 TOL = 1e-4
 MAX_LENGTH = 16
@@ -57,6 +55,10 @@ def _write_checkpoint(path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(checkpoint dir, JaxkdLM, lm-eval's HFLM) on the same checkpoint, both with max_length=16."""
+    from lm_eval.models.huggingface import HFLM
+
+    from jaxkd.lm_eval_adapter import JaxkdLM
+
     path = tmp_path_factory.mktemp("lm_eval_ckpt")
     _write_checkpoint(path)
     ours = JaxkdLM.from_pretrained(path, batch_size=4, max_length=MAX_LENGTH)
@@ -65,6 +67,8 @@ def models(tmp_path_factory):
 
 
 def _requests(kind, args):
+    from lm_eval.api.instance import Instance
+
     return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
 
@@ -90,6 +94,7 @@ def test_loglikelihood_equals_hflm(models):
     greedy = _greedy_pairs(reference)
     pairs = [("The cat", " sat on the mat."), ("The cat ", "sat on the mat."),  # trailing space moves over
              ("", "A dog"), ("", "<s>A dog"),                                   # empty context: BOS, or itself
+             ("<s>The cat", " sat."),                                           # no second BOS
              ("Distillation moves knowledge from a teacher", " to a student."),
              ("Students learn from teachers. " * 3, "The cat sat on the mat."),  # truncated left
              *greedy]
@@ -150,15 +155,14 @@ def _write_tasks(directory):
 
 
 def test_simple_evaluate_on_local_tasks_equals_hflm(models, tmp_path):
-    path, _, reference = models
+    from lm_eval.tasks import TaskManager
+
+    _, ours, reference = models
     names = _write_tasks(tmp_path)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)  # lm-eval's own 10k tasks: 14 s
-    run = lambda model, **kw: lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager,  # noqa: E731
-                                                      bootstrap_iters=0, log_samples=True, **kw)
-    # The registered name and lm-eval's argument string, as its command line passes them.
-    got = run("jaxkd", model_args=f"pretrained={path},max_length={MAX_LENGTH}", batch_size=4)
-    expected = run(reference)
-    assert got["config"]["model"] == "jaxkd"
+    run = lambda model: lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager,  # noqa: E731
+                                                bootstrap_iters=0, log_samples=True)
+    got, expected = run(ours), run(reference)
     for name in names:
         metrics = {k: v for k, v in expected["results"][name].items() if "," in k and "stderr" not in k}
         assert len(metrics) == (2 if name.endswith("mc") else 3)
@@ -170,11 +174,28 @@ def test_simple_evaluate_on_local_tasks_equals_hflm(models, tmp_path):
     assert got["results"]["jaxkd_tiny_ppl"]["word_perplexity,none"] > 1.0
 
 
+def test_registered_name_and_argument_string_load_the_checkpoint(models):
+    """``--model jaxkd --model_args pretrained=DIR,...`` (lm-eval's command line): the registry gives JaxkdLM, the
+    argument string and lm-eval's ``batch_size`` configure it, generation stops at the checkpoint's EOS."""
+    from lm_eval.api.registry import get_model
+
+    from jaxkd.lm_eval_adapter import JaxkdLM
+
+    path, ours, _ = models
+    assert get_model("jaxkd") is JaxkdLM
+    loaded = JaxkdLM.create_from_arg_string(f"pretrained={path},max_length=12,max_gen_toks=5", {"batch_size": 3})
+    assert (loaded.batch_size, loaded.max_length, loaded.max_gen_toks) == (3, 12, 5)
+    assert loaded.stop_token_ids == (1,) and (loaded.prefix_token_id, loaded.eot_token_id) == (0, 1)
+    assert loaded.tok_encode("The cat") == ours.tok_encode("The cat") == [0] + ours.tokenizer.encode("The cat").tolist()
+
+
 def test_byte_tokenizer_model_scores_from_the_formula():
     """A jaxkd-native model (ByteTokenizer, no BOS added): loglikelihood is log_softmax of the model's own
     logits summed over the continuation's bytes, an empty context is conditioned on BOS, and rolling windows
     cover every byte once (NumPy from the formula on one full forward pass per window)."""
     import jax
+
+    from jaxkd.lm_eval_adapter import JaxkdLM
 
     tok = ByteTokenizer()
     config = LMConfig(vocab_size=tok.vocab_size, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -207,6 +228,8 @@ def test_byte_tokenizer_model_scores_from_the_formula():
 
 
 def test_bad_arguments_are_named():
+    from jaxkd.lm_eval_adapter import JaxkdLM, length_bucket
+
     assert [length_bucket(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
     assert length_bucket(9, 10) == 10
     with pytest.raises(ValueError, match="exceeds the cap"):
@@ -225,3 +248,30 @@ def test_bad_arguments_are_named():
         JaxkdLM(object(), {}, tok)
     with pytest.raises(ValueError, match="pretrained="):
         JaxkdLM.create_from_arg_string("batch_size=2")
+
+
+def test_jaxkd_never_imports_lm_eval_and_the_adapter_names_the_extra():
+    """``import jaxkd`` (and its packages) loads neither lm_eval nor torch; without lm_eval installed, importing
+    the adapter is an ImportError naming the ``eval`` extra (one fresh interpreter, lm_eval hidden from it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import jaxkd, jaxkd.models, jaxkd.data, jaxkd.methods, jaxkd.losses\n"
+        "assert 'lm_eval' not in sys.modules and 'torch' not in sys.modules, 'imported'\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'lm_eval':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "try:\n"
+        "    import jaxkd.lm_eval_adapter\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pip install 'jaxkd[eval]'" in result.stdout, result.stdout
