@@ -94,10 +94,13 @@ def test_loglikelihood_equals_hflm(models):
     greedy = _greedy_pairs(reference)
     pairs = [("The cat", " sat on the mat."), ("The cat ", "sat on the mat."),  # trailing space moves over
              ("", "A dog"), ("", "<s>A dog"),                                   # empty context: BOS, or itself
-             ("<s>The cat", " sat."),                                           # no second BOS
+             ("<s>The cat", " on the mat."),                                    # no second BOS
              ("Distillation moves knowledge from a teacher", " to a student."),
              ("Students learn from teachers. " * 3, "The cat sat on the mat."),  # truncated left
              *greedy]
+    # No two requests share context + continuation[:-1] while one has a one-token continuation: HFLM's logits
+    # cache then scores that one at the other's first continuation position (EleutherAI/lm-evaluation-harness
+    # #2984, #2987); JaxkdLM scores every request from its own positions.
     requests = _requests("loglikelihood", pairs)
     expected = reference.loglikelihood(requests)
     got = ours.loglikelihood(requests)
