@@ -228,6 +228,7 @@ def test_byte_tokenizer_model_scores_from_the_formula():
     expected = scores[2].sum() + scores[3].sum() + scores[4][-4:].sum()
     (rolling,) = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))
     assert rolling == pytest.approx(expected, abs=TOL)
+    assert ours._score._cache_size() == 1  # inputs of 3, 2, 8, 8 and 8 tokens: one padded shape, one compile
 
 
 def test_bad_arguments_are_named():
