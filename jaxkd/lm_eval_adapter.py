@@ -200,7 +200,7 @@ class JaxkdLM(TemplateLM):
             static_argnames="max_new_tokens")
 
     @classmethod
-    def from_pretrained(cls, pretrained: str | os.PathLike, *, dtype: Any = None, **kwargs) -> "JaxkdLM":
+    def from_pretrained(cls, pretrained: str | os.PathLike, *, dtype: Any = None, **kwargs) -> JaxkdLM:
         """A Hugging Face checkpoint directory (:func:`jaxkd.models.from_hf`, its ``tokenizer.json`` as an
         :class:`~jaxkd.data.HFTokenizer`), stopping generation at its generation config's EOS ids.
         ``kwargs``: the constructor's keywords."""
@@ -211,14 +211,14 @@ class JaxkdLM(TemplateLM):
         return cls(model, variables, HFTokenizer.from_pretrained(pretrained), **kwargs)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "JaxkdLM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> JaxkdLM:
         """``model_args="pretrained=DIR,batch_size=8,max_length=2048,dtype=bfloat16"`` (lm-eval's string form):
         :meth:`from_pretrained`. lm-eval's ``batch_size`` (``additional_config``) applies unless given here."""
         args = lm_eval_utils.simple_parse_args_string(arg_string)
         return cls.create_from_arg_obj(args, additional_config)
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "JaxkdLM":
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> JaxkdLM:
         """:meth:`create_from_arg_string` from a dict."""
         args = dict(arg_dict)
         if "pretrained" not in args:

@@ -25,8 +25,8 @@ from jaxkd.models.lm import LMConfig, lm  # noqa: E402
 
 TOL = 1e-4
 MAX_LENGTH = 16
-TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Distillation moves knowledge from a teacher to a student.",
-         "Students learn from teachers."] * 4
+TEXTS = ["The cat sat on the mat.", "A dog ran in the park.",
+         "Distillation moves knowledge from a teacher to a student.", "Students learn from teachers."] * 4
 
 
 def _write_checkpoint(path):
