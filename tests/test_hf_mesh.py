@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxkd import sharding
-from jaxkd.models import from_hf, sampling
+from jaxkd.models import from_hf, sampling, to_hf
 from jaxkd.models import hf as hf_lib
 from jaxkd.models.lm import lm_logical_rules
 from tests.test_hf_models import (
@@ -29,8 +29,9 @@ from tests.test_hf_models import (
 )
 
 RULES = lm_logical_rules()
-ON_MESH = {"llama": FAMILIES["llama_llama3"], "qwen2": FAMILIES["qwen2"], "gemma2": NEW_FAMILIES["gemma2"],
-           "gpt2": NEW_FAMILIES["gpt2"]}
+ON_MESH = {"llama": FAMILIES["llama_llama3"], "mistral": FAMILIES["mistral"], "qwen2": FAMILIES["qwen2"],
+           "qwen3": FAMILIES["qwen3"], "gemma2": NEW_FAMILIES["gemma2"], "gemma3_text": NEW_FAMILIES["gemma3_text"],
+           "gpt2": NEW_FAMILIES["gpt2"]}  # the mixtures of experts: tests/test_hf_moe.py
 
 # lm_logical_rules by hand: vocab, heads, kv_heads, mlp -> tensor; embed -> fsdp; head_dim, norm, position whole.
 EXPECTED_SPECS = {
@@ -49,7 +50,7 @@ def _mesh():
 
 def _build(name):
     config_name, extra = ON_MESH[name]
-    if name in ("llama", "qwen2"):
+    if name in ("llama", "mistral", "qwen2", "qwen3"):  # as tests/test_hf_models.py's family fixture
         return _hf_model(config_name, extra)
     torch.manual_seed(0)  # as tests/test_hf_models.py's new_family fixture
     config = getattr(transformers, config_name)(**extra)
@@ -124,6 +125,17 @@ def test_greedy_generation_on_the_mesh_equals_transformers(loaded):
     out = generate(model.module.config, sharding.unbox(variables), prompt, rng=jax.random.PRNGKey(0),
                    max_new_tokens=6, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def test_the_sharded_student_exports_to_what_transformers_loads(loaded, tmp_path):
+    """``to_hf`` of variables that live on the mesh: transformers loads them with the checkpoint's logits."""
+    name, hf, _, _, model, variables = loaded
+    assert to_hf(model, variables, tmp_path) == hf.config.model_type
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    for (key, a), b in zip(sorted(hf.state_dict().items()), [v for _, v in sorted(back.state_dict().items())], strict=True):
+        assert torch.equal(a, b), key  # the very weights
+    tokens, mask = _batch("right")  # (transformers' sdpa and eager attention differ by ~1e-6)
+    assert np.abs(_hf_logits(back, tokens, mask) - _hf_logits(hf, tokens, mask))[mask].max() < 1e-5
 
 
 def _recording(monkeypatch):
