@@ -43,7 +43,10 @@ LM_METHODS = {n for n, r in methods.REGISTRY.items() if r.inputs in ("tokens", "
 # against closed forms through their jitted losses in tests/test_lm_methods.py.)
 TRAINED_ELSEWHERE = CONV_METHODS | {"adpa", "alm", "dac_kl", "distillm", "gkd", "llava_mod", "lm_ce", "minillm",
                                     "preference_kd", "sparse_token_kd", "token_kd"}
-NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in TRAINED_ELSEWHERE else n for n in sorted(methods.REGISTRY)]
+# Methods that read two tokenizations of one text train in tests/test_cross_tokenizer.py (parallel rows).
+TWO_TOKENIZATIONS = {n for n, r in methods.REGISTRY.items() if r.inputs == "two_tokenizations"}
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in TRAINED_ELSEWHERE else n
+         for n in sorted(set(methods.REGISTRY) - TWO_TOKENIZATIONS)]
 
 
 def lm_fixtures(method):
@@ -66,8 +69,6 @@ def lm_fixtures(method):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_registered_method_parses_builds_a_state_and_trains_one_jitted_step(name, tmp_path):
     if name in LM_METHODS:
-        if methods.REGISTRY[name].inputs == "two_tokenizations":
-            pytest.skip(f"{name} reads two tokenizations of one text: tests/test_cross_tokenizer.py trains it")
         method = methods.parse(f"{name}({methods.REGISTRY[name].example})")
         student, participants, batch = lm_fixtures(method)
         state = jaxkd.create(participants={"student": student, **participants}, method=method, tx=optax.sgd(0.05),
