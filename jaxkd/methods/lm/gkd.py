@@ -23,7 +23,7 @@ __all__ = ["gkd"]
     "gkd", inputs="tokens", example="prompt_length=3",
     paper="Agarwal et al., *On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes* (GKD), ICLR 2024",
     losses=("generalized_jsd",),
-    status="supported (student sampling inside the jitted step)",
+    status="supported (student sampling inside the jitted step; `seq_kd`: the teacher samples)",
     contract=LOGIT_ROLES,
 )
 def gkd(
