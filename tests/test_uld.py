@@ -2,7 +2,8 @@
 (trl/experimental/gold/gold_trainer.py, trl 1.16.0) on the same random logits, tokens and byte offsets:
 both merge strategies, plain and hybrid (matched vocabulary: generalized JSD; the rest: sorted L1), trailing
 zero-width EOS; the alignment against GOLD's ``_align_by_byte_offsets`` and against ALM's chunks on tiling
-texts; gradients against float64 central finite differences; the method beside ALM in one train step."""
+texts; gradients against float64 central finite differences; the method on ALM's parallel rows (trained beside ALM in
+tests/test_cross_tokenizer.py)."""
 
 import os
 import types
@@ -139,10 +140,10 @@ def test_alignment_equals_alms_chunks_on_tiling_texts():
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("merge", ["bayesian", "observed"])
-@pytest.mark.parametrize("hybrid,weights,beta", [(False, (None, None), 0.5), (True, (None, None), 0.5),
-                                                 (True, (0.3, 0.9), 0.0), (True, (None, None), 1.0),
-                                                 (True, (None, None), 0.2)])
+@pytest.mark.parametrize("merge,hybrid,weights,beta", [
+    ("bayesian", False, (None, None), 0.5), ("observed", False, (None, None), 0.5),
+    ("bayesian", True, (None, None), 0.5), ("observed", True, (None, None), 0.2),
+    ("bayesian", True, (0.3, 0.9), 0.0), ("observed", True, (None, None), 1.0)])
 def test_values_equal_trls_uld_loss(merge, hybrid, weights, beta):
     for seed in (0, 1):
         case = gold_case(seed)
@@ -200,30 +201,30 @@ def test_positions_outside_groups_do_not_count_and_bad_inputs_are_refused():
 # ----- the method, beside ALM, on parallel rows of two tokenizers -----
 
 
-def test_uld_method_beside_alm_in_one_train_step():
-    import jaxkd
-    from jaxkd.methods.base import MethodVars
-    from jaxkd.models import lm as lm_models
-    from tests.test_cross_tokenizer import (BATCH, STUDENT_CE, STUDENT_CFG, TEACHER_MODEL, TEACHER_VARS, inputs_of,
-                                            new_state)
+def test_uld_method_is_the_loss_of_the_next_token_logits_over_alms_chunks():
+    """On parallel rows (tests/test_cross_tokenizer.py, which also trains ``lm_ce + alm + uld`` in one step),
+    the method is losses.uld of the participants' logits over ALM's chunks: ``"bayesian"`` reads
+    ``logits[:, :-1]``, ``"observed"`` ``logits[:, 1:]``, both with the targets ``tokens[:, 1:]``."""
+    from tests.test_cross_tokenizer import jitted_loss, loss_case
 
-    state = new_state(STUDENT_CE + " + alm(temperature=1.0) + uld()")
-    # The step's value must be losses.uld of the two models' next-token logits over ALM's chunks (the groups).
-    zs = lm_models.lm(STUDENT_CFG).apply({"params": state.student.params},
-                                         {"tokens": BATCH["student_tokens"], "mask": BATCH["student_mask"]},
-                                         train=False).logits
-    zt = TEACHER_MODEL.apply(TEACHER_VARS, {"tokens": BATCH["tokens"], "mask": BATCH["mask"]}, train=False).logits
-    _, metrics = jaxkd.make_train_step()(state, BATCH)  # donates state
-    np.testing.assert_allclose(
-        float(metrics["loss"]), float(metrics["alm"]) + float(metrics["lm_ce"]) + float(metrics["uld"]), rtol=1e-5)
-    assert float(metrics["uld/groups"]) == BATCH["alm_chunk_mask"].sum()
-    want = float(losses.uld(zs[:, :-1], zt[:, :-1], BATCH["student_tokens"][:, 1:], BATCH["tokens"][:, 1:],
-                            BATCH["alm_student_chunks"], BATCH["alm_teacher_chunks"], BATCH["alm_chunk_mask"]))
-    assert want > 0
-    np.testing.assert_allclose(float(metrics["uld"]), want, rtol=1e-4)
-    got, _ = methods.uld(merge="observed").loss(MethodVars(), inputs_of(zs, zt, BATCH), jax.random.PRNGKey(0))
-    np.testing.assert_allclose(float(got), float(losses.uld(
-        zs[:, 1:], zt[:, 1:], BATCH["student_tokens"][:, 1:], BATCH["tokens"][:, 1:], BATCH["alm_student_chunks"],
-        BATCH["alm_teacher_chunks"], BATCH["alm_chunk_mask"], merge="observed")), rtol=1e-6)
+    batch, zs, zt = loss_case(2, rows=slice(0, 4))
+    groups = (batch["alm_student_chunks"], batch["alm_teacher_chunks"], batch["alm_chunk_mask"])
+    targets = (batch["student_tokens"][:, 1:], batch["tokens"][:, 1:])
+
+    @jax.jit
+    def direct(zs, zt):
+        return (losses.uld(zs[:, :-1], zt[:, :-1], *targets, *groups),
+                losses.uld(zs[:, 1:], zt[:, 1:], *targets, *groups, merge="observed", matched_vocabulary=matched,
+                           beta=0.3))
+
+    matched = (np.array([3, 5, 40]), np.array([7, 1, 100]))
+    bayesian, observed = (float(v) for v in direct(zs, zt))
+    assert bayesian > 0 and abs(bayesian - observed) > 1e-4
+    got, metrics = jitted_loss(methods.uld())(zs, zt, batch)
+    np.testing.assert_allclose(float(got), bayesian, rtol=1e-6)
+    assert float(metrics["groups"]) == batch["alm_chunk_mask"].sum()
+    got, _ = jitted_loss(methods.uld(merge="observed", matched_vocabulary=matched, beta=0.3))(zs, zt, batch)
+    np.testing.assert_allclose(float(got), observed, rtol=1e-6)
+    assert methods.uld().needs.cross_vocabulary
     with pytest.raises(ValueError, match="both or neither"):
         methods.uld(matched_weight=0.5)
