@@ -92,7 +92,7 @@ def test_token_kd_gkd_and_lm_ce_score_only_the_completion_like_trl():
 
 
 def test_gkd_data_rows_honour_the_loss_mask_and_seq_kd_scores_the_teachers_greedy_generation():
-    """One train step of two GKD terms on a completion-masked batch, each against TRL's loss on a batch built
+    """The step loss of two GKD terms on a completion-masked batch, each against TRL's loss on a batch built
     by hand with greedy generations (``jaxkd.models.sampling.generate``):
 
     * ``gkd(λ=0.5)``: rows 0-1 are the student's continuations (their generated tokens count), rows 2-3 data

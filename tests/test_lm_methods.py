@@ -92,8 +92,9 @@ def test_preference_kd_scores_only_the_completion_of_the_chosen_row_under_a_loss
 
     dropped = (np.arange(1, T) >= 3) & (np.arange(1, T) < 5)  # targets after the prompt, before the completion
     ratio = np.where(dropped[None] & MASK[:, 1:], log_probs(VARS[0]) - log_probs(VARS[1]), 0.0).sum(-1)
-    np.testing.assert_allclose(float(plain["preference_kd/reward_margin"]) - float(masked["preference_kd/reward_margin"]),
-                               beta * ratio.mean(), rtol=1e-4, atol=1e-6)
+    margin = "preference_kd/reward_margin"
+    np.testing.assert_allclose(float(plain[margin]) - float(masked[margin]), beta * ratio.mean(), rtol=1e-4,
+                               atol=1e-6)
     assert abs(beta * ratio.mean()) > 1e-3
 
 

@@ -70,11 +70,11 @@ def gold_case(seed=0, batch=3, teacher_eos=True, max_bytes=8):
                 t_off=t_off)
 
 
-def trl_uld(case, *, merge, hybrid=False, weights=(None, None), beta=0.5, temperatures=(1.0, 1.0)):
+def trl_uld(case, *, merge, hybrid=False, weights=(None, None), beta=0.5, temperatures=(1.0, 1.0), extended=True):
     config = types.SimpleNamespace(
         uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=temperatures[0],
         uld_teacher_temperature=temperatures[1], uld_skip_student_eos=False, uld_skip_teacher_eos=False,
-        use_extended_uld=True, uld_token_merge_strategy=merge, uld_use_hybrid_loss=hybrid,
+        use_extended_uld=extended, uld_token_merge_strategy=merge, uld_use_hybrid_loss=hybrid,
         uld_hybrid_matched_weight=weights[0], uld_hybrid_unmatched_weight=weights[1], beta=beta)
     vocab = lambda v: types.SimpleNamespace(get_vocab=lambda: v)  # noqa: E731
     loss = ULDLoss(config, student_tokenizer=vocab(STUDENT_VOCAB), teacher_tokenizer=vocab(TEACHER_VOCAB))
@@ -151,6 +151,20 @@ def test_values_equal_trls_uld_loss(merge, hybrid, weights, beta):
                       matched_vocabulary=MATCHED if hybrid else None, beta=beta, matched_weight=weights[0],
                       unmatched_weight=weights[1])
         np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("merge", ["bayesian", "observed"])
+def test_positional_alignment_equals_trls_uld_without_byte_offsets(merge):
+    """The original ULD (TRL's ``use_extended_uld=False``): the k-th answer tokens paired, up to the shorter."""
+    case = gold_case(7, batch=4)
+    s_group, t_group, group_mask = losses.uld_positional_alignment(case["s_labels"][:, 1:] != -100,
+                                                                   case["t_labels"][:, 1:] != -100)
+    args = list(jaxkd_arrays(case, merge))
+    args[4:] = s_group, t_group, group_mask
+    want = trl_uld(case, merge=merge, extended=False)
+    np.testing.assert_allclose(float(uld_jit(*args, merge=merge)), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="same batch"):
+        losses.uld_positional_alignment(np.ones((2, 3)), np.ones((3, 3)))
 
 
 def test_gradients_match_float64_finite_differences():

@@ -13,8 +13,9 @@ tokenizers share directly (generalized JSD) and the rest by sorting.
 
 Two parts, like ALM's (:mod:`jaxkd.losses.lm.alm`):
 
-* host-side data preparation: :func:`uld_alignment` (NumPy, from the tokens' byte offsets) and
-  :func:`uld_matched_vocabulary` (from the two tokenizers' vocabularies);
+* host-side data preparation: :func:`uld_alignment` (NumPy, from the tokens' byte offsets), or the original
+  paper's position-by-position pairs :func:`uld_positional_alignment`, and :func:`uld_matched_vocabulary`
+  (from the two tokenizers' vocabularies);
 * the jittable loss :func:`uld`.
 
 The group ids have the format of ALM's chunk ids (one id per token, ``-1`` for none, a ``[B, G]`` mask of the
@@ -33,7 +34,7 @@ import numpy as np
 from jaxkd.checks import check_choice, check_in_range, check_int, check_positive
 from jaxkd.losses.core import Array, Reduction, reduce_loss, to_float
 
-__all__ = ["uld", "uld_alignment", "uld_matched_vocabulary"]
+__all__ = ["uld", "uld_alignment", "uld_matched_vocabulary", "uld_positional_alignment"]
 
 #: TRL's floor on a probability before its log (``clamp_min(1e-8)`` in the group merge and the matched JSD).
 _PROB_FLOOR = 1e-8
@@ -147,6 +148,41 @@ def uld_alignment(
         raise ValueError(f"num_groups={num_groups} is smaller than the {found} groups of the longest sequence")
     group_mask = np.arange(num_groups)[None, :] < np.asarray(counts)[:, None]
     return s_ids, t_ids, group_mask
+
+
+def uld_positional_alignment(student_mask, teacher_mask, *, num_groups: int | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The original ULD's alignment: the ``k``-th completion token of one side with the ``k``-th of the other
+    (host, NumPy).
+
+    Boizard et al. (2024) compare the two answers position by position, truncated to the shorter one; TRL's
+    ``ULDLoss`` does the same with ``use_extended_uld=False`` (``probs[:min_length]`` on both sides; for
+    tokenizers without byte offsets, e.g. SentencePiece). In :func:`uld_alignment`'s format: group ``k`` holds
+    the ``k``-th token with ``mask`` true on each side, for ``k < min(n_S, n_T)``.
+
+    Args:
+      student_mask, teacher_mask: boolean ``[T]`` / ``[B, T]``: the completion tokens (targets) of each side.
+      num_groups: the size ``G`` of the group axis; ``None``: the largest count in the batch (at least 1).
+
+    Returns:
+      ``(student_group_ids [B, Ts], teacher_group_ids [B, Tt], group_mask [B, G])``.
+    """
+    s_mask = np.asarray(student_mask, bool)
+    t_mask = np.asarray(teacher_mask, bool)
+    s_mask, t_mask = (m[None] if m.ndim == 1 else m for m in (s_mask, t_mask))
+    if s_mask.ndim != 2 or t_mask.ndim != 2 or s_mask.shape[0] != t_mask.shape[0]:
+        raise ValueError(f"student_mask and teacher_mask must be [B, T] masks of the same batch, got shapes "
+                         f"{np.shape(student_mask)} and {np.shape(teacher_mask)}")
+    s_rank = np.where(s_mask, np.cumsum(s_mask, axis=1) - 1, -1)  # k for the k-th token, -1 off the mask
+    t_rank = np.where(t_mask, np.cumsum(t_mask, axis=1) - 1, -1)
+    counts = np.minimum(s_mask.sum(1), t_mask.sum(1))
+    found = max(int(counts.max(initial=0)), 1)
+    num_groups = found if num_groups is None else check_int("num_groups", num_groups, low=1)
+    if num_groups < found:
+        raise ValueError(f"num_groups={num_groups} is smaller than the {found} groups of the longest sequence")
+    s_ids = np.where(s_rank < counts[:, None], s_rank, -1).astype(np.int32)
+    t_ids = np.where(t_rank < counts[:, None], t_rank, -1).astype(np.int32)
+    return s_ids, t_ids, np.arange(num_groups)[None, :] < counts[:, None]
 
 
 def uld_matched_vocabulary(student_vocab: Mapping[str, int], teacher_vocab: Mapping[str, int]
@@ -264,7 +300,8 @@ def uld(
     and per group, with ``P^S_g, P^T_g`` padded with zeros to the larger vocabulary::
 
         plain:   ℓ_g = Σ_v | sort↓(P^S_g)_v − sort↓(P^T_g)_v |
-        hybrid:  ℓ_g = w_m · GJSD_β(P^S_g[matched_S], P^T_g[matched_T]) + w_u · Σ_v | sort↓ unmatched S − sort↓ unmatched T |
+        hybrid:  ℓ_g = w_m · GJSD_β(P^S_g[matched_S], P^T_g[matched_T])
+                     + w_u · Σ_v | sort↓(P^S_g[unmatched_S])_v − sort↓(P^T_g[unmatched_T])_v |
 
     (``GJSD_β``: TRL's generalized JSD of the floored probabilities, β = 0 forward KL, 1 reverse; ``w_m = M/V_T``,
     ``w_u = 1 − w_m`` unless ``matched_weight``/``unmatched_weight`` are given; the unmatched term is 0 when a

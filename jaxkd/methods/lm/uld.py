@@ -9,8 +9,10 @@ the same windows and the chunk ids of their targets, ``alm_student_chunks``/``al
 ``alm_chunk_mask``). On those rows — windows that tile the text and end at a common boundary — ALM's chunks are
 exactly GOLD's groups (:func:`jaxkd.losses.uld_alignment`; tested), so one batch serves ``alm() + uld()``; for
 chat/completion rows with other spans (zero-width specials, a trailing unfinished group), write the groups of
-:func:`jaxkd.losses.uld_alignment` under other keys and name them here. Participants read their own
-tokenization, as for ALM (the student ``("student_tokens", "student_mask")``: :data:`jaxkd.methods.student_input`).
+:func:`jaxkd.losses.uld_alignment` under other keys and name them here (or the original ULD's
+position-by-position pairs, :func:`jaxkd.losses.uld_positional_alignment`, for tokenizers without byte
+offsets). Participants read their own tokenization, as for ALM (the student ``("student_tokens",
+"student_mask")``: :data:`jaxkd.methods.student_input`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ __all__ = ["uld"]
     "uld", inputs="two_tokenizations",
     paper="Boizard et al., *Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs*, "
           "2024 (and TRL GOLD's hybrid ULD)",
-    losses=("uld", "uld_alignment", "uld_matched_vocabulary"),
+    losses=("uld", "uld_alignment", "uld_positional_alignment", "uld_matched_vocabulary"),
 )
 def uld(
     *,
