@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import losses
-from jaxkd.batch import MASK, TOKENS
+from jaxkd.batch import TOKENS
 from jaxkd.checks import check_choice, check_in_range, check_positive
 from jaxkd.methods.base import LossInputs, Method, Needs, Weight, require, stateless_method
 from jaxkd.methods.registry import register
@@ -120,6 +120,5 @@ def uld(
 
     return stateless_method(
         name, compute, weight=weight, participants=(teacher,),
-        batch_keys=(student_tokens_key, "student_mask", teacher_tokens_key, MASK, student_groups_key,
-                    teacher_groups_key, group_mask_key),
+        batch_keys=(student_tokens_key, teacher_tokens_key, student_groups_key, teacher_groups_key, group_mask_key),
         needs=Needs(cross_vocabulary=True))
