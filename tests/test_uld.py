@@ -70,10 +70,11 @@ def gold_case(seed=0, batch=3, teacher_eos=True, max_bytes=8):
                 t_off=t_off)
 
 
-def trl_uld(case, *, merge, hybrid=False, weights=(None, None), beta=0.5, temperatures=(1.0, 1.0), extended=True):
+def trl_uld(case, *, merge, hybrid=False, weights=(None, None), beta=0.5, temperatures=(1.0, 1.0), extended=True,
+            skip_eos=False):
     config = types.SimpleNamespace(
         uld_crossentropy_weight=0.0, uld_distillation_weight=1.0, uld_student_temperature=temperatures[0],
-        uld_teacher_temperature=temperatures[1], uld_skip_student_eos=False, uld_skip_teacher_eos=False,
+        uld_teacher_temperature=temperatures[1], uld_skip_student_eos=skip_eos, uld_skip_teacher_eos=skip_eos,
         use_extended_uld=extended, uld_token_merge_strategy=merge, uld_use_hybrid_loss=hybrid,
         uld_hybrid_matched_weight=weights[0], uld_hybrid_unmatched_weight=weights[1], beta=beta)
     vocab = lambda v: types.SimpleNamespace(get_vocab=lambda: v)  # noqa: E731
@@ -83,12 +84,22 @@ def trl_uld(case, *, merge, hybrid=False, weights=(None, None), beta=0.5, temper
                       student_byte_offsets=t("s_off"), teacher_byte_offsets=t("t_off")))
 
 
-def jaxkd_arrays(case, merge):
+def without_last(mask):
+    """``mask`` without each row's last True entry (TRL's ``uld_skip_*_eos``: the answer's last token)."""
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    out = mask.copy()
+    out[np.arange(len(mask))[mask.any(1)], last[mask.any(1)]] = False
+    return out
+
+
+def jaxkd_arrays(case, merge, skip_eos=False):
     """The loss's inputs in the next-token coordinates (targets ``tokens[:, 1:]``): the groups of the
     completion targets; ``"bayesian"`` reads ``logits[:, :-1]``, ``"observed"`` ``logits[:, 1:]``."""
-    s_group, t_group, group_mask = losses.uld_alignment(
-        case["s_off"][:, 1:], case["t_off"][:, 1:], student_mask=case["s_labels"][:, 1:] != -100,
-        teacher_mask=case["t_labels"][:, 1:] != -100)
+    s_mask, t_mask = case["s_labels"][:, 1:] != -100, case["t_labels"][:, 1:] != -100
+    if skip_eos:
+        s_mask, t_mask = without_last(s_mask), without_last(t_mask)
+    s_group, t_group, group_mask = losses.uld_alignment(case["s_off"][:, 1:], case["t_off"][:, 1:],
+                                                        student_mask=s_mask, teacher_mask=t_mask)
     cut = (lambda z: z[:, :-1]) if merge == "bayesian" else (lambda z: z[:, 1:])
     return (cut(case["zs"]), cut(case["zt"]), case["s_ids"][:, 1:].astype(np.int32),
             case["t_ids"][:, 1:].astype(np.int32), s_group, t_group, group_mask)
@@ -144,10 +155,12 @@ def test_alignment_equals_alms_chunks_on_tiling_texts():
     ("bayesian", True, (None, None), 0.5), ("observed", True, (None, None), 0.2),
     ("bayesian", True, (0.3, 0.9), 0.0), ("observed", True, (None, None), 1.0)])
 def test_values_equal_trls_uld_loss(merge, hybrid, weights, beta):
-    for seed in (0, 1):
+    # TRL's uld_skip_*_eos (its default) drops each answer's last token: here the mask given to the alignment.
+    for seed, skip_eos in ((0, False), (1, False), (2, True)):
         case = gold_case(seed)
-        want = trl_uld(case, merge=merge, hybrid=hybrid, weights=weights, beta=beta, temperatures=(1.5, 0.8))
-        got = uld_jit(*jaxkd_arrays(case, merge), merge=merge, student_temperature=1.5, teacher_temperature=0.8,
+        want = trl_uld(case, merge=merge, hybrid=hybrid, weights=weights, beta=beta, temperatures=(1.5, 0.8),
+                       skip_eos=skip_eos)
+        got = uld_jit(*jaxkd_arrays(case, merge, skip_eos), merge=merge, student_temperature=1.5, teacher_temperature=0.8,
                       matched_vocabulary=MATCHED if hybrid else None, beta=beta, matched_weight=weights[0],
                       unmatched_weight=weights[1])
         np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)

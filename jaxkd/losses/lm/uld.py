@@ -115,7 +115,8 @@ def uld_alignment(
       student_byte_offsets, teacher_byte_offsets: integer ``[T, 2]`` or ``[B, T, 2]`` (start, end) byte offsets
         into the same completion texts (per sequence), tokens in text order; only the ends are read.
       student_mask, teacher_mask: boolean ``[T]`` / ``[B, T]``: the tokens to align (the completion targets;
-        padding and prompt False), or ``None`` for all.
+        padding and prompt False), or ``None`` for all. TRL's ``uld_skip_student_eos``/``uld_skip_teacher_eos``
+        (its defaults) leave out each answer's last token: a mask without it.
       num_groups: the size ``G`` of the group axis (a static shape for ``jit``); ``None``: the largest count in
         the batch (at least 1). Fewer than found is an error.
 
