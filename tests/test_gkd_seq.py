@@ -89,6 +89,14 @@ def test_token_kd_gkd_and_lm_ce_score_only_the_completion_like_trl():
         np.testing.assert_allclose(method_value(method, zs2, zt2), base, rtol=1e-6)
         zs2[0, PROMPT] += 5.0 * rng.normal(size=V).astype(np.float32)
         assert abs(method_value(method, zs2, zt2) - base) > 1e-4
+    # The cross-entropy reads the target tokens: a prompt token's id does not matter, a completion token's does.
+    base = method_value(methods.lm_ce(), zs, zt)
+    tokens = BATCH["tokens"].copy()
+    tokens[:, 1:PROMPT] = (tokens[:, 1:PROMPT] + 1) % V
+    np.testing.assert_allclose(method_value(methods.lm_ce(), zs, zt, {**MASKED_BATCH, "tokens": tokens}), base,
+                               rtol=1e-6)
+    tokens[0, PROMPT + 1] = (tokens[0, PROMPT + 1] + 1) % V
+    assert abs(method_value(methods.lm_ce(), zs, zt, {**MASKED_BATCH, "tokens": tokens}) - base) > 1e-4
 
 
 def test_gkd_data_rows_honour_the_loss_mask_and_seq_kd_scores_the_teachers_greedy_generation():
