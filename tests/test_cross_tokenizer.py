@@ -245,14 +245,16 @@ def test_create_accepts_other_vocabularies_only_with_a_cross_vocabulary_method()
         new_state("alm()", student_input=("tokens", "mask"))
 
 
-def test_one_jitted_train_step_of_lm_ce_plus_alm():
-    state = new_state(STUDENT_CE + " + alm(temperature=1.0)")
+def test_one_jitted_train_step_of_lm_ce_plus_alm_plus_uld():
+    state = new_state(STUDENT_CE + " + alm(temperature=1.0) + uld()")
     before = jax.device_get(state.student.params)
     state, metrics = jaxkd.make_train_step()(state, BATCH)
     assert int(state.step) == 1
     assert np.isfinite(float(metrics["loss"])) and float(metrics["alm"]) > 0 and float(metrics["lm_ce"]) > 0
-    np.testing.assert_allclose(float(metrics["loss"]), float(metrics["alm"]) + float(metrics["lm_ce"]), rtol=1e-5)
-    assert float(metrics["alm/chunks"]) == BATCH["alm_chunk_mask"].sum()
+    assert float(metrics["uld"]) > 0  # its value: tests/test_uld.py
+    np.testing.assert_allclose(float(metrics["loss"]),
+                               float(metrics["alm"]) + float(metrics["lm_ce"]) + float(metrics["uld"]), rtol=1e-5)
+    assert float(metrics["alm/chunks"]) == float(metrics["uld/groups"]) == BATCH["alm_chunk_mask"].sum()
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before,
                                            jax.device_get(state.student.params)))
     assert any(changed)

@@ -36,17 +36,17 @@ def new_state(method, teacher_vars=VARS[1], reference_vars=None):
                         rng=jax.random.PRNGKey(0))
 
 
-def loss_and_metrics(state, rng=jax.random.PRNGKey(3)):
-    """The method's loss and metrics on BATCH for the state's variables (no update)."""
-    def run(state):
-        x = {"tokens": BATCH["tokens"], "mask": BATCH["mask"]}
+def loss_and_metrics(state, rng=jax.random.PRNGKey(3), batch=BATCH):
+    """The method's loss and metrics on ``batch`` for the state's variables (no update)."""
+    def run(state, batch):
+        x = {"tokens": batch["tokens"], "mask": batch["mask"]}
         variables = {name: v.variables() for name, v in {**state.trained, **state.frozen}.items()}
         outputs = {name: state.participant(name).model.apply(v, x, train=False) for name, v in variables.items()}
-        inputs = LossInputs(outputs=outputs, batch=BATCH, step=state.step, variables=variables,
+        inputs = LossInputs(outputs=outputs, batch=batch, step=state.step, variables=variables,
                             participants=state.participants, label_key="label")
         value, aux = state.method.loss(state.method_vars, inputs, rng)
         return value, aux.metrics
-    return jax.jit(run)(state)
+    return jax.jit(run)(state, batch)
 
 
 def test_distillm_on_data_is_the_skew_kl_and_its_probability_follows_the_validation_loss():
@@ -72,6 +72,30 @@ def test_preference_kd_against_a_reference_equal_to_the_policy_is_log_2():
                                                     teacher_vars=VARS[0]))
         np.testing.assert_allclose(float(value), np.log(2.0) if loss_type == "dpo" else 0.5, rtol=1e-5)
         assert float(metrics["preference_kd/reward_margin"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_preference_kd_scores_only_the_completion_of_the_chosen_row_under_a_loss_mask():
+    """A loss mask dropping the targets 3-4 of the chosen (data) rows removes exactly their policy-minus-
+    reference log-ratio from the chosen side: the reward margins differ by β·Σ (log p_S − log p_T) over them
+    (averaged over the rows); the rejected (sampled) side is the same draw in both runs."""
+    beta = 0.5
+    state = new_state(methods.preference_kd(beta=beta, prompt_length=3))
+    loss_mask = np.broadcast_to(np.arange(T) >= 5, (B, T))
+    _, plain = loss_and_metrics(state)
+    _, masked = loss_and_metrics(state, batch={**BATCH, "loss_mask": loss_mask})
+
+    def log_probs(variables):
+        z = np.asarray(MODEL.apply(variables, {"tokens": TOKENS, "mask": MASK}, train=False).logits, np.float64)
+        z = z - z.max(-1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return np.take_along_axis(lp[:, :-1], TOKENS[:, 1:, None], -1)[..., 0]
+
+    dropped = (np.arange(1, T) >= 3) & (np.arange(1, T) < 5)  # targets after the prompt, before the completion
+    ratio = np.where(dropped[None] & MASK[:, 1:], log_probs(VARS[0]) - log_probs(VARS[1]), 0.0).sum(-1)
+    margin = "preference_kd/reward_margin"
+    np.testing.assert_allclose(float(plain[margin]) - float(masked[margin]), beta * ratio.mean(), rtol=1e-4,
+                               atol=1e-6)
+    assert abs(beta * ratio.mean()) > 1e-3
 
 
 def test_adpa_without_an_advantage_is_zero_and_dac_kl_unclipped_is_the_forward_kl():

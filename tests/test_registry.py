@@ -37,7 +37,8 @@ def lelp_projections_file(tmp_path, teacher, teacher_vars, batch) -> str:
 # Language-model methods run on two tiny LMs over byte-sized vocabularies and a token batch.
 LM_METHODS = {n for n, r in methods.REGISTRY.items() if r.inputs in ("tokens", "two_tokenizations")}
 # The feature-map methods' own test files each train them in the jitted step (on the same tiny ResNets), and
-# so do these LM methods' (tests/test_lm_train.py, tests/test_lm_methods.py, tests/test_cross_tokenizer.py);
+# so do these LM methods' (tests/test_lm_train.py, tests/test_lm_methods.py, tests/test_cross_tokenizer.py,
+# tests/test_uld.py, tests/test_gkd_seq.py);
 # here they are the slow cases (`pytest -m slow`), so the suite stays under 10 minutes.
 # (preference_kd trains in llava_mod's second step; adpa, dac_kl and distillm — both branches — are checked
 # against closed forms through their jitted losses in tests/test_lm_methods.py.)

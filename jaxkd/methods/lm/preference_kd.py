@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxkd.batch import MASK, TOKENS
+from jaxkd.batch import MASK, TOKENS, batch_target_mask
 from jaxkd import losses
 from jaxkd.checks import check_choice, check_int, check_positive
 from jaxkd.losses.lm.tokens import shift_logits
@@ -44,7 +44,9 @@ def preference_kd(
     continuation of its prompt is *chosen*, the student's own sampled continuation *rejected* (the
     self-play construction of SPIN, Chen et al. 2024). Response log-probabilities are summed over the
     continuation (``average_log_prob=True``: averaged, LLaVA-MoD's ``get_logp`` option). Metrics:
-    ``reward_margin`` (β·(r_chosen − r_rejected)).
+    ``reward_margin`` (β·(r_chosen − r_rejected)). A batch with :data:`jaxkd.batch.LOSS_MASK` also limits the
+    chosen continuation to its completion tokens (and packed rows' :data:`~jaxkd.batch.SEGMENT_IDS` to one
+    document's targets).
 
     ``student``/``teacher`` name the participants in the two roles, as in :func:`~jaxkd.methods.kd`: the
     participant in the ``student`` role samples the continuations and is trained; the one in the ``teacher``
@@ -61,7 +63,8 @@ def preference_kd(
             inputs, rng, prompt_length=prompt_length, temperature=sampling_temperature, top_k=None, top_p=None,
             eos_id=None, method=name, learner=student)
         chosen = {TOKENS: tokens, MASK: mask}
-        chosen_targets_mask = generated_target_mask(mask, prompt_length)
+        # The data continuation after the prompt; with a completion mask (LOSS_MASK), its completion tokens only.
+        chosen_targets_mask = generated_target_mask(mask, prompt_length) & batch_target_mask(inputs.batch)
 
         def logps(participant, x, target_mask, train):
             logits = apply_participant(inputs, participant, x, train=train, method=name).logits
