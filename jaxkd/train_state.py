@@ -606,9 +606,35 @@ def _state_shardings(out_abstract, var_shardings, tx, mesh: Mesh, parts) -> PyTr
     }
     method = shd.param_shardings(method_abstract, mesh, default)
     trainable = {**{n: v.params for n, v in trained.items()}, "method": method.params}
+    if any(p.trains and (p.tx is not None or p.trainable is not None) for p in parts.values()):
+        # optax.tree_map_params initializes the optimizer on a placeholder, which a multi_transform labelling
+        # the parameters by name cannot label: its states are matched to the parameters by path instead.
+        abstract_trainable = {**{n: v.params for n, v in trained_abstract.items()}, "method": method_abstract.params}
+        return trained, method, _shardings_by_param_path(opt_abstract, trainable, abstract_trainable, mesh, default)
     opt = optax.tree_map_params(
         tx, lambda _, sharding: sharding, opt_abstract, trainable,
         transform_non_params=lambda leaf: shd.param_shardings(leaf, mesh, default),
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
     return trained, method, opt
+
+
+def _shardings_by_param_path(opt_abstract, trainable_shardings, abstract_trainable, mesh: Mesh, default) -> PyTree:
+    """Each optimizer-state leaf whose path ends with a parameter's path (``…mu['student']['block_0']…``) and
+    that has its shape gets the parameter's sharding; the others (step counts) the mesh default."""
+    def keys(path):
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+    shardings = {keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(trainable_shardings, is_leaf=is_sharding)[0]}
+    shapes = {keys(p): np.shape(a) for p, a in jax.tree_util.tree_flatten_with_path(abstract_trainable)[0]}
+
+    def pick(path, leaf):
+        path = keys(path)
+        for start in range(len(path)):
+            tail = path[start:]
+            if tail in shardings and shapes[tail] == np.shape(leaf):
+                return shardings[tail]
+        return shd.param_shardings(leaf, mesh, default)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abstract)

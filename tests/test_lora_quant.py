@@ -295,6 +295,13 @@ def test_int8_weights_are_per_channel_absmax_and_the_model_runs_on_them(int8_tea
         dequant[key] = np.asarray(q.qvalue, np.float32) * np.asarray(q.scale)
     np.testing.assert_allclose(logits(qmodel, qvars),
                                logits(model, {"params": flax.traverse_util.unflatten_dict(dequant)}), atol=1e-5)
+    # A tied output projection reads embedding.T, here of the embedding's own shape [16, 16]: qwix alone would
+    # take it for the embedding and quantize the table transposed; it stays float32, used as it is.
+    tied = lm_models.lm(lm_models.LMConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=T))
+    tied_vars = jaxkd.sharding.unbox(tied.init(jax.random.PRNGKey(2), X))
+    tied_q, tied_qvars = quantize_int8(tied, tied_vars, X)
+    np.testing.assert_array_equal(tied_qvars["params"]["embedding"], tied_vars["params"]["embedding"])
+    assert mean_kl(logits(tied, tied_vars), logits(tied_q, tied_qvars)) < 1e-3
 
 
 def test_int8_teacher_stays_close_and_halves_bfloat16_bytes(int8_teacher):

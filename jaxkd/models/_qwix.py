@@ -5,7 +5,7 @@ qwix intercepts ``jnp.einsum`` / ``lax.dot_general`` inside a Linen module and f
 came from (``qwix._src.utils.flax_util.find_param``: the same array, or one reached through unary ops such as
 ``astype``, or else a parameter of the same shape). A tied output projection reads ``embedding.T``: qwix would
 take it for the embedding and replace or adapt the embedding with a transposed copy. Only an operand of the
-parameter's own shape is taken here, so the transposed embedding stays a plain matmul.
+parameter itself, or the parameter through casts, is taken here, so the transposed embedding stays a plain matmul.
 """
 
 from __future__ import annotations
@@ -14,23 +14,48 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
 PyTree = Any
 
 
+# What may stand between a parameter and the matmul operand taken for it: casts and sharding annotations,
+# never a transpose or reshape (a tied output projection's embedding.T).
+_CASTS = frozenset({"convert_element_type", "sharding_constraint", "copy", "copy_p"})
+
+
 def weight_name(operand: Any) -> str | None:
     """The name of the current module's parameter ``operand`` is (possibly cast), or ``None``: not a parameter,
-    or a reshaped / transposed view of one."""
+    or a transposed / reshaped view of one (qwix's own lookup would accept those)."""
     name = flax_util.find_param(operand, ptq.WithAux)
     if name is None:
         return None
     module = flax_util.get_current_module()
-    stored = flax_util.unbox(module.get_variable("params", name)) if isinstance(module, nn.Module) else None
-    if stored is None or tuple(stored.shape) != tuple(operand.shape):
+    if not isinstance(module, nn.Module):
         return None
-    return name
+    stored = flax_util.unbox(module.get_variable("params", name))
+    if isinstance(stored, ptq.WithAux):  # already quantized: qwix hands the stored weight itself
+        return name if isinstance(operand, ptq.WithAux) else None
+    return name if _is_cast_of(operand, stored) else None
+
+
+def _is_cast_of(x: Any, param: Any) -> bool:
+    """``x`` is ``param``, or ``param`` through casts only: followed up the trace while tracing; compared by
+    value when both are concrete (an eager ``init``)."""
+    while x is not param:
+        if isinstance(x, jax.core.Tracer):
+            parent = getattr(x, "parent", None)  # the traced equation that made x
+            if parent is None or parent.primitive.name not in _CASTS or len(parent.in_tracers) != 1:
+                return False
+            x = parent.in_tracers[0]
+            continue
+        if isinstance(param, jax.core.Tracer) or tuple(x.shape) != tuple(param.shape):
+            return False
+        return bool(jnp.array_equal(x, jnp.asarray(param).astype(x.dtype)))
+    return True
 
 
 def weight_path(name: str) -> str:
