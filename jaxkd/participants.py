@@ -116,8 +116,8 @@ class Participant:
         return jax.tree_util.tree_map_with_path(lambda path, _: bool(select(param_path(path))), params)
 
     def stop_frozen_gradients(self, params: PyTree) -> PyTree:
-        """``params`` with the leaves outside :attr:`trainable` under ``stop_gradient``: their gradient is zero
-        and XLA drops its computation (the matmuls of a LoRA base weight's gradient never run)."""
+        """``params`` with the leaves outside :attr:`trainable` under ``stop_gradient``: JAX differentiates
+        them as constants (the matmul of a LoRA base weight's gradient is never traced; the gradient is zeros)."""
         if self.trainable is None:
             return params
         return jax.tree.map(lambda keep, p: p if keep else jax.lax.stop_gradient(p), self.trainable_mask(params),

@@ -162,8 +162,9 @@ def _loss_and_grads(state: TrainState, trainable, model_states, method_state, ba
 
     def loss_fn(trainable):
         # A participant trained in part (LoRA adapters only) differentiates through its other parameters
-        # under stop_gradient: their gradients are zeros that XLA never computes, where masking the update
-        # alone (optax.masked / set_to_zero) would still pay for every frozen weight's gradient.
+        # under stop_gradient: JAX treats them as constants (no weight-gradient matmul is traced; their gradient
+        # is a zero array), where masking the update alone (optax.masked / set_to_zero) would still compute every
+        # frozen weight's gradient.
         trainable = {name: state.participant(name).stop_frozen_gradients(p) if name in state.trained else p
                      for name, p in trainable.items()}
         variables = {name: ModelVariables(trainable[name], model_states[name]).variables() for name in state.trained}

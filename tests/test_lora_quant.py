@@ -225,6 +225,26 @@ def test_only_the_adapters_train_by_their_gradient_and_the_state_checkpoints(lor
         np.testing.assert_array_equal(a, b)
 
 
+def test_on_a_mesh_adapters_and_their_optimizer_state_shard_like_their_weights(lora_vars, int8_teacher):
+    # The conftest gives 8 host devices. B [r, H, hd] carries the query's (heads, head_dim) axes: heads over tensor.
+    mesh = jaxkd.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = lm_models.lm_logical_rules()
+    _, _, (teacher_model, teacher_vars) = int8_teacher
+    parts = {"student": jaxkd.Participant(LORA, lora_vars, input=KEYS, trainable=ADAPTERS, rules=rules),
+             "teacher": jaxkd.participants.teacher(teacher_model, teacher_vars, input=KEYS, rules=rules)}
+    batch = {k: np.concatenate([v] * 2) for k, v in BATCH.items()}  # 4 rows: the data axes split them
+    state = jaxkd.create(participants=parts, method=methods.lm_ce() + methods.token_kd(),
+                         tx=optax.sgd(0.1, momentum=0.9), sample_batch=batch, rng=jax.random.PRNGKey(0), mesh=mesh)
+    spec = lambda x: tuple(x.sharding.spec)
+    attention = state.student.params["block_0"]["attention"]
+    assert spec(attention["query"]) == ("fsdp", "tensor", None)
+    assert spec(attention["query_lora_a"]) == ("fsdp", None)
+    assert spec(attention["query_lora_b"]) == (None, "tensor", None)
+    momentum = [x for x in jax.tree.leaves(state.opt_state) if x.shape == attention["query_lora_b"].shape]
+    assert momentum and all(spec(x) == (None, "tensor", None) for x in momentum)
+    assert spec(state.frozen["teacher"].params["block_0"]["mlp"]["up"].array.qvalue) == ("fsdp", "tensor")
+
+
 # ----- int8 weight-only teacher -----
 
 
@@ -322,3 +342,17 @@ def test_int8_teacher_stays_close_and_halves_bfloat16_bytes(int8_teacher):
     assert nbytes(weights(qvars)) <= 0.55 * nbytes(weights(bf16)), (nbytes(weights(qvars)), nbytes(weights(bf16)))
     # The whole tree: the embedding and norm gains stay float32.
     assert nbytes(qvars) <= 0.6 * nbytes(bf16) and nbytes(qvars) <= 0.3 * nbytes(variables)
+
+
+def test_lm_experiment_keys_are_checked():
+    from experiments import config as config_lib
+    from experiments.lm_distill import LMExperiment
+
+    config_lib.validate(LMExperiment(teacher_int8=True, student_init_steps=5,
+                                     student_lora={"targets": ".*attention/query", "rank": 2, "alpha": 4.0}))
+    with pytest.raises(ValueError, match="set student_init_steps > 0"):
+        config_lib.validate(LMExperiment(student_lora={"targets": "head", "rank": 2, "alpha": 4.0}))
+    with pytest.raises(ValueError, match=r"exactly the keys \['alpha', 'rank', 'targets'\], got \['targets'\]"):
+        config_lib.validate(LMExperiment(student_init_steps=5, student_lora={"targets": "head"}))
+    with pytest.raises(ValueError, match="teacher_int8 must be True or False"):
+        config_lib.validate(LMExperiment(teacher_int8=1))

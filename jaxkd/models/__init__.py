@@ -12,7 +12,8 @@ Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``,
 (``hidden_sizes=(256, 256)``).
 
 Hugging Face checkpoints of the LLaMA family (llama, mistral, qwen2, qwen3): :func:`from_hf` and
-:func:`to_hf` (:mod:`jaxkd.models.hf`).
+:func:`to_hf` (:mod:`jaxkd.models.hf`). LoRA adapters on a model's projections (:mod:`jaxkd.models.lora`) and
+int8 weight-only frozen models (:mod:`jaxkd.models.quantize`), both through qwix.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 
 Every weight used in a matmul (``jnp.einsum`` / ``lax.dot_general``; for :class:`~jaxkd.models.lm.TransformerLM`
 the attention and MLP projections and an untied head) is stored as int8 with one float32 scale per output
-channel: symmetric absmax, ``s = max |W| / 127`` over the contracted axes, ``q = round(W / s)``, and the matmul
-runs on ``q · s`` (qwix's ``QArray``; activations stay in the compute dtype). The embedding table and norm
+channel: symmetric absmax over the contracted axes, ``s = max |W| / 127.5`` (qwix's bound: the top bucket spans
+``[126.5, 127.5]``), ``q = round(W / s)`` in int8, and the matmul runs on ``q · s`` (qwix's ``QArray``;
+activations stay in the compute dtype). The embedding table and norm
 scales are not matmul weights and stay as they are; so does a tied output projection (``embedding.T``). Weight-only
 int8 of this kind is LLM.int8()'s vector-wise quantization without the outlier split (Dettmers et al.,
 "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale", 2022).
