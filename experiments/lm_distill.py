@@ -78,7 +78,8 @@ class LMExperiment:
         teacher its own pretraining budget (ADPA's less-trained ``reference``).
       teacher_steps, teacher_lr: the teachers' pretraining.
       teacher_int8: every frozen teacher is held with int8 weight-only matmul weights, one float32 scale per
-        output channel (:func:`jaxkd.models.quantize.quantize_int8`), about half its bfloat16 bytes.
+        output channel (:func:`jaxkd.models.quantize.quantize_int8`), about half its bfloat16 bytes; the offline
+        top-k cache is then the int8 teacher's (its own file).
       student_init_steps: the student starts from its architecture pretrained with ``lm_ce`` for that many
         steps (like a teacher: cached in ``<out_dir>/teachers``, its own seed); 0 (the default): a fresh
         initialization per seed.
@@ -166,7 +167,8 @@ LM_CHECKS = {
     **{name: config_lib.at_least(1) for name in
        ("steps", "teacher_steps", "batch_size", "microbatches", "eval_every", "max_eval_rows", "cache_k")},
     "seq_len": config_lib.at_least(2), "warmup_steps": config_lib.at_least(0),
-    "checkpoint_every": config_lib.at_least(0), "student_init_steps": config_lib.at_least(0), "max_train_files": config_lib.optional(config_lib.at_least(1)),
+    "checkpoint_every": config_lib.at_least(0), "student_init_steps": config_lib.at_least(0),
+    "max_train_files": config_lib.optional(config_lib.at_least(1)),
     "max_eval_files": config_lib.optional(config_lib.at_least(1)),
     "lr": config_lib.positive, "teacher_lr": config_lib.positive, "weight_decay": config_lib.nonnegative,
     "seeds": config_lib.check_seeds, "methods": config_lib.check_methods, "teacher": check_arch,
@@ -360,12 +362,14 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
             cache = None
             if any("topk_indices" in m.needs.batch_keys for m in run_methods.values()):
                 teacher = teachers["teacher"]
-                cache_path = os.path.join(teacher.directory, f"topk{cfg.cache_k}-{rows_key}.array_record")
+                # The teacher as held (int8 with teacher_int8): the cache is its own file.
+                precision = "-int8" if cfg.teacher_int8 else ""
+                cache_path = os.path.join(teacher.directory, f"topk{cfg.cache_k}{precision}-{rows_key}.array_record")
                 if os.path.exists(cache_path):
                     cache = TopKCache(cache_path, k=cfg.cache_k, seq_len=cfg.seq_len)
                 else:  # written to a temporary file and renamed: a kill leaves no partial cache
                     started = time.time()
-                    cache = cache_teacher_topk(cache_path, lm_models.lm(teacher.config), teacher.variables,
+                    cache = cache_teacher_topk(cache_path, *held["teacher"],
                                                train_data.tokens, train_data.mask, k=cfg.cache_k)
                     print(f"teacher cache: top-{cfg.cache_k} of {len(train_data)} rows in "
                           f"{time.time() - started:.0f} s ({os.path.getsize(cache_path) / 2**20:.1f} MiB)",
