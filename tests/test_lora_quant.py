@@ -140,7 +140,7 @@ def test_targets_and_trainable_that_match_nothing_list_the_parameter_paths(lora_
     with pytest.raises(ValueError, match=r"match no weight.*'block_0/attention/query', .*'head'"):
         lora(BASE, targets=".*attention/qurey", rank=2, alpha=1.0).init(jax.random.PRNGKey(0), X)
     with pytest.raises(ValueError, match="only weights whose contracted axes come first"):
-        # The head [d, V] read as "btv,dv->btd" contracts its last axis: A·B could not be folded back.
+        # A weight [d, v] read as "bv,dv->bd" contracts its last axis: merge_lora could not fold A·B back.
         class Transposed(nn.Module):
             @nn.compact
             def __call__(self, x, train=False):
