@@ -41,13 +41,14 @@ from jaxkd.data import ByteTokenizer, PackedText, TextLoader, count_byte_targets
 from jaxkd.data.text.teacher_cache import TopKCache, cache_teacher_topk
 from jaxkd.data.text.stdlib_corpus import stdlib_corpus_sequences
 from jaxkd.models import lm as lm_models
+from jaxkd.models.lora import ADAPTERS, init_lora, lora
+from jaxkd.models.quantize import quantize_int8
 
 from experiments import config as config_lib
 from experiments import report
 from experiments.lm_training import (
     bpb_evaluation,
     bpb_evaluator,
-    lm_participant,
     optimizer,
     padded_batches,
     pretrained_lm,
@@ -76,6 +77,15 @@ class LMExperiment:
         way (another seed) when a method reads them (multi-teacher fusion); a ``"steps"`` entry gives that
         teacher its own pretraining budget (ADPA's less-trained ``reference``).
       teacher_steps, teacher_lr: the teachers' pretraining.
+      teacher_int8: every frozen teacher is held with int8 weight-only matmul weights, one float32 scale per
+        output channel (:func:`jaxkd.models.quantize.quantize_int8`), about half its bfloat16 bytes; the offline
+        top-k cache is then the int8 teacher's (its own file).
+      student_init_steps: the student starts from its architecture pretrained with ``lm_ce`` for that many
+        steps (like a teacher: cached in ``<out_dir>/teachers``, its own seed); 0 (the default): a fresh
+        initialization per seed.
+      student_lora: ``{"targets": regex, "rank": r, "alpha": a}``: the student trains LoRA adapters only, on the
+        weights whose path matches ``targets`` (:func:`jaxkd.models.lora.lora`; the rest stays its starting
+        weights); needs ``student_init_steps > 0``. ``None`` (the default): every weight trains.
       steps, lr, warmup_steps, weight_decay, batch_size: every student's budget (AdamW, linear warm-up,
         cosine decay).
       microbatches: gradient accumulation inside the step (the batch is split; same update).
@@ -103,6 +113,9 @@ class LMExperiment:
     extra_teachers: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     teacher_steps: int = 600
     teacher_lr: float = 3e-3
+    teacher_int8: bool = False
+    student_init_steps: int = 0
+    student_lora: Mapping[str, Any] | None = None
     steps: int = 400
     lr: float = 3e-3
     warmup_steps: int = 40
@@ -122,6 +135,13 @@ class LMExperiment:
     def check(self) -> None:
         """Checks across fields (after every field's own, :func:`experiments.config.validate`)."""
         check_lm_batch(self)
+        if self.student_lora is not None:
+            if set(self.student_lora) != {"targets", "rank", "alpha"}:
+                raise ValueError(f"student_lora takes exactly the keys ['alpha', 'rank', 'targets'], got "
+                                 f"{sorted(self.student_lora)}")
+            if self.student_init_steps == 0:
+                raise ValueError("student_lora trains adapters on the student's starting weights: set "
+                                 "student_init_steps > 0 (adapters on a random initialization learn little)")
         for name, arch in self.extra_teachers.items():
             if not isinstance(name, str) or not name or name in ("teacher", "student") or not isinstance(arch, Mapping):
                 raise ValueError(f"extra_teachers must map new participant names to LMConfig fields, got "
@@ -147,7 +167,8 @@ LM_CHECKS = {
     **{name: config_lib.at_least(1) for name in
        ("steps", "teacher_steps", "batch_size", "microbatches", "eval_every", "max_eval_rows", "cache_k")},
     "seq_len": config_lib.at_least(2), "warmup_steps": config_lib.at_least(0),
-    "checkpoint_every": config_lib.at_least(0), "max_train_files": config_lib.optional(config_lib.at_least(1)),
+    "checkpoint_every": config_lib.at_least(0), "student_init_steps": config_lib.at_least(0),
+    "max_train_files": config_lib.optional(config_lib.at_least(1)),
     "max_eval_files": config_lib.optional(config_lib.at_least(1)),
     "lr": config_lib.positive, "teacher_lr": config_lib.positive, "weight_decay": config_lib.nonnegative,
     "seeds": config_lib.check_seeds, "methods": config_lib.check_methods, "teacher": check_arch,
@@ -169,6 +190,8 @@ def parse_methods(cfg: LMExperiment, **extra_constants: Any) -> dict[str, method
 
 #: The default teacher's seed (extra teachers take the next ones).
 TEACHER_SEED = 1234
+#: The seed of the student's pretrained starting weights (``student_init_steps``).
+STUDENT_BASE_SEED = 4321
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +263,53 @@ def student_config(cfg: Any, method_spec: str, seed: int, **extra: Any) -> dict[
             "microbatches": cfg.microbatches, "seq_len": cfg.seq_len, **extra}
 
 
+LM_KEYS = ("tokens", "mask")
+
+
+def held_teacher(cfg: Any, teacher: Teacher, sample: Mapping[str, Any]) -> tuple[jaxkd.models.Model, Any]:
+    """The frozen teacher's ``(model, variables)`` as the students' runs hold it: float32, or int8 weight-only
+    with ``teacher_int8``."""
+    model = lm_models.lm(teacher.config)
+    if not cfg.teacher_int8:
+        return model, teacher.variables
+    return quantize_int8(model, teacher.variables, {k: sample[k] for k in LM_KEYS})
+
+
+def student_participant(cfg: Any, model: jaxkd.models.Model, base: Teacher | None, sample: Mapping[str, Any],
+                        seed: int) -> jaxkd.Participant:
+    """The student: freshly initialized, or from its pretrained ``base``; with ``student_lora``, adapters on
+    the base weights and only they train."""
+    if cfg.student_lora is None:
+        return jaxkd.participants.student(model, None if base is None else base.variables, input=LM_KEYS)
+    variables = init_lora(model, base.variables, jax.random.PRNGKey(seed), {k: sample[k] for k in LM_KEYS})
+    return jaxkd.Participant(model, variables, input=LM_KEYS, trainable=ADAPTERS)
+
+
+def student_start(cfg: Any, base: Teacher | None) -> dict[str, Any]:
+    """What a student run's checkpoint records of its start and of the teachers' precision (only when set, so
+    that runs without them keep their recorded configs)."""
+    out: dict[str, Any] = {}
+    if base is not None:
+        out["student_base"] = teacher_identity(base)
+    if cfg.student_lora is not None:
+        out["student_lora"] = dict(cfg.student_lora)
+    if cfg.teacher_int8:
+        out["teacher_int8"] = True
+    return out
+
+
+def trainable_count(state: jaxkd.TrainState, name: str) -> int:
+    """How many of participant ``name``'s parameters the optimizer updates."""
+    params = state.trained[name].params
+    mask = state.participant(name).trainable_mask(params)
+    return int(sum(np.size(p) for p, keep in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if keep))
+
+
+def tree_bytes(tree: Any) -> int:
+    """The bytes of every array in ``tree``."""
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
+
+
 # ----- the experiment -----
 
 
@@ -256,6 +326,8 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     train_data = corpus.train
     student_cfg = lm_models.LMConfig(vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student)
     student_model = lm_models.lm(student_cfg)
+    if cfg.student_lora is not None:
+        student_model = lora(student_model, **cfg.student_lora)
     evaluation = bpb_evaluation(bpb_evaluator(student_model, corpus.eval_batches))
     rows_key = rows_fingerprint(train_data.tokens, train_data.mask)
     sample = with_token_normalizer({"tokens": train_data.tokens[:cfg.batch_size], "mask": train_data.mask[:cfg.batch_size]})
@@ -271,6 +343,17 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                     arch = dict(arch)
                     steps = arch.pop("steps", cfg.teacher_steps)
                     teachers[name] = pretrained_teacher(cfg, runner, corpus, name, arch, TEACHER_SEED + 1 + i, steps)
+            student_base = None
+            if cfg.student_init_steps:
+                student_base = pretrained_teacher(cfg, runner, corpus, "student_base", cfg.student, STUDENT_BASE_SEED,
+                                                  cfg.student_init_steps)
+                rows.append(report.Row("student_base", {"method": f"lm_ce ({student_base.steps} steps)",
+                                                        "params": f"{student_cfg.num_params / 1e6:.2f}M"},
+                                       [{"bpb": student_base.bpb}], compare=False))
+            held = {name: held_teacher(cfg, t, sample) for name, t in teachers.items()}
+            held_bpb = {name: bpb_evaluator(model, corpus.eval_batches)(variables) if cfg.teacher_int8 else
+                        teachers[name].bpb for name, (model, variables) in held.items()}
+            trainable_params = None
             for name, t in teachers.items():
                 rows.append(report.Row(name, {"method": f"lm_ce ({t.steps} steps)",
                                               "params": f"{t.config.num_params / 1e6:.2f}M"}, [{"bpb": t.bpb}],
@@ -279,12 +362,14 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
             cache = None
             if any("topk_indices" in m.needs.batch_keys for m in run_methods.values()):
                 teacher = teachers["teacher"]
-                cache_path = os.path.join(teacher.directory, f"topk{cfg.cache_k}-{rows_key}.array_record")
+                # The teacher as held (int8 with teacher_int8): the cache is its own file.
+                precision = "-int8" if cfg.teacher_int8 else ""
+                cache_path = os.path.join(teacher.directory, f"topk{cfg.cache_k}{precision}-{rows_key}.array_record")
                 if os.path.exists(cache_path):
                     cache = TopKCache(cache_path, k=cfg.cache_k, seq_len=cfg.seq_len)
                 else:  # written to a temporary file and renamed: a kill leaves no partial cache
                     started = time.time()
-                    cache = cache_teacher_topk(cache_path, lm_models.lm(teacher.config), teacher.variables,
+                    cache = cache_teacher_topk(cache_path, *held["teacher"],
                                                train_data.tokens, train_data.mask, k=cfg.cache_k)
                     print(f"teacher cache: top-{cfg.cache_k} of {len(train_data)} rows in "
                           f"{time.time() - started:.0f} s ({os.path.getsize(cache_path) / 2**20:.1f} MiB)",
@@ -294,10 +379,9 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                 per_seed, ms = [], []
                 cached = "topk_indices" in method.needs.batch_keys
                 for seed in cfg.seeds:
-                    parts = {"student": lm_participant(student_cfg, trains=True)}
+                    parts = {"student": student_participant(cfg, student_model, student_base, sample, seed)}
                     for name in method.needs.participants:
-                        t = teachers[name]
-                        parts[name] = lm_participant(t.config, t.variables, trains=False)
+                        parts[name] = jaxkd.participants.teacher(*held[name], input=LM_KEYS)
                     loader = TextLoader(train_data.tokens, train_data.mask, batch_size=cfg.batch_size, seed=seed,
                                              num_epochs=None, teacher_cache=cache if cached else None)
                     with phases.phase("setup"):
@@ -305,9 +389,11 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                              tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
                                              sample_batch={**sample, **cache.batch(np.arange(cfg.batch_size))}
                                              if cached else sample, rng=jax.random.PRNGKey(seed))
+                    if trainable_params is None:
+                        trainable_params = trainable_count(state, "student")
                     config = student_config(cfg, cfg.methods[run], seed, rows=rows_key, teachers={
                         p: teacher_identity(teachers[p]) for p in method.needs.participants},
-                        cache_k=cfg.cache_k if cached else None)
+                        cache_k=cfg.cache_k if cached else None, **student_start(cfg, student_base))
                     _, result = runner.fit(run=run, seed=seed, state=state, loaders={"train": loader},
                                            steps=cfg.steps, lr_schedule=schedule(cfg.lr, cfg.steps, cfg.warmup_steps),
                                            config=config, evaluation=evaluation)
@@ -329,6 +415,8 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                                caption=caption, seconds=time.time() - start)
     summary["rows"] = [r for r in summary["rows"] if r["run"] not in teachers]
     summary.update(config=dataclasses.asdict(cfg), teacher_bpb={n: t.bpb for n, t in teachers.items()},
+                   teacher_param_bytes={n: tree_bytes(v["params"]) for n, (_, v) in held.items()},
+                   held_teacher_bpb=held_bpb, student_trainable_params=trainable_params,
                    time=phases.breakdown())
     write_results(out_dir, summary, [("val_bpb", "validation bits per byte")])
     return summary

@@ -14,6 +14,7 @@ a language model's tokens, positions and padding mask) or whatever a function of
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
@@ -57,6 +58,11 @@ class Participant:
       tx: this participant's own optimizer (a peer with another learning rate); ``None`` uses the state's.
       rules: how its parameters are sharded (:class:`jaxkd.sharding.Rules`); ``None`` uses the default
         for the mesh (fully sharded over ``fsdp`` when that axis is larger than 1, else replicated).
+      trainable: for a trained participant, which of its parameters the optimizer updates: a regex
+        (``re.fullmatch``) over parameter paths such as ``"block_0/attention/query_lora_a"``, or a predicate
+        ``path -> bool``; ``None`` (the default) trains all. The others stay bit-identical: they get no
+        gradient (``stop_gradient``) and no optimizer state (``optax.set_to_zero`` in the
+        ``optax.multi_transform``). LoRA: ``trainable=jaxkd.models.lora.ADAPTERS``.
     """
 
     model: Model
@@ -65,8 +71,21 @@ class Participant:
     input: Input = IMAGE
     tx: optax.GradientTransformation | None = None
     rules: Any = None
+    trainable: str | Callable[[str], bool] | None = None
 
     def __post_init__(self):
+        if self.trainable is not None:
+            if not self.trains:
+                raise ValueError("trainable= selects the parameters of a trained participant; this one is frozen "
+                                 "(trains=False)")
+            if isinstance(self.trainable, str):
+                try:
+                    re.compile(self.trainable)
+                except re.error as err:
+                    raise ValueError(f"trainable={self.trainable!r} is not a valid regex: {err}") from None
+            elif not callable(self.trainable):
+                raise ValueError(f"trainable must be a regex over parameter paths or a predicate path -> bool, "
+                                 f"got {self.trainable!r}")
         if not isinstance(self.model, Model):
             raise ValueError(f"a participant's model must be a jaxkd.models.Model, got {type(self.model).__name__}")
         if not (isinstance(self.input, str) or callable(self.input) or _is_key_sequence(self.input)):
@@ -88,13 +107,30 @@ class Participant:
         _missing(batch, self.reads(), name)
         return batch[self.input] if isinstance(self.input, str) else {k: batch[k] for k in self.input}
 
+    def trainable_mask(self, params: PyTree) -> PyTree:
+        """``params``' tree of Python bools: True for each leaf the optimizer updates (every one when
+        :attr:`trainable` is ``None``). Paths are the leaves' keys joined by ``/``."""
+        if self.trainable is None:
+            return jax.tree.map(lambda _: True, params)
+        select = (re.compile(self.trainable).fullmatch if isinstance(self.trainable, str) else self.trainable)
+        return jax.tree_util.tree_map_with_path(lambda path, _: bool(select(param_path(path))), params)
+
+    def stop_frozen_gradients(self, params: PyTree) -> PyTree:
+        """``params`` with the leaves outside :attr:`trainable` under ``stop_gradient``: JAX differentiates
+        them as constants (the matmul of a LoRA base weight's gradient is never traced; the gradient is zeros)."""
+        if self.trainable is None:
+            return params
+        return jax.tree.map(lambda keep, p: p if keep else jax.lax.stop_gradient(p), self.trainable_mask(params),
+                            params)
+
     def static(self) -> "Participant":
         """The same participant without its variables (what the train state keeps as static data)."""
         return dataclasses.replace(self, variables=None)
 
     def _key(self) -> tuple:
         return (id(self.model), self.trains, self.input if isinstance(self.input, (str, tuple)) else id(self.input),
-                id(self.tx), self.rules)
+                id(self.tx), self.rules,
+                self.trainable if self.trainable is None or isinstance(self.trainable, str) else id(self.trainable))
 
     # Equal when everything but the variables is the same objects: two states built from the same models,
     # inputs and optimizers then share one compiled step (jit compares static fields by equality).
@@ -103,6 +139,11 @@ class Participant:
 
     def __hash__(self) -> int:
         return hash(self._key())
+
+
+def param_path(path: tuple) -> str:
+    """A parameter's key path as ``"block_0/attention/query"``."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _is_key_sequence(value: Any) -> bool:

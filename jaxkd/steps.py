@@ -161,6 +161,12 @@ def _loss_and_grads(state: TrainState, trainable, model_states, method_state, ba
     frozen_variables = {name: jax.lax.stop_gradient(v.variables()) for name, v in state.frozen.items()}
 
     def loss_fn(trainable):
+        # A participant trained in part (LoRA adapters only) differentiates through its other parameters
+        # under stop_gradient: JAX treats them as constants (no weight-gradient matmul is traced; their gradient
+        # is a zero array), where masking the update alone (optax.masked / set_to_zero) would still compute every
+        # frozen weight's gradient.
+        trainable = {name: state.participant(name).stop_frozen_gradients(p) if name in state.trained else p
+                     for name, p in trainable.items()}
         variables = {name: ModelVariables(trainable[name], model_states[name]).variables() for name in state.trained}
         trained_out = {
             name: _forward(state, name, variables[name], batch, train=True, rng=dropout_rngs[name]) for name in variables
@@ -237,7 +243,7 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array], microbatches:
         loss, grads, new_model_states, method_state_after_loss, loss_metrics, label_status = (
             _accumulated_loss_and_grads(state, batch, method_rng, microbatches))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
+    trainable = _keep_frozen(state, optax.apply_updates(state.trainable, updates))
     step = state.step + 1
     info = StepInfo(step=step, student_params=trainable[STUDENT], metrics=loss_metrics)
     method_state = method.update(trainable["method"], method_state_after_loss, info)
@@ -260,6 +266,18 @@ def _train_step(state: TrainState, batch: Mapping[str, jax.Array], microbatches:
     metrics["status"] = status.astype(jnp.int32)
     metrics["skipped"] = (~ok).astype(jnp.float32)
     return new_state, metrics
+
+
+def _keep_frozen(state: TrainState, trainable: PyTree) -> PyTree:
+    """``trainable`` with each participant's parameters outside its ``trainable`` selection taken from
+    ``state`` as they were: bit-identical (their zero update would still turn a ``-0.0`` into ``0.0``)."""
+    out = dict(trainable)
+    for name in state.trained:
+        p = state.participant(name)
+        if p.trainable is not None:
+            out[name] = jax.tree.map(lambda keep, new, old: new if keep else old, p.trainable_mask(out[name]),
+                                     out[name], state.trainable[name])
+    return out
 
 
 def _describe_status(status: int, label_key: str, num_classes: int) -> str:

@@ -246,16 +246,36 @@ def gather_participants(
 
 def combined_tx(tx: optax.GradientTransformation, parts: Mapping[str, Participant]) -> optax.GradientTransformation:
     """``tx`` for every trained leaf, except participants that bring their own (``optax.multi_transform``
-    over the top-level keys of :attr:`TrainState.trainable`; the method's parameters follow ``tx``)."""
+    over the top-level keys of :attr:`TrainState.trainable`; the method's parameters follow ``tx``) and the
+    leaves a participant's ``trainable`` leaves out (``optax.set_to_zero``: a zero update and no optimizer
+    state, so a LoRA base model costs no Adam moments)."""
     own = {name: p.tx for name, p in parts.items() if p.trains and p.tx is not None}
-    if not own:
+    partial = {name: p for name, p in parts.items() if p.trains and p.trainable is not None}
+    if not own and not partial:
         return tx
-    default = "__default__"
+    default, frozen = "__default__", "__frozen__"
 
     def labels(trainable):
-        return {key: jax.tree.map(lambda _, k=key: k if k in own else default, sub) for key, sub in trainable.items()}
+        out = {}
+        for key, sub in trainable.items():
+            label = key if key in own else default
+            mask = partial[key].trainable_mask(sub) if key in partial else jax.tree.map(lambda _: True, sub)
+            out[key] = jax.tree.map(lambda keep, label=label: label if keep else frozen, mask)
+        return out
 
-    return optax.multi_transform({default: tx, **own}, labels)
+    return optax.multi_transform({default: tx, **own, **({frozen: optax.set_to_zero()} if partial else {})}, labels)
+
+
+def check_trainable(name: str, participant: Participant, params: PyTree) -> None:
+    """A participant's ``trainable`` selects at least one of its parameters (else nothing would train); the
+    error lists the parameter paths."""
+    if participant.trainable is None:
+        return
+    mask = participant.trainable_mask(params)
+    if not any(jax.tree.leaves(mask)):
+        paths = [parts_lib.param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        raise ValueError(f"participant {name!r}: trainable={participant.trainable!r} matches none of its parameters; "
+                         f"their paths are: {paths}")
 
 
 def _abstract_batch(batch: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -439,6 +459,7 @@ def plan(
         abstract_vars[name] = shd.unbox(boxed[name])
         if p.variables is not None:
             check_variables_match(p.variables, abstract_vars[name], who=name, frozen=not p.trains)
+        check_trainable(name, p, abstract_vars[name]["params"])
         outputs[name] = jax.eval_shape(
             lambda v, x, p=p: p.model.apply(v, x, train=p.trains, rngs={"dropout": dropout_rng}), abstract_vars[name], x
         )
@@ -587,9 +608,35 @@ def _state_shardings(out_abstract, var_shardings, tx, mesh: Mesh, parts) -> PyTr
     }
     method = shd.param_shardings(method_abstract, mesh, default)
     trainable = {**{n: v.params for n, v in trained.items()}, "method": method.params}
+    if any(p.trains and (p.tx is not None or p.trainable is not None) for p in parts.values()):
+        # optax.tree_map_params initializes the optimizer on a placeholder, which a multi_transform labelling
+        # the parameters by name cannot label: its states are matched to the parameters by path instead.
+        abstract_trainable = {**{n: v.params for n, v in trained_abstract.items()}, "method": method_abstract.params}
+        return trained, method, _shardings_by_param_path(opt_abstract, trainable, abstract_trainable, mesh, default)
     opt = optax.tree_map_params(
         tx, lambda _, sharding: sharding, opt_abstract, trainable,
         transform_non_params=lambda leaf: shd.param_shardings(leaf, mesh, default),
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
     return trained, method, opt
+
+
+def _shardings_by_param_path(opt_abstract, trainable_shardings, abstract_trainable, mesh: Mesh, default) -> PyTree:
+    """Each optimizer-state leaf whose path ends with a parameter's path (``…mu['student']['block_0']…``) and
+    that has its shape gets the parameter's sharding; the others (step counts) the mesh default."""
+    def keys(path):
+        return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+    shardings = {keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(trainable_shardings, is_leaf=is_sharding)[0]}
+    shapes = {keys(p): np.shape(a) for p, a in jax.tree_util.tree_flatten_with_path(abstract_trainable)[0]}
+
+    def pick(path, leaf):
+        path = keys(path)
+        for start in range(len(path)):
+            tail = path[start:]
+            if tail in shardings and shapes[tail] == np.shape(leaf):
+                return shardings[tail]
+        return shd.param_shardings(leaf, mesh, default)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_abstract)

@@ -13,6 +13,8 @@ Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``,
 
 Hugging Face checkpoints (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gpt2 and the mixtures of
 experts qwen3_moe and mixtral): :func:`from_hf` and :func:`to_hf` (:mod:`jaxkd.models.hf`).
+LoRA adapters on a model's projections (:mod:`jaxkd.models.lora`) and
+int8 weight-only frozen models (:mod:`jaxkd.models.quantize`), both through qwix.
 """
 
 from __future__ import annotations

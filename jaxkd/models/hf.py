@@ -912,6 +912,11 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
     if isinstance(params, dict) and "params" in params and "embedding" not in params:
         params = params["params"]
     params = meta.unbox(params)
+    adapters = [k for k in jax.tree_util.tree_flatten_with_path(params)[0] if "_lora_" in jax.tree_util.keystr(k[0])]
+    if adapters:  # written as they are, the weights would silently lose the adapters' update
+        raise ValueError(f"to_hf exports a plain model, but the variables hold LoRA adapters "
+                         f"({jax.tree_util.keystr(adapters[0][0])}, …): fold them in with "
+                         "jaxkd.models.lora.merge_lora(model, variables) first")
     parts: dict[str, list] = {}
     shapes = {}
     for hf_name, key, hf_shape, _, to_torch in _weight_map(config):

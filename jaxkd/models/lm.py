@@ -664,7 +664,9 @@ class MLP(nn.Module):
         dt = cfg.dtype
 
         def dense(name, inputs, shape, axes):
-            y = inputs @ _param(self, name, _fan_in(0, 1), shape, axes).astype(dt)
+            # An einsum like the attention projections (not ``@``): qwix's LoRA and int8 quantization
+            # (jaxkd.models.lora, jaxkd.models.quantize) intercept jnp.einsum.
+            y = jnp.einsum("btd,df->btf", inputs, _param(self, name, _fan_in(0, 1), shape, axes).astype(dt))
             if cfg.mlp_bias:
                 y = y + _param(self, f"{name}_bias", nn.initializers.zeros, shape[-1:], axes[-1:]).astype(dt)
             return y
