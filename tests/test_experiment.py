@@ -42,6 +42,7 @@ def test_default_experiment_pipeline_on_tiny_settings(tmp_path):
     assert "| kd | mlp | `ce + kd(temperature=4)` |" in summary["table"]
 
 
+@pytest.mark.slow  # 11 s: tests/test_registry.py trains every method by name in the jitted step; `pytest -m slow`
 def test_stateful_and_meta_batch_methods_run_by_name(tmp_path):
     summary = distill.main(
         ["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]

@@ -127,9 +127,10 @@ def test_vocabularies_that_almost_match(setup, tmp_path):
 
 
 def command(setup, out):
+    # One compilation cache for the test's three processes (the first compiles, the others load).
     return [sys.executable, "-m", "experiments.hf_distill", "--out", str(out),
             *settings(setup, student="init_from_teacher", student_layers=2, pack=False, steps=24,
-                      checkpoint_every=4, eval_every=24)]
+                      checkpoint_every=4, eval_every=24, compilation_cache=str(out.parent / "xla_cache"))]
 
 
 def final_state(out):

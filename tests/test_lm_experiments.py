@@ -54,6 +54,7 @@ def _finite(x: float) -> bool:
     return isinstance(x, float) and math.isfinite(x)
 
 
+@pytest.mark.slow  # 33 s end to end: ALM's rows, method and step are in tests/test_cross_tokenizer.py; `pytest -m slow`
 def test_lm_experiment_then_cross_tokenizer_reuses_its_teacher(corpus_dir, tmp_path, capsys):
     runs = str(tmp_path / "runs")
     config = _write_config(tmp_path / "lm.py", "experiments.lm_distill.LMExperiment", name="tiny", out_dir=runs,
@@ -95,6 +96,7 @@ def test_lm_experiment_then_cross_tokenizer_reuses_its_teacher(corpus_dir, tmp_p
     assert os.path.getsize(os.path.join(out, "curves.png")) > 0
 
 
+@pytest.mark.slow  # 15 s end to end: the fused distributions and their sampling are in tests/test_fusion_decoding.py; `pytest -m slow`
 def test_lm_fusion_scores_and_samples_every_fused_model(corpus_dir, tmp_path):
     config = _write_config(
         tmp_path / "fusion.py", "experiments.lm_fusion.LMFusionExperiment", name="tiny_fusion",

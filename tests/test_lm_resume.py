@@ -82,6 +82,7 @@ def records(out):
         return sorted(f.read().splitlines())
 
 
+@pytest.mark.slow  # 45 s: the kill/resume path is in the suite through tests/test_resume.py and test_hf_recipe.py; `pytest -m slow`
 def test_lm_comparison_killed_anywhere_resumes_bitwise(corpus, tmp_path):
     reference = tmp_path / "reference"
     run(reference / "run", corpus, reference / "runs")

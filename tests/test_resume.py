@@ -24,7 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def command(out, *extra):
-    args = [sys.executable, "-m", "experiments.distill", "--out", str(out)]
+    # One persistent compilation cache for a test's processes (beside their run folders): the first compiles,
+    # the later ones load (as tests/test_lm_resume.py); a program that differs after a resume has another key.
+    cache = os.path.join(os.path.dirname(os.path.abspath(out)), "xla_cache")
+    args = [sys.executable, "-m", "experiments.distill", "--out", str(out), "--set", f"compilation_cache={cache!r}"]
     for setting in (*SETTINGS, *extra):
         args += ["--set", setting]
     return args
