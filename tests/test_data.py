@@ -497,6 +497,7 @@ def test_loader_is_a_grain_map_dataset_of_batches():
     assert len(Loader(images, labels, batch_size=8, num_epochs=None).dataset) == sys.maxsize
 
 
+@pytest.mark.slow  # 9 s: Grain worker processes; the in-process loader's batches and resume stay in the suite; `pytest -m slow`
 def test_loader_worker_processes_give_the_same_batches():
     """Grain worker processes (mp_prefetch) build the same batches, in order, and resume."""
     images, labels = _toy()

@@ -139,6 +139,7 @@ def test_bad_input_raises():
 
 # ----- the iw_opd method (student sampling inside the step) -----
 
+@pytest.mark.slow  # 10 s: the loss's own tests (this file) and the method's roles on its rollout (tests/test_logit_roles.py) stay in the suite; `pytest -m slow`
 def test_the_method_is_the_loss_on_the_students_own_rollout_and_trains_the_student():
     from jaxkd import methods
     from jaxkd.methods.base import LossInputs

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jaxkd
 from jaxkd import methods
@@ -205,6 +206,7 @@ def test_completion_only_lm_ce_and_token_kd_against_numpy():
         np.testing.assert_allclose(float(value), expected, rtol=1e-5)
 
 
+@pytest.mark.slow  # 15 s: packed = unpacked logits, losses and gradients stay in the suite (this file); the split of every token method; `pytest -m slow`
 def test_every_token_method_splits_over_prompt_and_completion_targets():
     """For a per-token mean, L(all)·N(all) = L(completion)·N(completion) + L(prompt)·N(prompt): each method
     sums exactly the targets its loss mask leaves."""

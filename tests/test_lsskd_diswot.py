@@ -229,6 +229,7 @@ def test_rotated_copies_rotate_nhwc_images():
         np.testing.assert_array_equal(r[k], np.rot90(nchw, k, (2, 3)).transpose(0, 2, 3, 1))
 
 
+@pytest.mark.slow  # 9 s: LSSKD's NumPy references and its train step stay in the suite; `pytest -m slow`
 def test_lsskd_method_runs_the_heads_on_the_rotated_student():
     """The method's value equals the heads' joint logits on the student re-run on the rotated batch, built
     here in HSAKD's interleaved order (each image followed by its rotations), with BatchNorm in train mode."""

@@ -133,6 +133,7 @@ def _method_params(state):
     return state.method_vars.params
 
 
+@pytest.mark.slow  # 8 s: OFA with a token student; OFA and ND with a CNN student stay in the suite; `pytest -m slow`
 def test_ofa_branch_heads_read_tokens_for_a_token_student():
     teacher, _ = tiny_conv_models()
     student = models.from_linen(TokenNet())

@@ -163,6 +163,7 @@ def test_a_batch_larger_than_the_student_split_is_refused():
     distill.check_batch_size(dataclasses.replace(cfg, batch_size=80), dataset, distill.parse_methods(cfg))
 
 
+@pytest.mark.slow  # 12 s: resuming from the newest intact checkpoint stays in the suite (tests/test_resume.py); `pytest -m slow`
 def test_a_failed_step_names_the_checkpoint_the_rerun_resumes_from(tmp_path, monkeypatch):
     """A step that fails after its state was donated (out of memory) cannot go on in-process: the error says
     which checkpoint the re-run resumes from, and the re-run finishes."""

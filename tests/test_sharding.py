@@ -284,6 +284,7 @@ def test_a_coordinator_that_never_starts_is_a_clear_error_within_the_timeout():
     assert "JAXKD_INIT_TIMEOUT=2" in last and "Check failure" not in output
 
 
+@pytest.mark.slow  # 9 s: a subprocess left to time out; `pytest -m slow`
 def test_a_peer_that_never_starts_is_announced_before_jax_aborts():
     # Process 0 hosts the coordinator and waits for process 1 inside JAX's C++ client, which aborts the
     # process on its deadline (uncatchable): the timeout bounds the wait and a warning names who is awaited.

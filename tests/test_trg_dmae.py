@@ -218,6 +218,7 @@ def test_dmae_teacher_sees_the_masked_input():
     assert values["masked"] != pytest.approx(values["full"], rel=1e-4)
 
 
+@pytest.mark.slow  # 8 s: DMAE's loss and train step stay in the suite; `pytest -m slow`
 def test_dmae_gradients_reach_the_student_through_the_masked_forward():
     """The student's outputs on the full input are gradient-stopped here: every gradient comes from the
     method's re-run of the student on the masked input; the teacher's re-run carries none."""
