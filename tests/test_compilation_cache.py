@@ -53,6 +53,7 @@ def test_an_unwritable_cache_folder_warns_once_and_runs_without_the_cache(tmp_pa
     assert jax.config.jax_compilation_cache_dir != unwritable
 
 
+@pytest.mark.slow  # 13 s: two experiment processes; the cache folder's handling stays in the suite (this file); `pytest -m slow`
 def test_a_second_run_of_the_experiment_compiles_nothing(tmp_path):
     cache = tmp_path / "xla"
     counts = []

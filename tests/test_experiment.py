@@ -133,6 +133,7 @@ def test_methods_with_several_participants_run_by_name(tmp_path):
     assert {"teacher/accuracy", "bdkd_online/teacher_ce"} <= set(online[0])
 
 
+@pytest.mark.slow  # 7 s: a resume with another configuration is refused by name in tests/test_resume.py; `pytest -m slow`
 def test_a_resume_with_another_teacher_is_refused(tmp_path):
     from jaxkd import models
     from jaxkd.checkpoint import save_variables
@@ -148,6 +149,7 @@ def test_a_resume_with_another_teacher_is_refused(tmp_path):
         distill.main(args + ["--set", f"teacher_checkpoint={tmp_path / 'teacher1' / 'seed{seed}'}"])
 
 
+@pytest.mark.slow  # 7 s: a resume with another configuration is refused by name in tests/test_resume.py; `pytest -m slow`
 def test_a_bf16_frozen_teacher_is_recorded_and_a_resume_in_another_precision_is_refused(tmp_path):
     args = (["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
             + sum((["--set", s] for s in TINY), []) + ["--set", "seeds=(0,)", "--set", "methods={'kd': 'ce + kd'}"])

@@ -124,6 +124,7 @@ def test_parameters_are_split_over_fsdp(runs):
     assert two["teacher_shard_shapes"].tolist() == [[16, 32]] * 4  # the frozen teacher's [16, 128] kernel
 
 
+@pytest.mark.slow  # 7 s: two processes for an error path; the two-host step stays in the suite; `pytest -m slow`
 def test_a_mesh_that_makes_hosts_replicas_is_refused(tmp_path):
     # Pure tensor parallelism across both hosts: every device needs the whole batch, but each host has
     # only its half. Without the check each host silently trained on its own 8 examples.
