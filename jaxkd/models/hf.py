@@ -797,6 +797,18 @@ def _sharded_entry(tensors: _Tensors, hf_name: str | tuple[str, ...], to_jax: Ca
     return jax.make_array_from_single_device_arrays(shape, sharding, buffers)
 
 
+def _lm_config_of(value: Model | LMConfig, name: str, not_an_lm: str) -> LMConfig:
+    """The :class:`LMConfig` of a :func:`jaxkd.models.lm.lm` model, or ``value`` itself when it is one;
+    ``not_an_lm`` is the error for a model of another kind."""
+    if isinstance(value, Model):
+        if not isinstance(value.module, TransformerLM):
+            raise ValueError(not_an_lm)
+        return value.module.config
+    if isinstance(value, LMConfig):
+        return value
+    raise ValueError(f"{name} must be a jaxkd.models.lm model or an LMConfig, got {type(value).__name__}")
+
+
 def _flatten(tree, prefix=()):
     for name, value in tree.items():
         if isinstance(value, dict):
@@ -898,14 +910,7 @@ def to_hf(model: Model | LMConfig, variables: Any, path: str | os.PathLike, *, m
       ValueError: ``model`` is not a TransformerLM; ``model_type`` unsupported, or not what the config is
         (e.g. ``qk_norm`` exported as ``llama``).
     """
-    if isinstance(model, Model):
-        if not isinstance(model.module, TransformerLM):
-            raise ValueError(f"to_hf exports jaxkd.models.lm models, got {model.name!r}")
-        config = model.module.config
-    elif isinstance(model, LMConfig):
-        config = model
-    else:
-        raise ValueError(f"model must be a jaxkd.models.lm model or an LMConfig, got {type(model).__name__}")
+    config = _lm_config_of(model, "model", f"to_hf exports jaxkd.models.lm models, got {getattr(model, 'name', None)!r}")
     model_type = _model_type_for(config) if model_type is None else model_type
     _check_exportable(config, model_type)
     params = variables
@@ -1069,14 +1074,8 @@ def init_student_from(teacher: Model | LMConfig, teacher_variables: Any, layers:
     :func:`student_layers` with the student depth, ``("maximally_spaced", 6)``, or ``"every_other"``.
     Returns ``(model, {"params": ...})`` (boxes, so logical axis names, kept as the teacher's).
     """
-    if isinstance(teacher, Model):
-        if not isinstance(teacher.module, TransformerLM):
-            raise ValueError(f"init_student_from takes a jaxkd.models.lm teacher, got {teacher.name!r}")
-        config = teacher.module.config
-    elif isinstance(teacher, LMConfig):
-        config = teacher
-    else:
-        raise ValueError(f"teacher must be a jaxkd.models.lm model or an LMConfig, got {type(teacher).__name__}")
+    config = _lm_config_of(teacher, "teacher",
+                           f"init_student_from takes a jaxkd.models.lm teacher, got {getattr(teacher, 'name', None)!r}")
     if isinstance(layers, str):
         layers = student_layers(config.num_layers, None, layers)
     elif isinstance(layers, tuple) and len(layers) == 2 and isinstance(layers[0], str):

@@ -31,7 +31,9 @@ __all__ = ["alm_chunk_alignment", "alm_chunk_log_likelihoods", "alm"]
 # ----- host-side chunk alignment -----
 
 
-def _as_offsets(name: str, offsets) -> np.ndarray:
+def _offset_array(name: str, offsets) -> np.ndarray:
+    """Integer ``(start, end)`` byte offsets as ``[B, T, 2]`` (a ``[T, 2]`` sequence gains the batch axis);
+    the shape and dtype checked (the cross-tokenizer alignments of ALM and ULD)."""
     array = np.asarray(offsets)
     if array.ndim == 2:
         array = array[None]
@@ -40,12 +42,18 @@ def _as_offsets(name: str, offsets) -> np.ndarray:
             f"{name} must be integer (start, end) byte offsets of shape [T, 2] or [B, T, 2], got shape "
             f"{np.shape(offsets)} and dtype {array.dtype}"
         )
+    return array
+
+
+def _as_offsets(name: str, offsets) -> np.ndarray:
+    array = _offset_array(name, offsets)
     if np.any(array[..., 1] < array[..., 0]):
         raise ValueError(f"{name} has a token whose end offset is before its start")
     return array
 
 
-def _as_mask(name: str, mask, shape: tuple[int, int]) -> np.ndarray:
+def _token_mask_array(name: str, mask, shape: tuple[int, int]) -> np.ndarray:
+    """A per-token bool mask of ``shape`` ``[B, T]`` (``None``: every token; a ``[T]`` mask gains the batch axis)."""
     if mask is None:
         return np.ones(shape, bool)
     mask = np.asarray(mask, bool)
@@ -147,8 +155,8 @@ def alm_chunk_alignment(
             f"teacher and student offsets must cover the same batch, got {t_off.shape[0]} and {s_off.shape[0]} "
             "sequences"
         )
-    t_mask = _as_mask("teacher_mask", teacher_mask, t_off.shape[:2])
-    s_mask = _as_mask("student_mask", student_mask, s_off.shape[:2])
+    t_mask = _token_mask_array("teacher_mask", teacher_mask, t_off.shape[:2])
+    s_mask = _token_mask_array("student_mask", student_mask, s_off.shape[:2])
     results = [_chunks_of_sequence(t_off[b], t_mask[b], s_off[b], s_mask[b]) for b in range(t_off.shape[0])]
     found = max([n for _, _, n in results] + [1])
     if num_chunks is None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxkd.checks import check_choice, check_in_range, check_int, check_positive
 from jaxkd.losses.core import Array, Reduction, reduce_loss, to_float
+from jaxkd.losses.lm.alm import _offset_array, _token_mask_array
 
 __all__ = ["uld", "uld_alignment", "uld_matched_vocabulary", "uld_positional_alignment"]
 
@@ -66,27 +67,6 @@ def _walk(s_offsets: np.ndarray, t_offsets: np.ndarray) -> tuple[list[list[int]]
         s_groups.append(list(range(s_start, n_s)))
         t_groups.append(list(range(t_start, n_t)))
     return s_groups, t_groups
-
-
-def _offsets(name: str, offsets) -> np.ndarray:
-    array = np.asarray(offsets)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or array.shape[-1] != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} must be integer (start, end) byte offsets of shape [T, 2] or [B, T, 2], got shape "
-                         f"{np.shape(offsets)} and dtype {array.dtype}")
-    return array
-
-
-def _token_mask(name: str, mask, shape: tuple[int, int]) -> np.ndarray:
-    if mask is None:
-        return np.ones(shape, bool)
-    mask = np.asarray(mask, bool)
-    if mask.ndim == 1:
-        mask = mask[None]
-    if mask.shape != shape:
-        raise ValueError(f"{name} must have shape {shape} (one entry per token), got {mask.shape}")
-    return mask
 
 
 def uld_alignment(
@@ -124,13 +104,13 @@ def uld_alignment(
       ``(student_group_ids [B, Ts], teacher_group_ids [B, Tt], group_mask [B, G])``: int32 group of each token
       (``-1``: none) and which group slots hold a group.
     """
-    s_off = _offsets("student_byte_offsets", student_byte_offsets)
-    t_off = _offsets("teacher_byte_offsets", teacher_byte_offsets)
+    s_off = _offset_array("student_byte_offsets", student_byte_offsets)
+    t_off = _offset_array("teacher_byte_offsets", teacher_byte_offsets)
     if s_off.shape[0] != t_off.shape[0]:
         raise ValueError(f"student and teacher offsets must cover the same batch, got {s_off.shape[0]} and "
                          f"{t_off.shape[0]} sequences")
-    s_mask = _token_mask("student_mask", student_mask, s_off.shape[:2])
-    t_mask = _token_mask("teacher_mask", teacher_mask, t_off.shape[:2])
+    s_mask = _token_mask_array("student_mask", student_mask, s_off.shape[:2])
+    t_mask = _token_mask_array("teacher_mask", teacher_mask, t_off.shape[:2])
     batch = s_off.shape[0]
     s_ids = np.full(s_off.shape[:2], -1, np.int32)
     t_ids = np.full(t_off.shape[:2], -1, np.int32)
