@@ -38,6 +38,7 @@ from jaxkd.losses.core import (
     per_example_loss,
     probs,
 )
+from jaxkd.losses.logit.kl_kernels import generalized_jsd_rows, kl_rows
 
 __all__ = [
     "alpha_beta_divergence",
@@ -58,6 +59,14 @@ def _log_probs(student_logits: Array, teacher_logits: Array, temperature: float)
     return log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)
 
 
+def _kernel_ready(student_logits: Array, teacher_logits: Array, temperature, *hyper) -> bool:
+    """Checked, and whether the hand-differentiated kernels of :mod:`jaxkd.losses.logit.kl_kernels` apply:
+    a concrete temperature (and hyper-parameters). A traced one takes the autodiff formulas below."""
+    check_temperature("temperature", temperature)
+    check_same_logits(student_logits, teacher_logits)
+    return all(is_concrete(h) for h in (temperature, *hyper))
+
+
 # ----- forward / reverse KL (student first) -----
 
 
@@ -69,6 +78,8 @@ def forward_kl(student_logits: Array, teacher_logits: Array, *, temperature: flo
     the ``T²`` factor. Classes only the student masks (``-inf``) are dropped from the sum (see the module
     conventions).
     """
+    if _kernel_ready(student_logits, teacher_logits, temperature):
+        return kl_rows(teacher_logits, student_logits, float(temperature))
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     return kl_from_log_probs(log_t, log_s)
 
@@ -81,6 +92,8 @@ def reverse_kl(student_logits: Array, teacher_logits: Array, *, temperature: flo
     GKD's ``β = 1`` endpoint (Agarwal et al., ICLR 2024), here as the exact token-level sum. Classes only the
     teacher masks (``-inf``) are dropped from the sum (the exact value would be ``+∞``), as in DistiLLM.
     """
+    if _kernel_ready(student_logits, teacher_logits, temperature):
+        return kl_rows(student_logits, teacher_logits, float(temperature))
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     return kl_from_log_probs(log_s, log_t)
 
@@ -103,6 +116,8 @@ def js_divergence(student_logits: Array, teacher_logits: Array, *, temperature: 
     bounded by ``log 2``; always finite, so classes masked on one side only count exactly.
     Equals :func:`generalized_jsd` at ``β = ½``.
     """
+    if _kernel_ready(student_logits, teacher_logits, temperature):
+        return generalized_jsd_rows(student_logits, teacher_logits, float(temperature), 0.5)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     return _gjsd_mixture(log_s, log_t, 0.5)
 
@@ -132,6 +147,13 @@ def generalized_jsd(
         ``jnp.where``; a Python number picks one branch.
     """
     check_in_range("beta", beta, 0.0, 1.0)
+    if _kernel_ready(student_logits, teacher_logits, temperature, beta):
+        t, b = float(temperature), float(beta)
+        if b == 0.0:
+            return kl_rows(teacher_logits, student_logits, t)
+        if b == 1.0:
+            return kl_rows(student_logits, teacher_logits, t)
+        return generalized_jsd_rows(student_logits, teacher_logits, t, b)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature)
     if is_concrete(beta):
         b = float(beta)

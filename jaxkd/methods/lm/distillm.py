@@ -47,12 +47,11 @@ import jax.numpy as jnp
 
 from jaxkd.checks import check_choice, check_in_range, check_int, check_nonnegative, check_number, check_positive
 from jaxkd.losses.core import Array
-from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import learner_rollout
 from jaxkd.methods.registry import register
-from jaxkd.methods.lm.tokens import LM_KEYS, lm_targets, token_divergence
+from jaxkd.methods.lm.tokens import LM_KEYS, full_length_mask, lm_targets, token_divergence
 
 __all__ = [
     "DISTILLM_DATASET",
@@ -248,7 +247,7 @@ def distillm(
         def on_data(_):
             _, target_mask, normalizer = lm_targets(inputs.batch)
             zs, zt = inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits
-            return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
+            return loss_fn(zs, zt, mask=full_length_mask(target_mask), normalizer=normalizer)
 
         def on_student_outputs(_):
             x, target_mask = learner_rollout(inputs, sample_rng, prompt_length=prompt_length,
@@ -256,7 +255,7 @@ def distillm(
                                               method=name, learner=student)
             s = apply_participant(inputs, student, x, train=True, method=name).logits
             t = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
-            return loss_fn(shift_logits(s), shift_logits(t), mask=target_mask)
+            return loss_fn(s, t, mask=full_length_mask(target_mask))
 
         value = jax.lax.cond(use_student, on_student_outputs, on_data, None)
         metrics = {"p": schedule.threshold, "student_output": use_student.astype(jnp.float32)}

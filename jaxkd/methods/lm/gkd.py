@@ -9,12 +9,11 @@ import jax.numpy as jnp
 from jaxkd.batch import MASK, TOKENS, batch_target_mask
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_nonnegative
-from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.lm.rollout import generate_continuations, generated_target_mask
 from jaxkd.methods.registry import LOGIT_ROLES, register
-from jaxkd.methods.lm.tokens import LM_KEYS, lm_targets, token_divergence
+from jaxkd.methods.lm.tokens import LM_KEYS, full_length_mask, lm_targets, token_divergence
 
 __all__ = ["gkd"]
 
@@ -96,7 +95,7 @@ def gkd(
         if num_generated == 0 and not seq_kd:
             _, target_mask, normalizer = lm_targets(inputs.batch)
             zs, zt = inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits
-            return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
+            return loss_fn(zs, zt, mask=full_length_mask(target_mask), normalizer=normalizer)
         student_rng, teacher_rng = rng, jax.random.fold_in(rng, 1)  # the student's draws as without seq_kd
         parts = []  # (tokens, mask, target mask) of the on-policy rows, then of the others
         if num_generated:
@@ -114,7 +113,7 @@ def gkd(
         x = {TOKENS: mixed_tokens, MASK: mixed_mask}
         student_logits = apply_participant(inputs, student, x, train=True, method=name).logits
         teacher_logits = jax.lax.stop_gradient(apply_participant(inputs, teacher, x, train=False, method=name).logits)
-        value = loss_fn(shift_logits(student_logits), shift_logits(teacher_logits), mask=target_mask)
+        value = loss_fn(student_logits, teacher_logits, mask=full_length_mask(target_mask))
         metrics = {"generated_fraction": jnp.asarray(num_generated / batch, jnp.float32),
                    "generated_tokens": jnp.sum(target_mask[:num_generated]).astype(jnp.float32)}
         if seq_kd:

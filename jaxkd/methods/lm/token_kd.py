@@ -5,10 +5,17 @@ from __future__ import annotations
 import jax
 from jaxkd import losses
 from jaxkd.checks import check_int, check_positive
-from jaxkd.losses.lm.tokens import shift_logits
 from jaxkd.methods.base import LossInputs, Method, Weight, check_roles, stateless_method
 from jaxkd.methods.registry import LOGIT_ROLES, register
-from jaxkd.methods.lm.tokens import LM_KEYS, TOKEN_DIVERGENCES, hidden_states_of, lm_targets, output_projection_of, token_divergence
+from jaxkd.methods.lm.tokens import (
+    LM_KEYS,
+    TOKEN_DIVERGENCES,
+    full_length_mask,
+    hidden_states_of,
+    lm_targets,
+    output_projection_of,
+    token_divergence,
+)
 
 __all__ = ["token_kd"]
 
@@ -65,7 +72,7 @@ def token_kd(
         targets, target_mask, normalizer = lm_targets(inputs.batch)
         if not fused:
             zs, zt = inputs.output(student, method=name).logits, inputs.target(teacher, method=name).logits
-            return loss_fn(shift_logits(zs), shift_logits(zt), mask=target_mask, normalizer=normalizer)
+            return loss_fn(zs, zt, mask=full_length_mask(target_mask), normalizer=normalizer)
         s_hidden = hidden_states_of(inputs.output(student, method=name), student, name)
         t_hidden = hidden_states_of(inputs.target(teacher, method=name), teacher, name)
         s_head = output_projection_of(inputs, student, method=name)

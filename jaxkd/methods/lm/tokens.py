@@ -58,6 +58,14 @@ def lm_targets(batch: Mapping[str, Any], tokens_key: str = TOKENS) -> tuple[jax.
     return targets, target_mask, batch_normalizer(batch)
 
 
+def full_length_mask(target_mask: jax.Array) -> jax.Array:
+    """``[B, T − 1]`` target mask -> ``[B, T]`` with the last position False: a token loss over the models'
+    whole ``[B, T, V]`` logits (position ``t`` scores token ``t + 1``; the last position scores nothing)
+    then equals the loss over ``logits[:, :-1]`` without the two ``[B, T − 1, V]`` copies that slicing the
+    logits and padding their gradient back cost (the largest arrays of an LM step)."""
+    return jax.numpy.pad(target_mask, ((0, 0), (0, 1)))
+
+
 def token_divergence(divergence: str, *, temperature: float = 1.0, beta: float | None = None,
                      alpha: float | None = None) -> Callable[..., jax.Array]:
     """The per-token loss ``f(student_logits, teacher_logits, *, mask, normalizer, reduction)`` named
