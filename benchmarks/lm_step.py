@@ -1,7 +1,8 @@
 """One language-model distillation step, jaxkd against PyTorch + transformers + TRL's loss, in one run.
 
     pip install -e ".[bench]"
-    python benchmarks/lm_step.py                    # the README's table (Qwen2-style, vocabulary 8192, 8 x 256)
+    python benchmarks/lm_step.py                    # the README's table: two shapes, float32 and bfloat16
+    python benchmarks/lm_step.py --shapes default --precisions float32
     python benchmarks/lm_step.py --small            # a seconds-long smoke run
 
 The step, the same on both sides: the frozen teacher's forward (eval, no gradient), the student's forward
@@ -12,11 +13,19 @@ JSD (``beta=0.5``). Both sides hold *the same weights*: random ``Qwen2ForCausalL
 ``save_pretrained`` and read by :func:`jaxkd.models.from_hf`, so the first step's losses agree (printed as
 a check) and the parameter counts are equal by construction.
 
+Shapes: ``default`` (Qwen2-style teacher d512 x 4 layers, student d256 x 2, vocabulary 8192, batch 8 x 256)
+and ``large`` (the same models, vocabulary 32768, batch 4 x 1024: the logits dominate).
+
+Precisions, matched: ``float32`` on both sides; ``bfloat16`` is jaxkd's mixed policy (float32 parameters
+and AdamW state, bfloat16 activations and matmuls, float32 logits and loss: ``LMConfig(dtype=bfloat16,
+param_dtype=float32)`` for both models) against PyTorch's ``torch.autocast("cpu", dtype=torch.bfloat16)``
+around both forward passes, the logits cast to float32 for TRL's loss (float32 parameters and AdamW state).
+
 Timing: both sides compiled/warmed first, then ``--blocks`` rounds, each a block of ``--steps`` jaxkd steps
 then a block of PyTorch steps (alternating, so a slower or busier minute of the machine hits both), every
-step timed alone; the table gives the median. FLOP/s use XLA's count of jaxkd's step (the same arithmetic as
-PyTorch's: same shapes, same operations), compared to the measured float32 matmul rate of each framework
-on this machine (a ``--peak-size`` square matmul, best of 10).
+step timed alone; the table gives the median. FLOP/s use XLA's count of jaxkd's float32 step (the same
+arithmetic as PyTorch's: same shapes, same operations), compared to the measured matmul rate of each
+framework in that precision on this machine (a ``--peak-size`` square matmul, best of 10).
 """
 
 from __future__ import annotations
@@ -46,8 +55,10 @@ class Shapes:
     seq_len: int = 256
 
 
+SHAPES = {"default": Shapes(), "large": Shapes(vocab=32768, batch=4, seq_len=1024)}
 SMALL = Shapes(vocab=512, teacher_d=64, teacher_layers=2, teacher_heads=4, student_d=32, student_layers=1,
                student_heads=2, kv_heads=2, batch=2, seq_len=32)
+PRECISIONS = ("float32", "bfloat16")
 
 
 def qwen2_config(d: int, layers: int, heads: int, shapes: Shapes):
@@ -75,18 +86,23 @@ def torch_models(shapes: Shapes, folder: str):
     return models["teacher"], models["student"]
 
 
-def torch_step_fn(teacher, student, beta: float, lr: float):
+def torch_step_fn(teacher, student, beta: float, lr: float, precision: str):
+    import contextlib
+
     import torch
     from trl.experimental.gkd import GKDTrainer
 
     teacher.eval()
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bfloat16" else contextlib.nullcontext
 
     def step(tokens, mask):
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=tokens, attention_mask=mask).logits
-        student_logits = student(input_ids=tokens, attention_mask=mask).logits
+        with torch.no_grad(), autocast():
+            teacher_logits = teacher(input_ids=tokens, attention_mask=mask).logits.float()
+        with autocast():
+            student_logits = student(input_ids=tokens, attention_mask=mask).logits
+        student_logits = student_logits.float()
         labels = torch.where(mask[:, 1:].bool(), tokens[:, 1:], torch.full_like(tokens[:, 1:], -100))
         loss = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=labels,
                                                beta=beta)
@@ -98,17 +114,25 @@ def torch_step_fn(teacher, student, beta: float, lr: float):
     return step
 
 
-def jax_step_fn(folder: str, batch, beta: float, lr: float):
+def jax_step_fn(folder: str, batch, beta: float, lr: float, precision: str):
     import jax
+    import jax.numpy as jnp
     import optax
 
     import jaxkd
     from jaxkd import methods
     from jaxkd.batch import with_token_normalizer
     from jaxkd.models import from_hf
+    from jaxkd.models.lm import lm
 
-    teacher, teacher_vars = from_hf(os.path.join(folder, "teacher"))
-    student, student_vars = from_hf(os.path.join(folder, "student"))
+    def load(name):
+        model, variables = from_hf(os.path.join(folder, name))
+        if precision == "bfloat16":  # float32 parameters, bfloat16 compute, float32 logits
+            model = lm(dataclasses.replace(model.module.config, dtype=jnp.bfloat16, param_dtype=jnp.float32))
+        return model, variables
+
+    teacher, teacher_vars = load("teacher")
+    student, student_vars = load("student")
     keys = ("tokens", "mask")
     batch = with_token_normalizer(batch)
     method = methods.token_kd(divergence="generalized_jsd", beta=beta) if beta else methods.token_kd()
@@ -127,7 +151,7 @@ def jax_step_fn(folder: str, batch, beta: float, lr: float):
     return compiled, state, device_batch, compile_s, float(cost["flops"])
 
 
-def matmul_rates(n: int) -> dict:
+def matmul_rates(n: int, precision: str) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -141,13 +165,13 @@ def matmul_rates(n: int) -> dict:
             times.append(time.perf_counter() - start)
         return 2 * n ** 3 / min(times) / 1e9
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(precision))
     f = jax.jit(lambda x: x @ x)
-    t = torch.randn(n, n)
+    t = torch.randn(n, n, dtype=getattr(torch, precision))
     return {"jax": best(lambda: f(a).block_until_ready()), "torch": best(lambda: t @ t)}
 
 
-def measure(shapes: Shapes, beta: float, blocks: int, steps: int) -> list[dict]:
+def measure(shapes: Shapes, beta: float, blocks: int, steps: int, precision: str) -> list[dict]:
     import jax
     import numpy as np
     import torch
@@ -159,8 +183,8 @@ def measure(shapes: Shapes, beta: float, blocks: int, steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         teacher, student = torch_models(shapes, folder)
         compiled, state, device_batch, compile_s, flops = jax_step_fn(folder, {"tokens": tokens, "mask": mask},
-                                                                      beta, lr=1e-4)
-    torch_step = torch_step_fn(teacher, student, beta, lr=1e-4)
+                                                                      beta, lr=1e-4, precision=precision)
+    torch_step = torch_step_fn(teacher, student, beta, lr=1e-4, precision=precision)
     t_tokens, t_mask = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
     start = time.perf_counter()
@@ -168,7 +192,8 @@ def measure(shapes: Shapes, beta: float, blocks: int, steps: int) -> list[dict]:
     torch_first_s = time.perf_counter() - start
     state, metrics = compiled(state, device_batch)
     first_jax = float(metrics["loss"])
-    if abs(first_jax - first_torch) > 1e-3 * max(1.0, abs(first_torch)):
+    tolerance = 1e-3 if precision == "float32" else 3e-2  # bfloat16: 8-bit mantissas, rounded differently
+    if abs(first_jax - first_torch) > tolerance * max(1.0, abs(first_torch)):
         raise RuntimeError(f"the first step's losses differ: jaxkd {first_jax}, PyTorch {first_torch}: not the same step")
     for _ in range(2):  # warm-up, untimed
         state, metrics = compiled(state, device_batch)
@@ -187,40 +212,65 @@ def measure(shapes: Shapes, beta: float, blocks: int, steps: int) -> list[dict]:
             torch_step(t_tokens, t_mask)
             times["PyTorch"].append(time.perf_counter() - start)
     first = {"jaxkd": compile_s, "PyTorch": torch_first_s}
-    return [{"framework": name, "beta": beta, "first_s": first[name], "ms": 1000 * statistics.median(ts),
+    return [{"framework": name, "beta": beta, "precision": precision, "first_s": first[name],
+             "ms": 1000 * statistics.median(ts),
              "flops": flops, "tokens": shapes.batch * shapes.seq_len, "first_loss": first_jax}
             for name, ts in times.items()]
+
+
+def print_table(shapes: Shapes, rows: list[dict], peaks: dict) -> None:
+    print(f"teacher Qwen2 d{shapes.teacher_d} x {shapes.teacher_layers}, student d{shapes.student_d} x "
+          f"{shapes.student_layers}, GQA {shapes.kv_heads} kv heads, vocabulary {shapes.vocab}, batch {shapes.batch} "
+          f"x {shapes.seq_len}; {rows[0]['flops'] / 1e9:.1f} GFLOP per step\n")
+    print("| precision | loss | implementation | compile / first step (s) | ms/step | tokens/s "
+          "| GFLOP/s (of its matmul rate) | step time vs PyTorch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        for beta in dict.fromkeys(r["beta"] for r in rows):
+            pair = {r["framework"]: r for r in rows if r["beta"] == beta and r["precision"] == precision}
+            loss = "forward KL (β=0)" if beta == 0 else f"generalized JSD (β={beta})"
+            for name in ("jaxkd", "PyTorch"):
+                r = pair[name]
+                rate = r["flops"] / (r["ms"] / 1000) / 1e9
+                own = peaks[precision]["jax" if name == "jaxkd" else "torch"]
+                print(f"| {precision} | {loss} | {name} | {r['first_s']:.1f} | {r['ms']:.0f} "
+                      f"| {r['tokens'] / (r['ms'] / 1000):.0f} | {rate:.0f} ({100 * rate / own:.0f}%) "
+                      f"| {r['ms'] / pair['PyTorch']['ms']:.2f}x |")
+    print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny shapes: a smoke run")
+    parser.add_argument("--shapes", default="default,large", help=f"comma-separated, of {sorted(SHAPES)}")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated, of {PRECISIONS}")
+    parser.add_argument("--betas", default="0,0.5", help="the generalized JSD's beta per loss (0: forward KL)")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="steps per block")
     parser.add_argument("--peak-size", type=int, default=2048)
     args = parser.parse_args()
-    shapes = SMALL if args.small else Shapes()
-    rows = [row for beta in (0.0, 0.5) for row in measure(shapes, beta, args.blocks, args.steps)]
-    peak = matmul_rates(args.peak_size)
+    precisions = args.precisions.split(",")
+    for p in precisions:
+        if p not in PRECISIONS:
+            parser.error(f"unknown precision {p!r}; valid: {', '.join(PRECISIONS)}")
+    shapes = {"small": SMALL} if args.small else {}
+    for name in ([] if args.small else args.shapes.split(",")):
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}; valid: {', '.join(sorted(SHAPES))}")
+        shapes[name] = SHAPES[name]
+    betas = [float(b) for b in args.betas.split(",")]
     import jax
     import torch
 
-    print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU threads; teacher Qwen2 "
-          f"d{shapes.teacher_d} x {shapes.teacher_layers}, student d{shapes.student_d} x {shapes.student_layers}, "
-          f"GQA {shapes.kv_heads} kv heads, vocabulary {shapes.vocab}, batch {shapes.batch} x {shapes.seq_len}; "
-          f"float32 matmul rate: jax {peak['jax']:.0f}, torch {peak['torch']:.0f} GFLOP/s\n")
-    print("| loss | implementation | compile / first step (s) | ms/step | tokens/s | GFLOP/s (of its matmul rate) "
-          "| step time vs PyTorch |")
-    print("|---|---|---|---|---|---|---|")
-    for beta in (0.0, 0.5):
-        pair = {r["framework"]: r for r in rows if r["beta"] == beta}
-        loss = "forward KL (β=0)" if beta == 0 else f"generalized JSD (β={beta})"
-        for name in ("jaxkd", "PyTorch"):
-            r = pair[name]
-            rate = r["flops"] / (r["ms"] / 1000) / 1e9
-            own = peak["jax" if name == "jaxkd" else "torch"]
-            print(f"| {loss} | {name} | {r['first_s']:.1f} | {r['ms']:.0f} | {r['tokens'] / (r['ms'] / 1000):.0f} "
-                  f"| {rate:.0f} ({100 * rate / own:.0f}%) | {r['ms'] / pair['PyTorch']['ms']:.2f}x |")
+    start = time.perf_counter()
+    peaks = {p: matmul_rates(args.peak_size, p) for p in precisions}
+    results = {name: [row for p in precisions for beta in betas for row in measure(s, beta, args.blocks, args.steps, p)]
+               for name, s in shapes.items()}
+    print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU threads; "
+          + "; ".join(f"{p} matmul rate: jax {peaks[p]['jax']:.0f}, torch {peaks[p]['torch']:.0f} GFLOP/s"
+                      for p in precisions) + f"; {time.perf_counter() - start:.0f} s in all\n")
+    for name, rows in results.items():
+        print_table(shapes[name], rows, peaks)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,47 @@ def test_bfloat16_gradients_come_back_in_bfloat16():
         assert gs.dtype == gt.dtype == jnp.bfloat16, name
         ref = jax.grad(lambda s: jnp.sum(fn(s, t.astype(jnp.float32), 1.0)))(s.astype(jnp.float32))
         np.testing.assert_allclose(np.asarray(gs, np.float32), ref, rtol=2e-2, atol=2e-3, err_msg=name)
+
+
+def cross_entropy_numpy(x: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
+    """``−Σ y log softmax(x)`` from the formula, with -inf classes out of the softmax and of ``u``."""
+    kept = np.isfinite(x)
+    shift = np.max(np.where(kept, x, -np.inf), axis=-1, keepdims=True)
+    log_q = x - shift - np.log(np.sum(np.where(kept, np.exp(x - shift), 0.0), axis=-1, keepdims=True))
+    y = (1 - eps) * (np.arange(x.shape[-1]) == labels[:, None]) + eps * kept / kept.sum(-1, keepdims=True)
+    return -np.sum(np.where(y > 0, y * np.where(kept, log_q, 0.0), 0.0), axis=-1)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("excluded", [False, True], ids=["plain", "exact"])
+def test_cross_entropy_kernel_values_and_gradients(eps, excluded):
+    s, _ = logits_with_exclusions(6)
+    if not excluded:
+        s = np.where(np.isfinite(s), s, 0.25)
+    labels = np.array([2, 0, 1, 4, 5], np.int32)  # never an excluded class
+    w = np.linspace(0.5, 1.5, B)
+    with jax.enable_x64(True):
+        value = jax.jit(lambda x: losses.cross_entropy(x, labels, label_smoothing=eps, **NONE))(s)
+        np.testing.assert_allclose(value, cross_entropy_numpy(s, labels, eps), rtol=1e-12)
+        loss = lambda x: jnp.sum(w * losses.cross_entropy(x, labels, label_smoothing=eps, **NONE))
+        grad = np.asarray(jax.jit(jax.grad(loss))(s))
+        finite = np.isfinite(s)
+        fd = central_differences(lambda x: loss(jnp.where(finite, x, -jnp.inf)), np.where(finite, s, 0.0))
+        np.testing.assert_allclose(np.where(finite, grad, 0.0), np.where(finite, fd, 0.0), rtol=1e-6, atol=1e-8)
+        assert np.all(grad[~finite] == 0.0)
+
+
+def test_cross_entropy_kernel_bad_labels_inside_jit():
+    # Inside jit the labels cannot be checked: an out-of-range label is NaN with no gradient into its row;
+    # a label at a -inf class is +inf (ε < 1), also for a row with every class excluded.
+    x = np.random.default_rng(7).normal(size=(3, 4)).astype(np.float32)
+    x[1, 2] = -np.inf
+    x[2] = -np.inf
+    labels = np.array([9, 2, 0], np.int32)
+    f = jax.jit(lambda x, y: losses.cross_entropy(x, y, label_smoothing=0.1, **NONE))
+    value = np.asarray(f(x, labels))
+    assert np.isnan(value[0]) and value[1] == np.inf and value[2] == np.inf
+    ok = np.array([1, 0, 3], np.int32)
+    grad = jax.jit(jax.grad(lambda x: losses.cross_entropy(x, jnp.asarray([9, 0, 3], jnp.int32), **NONE)[0]))(x)
+    assert np.all(np.asarray(grad) == 0.0)
+    assert np.all(np.isfinite(f(x[:2], ok[:2])))

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from jaxkd.losses.core import Array
 
-__all__ = ["generalized_jsd_rows", "kl_rows"]
+__all__ = ["cross_entropy_rows", "generalized_jsd_rows", "kl_rows"]
 
 _NEG_INF = -jnp.inf
 
@@ -223,3 +223,80 @@ def _jsd_bwd(temperature, beta, residuals, g):
 
 
 generalized_jsd_rows.defvjp(_jsd_fwd, _jsd_bwd)
+
+
+# ----- label cross-entropy with smoothing -----
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def cross_entropy_rows(logits: Array, labels: Array, label_smoothing: float) -> Array:
+    """``−Σ_c y_c log softmax(logits)_c``, ``y = (1 − ε)·onehot(label) + ε·u`` (``u`` uniform over the classes
+    that are not ``-inf``), over the last axis: ``[...]`` in at least float32; NaN for a label outside
+    ``[0, C)``, ``+inf`` for a label at a ``-inf`` class (with ``ε < 1``). ``label_smoothing`` a Python number.
+
+    ``value = (1 − ε)(lse − x_label) + ε(lse − mean_kept(x))``; gradient ``S·softmax_j − y_j`` with ``S = Σ``
+    of the target mass on classes that are not ``-inf`` (1 unless the label's class is one)."""
+    return _ce_fwd(logits, labels, label_smoothing)[0]
+
+
+def _ce_label_logit(x: Array, labels: Array) -> tuple[Array, Array]:
+    num_classes = x.shape[-1]
+    valid = (labels >= 0) & (labels < num_classes)
+    picked = jnp.take_along_axis(x, jnp.clip(labels, 0, num_classes - 1)[..., None].astype(jnp.int32), axis=-1)
+    return picked[..., 0], valid
+
+
+def _ce_fwd(logits, labels, label_smoothing):
+    x = _scaled(logits, 1.0)
+    lse = _lse(x)[..., 0]
+    x_label, valid = _ce_label_logit(x, labels)
+    excluded = _any_excluded(x)
+    eps = label_smoothing
+
+    def smoothing(exact):
+        def branch(_):
+            if not exact:  # every class kept: u = 1/C
+                return jnp.mean(x, axis=-1), jnp.asarray(x.shape[-1], x.dtype) * jnp.ones_like(lse)
+            kept = x != _NEG_INF
+            count = jnp.sum(kept, axis=-1).astype(x.dtype)
+            return jnp.sum(jnp.where(kept, x, 0.0), axis=-1) / jnp.maximum(count, 1.0), count
+        return branch
+
+    if eps:
+        mean_kept, count = jax.lax.cond(excluded, smoothing(True), smoothing(False), None)
+    else:
+        mean_kept, count = jnp.zeros_like(lse), jnp.ones_like(lse)
+    # Each term only where its target mass is positive: a label at a -inf class gives +inf with ε < 1 and
+    # is no term at all with ε = 1 (as 0·log 0 = 0).
+    # A label at a -inf class: +inf (lse − x_label would be NaN for an all -inf row); no class kept: no ε term.
+    label_term = jnp.where(x_label == _NEG_INF, jnp.inf, lse - x_label)
+    smooth_term = jnp.where(count > 0, lse - mean_kept, 0.0)
+    value = (eps * smooth_term if eps else 0.0) + ((1.0 - eps) * label_term if eps < 1 else 0.0)
+    value = jnp.where(valid, value, jnp.nan)
+    return value, (logits, labels, lse, count, excluded)
+
+
+def _ce_bwd(label_smoothing, residuals, g):
+    logits, labels, lse, count, excluded = residuals
+    (logits,) = _fresh(logits)
+    x = _scaled(logits, 1.0)
+    eps = label_smoothing
+    _, valid = _ce_label_logit(x, labels)
+    scale = jnp.where(valid, g, 0.0)[..., None]
+    one_hot = labels[..., None] == jnp.arange(x.shape[-1])
+
+    def plain(_):
+        return scale * (jnp.exp(x - lse[..., None]) - (1.0 - eps) * one_hot - eps / x.shape[-1])
+
+    def exact(_):
+        valid_x, _, p = _log_probs(x, lse[..., None])
+        label_kept = jnp.any(one_hot & valid_x, axis=-1, keepdims=True).astype(x.dtype)
+        mass = (1.0 - eps) * label_kept + (eps if eps else 0.0)  # target mass on classes that are not -inf
+        target = jnp.where(valid_x, (1.0 - eps) * one_hot + eps / jnp.maximum(count[..., None], 1.0), 0.0)
+        return scale * (mass * p - target)
+
+    d = jax.lax.cond(excluded, exact, plain, None)
+    return d.astype(jnp.result_type(logits)), None
+
+
+cross_entropy_rows.defvjp(_ce_fwd, _ce_bwd)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import jax
+
 from jaxkd import losses
 from jaxkd.checks import check_in_range
 from jaxkd.batch import MASK, TOKENS, batch_normalizer, batch_target_mask, normalizer_key_of
-from jaxkd.losses.lm.tokens import next_token_targets, shift_logits
+from jaxkd.losses.lm.tokens import next_token_targets
 from jaxkd.methods.base import LossInputs, Method, Weight, stateless_method
+from jaxkd.methods.lm.tokens import full_length_mask
 from jaxkd.methods.registry import register
 
 __all__ = ["lm_ce"]
@@ -35,8 +38,10 @@ def lm_ce(*, label_smoothing: float = 0.0, tokens_key: str = TOKENS, mask_key: s
         # Each tokenization has its own global count (a second tokenization holds other tokens).
         normalizer = batch_normalizer(inputs.batch, count_key)
         logits = inputs.output(participant, method=name).logits
-        return losses.cross_entropy(shift_logits(logits), targets, label_smoothing=label_smoothing,
-                                    mask=target_mask, normalizer=normalizer)
+        # The whole [B, T, V] logits, the last position masked (full_length_mask): no sliced copy.
+        targets = jax.numpy.pad(targets, ((0, 0), (0, 1)))
+        return losses.cross_entropy(logits, targets, label_smoothing=label_smoothing,
+                                    mask=full_length_mask(target_mask), normalizer=normalizer)
 
     return stateless_method(name, compute, weight=weight,
                             participants=() if participant == "student" else (participant,),
