@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 import jaxkd
-from jaxkd import methods, precision
+from jaxkd import methods
 from jaxkd.batch import with_token_normalizer
 from jaxkd.data import ByteTokenizer, PackedText, TextLoader, count_byte_targets
 from jaxkd.data.text.teacher_cache import TopKCache, cache_teacher_topk
@@ -44,7 +44,7 @@ from jaxkd.data.text.stdlib_corpus import stdlib_corpus_sequences
 from jaxkd.models import lm as lm_models
 from jaxkd.models.lora import ADAPTERS, init_lora, lora
 from jaxkd.models.quantize import quantize_int8
-from jaxkd.precision import POLICIES
+from jaxkd.precision import POLICIES, lm_config, policy
 
 from experiments import config as config_lib
 from experiments import report
@@ -337,7 +337,7 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     with phases.phase("data"):
         corpus = load_corpus(cfg)
     train_data = corpus.train
-    student_cfg = precision.lm_config(precision.policy(cfg.precision), lm_models.LMConfig(
+    student_cfg = lm_config(policy(cfg.precision), lm_models.LMConfig(
         vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student))
     student_model = lm_models.lm(student_cfg)
     if cfg.student_lora is not None:

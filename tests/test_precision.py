@@ -19,6 +19,7 @@ from jaxkd.models import lm as lm_models
 from jaxkd.models.cifar_resnet import batch_norm
 
 from tests.helpers import NUM_CLASSES
+from tests.test_lm_experiments import corpus_dir  # noqa: F401 - the fixture: a few generated .py files
 
 F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 # CIFAR-sized images, the zoo's design size: on smaller ones the MobileNet/ShuffleNet last maps are 1x1 and
@@ -209,3 +210,17 @@ def test_resuming_an_experiment_under_another_precision_is_refused_naming_both(t
     distill.main(args + ["--set", "precision=bfloat16"])
     with pytest.raises(ValueError, match='precision: checkpoint has "bfloat16", given "float32"'):
         distill.main(args)
+
+
+@pytest.mark.slow  # 11 s (a teacher pretrained, two students): the LM script's plumbing; `pytest -m slow`
+def test_the_lm_experiment_trains_a_bf16_student_and_refuses_resuming_it_in_float32(corpus_dir, tmp_path):
+    from experiments import lm_distill
+    from tests.test_lm_experiments import TINY_LM, _write_config
+
+    config = _write_config(tmp_path / "lm.py", "experiments.lm_distill.LMExperiment", name="tiny",
+                           out_dir=str(tmp_path / "runs"), corpus_dir=corpus_dir, **{**TINY_LM, "seeds": (0,)})
+    out = str(tmp_path / "run")
+    summary = lm_distill.main(["--config", config, "--out", out, "--set", "precision=bfloat16"])
+    assert all(np.isfinite(r["bpb_mean"]) for r in summary["rows"])
+    with pytest.raises(ValueError, match='precision: checkpoint has "bfloat16", given "float32"'):
+        lm_distill.main(["--config", config, "--out", out])
