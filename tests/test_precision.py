@@ -201,13 +201,23 @@ def test_experiment_configs_refuse_a_bad_precision():
                                         "'dtype': 'bfloat16'}"])
 
 
-def test_resuming_an_experiment_under_another_precision_is_refused_naming_both(tmp_path):
+def test_the_experiment_applies_the_precision_to_every_trained_participant_and_refuses_another_on_resume(
+        tmp_path, monkeypatch):
+    """Under ``precision=bfloat16`` the student and a peer (dml) are built in bf16, the frozen teacher (kd) in
+    float32 (``frozen_dtype``); a resume in float32 is refused, naming both precisions."""
     from experiments import distill
 
+    built = []
+    real_get = distill.models.get
+    monkeypatch.setattr(distill.models, "get", lambda name, **kw: built.append(kw) or real_get(name, **kw))
     args = ["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"] + sum((["--set", s] for s in (
-        "student=mlp", "student_kwargs={'hidden_sizes': (8,)}", "steps=2", "eval_every=2", "seeds=(0,)",
-        "batch_size=32", "eval_batch_size=500", "methods={'scratch': 'ce'}", "tensorboard=False")), [])
+        "teacher=mlp", "teacher_kwargs={'hidden_sizes': (16,)}", "teacher_steps=2", "student=mlp",
+        "student_kwargs={'hidden_sizes': (8,)}", "peer=mlp", "peer_kwargs={'hidden_sizes': (4,)}", "steps=2",
+        "eval_every=2", "seeds=(0,)", "batch_size=32", "eval_batch_size=500", "tensorboard=False",
+        "methods={'dml': 'dml', 'kd': 'ce + kd'}")), [])
     distill.main(args + ["--set", "precision=bfloat16"])
+    dtypes = {(kw["hidden_sizes"], jnp.dtype(kw.get("dtype", F32))) for kw in built}
+    assert dtypes == {((16,), F32), ((8,), BF16), ((4,), BF16)}  # teacher, student, peer
     with pytest.raises(ValueError, match='precision: checkpoint has "bfloat16", given "float32"'):
         distill.main(args)
 
