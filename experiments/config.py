@@ -213,8 +213,8 @@ Config.CHECKS = {
        ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class")},
     "lr": positive, "teacher_lr": positive, "momentum": check_momentum, "weight_decay": nonnegative,
     "data_seed": at_least(0), "labels_per_class": optional(at_least(1)), "schedule": one_of(SCHEDULES),
-    "augment": one_of(AUGMENTATIONS), "frozen_dtype": one_of(FROZEN_DTYPES), "precision": check_precision, "seeds": check_seeds,
-    "milestones": check_milestones, "methods": check_methods, "checkpoint_every": at_least(0),
+    "augment": one_of(AUGMENTATIONS), "frozen_dtype": one_of(FROZEN_DTYPES), "precision": check_precision,
+    "seeds": check_seeds, "milestones": check_milestones, "methods": check_methods, "checkpoint_every": at_least(0),
     "mesh": optional(check_mesh), "teachers": check_teachers, "teacher_kwargs": check_string_keys,
     "student_kwargs": check_string_keys, "peer_kwargs": check_string_keys,
 }

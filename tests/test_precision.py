@@ -30,7 +30,8 @@ IMAGES = {"image": np.random.default_rng(0).normal(size=(8, 32, 32, 1)).astype(n
 BF16_POLICY = precision.policy("bfloat16")
 
 # One architecture per builder of the zoo (every resnet* is a CifarResNet and every wrn_* a WideResNet of
-# another depth or width: the same modules, hence the same dtype handling), small enough to compile in seconds. test_every_zoo_builder_is_covered keeps this list complete. The 17-block MobileNetV2 and the
+# another depth or width: the same modules, hence the same dtype handling), small enough to compile in
+# seconds; test_every_zoo_builder_is_covered keeps this list complete. The 17-block MobileNetV2 and the
 # ShuffleNets take 20-50 s to compile twice on 2 CPU cores: slow (`pytest -m slow`); their float32 parameters,
 # logits and batch statistics under bf16 are also checked (traced) by tests/test_models_zoo.py.
 ZOO = {
@@ -41,8 +42,8 @@ SLOW = ("mobilenetv2", "shufflenetv1", "shufflenetv2")
 # |loss_bf16 - loss_f32| <= LOSS_RTOL * loss_f32, from the same float32 parameters on the same batch. bfloat16
 # keeps 8 significant bits: each rounding is off by at most 2^-9 relative (0.2%), and a forward pass rounds
 # the activations about once per layer, so the logits of these 2-17-layer networks, and their cross-entropy,
-# move by a few tenths of a percent (measured: 0.01-0.4%; the LM 0.04%). 2% leaves room and still fails where a layer
-# ran in a coarser format (float16's overflow, int8) or the policy were not applied (equal losses are refused).
+# move by a few tenths of a percent (measured: 0.01-0.4%; the LM 0.04%). 2% leaves room; equal losses are
+# refused (the policy was not applied).
 LOSS_RTOL = 0.02
 
 
@@ -135,7 +136,8 @@ def test_normalization_under_bf16_is_computed_in_float32(layer):
     assert in_bf16.dtype == BF16 and not np.all(np.abs(np.asarray(in_bf16, np.float64) - reference) <= bound)
     if "batch_stats" in variables:  # running averages: 0.9 * 0 + 0.1 * mean, 0.9 * 1 + 0.1 * var, float32
         np.testing.assert_allclose(state["batch_stats"]["mean"], 0.1 * mean[0], rtol=1e-6)
-        np.testing.assert_allclose(state["batch_stats"]["var"], 0.9 + 0.1 * var[0], rtol=1e-5)  # biased variance, as flax
+        # flax averages the biased batch variance
+        np.testing.assert_allclose(state["batch_stats"]["var"], 0.9 + 0.1 * var[0], rtol=1e-5)
 
 
 def test_a_bf16_lm_student_step_matches_float32_within_bf16_rounding():
