@@ -56,6 +56,11 @@ class Config:
     # parameters and runs their forward pass in bf16 (float32 logits; jaxkd.participants.cast_params).
     # Teachers are trained in float32 either way.
     frozen_dtype: str = "float32"
+    # The mixed-precision policy of every trained participant: the student, peers and online teachers
+    # (jaxkd.precision): "float32", or "bfloat16" (float32 parameters and optimizer state, bfloat16 compute,
+    # float32 logits and losses). The teacher phase trains in float32 either way; frozen teachers run in
+    # `frozen_dtype`.
+    precision: str = "float32"
     # Further frozen teachers methods may read by name (multi_teacher_kd): name -> {"model": ..., "kwargs": {...}},
     # trained like the teacher (teacher_steps, teacher_lr) before the students.
     teachers: dict = dataclasses.field(default_factory=dict)
@@ -140,6 +145,16 @@ def check_seeds(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be distinct (each run is repeated per seed), got {name}={value!r}")
 
 
+def check_precision(name: str, value: Any) -> None:
+    """``value`` names a :func:`jaxkd.precision.policy` (float16 is refused with the reason)."""
+    from jaxkd.precision import policy
+
+    try:
+        policy(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def check_milestones(name: str, value: Any) -> None:
     for i, milestone in enumerate(value):
         check_number(f"{name}[{i}]", milestone, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -198,8 +213,8 @@ Config.CHECKS = {
        ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class")},
     "lr": positive, "teacher_lr": positive, "momentum": check_momentum, "weight_decay": nonnegative,
     "data_seed": at_least(0), "labels_per_class": optional(at_least(1)), "schedule": one_of(SCHEDULES),
-    "augment": one_of(AUGMENTATIONS), "frozen_dtype": one_of(FROZEN_DTYPES), "seeds": check_seeds,
-    "milestones": check_milestones, "methods": check_methods, "checkpoint_every": at_least(0),
+    "augment": one_of(AUGMENTATIONS), "frozen_dtype": one_of(FROZEN_DTYPES), "precision": check_precision,
+    "seeds": check_seeds, "milestones": check_milestones, "methods": check_methods, "checkpoint_every": at_least(0),
     "mesh": optional(check_mesh), "teachers": check_teachers, "teacher_kwargs": check_string_keys,
     "student_kwargs": check_string_keys, "peer_kwargs": check_string_keys,
 }
@@ -295,8 +310,9 @@ def validate(config: Any) -> None:
     ``meta_per_class`` >= 1; ``lr``, ``teacher_lr`` finite > 0; ``momentum`` in [0, 1);
     ``weight_decay`` finite >= 0; ``seeds`` a non-empty tuple of distinct integers >= 0; ``data_seed``
     >= 0; ``labels_per_class`` None or >= 1; ``schedule`` in :data:`SCHEDULES`; ``frozen_dtype`` in
-    :data:`FROZEN_DTYPES`; ``milestones`` strictly increasing in (0, 1); ``augment`` in
-    :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of run name -> method spec string;
+    :data:`FROZEN_DTYPES`; ``precision`` a :data:`jaxkd.precision.POLICIES` name; ``milestones`` strictly
+    increasing in (0, 1); ``augment`` in :data:`jaxkd.data.AUGMENTATIONS`; ``methods`` a non-empty dict of run
+    name -> method spec string;
     ``teacher_kwargs`` / ``student_kwargs`` dicts with string keys.
 
     Raises:

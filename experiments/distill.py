@@ -21,7 +21,12 @@ Re-running the same command with the same ``--out`` skips finished runs, resumes
 its newest intact checkpoint, and appends to ``metrics.jsonl`` without duplicates; the end result is
 bitwise the uninterrupted run's (on CPU). SIGTERM saves a checkpoint and exits with status 143. A
 checkpoint made with another configuration (method spec, models, steps, optimizer, data, teacher) is
-refused, naming what differs.
+refused, naming what differs (its ``precision`` and ``frozen_dtype`` included).
+
+Precision: the student and every participant trained next to it (peers, online teachers) follow the
+config's ``precision`` policy (:mod:`jaxkd.precision`: ``--set precision=bfloat16`` computes in bfloat16
+with float32 parameters, optimizer state and logits); teachers are trained in float32 and, frozen, run in
+``frozen_dtype``.
 
 The run folder holds ``config.json``, ``metrics.jsonl`` (every train step and every evaluation),
 ``tensorboard/`` (the same, as TensorBoard event files), ``results.json``, ``results.md`` and
@@ -44,7 +49,7 @@ import numpy as np
 import optax
 
 import jaxkd
-from jaxkd import compilation_cache, data, methods, models, sharding
+from jaxkd import compilation_cache, data, methods, models, precision, sharding
 from jaxkd.checkpoint import fingerprint, load_variables, save_variables
 from jaxkd.participants import cast_params
 
@@ -226,6 +231,16 @@ def trained_model_spec(cfg: config_lib.Config, name: str) -> tuple[str, dict]:
     return cfg.student, dict(cfg.student_kwargs)
 
 
+def with_precision(cfg: config_lib.Config, spec: tuple[str, dict]) -> tuple[str, dict]:
+    """A trained participant's model spec under ``cfg.precision`` (:func:`jaxkd.precision.model_kwargs`: the
+    compute ``dtype``; parameters, optimizer state and logits stay float32). Under ``"float32"`` the spec is
+    left as it is: float32 is the zoo's default, and the same spec builds the same Model object as the
+    teacher phase's (one compiled program for both)."""
+    if cfg.precision == "float32":
+        return spec
+    return spec[0], precision.model_kwargs(precision.policy(cfg.precision), spec[1])
+
+
 #: The experiment's PRNG: conv-net initialization compiles ~5x faster on CPU with rbg keys than with
 #: threefry, and their quality is ample for initialization, shuffling and dropout.
 PRNG_IMPL = "rbg"
@@ -256,7 +271,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             built[key] = models.get(spec[0], num_classes=num_classes, **spec[1])
         return built[key]
 
-    student = model((cfg.student, cfg.student_kwargs))
+    student = model(with_precision(cfg, (cfg.student, dict(cfg.student_kwargs))))
     teacher_schedule = schedule_of(cfg, cfg.teacher_lr, cfg.teacher_steps)
     student_schedule = schedule_of(cfg, cfg.lr, cfg.steps)
     teacher_tx, student_tx = make_optimizer(cfg, teacher_schedule), make_optimizer(cfg, student_schedule)
@@ -335,7 +350,8 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                     participants = {}
                     for p in needs.participants:
                         if p in needs.trained:
-                            participants[p] = jaxkd.Participant(model(trained_model_spec(cfg, p)))
+                            spec = with_precision(cfg, trained_model_spec(cfg, p))
+                            participants[p] = jaxkd.Participant(model(spec))
                         else:
                             participants[p] = frozen_participant(cfg, model, p, teacher_vars[seed][p])
                     train_split, meta_split = dataset.student_train, None
@@ -348,7 +364,7 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                             mesh=mesh,
                         )
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
-                              "frozen_dtype": cfg.frozen_dtype,
+                              "frozen_dtype": cfg.frozen_dtype, "precision": cfg.precision,
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
                               "participants": {p: list(trained_model_spec(cfg, p)) for p in needs.trained},
                               "teachers": {p: teacher_prints[seed][p] for p in needs.learned_from}}

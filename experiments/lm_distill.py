@@ -20,7 +20,8 @@ Runs survive being killed, as the vision experiment's do (:mod:`experiments.runn
 ``checkpoint_every`` steps and at the end of each run (the teacher's pretraining included) the train state and
 the loader's position are saved; re-running the same command with the same ``--out`` skips finished runs,
 resumes the interrupted one and ends with the uninterrupted run's results, bitwise; SIGTERM saves and exits
-with status 143; resuming with another method, student, teacher or data is refused, naming what differs.
+with status 143; resuming with another method, student, precision, teacher or data is refused, naming what
+differs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from jaxkd.data.text.stdlib_corpus import stdlib_corpus_sequences
 from jaxkd.models import lm as lm_models
 from jaxkd.models.lora import ADAPTERS, init_lora, lora
 from jaxkd.models.quantize import quantize_int8
+from jaxkd.precision import POLICIES, lm_config, policy
 
 from experiments import config as config_lib
 from experiments import report
@@ -88,6 +90,12 @@ class LMExperiment:
         weights); needs ``student_init_steps > 0``. ``None`` (the default): every weight trains.
       steps, lr, warmup_steps, weight_decay, batch_size: every student's budget (AdamW, linear warm-up,
         cosine decay).
+      precision: the student's mixed-precision policy (:func:`jaxkd.precision.policy`): ``"float32"``, or
+        ``"bfloat16"`` (its ``LMConfig`` gets ``dtype=bfloat16``, ``param_dtype=float32``: bf16 compute,
+        float32 parameters, AdamW state and logits). The student's dtypes come from it alone (``student``
+        may not set ``dtype`` / ``param_dtype``). Teachers (and ``student_init_steps``' starting weights)
+        are pretrained in float32 whatever it is, so students of either precision distill from the same
+        teacher and the pretrained-model cache is shared.
       microbatches: gradient accumulation inside the step (the batch is split; same update).
       methods: run name -> method spec; ``"scratch"`` is the data-only baseline. Specs may use the
         constants ``steps``, ``batch_size``, ``lr``, ``seq_len``.
@@ -122,6 +130,7 @@ class LMExperiment:
     weight_decay: float = 0.01
     batch_size: int = 32
     microbatches: int = 1
+    precision: str = "float32"
     methods: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {"scratch": "lm_ce", "token_kd": "lm_ce + token_kd()"})
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -135,6 +144,10 @@ class LMExperiment:
     def check(self) -> None:
         """Checks across fields (after every field's own, :func:`experiments.config.validate`)."""
         check_lm_batch(self)
+        for key in ("dtype", "param_dtype"):
+            if key in self.student:
+                raise ValueError(f"student sets {key}={self.student[key]!r}: the student's dtypes come from "
+                                 f"precision (one of {sorted(POLICIES)}), set that instead")
         if self.student_lora is not None:
             if set(self.student_lora) != {"targets", "rank", "alpha"}:
                 raise ValueError(f"student_lora takes exactly the keys ['alpha', 'rank', 'targets'], got "
@@ -174,7 +187,7 @@ LM_CHECKS = {
     "seeds": config_lib.check_seeds, "methods": config_lib.check_methods, "teacher": check_arch,
     "student": check_arch,
 }
-LMExperiment.CHECKS = LM_CHECKS
+LMExperiment.CHECKS = {**LM_CHECKS, "precision": config_lib.check_precision}
 
 
 def parse_methods(cfg: LMExperiment, **extra_constants: Any) -> dict[str, methods.Method]:
@@ -324,7 +337,8 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
     with phases.phase("data"):
         corpus = load_corpus(cfg)
     train_data = corpus.train
-    student_cfg = lm_models.LMConfig(vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student)
+    student_cfg = lm_config(policy(cfg.precision), lm_models.LMConfig(
+        vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student))
     student_model = lm_models.lm(student_cfg)
     if cfg.student_lora is not None:
         student_model = lora(student_model, **cfg.student_lora)
@@ -393,7 +407,8 @@ def run_experiment(cfg: LMExperiment, out_dir: str) -> dict[str, Any]:
                         trainable_params = trainable_count(state, "student")
                     config = student_config(cfg, cfg.methods[run], seed, rows=rows_key, teachers={
                         p: teacher_identity(teachers[p]) for p in method.needs.participants},
-                        cache_k=cfg.cache_k if cached else None, **student_start(cfg, student_base))
+                        cache_k=cfg.cache_k if cached else None, precision=cfg.precision,
+                        **student_start(cfg, student_base))
                     _, result = runner.fit(run=run, seed=seed, state=state, loaders={"train": loader},
                                            steps=cfg.steps, lr_schedule=schedule(cfg.lr, cfg.steps, cfg.warmup_steps),
                                            config=config, evaluation=evaluation)
