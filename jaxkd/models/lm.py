@@ -103,6 +103,7 @@ import numpy as np
 from flax.core import meta
 
 from jaxkd.checks import check_int, check_number
+from jaxkd.models import mixed_matmul
 from jaxkd.models.base import Model, from_linen
 from jaxkd.sharding import FSDP, TENSOR, Rules
 
@@ -614,9 +615,9 @@ class Attention(nn.Module):
         wv = _param(self, "value", _fan_in(0, (1, 2)), (d, k, hd), ("embed", "kv_heads", "head_dim"))
         wo = _param(self, "out", _fan_in((0, 1), 2), (h, hd, d), ("heads", "head_dim", "embed"))
         dt = cfg.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
-        new_key = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
-        new_value = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        q = mixed_matmul.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        new_key = mixed_matmul.einsum("btd,dhk->bthk", x, wk.astype(dt))
+        new_value = mixed_matmul.einsum("btd,dhk->bthk", x, wv.astype(dt))
         if cfg.qkv_bias:
             q = q + _param(self, "query_bias", nn.initializers.zeros, (h, hd), ("heads", "head_dim")).astype(dt)
             new_key = new_key + _param(self, "key_bias", nn.initializers.zeros, (k, hd), ("kv_heads", "head_dim")).astype(dt)
@@ -636,7 +637,7 @@ class Attention(nn.Module):
             value = jax.lax.dynamic_update_slice(kv[1], new_value.astype(kv[1].dtype), start).astype(dt)
         b, t = x.shape[:2]
         q = q.reshape(b, t, k, h // k, hd)  # query head j*G + g reads kv head j (HF repeat_kv's order)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
+        scores = mixed_matmul.einsum("btkgh,bskh->bkgts", q, key, out_dtype=jnp.float32)
         scores = scores / math.sqrt(hd) if cfg.attention_scale is None else scores * cfg.attention_scale
         if cfg.attn_softcap is not None:  # Gemma 2: c · tanh(scores / c), before the mask
             scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
@@ -645,8 +646,8 @@ class Attention(nn.Module):
         # attention output, the same with or without a cache.
         readable = jnp.any(allowed, axis=-1)[:, None, None, :, None]
         weights = jnp.where(readable, jax.nn.softmax(scores, axis=-1), 0.0).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", weights, value).reshape(b, t, h, hd)
-        out = jnp.einsum("bthk,hkd->btd", out, wo.astype(dt))
+        out = mixed_matmul.einsum("bkgts,bskh->btkgh", weights, value).reshape(b, t, h, hd)
+        out = mixed_matmul.einsum("bthk,hkd->btd", out, wo.astype(dt))
         if cfg.out_bias:
             out = out + _param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",)).astype(dt)
         return out, (new_key, new_value)
@@ -665,8 +666,8 @@ class MLP(nn.Module):
 
         def dense(name, inputs, shape, axes):
             # An einsum like the attention projections (not ``@``): qwix's LoRA and int8 quantization
-            # (jaxkd.models.lora, jaxkd.models.quantize) intercept jnp.einsum.
-            y = jnp.einsum("btd,df->btf", inputs, _param(self, name, _fan_in(0, 1), shape, axes).astype(dt))
+            # (jaxkd.models.lora, jaxkd.models.quantize) intercept jnp.einsum (mixed_matmul calls it then).
+            y = mixed_matmul.einsum("btd,df->btf", inputs, _param(self, name, _fan_in(0, 1), shape, axes).astype(dt))
             if cfg.mlp_bias:
                 y = y + _param(self, f"{name}_bias", nn.initializers.zeros, shape[-1:], axes[-1:]).astype(dt)
             return y
@@ -717,16 +718,17 @@ class MoEMLP(nn.Module):
         w_gate = _param(self, "experts_gate", experts_init(1, 2), (e, d, f), ("expert", "embed", "mlp"))
         w_up = _param(self, "experts_up", experts_init(1, 2), (e, d, f), ("expert", "embed", "mlp"))
         w_down = _param(self, "experts_down", experts_init(1, 2), (e, f, d), ("expert", "mlp", "embed"))
-        router_logits = jnp.einsum("btd,de->bte", x, router.astype(dt))
+        router_logits = mixed_matmul.einsum("btd,de->bte", x, router.astype(dt))
         probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
         top_probs, top_experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
         if cfg.norm_topk_prob:
             top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
         combine = jnp.sum(jax.nn.one_hot(top_experts, e, dtype=jnp.float32) * top_probs[..., None], axis=-2)
         act = jax.nn.silu if cfg.mlp_activation == "silu" else lambda z: jax.nn.gelu(z, approximate=True)
-        hidden = act(jnp.einsum("btd,edf->btef", x, w_gate.astype(dt))) * jnp.einsum("btd,edf->btef", x, w_up.astype(dt))
+        hidden = (act(mixed_matmul.einsum("btd,edf->btef", x, w_gate.astype(dt)))
+                  * mixed_matmul.einsum("btd,edf->btef", x, w_up.astype(dt)))
         hidden = hidden * combine.astype(dt)[..., None]
-        return jnp.einsum("btef,efd->btd", hidden, w_down.astype(dt)), router_logits
+        return mixed_matmul.einsum("btef,efd->btd", hidden, w_down.astype(dt)), router_logits
 
 
 class Block(nn.Module):
@@ -922,7 +924,7 @@ class TransformerLM(nn.Module):
             projection = embedding.T
         else:
             projection = _param(self, "head", _fan_in(0, 1), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
-        logits = jnp.einsum("btd,dv->btv", h, projection.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        logits = mixed_matmul.einsum("btd,dv->btv", h, projection.astype(cfg.dtype), out_dtype=jnp.float32)
         logits = logits.astype(jnp.float32)
         if cfg.final_softcap is not None:  # Gemma: c · tanh(logits / c)
             logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
