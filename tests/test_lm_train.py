@@ -345,3 +345,23 @@ def test_boxed_variables_as_init_and_from_hf_give_them_are_accepted_as_given():
                          rng=jax.random.PRNGKey(0))
     for got in (state.student.variables(), state.variables_of("teacher").variables()):
         chex.assert_trees_all_equal(jax.device_get(got), jax.device_get(TEACHER_VARS))
+
+
+def test_token_kd_auto_chooses_the_fused_path_by_size_and_says_so(monkeypatch):
+    from jaxkd.methods.lm import token_kd as token_kd_module
+
+    # The rule itself: at least two chunks and 2**22 logits.
+    assert token_kd_module.fused_pays(2048, 2048, 512) and token_kd_module.fused_pays(1024, 4096, 512)
+    assert not token_kd_module.fused_pays(1024, 4096, 1024)  # one chunk
+    assert not token_kd_module.fused_pays(2048, 1024, 512)  # 2**21 logits
+    step = jaxkd.make_train_step()
+    _, unfused = step(new_state(methods.token_kd(fused=False)), BATCH)
+    _, small = step(new_state(methods.token_kd()), BATCH)  # tiny: the logits path
+    assert float(small["token_kd/fused"]) == 0.0
+    monkeypatch.setattr(token_kd_module, "FUSED_MIN_LOGITS", 1)
+    _, fused = step(new_state(methods.token_kd(chunk_size=5)), BATCH)
+    assert float(fused["token_kd/fused"]) == 1.0
+    for metrics in (small, fused):
+        np.testing.assert_allclose(float(metrics["loss"]), float(unfused["loss"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
+        methods.token_kd(fused="yes")
