@@ -85,8 +85,10 @@ def token_kd(
             return loss_fn(zs, zt, mask=full_length_mask(target_mask), normalizer=normalizer), flag
         s_hidden = hidden_states_of(inputs.output(student, method=name), student, name)
         t_hidden = hidden_states_of(inputs.target(teacher, method=name), teacher, name)
-        s_head = output_projection_of(inputs, student, method=name)
-        t_head = jax.lax.stop_gradient(output_projection_of(inputs, teacher, method=name))
+        # Each head in its model's compute dtype (the hidden states' dtype), as the model's own logits cast it:
+        # a float32 head times bfloat16 states would be a mixed-dtype product, XLA:CPU's slowest matmul.
+        s_head = output_projection_of(inputs, student, method=name).astype(s_hidden.dtype)
+        t_head = jax.lax.stop_gradient(output_projection_of(inputs, teacher, method=name)).astype(t_hidden.dtype)
         return losses.fused_linear_divergence(
             s_hidden, s_head, t_hidden, t_head, divergence=divergence, mask=target_mask.reshape(-1),
             normalizer=normalizer, chunk_size=chunk_size, softcap=softcap, **loss_fn.kwargs), flag
