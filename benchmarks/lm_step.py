@@ -4,6 +4,7 @@
     python benchmarks/lm_step.py                    # the README's table: two shapes, float32 and bfloat16
     python benchmarks/lm_step.py --shapes default --precisions float32
     python benchmarks/lm_step.py --small            # a seconds-long smoke run
+    python benchmarks/lm_step.py --profile --shapes default --betas 0   # jaxkd's step op by op
 
 The step, the same on both sides: the frozen teacher's forward (eval, no gradient), the student's forward
 and backward, the token-level loss over every next-token position, an AdamW update. The loss is TRL's
@@ -251,6 +252,76 @@ def print_table(shapes: Shapes, rows: list[dict], peaks: dict) -> None:
     print()
 
 
+def profile(shapes: Shapes, beta: float, precision: str, repeats: int = 5) -> None:
+    """Where jaxkd's step goes, op by op: the executed XLA ops of ``repeats`` traced steps (jax.profiler),
+    grouped by what they compute (benchmarks/profile_step.py reads the trace and the compiled HLO). Ops run
+    concurrently on the CPU's threads, so the groups' times add up to more than the step's wall time."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import math
+
+    import jax
+    import numpy as np
+
+    from profile_step import describe, parse_hlo
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, shapes.vocab, size=(shapes.batch, shapes.seq_len)).astype(np.int32)
+    with tempfile.TemporaryDirectory() as folder:
+        torch_models(shapes, folder)
+        compiled, state, batch, _, _ = jax_step_fn(folder, {"tokens": tokens, "mask": np.ones_like(tokens, bool)},
+                                                   beta, lr=1e-4, precision=precision)
+    instructions, computations, calls = parse_hlo(compiled.as_text())
+
+    def run():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+
+    for _ in range(2):
+        run()
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(repeats):
+                run()
+        trace = json.load(gzip.open(glob.glob(os.path.join(folder, "**", "*.json.gz"), recursive=True)[0]))
+    events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
+    wall = [e["dur"] for e in events if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
+    groups = collections.defaultdict(lambda: [0.0, 0.0])  # group -> ms per step, FLOPs per step
+
+    def group(name):
+        ins = instructions[name]
+        inner = [ins, *(instructions[n] for n in computations.get(calls.get(name), []))]
+        found = [d for d in (describe(n, instructions) for n in [name, *computations.get(calls.get(name), [])]) if d]
+        if found:
+            return "matrix products", sum(f for f, _ in found)
+        shape, ops = ins["shape"], {i["opcode"] for i in inner}
+        if shapes.vocab in shape:
+            return "element-wise / reductions over [tokens, vocabulary] (loss, logits)", 0.0
+        if list(shape).count(shapes.seq_len) >= 2 or math.prod(shape) % (shapes.seq_len ** 2) == 0 and len(shape) >= 4:
+            return "element-wise over [.., query, key] (attention masks, softmax)", 0.0
+        if ops & {"copy", "transpose", "convert"} and not ops & {"exponential", "multiply", "add", "rsqrt"}:
+            return "copies, transposes, dtype conversions", 0.0
+        return "other element-wise (norms, RoPE, activations, AdamW)", 0.0
+
+    for e in events:
+        if e["name"] in instructions:
+            label, flops = group(e["name"])
+            groups[label][0] += e["dur"] / 1000 / repeats
+            # a loop body's ops run once per iteration: count their FLOPs per execution
+            groups[label][1] += flops / repeats
+    print(f"{precision}, {'forward KL' if beta == 0 else f'generalized JSD (β={beta})'}: "
+          f"{float(np.median(wall)) / 1000:.0f} ms per step (median of {repeats} traced)\n")
+    print("| ops | ms per step (summed over threads) | GFLOP | GFLOP/s |")
+    print("|---|---|---|---|")
+    for label, (ms, flops) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        rate = f"{flops / ms / 1e6:.0f}" if flops else ""
+        print(f"| {label} | {ms:.0f} | {flops / 1e9:.1f} | {rate} |" if flops else f"| {label} | {ms:.0f} | | |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny shapes: a smoke run")
@@ -260,6 +331,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="steps per block")
     parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: jaxkd's step op by op, per precision (the first shape and beta)")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
     for p in precisions:
@@ -271,6 +344,10 @@ def main() -> None:
             parser.error(f"unknown shape {name!r}; valid: {', '.join(sorted(SHAPES))}")
         shapes[name] = SHAPES[name]
     betas = [float(b) for b in args.betas.split(",")]
+    if args.profile:
+        for p in precisions:
+            profile(next(iter(shapes.values())), betas[0], p)
+        return
     import jax
     import torch
 

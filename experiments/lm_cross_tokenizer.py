@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 import jaxkd
+from jaxkd.precision import lm_config, policy
 from jaxkd import methods
 from jaxkd.data import ByteTokenizer
 from jaxkd.data.text.bpe import BPETokenizer, train_bpe
@@ -54,6 +55,7 @@ from experiments.lm_distill import (
     TEACHER_SEED,
     LMExperiment,
     check_lm_batch,
+    check_student_dtypes,
     corpus_source,
     lm_runner,
     load_corpus,
@@ -95,6 +97,8 @@ class CrossTokenizerExperiment:
       methods: run name -> method spec (:func:`jaxkd.methods.parse`; constants ``steps``, ``batch_size``,
         ``lr``, ``seq_len``, ``student_len``).
       seeds: one student per seed and run.
+      precision: the students' mixed-precision policy (:func:`jaxkd.precision.policy`), as in
+        :class:`experiments.lm_distill.LMExperiment` (the teacher is pretrained in float32 either way).
     """
 
     name: str = "stdlib_cross_tokenizer"
@@ -119,6 +123,7 @@ class CrossTokenizerExperiment:
         "bpe_alm": BPE_SCRATCH + " + 100 * alm(temperature=100.0, cached=True)",
     })
     seeds: tuple[int, ...] = (0, 1, 2)
+    precision: str = _LM.precision
     eval_every: int = _LM.eval_every
     checkpoint_every: int = _LM.checkpoint_every
     tensorboard: bool = _LM.tensorboard
@@ -128,6 +133,7 @@ class CrossTokenizerExperiment:
 
     def check(self) -> None:
         check_lm_batch(self)
+        check_student_dtypes(self.student)
 
     def teacher_experiment(self) -> LMExperiment:
         """The LM experiment whose teacher this one uses (its fields that define the teacher)."""
@@ -138,7 +144,8 @@ class CrossTokenizerExperiment:
                             corpus_dir=self.corpus_dir)
 
 
-CrossTokenizerExperiment.CHECKS = {**LM_CHECKS, "student_len": config_lib.at_least(2),
+CrossTokenizerExperiment.CHECKS = {**LM_CHECKS, "precision": config_lib.check_precision,
+                                   "student_len": config_lib.at_least(2),
                                    "bpe_vocab_size": config_lib.at_least(259)}
 
 
@@ -252,9 +259,12 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
     def observe(state, result):  # DistiLLM's adaptive schedule reads the validation loss (nats per byte)
         return methods.observe_validation_loss(state, result[f"{EVAL_SPLITS[0]}_bpb"] * np.log(2.0))
 
+    student_policy = policy(cfg.precision)
     configs = {
-        "byte": lm_models.LMConfig(vocab_size=ByteTokenizer().vocab_size, max_len=cfg.seq_len, **cfg.student),
-        "bpe": lm_models.LMConfig(vocab_size=bpe.vocab_size, max_len=cfg.student_len, **cfg.student),
+        "byte": lm_config(student_policy, lm_models.LMConfig(vocab_size=ByteTokenizer().vocab_size,
+                                                             max_len=cfg.seq_len, **cfg.student)),
+        "bpe": lm_config(student_policy, lm_models.LMConfig(vocab_size=bpe.vocab_size, max_len=cfg.student_len,
+                                                            **cfg.student)),
     }
     progress = progress_bar(len(run_methods) * len(cfg.seeds) * cfg.steps)
     rows: list[report.Row] = []
@@ -290,7 +300,7 @@ def run_experiment(cfg: CrossTokenizerExperiment, out_dir: str) -> dict[str, Any
                                              tx=optimizer(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay),
                                              sample_batch=batches.batch(0, 0), rng=jax.random.PRNGKey(seed))
                     config = student_config(cfg, cfg.methods[run], seed, rows=train_key, tokenizer=kind,
-                                            student_len=cfg.student_len, teacher=teacher_identity(teacher)
+                                            student_len=cfg.student_len, precision=cfg.precision, teacher=teacher_identity(teacher)
                                             if method.needs.teacher else None)
                     _, result = runner.fit(run=run, seed=seed, state=state, loaders={"train": batches},
                                            steps=cfg.steps, lr_schedule=schedule(cfg.lr, cfg.steps, cfg.warmup_steps),

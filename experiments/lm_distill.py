@@ -144,10 +144,7 @@ class LMExperiment:
     def check(self) -> None:
         """Checks across fields (after every field's own, :func:`experiments.config.validate`)."""
         check_lm_batch(self)
-        for key in ("dtype", "param_dtype"):
-            if key in self.student:
-                raise ValueError(f"student sets {key}={self.student[key]!r}: the student's dtypes come from "
-                                 f"precision (one of {sorted(POLICIES)}), set that instead")
+        check_student_dtypes(self.student)
         if self.student_lora is not None:
             if set(self.student_lora) != {"targets", "rank", "alpha"}:
                 raise ValueError(f"student_lora takes exactly the keys ['alpha', 'rank', 'targets'], got "
@@ -187,6 +184,14 @@ LM_CHECKS = {
     "seeds": config_lib.check_seeds, "methods": config_lib.check_methods, "teacher": check_arch,
     "student": check_arch,
 }
+def check_student_dtypes(student: Mapping[str, Any]) -> None:
+    """A student config (``LMConfig`` fields) leaves its dtypes to the experiment's ``precision``."""
+    for key in ("dtype", "param_dtype"):
+        if key in student:
+            raise ValueError(f"student sets {key}={student[key]!r}: the student's dtypes come from "
+                             f"precision (one of {sorted(POLICIES)}), set that instead")
+
+
 LMExperiment.CHECKS = {**LM_CHECKS, "precision": config_lib.check_precision}
 
 

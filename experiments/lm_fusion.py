@@ -48,6 +48,7 @@ from jaxkd.data.text.stdlib_corpus import stdlib_corpus_texts
 from jaxkd.inference import sum_over_batches
 from jaxkd.models import fusion
 from jaxkd.models import lm as lm_models
+from jaxkd.precision import lm_config, policy
 from experiments import config as config_lib
 from experiments.lm_training import bpb_evaluator, padded_batches, pretrained_lm
 from experiments.run_log import PreemptionFlag
@@ -77,6 +78,8 @@ class LMFusionExperiment:
       corpus_dir: a folder of ``.py`` files to read instead of the running interpreter's standard library
         (its top-level folders are the domains); None: the stdlib.
       compilation_cache: JAX's persistent compilation cache folder (:func:`jaxkd.compilation_cache.enable`).
+      precision: every model's mixed-precision policy while it trains and scores (:func:`jaxkd.precision.policy`:
+        ``"float32"`` or ``"bfloat16"``); part of each cached model's key.
     """
 
     name: str = "stdlib_fusion"
@@ -105,6 +108,7 @@ class LMFusionExperiment:
     out_dir: str = "runs"
     corpus_dir: str | None = None
     compilation_cache: str | None = "default"
+    precision: str = "float32"
 
 
 def check_domains(name: str, value: Any) -> None:
@@ -118,7 +122,7 @@ LMFusionExperiment.CHECKS = {
     "seq_len": config_lib.at_least(2), "warmup_steps": config_lib.at_least(0), "seed": config_lib.at_least(0),
     "checkpoint_every": config_lib.at_least(0), "max_general_files": config_lib.optional(config_lib.at_least(1)),
     "base_lr": config_lib.positive, "tune_lr": config_lib.positive, "weight_decay": config_lib.nonnegative,
-    "domains": check_domains,
+    "domains": check_domains, "precision": config_lib.check_precision,
 }
 
 
@@ -240,8 +244,9 @@ def run_experiment(cfg: LMFusionExperiment, out_dir: str) -> dict[str, Any]:
         print(f"held-out {name}: {rows['rows']} rows, {rows['num_bytes']} bytes", file=sys.stderr)
 
     vocab = ByteTokenizer().vocab_size
-    large_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.large)
-    small_cfg = lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.small)
+    models_policy = policy(cfg.precision)
+    large_cfg = lm_config(models_policy, lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.large))
+    small_cfg = lm_config(models_policy, lm_models.LMConfig(vocab_size=vocab, max_len=cfg.seq_len, **cfg.small))
     cache_root = os.path.join(cfg.out_dir, "fusion_models")
     phases = Phases()
     with PreemptionFlag() as preemption:

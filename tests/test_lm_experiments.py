@@ -80,7 +80,7 @@ def test_lm_experiment_then_cross_tokenizer_reuses_its_teacher(corpus_dir, tmp_p
     config = _write_config(tmp_path / "xtok.py", "experiments.lm_cross_tokenizer.CrossTokenizerExperiment",
                            name="tiny_xtok", out_dir=runs, corpus_dir=corpus_dir, seeds=(0,), bpe_vocab_size=270,
                            student_len=24, **{k: v for k, v in TINY_LM.items() if k != "max_eval_rows"},
-                           max_eval_rows=6,
+                           max_eval_rows=6, precision="bfloat16",  # bf16 students (the f32 teacher reused)
                            methods={"bpe_scratch": lm_cross_tokenizer.BPE_SCRATCH,
                                     "bpe_alm": lm_cross_tokenizer.BPE_SCRATCH + " + alm(cached=True)"})
     out = str(tmp_path / "xtok_run")
@@ -121,3 +121,21 @@ def test_lm_fusion_scores_and_samples_every_fused_model(corpus_dir, tmp_path):
     for block in summary["samples"]:
         assert all(f"{name}:" in block for name in ("large base", "proxy-tuned", "dynamic fusion (2 experts)"))
     assert os.path.getsize(tmp_path / "run" / "results.md") > 0
+
+
+@pytest.mark.parametrize("experiment", [lm_cross_tokenizer.CrossTokenizerExperiment, lm_fusion.LMFusionExperiment])
+def test_every_lm_experiment_takes_a_precision(experiment):
+    from experiments.config import validate
+
+    validate(experiment(precision="bfloat16"))
+    with pytest.raises(ValueError, match="no loss scaling"):
+        validate(experiment(precision="float16"))
+    with pytest.raises(ValueError, match=r"unknown precision 'bf16'; valid: \['bfloat16', 'float32'\]"):
+        validate(experiment(precision="bf16"))
+
+
+def test_cross_tokenizer_students_take_their_dtypes_from_precision():
+    from experiments.config import validate
+
+    with pytest.raises(ValueError, match="student sets dtype='bfloat16': the student's dtypes come from precision"):
+        validate(lm_cross_tokenizer.CrossTokenizerExperiment(student={**TINY_LM["student"], "dtype": "bfloat16"}))
