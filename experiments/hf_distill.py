@@ -43,8 +43,10 @@ from jaxkd import inference, methods, sharding
 from jaxkd.batch import MASK, POSITIONS, SEGMENT_IDS, TOKENS, batch_target_mask, with_token_normalizer
 from jaxkd.data import HFTokenizer, TextLoader, chat_rows
 from jaxkd.models.hf import from_hf, init_student_from, to_hf
+from jaxkd.models import lm as lm_models
 from jaxkd.models.lm import lm_logical_rules
 from jaxkd.models.vocab import truncate_vocab
+from jaxkd.precision import lm_config, policy
 from jaxkd.sharding import unbox
 
 from experiments import config as config_lib
@@ -78,6 +80,9 @@ class HFDistillExperiment:
       method: the method spec (constants ``steps``, ``batch_size``, ``lr``, ``seq_len``).
       steps, lr, warmup_steps, weight_decay, batch_size, microbatches, seed: the student's training.
       dtype: parameters and compute, ``float32`` (default), ``bfloat16`` or ``checkpoint`` (as stored).
+      precision: the student's mixed-precision policy (:func:`jaxkd.precision.policy`): ``"float32"`` (default)
+        leaves it as ``dtype`` says; ``"bfloat16"`` trains float32 parameters and optimizer state with bfloat16
+        compute and float32 logits (the teacher keeps ``dtype``; the export is float32).
       max_eval_rows: held-out rows scored (the first ones).
       eval_every, checkpoint_every: steps between evaluations / checkpoints (and at the end).
       mesh: None (one device) or the device mesh's axis sizes, e.g. ``{"data": 2, "fsdp": 2, "tensor": 2}``
@@ -106,6 +111,7 @@ class HFDistillExperiment:
     microbatches: int = 1
     seed: int = 0
     dtype: str = "float32"
+    precision: str = "float32"
     max_eval_rows: int = 256
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -133,6 +139,7 @@ HFDistillExperiment.CHECKS = {
     "seed": config_lib.at_least(0), "lr": config_lib.positive, "weight_decay": config_lib.nonnegative,
     "layer_strategy": config_lib.one_of(LAYER_STRATEGIES), "dtype": config_lib.one_of(DTYPES),
     "method": _check_method, "mesh": config_lib.optional(config_lib.check_mesh),
+    "precision": config_lib.check_precision,
 }
 
 
@@ -177,8 +184,19 @@ def load_models(cfg: HFDistillExperiment, vocab_size: int, mesh=None):
             student = truncate_vocab(student, teacher.vocab_size)
     else:
         student, student_vars = from_hf(cfg.student, dtype=dtype, vocab_size=vocab_size, **placed)
+    if cfg.precision != "float32":
+        student, student_vars = with_policy(student, student_vars, policy(cfg.precision))
     # Plain arrays, as the train state holds them (the logical axis names are the models' own).
     return teacher, unbox(teacher_vars), student, unbox(student_vars)
+
+
+def with_policy(model, variables, p):
+    """The LM ``model`` rebuilt under policy ``p`` (its ``LMConfig``'s dtypes; a cut vocabulary kept) and its
+    variables cast to the policy's parameter dtype."""
+    rebuilt = lm_models.lm(lm_config(p, model.module.config))
+    if model.vocab_size is not None:
+        rebuilt = truncate_vocab(rebuilt, model.vocab_size)
+    return rebuilt, p.cast_to_param(variables)
 
 
 def input_keys(rows) -> tuple[str, ...]:
@@ -281,7 +299,9 @@ def run_experiment(cfg: HFDistillExperiment, out_dir: str) -> dict[str, Any]:
                 "vocab_size": tokenizer.vocab_size, "rows": rows_fingerprint(*(train_rows[k] for k in sorted(train_rows))),
                 "seed": cfg.seed, "steps": cfg.steps, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "microbatches": cfg.microbatches,
-                "seq_len": cfg.seq_len, "pack": cfg.pack, "dtype": cfg.dtype}
+                "seq_len": cfg.seq_len, "pack": cfg.pack, "dtype": cfg.dtype,
+                # recorded when not the default, so that float32 runs keep their recorded identity
+                **({"precision": cfg.precision} if cfg.precision != "float32" else {})}
 
     progress = progress_bar(cfg.steps)
     with PreemptionFlag() as preemption:

@@ -197,3 +197,30 @@ def test_the_recipe_on_a_mesh_equals_one_device(setup, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size / microbatches = 2 rows .* not divisible by data x fsdp"):
         hf_distill.main(settings(setup, **{**common, "microbatches": 4}, mesh={"data": 2, "fsdp": 2, "tensor": 2})
                         + ["--out", str(tmp_path / "bad")])
+
+
+def test_a_bfloat16_student_keeps_float32_parameters_and_logits(setup):
+    # precision="bfloat16": the mixed policy on the student (float32 parameters, bfloat16 compute, float32
+    # logits close to the float32 model's), the teacher as dtype says; bad names refused by the config.
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import hf_distill
+    from experiments.config import validate
+
+    cfg = hf_distill.HFDistillExperiment(teacher=str(setup / "teacher"), student=str(setup / "student"),
+                                         precision="bfloat16")
+    teacher, _, student, student_vars = hf_distill.load_models(cfg, TOKENS)
+    f32 = hf_distill.load_models(hf_distill.HFDistillExperiment(teacher=cfg.teacher, student=cfg.student), TOKENS)
+    assert student.module.config.dtype == jnp.bfloat16 and student.module.config.param_dtype == jnp.float32
+    assert teacher.module.config.dtype == jnp.float32 and student.vocab_size == TOKENS
+    assert {leaf.dtype for leaf in jax.tree.leaves(student_vars)} == {jnp.dtype(jnp.float32)}
+    ids = np.random.default_rng(1).integers(0, TOKENS, (2, 12))
+    x = {"tokens": ids, "mask": np.ones_like(ids, bool)}
+    got = student.apply(student_vars, x, train=False).logits
+    want = f32[2].apply(f32[3], x, train=False).logits
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=0.05, rtol=0.05)  # bf16 activations: ~3 significant digits
+    assert not np.array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="no loss scaling"):
+        validate(hf_distill.HFDistillExperiment(precision="float16"))
