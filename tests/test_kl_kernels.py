@@ -167,3 +167,18 @@ def test_cross_entropy_kernel_bad_labels_inside_jit():
     grad = jax.jit(jax.grad(lambda x: losses.cross_entropy(x, jnp.asarray([9, 0, 3], jnp.int32), **NONE)[0]))(x)
     assert np.all(np.asarray(grad) == 0.0)
     assert np.all(np.isfinite(f(x[:2], ok[:2])))
+
+
+def test_a_nan_row_next_to_a_row_with_exclusions():
+    # NaN in one row hides the other rows' -inf from a min-reduction; the exact form must still be taken,
+    # so that only the NaN row is NaN.
+    s, t = logits_with_exclusions(8, np.float32)
+    s[4, 2] = np.nan
+    for name, fn in DIVERGENCES.items():
+        value = np.asarray(jax.jit(lambda s, t: fn(s, t, 1.0))(s, t))
+        assert np.isnan(value[4]) and np.all(np.isfinite(value[:4])), (name, value)
+        np.testing.assert_allclose(value[:4], jax.jit(lambda s, t: fn(s, t, 1.0))(s[:4], t[:4]), rtol=1e-6,
+                                   err_msg=name)
+    labels = np.array([2, 0, 1, 4, 5], np.int32)
+    ce = np.asarray(jax.jit(lambda x: losses.cross_entropy(x, labels, **NONE))(s))
+    assert np.isnan(ce[4]) and np.all(np.isfinite(ce[:4]))

@@ -83,8 +83,9 @@ def _log_probs(x: Array, lse: Array) -> tuple[Array, Array, Array]:
 
 
 def _any_excluded(*xs: Array) -> Array:
-    """Whether any entry of the arrays is ``-inf`` (NaN is not: ``min`` is then NaN and NaN != -inf)."""
-    flags = [jnp.min(x) == _NEG_INF for x in xs if x.size]
+    """Whether the exact form is needed: any entry of the arrays is ``-inf``, or NaN (a NaN hides a ``-inf``
+    from ``min``; such a batch is broken anyway, and the exact form keeps its other rows right)."""
+    flags = [(m == _NEG_INF) | jnp.isnan(m) for m in (jnp.min(x) for x in xs if x.size)]
     return functools.reduce(jnp.logical_or, flags, jnp.asarray(False))
 
 
