@@ -257,15 +257,12 @@ def profile(shapes: Shapes, beta: float, precision: str, repeats: int = 5) -> No
     grouped by what they compute (benchmarks/profile_step.py reads the trace and the compiled HLO). Ops run
     concurrently on the CPU's threads, so the groups' times add up to more than the step's wall time."""
     import collections
-    import glob
-    import gzip
-    import json
     import math
 
     import jax
     import numpy as np
 
-    from profile_step import describe, parse_hlo
+    from profile_step import describe, parse_hlo, traced_ops
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, shapes.vocab, size=(shapes.batch, shapes.seq_len)).astype(np.int32)
@@ -280,15 +277,8 @@ def profile(shapes: Shapes, beta: float, precision: str, repeats: int = 5) -> No
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
 
-    for _ in range(2):
-        run()
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder, create_perfetto_trace=True):
-            for _ in range(repeats):
-                run()
-        trace = json.load(gzip.open(glob.glob(os.path.join(folder, "**", "*.json.gz"), recursive=True)[0]))
-    events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
-    wall = [e["dur"] for e in events if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
+    run()
+    ops, wall_ms = traced_ops(instructions, run, repeats)
     groups = collections.defaultdict(lambda: [0.0, 0.0])  # group -> ms per step, FLOPs per step
 
     def group(name):
@@ -306,14 +296,12 @@ def profile(shapes: Shapes, beta: float, precision: str, repeats: int = 5) -> No
             return "copies, transposes, dtype conversions", 0.0
         return "other element-wise (norms, RoPE, activations, AdamW)", 0.0
 
-    for e in events:
-        if e["name"] in instructions:
-            label, flops = group(e["name"])
-            groups[label][0] += e["dur"] / 1000 / repeats
-            # a loop body's ops run once per iteration: count their FLOPs per execution
-            groups[label][1] += flops / repeats
+    for name, (ms, executions) in ops.items():
+        label, flops = group(name)
+        groups[label][0] += ms
+        groups[label][1] += flops * executions  # a loop body's ops run once per iteration
     print(f"{precision}, {'forward KL' if beta == 0 else f'generalized JSD (β={beta})'}: "
-          f"{float(np.median(wall)) / 1000:.0f} ms per step (median of {repeats} traced)\n")
+          f"{wall_ms:.0f} ms per step (median of {repeats} traced)\n")
     print("| ops | ms per step (summed over threads) | GFLOP | GFLOP/s |")
     print("|---|---|---|---|")
     for label, (ms, flops) in sorted(groups.items(), key=lambda kv: -kv[1][0]):

@@ -93,13 +93,14 @@ def account(name: str, instructions: dict, computations: dict, calls: dict) -> t
     return sum(f for f, _ in found), label
 
 
-def profile_compiled(compiled, run, repeats: int) -> tuple[list, float]:
-    """Rows ``(label, ops, ms per run, FLOPs)`` and the program's ms per run, from ``repeats`` traced
-    calls of ``run()`` (which calls the compiled program once and waits for it)."""
+def traced_ops(instructions: dict, run, repeats: int) -> tuple[dict, float | None]:
+    """Per executed instruction of ``instructions``, ``(ms, executions)`` per run, and the program's median
+    wall ms (None when the trace lacks it), from ``repeats`` traced calls of ``run()`` (which calls the
+    compiled program once and waits for it) after one untraced call. An op inside a loop body executes
+    once per iteration."""
     import jax
     import numpy as np
 
-    instructions, computations, calls = parse_hlo(compiled.as_text())
     run()  # not traced: the first call's one-time work
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -107,18 +108,28 @@ def profile_compiled(compiled, run, repeats: int) -> tuple[list, float]:
                 run()
         trace = json.load(gzip.open(glob.glob(os.path.join(folder, "**", "*.json.gz"), recursive=True)[0]))
     events = [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
-    total_us = collections.Counter()
+    ops = collections.defaultdict(lambda: [0.0, 0.0])
     for e in events:
         if e["name"] in instructions:
-            total_us[e["name"]] += e["dur"]
+            ops[e["name"]][0] += e["dur"] / 1000 / repeats
+            ops[e["name"]][1] += 1 / repeats
+    wall = [e["dur"] for e in events if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
+    return {name: tuple(v) for name, v in ops.items()}, (float(np.median(wall)) / 1000 if wall else None)
+
+
+def profile_compiled(compiled, run, repeats: int) -> tuple[list, float]:
+    """Rows ``(label, ops, ms per run, FLOPs)`` and the program's ms per run, from ``repeats`` traced
+    calls of ``run()`` (which calls the compiled program once and waits for it)."""
+    instructions, computations, calls = parse_hlo(compiled.as_text())
+    ops, program_ms = traced_ops(instructions, run, repeats)
     rows = collections.defaultdict(lambda: [0, 0.0, 0.0])  # label -> ops, ms per run, FLOPs
-    for name, us in total_us.items():
+    for name, (ms, _) in ops.items():
         flops, label = account(name, instructions, computations, calls)
         rows[label][0] += 1
-        rows[label][1] += us / 1000 / repeats
+        rows[label][1] += ms
         rows[label][2] += flops
-    wall = [e["dur"] for e in events if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
-    program_ms = float(np.median(wall)) / 1000 if wall else sum(r[1] for r in rows.values())
+    if program_ms is None:
+        program_ms = sum(r[1] for r in rows.values())
     return sorted(((lab, *r) for lab, r in rows.items()), key=lambda r: -r[2]), program_ms
 
 
