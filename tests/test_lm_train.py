@@ -365,3 +365,18 @@ def test_token_kd_auto_chooses_the_fused_path_by_size_and_says_so(monkeypatch):
         np.testing.assert_allclose(float(metrics["loss"]), float(unfused["loss"]), rtol=1e-6)
     with pytest.raises(ValueError, match="fused must be True, False or 'auto'"):
         methods.token_kd(fused="yes")
+
+
+def test_token_kd_auto_keeps_the_logits_path_for_int8_and_lora_models(monkeypatch):
+    # qwix wraps their modules: the projection in their parameters is not what computes their logits.
+    from jaxkd.methods.lm import token_kd as token_kd_module
+    from jaxkd.models.quantize import quantize_int8
+
+    monkeypatch.setattr(token_kd_module, "FUSED_MIN_LOGITS", 1)
+    x = {"tokens": BATCH["tokens"]}
+    int8_model, int8_vars = quantize_int8(TEACHER_MODEL, TEACHER_VARS, x)
+    parts = {"student": student(lm_models.lm(STUDENT_CFG), input=KEYS), "teacher": teacher(int8_model, int8_vars, input=KEYS)}
+    state = jaxkd.create(participants=parts, method=methods.token_kd(chunk_size=5), tx=optax.sgd(0.5),
+                         sample_batch=BATCH, rng=jax.random.PRNGKey(0))
+    _, metrics = jaxkd.make_train_step()(state, BATCH)
+    assert float(metrics["token_kd/fused"]) == 0.0 and np.isfinite(float(metrics["loss"]))

@@ -112,12 +112,16 @@ def fused_pays(num_tokens: int, vocab_size: int, chunk_size: int) -> bool:
 
 
 def _fusable(inputs: LossInputs, participant: str, softcap, method: str) -> bool:
-    """Participant ``participant`` is a jaxkd LM whose final hidden states the step has and whose logits are
-    ``hidden @ projection`` (no soft cap: ``softcap`` is None under ``"auto"``)."""
+    """Participant ``participant`` is a plain jaxkd LM (:class:`jaxkd.models.lm.TransformerLM` itself: a LoRA or
+    int8 model, whose module qwix wraps, computes its logits with weights the projection in its parameters is
+    not) whose final hidden states the step has and whose logits are ``hidden @ projection`` (no soft cap:
+    ``softcap`` is None under ``"auto"``)."""
+    from jaxkd.models.lm import TransformerLM
+
     try:
         model = inputs.participant(participant, method=method).model
     except ValueError:  # outputs without their model (LossInputs.of in a notebook): the logits path
         return False
-    config = getattr(getattr(model, "module", None), "config", None)
-    return (config is not None and getattr(config, "final_softcap", False) == softcap
+    module = getattr(model, "module", None)
+    return (type(module) is TransformerLM and module.config.final_softcap == softcap
             and inputs.output(participant, method=method).features.get("hidden") is not None)
