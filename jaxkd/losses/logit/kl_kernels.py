@@ -292,7 +292,7 @@ def _ce_bwd(label_smoothing, residuals, g):
     def exact(_):
         valid_x, _, p = _log_probs(x, lse[..., None])
         label_kept = jnp.any(one_hot & valid_x, axis=-1, keepdims=True).astype(x.dtype)
-        mass = (1.0 - eps) * label_kept + (eps if eps else 0.0)  # target mass on classes that are not -inf
+        mass = (1.0 - eps) * label_kept + eps  # target mass on classes that are not -inf
         target = jnp.where(valid_x, (1.0 - eps) * one_hot + eps / jnp.maximum(count[..., None], 1.0), 0.0)
         return scale * (mass * p - target)
 
