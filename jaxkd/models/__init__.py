@@ -9,7 +9,9 @@ Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``,
 (``ShuffleV1``) and ``shufflenetv2`` (``ShuffleV2``; keyword arguments: none), the Vision Transformers
 ``vit`` and ``vit_tiny`` (``patch_size=4, hidden=192, depth=6, heads=3, mlp_dim=768, dropout_rate=0.0``;
 ``vit`` is the configurable family, ``vit_tiny`` the preset, both take the same keywords) and ``mlp``
-(``hidden_sizes=(256, 256)``).
+(``hidden_sizes=(256, 256)``); torchvision's ImageNet ``resnet18``, ``resnet34``, ``resnet50`` (keyword
+arguments: none) and ``mobilenet_v2`` (``dropout_rate=0.2``), whose torchvision state dicts load with
+equal logits (:mod:`jaxkd.models.torch_imagenet`).
 
 Hugging Face checkpoints (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gpt2 and the mixtures of
 experts qwen3_moe and mixtral): :func:`from_hf` and :func:`to_hf` (:mod:`jaxkd.models.hf`).
@@ -35,6 +37,8 @@ from jaxkd.models.base import (
     split_variables,
 )
 from jaxkd.models.cifar_resnet import CIFAR_RESNETS, cifar_resnet
+from jaxkd.models.imagenet_mobilenetv2 import imagenet_mobilenetv2
+from jaxkd.models.imagenet_resnet import IMAGENET_RESNETS, imagenet_resnet
 from jaxkd.models.mlp import MLP
 from jaxkd.models.mobilenetv2 import mobilenetv2
 from jaxkd.models.shufflenet import shufflenetv1, shufflenetv2
@@ -86,6 +90,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vit": vit,
     "vit_tiny": vit,
     "mlp": _mlp,
+    # torchvision's ImageNet models (jaxkd.models.imagenet_resnet / imagenet_mobilenetv2).
+    **{name: functools.partial(imagenet_resnet, name) for name in IMAGENET_RESNETS},
+    "mobilenet_v2": imagenet_mobilenetv2,
 }
 
 
