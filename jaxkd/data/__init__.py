@@ -3,7 +3,9 @@
 * :mod:`jaxkd.data.images` — image classification data: :mod:`~jaxkd.data.images.sources` (:func:`load_split`
   of a TFDS split into memory, never downloading; :func:`subset_per_class`),
   :mod:`~jaxkd.data.images.normalization`, :mod:`~jaxkd.data.images.augmentation`,
-  :mod:`~jaxkd.data.images.loader` (the :class:`Loader` of images and labels) and
+  :mod:`~jaxkd.data.images.loader` (the :class:`Loader` of images and labels),
+  :mod:`~jaxkd.data.images.imagenet` (:class:`ImageNetLoader`, ImageNet streamed from TFDS with the standard
+  augmentation) and
   :mod:`~jaxkd.data.images.digits`, the ``digits`` builder (scikit-learn's bundled 8x8 images, no download).
 * :mod:`jaxkd.data.text` — text for LMs: :mod:`~jaxkd.data.text.tokenizer` (the byte tokenizer and the
   tokenizer contract), :mod:`~jaxkd.data.text.bpe` (a small learned byte-level BPE),
@@ -22,6 +24,7 @@ The public names of those modules (but the two on demand and the loaders' base c
 
 from jaxkd.data.grain_loader import Position
 from jaxkd.data.images.augmentation import AUGMENTATIONS, augment
+from jaxkd.data.images.imagenet import ImageNetLoader, imagenet_source
 from jaxkd.data.images.loader import Loader
 from jaxkd.data.images.normalization import (
     CIFAR10_MEAN,
@@ -30,6 +33,8 @@ from jaxkd.data.images.normalization import (
     CIFAR100_STD,
     DIGITS_MEAN,
     DIGITS_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     NORMALIZATION,
     channel_stats,
     normalize,
@@ -57,6 +62,9 @@ __all__ = [
     "DIGITS_STD",
     "EOS_ID",
     "HFTokenizer",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageNetLoader",
     "Loader",
     "NORMALIZATION",
     "NUM_BYTES",
@@ -75,6 +83,7 @@ __all__ = [
     "chat_example",
     "chat_rows",
     "count_byte_targets",
+    "imagenet_source",
     "load_split",
     "normalize",
     "pack_documents",

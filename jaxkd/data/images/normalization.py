@@ -1,7 +1,7 @@
 """Image normalization: uint8 pixels to float32 ``(x / 255 - mean) / std`` per channel.
 
 :data:`NORMALIZATION` holds the constants for ``digits`` (computed from its train split; see
-:func:`channel_stats`) and the usual CIFAR-10/100 train-set statistics.
+:func:`channel_stats`), the usual CIFAR-10/100 train-set statistics and torchvision's ImageNet constants.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ __all__ = [
     "CIFAR10_STD",
     "DIGITS_MEAN",
     "DIGITS_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "NORMALIZATION",
     "channel_stats",
     "normalize",
@@ -35,11 +37,15 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# ImageNet: torchvision's constants (its pretrained models' and torchdistill's configs' Normalize).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "digits": (DIGITS_MEAN, DIGITS_STD),
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "imagenet2012": (IMAGENET_MEAN, IMAGENET_STD),
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxkd.checks import check_int, check_label_values
 
-__all__ = ["Split", "load_split", "subset_per_class", "validate_labels"]
+__all__ = ["Split", "data_source", "load_split", "subset_per_class", "validate_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +184,27 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> Split:
             message says how to prepare it); nothing is downloaded.
         ValueError: a label lies outside ``[0, num_classes)``.
     """
+    source, num_classes = data_source(name, split, data_dir=data_dir)
+    images, labels = _read_records(source)
+    validate_labels(labels, num_classes)
+    return Split(
+        images=images,
+        labels=labels.astype(np.int32),
+        num_classes=num_classes,
+        name=name,
+        split=split,
+    )
+
+
+def data_source(name: str, split: str, *, data_dir: str | None = None) -> tuple[Sequence[dict], int]:
+    """``(source, num_classes)``: a split of a TFDS data set as a random-access data source (records decoded
+    on access, nothing read before), without TensorFlow; what :func:`load_split` reads whole and
+    :class:`jaxkd.data.ImageNetLoader` streams.
+
+    Raises:
+        FileNotFoundError: the data set is not prepared in ``data_dir`` (the message says how to prepare
+            it); nothing is downloaded.
+    """
     import tensorflow_datasets as tfds
 
     if name == "digits":
@@ -201,16 +222,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None) -> Split:
                     _prepare_instructions(name, _resolve_data_dir(data_dir))
                 ) from e
             raise
-    num_classes = int(builder.info.features["label"].num_classes)
-    images, labels = _read_records(source)
-    validate_labels(labels, num_classes)
-    return Split(
-        images=images,
-        labels=labels.astype(np.int32),
-        num_classes=num_classes,
-        name=name,
-        split=split,
-    )
+    return source, int(builder.info.features["label"].num_classes)
 
 
 def subset_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
