@@ -44,6 +44,11 @@ class Config:
     train_split: str = "train"
     test_split: str = "test"
     augment: str = "shift"
+    # Streamed data sets (imagenet2012, experiments/streamed_data.py): the crop side, and the shorter side the
+    # eval images are resized to before the center crop; training uses the random resized crop + flip unless
+    # augment="none".
+    image_size: int = 224
+    resize_size: int = 256
     # Teacher.
     teacher: str = "resnet20"
     teacher_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -210,7 +215,8 @@ def check_momentum(name: str, value: Any) -> None:
 #: Range checks of :class:`Config`'s fields beyond their types (the type is checked first).
 Config.CHECKS = {
     **{name: at_least(1) for name in
-       ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class")},
+       ("steps", "teacher_steps", "batch_size", "eval_batch_size", "eval_every", "meta_per_class",
+        "image_size", "resize_size")},
     "lr": positive, "teacher_lr": positive, "momentum": check_momentum, "weight_decay": nonnegative,
     "data_seed": at_least(0), "labels_per_class": optional(at_least(1)), "schedule": one_of(SCHEDULES),
     "augment": one_of(AUGMENTATIONS), "frozen_dtype": one_of(FROZEN_DTYPES), "precision": check_precision,

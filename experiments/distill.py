@@ -55,6 +55,7 @@ from jaxkd.participants import cast_params
 
 from experiments import config as config_lib
 from experiments import report
+from experiments import streamed_data
 from experiments.run_log import PreemptionFlag
 from experiments.runner import Evaluation, Runner, entry_point, progress_bar, run_command
 from experiments.timing import Phases, describe
@@ -98,6 +99,10 @@ class Data:
 
 
 def load_data(cfg: config_lib.Config) -> Data:
+    # --- ImageNet-style data sets stream from their TFDS source (experiments/streamed_data.py) ---
+    if cfg.dataset in streamed_data.STREAMED:
+        return Data(*streamed_data.load(cfg))
+    # ---
     train = data.load_split(cfg.dataset, cfg.train_split, data_dir=cfg.data_dir)
     test = data.load_split(cfg.dataset, cfg.test_split, data_dir=cfg.data_dir)
     mean, std = data.NORMALIZATION.get(cfg.dataset) or data.channel_stats(train.images)
@@ -136,12 +141,16 @@ def data_config(cfg: config_lib.Config) -> dict[str, Any]:
     """The settings every run of the experiment shares (recorded in each checkpoint)."""
     keys = ("dataset", "data_dir", "train_split", "test_split", "augment", "labels_per_class", "meta_per_class",
             "batch_size", "momentum", "weight_decay", "schedule", "milestones", "data_seed")
+    if cfg.dataset in streamed_data.STREAMED:  # the streamed data sets' crop sizes
+        keys += ("image_size", "resize_size")
     return {k: getattr(cfg, k) for k in keys}
 
 
 def train_loader(cfg: config_lib.Config, dataset: Data, split: data.Split, seed: int, *,
                  with_index: bool = False, batch_size: int | None = None) -> data.Loader:
     """The shuffled, augmented, endless loader of a training split (resumable: ``get_state``/``set_state``)."""
+    if isinstance(split, streamed_data.StreamedSplit):  # ImageNet: streamed, decoded and augmented per batch
+        return streamed_data.train_loader(cfg, split, seed, with_index=with_index, batch_size=batch_size or cfg.batch_size)
     return data.Loader(
         split.images, split.labels, batch_size=batch_size or cfg.batch_size, mean=dataset.mean, std=dataset.std,
         shuffle=True, seed=seed, drop_remainder=True, num_epochs=None, augment=cfg.augment,
@@ -152,6 +161,8 @@ def train_loader(cfg: config_lib.Config, dataset: Data, split: data.Split, seed:
 def check_batch_size(cfg: config_lib.Config, dataset: Data, run_methods: dict[str, methods.Method]) -> None:
     """Refuses a batch larger than a student's training split: the loader would have to cut it, while the
     ``batch_size`` constant of the method specs (and any weight derived from it) kept the config's value."""
+    if isinstance(dataset.train, streamed_data.StreamedSplit):
+        streamed_data.check_supported(cfg, run_methods)
     n, why = len(dataset.student_train), ""
     if cfg.labels_per_class is not None:
         why = f" (labels_per_class={cfg.labels_per_class})"
@@ -276,8 +287,11 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     student_schedule = schedule_of(cfg, cfg.lr, cfg.steps)
     teacher_tx, student_tx = make_optimizer(cfg, teacher_schedule), make_optimizer(cfg, student_schedule)
     ce = methods.parse("ce")
-    sample = data.Loader(dataset.train.images[: cfg.batch_size], dataset.train.labels[: cfg.batch_size],
-                         batch_size=min(cfg.batch_size, len(dataset.train))).batch((0, 0))
+    if isinstance(dataset.train, streamed_data.StreamedSplit):
+        sample = streamed_data.sample_batch(cfg, dataset.train)
+    else:
+        sample = data.Loader(dataset.train.images[: cfg.batch_size], dataset.train.labels[: cfg.batch_size],
+                             batch_size=min(cfg.batch_size, len(dataset.train))).batch((0, 0))
     shared = data_config(cfg)
 
     train_teachers = cfg.teacher_checkpoint is None
@@ -384,7 +398,9 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     with phases.phase("report"):
         num_train, num_student = len(dataset.train), len(dataset.student_train)
         labeled = f"{num_student} labeled" if num_student != num_train else f"all {num_train}"
-        num_test = int(sum(b["mask"].sum() for b in dataset.test_batches))
+        num_test = getattr(dataset.test_batches, "num_examples", None)  # streamed: not read again to count
+        if num_test is None:
+            num_test = int(sum(b["mask"].sum() for b in dataset.test_batches))
         caption = (f"{cfg.dataset}: teacher trained on {num_train} images for {cfg.teacher_steps} steps; student "
                    f"on {labeled} images for {cfg.steps} steps; test top-1 on {num_test} images after the last "
                    f"step, mean ± std over seeds {tuple(cfg.seeds)}.")
