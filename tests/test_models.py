@@ -65,7 +65,9 @@ def _apply(model, variables, x, *, train):
 
 
 def test_available_lists_every_architecture():
-    assert models.available() == sorted([*PARAM_COUNTS, "mlp", "mobilenetv2", "shufflenetv1", "shufflenetv2", "vit", "vit_tiny"])
+    assert models.available() == sorted([*PARAM_COUNTS, "mlp", "mobilenetv2", "shufflenetv1", "shufflenetv2", "vit", "vit_tiny",
+                                         # torchvision's ImageNet models (tests/test_imagenet_models.py)
+                                         "resnet18", "resnet34", "resnet50", "mobilenet_v2"])
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
