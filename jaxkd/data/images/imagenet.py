@@ -236,9 +236,11 @@ class ImageNetLoader(GrainLoader):
         resize_size: eval only, the shorter side before the center crop (256), an integer ``>= image_size``.
         scale, ratio: the random resized crop's area fraction in ``(0, 1]`` and aspect-ratio range.
         mean, std: per-channel normalization (default: ImageNet's).
-        shuffle, seed, drop_remainder, num_epochs, start, process_index, process_count, num_threads,
-        worker_count, with_index: as :class:`jaxkd.data.Loader`'s (the last partial batch without
-            ``drop_remainder`` is padded with zero images, label 0 and ``mask`` False).
+        shuffle: reshuffle every epoch; default: ``train``.
+        drop_remainder: drop the last partial batch; default: ``train`` (without it, the last batch is padded
+            with zero images, label 0 and ``mask`` False).
+        seed, num_epochs, start, process_index, process_count, num_threads, worker_count, with_index: as
+            :class:`jaxkd.data.Loader`'s.
         num_classes: if given, every label read is checked to lie in ``[0, num_classes)``.
 
     Raises:
