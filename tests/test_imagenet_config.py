@@ -93,3 +93,12 @@ def test_streamed_data_refuses_labels_per_class(tmp_path):
         with pytest.raises(ValueError, match="labels_per_class=2 is not supported on the streamed data set"):
             distill.main(["--config", CONFIG, "--out", str(tmp_path / "run"), "--set", "labels_per_class=2",
                           "--set", "data_dir=/nonexistent"])
+
+
+def test_streamed_data_refuses_methods_with_a_meta_set():
+    from experiments import streamed_data
+
+    cfg = config_lib.apply_overrides(config_lib.load(CONFIG), ["methods={'tgeo': 'tgeo_kd(temperature=1.5)', 'kd': 'kd'}"])
+    with pytest.raises(ValueError, match=r"methods \['tgeo'\] hold out a meta set"):
+        streamed_data.check_supported(cfg, distill.parse_methods(cfg))
+    streamed_data.check_supported(cfg, {"kd": distill.parse_methods(cfg)["kd"]})  # no meta set: accepted
