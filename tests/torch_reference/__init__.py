@@ -1,0 +1,1 @@
+"""Official computations transcribed into PyTorch (the dev extra), for tests to compare jaxkd against."""
