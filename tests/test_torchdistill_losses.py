@@ -102,7 +102,8 @@ def test_sskd_terms_are_torchdistills(ss_ratio, tf_ratio):
     temps = dict(kl_temp=4.0, ss_temp=0.5, tf_temp=3.0)
     for seed in range(50):  # inputs whose kept rows do not hinge on a tie (see _cut_is_unambiguous)
         zs, zt, ss, st, y = _rotation_batch(np.random.default_rng(seed), n=6, k=5, d=4)
-        sims_t = np.asarray(losses.feature.sskd._rotation_similarities(st, np.ones(6, bool)))
+        unit = st / np.linalg.norm(st, axis=-1, keepdims=True)
+        sims_t = unit[:, 1:].reshape(-1, 4) @ unit[:, 0].T
         aug_t = zt[:, 1:].reshape(-1, 5)
         if (_cut_is_unambiguous(sims_t, np.repeat(np.arange(6), 3), ss_ratio)
                 and _cut_is_unambiguous(aug_t, np.repeat(y, 3), tf_ratio)):
@@ -110,16 +111,13 @@ def test_sskd_terms_are_torchdistills(ss_ratio, tf_ratio):
     flat = lambda x: t64(x.reshape(-1, x.shape[-1]))  # noqa: E731  (the official image-major 4N rows)
     _, (ce, kl, ss_term, tf) = ref.sskd(flat(zs), flat(zt), flat(ss), flat(st), torch.from_numpy(y),
                                         ss_ratio=ss_ratio, tf_ratio=tf_ratio, **temps)
-    ours = losses.sskd_terms(zs, zt, ss, st, y, kl_temperature=4.0, ss_temperature=0.5, tf_temperature=3.0,
-                             ss_ratio=ss_ratio, tf_ratio=tf_ratio)
-    close(ours, [kl, ss_term, tf])
+    terms = jax.jit(lambda *a, mask=None: losses.sskd_terms(
+        *a, kl_temperature=4.0, ss_temperature=0.5, tf_temperature=3.0, ss_ratio=ss_ratio, tf_ratio=tf_ratio,
+        mask=mask))
+    close(terms(zs, zt, ss, st, y), [kl, ss_term, tf])
     # A mask is the loss of the unmasked images alone.
     mask = np.array([1, 1, 0, 1, 0, 1], bool)
-    masked = losses.sskd_terms(zs, zt, ss, st, y, kl_temperature=4.0, ss_temperature=0.5, tf_temperature=3.0,
-                               ss_ratio=ss_ratio, tf_ratio=tf_ratio, mask=mask)
-    subset = losses.sskd_terms(zs[mask], zt[mask], ss[mask], st[mask], y[mask], kl_temperature=4.0,
-                               ss_temperature=0.5, tf_temperature=3.0, ss_ratio=ss_ratio, tf_ratio=tf_ratio)
-    close(masked, subset)
+    close(terms(zs, zt, ss, st, y, mask=mask), terms(zs[mask], zt[mask], ss[mask], st[mask], y[mask]))
 
 
 def test_sskd_contrastive_ce_is_torchdistills_aux_loss():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.checks import check_int, check_positive
+from jaxkd.checks import check_positive
 from jaxkd.losses.core import Array, flatten_features, l2_normalize, per_example_loss, safe_sqrt, to_float
 
 __all__ = ["affinity", "kta"]
