@@ -26,6 +26,7 @@ def nchw(x):
 
 
 def close(a, b, rtol=1e-5, atol=1e-7):
+    b = b.detach() if isinstance(b, torch.Tensor) else b
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol)
 
 
@@ -156,3 +157,115 @@ BAD = [
 def test_bad_hyperparameters_and_shapes_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ----- the methods -----
+
+from jaxkd import methods  # noqa: E402
+from jaxkd.methods import LossInputs, MethodVars  # noqa: E402
+from jaxkd.models.base import Outputs  # noqa: E402
+
+
+def _outputs(logits, **feats):
+    return Outputs(logits=logits, features=feats, model_state={})
+
+
+def test_dist_plus_method_is_torchdistills_dist_plus_loss_with_the_channel_term_as_one_minus_rho():
+    zs, zt = RNG.normal(size=(6, 5)), RNG.normal(size=(6, 5))
+    fs, ft = RNG.normal(size=(6, 2, 2, 4)), RNG.normal(size=(6, 2, 2, 4))
+    hyper = dict(beta=2.0, gamma=0.5, iota=0.7, kappa=1.3)
+    method = methods.dist_plus(**hyper, temperature=2.0)
+    inputs = LossInputs.of(_outputs(zs, stage3=fs), _outputs(zt, stage3=ft))
+    value, _ = jax.jit(lambda inputs: method.loss(MethodVars(), inputs, None))(inputs)
+    expected = ref.dist_plus(t64(zs), t64(zt), nchw(fs), nchw(ft), tau=2.0, **hyper)
+    rho = ref.dist_plus_channel_relation(nchw(fs), nchw(ft))
+    close(value, expected - hyper["iota"] * rho + hyper["iota"] * (1 - rho))
+
+
+def test_srd_method_is_the_official_distillation_loss():
+    """roymiles/Simple-Recipe-Distillation ``OurDistillationLoss.forward_loss`` and ``forward`` (commit
+    31e8477, imagenet/torchdistill/losses/single.py): linear projector, BatchNorm1d(eps=1e-4, affine=False)
+    in training mode on both sides, ``2·log Σ|Δ|⁴`` + KL with ``T = 1``."""
+    es, et = RNG.normal(size=(8, 6)), RNG.normal(size=(8, 4))
+    zs, zt = RNG.normal(size=(8, 5)), RNG.normal(size=(8, 5))
+    method = methods.srd()
+    inputs = LossInputs.of(_outputs(zs, pooled=es), _outputs(zt, pooled=et))
+    vars = method.init(jax.random.PRNGKey(0), inputs)
+    value, _ = jax.jit(lambda vars, inputs: method.loss(vars, inputs, None))(vars, inputs)
+    embed = nn_linear(vars.params["Dense_0"])
+    bn = torch.nn.BatchNorm1d(4, eps=1e-4, affine=False).double().train()
+    diff = torch.abs(bn(embed(t64(es))) - torch.nn.BatchNorm1d(4, eps=1e-4, affine=False).double().train()(t64(et)))
+    l_rep = 2.0 * torch.log(diff.pow(4.0).sum())
+    l_logit = torch.nn.functional.kl_div(torch.log_softmax(t64(zs), 1), torch.softmax(t64(zt), 1),
+                                         reduction="sum") / 8
+    close(value, l_rep + l_logit)
+
+
+def nn_linear(params):
+    """A torch Linear with a flax Dense's parameters (kernel [in, out] = weight transposed)."""
+    kernel = np.asarray(params["kernel"], np.float64)
+    layer = torch.nn.Linear(*kernel.shape).double()
+    with torch.no_grad():
+        layer.weight.copy_(t64(kernel.T))
+        layer.bias.copy_(t64(params["bias"]))
+    return layer
+
+
+def test_cc_paper_form_uses_the_kernel_loss_on_the_embeddings():
+    es, et = RNG.normal(size=(6, 5)), RNG.normal(size=(6, 7))
+    method = methods.cc(form="paper", embed_dim=3, gamma=0.5, order=3)
+    inputs = LossInputs.of(_outputs(None, pooled=es), _outputs(None, pooled=et))
+    vars = method.init(jax.random.PRNGKey(0), inputs)
+    value, _ = method.loss(vars, inputs, None)
+    embed_s, embed_t = nn_linear(vars.params["embed_s"]["Dense_0"]), nn_linear(vars.params["embed_t"]["Dense_0"])
+    close(value, ref.cckd(embed_s(t64(es)), embed_t(t64(et)), gamma=0.5, max_p=3))
+
+
+def test_rotation_views_are_the_official_image_major_layout():
+    images = RNG.normal(size=(3, 4, 4, 2))
+    views = np.asarray(methods.feature.sskd.rotation_views(images))
+    for n in range(3):
+        for k in range(4):
+            np.testing.assert_array_equal(views[4 * n + k], np.rot90(images[n], k, axes=(0, 1)))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: methods.cc(form="code"), "form"),
+    (lambda: methods.cc(form="paper", gamma=-1.0), "gamma"),
+    (lambda: methods.pad_l2(eps=0.0), "eps"),
+    (lambda: methods.kta(p=0.5), "p must"),
+    (lambda: methods.srd(exponent=0.0), "exponent"),
+    (lambda: methods.srd(bn_eps=-1.0), "bn_eps"),
+    (lambda: methods.dist_plus(iota=-1.0), "iota"),
+    (lambda: methods.sskd(ss_ratio=2.0), "ss_ratio"),
+    (lambda: methods.sskd(aux_weight=-1.0), "aux_weight"),
+    (lambda: methods.sskd(tf_temperature=0.0), "tf_temperature"),
+], ids=["cc_form", "cc_gamma", "pad_eps", "kta_p", "srd_exponent", "srd_bn_eps", "dist_plus_iota", "sskd_ratio",
+        "sskd_aux_weight", "sskd_temperature"])
+def test_methods_refuse_bad_hyperparameters(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_feature_map_methods_train_in_the_jitted_step():
+    """KTA, affinity, DIST+ and SSKD (which reruns both models on the rotated batch) in one chain, one
+    jitted step on two tiny CIFAR ResNets (the registry-wide test runs them only with -m slow)."""
+    import optax
+
+    import jaxkd
+    from tests.helpers import teacher_variables, tiny_conv_models, tiny_image_batch
+
+    teacher, student = tiny_conv_models()
+    batch = tiny_image_batch(batch_size=4)
+    method = methods.parse("0.1 * ce + 50 * kta + affinity + dist_plus(beta=2, gamma=2) + sskd")
+    with jax.enable_x64(False):
+        state = jaxkd.create(student=student, teacher=teacher, teacher_variables=teacher_variables(teacher, batch),
+                             method=method, tx=optax.sgd(0.05), sample_batch=batch, rng=jax.random.PRNGKey(0))
+        before = jax.device_get(state.method_vars.params)
+        state, metrics = jaxkd.make_train_step()(state, batch)
+    for key in ("kta", "affinity", "dist_plus", "sskd", "sskd/ss", "sskd/tf", "sskd/aux", "dist_plus/channel"):
+        assert np.isfinite(float(metrics[key])), key
+    after = jax.device_get(state.method_vars.params)
+    # The teacher's self-supervision head learns (from the auxiliary task), as do the adapters.
+    assert not np.array_equal(before["sskd"]["teacher_head"]["fc1"]["kernel"], after["sskd"]["teacher_head"]["fc1"]["kernel"])
+    assert not np.array_equal(before["kta"]["0"]["conv"]["kernel"], after["kta"]["0"]["conv"]["kernel"])
