@@ -106,8 +106,9 @@ def kdsvd(
     ``torch.svd`` or TensorFlow), independently per example, layer and vector, and the student's aligned
     vector follows it. Since ``rbf`` compares vectors of two different layers, flipping one layer's
     teacher vector turns ``exp(−(u − l)²/8)`` into ``exp(−(u + l)²/8)`` on both sides: the target, the
-    loss and its gradient change. The loss inherits the teacher's sign ambiguity, as the official code
-    does (it is deterministic for a given SVD implementation, not across implementations).
+    loss and its gradient change. The loss inherits the teacher's sign ambiguity, as RepDistiller's port
+    and the authors' TensorFlow code do (their ``align_rsv``/``Align_rsv`` flips the student's vectors
+    only): it is deterministic for one SVD implementation, not across implementations.
 
     Follows RepDistiller's ``KDSVD`` (``distiller_zoo/KDSVD.py``, a port of the authors' TensorFlow code
     ``sseung0703/SSKD_SVD``) with ``k = 1``. Differences: NaN and infinite values propagate (that code
