@@ -24,9 +24,9 @@ def pad_l2(student: Array, teacher: Array, log_variance: Array, *, eps: float = 
     constants: dimensions (and examples) the student finds hard get a large variance and a small weight,
     the ``+ v`` term keeps the variances from growing without bound. This is torchdistill's ``PADL2Loss``
     (``torchdistill/losses/mid_level.py``, yoshitomo-matsubara/torchdistill at 3e4373c), which averages
-    over the dimensions ("the author's provided code takes average of losses"); the paper's Eq. 4 sums them
-    and halves the variance term (a rescaling of the squared term's weight by ``1/D`` and of ``v`` by
-    ``2/D``). ``v`` comes from the student's variance branch (torchdistill's ``VarianceBranch4PAD``: a linear
+    over the dimensions ("the author's provided code takes average of losses"; the paper's Gaussian
+    likelihood may scale the two terms differently — not checked here, torchdistill's form is what this
+    computes, so its weights carry over). ``v`` comes from the student's variance branch (torchdistill's ``VarianceBranch4PAD``: a linear
     layer and BatchNorm on the student's pooled features), trained with this loss.
 
     Args:
