@@ -211,14 +211,16 @@ def nn_linear(params):
     return layer
 
 
-def test_cc_paper_form_uses_the_kernel_loss_on_the_embeddings():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cc_paper_form_is_torchdistills_cckd_on_the_linear_embeddings(normalize):
     es, et = RNG.normal(size=(6, 5)), RNG.normal(size=(6, 7))
-    method = methods.cc(form="paper", embed_dim=3, gamma=0.5, order=3)
+    method = methods.cc(form="paper", embed_dim=3, gamma=0.5, order=3, normalize=normalize)
     inputs = LossInputs.of(_outputs(None, pooled=es), _outputs(None, pooled=et))
     vars = method.init(jax.random.PRNGKey(0), inputs)
     value, _ = method.loss(vars, inputs, None)
     embed_s, embed_t = nn_linear(vars.params["embed_s"]["Dense_0"]), nn_linear(vars.params["embed_t"]["Dense_0"])
-    close(value, ref.cckd(embed_s(t64(es)), embed_t(t64(et)), gamma=0.5, max_p=3))
+    unit = torch.nn.functional.normalize if normalize else (lambda x: x)
+    close(value, ref.cckd(unit(embed_s(t64(es))), unit(embed_t(t64(et))), gamma=0.5, max_p=3))
 
 
 def test_rotation_views_are_the_official_image_major_layout():
@@ -232,6 +234,7 @@ def test_rotation_views_are_the_official_image_major_layout():
 @pytest.mark.parametrize("call, message", [
     (lambda: methods.cc(form="code"), "form"),
     (lambda: methods.cc(form="paper", gamma=-1.0), "gamma"),
+    (lambda: methods.cc(normalize="yes"), "normalize"),
     (lambda: methods.pad_l2(eps=0.0), "eps"),
     (lambda: methods.kta(p=0.5), "p must"),
     (lambda: methods.srd(exponent=0.0), "exponent"),
@@ -240,7 +243,7 @@ def test_rotation_views_are_the_official_image_major_layout():
     (lambda: methods.sskd(ss_ratio=2.0), "ss_ratio"),
     (lambda: methods.sskd(aux_weight=-1.0), "aux_weight"),
     (lambda: methods.sskd(tf_temperature=0.0), "tf_temperature"),
-], ids=["cc_form", "cc_gamma", "pad_eps", "kta_p", "srd_exponent", "srd_bn_eps", "dist_plus_iota", "sskd_ratio",
+], ids=["cc_form", "cc_gamma", "cc_normalize", "pad_eps", "kta_p", "srd_exponent", "srd_bn_eps", "dist_plus_iota", "sskd_ratio",
         "sskd_aux_weight", "sskd_temperature"])
 def test_methods_refuse_bad_hyperparameters(call, message):
     with pytest.raises(ValueError, match=message):

@@ -30,6 +30,7 @@ def cc(
     kernel: str = "gaussian",
     gamma: float = 0.4,
     order: int = 2,
+    normalize: bool = False,
     weight: Weight = 1.0,
     name: str = "cc",
 ) -> Method:
@@ -46,7 +47,10 @@ def cc(
     ``CCKDLoss`` computes them (:func:`jaxkd.losses.cc_kernel` with ``kernel``, ``gamma``, ``order``: the
     Taylor-expanded Gaussian RBF, ``‖C_s − C_t‖_F / B²``), on the same trainable linear embeddings
     (torchdistill's ``Linear4CCKD``), so torchdistill configs' weights carry over (its ImageNet sample:
-    ``gamma=0.4, order=2``).
+    ``gamma=0.4, order=2``, weight 0.003 beside ``kd(temperature=1)``). The expansion approximates the RBF
+    kernel only for unit-norm embeddings; neither torchdistill nor the default here normalizes them, and
+    unnormalized embeddings make the polynomial (hence the loss) large: ``normalize=True`` L2-normalizes
+    both embeddings first (CRD's ``Embed``), the paper's kernel proper.
     """
     embed_dim = check_int("embed_dim", embed_dim, low=1)
     check_choice("form", form, ("authors", "paper"))
@@ -55,7 +59,9 @@ def cc(
     order = check_int("order", order, low=1)
     s_name = student_feature
     t_name = s_name if teacher_feature is None else teacher_feature
-    embed = LinearEmbed(embed_dim, normalize=False)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be True or False, got normalize={normalize!r}")
+    embed = LinearEmbed(embed_dim, normalize=normalize)
 
     def feats(inputs: LossInputs):
         return (features.student_feature(inputs, s_name, method=name),
