@@ -1,1 +1,2 @@
-"""Official PyTorch model definitions transcribed for equal-logits tests (torch is a test-only dependency)."""
+"""Official PyTorch model definitions and loss computations transcribed for tests to compare jaxkd against
+(torch is a test-only dependency, in the dev extra)."""

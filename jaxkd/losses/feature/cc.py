@@ -1,15 +1,19 @@
 """Correlation congruence: match how the student's and the teacher's embeddings of neighbouring
-examples co-vary, as RepDistiller's ``Correlation`` computes it."""
+examples co-vary, as RepDistiller's ``Correlation`` computes it (:func:`cc`), or the paper's kernel
+correlation matrices as torchdistill computes them (:func:`cc_kernel`)."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.losses.core import Array, flatten_features, relational_loss
+from jaxkd.checks import check_choice, check_int, check_positive
+from jaxkd.losses.core import Array, flatten_features, relational_loss, safe_sqrt
 
-__all__ = ["cc"]
+__all__ = ["cc", "cc_kernel"]
 
 
 @relational_loss
@@ -59,3 +63,69 @@ def cc(student_embedding: Array, teacher_embedding: Array, *, example_weights: A
     pairs = jnp.sum(has_pair)
     total = jnp.sum(jnp.where(has_pair, products, 0.0))
     return jnp.where(pairs > 0, total / jnp.maximum(pairs, 1), 0.0).astype(dtype)
+
+
+@relational_loss
+def cc_kernel(
+    student_embedding: Array,
+    teacher_embedding: Array,
+    *,
+    kernel: str = "gaussian",
+    gamma: float = 0.4,
+    order: int = 2,
+    example_weights: Array,
+) -> Array:
+    """Correlation congruence in the paper's form (Peng et al., "Correlation Congruence for Knowledge
+    Distillation", ICCV 2019, Eq. 5–9), as torchdistill's ``CCKDLoss`` computes it.
+
+    For each side separately (``e`` the embeddings flattened to ``[B, D]``; the two ``D`` may differ) the
+    ``B x B`` correlation matrix is, with ``kernel="gaussian"``, the ``P``-th order Taylor expansion of the
+    Gaussian RBF kernel ``exp(−γ‖x − y‖²) = exp(−2γ)·exp(2γ x·y)`` for unit vectors:
+
+    ``C_ij = exp(−2γ) · Σ_{p=0}^{P} (2γ)^p / p! · (e_i·e_j)^p``
+
+    and with ``kernel="bilinear"`` ``C_ij = e_i·e_j``. The loss is the Frobenius distance over ``B²``:
+
+    ``L = ‖C_s − C_t‖_F / B²``
+
+    This is torchdistill's ``CCKDLoss`` with ``reduction="batchmean"`` (``torchdistill/losses/mid_level.py``,
+    yoshitomo-matsubara/torchdistill at 3e4373c): ``torch.dist(C_s, C_t, 2) / B²``, the distance itself,
+    not its square as the paper's ``‖C_s − C_t‖²`` reads — so torchdistill configs' weights carry over
+    (its ImageNet sample: ``gamma: 0.4``, ``max_p: 2``, on ``Linear4CCKD`` embeddings, linear maps of the
+    pooled features with no normalization). The expansion is applied to the embeddings as they are: the
+    identity it approximates holds for unit vectors only, and neither torchdistill nor this function
+    normalizes them. Not the authors' released form: :func:`cc` is RepDistiller's (consecutive residual
+    products, no kernel).
+
+    With a mask, ``C`` covers the unmasked examples only and ``B`` is their number (0 when none).
+
+    Args:
+      student_embedding, teacher_embedding: ``[B, ...]`` (flattened per example).
+      kernel: ``"gaussian"`` (the Taylor-expanded RBF) or ``"bilinear"``.
+      gamma: ``γ > 0`` of the Gaussian kernel (torchdistill's ``gamma``).
+      order: ``P ≥ 1``, the expansion's order (torchdistill's ``max_p``).
+    """
+    check_choice("kernel", kernel, ("gaussian", "bilinear"))
+    check_positive("gamma", gamma)
+    order = check_int("order", order, low=1)
+    s, t = np.shape(student_embedding), np.shape(teacher_embedding)
+    if len(s) < 1 or len(t) < 1 or s[0] != t[0]:
+        raise ValueError(f"cc_kernel needs embeddings [B, ...] of one batch size, got student {s} and teacher {t}")
+    w = jnp.asarray(example_weights)
+    valid = w > 0
+
+    def correlation(x):
+        x = flatten_features(x)
+        x = jnp.where(valid[:, None], x, 0.0)  # masked rows may hold anything finite; they never count
+        dots = x @ x.T
+        if kernel == "bilinear":
+            return dots
+        series = sum((2.0 * gamma) ** p / math.factorial(p) * dots**p for p in range(1, order + 1))
+        return math.exp(-2.0 * gamma) * (1.0 + series)
+
+    cs, ct = correlation(student_embedding), correlation(teacher_embedding)
+    dtype = jnp.promote_types(cs.dtype, ct.dtype)
+    pair = (valid[:, None] & valid[None, :])
+    diff = jnp.where(pair, cs.astype(dtype) - ct.astype(dtype), 0.0)
+    n = jnp.sum(valid).astype(dtype)
+    return jnp.where(n > 0, safe_sqrt(jnp.sum(diff * diff)) / jnp.where(n > 0, n * n, 1.0), 0.0)

@@ -26,9 +26,14 @@ def ickd(student_feature: Array, teacher_feature: Array) -> Array:
 
     ``l = ‖Ĝ_s − Ĝ_t‖²_F / C``
 
-    The batch mean is the official ``(G_diff²).sum() / (ch · bsz)`` (ADLab-AutoDrive/ICKD,
-    ``Cifar100/distiller_zoo/ICKD.py``: ``bmm(f, fᵀ)``, ``F.normalize(dim=2)``); the paper's Eq. writes
-    the un-normalized correlation, the official code normalizes each row, which this follows. The
+    The batch mean is the official CIFAR-100 code's ``(G_diff²).sum() / (ch · bsz)`` (ADLab-AutoDrive/ICKD,
+    ``Cifar100/distiller_zoo/ICKD.py``: ``bmm(f, fᵀ)``, ``F.normalize(dim=2)``), which this follows; the
+    paper's Eq. writes the un-normalized correlation, the official code normalizes each row, as here.
+    The official ImageNet code divides by the batch size once more: its ``ChSimLoss.batch_loss``
+    (``ImageNet/torchdistill/losses/single.py``, commit 107935f, and torchdistill's ``ChSimLoss``, which
+    refactors it) is ``(G_diff²).sum() / (ch · bsz · bsz)``, i.e. this batch mean divided by ``B``; a
+    weight from an ImageNet config (``weight: 1`` per feature pair there) corresponds to ``weight / B``
+    here at its batch size ``B`` (the CIFAR weight 2.5 carries over as it is). The
     student feature is expected through the method's 1x1 conv + BN connector (same channel count ``C``
     as the teacher's; the spatial sizes may differ, the Gram does not depend on them).
     """

@@ -94,11 +94,21 @@ def kdsvd(
     Lee, Kim & Song, "Self-supervised Knowledge Distillation Using Singular Value Decomposition",
     ECCV 2018. Each map ``[H, W, C]`` of an example is an ``[H·W, C]`` matrix; its ``k`` leading right
     singular vectors (the teacher's) and ``k + 3`` (the student's) are kept. For each teacher vector, the
-    student vector with the largest ``|cosine|`` is taken, its sign flipped to agree (removing SVD's sign
-    ambiguity); both are scaled by the teacher's L2-normalized leading singular values. Between the two
+    student vector with the largest ``|cosine|`` is taken, its sign flipped to agree; both are scaled by
+    the teacher's L2-normalized leading singular values. Between the two
     layers, ``rbf[c, c', j] = exp(−(v^up_{c j} − v^low_{c' j})² / 8)``, and the loss is the sum of the
     squared student-teacher differences over ``c, c', j`` (the batch mean of these values is the
     official sum divided by the batch size).
+
+    Signs: a singular vector is defined up to its sign. The alignment removes the *student's* ambiguity
+    (each student vector takes the sign of the teacher vector it matches), but not the *teacher's*: each
+    teacher vector keeps the sign the SVD routine returns (LAPACK's convention under JAX, another under
+    ``torch.svd`` or TensorFlow), independently per example, layer and vector, and the student's aligned
+    vector follows it. Since ``rbf`` compares vectors of two different layers, flipping one layer's
+    teacher vector turns ``exp(−(u − l)²/8)`` into ``exp(−(u + l)²/8)`` on both sides: the target, the
+    loss and its gradient change. The loss inherits the teacher's sign ambiguity, as RepDistiller's port
+    and the authors' TensorFlow code do (their ``align_rsv``/``Align_rsv`` flips the student's vectors
+    only): it is deterministic for one SVD implementation, not across implementations.
 
     Follows RepDistiller's ``KDSVD`` (``distiller_zoo/KDSVD.py``, a port of the authors' TensorFlow code
     ``sseung0703/SSKD_SVD``) with ``k = 1``. Differences: NaN and infinite values propagate (that code
