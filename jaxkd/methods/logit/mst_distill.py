@@ -45,7 +45,7 @@ from jaxkd.methods.heads import dense, dense_init
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
 
-__all__ = ["mask_net_apply", "mask_net_init", "mst_distill"]
+__all__ = ["mst_distill"]
 
 
 def _xavier_uniform(rng: jax.Array, d_in: int, d_out: int) -> jax.Array:

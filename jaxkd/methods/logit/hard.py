@@ -1,0 +1,110 @@
+"""HARD as a method: a learned affine augmentation that seeks the inputs teacher and student disagree on.
+
+Nix, Burg & Sinz, "HARD: Hard Augmentations for Robust Distillation", 2023 (arXiv 2305.14890), the
+spatial-transformer augmentor ("HARD-Affine"), the simplest of the paper's augmentors. Per step, with the
+augmentor ``g_φ`` and per-example noise ``z``::
+
+    x̃ = g_φ(x, z) = affine_warp(x, I + reshape(z·W + b))          (W, b zero-initialized: the identity)
+    D(θ, φ) = T² · KL(p_t(x̃) ‖ p_s(x̃))                            the teacher–student discrepancy
+    C(φ)    = KL(p_t(x) ‖ p_t(x̃))                                  the teacher must see the same image
+    student:   min_θ D            augmentor:   max_φ D − λ·C
+
+**One jitted step.** The paper alternates an augmentor update and a student update with two optimizers.
+jaxkd puts both in the one minimized scalar ``D + λ·C``: the augmented image and the teacher's logits enter
+``D`` through a gradient reversal (:func:`~jaxkd.methods.spatial.reverse_gradient`), so the optimizer's
+descent on ``D`` is an *ascent* for ``φ`` (gradient ``−∂D/∂φ + λ·∂C/∂φ``) while the student descends
+(``+∂D/∂θ``). Both move at once with the student's optimizer and learning rate (simultaneous
+gradient descent–ascent, not alternation); the augmentor's parameters are this method's parameters.
+
+The loss re-runs both models on ``x̃`` itself (the step's own forward is on the clean batch): chain it with
+``ce`` and ``kd`` for the clean-image terms. The student's re-run is in train mode; its BatchNorm statistics
+from it are not kept (the main forward's are).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxkd import losses
+from jaxkd.checks import check_int, check_nonnegative, check_temperature
+from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
+from jaxkd.methods.features import apply_participant
+from jaxkd.methods.registry import register
+from jaxkd.methods.spatial import IDENTITY_AFFINE, affine_warp, reverse_gradient
+
+__all__ = ["hard"]
+
+
+def augmenter_theta(params: dict, noise: jax.Array) -> jax.Array:
+    """The per-example affine maps ``[B, 2, 3]``: the identity plus a learned linear function of the noise."""
+    offset = noise @ params["kernel"] + params["bias"]
+    return IDENTITY_AFFINE + offset.reshape(-1, 2, 3)
+
+
+def augment(params: dict, images: jax.Array, noise: jax.Array) -> jax.Array:
+    """HARD-Affine's augmented images: ``images`` warped by :func:`augmenter_theta`."""
+    return affine_warp(images, augmenter_theta(params, noise))
+
+
+@register(
+    "hard",
+    paper="Nix, Burg & Sinz, *HARD: Hard Augmentations for Robust Distillation*, 2023",
+    losses=("kd",),
+    status="supported (HARD-Affine augmentor; min-max as a gradient reversal inside one step)",
+)
+def hard(
+    *,
+    temperature: float = 4.0,
+    teacher_consistency: float = 1.0,
+    noise_dim: int = 8,
+    student: str = "student",
+    teacher: str = "teacher",
+    weight: Weight = 1.0,
+    name: str = "hard",
+) -> Method:
+    """HARD (module docstring): KD on images an affine augmentor learns to make hard.
+
+    ``teacher_consistency`` is ``λ``, the weight of ``KL(p_t(x) ‖ p_t(x̃))`` in the augmentor's objective (it
+    keeps augmented images ones the teacher still reads as the original); ``noise_dim`` the width of the
+    per-example noise the augmentor maps to an affine offset. The participants' model input must be
+    ``[B, H, W, C]`` images (the student's input key; the teacher gets the same augmented images). The
+    reported value is ``D + λ·C``. Metrics: ``discrepancy`` (``D``), ``teacher_shift`` (``C``), ``offset``
+    (the mean absolute deviation of the affine maps from the identity).
+    """
+    check_temperature("temperature", temperature)
+    check_nonnegative("teacher_consistency", teacher_consistency)
+    noise_dim = check_int("noise_dim", noise_dim, low=1)
+    check_roles(name, student, teacher)
+
+    def init(rng, inputs: LossInputs) -> MethodVars:
+        del rng  # zeros: the augmentor starts as the identity, whatever the noise
+        params = {"kernel": jnp.zeros((noise_dim, 6), jnp.float32), "bias": jnp.zeros(6, jnp.float32)}
+        return MethodVars(params={"augmenter": params})
+
+    def loss(vars: MethodVars, inputs: LossInputs, rng):
+        images = inputs.model_input_of(inputs.batch, student)
+        if not hasattr(images, "ndim") or images.ndim != 4:
+            raise ValueError(f"{name} augments [batch, height, width, channels] images; the {student!r} input is "
+                             f"{getattr(images, 'shape', type(images).__name__)}")
+        noise_key, dropout_key = jax.random.split(rng)
+        noise = jax.random.normal(noise_key, (images.shape[0], noise_dim), jnp.float32)
+        theta = augmenter_theta(vars.params["augmenter"], noise)
+        augmented = affine_warp(images, theta)
+        mask = inputs.example_mask
+
+        teacher_augmented = apply_participant(inputs, teacher, augmented, train=False, method=name).logits
+        teacher_clean = inputs.target(teacher, method=name).logits
+        # The augmentor's own constraint: descended (its gradient is +λ·∂C/∂φ).
+        shift = losses.kd(teacher_augmented, teacher_clean, temperature=1.0, mask=mask)
+        # The discrepancy: the student descends it; through the reversals the augmentor ascends it.
+        student_augmented = apply_participant(inputs, student, reverse_gradient(augmented), train=True, method=name,
+                                              rngs={"dropout": dropout_key}).logits
+        discrepancy = losses.kd(student_augmented, reverse_gradient(teacher_augmented), temperature=temperature,
+                                mask=mask)
+        offset = jnp.mean(jnp.abs(theta - IDENTITY_AFFINE))
+        metrics = {"discrepancy": discrepancy, "teacher_shift": shift, "offset": offset}
+        return discrepancy + teacher_consistency * shift, LossAux(metrics, vars.state)
+
+    return Method(name=name, loss=loss, init=init, weight=weight,
+                  needs=Needs(participants=(teacher,), trained=(student,)))
