@@ -36,7 +36,7 @@ def mst_distill(
 
     The router probabilities only *select* teachers: the selection is piecewise constant, so no gradient
     reaches them through this term (in the official code the router learns from the load-balancing term
-    only). Official ``T = 4``, ``k = 1``.
+    only). A NaN in any teacher's logits makes the example's value NaN, picked or not. Official ``T = 4``, ``k = 1``.
 
     Args:
       student_logits: ``[..., C]``.
@@ -63,7 +63,10 @@ def mst_distill(
     per_teacher = kl_from_log_probs(log_t, log_s[..., None, :])  # [..., N]
     _, chosen = jax.lax.top_k(jax.lax.stop_gradient(to_float(router_probs)), k)  # [..., k]
     selected = jnp.take_along_axis(per_teacher, chosen, axis=-1)
-    return temperature**2 * jnp.mean(selected, axis=-1)
+    value = temperature**2 * jnp.mean(selected, axis=-1)
+    # A NaN (or +inf) teacher the router did not pick still makes the example NaN: corrupted inputs must show,
+    # whatever the routing of the step.
+    return jnp.where(jnp.any(jnp.isnan(per_teacher), axis=-1), jnp.nan, value)
 
 
 def load_balancing(router_probs: Array, *, mode: str = "kl", mask: Array | None = None) -> Array:
