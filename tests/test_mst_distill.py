@@ -92,7 +92,8 @@ def torch_mask_net(params, feature, heads, dtype=torch.float32):
     with torch.no_grad():
         embed.weight.copy_(t(params["embed"]["kernel"]).T), embed.bias.copy_(t(params["embed"]["bias"]))
         mha.in_proj_weight.copy_(t(params["in_proj"]["kernel"]).T), mha.in_proj_bias.copy_(t(params["in_proj"]["bias"]))
-        mha.out_proj.weight.copy_(t(params["out_proj"]["kernel"]).T), mha.out_proj.bias.copy_(t(params["out_proj"]["bias"]))
+        mha.out_proj.weight.copy_(t(params["out_proj"]["kernel"]).T)
+        mha.out_proj.bias.copy_(t(params["out_proj"]["bias"]))
         fc.weight.copy_(t(params["fc"]["kernel"]).T), fc.bias.copy_(t(params["fc"]["bias"]))
         x = t(feature)
         x = embed(x).reshape(x.size(0), d, hidden)

@@ -54,7 +54,9 @@ def mst_distill(
     check_same_logits(student_logits, teacher_logits[..., 0, :])
     num_teachers = np.shape(teacher_logits)[-2]
     if np.shape(router_probs) != np.shape(teacher_logits)[:-1]:
-        raise ValueError(f"router_probs must be [..., N] = {np.shape(teacher_logits)[:-1]}, got {np.shape(router_probs)}")
+        raise ValueError(
+            f"router_probs must be [..., N] = {np.shape(teacher_logits)[:-1]}, got {np.shape(router_probs)}"
+        )
     k = check_int("k", k, low=1)
     if k > num_teachers:
         raise ValueError(f"k={k} exceeds the number of teachers {num_teachers}")

@@ -1,17 +1,26 @@
 """HARD as a method: a learned affine augmentation that seeks the inputs teacher and student disagree on.
 
-Nix, Burg & Sinz, "HARD: Hard Augmentations for Robust Distillation", 2023 (arXiv 2305.14890), the
-spatial-transformer augmentor ("HARD-Affine"), the simplest of the paper's augmentors. Per step, with the
-augmentor ``g_φ`` and per-example noise ``z``::
+Nix, Burg & Sinz, "HARD: Hard Augmentations for Robust Distillation", 2023 (arXiv 2305.14890), with a
+spatial-transformer (affine) augmentor, the simplest kind of augmentation model the paper names. Per step,
+with the augmentor ``g_φ`` and per-example noise ``z``::
 
     x̃ = g_φ(x, z) = affine_warp(x, I + reshape(z·W + b))          (W, b zero-initialized: the identity)
     D(θ, φ) = T² · KL(p_t(x̃) ‖ p_s(x̃))                            the teacher–student discrepancy
     C(φ)    = KL(p_t(x) ‖ p_t(x̃))                                  the teacher must see the same image
     student:   min_θ D            augmentor:   max_φ D − λ·C
 
-**One jitted step.** The paper alternates an augmentor update and a student update with two optimizers.
-jaxkd puts both in the one minimized scalar ``D + λ·C``: the augmented image and the teacher's logits enter
-``D`` through a gradient reversal (:func:`~jaxkd.methods.spatial.reverse_gradient`), so the optimizer's
+**What is assumed.** Only the abstract was available to this implementation, and the official repository
+(``sinzlab/HARD``) holds no code ("check here later"). The abstract fixes the idea — an augmentation model,
+from simple spatial transformations upwards, trained to produce inputs teacher and student disagree on —
+not the details: the augmentor's form (here a linear map of Gaussian noise to an offset of the identity
+affine map), the discrepancy (here the same ``T²``-scaled KD the student minimizes) and the constraint that
+keeps the augmented images meaningful (here the teacher's own shift ``C`` with weight ``λ``) are this
+implementation's choices.
+
+**One jitted step.** A min-max is usually trained by alternating an augmentor update and a student update
+with two optimizers. jaxkd puts both in the one minimized scalar ``D + λ·C``: the augmented image and the
+teacher's logits enter ``D`` through a gradient reversal (:func:`~jaxkd.methods.spatial.reverse_gradient`), so
+the optimizer's
 descent on ``D`` is an *ascent* for ``φ`` (gradient ``−∂D/∂φ + λ·∂C/∂φ``) while the student descends
 (``+∂D/∂θ``). Both move at once with the student's optimizer and learning rate (simultaneous
 gradient descent–ascent, not alternation); the augmentor's parameters are this method's parameters.
@@ -43,7 +52,7 @@ def augmenter_theta(params: dict, noise: jax.Array) -> jax.Array:
 
 
 def augment(params: dict, images: jax.Array, noise: jax.Array) -> jax.Array:
-    """HARD-Affine's augmented images: ``images`` warped by :func:`augmenter_theta`."""
+    """The augmented images: ``images`` warped by :func:`augmenter_theta`."""
     return affine_warp(images, augmenter_theta(params, noise))
 
 
@@ -51,7 +60,8 @@ def augment(params: dict, images: jax.Array, noise: jax.Array) -> jax.Array:
     "hard",
     paper="Nix, Burg & Sinz, *HARD: Hard Augmentations for Robust Distillation*, 2023",
     losses=("kd",),
-    status="supported (HARD-Affine augmentor; min-max as a gradient reversal inside one step)",
+    status="from the paper's abstract (an affine augmentor; its noise-to-affine map and the teacher constraint "
+    "are assumptions, no code released); min-max as a gradient reversal in one step",
 )
 def hard(
     *,

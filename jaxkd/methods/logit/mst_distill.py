@@ -59,7 +59,8 @@ def mask_net_init(rng: jax.Array, feature_dim: int, *, heads: int = 3, hidden_fa
     hidden = feature_dim // (hidden_factor * heads) * heads
     if hidden < heads:
         raise ValueError(f"a MaskNet over {feature_dim} features with {heads} heads and hidden_factor={hidden_factor} "
-                         f"has no hidden width (feature_dim // (hidden_factor·heads) = 0); use fewer heads or a smaller factor")
+                         f"has no hidden width (feature_dim // (hidden_factor·heads) = 0); use fewer heads or a "
+                         f"smaller factor")
     k = jax.random.split(rng, 4)
     out_proj = dense_init(k[2], hidden, hidden)
     return {
