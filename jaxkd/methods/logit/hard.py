@@ -20,10 +20,9 @@ implementation's choices.
 **One jitted step.** A min-max is usually trained by alternating an augmentor update and a student update
 with two optimizers. jaxkd puts both in the one minimized scalar ``D + λ·C``: the augmented image and the
 teacher's logits enter ``D`` through a gradient reversal (:func:`~jaxkd.methods.spatial.reverse_gradient`), so
-the optimizer's
-descent on ``D`` is an *ascent* for ``φ`` (gradient ``−∂D/∂φ + λ·∂C/∂φ``) while the student descends
-(``+∂D/∂θ``). Both move at once with the student's optimizer and learning rate (simultaneous
-gradient descent–ascent, not alternation); the augmentor's parameters are this method's parameters.
+the optimizer's descent on ``D`` is an *ascent* for ``φ`` (gradient ``−∂D/∂φ + λ·∂C/∂φ``) while the student
+descends (``+∂D/∂θ``). Both move at once with the student's optimizer and learning rate (simultaneous gradient
+descent–ascent, not alternation); the augmentor's parameters are this method's parameters.
 
 The loss re-runs both models on ``x̃`` itself (the step's own forward is on the clean batch): chain it with
 ``ce`` and ``kd`` for the clean-image terms. The student's re-run is in train mode; its BatchNorm statistics
