@@ -22,7 +22,8 @@ Distillation", ACM MM 2025; official code ``Gray-OREO/MST-Distill`` (``KD_method
 * **Stages.** The official run co-trains teachers and student (stage 1), trains the masks with everything
   else frozen (stage 2), then trains student and router with the masks frozen (stage 3). Here the teachers
   are participants (frozen, trained beforehand, or trained by another term); ``mask_steps=n`` runs stage 2
-  for the first ``n`` steps (only the mask objective) and stage 3 after (masks frozen); ``mask_steps=None``
+  for the first ``n`` steps (only the mask objective) and stage 3 after (no gradient reaches the masks; an
+  optimizer with momentum still carries their last updates, as for any stage weight); ``mask_steps=None``
   trains masks, router and student together from the first step. The paper's teachers are cross-modal and
   multimodal; jaxkd's participants read the same input, so the mechanism runs over ``N`` teachers of one
   modality.
