@@ -45,6 +45,15 @@ def test_the_identity_initialized_augmentor_returns_the_input():
     np.testing.assert_allclose(augment(params, images, noise), images, atol=1e-6)
 
 
+def test_the_affine_offsets_are_bounded_and_have_slope_one_at_the_identity():
+    params = {"kernel": 100.0 * np.ones((2, 6), np.float32), "bias": np.linspace(-50, 50, 6).astype(np.float32)}
+    theta = augmenter_theta(params, np.array([[1.0, 2.0], [-3.0, 0.5]], np.float32), max_offset=0.3)
+    assert np.all(np.abs(np.asarray(theta) - np.asarray(IDENTITY_AFFINE)) <= 0.3 + 1e-6)
+    small = {"kernel": np.zeros((2, 6), np.float32), "bias": 1e-4 * np.arange(6, dtype=np.float32)}
+    np.testing.assert_allclose(augmenter_theta(small, np.zeros((1, 2), np.float32), max_offset=0.3)[0],
+                               np.asarray(IDENTITY_AFFINE) + small["bias"].reshape(2, 3), rtol=1e-6, atol=1e-9)
+
+
 def test_reverse_gradient_is_the_identity_with_the_gradient_negated():
     x = jnp.array([0.3, -1.2, 2.0])
     f = lambda v: jnp.sum(jnp.sin(v) * v**2)
@@ -133,6 +142,7 @@ def test_min_max_the_augmentor_ascends_the_discrepancy_and_the_student_descends_
     (dict(temperature=0.0), "temperature"),
     (dict(teacher_consistency=-0.1), "teacher_consistency"),
     (dict(noise_dim=0), "noise_dim"),
+    (dict(max_offset=0.0), "max_offset"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

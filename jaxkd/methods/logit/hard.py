@@ -4,7 +4,7 @@ Nix, Burg & Sinz, "HARD: Hard Augmentations for Robust Distillation", 2023 (arXi
 spatial-transformer (affine) augmentor, the simplest kind of augmentation model the paper names. Per step,
 with the augmentor ``g_φ`` and per-example noise ``z``::
 
-    x̃ = g_φ(x, z) = affine_warp(x, I + reshape(z·W + b))          (W, b zero-initialized: the identity)
+    x̃ = g_φ(x, z) = affine_warp(x, I + m·tanh(reshape(z·W + b)/m))   (W, b zero-initialized: the identity)
     D(θ, φ) = T² · KL(p_t(x̃) ‖ p_s(x̃))                            the teacher–student discrepancy
     C(φ)    = KL(p_t(x) ‖ p_t(x̃))                                  the teacher must see the same image
     student:   min_θ D            augmentor:   max_φ D − λ·C
@@ -13,14 +13,14 @@ with the augmentor ``g_φ`` and per-example noise ``z``::
 (``sinzlab/HARD``) holds no code ("check here later"). The abstract fixes the idea — an augmentation model,
 from simple spatial transformations upwards, trained to produce inputs teacher and student disagree on —
 not the details: the augmentor's form (here a linear map of Gaussian noise to an offset of the identity
-affine map), the discrepancy (here the same ``T²``-scaled KD the student minimizes) and the constraint that
-keeps the augmented images meaningful (here the teacher's own shift ``C`` with weight ``λ``) are this
-implementation's choices.
+affine map, each entry softly bounded by ``m = max_offset``), the discrepancy (here the same ``T²``-scaled
+KD the student minimizes) and what keeps the augmented images meaningful (here the teacher's own shift ``C``
+with weight ``λ``, and the bound ``m``) are this implementation's choices.
 
 **One jitted step.** A min-max is usually trained by alternating an augmentor update and a student update
 with two optimizers. jaxkd puts both in the one minimized scalar ``D + λ·C``: the augmented image and the
-teacher's logits enter ``D`` through a gradient reversal (:func:`~jaxkd.methods.spatial.reverse_gradient`), so
-the optimizer's descent on ``D`` is an *ascent* for ``φ`` (gradient ``−∂D/∂φ + λ·∂C/∂φ``) while the student
+teacher's logits enter ``D`` through a gradient reversal (:func:`~jaxkd.methods.spatial.reverse_gradient`),
+so the optimizer's descent on ``D`` is an *ascent* for ``φ`` (gradient ``−∂D/∂φ + λ·∂C/∂φ``) while the student
 descends (``+∂D/∂θ``). Both move at once with the student's optimizer and learning rate (simultaneous gradient
 descent–ascent, not alternation); the augmentor's parameters are this method's parameters.
 
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.checks import check_int, check_nonnegative, check_temperature
+from jaxkd.checks import check_int, check_nonnegative, check_positive, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.registry import register
@@ -44,15 +44,17 @@ from jaxkd.methods.spatial import IDENTITY_AFFINE, affine_warp, reverse_gradient
 __all__ = ["hard"]
 
 
-def augmenter_theta(params: dict, noise: jax.Array) -> jax.Array:
-    """The per-example affine maps ``[B, 2, 3]``: the identity plus a learned linear function of the noise."""
+def augmenter_theta(params: dict, noise: jax.Array, max_offset: float = 0.5) -> jax.Array:
+    """The per-example affine maps ``[B, 2, 3]``: the identity plus a learned linear function of the noise,
+    each entry bounded softly to ``±max_offset`` (``m·tanh(u/m)``: slope 1 at the identity)."""
     offset = noise @ params["kernel"] + params["bias"]
+    offset = max_offset * jnp.tanh(offset / max_offset)
     return IDENTITY_AFFINE + offset.reshape(-1, 2, 3)
 
 
-def augment(params: dict, images: jax.Array, noise: jax.Array) -> jax.Array:
+def augment(params: dict, images: jax.Array, noise: jax.Array, max_offset: float = 0.5) -> jax.Array:
     """The augmented images: ``images`` warped by :func:`augmenter_theta`."""
-    return affine_warp(images, augmenter_theta(params, noise))
+    return affine_warp(images, augmenter_theta(params, noise, max_offset))
 
 
 @register(
@@ -67,6 +69,7 @@ def hard(
     temperature: float = 4.0,
     teacher_consistency: float = 1.0,
     noise_dim: int = 8,
+    max_offset: float = 0.5,
     student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
@@ -76,7 +79,9 @@ def hard(
 
     ``teacher_consistency`` is ``λ``, the weight of ``KL(p_t(x) ‖ p_t(x̃))`` in the augmentor's objective (it
     keeps augmented images ones the teacher still reads as the original); ``noise_dim`` the width of the
-    per-example noise the augmentor maps to an affine offset. The participants' model input must be
+    per-example noise the augmentor maps to an affine offset; ``max_offset`` bounds each entry of that offset
+    (in the normalized coordinates of ``affine_warp``, where the image spans ``[−1, 1]``: ``0.5`` is a shift by a
+    quarter of the image, or a ±50% scale or shear). The participants' model input must be
     ``[B, H, W, C]`` images (the student's input key; the teacher gets the same augmented images). The
     reported value is ``D + λ·C``. Metrics: ``discrepancy`` (``D``), ``teacher_shift`` (``C``), ``offset``
     (the mean absolute deviation of the affine maps from the identity).
@@ -84,6 +89,7 @@ def hard(
     check_temperature("temperature", temperature)
     check_nonnegative("teacher_consistency", teacher_consistency)
     noise_dim = check_int("noise_dim", noise_dim, low=1)
+    check_positive("max_offset", max_offset)
     check_roles(name, student, teacher)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
@@ -98,7 +104,7 @@ def hard(
                              f"{getattr(images, 'shape', type(images).__name__)}")
         noise_key, dropout_key = jax.random.split(rng)
         noise = jax.random.normal(noise_key, (images.shape[0], noise_dim), jnp.float32)
-        theta = augmenter_theta(vars.params["augmenter"], noise)
+        theta = augmenter_theta(vars.params["augmenter"], noise, max_offset)
         augmented = affine_warp(images, theta)
         mask = inputs.example_mask
 
