@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from jaxkd import losses, methods, models
 from jaxkd.methods.base import LossInputs, MethodVars
 from jaxkd.methods.logit.hard import augment, augmenter_theta
-from jaxkd.methods.spatial import IDENTITY_AFFINE, affine_warp, reverse_gradient
+from jaxkd.methods.spatial import IDENTITY_AFFINE, affine_warp, reverse_gradient, scale_gradient
 from jaxkd.participants import Participant
 
 
@@ -54,11 +54,13 @@ def test_the_affine_offsets_are_bounded_and_have_slope_one_at_the_identity():
                                np.asarray(IDENTITY_AFFINE) + small["bias"].reshape(2, 3), rtol=1e-6, atol=1e-9)
 
 
-def test_reverse_gradient_is_the_identity_with_the_gradient_negated():
+def test_reverse_and_scale_gradient_are_the_identity_with_the_gradient_negated_or_scaled():
     x = jnp.array([0.3, -1.2, 2.0])
     f = lambda v: jnp.sum(jnp.sin(v) * v**2)
     np.testing.assert_allclose(reverse_gradient(x), x)
     np.testing.assert_allclose(jax.grad(lambda v: f(reverse_gradient(v)))(x), -jax.grad(f)(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: f(scale_gradient(v, 0.25)))(x), 0.25 * jax.grad(f)(x), rtol=1e-6)
+    np.testing.assert_allclose(scale_gradient(x, 0.25), x)
     tree = {"a": x, "b": 2 * x}
     g = jax.grad(lambda t: f(reverse_gradient(t)["a"]) + f(t["b"]))(tree)
     np.testing.assert_allclose(g["a"], -jax.grad(f)(x), rtol=1e-6)
@@ -83,15 +85,16 @@ def central_differences(f, x, eps=1e-6):
     return jax.jit(lambda x: (jax.vmap(lambda d: f(x + d))(basis) - jax.vmap(lambda d: f(x - d))(basis)) / (2 * eps))(x)
 
 
-@pytest.mark.parametrize("consistency", [0.0, 0.7])
-def test_min_max_the_augmentor_ascends_the_discrepancy_and_the_student_descends_it(consistency):
+@pytest.mark.parametrize("consistency, lr_scale", [(0.0, 1.0), (0.7, 0.3)])
+def test_min_max_the_augmentor_ascends_the_discrepancy_and_the_student_descends_it(consistency, lr_scale):
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
         images = rng.normal(size=(4, 5, 5, 1))
         teacher, student = models.from_linen(Tiny(hidden=6)), models.from_linen(Tiny(hidden=4))
         t_vars = teacher.init(jax.random.PRNGKey(1), images)
         s_vars = student.init(jax.random.PRNGKey(2), images)
-        method = methods.hard(temperature=2.0, teacher_consistency=consistency, noise_dim=3)
+        method = methods.hard(temperature=2.0, teacher_consistency=consistency, noise_dim=3,
+                              augmenter_lr_scale=lr_scale)
         augmenter = {"kernel": 0.2 * rng.normal(size=(3, 6)), "bias": 0.2 * rng.normal(size=6)}  # not the identity
         key = jax.random.PRNGKey(4)
         noise = jax.random.normal(jax.random.split(key)[0], (4, 3), jnp.float32)  # the method's noise for `key`
@@ -124,7 +127,7 @@ def test_min_max_the_augmentor_ascends_the_discrepancy_and_the_student_descends_
         fd_c_aug = central_differences(lambda a: teacher_shift(unflatten_aug(a)), flat_aug)
         flat_g_aug = jax.flatten_util.ravel_pytree(g_aug)[0]
         assert flat_g_aug.dtype == jnp.float64
-        np.testing.assert_allclose(flat_g_aug, -fd_d_aug + consistency * fd_c_aug, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(flat_g_aug, lr_scale * (-fd_d_aug + consistency * fd_c_aug), rtol=1e-6, atol=1e-9)
         if consistency == 0.0:
             assert np.all(np.sign(flat_g_aug) == -np.sign(fd_d_aug))
 
@@ -143,6 +146,7 @@ def test_min_max_the_augmentor_ascends_the_discrepancy_and_the_student_descends_
     (dict(teacher_consistency=-0.1), "teacher_consistency"),
     (dict(noise_dim=0), "noise_dim"),
     (dict(max_offset=0.0), "max_offset"),
+    (dict(augmenter_lr_scale=0.0), "augmenter_lr_scale"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

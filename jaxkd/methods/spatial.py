@@ -4,15 +4,19 @@
   mode="bilinear", padding_mode="zeros", align_corners=False)`` for NHWC images: differentiable in the image
   and in ``theta`` (a spatial transformer, Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015).
 * :func:`reverse_gradient` is the identity whose gradient is negated (Ganin & Lempitsky, "Unsupervised
-  Domain Adaptation by Backpropagation", ICML 2015): a min-max objective as one minimized scalar.
+  Domain Adaptation by Backpropagation", ICML 2015): a min-max objective as one minimized scalar;
+  :func:`scale_gradient` the identity whose gradient is multiplied by a constant (a learning-rate factor for
+  the parameters behind it).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["IDENTITY_AFFINE", "affine_warp", "reverse_gradient"]
+__all__ = ["IDENTITY_AFFINE", "affine_warp", "reverse_gradient", "scale_gradient"]
 
 #: The ``[2, 3]`` affine matrix that leaves an image unchanged.
 IDENTITY_AFFINE = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], jnp.float32)
@@ -33,6 +37,23 @@ def _reverse_bwd(_, cotangent):
 
 
 reverse_gradient.defvjp(_reverse_fwd, _reverse_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(tree, scale: float):
+    """``tree`` unchanged; its cotangent is multiplied by ``scale`` (a Python number)."""
+    return tree
+
+
+def _scale_fwd(tree, scale):
+    return tree, None
+
+
+def _scale_bwd(scale, _, cotangent):
+    return (jax.tree.map(lambda g: g * scale, cotangent),)
+
+
+scale_gradient.defvjp(_scale_fwd, _scale_bwd)
 
 
 def affine_warp(images: jax.Array, theta: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ from jaxkd.checks import check_int, check_nonnegative, check_positive, check_tem
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight, check_roles
 from jaxkd.methods.features import apply_participant
 from jaxkd.methods.registry import register
-from jaxkd.methods.spatial import IDENTITY_AFFINE, affine_warp, reverse_gradient
+from jaxkd.methods.spatial import IDENTITY_AFFINE, affine_warp, reverse_gradient, scale_gradient
 
 __all__ = ["hard"]
 
@@ -70,6 +70,7 @@ def hard(
     teacher_consistency: float = 1.0,
     noise_dim: int = 8,
     max_offset: float = 0.5,
+    augmenter_lr_scale: float = 1.0,
     student: str = "student",
     teacher: str = "teacher",
     weight: Weight = 1.0,
@@ -81,7 +82,8 @@ def hard(
     keeps augmented images ones the teacher still reads as the original); ``noise_dim`` the width of the
     per-example noise the augmentor maps to an affine offset; ``max_offset`` bounds each entry of that offset
     (in the normalized coordinates of ``affine_warp``, where the image spans ``[−1, 1]``: ``0.5`` is a shift by a
-    quarter of the image, or a ±50% scale or shear). The participants' model input must be
+    quarter of the image, or a ±50% scale or shear); ``augmenter_lr_scale`` multiplies the augmentor's gradient
+    (its learning rate relative to the student's). The participants' model input must be
     ``[B, H, W, C]`` images (the student's input key; the teacher gets the same augmented images). The
     reported value is ``D + λ·C``. Metrics: ``discrepancy`` (``D``), ``teacher_shift`` (``C``), ``offset``
     (the mean absolute deviation of the affine maps from the identity).
@@ -90,6 +92,7 @@ def hard(
     check_nonnegative("teacher_consistency", teacher_consistency)
     noise_dim = check_int("noise_dim", noise_dim, low=1)
     check_positive("max_offset", max_offset)
+    check_positive("augmenter_lr_scale", augmenter_lr_scale)
     check_roles(name, student, teacher)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
@@ -104,7 +107,8 @@ def hard(
                              f"{getattr(images, 'shape', type(images).__name__)}")
         noise_key, dropout_key = jax.random.split(rng)
         noise = jax.random.normal(noise_key, (images.shape[0], noise_dim), jnp.float32)
-        theta = augmenter_theta(vars.params["augmenter"], noise, max_offset)
+        augmenter = scale_gradient(vars.params["augmenter"], augmenter_lr_scale)
+        theta = augmenter_theta(augmenter, noise, max_offset)
         augmented = affine_warp(images, theta)
         mask = inputs.example_mask
 
