@@ -93,7 +93,7 @@ def test_min_max_the_augmentor_ascends_the_discrepancy_and_the_student_descends_
         teacher, student = models.from_linen(Tiny(hidden=6)), models.from_linen(Tiny(hidden=4))
         t_vars = teacher.init(jax.random.PRNGKey(1), images)
         s_vars = student.init(jax.random.PRNGKey(2), images)
-        method = methods.hard(temperature=2.0, teacher_consistency=consistency, noise_dim=3,
+        method = methods.hard(temperature=2.0, teacher_consistency=consistency, noise_dim=3, max_offset=0.5,
                               augmenter_lr_scale=lr_scale)
         augmenter = {"kernel": 0.2 * rng.normal(size=(3, 6)), "bias": 0.2 * rng.normal(size=6)}  # not the identity
         key = jax.random.PRNGKey(4)
@@ -108,7 +108,7 @@ def test_min_max_the_augmentor_ascends_the_discrepancy_and_the_student_descends_
             return method.loss(MethodVars(params={"augmenter": aug_params}), inputs, key)[0]
 
         def warped(aug_params):
-            return affine_warp(images, augmenter_theta(aug_params, noise))
+            return affine_warp(images, augmenter_theta(aug_params, noise, max_offset=0.5))
 
         # The two objectives, written plainly (no reversal): D(θ, φ) and C(φ).
         def discrepancy(s_params, aug_params):
