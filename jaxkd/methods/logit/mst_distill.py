@@ -2,7 +2,8 @@
 
 Li, Yang, Chen, Dong, Chen & Wang, "MST-Distill: Mixture of Specialized Teachers for Cross-Modal Knowledge
 Distillation", ACM MM 2025; official code ``Gray-OREO/MST-Distill`` (``KD_methods/MST.py``,
-``main-MST-Distill.py``, commit 093b2fe). What the official code does, and what jaxkd does of it:
+``main-MST-Distill.py``, commit 093b2fe). Only the paper's abstract was available to this implementation;
+every formula below is the official code's. What the official code does, and what jaxkd does of it:
 
 * **Specialized teachers.** A MaskNet (``MaskNet_1d``) multiplies one intermediate feature of a teacher by a
   learned per-example sigmoid mask, and the teacher's remaining layers run on the masked feature; each
