@@ -167,4 +167,8 @@ CASES = [
         s, jnp.stack([t1, t2], axis=-2), teacher_weights=(0.7, 0.2), temperature=2.0, **NONE),
         num_logits=3, grad=(0, 1, 2)),
     Case("dml", _dml, frozen=_dml_frozen),
+    # MST-Distill: the router's probabilities are fixed (they only select teachers: no gradient through them).
+    Case("mst_distill", lambda y: lambda s, t1, t2: losses.mst_distill(
+        s, jnp.stack([t1, t2], axis=-2), np.array([[0.7, 0.3], [0.2, 0.8]] * 3), k=1, temperature=2.0, **NONE),
+        num_logits=3, grad=(0, 1, 2)),
 ]
