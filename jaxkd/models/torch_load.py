@@ -200,9 +200,14 @@ def _read(state_dict_or_path: Any) -> Mapping[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's unpickler refuses arbitrary objects
         raise ValueError(
-            f"torch.load({path!r}, weights_only=True) failed ({type(exc).__name__}: {str(exc)[:300]}); if the file "
+            f"torch.load({path!r}, weights_only=True) failed ({type(exc).__name__}: {_first_line(exc)}); if the file "
             "is trusted, load it with torch.load(..., weights_only=False) yourself and pass its state dict"
         ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def _to_numpy(key: str, value: Any) -> np.ndarray:
@@ -300,9 +305,12 @@ def load_torch(name: str, state_dict_or_path: Any, *, num_classes: int) -> dict[
     """
     from jaxkd.checks import check_int
 
+    from jaxkd import models
+
     maps = key_maps()
     if name not in maps:
-        raise ValueError(f"load_torch has no PyTorch key map for {name!r}; it reads: {sorted(maps)}")
+        what = "has no PyTorch key map for" if name in models.available() else "unknown model"
+        raise ValueError(f"load_torch {what} {name!r}; it reads: {sorted(maps)}")
     num_classes = check_int("num_classes", num_classes, low=1)
     template = _template(name, num_classes)
     entries = maps[name](template)
@@ -322,7 +330,8 @@ def load_torch(name: str, state_dict_or_path: Any, *, num_classes: int) -> dict[
             wrong.append((key, state[key].shape, array.shape, path, shape))
         converted[key] = array
     if len(wrong) > _FEW:
-        key, raw_shape, _, _, shape = wrong[0]
+        # A convolution's kernel is the telling example (the classifier's and BatchNorms' follow from them).
+        key, raw_shape, _, _, shape = next((w for w in wrong if len(w[1]) == 4), wrong[0])
         raise _another_architecture(
             name, state, f"{len(wrong)} of its {len(entries)} arrays have other shapes than {name}'s (e.g. "
             f"{key!r}: {tuple(raw_shape)} in the checkpoint)",
