@@ -48,9 +48,9 @@ KeyMap = dict[str, tuple[tuple[str, ...], Transform]]
 #: Modules exporting ``KEY_MAPS: dict[str, fn(template_variables) -> KeyMap]``, merged in this order.
 _KEY_MAP_MODULES = ("jaxkd.models.torch_cifar",)
 
-# The template is traced (never computed) on one image of this size; parameter shapes of the convolutional
-# models do not depend on it.
-_TEMPLATE_INPUT = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+# The template is traced (never computed) on images of this shape unless told otherwise; parameter shapes
+# of the convolutional models depend only on its channels.
+_TEMPLATE_INPUT = (1, 32, 32, 3)
 # At most this many unmatched keys (missing + unexpected), or mismatched convolution shapes, are reported one
 # by one; more means the checkpoint is of another architecture.
 _FEW = 4
@@ -124,11 +124,11 @@ def key_maps() -> dict[str, Callable[[Mapping[str, Any]], KeyMap]]:
 
 
 @functools.cache
-def _template(name: str, num_classes: int) -> Any:
+def _template(name: str, num_classes: int, input_shape: tuple[int, ...] = _TEMPLATE_INPUT) -> Any:
     from jaxkd import models
 
     model = models.get(name, num_classes=num_classes)
-    return jax.eval_shape(model.init, jax.random.key(0), _TEMPLATE_INPUT)
+    return jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
 
 
 @functools.cache
@@ -278,7 +278,9 @@ def _is_classifier(leaf_shape: tuple[int, ...], array_shape: tuple[int, ...], nu
             and leaf_shape[:-1] == array_shape[:-1])
 
 
-def load_torch(name: str, state_dict_or_path: Any, *, num_classes: int) -> dict[str, Any]:
+def load_torch(
+    name: str, state_dict_or_path: Any, *, num_classes: int, input_shape: tuple[int, ...] = _TEMPLATE_INPUT
+) -> dict[str, Any]:
     """The variables of ``jaxkd.models.get(name, num_classes=num_classes)`` filled from a PyTorch checkpoint.
 
     Args:
@@ -289,6 +291,9 @@ def load_torch(name: str, state_dict_or_path: Any, *, num_classes: int) -> dict[
         ``{"model": state_dict}`` or ``{"state_dict": ...}``, keys possibly prefixed ``module.``), or the path
         of a ``.pth`` / ``.pt`` (needs torch: ``pip install 'jaxkd[torch]'``) or ``.safetensors`` file.
       num_classes: the classifier's outputs; must equal the checkpoint's.
+      input_shape: ``[batch, height, width, channels]`` of the images the model will see; the variables are
+        shaped by tracing ``model.init`` on it (nothing is computed), so only its channels matter for the
+        convolutional models: they must be the checkpoint's (3 for the published CIFAR models).
 
     Returns:
       ``{"params": ..., "batch_stats": ...}`` of float32 ``jax.Array`` leaves, the structure
@@ -312,7 +317,8 @@ def load_torch(name: str, state_dict_or_path: Any, *, num_classes: int) -> dict[
         what = "has no PyTorch key map for" if name in models.available() else "unknown model"
         raise ValueError(f"load_torch {what} {name!r}; it reads: {sorted(maps)}")
     num_classes = check_int("num_classes", num_classes, low=1)
-    template = _template(name, num_classes)
+    input_shape = tuple(check_int(f"input_shape[{i}]", d, low=1) for i, d in enumerate(input_shape))
+    template = _template(name, num_classes, input_shape)
     entries = maps[name](template)
     state = _state_dict(_read(state_dict_or_path))
     _check_keys(name, state, entries)
