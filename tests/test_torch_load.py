@@ -246,3 +246,15 @@ def test_library_never_imports_torch(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_half_precision_tensors_load_as_float32():
+    """bfloat16 / float16 tensors (no NumPy view) are widened; the variables are float32 with the same values."""
+    torch_model = official.build("resnet8", NUM_CLASSES)
+    state = {k: (v.to(torch.bfloat16) if k.startswith("layer1") else v.half()) if v.is_floating_point() else v
+             for k, v in torch_model.state_dict().items()}
+    variables = models.load_torch("resnet8", state, num_classes=NUM_CLASSES)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.float32}
+    np.testing.assert_array_equal(np.asarray(variables["params"]["fc"]["kernel"]), state["fc.weight"].float().numpy().T)
+    np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["stage1_block0"]["bn1"]["var"]),
+                                  state["layer1.0.bn1.running_var"].float().numpy())
