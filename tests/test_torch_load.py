@@ -254,7 +254,7 @@ def test_half_precision_tensors_load_as_float32():
     state = {k: (v.to(torch.bfloat16) if k.startswith("layer1") else v.half()) if v.is_floating_point() else v
              for k, v in torch_model.state_dict().items()}
     variables = models.load_torch("resnet8", state, num_classes=NUM_CLASSES)
-    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.float32}
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
     np.testing.assert_array_equal(np.asarray(variables["params"]["fc"]["kernel"]), state["fc.weight"].float().numpy().T)
     np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["stage1_block0"]["bn1"]["var"]),
                                   state["layer1.0.bn1.running_var"].float().numpy())
