@@ -159,6 +159,10 @@ def test_missing_and_extra_keys_are_named_with_the_closest_key():
     with pytest.raises(ValueError, match=r"unexpected key 'layer1\.0\.bn1\.running_std' \(closest key of resnet8: "
                                          r"'layer1\.0\.bn1\.running_\w+'\)"):
         models.load_torch("resnet8", extra, num_classes=NUM_CLASSES)
+    # A close architecture: wrn_16_2 has one key more than wrn_16_1 (the first block's shortcut, 16 -> 32 channels).
+    with pytest.raises(ValueError, match=r"unexpected key 'block1\.layer\.0\.convShortcut\.weight' .*; the "
+                                         r"checkpoint's keys and convolution shapes are those of \['wrn_16_2'\]"):
+        models.load_torch("wrn_16_1", official.build("wrn_16_2", NUM_CLASSES).state_dict(), num_classes=NUM_CLASSES)
 
 
 def test_a_shape_mismatch_names_the_key_and_both_shapes():
@@ -167,6 +171,10 @@ def test_a_shape_mismatch_names_the_key_and_both_shapes():
     with pytest.raises(ValueError, match=r"'layer1\.0\.conv2\.weight' has shape \(16, 8, 3, 3\) \(\(3, 3, 8, 16\) in "
                                          r"jaxkd's layout\), resnet8 expects \(3, 3, 16, 16\) at "
                                          r"params/stage1_block0/conv2/kernel"):
+        models.load_torch("resnet8", state, num_classes=NUM_CLASSES)
+    state["layer1.0.conv2.weight"] = state["layer1.0.conv2.weight"].reshape(16, -1)  # another rank
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv2\.weight' has shape \(16, 72\) \(\(16, 72\) in "
+                                         r"jaxkd's layout\), resnet8 expects \(3, 3, 16, 16\)"):
         models.load_torch("resnet8", state, num_classes=NUM_CLASSES)
 
 

@@ -135,7 +135,7 @@ def _template(name: str, num_classes: int, input_shape: tuple[int, ...] = _TEMPL
 def _conv_signature(name: str) -> tuple[frozenset[str], tuple[tuple[str, tuple[int, ...]], ...]]:
     """``(torch keys, sorted (key, shape) of the convolution kernels)`` of ``name``: what identifies an
     architecture whatever its classifier."""
-    template = _template(name, 10)
+    template = _template(name, 10, _TEMPLATE_INPUT)  # the positional key a load_torch(num_classes=10) call caches
     entries = key_maps()[name](template)
     convs = tuple(sorted((k, tuple(_leaf(template, path).shape)) for k, (path, fn) in entries.items()
                          if fn is conv_kernel))
@@ -157,7 +157,8 @@ def _matching_architectures(state: Mapping[str, np.ndarray]) -> list[str]:
     found = []
     for names in by_builder.values():
         expected_keys, convs = _conv_signature(names[0])
-        if expected_keys == keys and all(conv_kernel(state[k]).shape == shape for k, shape in convs):
+        if expected_keys == keys and all(state[k].ndim == 4 and conv_kernel(state[k]).shape == shape
+                                         for k, shape in convs):
             found.extend(names)
     return sorted(found)
 
@@ -269,7 +270,10 @@ def _check_keys(name: str, state: Mapping[str, np.ndarray], entries: KeyMap) -> 
         )
     lines = [f"missing key {k!r} (closest key in the checkpoint: {_closest(k, state)})" for k in missing]
     lines += [f"unexpected key {k!r} (closest key of {name}: {_closest(k, entries)})" for k in extra]
-    raise ValueError(f"the checkpoint does not fit {name}: " + "; ".join(lines))
+    # A close architecture differs in a few keys only (wrn_16_2 has one shortcut more than wrn_16_1).
+    matches = _matching_architectures(state)
+    hint = f"; the checkpoint's keys and convolution shapes are those of {matches}" if matches else ""
+    raise ValueError(f"the checkpoint does not fit {name}: " + "; ".join(lines) + hint)
 
 
 def _is_classifier(leaf_shape: tuple[int, ...], array_shape: tuple[int, ...], num_classes: int) -> bool:
@@ -323,17 +327,18 @@ def load_torch(
     state = _state_dict(_read(state_dict_or_path))
     _check_keys(name, state, entries)
 
-    converted, wrong = {}, []
+    converted, wrong, classifier = {}, [], None
     for key, (path, transform) in entries.items():
-        array = transform(state[key])
         shape = tuple(_leaf(template, path).shape)
+        if state[key].ndim != len(shape):  # no layout to convert: a tensor of another rank
+            wrong.append((key, state[key].shape, state[key].shape, path, shape))
+            continue
+        array = transform(state[key])
         if tuple(array.shape) != shape:
             if _is_classifier(shape, tuple(array.shape), num_classes):
-                raise ValueError(
-                    f"the checkpoint's classifier {key!r} has {array.shape[-1]} classes, but num_classes="
-                    f"{num_classes} was asked; pass num_classes={array.shape[-1]}"
-                )
-            wrong.append((key, state[key].shape, array.shape, path, shape))
+                classifier = classifier or (key, array.shape[-1])
+            else:
+                wrong.append((key, state[key].shape, array.shape, path, shape))
         converted[key] = array
     if len(wrong) > _FEW:
         # A convolution's kernel is the telling example (the classifier's and BatchNorms' follow from them).
@@ -346,6 +351,10 @@ def load_torch(
         raise ValueError("the checkpoint's shapes do not fit " + name + ": " + "; ".join(
             f"{key!r} has shape {tuple(raw)} ({tuple(arr)} in jaxkd's layout), {name} expects {shape} at "
             f"{'/'.join(path)}" for key, raw, arr, path, shape in wrong))
+    if classifier is not None:  # the architecture fits; only the class count differs
+        key, classes = classifier
+        raise ValueError(f"the checkpoint's classifier {key!r} has {classes} classes, but num_classes={num_classes} "
+                         f"was asked; pass num_classes={classes}")
 
     filled = {path: jnp.asarray(converted[key], dtype=_leaf(template, path).dtype)
               for key, (path, _) in entries.items()}
