@@ -48,15 +48,24 @@ def _official(name: str, seed: int = 0, num_classes: int = NUM_CLASSES):
     return _randomize(official.build(name, num_classes), seed)
 
 
-def _logits_pair(name: str, variables, torch_model, size: int = 32):
-    """``(jaxkd logits, PyTorch logits)`` of the same random NCHW batch, both in eval mode."""
+def _logits_pair(name: str, variables, torch_model, size: int = 32, *, hooks=None):
+    """``(jaxkd logits, PyTorch logits)`` of the same random NCHW batch, both in eval mode; with ``hooks``
+    (``{feature name: (torch submodule, fn of its output)}``), also ``(jaxkd features, PyTorch features)`` (NHWC)."""
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    handles = [module.register_forward_hook(lambda m, i, o, feature=feature, fn=fn: seen.__setitem__(feature, fn(o)))
+               for feature, (module, fn) in (hooks or {}).items()]
     with torch.no_grad():
         expected = torch_model(x).numpy()
+    for handle in handles:
+        handle.remove()
     model = models.get(name, num_classes=NUM_CLASSES)
-    got = jax.jit(lambda v, images: model.apply(v, images, train=False).logits)(
+    out = jax.jit(lambda v, images: model.apply(v, images, train=False))(
         variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
-    return np.asarray(got), expected
+    if hooks is None:
+        return np.asarray(out.logits), expected
+    nhwc = {k: (v.permute(0, 2, 3, 1) if v.ndim == 4 else v).numpy() for k, v in seen.items()}
+    return np.asarray(out.logits), expected, {k: np.asarray(out.features[k]) for k in nhwc}, nhwc
 
 
 def _assert_same_logits(got, expected):
@@ -96,11 +105,33 @@ def _as_checkpoint(torch_model, how: str, tmp_path):
     return sd
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - {"vgg8"}))
 def test_eval_logits_equal_the_official_model(name, tmp_path):
     torch_model = _official(name)
     variables = models.load_torch(name, _as_checkpoint(torch_model, FAMILIES[name], tmp_path), num_classes=NUM_CLASSES)
     _assert_same_logits(*_logits_pair(name, variables, torch_model))
+
+
+def _same_features(got, expected):
+    assert set(got) == set(expected)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-4 * max(1.0, float(np.abs(expected[k]).max())),
+                                   err_msg=k)
+
+
+def test_vgg8_logits_and_features_equal_the_official_model(tmp_path):
+    """vgg8 through a DataParallel state dict; its sown features are the official ``is_feat`` list: ``stem`` =
+    ``relu(block0(x))``, ``stage<k>_preact`` = ``block<k>(.)`` (a BatchNorm output), ``stage<k>`` its ReLU,
+    ``pooled`` = ``pool4`` flattened."""
+    torch_model = _official("vgg8")
+    variables = models.load_torch("vgg8", _as_checkpoint(torch_model, FAMILIES["vgg8"], tmp_path), num_classes=NUM_CLASSES)
+    hooks = {"stem": (torch_model.block0, torch.relu), "pooled": (torch_model.pool4, lambda o: o.flatten(1))}
+    for k in range(1, 5):
+        hooks[f"stage{k}_preact"] = (getattr(torch_model, f"block{k}"), lambda o: o)
+        hooks[f"stage{k}"] = (getattr(torch_model, f"block{k}"), torch.relu)
+    got, expected, got_features, features = _logits_pair("vgg8", variables, torch_model, hooks=hooks)
+    _assert_same_logits(got, expected)
+    _same_features(got_features, features)
 
 
 def test_resnet50_logits_from_a_pth_file(tmp_path):
@@ -109,7 +140,12 @@ def test_resnet50_logits_from_a_pth_file(tmp_path):
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": torch_model.state_dict()}, path)
     variables = models.load_torch("ResNet50", str(path), num_classes=NUM_CLASSES)
-    _assert_same_logits(*_logits_pair("ResNet50", variables, torch_model, size=8))
+    # Its features: stem = relu(bn1(conv1(x))), stage<k> = layer<k>(.), pooled = avgpool flattened.
+    hooks = {"stem": (torch_model.bn1, torch.relu), "pooled": (torch_model.avgpool, lambda o: o.flatten(1)),
+             **{f"stage{k}": (getattr(torch_model, f"layer{k}"), lambda o: o) for k in range(1, 5)}}
+    got, expected, got_features, features = _logits_pair("ResNet50", variables, torch_model, size=8, hooks=hooks)
+    _assert_same_logits(got, expected)
+    _same_features(got_features, features)
     # The variables have the structure model.init gives.
     abstract = jax.eval_shape(models.get("ResNet50", num_classes=NUM_CLASSES).init, jax.random.key(0),
                               jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
