@@ -132,13 +132,13 @@ def _template(name: str, num_classes: int, input_shape: tuple[int, ...] = _TEMPL
 
 
 @functools.cache
-def _conv_signature(name: str) -> tuple[frozenset[str], tuple[tuple[str, tuple[int, ...]], ...]]:
-    """``(torch keys, sorted (key, shape) of the convolution kernels)`` of ``name``: what identifies an
+def _conv_signature(name: str) -> tuple[frozenset[str], tuple[tuple[str, tuple[int, ...], Transform], ...]]:
+    """``(torch keys, (key, shape, transform) of the 4-D convolution kernels)`` of ``name``: what identifies an
     architecture whatever its classifier."""
     template = _template(name, 10, _TEMPLATE_INPUT)  # the positional key a load_torch(num_classes=10) call caches
     entries = key_maps()[name](template)
-    convs = tuple(sorted((k, tuple(_leaf(template, path).shape)) for k, (path, fn) in entries.items()
-                         if fn is conv_kernel))
+    convs = tuple((k, tuple(_leaf(template, path).shape), fn) for k, (path, fn) in sorted(entries.items())
+                  if len(_leaf(template, path).shape) == 4)
     return frozenset(entries), convs
 
 
@@ -157,8 +157,7 @@ def _matching_architectures(state: Mapping[str, np.ndarray]) -> list[str]:
     found = []
     for names in by_builder.values():
         expected_keys, convs = _conv_signature(names[0])
-        if expected_keys == keys and all(state[k].ndim == 4 and conv_kernel(state[k]).shape == shape
-                                         for k, shape in convs):
+        if expected_keys == keys and all(state[k].ndim == 4 and fn(state[k]).shape == shape for k, shape, fn in convs):
             found.extend(names)
     return sorted(found)
 
