@@ -54,8 +54,10 @@ class Config:
     teacher_kwargs: dict = dataclasses.field(default_factory=dict)
     teacher_steps: int = 600
     teacher_lr: float = 0.05
-    # Load the teacher instead of training it: an Orbax directory written by `save_variables`, with
-    # "{seed}" standing for the seed (e.g. "runs/teachers/seed{seed}/teacher").
+    # Load the teacher instead of training it: an Orbax directory written by `save_variables`, or a PyTorch
+    # checkpoint of the `teacher` architecture (a path ending in .pth, .pt or .safetensors, e.g. RepDistiller's
+    # "resnet32x4_vanilla/ckpt_epoch_240.pth", read by jaxkd.models.load_torch with the dataset's class count),
+    # with "{seed}" standing for the seed (e.g. "runs/teachers/seed{seed}/teacher").
     teacher_checkpoint: str | None = None
     # The compute dtype of frozen teachers while students distill from them: "bfloat16" casts their
     # parameters and runs their forward pass in bf16 (float32 logits; jaxkd.participants.cast_params).
@@ -184,6 +186,15 @@ def check_mesh(name: str, value: Any) -> None:
     for axis, size in value.items():
         if axis not in ("data", "fsdp", "tensor") or isinstance(size, bool) or not isinstance(size, int):
             raise ValueError(f"{name} must be {_EXPECTED['mesh']}, got {name}={value!r}")
+
+
+#: ``teacher_checkpoint`` suffixes read by ``jaxkd.models.load_torch`` (anything else is an Orbax directory).
+TORCH_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def is_torch_checkpoint(path: str) -> bool:
+    """Whether the teacher checkpoint ``path`` is a PyTorch file (``.pth``/``.pt``/``.safetensors``)."""
+    return os.path.splitext(path)[1].lower() in TORCH_CHECKPOINT_SUFFIXES
 
 
 def check_teachers(name: str, value: Any) -> None:

@@ -6,8 +6,9 @@
     python -m experiments.distill --set steps=300 --set "methods.kd_t8=ce + kd(temperature=8)"
 
 Per seed: every frozen teacher a method reads (``teacher``, and the ``teachers`` of the config) is trained
-on the full training split with cross-entropy (or loaded from ``teacher_checkpoint``), saved with Orbax in
-its own checkpoint, and loaded back from disk for distillation. Then every method of ``config.methods``
+on the full training split with cross-entropy (or loaded from ``teacher_checkpoint``: an Orbax directory, or a
+PyTorch ``.pth``/``.pt``/``.safetensors`` checkpoint of the teacher architecture read by
+``jaxkd.models.load_torch``), saved with Orbax in its own checkpoint, and loaded back from disk for distillation. Then every method of ``config.methods``
 trains the student from the same initialization, data order and augmentation (same seed), for the same
 number of steps, with the participants the method names: frozen teachers, or trained peers and online
 teachers that start from scratch next to the student. The test accuracy after the last step is reported
@@ -348,7 +349,12 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                         teacher_dir = cfg.teacher_checkpoint.format(seed=seed)
                     # Distill from the checkpoint on disk, exactly what a later run would load.
                     with phases.phase("setup"):
-                        teacher_vars[seed][name] = load_variables(teacher_dir, abstract)
+                        if not train_teachers and name == "teacher" and config_lib.is_torch_checkpoint(teacher_dir):
+                            # A published PyTorch teacher (RepDistiller's ckpt_epoch_240.pth, a .safetensors file).
+                            teacher_vars[seed][name] = models.load_torch(
+                                spec[0], teacher_dir, num_classes=num_classes, input_shape=sample["image"].shape)
+                        else:
+                            teacher_vars[seed][name] = load_variables(teacher_dir, abstract)
                         teacher_prints[seed][name] = teacher_fingerprint(teacher_vars[seed][name])
                         evaluated = jaxkd.create(student=teacher, method=ce, tx=teacher_tx, sample_batch=sample,
                                                  rng=teacher_rng, student_variables=teacher_vars[seed][name],

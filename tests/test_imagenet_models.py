@@ -35,11 +35,10 @@ def _template(name, num_classes, size=64):
 
 @pytest.fixture
 def load():
-    """``load(name, state_dict, num_classes) -> variables``: at merge, ``jaxkd.models.load_torch``."""
+    """``load(name, state_dict, num_classes) -> variables`` through ``jaxkd.models.load_torch``."""
 
     def load_(name, state_dict, num_classes):
-        _, template = _template(name, num_classes)
-        return tv.apply_key_map(KEY_MAPS[name](template), state_dict, template)
+        return models.load_torch(name, state_dict, num_classes=num_classes, input_shape=(1, 64, 64, 3))
 
     return load_
 

@@ -67,7 +67,11 @@ def _apply(model, variables, x, *, train):
 def test_available_lists_every_architecture():
     assert models.available() == sorted([*PARAM_COUNTS, "mlp", "mobilenetv2", "shufflenetv1", "shufflenetv2", "vit", "vit_tiny",
                                          # torchvision's ImageNet models (tests/test_imagenet_models.py)
-                                         "resnet18", "resnet34", "resnet50", "mobilenet_v2"])
+                                         "resnet18", "resnet34", "resnet50", "mobilenet_v2",
+                                         # RepDistiller's VGGs, CIFAR ResNet50 and official-name aliases
+                                         # (their counts: tests/test_torch_load.py)
+                                         "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "cifar_resnet50", "wrn_16_1",
+                                         "ResNet50", "MobileNetV2", "ShuffleV1", "ShuffleV2"])
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))

@@ -38,14 +38,17 @@ ZOO = {
     "resnet8": {}, "wrn_16_2": {}, "mobilenetv2": {}, "shufflenetv1": {}, "shufflenetv2": {},
     "vit": dict(patch_size=8, hidden=32, depth=2, heads=4, mlp_dim=64), "mlp": {"hidden_sizes": (32,)},
     "resnet18": {}, "mobilenet_v2": {},  # torchvision's ImageNet models (one builder each for resnet18/34/50)
+    "vgg8": {}, "cifar_resnet50": {},
 }
-SLOW = ("mobilenetv2", "shufflenetv1", "shufflenetv2", "resnet18", "mobilenet_v2")
+SLOW = ("mobilenetv2", "shufflenetv1", "shufflenetv2", "resnet18", "mobilenet_v2", "vgg8", "cifar_resnet50")
 # |loss_bf16 - loss_f32| <= LOSS_RTOL * loss_f32, from the same float32 parameters on the same batch. bfloat16
 # keeps 8 significant bits: each rounding is off by at most 2^-9 relative (0.2%), and a forward pass rounds
 # the activations about once per layer, so the logits of these 2-17-layer networks, and their cross-entropy,
 # move by a few tenths of a percent (measured: 0.01-0.4%; the LM 0.04%). 2% leaves room; equal losses are
 # refused (the policy was not applied).
 LOSS_RTOL = 0.02
+# The CIFAR ResNet50 rounds ~3x as many layers (50): measured 2.4%; 5% leaves room.
+DEEP_LOSS_RTOL = {"cifar_resnet50": 0.05}
 
 
 def _dtypes(tree):
@@ -98,7 +101,7 @@ def test_a_bf16_step_of_every_zoo_architecture_matches_float32_within_bf16_round
     (_, m32), (_, m16) = out["float32"], out["bfloat16"]
     loss32, loss16 = float(m32["loss"]), float(m16["loss"])
     assert loss16 != loss32  # the bf16 step did compute in bf16
-    assert abs(loss16 - loss32) <= LOSS_RTOL * loss32
+    assert abs(loss16 - loss32) <= DEEP_LOSS_RTOL.get(name, LOSS_RTOL) * loss32
     # The forward pass: float32 logits, features in bfloat16.
     outputs = jax.jit(functools.partial(bf16.apply, train=False))(variables, batch["image"])
     assert outputs.logits.dtype == F32 and _dtypes(outputs.features) == {BF16}

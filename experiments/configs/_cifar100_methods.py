@@ -1,5 +1,6 @@
 """The RepDistiller CIFAR-100 recipe and every method with its paper's settings, for the benchmark configs
-(``cifar100_resnet32x4_resnet8x4.py``, ``cifar100_resnet56_resnet20.py``).
+(``cifar100_resnet32x4_resnet8x4.py``, ``cifar100_resnet56_resnet20.py``, ``cifar100_vgg13_vgg8.py``,
+``cifar100_resnet50_mobilenetv2.py``, ``cifar100_resnet50_vgg8.py``).
 
 240 epochs of 50000 images at batch 64 (187,500 steps), SGD lr 0.05 (x0.1 at epochs 150, 180, 210),
 momentum 0.9, weight decay 5e-4, pad-4 crop + flip, for teacher and student.
@@ -16,6 +17,29 @@ from experiments.config import Config
 EPOCH = 50_000 // 64  # steps per epoch at batch 64
 STEPS = 240 * 50_000 // 64
 INIT = 30 * EPOCH  # RepDistiller's initialization stage
+
+
+def cross_architecture(*, student_stages: tuple[str, str, str], last: tuple[str, str]) -> dict[str, str | None]:
+    """The overrides for a ResNet50 teacher and a student of another family (RepDistiller's Table 2 pairs).
+
+    FSP and KD-SVD pair maps of equal channels and are not defined across architectures (RepDistiller reports
+    FSP as N/A there): dropped. OFD, SimKD and TRG pair maps of equal resolution: OFD pairs the student's
+    ``student_stages`` (pre-ReLU) with ResNet50's ``stage2``-``stage4`` (16, 8, 4 pixels on 32x32 images;
+    margins from each stage's last ``bn3``, the BatchNorm before its ReLU: the official
+    ``get_bn_before_relu`` of ``resnetv2.py``); SimKD and TRG the student map ``last[0]`` with the teacher
+    map ``last[1]`` (ResNet50's last, 4x4). These feature choices are jaxkd's: no official config exists for
+    these pairs.
+    """
+    student_last, teacher_last = last
+    return {
+        "fsp": None,
+        "kdsvd": None,
+        "ofd": (f"ce + 0.001 * ofd(student_features={student_stages!r}, "
+                "teacher_features=('stage2_preact', 'stage3_preact', 'stage4_preact'), "
+                "teacher_bns=('stage2_block3/bn3', 'stage3_block5/bn3', 'stage4_block2/bn3'))"),
+        "simkd": f"simkd(student_feature_name={student_last!r}, teacher_feature_name={teacher_last!r})",
+        "trg": f"ce + kd + trg(student_feature_name={student_last!r}, teacher_feature_name={teacher_last!r})",
+    }
 
 
 def methods(*, reviewkd_weight: float, nd_kd_weight: float) -> dict[str, str]:
@@ -54,8 +78,20 @@ def methods(*, reviewkd_weight: float, nd_kd_weight: float) -> dict[str, str]:
     }
 
 
-def recipe(name: str, *, teacher: str, student: str, reviewkd_weight: float, nd_kd_weight: float) -> Config:
-    """The RepDistiller recipe for one teacher -> student pair, with every method."""
+def recipe(name: str, *, teacher: str, student: str, reviewkd_weight: float, nd_kd_weight: float,
+           lr: float = 0.05, overrides: dict[str, str | None] | None = None) -> Config:
+    """The RepDistiller recipe for one teacher -> student pair, with every method. ``lr`` is the student's
+    (RepDistiller's ``train_student.py`` uses 0.01 for MobileNetV2 / ShuffleV1 / ShuffleV2 students);
+    ``overrides`` replaces a method's spec for this pair (features of other names or resolutions), or drops
+    it (``None``: a method that does not apply to the pair)."""
+    table = methods(reviewkd_weight=reviewkd_weight, nd_kd_weight=nd_kd_weight)
+    for run, spec in (overrides or {}).items():
+        if run not in table:
+            raise ValueError(f"recipe {name}: override of unknown method run {run!r}")
+        if spec is None:
+            del table[run]
+        else:
+            table[run] = spec
     return Config(
         name=name,
         dataset="cifar100",
@@ -65,11 +101,11 @@ def recipe(name: str, *, teacher: str, student: str, reviewkd_weight: float, nd_
         teacher_lr=0.05,
         student=student,
         steps=STEPS,
-        lr=0.05,
+        lr=lr,
         batch_size=64,
         schedule="multistep",
         milestones=(150 / 240, 180 / 240, 210 / 240),
-        methods=methods(reviewkd_weight=reviewkd_weight, nd_kd_weight=nd_kd_weight),
+        methods=table,
         seeds=(0, 1, 2),
         eval_every=5 * EPOCH,
         eval_batch_size=500,

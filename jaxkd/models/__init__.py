@@ -4,14 +4,19 @@
 sows its named features into the ``"intermediates"`` collection (see :mod:`jaxkd.models.base`).
 
 Registered names: the RepDistiller CIFAR ResNets (``resnet8`` … ``resnet110``, ``resnet8x4``,
-``resnet32x4``; keyword arguments: none), Wide ResNets (``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``;
-``dropout_rate=0.0``), RepDistiller's CIFAR ``mobilenetv2`` (``mobile_half``), ``shufflenetv1``
-(``ShuffleV1``) and ``shufflenetv2`` (``ShuffleV2``; keyword arguments: none), the Vision Transformers
+``resnet32x4``; keyword arguments: none), Wide ResNets (``wrn_16_1``, ``wrn_16_2``, ``wrn_40_1``,
+``wrn_40_2``; ``dropout_rate=0.0``), the CIFAR VGGs with BatchNorm ``vgg8`` … ``vgg19``, the CIFAR
+``cifar_resnet50`` (also under RepDistiller's name ``ResNet50``), RepDistiller's CIFAR ``mobilenetv2``
+(``mobile_half``, also ``MobileNetV2``), ``shufflenetv1`` (``ShuffleV1``) and ``shufflenetv2``
+(``ShuffleV2``; keyword arguments: none; RepDistiller's names are registered too), the Vision Transformers
 ``vit`` and ``vit_tiny`` (``patch_size=4, hidden=192, depth=6, heads=3, mlp_dim=768, dropout_rate=0.0``;
 ``vit`` is the configurable family, ``vit_tiny`` the preset, both take the same keywords) and ``mlp``
 (``hidden_sizes=(256, 256)``); torchvision's ImageNet ``resnet18``, ``resnet34``, ``resnet50`` (keyword
 arguments: none) and ``mobilenet_v2`` (``dropout_rate=0.2``), whose torchvision state dicts load with
 equal logits (:mod:`jaxkd.models.torch_imagenet`).
+
+Published PyTorch checkpoints of these CIFAR models (RepDistiller's / mdistiller's ``ckpt_epoch_240.pth``):
+:func:`load_torch` (:mod:`jaxkd.models.torch_load`).
 
 Hugging Face checkpoints (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gpt2 and the mixtures of
 experts qwen3_moe and mixtral): :func:`from_hf` and :func:`to_hf` (:mod:`jaxkd.models.hf`).
@@ -37,11 +42,13 @@ from jaxkd.models.base import (
     split_variables,
 )
 from jaxkd.models.cifar_resnet import CIFAR_RESNETS, cifar_resnet
+from jaxkd.models.cifar_resnet50 import cifar_resnet50
 from jaxkd.models.imagenet_mobilenetv2 import imagenet_mobilenetv2
 from jaxkd.models.imagenet_resnet import IMAGENET_RESNETS, imagenet_resnet
 from jaxkd.models.mlp import MLP
 from jaxkd.models.mobilenetv2 import mobilenetv2
 from jaxkd.models.shufflenet import shufflenetv1, shufflenetv2
+from jaxkd.models.vgg import VGGS, vgg
 from jaxkd.models.vit import vit
 from jaxkd.models.wide_resnet import WIDE_RESNETS, wide_resnet
 
@@ -52,6 +59,7 @@ __all__ = [
     "from_hf",
     "from_linen",
     "get",
+    "load_torch",
     "get_feature",
     "merge_variables",
     "split_variables",
@@ -65,6 +73,11 @@ def __getattr__(name: str) -> Any:
         from jaxkd.models import hf
 
         return getattr(hf, name)
+    # jaxkd.models.torch_load.load_torch, imported on first use (it never imports torch itself but on a .pth).
+    if name == "load_torch":
+        from jaxkd.models import torch_load
+
+        return torch_load.load_torch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -87,6 +100,14 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": mobilenetv2,
     "shufflenetv1": shufflenetv1,
     "shufflenetv2": shufflenetv2,
+    # --- published CIFAR teachers (RepDistiller's model_dict): VGGs, the CIFAR ResNet50, official aliases ---
+    **{name: functools.partial(vgg, name) for name in VGGS},
+    "cifar_resnet50": cifar_resnet50,
+    "ResNet50": cifar_resnet50,
+    "MobileNetV2": mobilenetv2,
+    "ShuffleV1": shufflenetv1,
+    "ShuffleV2": shufflenetv2,
+    # --- end published CIFAR teachers ---
     "vit": vit,
     "vit_tiny": vit,
     "mlp": _mlp,

@@ -13,7 +13,7 @@ Conventions (torchvision ``resnet.py`` / ``mobilenetv2.py``, github.com/pytorch/
 * ``Conv2d.weight`` ``[out, in / groups, kh, kw]`` -> ``nn.Conv`` kernel ``[kh, kw, in / groups, out]``
   (:func:`conv_kernel`; a depthwise ``[C, 1, 3, 3]`` weight becomes ``[3, 3, 1, C]``, what ``nn.Conv`` with
   ``feature_group_count = C`` holds);
-* ``Linear.weight`` ``[out, in]`` -> ``nn.Dense`` kernel ``[in, out]`` (:func:`dense_kernel`);
+* ``Linear.weight`` ``[out, in]`` -> ``nn.Dense`` kernel ``[in, out]`` (:func:`linear_kernel`);
 * ``BatchNorm2d`` ``weight`` / ``bias`` / ``running_mean`` / ``running_var`` -> ``scale`` / ``bias`` (params)
   and ``mean`` / ``var`` (batch_stats), unchanged (:func:`identity`); both frameworks use eps 1e-5.
 """
@@ -24,29 +24,17 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["KEY_MAPS", "conv_kernel", "dense_kernel", "identity"]
+from jaxkd.models.torch_load import conv_kernel, identity, linear_kernel
+
+__all__ = ["KEY_MAPS"]
 
 Path = tuple[str, ...]
 KeyMap = dict[str, tuple[Path, Callable[[np.ndarray], np.ndarray]]]
 
 
-def conv_kernel(weight: np.ndarray) -> np.ndarray:
-    """PyTorch ``OIHW`` (``[out, in / groups, kh, kw]``) -> Flax ``HWIO``; depthwise kernels included."""
-    return np.transpose(np.asarray(weight), (2, 3, 1, 0))
-
-
-def dense_kernel(weight: np.ndarray) -> np.ndarray:
-    """PyTorch ``Linear.weight`` ``[out, in]`` -> Flax ``Dense`` kernel ``[in, out]``."""
-    return np.transpose(np.asarray(weight))
-
-
-def identity(value: np.ndarray) -> np.ndarray:
-    return np.asarray(value)
-
-
 #: A Flax leaf name -> (the PyTorch parameter name, transform), by the kind of layer it belongs to.
 _CONV = {"kernel": ("weight", conv_kernel)}
-_DENSE = {"kernel": ("weight", dense_kernel), "bias": ("bias", identity)}
+_DENSE = {"kernel": ("weight", linear_kernel), "bias": ("bias", identity)}
 _BN = {
     "scale": ("weight", identity),
     "bias": ("bias", identity),

@@ -104,6 +104,7 @@ class WideResNet(nn.Module):
 
 #: name -> (depth, widen_factor), as in RepDistiller's ``models/wrn.py``.
 WIDE_RESNETS: dict[str, tuple[int, int]] = {
+    "wrn_16_1": (16, 1),
     "wrn_16_2": (16, 2),
     "wrn_40_1": (40, 1),
     "wrn_40_2": (40, 2),

@@ -16,7 +16,6 @@ Module attribute names are torchvision's, so ``state_dict()`` keys are those of 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -233,27 +232,3 @@ def randomize_batch_norms(model: nn.Module, generator: torch.Generator) -> None:
                 m.bias.uniform_(-0.2, 0.2, generator=generator)
                 m.running_mean.uniform_(-0.2, 0.2, generator=generator)
                 m.running_var.uniform_(0.5, 1.5, generator=generator)
-
-
-def apply_key_map(key_map, state_dict, template):
-    """Minimal stand-in for ``jaxkd.models.load_torch``: the template's tree with every mapped key's array,
-    after checking that the state dict (``num_batches_tracked`` aside) has exactly the map's keys and that every
-    transformed shape equals the template's."""
-    arrays = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-              for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    if set(arrays) != set(key_map):
-        raise ValueError(f"missing {sorted(set(key_map) - set(arrays))}, extra {sorted(set(arrays) - set(key_map))}")
-
-    def copy(node):
-        return {k: copy(v) for k, v in node.items()} if isinstance(node, dict) else node
-
-    out = copy({k: dict(v) for k, v in template.items()})
-    for key, (path, transform) in key_map.items():
-        node = out
-        for name in path[:-1]:
-            node = node[name]
-        value = transform(arrays[key])
-        if value.shape != tuple(node[path[-1]].shape):
-            raise ValueError(f"{key}: {value.shape} vs {tuple(node[path[-1]].shape)}")
-        node[path[-1]] = value
-    return out
