@@ -70,7 +70,7 @@ from jaxkd.data.images.loader import Loader, _BatchMaker
 from jaxkd.data.images.normalization import _channel_values, _Normalizer
 
 __all__ = ["CACHE_KINDS", "CachedTeacherLoader", "TeacherCache", "cached_teacher", "teacher_print",
-           "write_teacher_cache", "LOGITS", "TOPK_CLASSES", "TOPK_PROBS"]
+           "load_or_write_teacher_cache", "write_teacher_cache", "LOGITS", "TOPK_CLASSES", "TOPK_PROBS"]
 
 CACHE_KINDS: tuple[str, ...] = ("fixed", "fkd")
 #: Batch entries a :class:`CachedTeacherLoader` adds (and :func:`cached_teacher` reads).
@@ -112,6 +112,63 @@ def _default_pad(augment: str, pad: int | None) -> int:
     return (1 if augment == "shift" else 4) if pad is None else int(pad)
 
 
+def _settings(model, variables, images, *, kind, mean, std, dataset, split, augment, pad, num_views, k, seed,
+              batch_size) -> tuple[dict[str, Any], np.ndarray]:
+    """The validated cache header of these settings, and the images as a NumPy array."""
+    check_choice("kind", kind, CACHE_KINDS)
+    check_choice("augment", augment, AUGMENTATIONS)
+    check_int("batch_size", batch_size, low=1)
+    check_int("seed", seed, low=0)
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    mean = _channel_values("mean", mean, images.shape[-1], positive=False)
+    std = _channel_values("std", std, images.shape[-1], positive=True)
+    num_classes = int(jax.eval_shape(lambda x: model.apply(variables, x, train=False).logits,
+                                     jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)).shape[-1])
+    if kind == "fixed":
+        if augment != "none":
+            raise ValueError(f"a fixed-view cache holds the logits of the un-augmented images (augment='none'), "
+                             f"got augment={augment!r}; use kind='fkd' to cache randomly augmented views")
+        pad, num_views, k = 0, 1, None
+    else:
+        if augment == "none":
+            raise ValueError("an FKD cache stores random views: augment must be 'shift' or 'crop_flip', got 'none' "
+                             "(use kind='fixed' for un-augmented images)")
+        if pad is not None:
+            check_int("pad", pad, low=0)
+        pad = _default_pad(augment, pad)
+        check_int("num_views", num_views, low=1)
+        if k is None:
+            raise ValueError("an FKD cache needs k, the number of top classes stored per view")
+        check_int("k", k, low=1)
+        if k > num_classes:
+            raise ValueError(f"k={k} is larger than the teacher's {num_classes} classes; use k <= {num_classes}")
+    header = _header(kind, variables=variables, images=images, num_classes=num_classes, mean=mean, std=std,
+                     dataset=dataset, split=split, augment=augment, pad=pad, num_views=num_views, k=k, seed=seed)
+    return header, images
+
+
+def _expected(header: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in header.items() if key not in ("format", "version")}
+
+
+def load_or_write_teacher_cache(path: str | os.PathLike, model: Any, variables: Any, images: np.ndarray,
+                                **settings: Any) -> TeacherCache:
+    """The cache at ``path`` if there is one, else :func:`write_teacher_cache`'s (same arguments).
+
+    An existing cache must have been written with these settings, this teacher and these images: one
+    made with another (another teacher, augmentation, ``num_views``, ``k``...) is refused, naming the
+    fields that differ (a resumed run never silently distills from another teacher's outputs).
+    """
+    if os.path.isfile(os.path.join(os.fspath(path), _HEADER)):
+        full = {"mean": (0.0,), "std": (1.0,), "dataset": "", "split": "", "augment": "none", "pad": None,
+                "num_views": 1, "k": None, "seed": 0, "batch_size": 256, **settings}
+        header, _ = _settings(model, variables, images, **full)
+        return TeacherCache(path, expect=_expected(header))
+    return write_teacher_cache(path, model, variables, images, **settings)
+
+
 def write_teacher_cache(
     path: str | os.PathLike,
     model: Any,
@@ -150,38 +207,11 @@ def write_teacher_cache(
     Raises:
       ValueError: an argument outside the above (named with the value given).
     """
-    check_choice("kind", kind, CACHE_KINDS)
-    check_choice("augment", augment, AUGMENTATIONS)
-    check_int("batch_size", batch_size, low=1)
-    check_int("seed", seed, low=0)
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
-    mean = _channel_values("mean", mean, images.shape[-1], positive=False)
-    std = _channel_values("std", std, images.shape[-1], positive=True)
-    normalize = _Normalizer(mean, std, *images.shape[2:])
-    num_classes = int(jax.eval_shape(lambda x: model.apply(variables, x, train=False).logits,
-                                     jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)).shape[-1])
-    if kind == "fixed":
-        if augment != "none":
-            raise ValueError(f"a fixed-view cache holds the logits of the un-augmented images (augment='none'), "
-                             f"got augment={augment!r}; use kind='fkd' to cache randomly augmented views")
-        pad, num_views, k = 0, 1, None
-    else:
-        if augment == "none":
-            raise ValueError("an FKD cache stores random views: augment must be 'shift' or 'crop_flip', got 'none' "
-                             "(use kind='fixed' for un-augmented images)")
-        if pad is not None:
-            check_int("pad", pad, low=0)
-        pad = _default_pad(augment, pad)
-        check_int("num_views", num_views, low=1)
-        if k is None:
-            raise ValueError("an FKD cache needs k, the number of top classes stored per view")
-        check_int("k", k, low=1)
-        if k > num_classes:
-            raise ValueError(f"k={k} is larger than the teacher's {num_classes} classes; use k <= {num_classes}")
-    header = _header(kind, variables=variables, images=images, num_classes=num_classes, mean=mean, std=std,
-                     dataset=dataset, split=split, augment=augment, pad=pad, num_views=num_views, k=k, seed=seed)
+    header, images = _settings(model, variables, images, kind=kind, mean=mean, std=std, dataset=dataset,
+                               split=split, augment=augment, pad=pad, num_views=num_views, k=k, seed=seed,
+                               batch_size=batch_size)
+    num_classes, pad, num_views, k = header["num_classes"], header.get("pad"), header.get("num_views"), header.get("k")
+    normalize = _Normalizer(header["mean"], header["std"], *images.shape[2:])
     n = images.shape[0]
     arrays: dict[str, np.ndarray] = {}
     logits_of = jax.jit(lambda v, x: model.apply(v, x, train=False).logits.astype(jnp.float32))
@@ -212,7 +242,7 @@ def write_teacher_cache(
         arrays["dx"] = (zeros if draws.dx is None else draws.dx.astype(np.int16)).reshape(shape)
         arrays["flip"] = (np.zeros(n * num_views, bool) if draws.flip is None else draws.flip).reshape(shape)
     _write(os.fspath(path), header, arrays)
-    return TeacherCache(path, expect={key: header[key] for key in header if key not in ("format", "version")})
+    return TeacherCache(path, expect=_expected(header))
 
 
 def _write(path: str, header: dict, arrays: Mapping[str, np.ndarray]) -> None:
@@ -273,6 +303,8 @@ class TeacherCache:
                              f"({details}); delete it or write a new one")
         self.header = header
         self.kind = header["kind"]
+        self._lock = threading.Lock()
+        self._epoch_views: tuple[Any, np.ndarray | None] = (None, None)
         names = ("logits",) if self.kind == "fixed" else ("topk_classes", "topk_probs", "dy", "dx", "flip")
         self.arrays = {name: np.load(os.path.join(self.path, f"{name}.npy"), mmap_mode="r") for name in names}
 
@@ -292,7 +324,11 @@ class TeacherCache:
         """Which stored view example ``rows`` replay in ``epoch`` of a loader seeded ``seed`` (0 for fixed)."""
         if self.kind == "fixed":
             return np.zeros(len(rows), np.int64)
-        return np.random.default_rng([seed, 2, epoch]).integers(0, self.num_views, size=self.num_examples)[rows]
+        with self._lock:  # one draw per epoch, not per batch (Grain's reader threads may share the cache)
+            if self._epoch_views[0] != (seed, epoch):
+                draw = np.random.default_rng([seed, 2, epoch]).integers(0, self.num_views, size=self.num_examples)
+                self._epoch_views = ((seed, epoch), draw)
+            return self._epoch_views[1][rows]
 
     def entries(self, rows: np.ndarray, views: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The batch entries of examples ``rows`` (FKD: on their ``views``)."""
