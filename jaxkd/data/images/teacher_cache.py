@@ -308,6 +308,10 @@ class TeacherCache:
         names = ("logits",) if self.kind == "fixed" else ("topk_classes", "topk_probs", "dy", "dx", "flip")
         self.arrays = {name: np.load(os.path.join(self.path, f"{name}.npy"), mmap_mode="r") for name in names}
 
+    def settings(self) -> dict[str, Any]:
+        """The header's fields (what a run's checkpoint config records of the cache)."""
+        return _expected(self.header)
+
     @property
     def num_examples(self) -> int:
         return int(self.header["num_examples"])
