@@ -2,6 +2,8 @@
 step, FKD's replay reproduces the stored crop and the teacher's top-k on it, marginal smoothing matches the
 official code, caches of other settings are refused naming the difference, and reading resumes exactly."""
 
+import dataclasses
+import os
 import pickle
 
 import jax
@@ -187,3 +189,45 @@ def test_a_resumed_loader_replays_the_same_views_and_soft_labels(data, fkd_cache
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+# The whole experiment twice (a teacher and a student trained, ~30 s on 2 busy cores): slow. The fast tests above
+# cover its pieces: the cached step equals the live one, the loader's replay and its exact resume, the refusals.
+@pytest.mark.slow
+def test_an_experiment_reading_a_cache_resumes_to_the_uninterrupted_result(tmp_path):
+    import shutil
+
+    from experiments import config as config_lib
+    from experiments import distill
+    from jaxkd.checkpoint import Checkpointer
+
+    cfg = config_lib.Config(
+        teacher="mlp", teacher_kwargs={"hidden_sizes": (32,)}, student="mlp", student_kwargs={"hidden_sizes": (8,)},
+        teacher_steps=10, steps=6, eval_every=3, checkpoint_every=3, seeds=(0,), batch_size=16, eval_batch_size=250,
+        methods={"fkd": "ce + kd(temperature=1)"}, tensorboard=False, compilation_cache=None, augment="shift",
+        teacher_cache="fkd", teacher_cache_views=2, teacher_cache_k=3)
+
+    def run(out):
+        os.makedirs(out, exist_ok=True)
+        return distill.run_experiment(cfg, str(out))
+
+    def final_params(out):
+        with Checkpointer(out / "checkpoints" / "seed0" / "fkd", read_only=True) as ckpt:
+            manifest = ckpt.manifest(ckpt.latest_step())
+        return [(leaf["path"], leaf["sha256"]) for leaf in manifest["leaves"]]
+
+    reference = run(tmp_path / "reference")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "reference", resumed)
+    run_dir = resumed / "checkpoints" / "seed0" / "fkd"
+    with Checkpointer(run_dir, read_only=True) as ckpt:
+        assert ckpt.steps() == [3, 6]
+    shutil.rmtree(run_dir / "6")  # as if killed after the step-3 checkpoint: the run resumes from there
+    os.remove(resumed / "results.json")
+    again = run(resumed)
+    assert [r["top1_per_seed"] for r in again["rows"]] == [r["top1_per_seed"] for r in reference["rows"]]
+    assert final_params(resumed) == final_params(tmp_path / "reference")
+    # The same folder with another k: the cache on disk is refused, naming the difference.
+    cfg = dataclasses.replace(cfg, teacher_cache_k=4)
+    with pytest.raises(ValueError, match=r"another k \(k: cache has 3, expected 4\)"):
+        run(resumed)
