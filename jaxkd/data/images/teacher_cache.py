@@ -59,8 +59,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxkd.batch import IMAGE, INDEX, LABEL
@@ -115,6 +113,9 @@ def _default_pad(augment: str, pad: int | None) -> int:
 def _settings(model, variables, images, *, kind, mean, std, dataset, split, augment, pad, num_views, k, seed,
               batch_size) -> tuple[dict[str, Any], np.ndarray]:
     """The validated cache header of these settings, and the images as a NumPy array."""
+    import jax
+    import jax.numpy as jnp
+
     check_choice("kind", kind, CACHE_KINDS)
     check_choice("augment", augment, AUGMENTATIONS)
     check_int("batch_size", batch_size, low=1)
@@ -207,6 +208,9 @@ def write_teacher_cache(
     Raises:
       ValueError: an argument outside the above (named with the value given).
     """
+    import jax
+    import jax.numpy as jnp
+
     header, images = _settings(model, variables, images, kind=kind, mean=mean, std=std, dataset=dataset,
                                split=split, augment=augment, pad=pad, num_views=num_views, k=k, seed=seed,
                                batch_size=batch_size)
@@ -433,8 +437,10 @@ class CachedTeacherLoader(Loader):
         )
 
 
-def _marginal_smoothing_logits(classes: jax.Array, probs: jax.Array, num_classes: int) -> jax.Array:
+def _marginal_smoothing_logits(classes: Any, probs: Any, num_classes: int) -> Any:
     """``log p̃``: FKD's marginal smoothing of a top-k soft label (the rest of the mass spread evenly)."""
+    import jax.numpy as jnp
+
     probs = probs.astype(jnp.float32)
     k = probs.shape[-1]
     rest = jnp.clip(1.0 - jnp.sum(probs, axis=-1, keepdims=True), 0.0, 1.0)
@@ -453,6 +459,8 @@ def cached_teacher(cache: TeacherCache) -> Any:
 
         jaxkd.create(student=student, participants={"teacher": cached_teacher(cache)}, ...)
     """
+    import jax.numpy as jnp
+
     from jaxkd.models.base import Model, Outputs
     from jaxkd.participants import Participant
 
