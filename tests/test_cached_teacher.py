@@ -231,3 +231,25 @@ def test_an_experiment_reading_a_cache_resumes_to_the_uninterrupted_result(tmp_p
     cfg = dataclasses.replace(cfg, teacher_cache_k=4)
     with pytest.raises(ValueError, match=r"another k \(k: cache has 3, expected 4\)"):
         run(resumed)
+
+
+def test_the_experiment_refuses_a_teacher_cache_its_augmentation_or_methods_cannot_use(tmp_path):
+    from experiments import config as config_lib
+    from experiments import distill
+
+    base = config_lib.Config(methods={"kd": "ce + kd(temperature=4)"}, seeds=(0,))
+    bad = {
+        "teacher_cache='fixed' caches the teacher's logits of un-augmented images, but augment='shift'":
+            dict(teacher_cache="fixed", augment="shift"),
+        "teacher_cache='fkd' stores random augmented views, but augment='none'": dict(teacher_cache="fkd", augment="none"),
+        r"methods\['mt'\] cannot use it: it also reads the frozen teachers \['wrn'\]": dict(
+            teacher_cache="fkd", teachers={"wrn": {"model": "resnet8"}},
+            methods={"mt": "ce + multi_teacher_kd(teachers=('teacher', 'wrn'))"}),
+    }
+    for message, changes in bad.items():
+        with pytest.raises(ValueError, match=message):
+            distill.run_experiment(dataclasses.replace(base, **changes), str(tmp_path))
+    with pytest.raises(ValueError, match="teacher_cache must be one of"):
+        config_lib.validate(dataclasses.replace(base, teacher_cache="dense"))
+    with pytest.raises(ValueError, match="teacher_cache_k"):
+        config_lib.validate(dataclasses.replace(base, teacher_cache_k=0))
