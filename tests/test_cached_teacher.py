@@ -163,6 +163,8 @@ def test_bad_settings_are_refused(tmp_path, data, teacher, fixed_cache):
         write(kind="dense")
     with pytest.raises(ValueError, match="uint8"):
         tc.write_teacher_cache(tmp_path / "c", model, variables, data[0].astype(np.float32), kind="fixed")
+    with pytest.raises(ValueError, match="N >= 1"):
+        tc.write_teacher_cache(tmp_path / "c", model, variables, data[0][:0], kind="fixed")
     assert not (tmp_path / "c").exists()
     with pytest.raises(FileNotFoundError, match="no teacher cache"):
         tc.TeacherCache(tmp_path / "missing")

@@ -121,8 +121,8 @@ def _settings(model, variables, images, *, kind, mean, std, dataset, split, augm
     check_int("batch_size", batch_size, low=1)
     check_int("seed", seed, low=0)
     images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[0] == 0:
+        raise ValueError(f"images must be uint8 [N, H, W, C] with N >= 1, got {images.dtype} {images.shape}")
     mean = _channel_values("mean", mean, images.shape[-1], positive=False)
     std = _channel_values("std", std, images.shape[-1], positive=True)
     num_classes = int(jax.eval_shape(lambda x: model.apply(variables, x, train=False).logits,
@@ -214,32 +214,40 @@ def write_teacher_cache(
     header, images = _settings(model, variables, images, kind=kind, mean=mean, std=std, dataset=dataset,
                                split=split, augment=augment, pad=pad, num_views=num_views, k=k, seed=seed,
                                batch_size=batch_size)
-    num_classes, pad, num_views, k = header["num_classes"], header.get("pad"), header.get("num_views"), header.get("k")
+    pad, num_views, k = header.get("pad"), header.get("num_views"), header.get("k")
     normalize = _Normalizer(header["mean"], header["std"], *images.shape[2:])
     n = images.shape[0]
     arrays: dict[str, np.ndarray] = {}
     logits_of = jax.jit(lambda v, x: model.apply(v, x, train=False).logits.astype(jnp.float32))
 
-    def forward(pixels: np.ndarray) -> np.ndarray:
-        """The teacher's logits of normalized float32 images, in passes of ``batch_size`` (the last padded)."""
-        out = []
-        for lo in range(0, pixels.shape[0], batch_size):
-            chunk = pixels[lo:lo + batch_size]
+    def forward(count: int, pixels_of, keep) -> list[np.ndarray]:
+        """``keep(logits)`` of the teacher's logits of ``count`` images, ``pixels_of(lo, hi)`` giving the uint8
+        images ``lo:hi``, concatenated: one pass per ``batch_size`` images (the last padded), so memory holds
+        one batch of floats and what ``keep`` keeps."""
+        parts = []
+        for lo in range(0, count, batch_size):
+            chunk = normalize(pixels_of(lo, min(lo + batch_size, count)))
             real = chunk.shape[0]
             if real < batch_size:
                 chunk = np.concatenate([chunk, np.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(logits_of(variables, chunk))[:real])
-        return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+            parts.append(keep(np.asarray(logits_of(variables, chunk))[:real]))
+        return [np.concatenate(arrays) for arrays in zip(*parts)]
+
+    def topk(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most probable classes (ties to the lower class) and their softmax probabilities."""
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        return top.astype(np.int32), np.take_along_axis(probs, top, axis=-1).astype(np.float32)
 
     if kind == "fixed":
-        arrays["logits"] = forward(normalize(images))
+        arrays["logits"], = forward(n, lambda lo, hi: images[lo:hi], lambda logits: (logits,))
     else:
         draws = _draw(augment, n * num_views, np.random.default_rng([seed, 3]), pad)
-        views = np.repeat(np.arange(n), num_views)  # row i * N + v is view v of image i
-        probs = np.asarray(jax.nn.softmax(forward(normalize(_apply(images[views], draws))), axis=-1))
-        top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        arrays["topk_classes"] = top.astype(np.int32).reshape(n, num_views, k)
-        arrays["topk_probs"] = np.take_along_axis(probs, top, axis=-1).astype(np.float32).reshape(n, num_views, k)
+        # Flat row i * N + v is view v of image i.
+        classes, probs = forward(n * num_views, lambda lo, hi: _apply(images[np.arange(lo, hi) // num_views],
+                                                                      draws.rows(lo, hi)), topk)
+        arrays["topk_classes"] = classes.reshape(n, num_views, k)
+        arrays["topk_probs"] = probs.reshape(n, num_views, k)
         shape = (n, num_views)
         zeros = np.zeros(n * num_views, np.int16)
         arrays["dy"] = (zeros if draws.dy is None else draws.dy.astype(np.int16)).reshape(shape)
