@@ -3,7 +3,9 @@
 A frozen teacher's forward pass is most of a KD step's cost when the teacher is larger than the student.
 With a fixed view of each training example (no random augmentation) its logits are a function of the
 example alone, so they can be computed once and read back by the example's row, as torchdistill caches
-teacher outputs (``torchdistill``'s ``CacheableTeacher``/``cache_output`` options). With random
+teacher outputs (github.com/yoshitomo-matsubara/torchdistill: ``DistillationBox.get_teacher_output`` takes
+a frozen teacher's outputs from the batch's ``cached_data``, stored per example at ``cache_file_path``
+after the first epoch; here they are written before training, in one file). With random
 augmentation they are not: FKD (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
 Recognition", ECCV 2022; official code github.com/szq0214/FKD) stores, per image, ``N`` crop/flip
 parameters drawn in advance and the teacher's top-k soft label on each of those exact views; training
