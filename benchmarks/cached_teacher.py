@@ -163,10 +163,10 @@ def main() -> None:
               f"({args.views} views, top-{args.k}) {write_s['FKD']:.1f} s (teacher compile included)")
 
         if args.onednn:
-            onednn(teacher, teacher_vars, cached_batch["image"], args.steps)
+            compiler_option_variants(teacher, teacher_vars, cached_batch["image"], args.steps)
 
 
-def onednn(teacher, teacher_vars, image, rounds: int) -> None:
+def compiler_option_variants(teacher, teacher_vars, image, rounds: int) -> None:
     """The teacher's forward alone under each option set of :data:`ONEDNN_OPTIONS`."""
     fwd = jax.jit(lambda v, x: teacher.apply(v, x, train=False).logits)
     lowered = fwd.lower(teacher_vars, image)
@@ -186,6 +186,7 @@ def onednn(teacher, teacher_vars, image, rounds: int) -> None:
           "| convolution ops / in YNN fusions / oneDNN mentions, in the program | max abs diff |")
     print("|---|---|---|---|---|---|")
     for name, value in ms.items():
+        # (This function's name must not contain "onednn": it is in every op's metadata.)
         same = "yes" if texts[name] == texts["default"] else "no"
         text = texts[name].lower()
         diff = float(jnp.max(jnp.abs(outputs[name] - reference)))
