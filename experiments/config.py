@@ -63,6 +63,13 @@ class Config:
     # parameters and runs their forward pass in bf16 (float32 logits; jaxkd.participants.cast_params).
     # Teachers are trained in float32 either way.
     frozen_dtype: str = "float32"
+    # Cached frozen teacher (jaxkd.data.images.teacher_cache): None runs the teacher in every step; "fixed"
+    # computes its logits of each training image once (augment="none" only); "fkd" stores FKD region soft
+    # labels, the top `teacher_cache_k` classes on `teacher_cache_views` stored augmented views per image
+    # (augment "shift" or "crop_flip"), and replays one stored view per image and epoch.
+    teacher_cache: str | None = None
+    teacher_cache_views: int = 8
+    teacher_cache_k: int = 5
     # The mixed-precision policy of every trained participant: the student, peers and online teachers
     # (jaxkd.precision): "float32", or "bfloat16" (float32 parameters and optimizer state, bfloat16 compute,
     # float32 logits and losses). The teacher phase trains in float32 either way; frozen teachers run in
@@ -234,6 +241,8 @@ Config.CHECKS = {
     "seeds": check_seeds, "milestones": check_milestones, "methods": check_methods, "checkpoint_every": at_least(0),
     "mesh": optional(check_mesh), "teachers": check_teachers, "teacher_kwargs": check_string_keys,
     "student_kwargs": check_string_keys, "peer_kwargs": check_string_keys,
+    "teacher_cache": optional(one_of(("fixed", "fkd"))), "teacher_cache_views": at_least(1),
+    "teacher_cache_k": at_least(1),
 }
 
 

@@ -52,6 +52,7 @@ import optax
 import jaxkd
 from jaxkd import compilation_cache, data, methods, models, precision, sharding
 from jaxkd.checkpoint import fingerprint, load_variables, save_variables
+from jaxkd.data.images import teacher_cache as teacher_caches
 from jaxkd.participants import cast_params
 
 from experiments import config as config_lib
@@ -178,7 +179,7 @@ def check_batch_size(cfg: config_lib.Config, dataset: Data, run_methods: dict[st
 
 def fit(runner: Runner, cfg: config_lib.Config, dataset: Data, evaluation: Evaluation, *, run: str, seed: int,
         state, split: data.Split, steps: int, lr_schedule, config: dict, meta: data.Split | None = None,
-        meta_prefix: str | None = None) -> tuple[Any, dict[str, float]]:
+        meta_prefix: str | None = None, cache: teacher_caches.TeacherCache | None = None) -> tuple[Any, dict[str, float]]:
     """One run of the experiment through :meth:`experiments.runner.Runner.fit`. With ``meta``, every batch also
     carries a batch of it under ``meta_prefix`` (``meta_image``, ``meta_label``: for methods with a held-out
     meta objective, e.g. TGeo-KD); meta batches hold at most the meta split (a few examples per class)."""
@@ -186,6 +187,9 @@ def fit(runner: Runner, cfg: config_lib.Config, dataset: Data, evaluation: Evalu
     with runner.phases.phase("batches"):
         loaders = {"train": train_loader(cfg, dataset, split, seed,
                                          with_index="index" in state.method.needs.batch_keys)}
+        if cache is not None:  # teacher_cache: the batches carry the cached teacher's rows
+            loaders["train"] = cached_train_loader(cfg, dataset, split, seed, cache,
+                                                   with_index="index" in state.method.needs.batch_keys)
         if meta is not None:
             loaders["meta"] = train_loader(cfg, dataset, meta, seed + 10_000, batch_size=min(cfg.batch_size, len(meta)))
     combine = (lambda b: with_meta(b["train"], b["meta"], meta_prefix)) if meta is not None else None
@@ -268,6 +272,7 @@ def run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
 def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     phases = Phases()
     run_plan = plan(cfg, parse_methods(cfg))  # a bad spec fails before anything is loaded or trained
+    check_teacher_cache(cfg, run_plan)
     with phases.phase("data"):
         dataset = load_data(cfg)
     check_batch_size(cfg, dataset, parse_methods(cfg))
@@ -374,13 +379,19 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                             participants[p] = jaxkd.Participant(model(spec))
                         else:
                             participants[p] = frozen_participant(cfg, model, p, teacher_vars[seed][p])
+                    cache, method_sample = None, sample
+                    if uses_teacher_cache(cfg, method):
+                        with phases.phase("setup"):  # the teacher runs once over the split
+                            cache = teacher_cache(cfg, dataset, out_dir, seed, participants["teacher"])
+                        participants["teacher"] = teacher_caches.cached_teacher(cache)
+                        method_sample = {**sample, **cache.entries(np.arange(len(sample["label"])))}
                     train_split, meta_split = dataset.student_train, None
                     if needs.meta_prefix is not None:
                         train_split, meta_split = hold_out(dataset.student_train, cfg.meta_per_class, cfg.data_seed)
                     with phases.phase("setup"):
                         state = jaxkd.create(
                             student=student, method=method, tx=student_tx, rng=student_rng, participants=participants,
-                            sample_batch=with_meta(with_index(sample, method), sample, needs.meta_prefix),
+                            sample_batch=with_meta(with_index(method_sample, method), sample, needs.meta_prefix),
                             mesh=mesh,
                         )
                     config = {**shared, "run": name, "seed": seed, "method": cfg.methods[name], "student": cfg.student,
@@ -388,9 +399,11 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                               "student_kwargs": cfg.student_kwargs, "steps": cfg.steps, "lr": cfg.lr,
                               "participants": {p: list(trained_model_spec(cfg, p)) for p in needs.trained},
                               "teachers": {p: teacher_prints[seed][p] for p in needs.learned_from}}
+                    if cache is not None:  # a resume with another cache setting is refused
+                        config["teacher_cache"] = teacher_caches.TeacherCache.settings(cache)
                     state, result = fit(runner, cfg, dataset, evaluation, run=name, seed=seed, state=state,
                                         split=train_split, steps=cfg.steps, lr_schedule=student_schedule,
-                                        config=config, meta=meta_split, meta_prefix=needs.meta_prefix)
+                                        config=config, meta=meta_split, meta_prefix=needs.meta_prefix, cache=cache)
                     add(name, cfg.student, cfg.methods[name], result)
                     for p in needs.trained:
                         add(f"{name}/{p}", trained_model_spec(cfg, p)[0], f"{cfg.methods[name]} ({p})", result,
@@ -420,6 +433,56 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     summary["compiles"] = compilation_cache.compile_counts()
     report.write(out_dir, summary)
     return summary
+
+
+# ----- cached teachers (config.teacher_cache) -----
+
+def uses_teacher_cache(cfg: config_lib.Config, method: methods.Method) -> bool:
+    """Whether ``method``'s frozen ``teacher`` is read from the cache (with ``teacher_cache`` set)."""
+    return cfg.teacher_cache is not None and "teacher" in method.needs.learned_from
+
+
+def check_teacher_cache(cfg: config_lib.Config, run_plan: Plan) -> None:
+    """Refuses, before anything trains, a ``teacher_cache`` the config's augmentation or methods cannot use."""
+    if cfg.teacher_cache is None:
+        return
+    if cfg.teacher_cache == "fixed" and cfg.augment != "none":
+        raise ValueError(f"teacher_cache='fixed' caches the teacher's logits of un-augmented images, but augment="
+                         f"{cfg.augment!r}: use teacher_cache='fkd' (stored random views) or augment='none'")
+    if cfg.teacher_cache == "fkd" and cfg.augment == "none":
+        raise ValueError("teacher_cache='fkd' stores random augmented views, but augment='none': use "
+                         "teacher_cache='fixed'")
+    for name, method in run_plan.methods.items():
+        if not uses_teacher_cache(cfg, method):
+            continue
+        others = [p for p in method.needs.learned_from if p != "teacher"]
+        if others or method.needs.meta_prefix is not None:
+            why = f"it also reads the frozen teachers {others}" if others else "it trains on a held-out meta set"
+            raise ValueError(f"teacher_cache={cfg.teacher_cache!r} serves the frozen 'teacher' of methods that read "
+                             f"only it, but methods[{name!r}] cannot use it: {why}")
+
+
+def cached_train_loader(cfg: config_lib.Config, dataset: Data, split: data.Split, seed: int,
+                        cache: teacher_caches.TeacherCache, *, with_index: bool) -> data.Loader:
+    """:func:`train_loader`'s batches plus the cached teacher's rows (FKD: replaying the stored views)."""
+    return teacher_caches.CachedTeacherLoader(
+        split.images, split.labels, cache=cache, batch_size=cfg.batch_size, mean=dataset.mean, std=dataset.std,
+        shuffle=True, seed=seed, num_epochs=None, num_classes=split.num_classes, with_index=with_index,
+    )
+
+
+def teacher_cache(cfg: config_lib.Config, dataset: Data, out_dir: str, seed: int,
+                  teacher: jaxkd.Participant) -> teacher_caches.TeacherCache:
+    """The frozen teacher's cache over the student's training split, written once per seed under
+    ``<out>/teacher_cache/seed<seed>/`` (a run resumed with another teacher or setting is refused)."""
+    path = os.path.join(out_dir, "teacher_cache", f"seed{seed}", f"teacher-{cfg.teacher_cache}")
+    subset = "" if cfg.labels_per_class is None else f"[labels_per_class={cfg.labels_per_class}]"
+    settings = dict(kind=cfg.teacher_cache, mean=dataset.mean, std=dataset.std, dataset=cfg.dataset,
+                    split=f"{cfg.train_split}{subset}", seed=seed, batch_size=cfg.eval_batch_size)
+    if cfg.teacher_cache == "fkd":
+        settings.update(augment=cfg.augment, num_views=cfg.teacher_cache_views, k=cfg.teacher_cache_k)
+    return teacher_caches.load_or_write_teacher_cache(path, teacher.model, teacher.variables,
+                                                      dataset.student_train.images, **settings)
 
 
 def teacher_fingerprint(variables) -> dict[str, str]:

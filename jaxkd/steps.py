@@ -21,7 +21,7 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,7 @@ class StepFailedError(RuntimeError):
     can only go on from a saved copy (the last checkpoint). JAX's error is the ``__cause__``."""
 
 
-def check_batch(state: TrainState, batch: Mapping[str, Any]) -> None:
+def check_batch(state: TrainState, batch: Mapping[str, Any], *, only: Sequence[str] | None = None) -> None:
     """Host-side checks of a batch against the sample batch ``state`` was created with.
 
     Raises ``ValueError`` for a missing model input, an empty batch, an entry whose per-example shape or
@@ -71,7 +71,10 @@ def check_batch(state: TrainState, batch: Mapping[str, Any]) -> None:
     size or channel count), non-integer labels, and NumPy labels outside ``[0, num_classes)``. Device
     labels are checked inside the step.
     """
-    check_sample_batch(batch, dict(state.participants), label_key=state.label_key)
+    participants = dict(state.participants)
+    if only is not None:  # an eval step that skips some participants does not read their inputs
+        participants = {name: p for name, p in participants.items() if name in only}
+    check_sample_batch(batch, participants, label_key=state.label_key)
     for key, shape, kind in state.batch_spec.examples:
         if key not in batch:
             continue  # e.g. eval batches carry no meta batch; the models' inputs are checked above
@@ -318,12 +321,13 @@ def _donated(state: TrainState) -> bool:
     return isinstance(state.step, jax.Array) and state.step.is_deleted()
 
 
-def _host_wrapper(compiled: Callable, mesh: Mesh | None, on_bad_status: Callable, *, donates: bool = False) -> Callable:
+def _host_wrapper(compiled: Callable, mesh: Mesh | None, on_bad_status: Callable, *, donates: bool = False,
+                  reads: Callable[[TrainState], Sequence[str]] | None = None) -> Callable:
     def step(state: TrainState, batch: Mapping[str, Any]):
         if donates and _donated(state):
             raise ValueError("the train state was donated to an earlier step (its buffers are deleted): pass the "
                              "state that step returned, or the one restored from the last checkpoint")
-        check_batch(state, batch)
+        check_batch(state, batch, only=None if reads is None else reads(state))
         if mesh is not None:
             batch = shd.shard_batch(batch, mesh)
         try:
@@ -454,7 +458,16 @@ def make_eval_step(*, mesh: Mesh | None = None, frozen: bool = True,
         return metrics
 
     step = functools.partial(_eval_step, frozen=frozen, metrics=metrics)
-    return _host_wrapper(_compiled(step, mesh, donate=False, metrics_out=False), mesh, on_bad_status)
+    wanted = {p for m in metrics for p in m.participants}
+
+    def evaluated(state: TrainState) -> tuple[str, ...]:
+        """The participants ``_eval_step`` runs (a skipped frozen teacher's inputs, e.g. a cached teacher's
+        batch entries, need not be in eval batches)."""
+        return tuple(name for name, _ in state.participants
+                     if frozen or name == STUDENT or name in state.trained or name in wanted)
+
+    return _host_wrapper(_compiled(step, mesh, donate=False, metrics_out=False), mesh, on_bad_status,
+                         reads=evaluated)
 
 
 def accumulate(total: Metrics | None, metrics: Metrics) -> Metrics:

@@ -5,7 +5,9 @@
   :mod:`~jaxkd.data.images.normalization`, :mod:`~jaxkd.data.images.augmentation`,
   :mod:`~jaxkd.data.images.loader` (the :class:`Loader` of images and labels),
   :mod:`~jaxkd.data.images.imagenet` (:class:`ImageNetLoader`, ImageNet streamed from TFDS with the standard
-  augmentation) and
+  augmentation),
+  :mod:`~jaxkd.data.images.teacher_cache` (a frozen teacher's outputs cached once: fixed-view logits or FKD
+  region soft labels, and the :class:`CachedTeacherLoader` replaying them) and
   :mod:`~jaxkd.data.images.digits`, the ``digits`` builder (scikit-learn's bundled 8x8 images, no download).
 * :mod:`jaxkd.data.text` — text for LMs: :mod:`~jaxkd.data.text.tokenizer` (the byte tokenizer and the
   tokenizer contract), :mod:`~jaxkd.data.text.bpe` (a small learned byte-level BPE),
@@ -39,6 +41,13 @@ from jaxkd.data.images.normalization import (
     channel_stats,
     normalize,
 )
+from jaxkd.data.images.teacher_cache import (
+    CachedTeacherLoader,
+    TeacherCache,
+    cached_teacher,
+    load_or_write_teacher_cache,
+    write_teacher_cache,
+)
 from jaxkd.data.images.sources import Split, load_split, subset_per_class, validate_labels
 from jaxkd.data.text.bits_per_byte import bits_per_byte, count_byte_targets
 from jaxkd.data.text.bpe import PRETOKENIZE_PATTERN, BPETokenizer, pretokenize, train_bpe
@@ -53,6 +62,7 @@ __all__ = [
     "AUGMENTATIONS",
     "BOS_ID",
     "BPETokenizer",
+    "CachedTeacherLoader",
     "ByteTokenizer",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
@@ -73,17 +83,20 @@ __all__ = [
     "PackedText",
     "Position",
     "Split",
+    "TeacherCache",
     "TextLoader",
     "Tokenizer",
     "TopKCache",
     "augment",
     "bits_per_byte",
     "cache_teacher_topk",
+    "cached_teacher",
     "channel_stats",
     "chat_example",
     "chat_rows",
     "count_byte_targets",
     "imagenet_source",
+    "load_or_write_teacher_cache",
     "load_split",
     "normalize",
     "pack_documents",
@@ -94,5 +107,6 @@ __all__ = [
     "topk_tail_mass",
     "train_bpe",
     "validate_labels",
+    "write_teacher_cache",
     "write_topk_cache",
 ]

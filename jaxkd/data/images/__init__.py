@@ -5,6 +5,8 @@
 * :mod:`~jaxkd.data.images.normalization` — per-channel normalization and its constants;
 * :mod:`~jaxkd.data.images.augmentation` — random shifts, crops and flips of a batch;
 * :mod:`~jaxkd.data.images.loader` — the :class:`~jaxkd.data.Loader`;
+* :mod:`~jaxkd.data.images.teacher_cache` — a frozen teacher's outputs cached once (fixed-view logits, FKD
+  region soft labels) and the :class:`~jaxkd.data.CachedTeacherLoader` that replays them;
 * :mod:`~jaxkd.data.images.digits` — the ``digits`` TFDS builder (scikit-learn's bundled 8x8 images, no
   download; imported on demand, it loads tensorflow_datasets).
 
