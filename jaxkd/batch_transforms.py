@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxkd.batch import MIX_LAMBDA, MIX_PARTNER
 from jaxkd.checks import check_number, check_positive
 
 Array = jax.Array
@@ -37,6 +38,7 @@ __all__ = [
     "mix_partners",
     "mixup_images",
     "sample_mix_lambda",
+    "with_mix",
 ]
 
 
@@ -169,3 +171,16 @@ def crop_and_resize(images: Array, boxes: Array, out_height: int | None = None,
         return out.astype(images.dtype)
 
     return jax.vmap(one)(images, boxes.astype(jnp.float32))
+
+
+def with_mix(batch, key: str, images: Array, partner: Array, lam: Array, valid: Array | None) -> dict:
+    """``batch`` with ``batch[key]`` replaced by the mixed ``images`` and the mix recorded for label losses:
+    :data:`~jaxkd.batch.MIX_PARTNER` and :data:`~jaxkd.batch.MIX_LAMBDA` (``[B]``; ``λ = 1`` on invalid rows,
+    which are their own partners). A batch is mixed once: a second mix would need a third label per example."""
+    if MIX_PARTNER in batch:
+        raise ValueError("the batch is already mixed (it has batch['mix_partner']): use one of mixup and cutmix "
+                         "per step")
+    lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), partner.shape)
+    if valid is not None:
+        lam = jnp.where(jnp.asarray(valid, bool), lam, 1.0)
+    return {**batch, key: images, MIX_PARTNER: partner.astype(jnp.int32), MIX_LAMBDA: lam}
