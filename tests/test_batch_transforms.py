@@ -7,6 +7,8 @@ KD value of one train step recomputed by hand; padding never mixed into real row
 uninterrupted one bit for bit; an 8-device step equal to the single-device one.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,11 +31,21 @@ TEACHER_VARS = teacher_variables(TEACHER, BATCH)
 IMAGES = np.random.default_rng(3).normal(size=(6, 5, 7, 2)).astype(np.float32)  # H != W: axes not swapped
 
 
-def prepare(method, batch, key):
-    """``method``'s batch transform, jitted (one compile instead of one per operation)."""
-    names = [m.name for m in method.terms]
-    vars = MethodVars({n: {} for n in names}, {n: {} for n in names}) if names else MethodVars()
-    return jax.jit(lambda batch, key: method.prepare(vars, batch, key))(batch, key)
+@functools.cache
+def transform(spec):
+    """The batch transform of the method ``spec`` parses to (the member's own for a one-member chain, so its
+    key is the one given), jitted once (one compile per spec and shapes)."""
+    method = methods.parse(spec)
+    if len(method.terms) == 1:
+        method, vars = method.terms[0], MethodVars()
+    else:
+        names = [m.name for m in method.terms]
+        vars = MethodVars({n: {} for n in names}, {n: {} for n in names})
+    return jax.jit(lambda batch, key: method.prepare(vars, batch, key))
+
+
+def prepare(spec, batch, key):
+    return transform(spec)(batch, key)
 
 
 def new_state(spec, **kwargs):
@@ -46,7 +58,7 @@ def new_state(spec, **kwargs):
 @pytest.mark.parametrize("per_example", [False, True])
 def test_mixup_is_the_numpy_mix_of_the_drawn_lambda_and_permutation(per_example):
     key = jax.random.PRNGKey(7)
-    out = prepare(methods.mixup(alpha=0.4, per_example=per_example), {"image": IMAGES}, key)
+    out = prepare(f"mixup(alpha=0.4, per_example={per_example})", {"image": IMAGES}, key)
     k_partner, k_lambda = jax.random.split(key)
     partner = np.asarray(jax.random.permutation(k_partner, len(IMAGES)))
     lam = np.asarray(jax.random.beta(k_lambda, 0.4, 0.4, (len(IMAGES),) if per_example else ()))
@@ -77,7 +89,7 @@ def rand_bbox_official(height, width, lam, cy, cx):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_cutmix_pastes_the_official_box_and_corrects_lambda_to_its_area(seed):
     key = jax.random.PRNGKey(seed)
-    out = prepare(methods.cutmix(alpha=1.0), {"image": IMAGES}, key)
+    out = prepare("cutmix(alpha=1.0)", {"image": IMAGES}, key)
     k_partner, k_lambda, k_box = jax.random.split(key, 3)
     lam0 = float(jax.random.beta(k_lambda, 1.0, 1.0, (), jnp.float32))
     ky, kx = jax.random.split(k_box)
@@ -149,7 +161,7 @@ def test_the_teacher_and_the_student_see_the_mixed_batch():
     method_rng = jax.random.split(state.rng, 3)[2]
     _, metrics = jaxkd.make_train_step(donate=False)(state, BATCH)
     # The chain's transform key, then member 0's (the mixup).
-    mixed = prepare(methods.mixup(alpha=1), BATCH, jax.random.fold_in(prepare_key(method_rng), 0))["image"]
+    mixed = prepare("mixup(alpha=1)", BATCH, jax.random.fold_in(prepare_key(method_rng), 0))["image"]
     assert not np.allclose(mixed, BATCH["image"])
     t = np.asarray(jax.jit(lambda x: TEACHER.apply(TEACHER_VARS, x, train=False).logits)(mixed), np.float64) / 4
     s = np.asarray(jax.jit(lambda x: STUDENT.apply(student_vars, x, train=True).logits)(mixed), np.float64) / 4
@@ -164,7 +176,7 @@ def test_padding_is_never_mixed_into_real_examples(spec):
     mask = np.array([1, 0, 1, 1, 0, 1], bool)
     images = np.where(mask[:, None, None, None], IMAGES, np.nan)  # padding rows hold NaN
     for seed in range(5):
-        out = prepare(methods.parse(spec), {"image": images, "mask": mask}, jax.random.PRNGKey(seed))
+        out = prepare(spec, {"image": images, "mask": mask}, jax.random.PRNGKey(seed))
         partner, lam = np.asarray(out[MIX_PARTNER]), np.asarray(out[MIX_LAMBDA])
         assert np.all(np.isfinite(np.asarray(out["image"])[mask]))
         assert np.all(mask[partner[mask]]) and np.all(partner[~mask] == np.flatnonzero(~mask)) and np.all(lam[~mask] == 1)
@@ -181,9 +193,9 @@ def test_bad_settings_and_a_second_mix_are_refused():
     with pytest.raises(ValueError, match="area_range"):
         methods.inception_crop(area_range=(0.5, 0.2))
     with pytest.raises(ValueError, match="already mixed"):
-        prepare(methods.parse("mixup + cutmix"), {"image": IMAGES}, jax.random.PRNGKey(0))
+        prepare("mixup + cutmix", {"image": IMAGES}, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="float images"):
-        prepare(methods.mixup(), {"image": IMAGES.astype(np.int32)}, jax.random.PRNGKey(0))
+        prepare("mixup", {"image": IMAGES.astype(np.int32)}, jax.random.PRNGKey(0))
     assert methods.parse("ce + kd").prepare is None  # nothing transforms: the step's keys are split as before
 
 
