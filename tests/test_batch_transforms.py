@@ -237,3 +237,20 @@ def test_function_matching_trains_in_micro_batches():
     assert [m.name for m in state.method.terms] == ["inception_crop", "mixup", "kd"]
     assert float(metrics["kd"]) > 0 and any(jax.tree.leaves(jax.tree.map(
         lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.student.params))))
+
+
+def test_distance_columns_are_left_empty_for_runs_without_a_teacher_and_eval_metrics_are_checked():
+    from experiments import config as config_lib, report
+
+    rows = [report.Row("scratch", {"method": "ce"}, [{"accuracy": 0.9}, {"accuracy": 0.8}]),
+            report.Row("fm", {"method": "function_matching()"}, [{"accuracy": 0.95, "agreement": 0.97},
+                                                                  {"accuracy": 0.85, "agreement": 0.93}])]
+    metrics = [report.Metric("accuracy", "top1", "top-1 (%)", 100.0, 2),
+               report.Metric("agreement", "agreement", "agreement (%)", 100.0, 2)]
+    summary = report.summarize(rows, metrics, baseline="scratch", caption="", seconds=0.0)
+    lines = summary["table"].splitlines()
+    assert lines[2] == "| scratch | `ce` | 85.00 ± 7.07 |  |  |  |"
+    assert lines[3] == "| fm | `function_matching()` | 90.00 ± 7.07 | +5.00 | 95.00 ± 2.83 |  |"
+    assert summary["rows"][1]["agreement_mean"] == pytest.approx(95.0) and "agreement_mean" not in summary["rows"][0]
+    with pytest.raises(ValueError, match="eval_metrics"):
+        config_lib.validate(config_lib.Config(eval_metrics=("top5",)))

@@ -658,17 +658,7 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         return {m.name: m.update(params[m.name], state[m.name], info) for m in terms}
 
     needs = Needs().merge(*(m.needs for m in terms))  # refuses members with different meta batches
-    transforms = [(i, m) for i, m in enumerate(terms) if m.prepare is not None]
-    prepare = None
-    if transforms:
-        def prepare(vars: MethodVars, batch: Mapping[str, Array], rng: Array) -> Mapping[str, Array]:
-            # In chain order, each with its own key: member i's draws do not depend on which other members
-            # transform the batch.
-            for i, m in transforms:
-                batch = m.prepare(MethodVars(vars.params[m.name], vars.state[m.name]), batch,
-                                  jax.random.fold_in(rng, i))
-            return batch
-
+    prepare = _composed_transforms(terms)
     predictors = [m for m in terms if m.predict is not None]
     if len(predictors) > 1:
         raise ValueError(
@@ -691,6 +681,21 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         needs=needs,
         prepare=prepare,
     )
+
+
+def _composed_transforms(terms: tuple[Method, ...]) -> Callable | None:
+    """The members' batch transforms applied in chain order (``None`` when no member has one); member ``i``
+    draws with ``fold_in(rng, i)``, so its draws do not depend on which other members transform the batch."""
+    transforms = [(i, m) for i, m in enumerate(terms) if m.prepare is not None]
+    if not transforms:
+        return None
+
+    def prepare(vars: MethodVars, batch: Mapping[str, Array], rng: Array) -> Mapping[str, Array]:
+        for i, m in transforms:
+            batch = m.prepare(MethodVars(vars.params[m.name], vars.state[m.name]), batch, jax.random.fold_in(rng, i))
+        return batch
+
+    return prepare
 
 
 def as_chain(method: Method | Sequence[Method]) -> Method:
