@@ -30,6 +30,7 @@ from jaxkd.checks import check_number, check_positive
 Array = jax.Array
 
 __all__ = [
+    "check_crop_ranges",
     "crop_and_resize",
     "cutmix_box_mask",
     "cutmix_images",
@@ -117,6 +118,18 @@ def flip_left_right(rng: Array, images: Array, probability: float = 0.5) -> Arra
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
+def check_crop_ranges(area_range: tuple[float, float], ratio_range: tuple[float, float]) -> None:
+    """``0 < area_range[0] <= area_range[1] <= 1`` and ``0 < ratio_range[0] <= ratio_range[1]``, else
+    ``ValueError``."""
+    for name, value in (("area_range", area_range), ("ratio_range", ratio_range)):
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
+    check_number("area_range[0]", area_range[0], low=0.0, low_open=True, high=1.0)
+    check_number("area_range[1]", area_range[1], low=area_range[0], high=1.0)
+    check_positive("ratio_range[0]", ratio_range[0])
+    check_number("ratio_range[1]", ratio_range[1], low=ratio_range[0])
+
+
 def inception_crop_boxes(rng: Array, batch_size: int, height: int, width: int, *,
                          area_range: tuple[float, float] = (0.05, 1.0),
                          ratio_range: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> Array:
@@ -129,10 +142,7 @@ def inception_crop_boxes(rng: Array, batch_size: int, height: int, width: int, *
     fallbacks). The sides are not rounded to whole pixels (the resize interpolates), unlike TF's integer
     boxes. big_vision's defaults: ``area_range=(0.05, 1)`` (``area_min=5``), TF's ratio range ``(3/4, 4/3)``.
     """
-    check_number("area_range[0]", area_range[0], low=0.0, low_open=True, high=1.0)
-    check_number("area_range[1]", area_range[1], low=area_range[0], high=1.0)
-    check_positive("ratio_range[0]", ratio_range[0])
-    check_number("ratio_range[1]", ratio_range[1], low=ratio_range[0])
+    check_crop_ranges(area_range, ratio_range)
     k_area, k_ratio, k_y, k_x = jax.random.split(rng, 4)
     shape = (batch_size, attempts)
     area = jax.random.uniform(k_area, shape, jnp.float32, area_range[0], area_range[1]) * (height * width)

@@ -190,8 +190,12 @@ def test_bad_settings_and_a_second_mix_are_refused():
             methods.cutmix(alpha=bad)
         with pytest.raises(ValueError, match="alpha"):
             methods.function_matching(alpha=bad)
-    with pytest.raises(ValueError, match="area_range"):
-        methods.inception_crop(area_range=(0.5, 0.2))
+    for bad, match in (({"area_range": (0.5, 0.2)}, "area_range"), ({"area_range": 0.5}, "pair"),
+                       ({"ratio_range": (0, 1)}, "ratio_range"), ({"flip": 2}, "flip")):
+        with pytest.raises(ValueError, match=match):
+            methods.inception_crop(**bad)
+    with pytest.raises(TypeError, match="prepare"):
+        methods.Method("m", lambda vars, inputs, rng: (0.0, None), prepare="mixup")
     with pytest.raises(ValueError, match="already mixed"):
         prepare("mixup + cutmix", {"image": IMAGES}, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="float images"):

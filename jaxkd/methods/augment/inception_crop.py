@@ -14,12 +14,6 @@ from jaxkd.methods.registry import register
 __all__ = ["inception_crop"]
 
 
-def _pair(name: str, value) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name} must be a pair (low, high), got {value!r}")
-    return float(value[0]), float(value[1])
-
-
 @register("inception_crop", paper="Szegedy et al., *Going Deeper with Convolutions*, CVPR 2015 (as big_vision's "
           "`inception_crop`)")
 def inception_crop(*, area_range: tuple[float, float] = (0.05, 1.0), ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
@@ -34,11 +28,9 @@ def inception_crop(*, area_range: tuple[float, float] = (0.05, 1.0), ratio_range
 
     Its own loss is 0. ``input_key`` is the batch entry cropped (float images ``[B, H, W, C]``).
     """
-    area_range, ratio_range = _pair("area_range", area_range), _pair("ratio_range", ratio_range)
+    bt.check_crop_ranges(area_range, ratio_range)
+    area_range, ratio_range = tuple(map(float, area_range)), tuple(map(float, ratio_range))
     check_in_range("flip", flip, 0.0, 1.0)
-    # The ranges are checked here, at construction, with a concrete key's shapes.
-    jax.eval_shape(lambda: bt.inception_crop_boxes(jax.random.PRNGKey(0), 1, 1, 1, area_range=area_range,
-                                                   ratio_range=ratio_range))
 
     def prepare(vars: MethodVars, batch, rng):
         del vars
