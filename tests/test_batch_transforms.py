@@ -133,6 +133,14 @@ def test_ce_on_a_mixed_batch_is_lambda_ce_own_plus_rest_ce_partner(eps):
     value, _ = ce.loss(MethodVars(), LossInputs.of(Outputs(jnp.asarray(logits), {}, {}),
                                                    batch={**batch, "labeled": labeled}), None)
     np.testing.assert_allclose(value, per_example[:4].mean(), rtol=1e-5)
+    # The gradient is the closed form of a cross-entropy with the mixed (smoothed) target t: (softmax(z) − t) / B.
+    target = (lam[:, None] * np.eye(NUM_CLASSES)[labels] + (1 - lam[:, None]) * np.eye(NUM_CLASSES)[labels[partner]])
+    target = (1 - eps) * target + eps / NUM_CLASSES
+    grad = jax.grad(lambda z: ce.loss(MethodVars(), LossInputs.of(Outputs(z, {}, {}), batch=batch), None)[0])(
+        jnp.asarray(logits))
+    softmax = np.exp(logits - logits.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    np.testing.assert_allclose(grad, (softmax - target) / 6, rtol=1e-4, atol=1e-6)
 
 
 def test_the_crop_of_the_whole_image_is_the_image_and_a_pixel_box_is_the_slice():
