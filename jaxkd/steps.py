@@ -1,7 +1,8 @@
 """The jitted train and eval steps, and the host-side checks around them.
 
-``make_train_step`` builds one function ``(state, batch) -> (state, metrics)``: teacher forward (eval
-mode, ``stop_gradient``), student forward, the method's loss, gradients, the Optax update and the
+``make_train_step`` builds one function ``(state, batch) -> (state, metrics)``: the method's batch
+transform if it has one (``Method.prepare``: mixup, CutMix, a crop — seen by every participant), teacher
+forward (eval mode, ``stop_gradient``), student forward, the method's loss, gradients, the Optax update and the
 method's post-step update — all in one compiled program, with the state donated so its buffers are
 updated in place.
 
