@@ -34,6 +34,10 @@ def mixup(*, alpha: float = 1.0, per_example: bool = False, input_key: str = IMA
     label-reading methods see example ``i``'s own label. Padding rows (``batch["mask"]``) are never mixed into
     real ones. Within micro-batches (``make_train_step(microbatches=k)``) partners are drawn per micro-batch.
 
+    The mixed-label CE is what the MIX-KD code's ``mixstd`` loss scores (``-log_softmax(z) · targets_shuffle``,
+    the mixed one-hot target; its plain ``kd`` branch passes the batch's unmixed ``target`` to the CE, whose rows
+    are not the mixed images' — not followed here).
+
     Temperature: Choi et al. (WACV 2023) trace mixup's interplay with KD to *smoothness*: mixup and a high
     distillation temperature both smooth the teacher's targets, and together they can over-smooth them
     and hurt the student; their code's remedies are mixing only part of the batch (``PMU``) and
