@@ -8,6 +8,7 @@ uninterrupted one bit for bit; an 8-device step equal to the single-device one.
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +267,23 @@ def test_distance_columns_are_left_empty_for_runs_without_a_teacher_and_eval_met
     assert summary["rows"][1]["agreement_mean"] == pytest.approx(95.0) and "agreement_mean" not in summary["rows"][0]
     with pytest.raises(ValueError, match="eval_metrics"):
         config_lib.validate(config_lib.Config(eval_metrics=("top5",)))
+
+
+# About as long as tests/test_experiment.py's tiny pipeline (a teacher and two student runs compiled); the fast
+# suite covers its pieces: the transforms above, the table's distance columns above, the metrics in
+# tests/test_eval_metrics.py.
+@pytest.mark.slow
+def test_the_function_matching_experiment_reports_agreement_and_kl(tmp_path):
+    from experiments import distill
+    from tests.test_experiment import TINY
+
+    settings = [*TINY, "seeds=(0,)", "eval_metrics=('agreement', 'teacher_student_kl')",
+                "methods={'scratch': 'ce', 'fm': 'function_matching()'}"]
+    summary = distill.main(["--out", str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'tfds'}"]
+                           + sum((["--set", s] for s in settings), []))
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert 0.0 <= rows["fm"]["agreement_mean"] <= 100.0 and rows["fm"]["kl_mean"] >= 0.0
+    assert "agreement_mean" not in rows["scratch"] and "agreement (%)" in summary["table"]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    final = [r for r in records if r["run"] == "fm" and "test_agreement" in r]
+    assert final and round(100 * final[-1]["test_agreement"], 6) == round(rows["fm"]["agreement_mean"], 6)
