@@ -262,8 +262,9 @@ def test_distance_columns_are_left_empty_for_runs_without_a_teacher_and_eval_met
                report.Metric("agreement", "agreement", "agreement (%)", 100.0, 2)]
     summary = report.summarize(rows, metrics, baseline="scratch", caption="", seconds=0.0)
     lines = summary["table"].splitlines()
-    assert lines[2] == "| scratch | `ce` | 85.00 ± 7.07 |  |  |  |"
-    assert lines[3] == "| fm | `function_matching()` | 90.00 ± 7.07 | +5.00 | 95.00 ± 2.83 |  |"
+    assert lines[0] == "| run | method | top-1 (%) | Δ vs scratch | agreement (%) |"  # scratch has no agreement: no Δ
+    assert lines[2] == "| scratch | `ce` | 85.00 ± 7.07 |  |  |"
+    assert lines[3] == "| fm | `function_matching()` | 90.00 ± 7.07 | +5.00 | 95.00 ± 2.83 |"
     assert summary["rows"][1]["agreement_mean"] == pytest.approx(95.0) and "agreement_mean" not in summary["rows"][0]
     with pytest.raises(ValueError, match="eval_metrics"):
         config_lib.validate(config_lib.Config(eval_metrics=("top5",)))
