@@ -3,7 +3,7 @@
 The mixing formulas are checked in NumPy against the draws recomputed from the same key with jax.random;
 CutMix's box against a NumPy transcription of the official ``rand_bbox`` (clovaai/CutMix-PyTorch ``train.py``,
 commit 2d8eb68); the mixed cross-entropy against NumPy; that the teacher sees the transformed batch through the
-KD value of one train step recomputed by hand; padding never mixed into real rows; a resumed run equal to the
+KD value of one train step recomputed by hand (and evaluation scoring the batch as given); padding never mixed into real rows; a resumed run equal to the
 uninterrupted one bit for bit; an 8-device step equal to the single-device one.
 """
 
@@ -164,11 +164,11 @@ def test_inception_crop_boxes_fit_and_fall_back_to_the_whole_image():
     np.testing.assert_array_equal(whole, np.tile([[0, 0, 1, 8]], (4, 1)))
 
 
-def test_the_teacher_and_the_student_see_the_mixed_batch():
+def test_the_teacher_and_the_student_see_the_mixed_batch_and_evaluation_does_not():
     state = new_state("mixup(alpha=1) + kd(temperature=4)")
     student_vars = jax.device_get(state.student.variables())
     method_rng = jax.random.split(state.rng, 3)[2]
-    _, metrics = jaxkd.make_train_step(donate=False)(state, BATCH)
+    trained, metrics = jaxkd.make_train_step(donate=False)(state, BATCH)
     # The chain's transform key, then member 0's (the mixup).
     mixed = prepare("mixup(alpha=1)", BATCH, jax.random.fold_in(prepare_key(method_rng), 0))["image"]
     assert not np.allclose(mixed, BATCH["image"])
@@ -178,6 +178,14 @@ def test_the_teacher_and_the_student_see_the_mixed_batch():
     expected = 16 * (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()
     np.testing.assert_allclose(float(metrics["kd"]), expected, rtol=1e-5)
     assert float(metrics["mixup"]) == 0.0 and 0.0 < float(metrics["mixup/lambda"]) < 1.0
+
+    # Evaluation never transforms: the teacher-student KL it reports is that of the batch as given.
+    result = jaxkd.evaluate(trained, [BATCH], jaxkd.make_eval_step(metrics=(jaxkd.eval_metrics.teacher_student_kl(),)))
+    t = np.asarray(jax.jit(lambda x: TEACHER.apply(TEACHER_VARS, x, train=False).logits)(BATCH["image"]), np.float64)
+    s = np.asarray(jax.jit(lambda v, x: STUDENT.apply(v, x, train=False).logits)(
+        jax.device_get(trained.student.variables()), BATCH["image"]), np.float64)
+    log_p, log_q = (z - np.log(np.exp(z).sum(-1, keepdims=True)) for z in (t, s))
+    np.testing.assert_allclose(result["kl"], (np.exp(log_p) * (log_p - log_q)).sum(-1).mean(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["mixup(alpha=1)", "cutmix(alpha=1)"])
