@@ -12,7 +12,8 @@ rows among themselves and leaves every padding row paired with itself.
   (github.com/hchoi71/MIX-KD), and Beyer et al., "Knowledge distillation: A good teacher is patient and
   consistent", CVPR 2022 (big_vision ``big_vision/utils.py:mixup``).
 * CutMix — Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with Localizable Features",
-  ICCV 2019 (github.com/clovaai/CutMix-PyTorch, ``train.py:rand_bbox``).
+  ICCV 2019 (github.com/clovaai/CutMix-PyTorch ``train.py``, commit 9dc8245: ``rand_bbox`` and the λ
+  adjustment after it).
 * inception crop — Szegedy et al., "Going Deeper with Convolutions", CVPR 2015, as big_vision's
   ``inception_crop`` preprocessing op samples it (``tf.image.sample_distorted_bounding_box``).
 """

@@ -2,9 +2,10 @@
 
 The mixing formulas are checked in NumPy against the draws recomputed from the same key with jax.random;
 CutMix's box against a NumPy transcription of the official ``rand_bbox`` (clovaai/CutMix-PyTorch ``train.py``,
-commit 2d8eb68); the mixed cross-entropy against NumPy; that the teacher sees the transformed batch through the
-KD value of one train step recomputed by hand (and evaluation scoring the batch as given); padding never mixed into real rows; a resumed run equal to the
-uninterrupted one bit for bit; an 8-device step equal to the single-device one.
+commit 9dc8245); the mixed cross-entropy against NumPy; that the teacher sees the transformed batch through the
+KD value of one train step recomputed by hand (and evaluation scoring the batch as given); padding never mixed
+into real rows; a resumed run equal to the uninterrupted one bit for bit; an 8-device step equal to the
+single-device one.
 """
 
 import functools
@@ -78,7 +79,7 @@ def test_lambda_follows_the_symmetric_beta(alpha):
 
 
 def rand_bbox_official(height, width, lam, cy, cx):
-    """clovaai/CutMix-PyTorch train.py ``rand_bbox`` (commit 2d8eb68), its random centre passed in: the box
+    """clovaai/CutMix-PyTorch train.py ``rand_bbox`` (commit 9dc8245), its random centre passed in: the box
     ``[y0, y1) x [x0, x1)`` for a target ``lam``."""
     cut_rat = np.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * cut_rat), int(width * cut_rat)

@@ -20,9 +20,10 @@ __all__ = ["cutmix"]
 def cutmix(*, alpha: float = 1.0, input_key: str = IMAGE, name: str = "cutmix") -> Method:
     """A batch transform: ``λ ~ Beta(α, α)`` and one box per batch of area ``≈ (1 − λ)·H·W`` cut from example
     ``j`` (a random permutation of the valid examples) and pasted into example ``i``; ``λ`` is then corrected
-    to the exact pasted area, ``λ = 1 − box area / (H·W)``, as the official code (``rand_bbox`` in
-    clovaai/CutMix-PyTorch ``train.py``) does (one ``λ`` and box per batch there too; it applies CutMix with
-    a probability, here every step). Every participant sees the pasted image; :func:`~jaxkd.methods.ce` scores
+    to the exact pasted area, ``λ = 1 − box area / (H·W)``, as the official code does (``rand_bbox`` and the
+    adjustment after it in clovaai/CutMix-PyTorch ``train.py``, commit 9dc8245, whose ``W``/``H`` are an NCHW
+    batch's axes 2 and 3; one ``λ`` and box per batch there too; it applies CutMix with a probability, here
+    every step). Every participant sees the pasted image; :func:`~jaxkd.methods.ce` scores
     ``λ·CE(y_i) + (1 − λ)·CE(y_j)`` from the recorded mix. Padding rows are never pasted into real ones.
     Its own loss is 0 (it reports ``lambda``). ``alpha <= 0`` raises ``ValueError``.
     """
