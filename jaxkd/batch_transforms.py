@@ -139,9 +139,11 @@ def inception_crop_boxes(rng: Array, batch_size: int, height: int, width: int, *
     Per example and attempt: an area fraction ``s ~ U(area_range)`` and an aspect ratio ``r`` (width over
     height) log-uniform in ``ratio_range``, giving ``w = √(s·H·W·r)``, ``h = √(s·H·W/r)``; the first of
     ``attempts`` draws that fits inside the image is used, with its corner uniform over the positions where
-    it fits; if none fits, the whole image (``tf.image.sample_distorted_bounding_box``'s and torchvision's
-    fallbacks). The sides are not rounded to whole pixels (the resize interpolates), unlike TF's integer
-    boxes. big_vision's defaults: ``area_range=(0.05, 1)`` (``area_min=5``), TF's ratio range ``(3/4, 4/3)``.
+    it fits; if none fits, the whole image. This is torchvision's ``RandomResizedCrop`` sampling (10 attempts,
+    log-uniform ratio, though its fallback is a centre crop); big_vision's op,
+    ``tf.image.sample_distorted_bounding_box``, makes up to 100 attempts and falls back to the whole image. The
+    sides are not rounded to whole pixels (the resize interpolates), unlike TF's integer boxes. big_vision's
+    defaults: ``area_range=(0.05, 1)`` (``area_min=5``), TF's ratio range ``(3/4, 4/3)``.
     """
     check_crop_ranges(area_range, ratio_range)
     k_area, k_ratio, k_y, k_x = jax.random.split(rng, 4)
