@@ -107,6 +107,10 @@ class Config:
     # Evaluation and logging.
     eval_every: int = 100
     eval_batch_size: int = 250
+    # Teacher-student distances also scored for runs that read the teacher (big_vision's distill evaluators):
+    # "agreement" (top-1 agreement) and "teacher_student_kl" (KL(teacher || student) at T = 1), as columns of
+    # the results table (jaxkd.eval_metrics).
+    eval_metrics: tuple = ()
     # Devices: None runs on the default device; a mesh shape shards the state and the batch, e.g.
     # {"data": -1} (every device, data parallel) or {"data": 2, "fsdp": 4} (see jaxkd.sharding.make_mesh).
     mesh: dict | None = None
@@ -189,6 +193,15 @@ def check_methods(name: str, value: Any) -> None:
             )
 
 
+#: The teacher-student distances an experiment can report (``Config.eval_metrics``).
+EVAL_METRICS = ("agreement", "teacher_student_kl")
+
+
+def check_eval_metrics(name: str, value: Any) -> None:
+    for i, metric in enumerate(value):
+        check_choice(f"{name}[{i}]", metric, EVAL_METRICS)
+
+
 def check_mesh(name: str, value: Any) -> None:
     for axis, size in value.items():
         if axis not in ("data", "fsdp", "tensor") or isinstance(size, bool) or not isinstance(size, int):
@@ -240,7 +253,7 @@ Config.CHECKS = {
     "augment": one_of(AUGMENTATIONS), "frozen_dtype": one_of(FROZEN_DTYPES), "precision": check_precision,
     "seeds": check_seeds, "milestones": check_milestones, "methods": check_methods, "checkpoint_every": at_least(0),
     "mesh": optional(check_mesh), "teachers": check_teachers, "teacher_kwargs": check_string_keys,
-    "student_kwargs": check_string_keys, "peer_kwargs": check_string_keys,
+    "student_kwargs": check_string_keys, "peer_kwargs": check_string_keys, "eval_metrics": check_eval_metrics,
     "teacher_cache": optional(one_of(("fixed", "fkd"))), "teacher_cache_views": at_least(1),
     "teacher_cache_k": at_least(1),
 }

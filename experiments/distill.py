@@ -50,7 +50,7 @@ import numpy as np
 import optax
 
 import jaxkd
-from jaxkd import compilation_cache, data, methods, models, precision, sharding
+from jaxkd import compilation_cache, data, eval_metrics, methods, models, precision, sharding
 from jaxkd.checkpoint import fingerprint, load_variables, save_variables
 from jaxkd.data.images import teacher_cache as teacher_caches
 from jaxkd.participants import cast_params
@@ -67,6 +67,9 @@ log = logging.getLogger("jaxkd.experiment")
 
 #: ``num_examples`` while the specs are checked before the data is loaded (then parsed with the real count).
 _UNKNOWN_NUM_EXAMPLES = 2**31 - 1
+#: The result entries of jaxkd.eval_metrics.agreement and teacher_student_kl (Config.eval_metrics) a run's row
+#: reports when it was scored by them.
+DISTANCE_COLUMNS = ("agreement", "kl")
 
 
 def parse_methods(cfg: config_lib.Config, num_examples: int = _UNKNOWN_NUM_EXAMPLES) -> dict[str, methods.Method]:
@@ -310,7 +313,9 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
             compare: bool = True) -> None:
         entry = rows.setdefault(row, report.Row(row, {"model": model_name, "method": method_text}, [],
                                                 compare=compare))
-        entry.per_seed.append({"accuracy": result[key]})
+        # The teacher-student distances (cfg.eval_metrics) of a run that reads the teacher: extra columns.
+        distances = {k: result[k] for k in DISTANCE_COLUMNS if k in result} if key == "accuracy" else {}
+        entry.per_seed.append({"accuracy": result[key], **distances})
         entry.ms_per_step.append(result.get("ms_per_step") if key == "accuracy" else None)
 
     started = time.time()
@@ -321,6 +326,12 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
     eval_step = jaxkd.make_eval_step(mesh=mesh, frozen=False)
     evaluation = Evaluation(lambda state: jaxkd.evaluate(state, dataset.test_batches, eval_step), prefix="test_",
                             progress=("accuracy", ".3f"))
+    distance_evaluation = evaluation
+    if cfg.eval_metrics:  # runs that read the teacher are also scored by their distance to it
+        distance_step = jaxkd.make_eval_step(mesh=mesh, frozen=False, metrics=(
+            eval_metrics.top1(), *(getattr(eval_metrics, m)() for m in cfg.eval_metrics)))
+        distance_evaluation = Evaluation(lambda state: jaxkd.evaluate(state, dataset.test_batches, distance_step),
+                                         prefix="test_", progress=("accuracy", ".3f"))
     with PreemptionFlag() as preemption:
         runner = Runner(out_dir, progress=progress, preemption=preemption, phases=phases, eval_every=cfg.eval_every,
                         checkpoint_every=cfg.checkpoint_every, tensorboard=cfg.tensorboard, mesh=mesh)
@@ -401,7 +412,9 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
                               "teachers": {p: teacher_prints[seed][p] for p in needs.learned_from}}
                     if cache is not None:  # a resume with another cache setting is refused
                         config["teacher_cache"] = teacher_caches.TeacherCache.settings(cache)
-                    state, result = fit(runner, cfg, dataset, evaluation, run=name, seed=seed, state=state,
+                    # Distances to the teacher need its outputs on the test images, which a cache does not hold.
+                    scored = distance_evaluation if "teacher" in needs.participants and cache is None else evaluation
+                    state, result = fit(runner, cfg, dataset, scored, run=name, seed=seed, state=state,
                                         split=train_split, steps=cfg.steps, lr_schedule=student_schedule,
                                         config=config, meta=meta_split, meta_prefix=needs.meta_prefix, cache=cache)
                     add(name, cfg.student, cfg.methods[name], result)
@@ -423,7 +436,13 @@ def _run_experiment(cfg: config_lib.Config, out_dir: str) -> dict[str, Any]:
         caption = (f"{cfg.dataset}: teacher trained on {num_train} images for {cfg.teacher_steps} steps; student "
                    f"on {labeled} images for {cfg.steps} steps; test top-1 on {num_test} images after the last "
                    f"step, mean ± std over seeds {tuple(cfg.seeds)}.")
-        summary = report.summarize(list(rows.values()), [report.Metric("accuracy", "top1", "top-1 (%)", 100.0, 2)],
+        columns = [report.Metric("accuracy", "top1", "top-1 (%)", 100.0, 2)]
+        if "agreement" in cfg.eval_metrics:
+            columns.append(report.Metric("agreement", "agreement", "agreement (%)", 100.0, 2))
+        if "teacher_student_kl" in cfg.eval_metrics:
+            columns.append(report.Metric("kl", "kl", "KL(t‖s)", 1.0, 4))
+            caption += " KL(t‖s): the teacher-student KL at T = 1 on the test images, in nats."
+        summary = report.summarize(list(rows.values()), columns,
                                    baseline="scratch", caption=caption, seconds=time.time() - started)
         summary["config"] = dataclasses.asdict(cfg)
         report.plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "learning_curves.png"),

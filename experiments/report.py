@@ -55,26 +55,37 @@ def _mean_time(values: list[float | None] | None) -> float | None:
 def summarize(rows: list[Row], metrics: list[Metric], *, baseline: str | None, caption: str,
               seconds: float) -> dict[str, Any]:
     """The results table (Markdown: the rows' cells, every metric's mean ± std over seeds and its Δ against
-    the ``baseline`` run's mean, ms/step where any run was timed) and its JSON rows."""
+    the ``baseline`` run's mean, ms/step where any run was timed) and its JSON rows. A run without a metric's
+    entry (a teacher-student distance of a run without a teacher) leaves its cells empty, and a metric the
+    baseline run lacks has no Δ column."""
     base = next((r for r in rows if r.run == baseline), None)
-    base_means = {m.key: _mean_std([m.scale * s[m.key] for s in base.per_seed])[0] for m in metrics} if base else {}
+    base_means = {m.key: _mean_std([m.scale * s[m.key] for s in base.per_seed])[0] for m in metrics
+                  if base and all(m.key in s for s in base.per_seed)}
     cell_names = list(rows[0].cells) if rows else []
     timed = any(_mean_time(r.ms_per_step) is not None for r in rows)
     delta_title = f"Δ vs {baseline}"
-    header = ["run", *cell_names] + [t for m in metrics for t in (m.title, delta_title)] + (["ms/step"] if timed else [])
+    # A metric the baseline run was not scored by (a teacher-student distance; the baseline has no teacher) has
+    # no Δ column.
+    with_delta = {m.key: not base or m.key in base_means for m in metrics}
+    header = (["run", *cell_names] + [t for m in metrics for t in (m.title, delta_title)[:1 + with_delta[m.key]]]
+              + (["ms/step"] if timed else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     json_rows = []
     for row in rows:
         entry: dict[str, Any] = {"run": row.run, **row.cells, "seeds": len(row.per_seed)}
         cells = [row.run, *(f"`{row.cells[c]}`" if c == "method" else row.cells[c] for c in cell_names)]
         for m in metrics:
+            if not all(m.key in s for s in row.per_seed):  # a column this run was not scored by (no teacher)
+                cells += ["", ""][:1 + with_delta[m.key]]
+                continue
             values = [m.scale * s[m.key] for s in row.per_seed]
             mean, std = _mean_std(values)
-            delta = mean - base_means[m.key] if row.compare and base and row.run != baseline else None
+            delta = (mean - base_means[m.key] if row.compare and m.key in base_means and row.run != baseline
+                     else None)
             entry.update({f"{m.name}_mean": mean, f"{m.name}_std": std, f"{m.name}_per_seed": values,
                           f"{m.name}_delta_vs_{baseline}": delta})
             cells += [f"{mean:.{m.digits}f} ± {std:.{m.digits}f}" if len(values) > 1 else f"{mean:.{m.digits}f}",
-                      "" if delta is None else f"{delta:+.{m.digits}f}"]
+                      "" if delta is None else f"{delta:+.{m.digits}f}"][:1 + with_delta[m.key]]
         entry["ms_per_step"] = _mean_time(row.ms_per_step)
         if timed:
             cells.append("" if entry["ms_per_step"] is None else f"{entry['ms_per_step']:.0f}")

@@ -18,6 +18,9 @@ and :mod:`jaxkd.losses` never sees a batch (its functions take arrays).
   prompt tokens), TRL's completion-only loss (``DataCollatorForCompletionOnlyLM``,
   ``SFTConfig(completion_only_loss=True)``'s ``completion_mask``, ``assistant_only_loss``'s
   ``assistant_masks``). Absent: every real token counts.
+* :data:`MIX_PARTNER`, :data:`MIX_LAMBDA`: written inside the train step by a mixing transform (mixup,
+  CutMix: :mod:`jaxkd.methods.augment`): example ``i`` is ``λ_i`` of itself and ``1 − λ_i`` of example
+  ``mix_partner[i]``, so label losses score ``λ_i·ℓ(y_i) + (1 − λ_i)·ℓ(y_partner)``.
 * Global counts (entries named ``*normalizer``, :data:`TOKEN_NORMALIZER`): per example, a global count over
   the global batch size, so a mean over tokens stays exact when the train step splits the batch into
   micro-batches (:func:`token_normalizer`). The step spreads such entries evenly before splitting
@@ -39,6 +42,8 @@ __all__ = [
     "LABELED",
     "LOSS_MASK",
     "MASK",
+    "MIX_LAMBDA",
+    "MIX_PARTNER",
     "POSITIONS",
     "SEGMENT_IDS",
     "TOKENS",
@@ -60,6 +65,10 @@ MASK = "mask"
 LABELED = "labeled"
 #: Each example's row in its dataset.
 INDEX = "index"
+#: The row example ``i`` was mixed with (int32 ``[B]``; ``i`` itself when it was not mixed).
+MIX_PARTNER = "mix_partner"
+#: The weight of example ``i``'s own content and label in its mix (float32 ``[B]``; 1 when not mixed).
+MIX_LAMBDA = "mix_lambda"
 TOKENS = "tokens"
 #: Each token's document within its packed row ``[B, T]`` (``1, 2, …``; 0 on padding).
 SEGMENT_IDS = "segment_ids"

@@ -1,7 +1,8 @@
 """The jitted train and eval steps, and the host-side checks around them.
 
-``make_train_step`` builds one function ``(state, batch) -> (state, metrics)``: teacher forward (eval
-mode, ``stop_gradient``), student forward, the method's loss, gradients, the Optax update and the
+``make_train_step`` builds one function ``(state, batch) -> (state, metrics)``: the method's batch
+transform if it has one (``Method.prepare``: mixup, CutMix, a crop — seen by every participant), teacher
+forward (eval mode, ``stop_gradient``), student forward, the method's loss, gradients, the Optax update and the
 method's post-step update — all in one compiled program, with the state donated so its buffers are
 updated in place.
 
@@ -150,9 +151,25 @@ def _equalize_normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array
     return batch
 
 
+#: Folded into the method's key to draw the key of its batch transform (``Method.prepare``). The method's own
+#: key is split as it always was, so a method without a transform keeps its random streams bit for bit.
+PREPARE_STREAM = 0x6D6978  # "mix"
+
+
+def prepare_key(method_rng: jax.Array) -> jax.Array:
+    """The key of the method's batch transform in a step (or micro-batch) whose method key is ``method_rng``."""
+    return jax.random.fold_in(method_rng, PREPARE_STREAM)
+
+
 def _loss_and_grads(state: TrainState, trainable, model_states, method_state, batch, dropout_rng, method_rng):
-    """One forward/backward pass over ``batch``: ``(loss, grads, trained outputs, aux)``."""
+    """One forward/backward pass over ``batch``: ``(loss, grads, trained outputs, aux)``.
+
+    The method's batch transform (``Method.prepare``: mixup, CutMix, a crop) runs first, outside the
+    differentiated function, so every participant — frozen teachers included — sees the same transformed
+    batch; with micro-batches it runs per micro-batch, with that micro-batch's key."""
     method = state.method
+    if method.prepare is not None:
+        batch = method.prepare(MethodVars(trainable["method"], method_state), batch, prepare_key(method_rng))
     dropout_rngs = dict(zip(state.trained, jax.random.split(dropout_rng, len(state.trained))))
 
     # Frozen participants run once, outside the differentiated function and under stop_gradient, so no

@@ -531,8 +531,11 @@ def init(planned: Plan, var_shardings: Mapping[str, PyTree], mesh: Mesh | None) 
 def check_loss(planned: Plan, trained: Mapping[str, ModelVariables], method_vars: MethodVars,
                frozen: Mapping[str, PyTree]) -> None:
     """Traces the method's loss once on abstract values (``jax.eval_shape``, no compute): raises every
-    shape, batch key, feature and participant error of the loss now, before training."""
+    shape, batch key, feature and participant error of the loss now, before training. A batch transform
+    (``Method.prepare``) is traced first, so its errors and the entries it adds are checked too."""
     def trace_loss(method_vars, outputs, batch, trained, frozen):
+        if planned.method.prepare is not None:
+            batch = planned.method.prepare(method_vars, batch, planned.method_rng)
         variables = {**frozen, **{n: v.variables() for n, v in trained.items()}}
         return planned.method.loss(method_vars, planned.loss_inputs(variables, outputs, batch), planned.method_rng)
 

@@ -46,8 +46,11 @@ TRAINED_ELSEWHERE = CONV_METHODS | {"adpa", "alm", "dac_kl", "distillm", "gkd", 
                                     "preference_kd", "sparse_token_kd", "token_kd"}
 # Methods that read two tokenizations of one text train in tests/test_cross_tokenizer.py (parallel rows).
 TWO_TOKENIZATIONS = {n for n, r in methods.REGISTRY.items() if r.inputs == "two_tokenizations"}
+# Batch transforms alone (mixup, cutmix, inception_crop) have no loss of their own: tests/test_batch_transforms.py
+# trains them in chains (function_matching, a transform chain with its loss, trains here).
+TRANSFORMS_ONLY = {"mixup", "cutmix", "inception_crop"}
 NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in TRAINED_ELSEWHERE else n
-         for n in sorted(set(methods.REGISTRY) - TWO_TOKENIZATIONS)]
+         for n in sorted(set(methods.REGISTRY) - TWO_TOKENIZATIONS - TRANSFORMS_ONLY)]
 
 
 def lm_fixtures(method):

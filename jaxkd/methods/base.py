@@ -12,6 +12,10 @@ A :class:`Method` is a small record of pure functions:
 * ``update(params, state, info) -> state`` — runs after the optimizer step (an EMA, a schedule).
 * ``predict(vars, student_outputs) -> logits`` (optional) — what evaluation scores, for methods that
   change inference (a second head combined with the first).
+* ``prepare(vars, batch, rng) -> batch`` (optional) — a transform of the training batch that *every*
+  participant sees (mixup, CutMix, an inception crop): the train step applies it inside the compiled
+  program before any forward pass, frozen teachers included, and never at evaluation. It is not
+  differentiated. A chain applies its members' transforms in order.
 
 and one record of what it needs, :class:`Needs` (``method.needs``):
 
@@ -401,8 +405,10 @@ class Method:
       terms: for a chain, its members (empty for a single method).
       needs: what the loss reads and trains (:class:`Needs`): participants, trained ones, labels, batch
         keys, a meta batch, the vocabulary relation. Checked when the train state is created.
+      prepare: ``(vars, batch, rng) -> batch``, a transform of the training batch applied before every
+        participant's forward pass (:mod:`jaxkd.methods.augment`), or ``None`` (the batch as it comes).
 
-    ``predict``, ``terms`` and ``needs`` are keyword-only. The former keywords ``needs_teacher``,
+    ``predict``, ``terms``, ``needs`` and ``prepare`` are keyword-only. The former keywords ``needs_teacher``,
     ``needs_labels``, ``batch_keys``, ``meta_prefix``, ``participants``, ``trained`` and
     ``cross_vocabulary`` still build the record (with a ``FutureWarning``), and reading them off a method
     forwards to :attr:`needs` (also warning).
@@ -416,6 +422,7 @@ class Method:
     predict: Callable[[MethodVars, Outputs], Array] | None = None
     terms: tuple["Method", ...] = ()
     needs: Needs = Needs()
+    prepare: Callable[[MethodVars, Mapping[str, Array], Array], Mapping[str, Array]] | None = None
 
     def __init__(
         self,
@@ -428,6 +435,7 @@ class Method:
         predict: Callable[[MethodVars, Outputs], Array] | None = None,
         terms: tuple["Method", ...] = (),
         needs: Needs = Needs(),
+        prepare: Callable[[MethodVars, Mapping[str, Array], Array], Mapping[str, Array]] | None = None,
         **former: Any,
     ):
         if not isinstance(needs, Needs):
@@ -442,11 +450,14 @@ class Method:
                 FutureWarning, stacklevel=2)
             needs = needs | _needs_of(**former)
         for field, value in (("name", name), ("loss", loss), ("init", init), ("update", update),
-                             ("weight", weight), ("predict", predict), ("terms", tuple(terms)), ("needs", needs)):
+                             ("weight", weight), ("predict", predict), ("terms", tuple(terms)), ("needs", needs),
+                             ("prepare", prepare)):
             object.__setattr__(self, field, value)
         if not self.terms:
             check_name(self.name)
         check_weight(self.weight)
+        if prepare is not None and not callable(prepare):
+            raise TypeError(f"Method(prepare=...) takes a function (vars, batch, rng) -> batch or None, got {prepare!r}")
 
     needs_teacher = _former_attribute("needs_teacher")
     needs_labels = _former_attribute("needs_labels")
@@ -598,6 +609,7 @@ def chain(*methods: Method, name: str = "chain") -> Method:
     ``"<member>/weight"`` the weight used when it is a schedule, and ``"loss"`` the weighted total.
     Nested chains are flattened; names must be unique (rename with ``method.named("kd2")``). The chain needs
     what its members need together (:meth:`Needs.merge`: members with different meta batches are refused).
+    Members' batch transforms (``prepare``) run in chain order, member ``i`` with key ``fold_in(rng, i)``.
     """
     flat: list[Method] = []
     for m in methods:
@@ -646,6 +658,7 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         return {m.name: m.update(params[m.name], state[m.name], info) for m in terms}
 
     needs = Needs().merge(*(m.needs for m in terms))  # refuses members with different meta batches
+    prepare = _composed_transforms(terms)
     predictors = [m for m in terms if m.predict is not None]
     if len(predictors) > 1:
         raise ValueError(
@@ -666,7 +679,23 @@ def chain(*methods: Method, name: str = "chain") -> Method:
         predict=predict,
         terms=terms,
         needs=needs,
+        prepare=prepare,
     )
+
+
+def _composed_transforms(terms: tuple[Method, ...]) -> Callable | None:
+    """The members' batch transforms applied in chain order (``None`` when no member has one); member ``i``
+    draws with ``fold_in(rng, i)``, so its draws do not depend on which other members transform the batch."""
+    transforms = [(i, m) for i, m in enumerate(terms) if m.prepare is not None]
+    if not transforms:
+        return None
+
+    def prepare(vars: MethodVars, batch: Mapping[str, Array], rng: Array) -> Mapping[str, Array]:
+        for i, m in transforms:
+            batch = m.prepare(MethodVars(vars.params[m.name], vars.state[m.name]), batch, jax.random.fold_in(rng, i))
+        return batch
+
+    return prepare
 
 
 def as_chain(method: Method | Sequence[Method]) -> Method:
