@@ -99,9 +99,21 @@ def test_checkpoint_round_trip_continues_like_the_uninterrupted_run(tmp_path):
                  jax.device_get(uninterrupted.student.params))
 
 
+def test_independent_start_is_a_second_initialization_averaged_in_as_theta_0():
+    # The official code's ema_model = create_model(ema=True): its own random initialization, which the warm-up's
+    # first update (d_1 = 1/2) averages with the student after its first step.
+    state = _state(methods.parse("ce + mean_teacher(start='independent')"))
+    ema_0, theta_0 = _ema_params(state), jax.device_get(state.student.params)
+    assert not np.allclose(jax.tree.leaves(ema_0)[0], jax.tree.leaves(theta_0)[0])
+    state, metrics = jaxkd.make_train_step()(state, BATCH)
+    assert float(metrics["mean_teacher"]) > 0  # two different networks disagree from the first step
+    expected = jax.tree.map(lambda e, t: 0.5 * e + 0.5 * t, ema_0, jax.device_get(state.student.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), _ema_params(state), expected)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"decay": 1.0}, "decay"), ({"decay": -0.1}, "decay"), ({"decay": float("nan")}, "decay"),
-    ({"consistency": "l1"}, "consistency"), ({"warmup": "yes"}, "warmup"),
+    ({"consistency": "l1"}, "consistency"), ({"warmup": "yes"}, "warmup"), ({"start": "teacher"}, "start"),
 ])
 def test_bad_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -14,10 +14,14 @@ from jaxkd.losses.logit.mean_teacher import CONSISTENCIES
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, StepInfo, Weight
 from jaxkd.methods.registry import register
 from jaxkd.participants import STUDENT
+from jaxkd.sharding import unbox
 
 __all__ = ["ema_decay", "ema_update", "mean_teacher"]
 
 PyTree = Any
+
+#: Where the average starts: the student's initial variables, or (the official code) its own initialization.
+STARTS = ("student", "independent")
 
 
 def ema_decay(step: jax.Array, decay: float, *, warmup: bool = True) -> jax.Array:
@@ -38,7 +42,7 @@ def ema_update(average: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
 
 
 @register(
-    "mean_teacher", example="decay=0.9",
+    "mean_teacher", example="decay=0.9, start='independent'",
     paper="Tarvainen & Valpola, *Mean teachers are better role models*, NeurIPS 2017",
     losses=("mean_teacher",),
     status="supported (EMA of the student's parameters in method state, official decay warm-up; one input view: "
@@ -49,6 +53,7 @@ def mean_teacher(
     decay: float = 0.999,
     consistency: str = "mse",
     warmup: bool = True,
+    start: str = "student",
     weight: Weight = 1.0,
     name: str = "mean_teacher",
 ) -> Method:
@@ -57,8 +62,12 @@ def mean_teacher(
     ``CuriousAI/mean-teacher`` (``pytorch/main.py``).
 
     The method state holds ``{"params": θ', **model_state}``: ``θ'`` the exponential moving average of the
-    student's parameters (float32), initialized to the student's *initial* parameters, and the EMA model's own
-    non-parameter collections (BatchNorm statistics). Each step:
+    student's parameters (float32), and the EMA model's own non-parameter collections (BatchNorm statistics).
+    ``start="student"`` (default) starts the average at the student's *initial* variables, so the first step's
+    consistency is 0 and, during the warm-up, ``θ'_k`` is the mean of ``θ_0..θ_k``; ``start="independent"`` is the
+    official code's: the EMA model is a second, independently initialized copy of the architecture
+    (``ema_model = create_model(ema=True)``, initialized here from the method's key), which the warm-up then
+    averages in as if it were ``θ_0``. Each step:
 
     * loss: the student's model is run again with ``θ'`` (gradient-stopped), **in train mode** as the official
       code runs its ``ema_model`` (``ema_model.train()``: BatchNorm normalizes with the batch's statistics, and
@@ -66,8 +75,8 @@ def mean_teacher(
       the student's); its logits are the target of :func:`jaxkd.losses.mean_teacher` (``consistency="mse"``,
       the squared error of the softmaxes over ``C``, the paper's and the official default; or ``"kl"``);
     * update (after the optimizer step ``k = 1, 2, …``): ``θ' ← d_k·θ' + (1 − d_k)·θ`` with
-      ``d_k = min(1 − 1/(k + 1), decay)`` (``warmup=True``, the official ``update_ema_variables``; so
-      ``θ'_k`` is the mean of ``θ_0..θ_k`` while ``1 − 1/(k + 1) < decay``), or ``d_k = decay``.
+      ``d_k = min(1 − 1/(k + 1), decay)`` (``warmup=True``, the official ``update_ema_variables``: the true mean
+      of everything averaged so far while ``1 − 1/(k + 1) < decay``), or ``d_k = decay``.
 
     The official code draws two augmentations of each image, one per model (``TransformTwice``); here both
     models see the batch's one view, and their noise is the dropout's (each forward draws its own). The
@@ -81,12 +90,17 @@ def mean_teacher(
     check_choice("consistency", consistency, CONSISTENCIES)
     if not isinstance(warmup, bool):
         raise ValueError(f"warmup must be True or False, got warmup={warmup!r}")
+    check_choice("start", start, STARTS)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
         student = inputs.student_variables
         if student is None:
             raise ValueError(f"{name!r} averages the student's parameters, but the step's inputs hold variables of "
                              f"{sorted(inputs.variables)}")
+        if start == "independent":  # the official second model: the same architecture, its own initialization
+            participant = inputs.participant(STUDENT, method=name)
+            x = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), participant.model_input(inputs.batch, name=STUDENT))
+            student = unbox(participant.model.init(rng, x))
         params = jax.tree.map(lambda p: jnp.array(p, jnp.float32), student["params"])
         model_state = {k: jax.tree.map(jnp.copy, v) for k, v in student.items() if k != "params"}
         return MethodVars(state={"params": params, **model_state})
