@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxkd.checks import check_choice, check_same_logits
 from jaxkd.losses.core import Array, is_masked, kl_from_log_probs, log_softmax, per_example_loss, probs
 
-__all__ = ["CONSISTENCIES", "mean_teacher"]
+__all__ = ["mean_teacher"]
 
 #: The consistency costs of the official code (``--consistency-type``): squared error of the softmaxes, or KL.
 CONSISTENCIES = ("mse", "kl")

@@ -17,7 +17,7 @@ from jaxkd.methods.features import module_apply, student_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
 
-__all__ = ["ByotHead", "byot"]
+__all__ = ["byot"]
 
 
 class ByotHead(nn.Module):
