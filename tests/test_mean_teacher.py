@@ -1,14 +1,16 @@
 """Mean teacher: the consistency cost against NumPy of the official formulas (CuriousAI/mean-teacher,
 pytorch/mean_teacher/losses.py), the EMA in the method state against its closed form after n jitted steps, the
-consistency term against the EMA model run by hand, and a checkpoint round trip equal to the uninterrupted run."""
+consistency term against the EMA model run by hand, the EMA model's BatchNorm statistics from its own forward, and a
+checkpoint round trip equal to the uninterrupted run."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
 
 import jaxkd
-from jaxkd import losses, methods
+from jaxkd import losses, methods, models
 from jaxkd.checkpoint import Checkpointer
 from tests.helpers import tiny_batch, tiny_models
 
@@ -109,6 +111,34 @@ def test_independent_start_is_a_second_initialization_averaged_in_as_theta_0():
     assert float(metrics["mean_teacher"]) > 0  # two different networks disagree from the first step
     expected = jax.tree.map(lambda e, t: 0.5 * e + 0.5 * t, ema_0, jax.device_get(state.student.params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), _ema_params(state), expected)
+
+
+class _BatchNormMLP(nn.Module):
+    """A tiny classifier with BatchNorm: the EMA model's running statistics are observable."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(6)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+        return nn.Dense(5)(nn.relu(x))
+
+
+def test_the_ema_models_batch_statistics_come_from_its_own_train_mode_forward():
+    # As the official ema_model.train() forward: BatchNorm's running averages of the EMA model are updated by its
+    # own forward on the batch (with the averaged parameters), not averaged from the student's.
+    model = models.from_linen(_BatchNormMLP(), name="bn_mlp")
+    state = jaxkd.create(student=model, method=methods.parse("ce + mean_teacher(decay=0.9)"), tx=optax.sgd(0.5),
+                         sample_batch=BATCH, rng=jax.random.PRNGKey(0))
+    step = jaxkd.make_train_step()
+    state, _ = step(state, BATCH)
+    ema = jax.device_get(state.method_vars.state["mean_teacher"])
+    state, _ = step(state, BATCH)
+    expected = model.apply({"params": ema["params"], "batch_stats": ema["batch_stats"]}, BATCH["image"],
+                           train=True).model_state["batch_stats"]
+    got = jax.device_get(state.method_vars.state["mean_teacher"]["batch_stats"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, expected)
+    student = jax.device_get(state.student.model_state["batch_stats"])
+    assert not np.allclose(jax.tree.leaves(student)[0], jax.tree.leaves(got)[0])  # the student's differ
 
 
 @pytest.mark.parametrize("kwargs, match", [
