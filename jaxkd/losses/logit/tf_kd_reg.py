@@ -42,8 +42,8 @@ def tf_kd_virtual_teacher(
 
         L = KL( softmax(p^d / T) ‖ softmax(z_s) ) / K          (class_mean=True)
 
-    Where the official code differs from the paper (whose Eq. 9 reads ``D_KL(p^d_τ, p_τ)``, both softened by
-    ``τ``), jaxkd follows the code:
+    Where the official code differs from the paper (which writes the regularizer as a KL between the virtual
+    teacher's and the student's distributions, both softened by the temperature), jaxkd follows the code:
 
     * the virtual teacher's *probabilities* ``p^d`` are fed to the softmax as if they were logits, at
       temperature ``T`` (``F.softmax(teacher_soft / T)``): with ``T = 20`` the target is nearly uniform, its
