@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import jaxkd
 from experiments import born_again
 
 TINY = [
@@ -22,15 +23,28 @@ def _rows(summary):
     return {r["run"]: r["top1_per_seed"] for r in summary["rows"]}
 
 
-def test_generations_resume_after_an_interruption_to_the_uninterrupted_results(tmp_path, monkeypatch):
-    uninterrupted = born_again.main(_args(tmp_path / "a"))
-    rows = _rows(uninterrupted)
+def test_generations_then_a_rerun_returns_the_same_results_without_training(tmp_path, monkeypatch):
+    first = born_again.main(_args(tmp_path / "a"))
+    rows = _rows(first)
     assert list(rows) == ["gen0", "gen1", "bane"]
     # An ensemble of one generation predicts what that generation predicts (computed by the ensemble's own
     # softmax-mean path, against the train state's evaluation).
     assert rows["bane"] == rows["gen1"]
     assert os.path.isdir(tmp_path / "a" / "generations" / "seed0" / "gen1")
+    # Re-running the command restores every finished generation from its checkpoint: no step runs again.
+    def no_steps(*args, **kwargs):
+        def step(*args, **kwargs):
+            raise AssertionError("a finished generation trained again")
+        return step
 
+    monkeypatch.setattr(jaxkd, "make_train_step", no_steps)
+    assert _rows(born_again.main(_args(tmp_path / "a"))) == rows
+
+
+@pytest.mark.slow  # 3 tiny pipelines (~20 s); the fast test above covers the pipeline and the resume of finished
+# generations, tests/test_resume.py the resume of an interrupted run inside Runner.fit.
+def test_generations_resume_after_an_interruption_to_the_uninterrupted_results(tmp_path, monkeypatch):
+    rows = _rows(born_again.main(_args(tmp_path / "a")))
     real_fit = born_again.distill.fit
 
     def killed_at_gen1(*args, run, **kwargs):
