@@ -5,8 +5,9 @@
     python -m experiments.born_again --set generations=2 --set "method=kd(temperature=1)"
 
 Furlanello, Lipton, Tschannen, Itti & Anandkumar, "Born-Again Neural Networks", ICML 2018. Per seed, generation 0
-is the student architecture trained from the labels (``first_method``, default ``ce``); generation ``k >= 1`` is a
-fresh student of the *same* architecture (its own initialization) trained with ``method``, whose participant
+is the student architecture trained from the labels (``first_method``, default ``ce``; initialized, fed and trained
+exactly as :mod:`experiments.distill`'s students, so with ``ce`` it is that script's ``scratch`` run); generation
+``k >= 1`` is a fresh student of the *same* architecture (its own initialization) trained with ``method``, whose participant
 ``"teacher"`` is generation ``k − 1`` frozen. Every generation trains on the same split (the config's
 ``labels_per_class`` subset), for ``steps`` steps, with the same optimizer. The table reports each generation's
 test top-1 after its last step (mean ± std over seeds, Δ against generation 0) and, with ``ensemble``, BANE:
@@ -156,9 +157,12 @@ def _run_experiment(cfg: BornAgainConfig, out_dir: str) -> dict[str, Any]:
                         if cfg.frozen_dtype != "float32":
                             variables = cast_params(variables, jnp.dtype(cfg.frozen_dtype))
                         participants = {TEACHER: jaxkd.Participant(as_teacher, variables, trains=False)}
+                    # Generation 0 starts exactly as experiments.distill's students (its `scratch` row, with
+                    # first_method="ce"); each later generation from its own initialization.
+                    rng = student_rng if generation == 0 else jax.random.fold_in(student_rng, generation)
                     with phases.phase("setup"):
                         state = jaxkd.create(student=student, method=method, tx=tx, participants=participants,
-                                             rng=jax.random.fold_in(student_rng, generation), sample_batch=sample,
+                                             rng=rng, sample_batch=sample,
                                              mesh=mesh)
                     run = f"gen{generation}"
                     config = {**shared, "run": run, "seed": seed, "method": text, "student": cfg.student,
