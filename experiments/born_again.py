@@ -7,8 +7,8 @@
 Furlanello, Lipton, Tschannen, Itti & Anandkumar, "Born-Again Neural Networks", ICML 2018. Per seed, generation 0
 is the student architecture trained from the labels (``first_method``, default ``ce``; initialized, fed and trained
 exactly as :mod:`experiments.distill`'s students, so with ``ce`` it is that script's ``scratch`` run); generation
-``k >= 1`` is a fresh student of the *same* architecture (its own initialization) trained with ``method``, whose participant
-``"teacher"`` is generation ``k − 1`` frozen. Every generation trains on the same split (the config's
+``k >= 1`` is a fresh student of the *same* architecture (its own initialization) trained with ``method``, whose
+participant ``"teacher"`` is generation ``k − 1`` frozen. Every generation trains on the same split (the config's
 ``labels_per_class`` subset), for ``steps`` steps, with the same optimizer. The table reports each generation's
 test top-1 after its last step (mean ± std over seeds, Δ against generation 0) and, with ``ensemble``, BANE:
 the born-again generations ``1..G`` ensembled by averaging their softmax outputs.
