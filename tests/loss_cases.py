@@ -171,4 +171,9 @@ CASES = [
     Case("mst_distill", lambda y: lambda s, t1, t2: losses.mst_distill(
         s, jnp.stack([t1, t2], axis=-2), np.array([[0.7, 0.3], [0.2, 0.8]] * 3), k=1, temperature=2.0, **NONE),
         num_logits=3, grad=(0, 1, 2)),
+    # Teachers that move: mean teacher's consistency, Tf-KD_reg's virtual teacher ---
+    Case("mean_teacher", lambda y: lambda s, t: losses.mean_teacher(s, t, **NONE)),
+    Case("mean_teacher", lambda y: lambda s, t: losses.mean_teacher(s, t, consistency="kl", **NONE)),
+    Case("tf_kd_virtual_teacher", lambda y: lambda s: losses.tf_kd_virtual_teacher(
+        s, y, correct_prob=0.8, temperature=0.7, **NONE), num_logits=1, grad=(0,)),
 ]
