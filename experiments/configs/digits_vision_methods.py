@@ -1,4 +1,4 @@
-"""The vision methods of issue-20's batch: batch transforms, teachers that move, routed and adversarial
+"""The vision methods added with published-teacher loading: batch transforms, teachers that move, routed and adversarial
 methods and torchdistill's remaining losses, on the default experiment's setting (digits, resnet20 -> resnet8,
 10 labels per class, 400 steps, 3 seeds), next to the scratch and KD baselines.
 
@@ -24,6 +24,10 @@ METHODS = {
     "cutmix_kd": "cutmix(alpha=1) + ce + kd(temperature=4)",  # CutMix's official alpha
     "inception_crop_kd": "inception_crop() + ce + kd(temperature=4)",  # big_vision's crop defaults
     "function_matching": "function_matching()",  # crop + flip + mixup, KL at T = 1, no labels
+    # Teachers that move (no trained teacher read).
+    "mean_teacher": "ce + 100 * mean_teacher(decay=0.97)",  # official CIFAR-10: consistency 100 (mse), EMA 0.97
+    "tf_kd_reg": "0.9 * ce + 10 * tf_kd_reg(temperature=20)",  # official ResNet-18/CIFAR-100: alpha 0.1, T 20, x100
+    "byot": "ce + byot",  # shallow classifiers on stage1-2, T 3, alpha 0.3, lambda 0.03 (authors' train.py)
     # Routed and adversarial.
     "mst_distill": "ce + mst_distill(teachers=('teacher', 'teacher2'))",  # official k = 1, T = 4
     "hard": "ce + kd(temperature=4) + hard(temperature=4)",
