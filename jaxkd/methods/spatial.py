@@ -15,11 +15,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["IDENTITY_AFFINE", "affine_warp", "reverse_gradient", "scale_gradient"]
 
 #: The ``[2, 3]`` affine matrix that leaves an image unchanged.
-IDENTITY_AFFINE = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], jnp.float32)
+# A NumPy constant: a jnp array here would start the XLA backend at import (before jax.distributed.initialize).
+IDENTITY_AFFINE = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
 
 
 @jax.custom_vjp

@@ -1,5 +1,5 @@
-"""KTA and affinity distillation (KTAAD) as methods: a student map through trainable 3x3 adapters against
-the teacher's map."""
+"""KTA distillation (the KT half of KTAAD) as a method: a student map through a trainable 3x3 adapter against
+the teacher's map; :mod:`jaxkd.methods.feature.affinity` is the affinity half."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from jaxkd.methods.features import feature_method
 from jaxkd.methods.registry import register
 from jaxkd.models.cifar_resnet import batch_norm
 
-__all__ = ["affinity", "kta"]
+__all__ = ["Adapter", "kta"]
 
 
 class Adapter(nn.Module):
@@ -73,20 +73,3 @@ def kta(
             raise ValueError(f"{n} must be a norm order >= 1, got {n}={v!r}")
     return feature_method(name, losses.kta, student_features=student_features, teacher_features=teacher_features,
                           connector=_adapter(True, name), weight=weight, p=p, q=q)
-
-
-@register("affinity", inputs="feature_maps", paper=_PAPER, losses=("affinity",), status=_STATUS)
-def affinity(
-    *,
-    student_features: str | tuple[str, ...] = "stage3",
-    teacher_features: str | tuple[str, ...] | None = None,
-    weight: Weight = 1.0,
-    name: str = "affinity",
-) -> Method:
-    """Affinity distillation (:func:`jaxkd.losses.affinity`): the student's map through the affinity
-    adapter (:class:`Adapter` without BN/ReLU: a 3x3 conv to the teacher's channels, a method parameter)
-    against the teacher's map: per channel, the spatial self-affinity matrices are matched. Same target
-    caveat as :func:`kta`.
-    """
-    return feature_method(name, losses.affinity, student_features=student_features,
-                          teacher_features=teacher_features, connector=_adapter(False, name), weight=weight)
