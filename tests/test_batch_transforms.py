@@ -251,6 +251,8 @@ def test_an_eight_device_step_equals_the_single_device_step():
                  jax.device_get(sharded.trainable), jax.device_get(single.trainable))
 
 
+# Slow (the suite's time): the transform inside the micro-batch scan; the fast tests cover the hook and the mix.
+@pytest.mark.slow
 def test_function_matching_trains_in_micro_batches():
     # The transform runs per micro-batch inside the scan; the crop and the mix change what the student sees.
     state = new_state("function_matching()")

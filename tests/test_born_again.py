@@ -23,6 +23,8 @@ def _rows(summary):
     return {r["run"]: r["top1_per_seed"] for r in summary["rows"]}
 
 
+# Slow (the suite's time): three tiny generations; each generation is a distill run (tests/test_experiment.py).
+@pytest.mark.slow
 def test_generations_then_a_rerun_returns_the_same_results_without_training(tmp_path, monkeypatch):
     first = born_again.main(_args(tmp_path / "a"))
     rows = _rows(first)

@@ -69,6 +69,8 @@ def test_reviewkd_features_of_the_config_exist_in_both_models():
                                                           (1, 7, 7, 512), (1, 512)]
 
 
+# Slow (the suite's time): the loader on mock imagenet2012 is in tests/test_imagenet_data.py.
+@pytest.mark.slow
 def test_experiment_streams_imagenet2012_from_tfds_mock_data(tmp_path):
     """The experiment on a streamed data set (tiny MLPs at 8x8 for speed): teacher, student, evaluation."""
     import tensorflow_datasets.testing as tfds_testing

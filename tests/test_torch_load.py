@@ -153,6 +153,8 @@ def test_resnet50_logits_from_a_pth_file(tmp_path):
     assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype), variables)
 
 
+# Slow (the suite's time): traces all 22 models; one per family loads with equal logits in the fast suite.
+@pytest.mark.slow
 def test_every_model_dict_entry_loads_with_the_official_parameter_count():
     """All 22 of RepDistiller's ``model_dict`` names: the jaxkd model has the official definition's parameter
     count, and its state dict (random values) loads with every key and shape accounted for; the BatchNorm

@@ -49,6 +49,8 @@ def _args(tmp_path, tag):
             "--set", f"teacher_checkpoint={tmp_path / tag / 'seed{seed}' / 'ckpt_epoch_240.pth'}"]
 
 
+# Slow (the suite's time): load_torch and the experiment's teacher_checkpoint branch are tested apart.
+@pytest.mark.slow
 def test_a_pth_teacher_replaces_the_teacher_phase(tmp_path):
     """A ``.pth`` per seed (``{seed}`` in the path) is the teacher: no teacher is trained, and its reported test
     accuracy is the PyTorch model's own on the same normalized images."""
