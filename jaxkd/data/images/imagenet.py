@@ -27,7 +27,6 @@ batch, drawing what one process would draw. Batches are ``{"image": float32 [b, 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 from jaxkd.batch import IMAGE, INDEX, LABEL, MASK
 from jaxkd.checks import check_int, check_number
 from jaxkd.data.grain_loader import GrainLoader, Position
+from jaxkd.data.images.loader import EpochOrders
 from jaxkd.data.images.normalization import IMAGENET_MEAN, IMAGENET_STD, _channel_values
 
 __all__ = ["ImageNetLoader", "center_crop_box", "imagenet_source", "random_resized_crop_box", "resized_size"]
@@ -115,7 +115,7 @@ def _resize(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, 
     return np.asarray(crop.resize((size[1], size[0]), Image.BILINEAR))
 
 
-class _ImageNetBatchMaker:
+class _ImageNetBatchMaker(EpochOrders):
     """The pure function ``(epoch, step) -> this process's part of the batch`` (picklable for Grain workers)."""
 
     def __init__(self, source, num_rows, *, batch_size, train, image_size, resize_size, scale, ratio, mean, std,
@@ -130,35 +130,6 @@ class _ImageNetBatchMaker:
         self.local_batch_size = batch_size // process_count
         self.lo = process_index * self.local_batch_size
         self._init_cache()
-
-    def _init_cache(self):
-        self._orders: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        del state["_orders"], state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_cache()
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            order = self._orders.get(epoch)
-        if order is not None:
-            return order
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_rows)
-        else:
-            order = np.arange(self.num_rows)
-        order.flags.writeable = False
-        with self._lock:
-            if len(self._orders) >= 2:
-                del self._orders[min(self._orders)]
-            self._orders[epoch] = order
-        return order
 
     def transform(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """One decoded uint8 image -> the normalized float32 ``[S, S, 3]`` crop (``rng``: train draws)."""

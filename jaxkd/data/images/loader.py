@@ -29,26 +29,14 @@ from jaxkd.data.images.sources import validate_labels
 __all__ = ["Loader"]
 
 
-class _BatchMaker:
-    """The pure function ``(epoch, step) -> this host's part of the batch``.
+class EpochOrders:
+    """The shuffled row order of each epoch, cached for the two epochs Grain's reader threads may build batches
+    of at once; picklable (the cache and its lock are rebuilt), so Grain worker processes get their own copy.
+    Subclasses set ``num_rows``, ``shuffle`` and ``seed`` and call :meth:`_init_cache`."""
 
-    It is what every Grain element is made by (``MapDataset.map_with_index``); it is picklable,
-    so Grain worker processes get their own copy.
-    """
-
-    def __init__(
-        self, images, labels, *, batch_size, mean, std, shuffle, seed, drop_remainder,
-        augment, pad, steps_per_epoch, process_index, process_count, with_index=False,
-    ):
-        self.images, self.labels = images, labels
-        self.with_index = with_index
-        self.batch_size = batch_size
-        self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
-        self.augment, self.pad, self.steps_per_epoch = augment, pad, steps_per_epoch
-        self.local_batch_size = batch_size // process_count
-        self.lo = process_index * self.local_batch_size  # this host's rows: lo:lo + local
-        self.normalize = _Normalizer(mean, std, *images.shape[2:])
-        self._init_cache()
+    num_rows: int
+    shuffle: bool
+    seed: int
 
     def _init_cache(self):
         # Grain's reader threads may build batches of two epochs at once: keep two orders.
@@ -69,17 +57,39 @@ class _BatchMaker:
             order = self._orders.get(epoch)
         if order is not None:
             return order
-        n = self.labels.shape[0]
         if self.shuffle:
-            order = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
+            order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_rows)
         else:
-            order = np.arange(n)
+            order = np.arange(self.num_rows)
         order.flags.writeable = False
         with self._lock:
             if len(self._orders) >= 2:
                 del self._orders[min(self._orders)]
             self._orders[epoch] = order
         return order
+
+
+class _BatchMaker(EpochOrders):
+    """The pure function ``(epoch, step) -> this host's part of the batch``.
+
+    It is what every Grain element is made by (``MapDataset.map_with_index``); it is picklable,
+    so Grain worker processes get their own copy.
+    """
+
+    def __init__(
+        self, images, labels, *, batch_size, mean, std, shuffle, seed, drop_remainder,
+        augment, pad, steps_per_epoch, process_index, process_count, with_index=False,
+    ):
+        self.images, self.labels = images, labels
+        self.num_rows = labels.shape[0]
+        self.with_index = with_index
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
+        self.augment, self.pad, self.steps_per_epoch = augment, pad, steps_per_epoch
+        self.local_batch_size = batch_size // process_count
+        self.lo = process_index * self.local_batch_size  # this host's rows: lo:lo + local
+        self.normalize = _Normalizer(mean, std, *images.shape[2:])
+        self._init_cache()
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         b, local, lo = self.batch_size, self.local_batch_size, self.lo

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxkd import losses
 from jaxkd.checks import check_in_range, check_int, check_nonnegative, check_temperature
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
-from jaxkd.methods.feature.ofa import SepConv, _conv_init, _dense_init, _stage_names, branch_heads, init_heads
+from jaxkd.methods.feature.ofa import _dense_init, _stage_names, branch_heads, init_heads, pooled_conv_branch
 from jaxkd.methods.features import module_apply, student_feature
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
@@ -38,14 +38,7 @@ class ByotHead(nn.Module):
     def __call__(self, x, *, train: bool):
         x = jnp.asarray(x, jnp.float32)
         if x.ndim == 4:
-            if self.downsamples == 0:
-                x = nn.Conv(self.width, (1, 1), kernel_init=_conv_init)(x)
-            channels = x.shape[-1]
-            for i in range(self.downsamples):
-                out = self.width if i == self.downsamples - 1 else 2 * channels
-                x = SepConv(out, name=f"sepconv{i}")(x, train=train)
-                channels = out
-            h = jnp.mean(x, axis=(1, 2))
+            h = pooled_conv_branch(x, self.width, self.downsamples, train=train)
         elif x.ndim == 2:
             h = nn.Dense(self.width, kernel_init=_dense_init)(x)
         else:

@@ -60,6 +60,21 @@ class TokenBlock(nn.Module):
         return x + y
 
 
+def pooled_conv_branch(x, width: int, downsamples: int, *, train: bool):
+    """A branch head's convolutional trunk on a ``[B, H, W, C]`` map, then global average pooling: a 1x1
+    convolution to ``width`` when ``downsamples == 0``, else ``downsamples`` stride-2 :class:`SepConv` blocks
+    doubling the channels, the last one to ``width``. Called inside a module's ``nn.compact`` method, so its
+    layers are that module's (``Conv_0``, ``sepconv{i}``)."""
+    if downsamples == 0:
+        x = nn.Conv(width, (1, 1), kernel_init=_conv_init)(x)
+    channels = x.shape[-1]
+    for i in range(downsamples):
+        out = width if i == downsamples - 1 else 2 * channels
+        x = SepConv(out, name=f"sepconv{i}")(x, train=train)
+        channels = out
+    return jnp.mean(x, axis=(1, 2))
+
+
 class BranchHead(nn.Module):
     """An OFA branch: an intermediate feature of any layout to ``num_classes`` logits.
 
@@ -81,14 +96,7 @@ class BranchHead(nn.Module):
     def __call__(self, x, *, train: bool):
         x = jnp.asarray(x, jnp.float32)
         if x.ndim == 4:
-            if self.downsamples == 0:
-                x = nn.Conv(self.width, (1, 1), kernel_init=_conv_init)(x)
-            channels = x.shape[-1]
-            for i in range(self.downsamples):
-                out = self.width if i == self.downsamples - 1 else 2 * channels
-                x = SepConv(out, name=f"sepconv{i}")(x, train=train)
-                channels = out
-            x = jnp.mean(x, axis=(1, 2))
+            x = pooled_conv_branch(x, self.width, self.downsamples, train=train)
         elif x.ndim == 3:
             x = nn.Dense(self.width, kernel_init=_dense_init)(x)
             heads = 4 if self.width % 4 == 0 else 1
