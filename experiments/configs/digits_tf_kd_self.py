@@ -6,23 +6,13 @@ the ResNet-18 self-teacher settings (α 0.95, T 6, multiplier 50) and K = 10, th
 jaxkd's batch-mean `kd` (which carries the T² itself).
 """
 
+import dataclasses
+
 from experiments.born_again import BornAgainConfig
+from experiments.configs import digits_born_again
 
 
 def get_config() -> BornAgainConfig:
-    return BornAgainConfig(
-        name="digits_tf_kd_self",
-        dataset="digits",
-        augment="shift",
-        student="resnet8",
-        labels_per_class=10,
-        steps=400,
-        lr=0.05,
-        batch_size=64,
-        generations=1,
-        first_method="ce",
-        method="0.05 * ce + 4.75 * kd(temperature=6)",
-        ensemble=False,
-        seeds=(0, 1, 2),
-        eval_every=50,
-    )
+    # The born-again setting (digits, resnet8, 10 labels per class, 400 steps, 3 seeds), one generation.
+    return dataclasses.replace(digits_born_again.get_config(), name="digits_tf_kd_self", generations=1,
+                               method="0.05 * ce + 4.75 * kd(temperature=6)", ensemble=False)
