@@ -72,6 +72,17 @@ def teacher_feature(inputs: LossInputs, name: str, *, method: str, participant: 
     return feature_of(inputs, participant, name, method=method, target=True)
 
 
+def embedding_pair(inputs: LossInputs, student: str, teacher: str, *, method: str) -> tuple[Array, Array]:
+    """The student's embedding ``student`` and the teacher's ``teacher`` (gradient-stopped), both ``[B, D]``: a
+    method that compares embeddings refuses feature maps with a ``ValueError`` naming both shapes."""
+    s = student_feature(inputs, student, method=method)
+    t = teacher_feature(inputs, teacher, method=method)
+    if s.ndim != 2 or t.ndim != 2:
+        raise ValueError(f"{method!r} compares embeddings [B, D], got student {tuple(s.shape)} and teacher "
+                         f"{tuple(t.shape)}")
+    return s, t
+
+
 def participant_variables(inputs: LossInputs, participant: str, *, method: str) -> Mapping[str, Any]:
     """``{"params": ..., ...}`` of participant ``participant`` from :attr:`LossInputs.variables` (frozen
     participants' variables are there too, gradient-stopped); the error lists who has variables."""

@@ -15,7 +15,7 @@ from jaxkd.losses.core import Array, to_float
 from jaxkd.inference import reduce_batches
 from jaxkd.methods.base import LossAux, LossInputs, Method, MethodVars, Needs, Weight
 from jaxkd.methods.feature.connectors import LinearConnector
-from jaxkd.methods.features import module_apply, module_init, student_feature, teacher_feature
+from jaxkd.methods.features import embedding_pair, module_apply, module_init
 from jaxkd.methods.registry import register
 from jaxkd.models.base import get_feature
 from jaxkd.participants import Participant
@@ -107,10 +107,7 @@ def nd(
     t_name = teacher_embedding or embedding
 
     def features(inputs: LossInputs):
-        s = student_feature(inputs, embedding, method=name)
-        t = teacher_feature(inputs, t_name, method=name)
-        if s.ndim != 2 or t.ndim != 2:
-            raise ValueError(f"{name!r} reads [B, D] embeddings; got student {tuple(s.shape)} and teacher {tuple(t.shape)}")
+        s, t = embedding_pair(inputs, embedding, t_name, method=name)
         if not online and t.shape[-1] != means.shape[-1]:
             raise ValueError(
                 f"{name!r}: the teacher embedding {t_name!r} has {t.shape[-1]} dims but class_means is {tuple(means.shape)}"

@@ -55,11 +55,7 @@ def pad_l2(
     t_name = student_feature if teacher_feature is None else teacher_feature
 
     def feats(inputs: LossInputs):
-        s = features.student_feature(inputs, student_feature, method=name)
-        t = features.teacher_feature(inputs, t_name, method=name)
-        if s.ndim != 2 or t.ndim != 2:
-            raise ValueError(f"{name!r} compares embeddings [B, D], got student {s.shape} and teacher {t.shape}")
-        return s, t
+        return features.embedding_pair(inputs, student_feature, t_name, method=name)
 
     def init(rng, inputs: LossInputs) -> MethodVars:
         s, t = feats(inputs)
