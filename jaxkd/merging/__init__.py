@@ -1,0 +1,8 @@
+"""Merging and fusion in parameter space (model soups, task arithmetic, TIES, DARE, SLERP, FuseChat, learned merges).
+
+Pure functions from parameter pytrees (a base and fine-tuned models with its structure) to one pytree.
+"""
+
+from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
+
+__all__ = ["check_count", "check_same_structure", "per_leaf_weights"]
