@@ -1,0 +1,497 @@
+"""Model merging on digits: experts fine-tuned from one base on disjoint class subsets, merged back into one
+model by every method of :mod:`jaxkd.merging`; print a table (offline, 2 CPU cores, a few minutes).
+
+    python -m experiments.merging                          # experiments/configs/digits_merging.py
+    python -m experiments.merging --set seeds=(0,) --set expert_steps=100
+    python -m experiments.merging --set "merges.ties_d05={'method': 'ties', 'density': 0.5}"
+
+Per seed:
+
+1. Data: scikit-learn's digits (the library's ``digits`` loader). ``val_per_class`` training images of every
+   class are held out as the validation split (the same for every seed, ``data_seed``); the rest is the
+   training split. Subset ``k`` of ``subsets`` (default ``{0,1,2}``, ``{3,4,5}``, ``{6,7,8,9}``) owns the
+   training images of its classes.
+2. The BASE: ``model`` (a small MLP) trained with cross-entropy on the whole training split for only
+   ``base_steps`` steps, so that it is a weak generalist.
+3. The EXPERTS: one copy of the base per subset, fine-tuned with cross-entropy on that subset's training
+   images for ``expert_steps`` steps. Every expert keeps the 10-way head, so it forgets the other classes.
+   The MULTITASK reference: the base fine-tuned on every subset jointly (the union of the subsets' images) for
+   ``multitask_steps`` steps (default: the experts' steps together).
+4. Every merge of ``merges`` (:mod:`jaxkd.merging`; nothing trains): the task-vector merges' scaling
+   ``λ`` (``merged = base + λ·(merge − base)``: task arithmetic's λ, TIES' λ) is grid-searched over
+   ``scale_grid`` on the validation split's accuracy, as is standard (Ilharco et al. 2023; Yadav et al. 2023)
+   — the chosen λ is reported. Then the learned merges:
+
+   * ``expert_merging`` (:mod:`jaxkd.merging.expert_merging`): layer-wise coefficients trained on unlabeled
+     calibration batches, ``calibration_per_subset`` training images of each subset (their labels unused);
+   * ``twin_merging`` (:mod:`jaxkd.merging.twin_merging`): the shared expert plus SVD-compressed exclusive
+     knowledge, merged per input by a router trained on the validation split (labeled by subset);
+   * ``scalearn`` (:mod:`jaxkd.merging.scalearn`): scaling coefficients of the experts learned for a target
+     task, here all ten classes, on a small labeled training subset (``scalearn.labels_per_class`` images per
+     class of the training split).
+
+5. Accuracy of every model on the test split: per subset (the test images of that subset's classes, argmax
+   over all ten classes) and overall, mean ± std over seeds, printed as a Markdown table and written to
+   ``results.md``/``results.json``.
+
+Resumable: every trained stage (base, experts, multitask, the learned merges) runs through
+:class:`experiments.runner.Runner` with its checkpoints under ``checkpoints/seed<seed>/<stage>`` and its
+final variables under ``stages/seed<seed>/<stage>``; each merge's scores are written to
+``merges/seed<seed>/<merge>.json``. Re-running the same command with the same ``--out`` reuses every finished
+stage and merge and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxkd
+from jaxkd import data, merging, methods, models
+from jaxkd.checkpoint import load_variables, save_variables
+
+from experiments import config as config_lib
+from experiments.run_log import PreemptionFlag
+from experiments.runner import Evaluation, Runner, entry_point, progress_bar, run_command
+from experiments.timing import Phases
+
+
+def _default_merges() -> dict[str, dict[str, Any]]:
+    return {
+        "linear": {"method": "linear"},
+        "task_arithmetic": {"method": "task_arithmetic", "scaled": True},
+        "ties": {"method": "ties", "density": 0.2, "scaled": True},
+        "dare": {"method": "dare", "density": 0.3, "scaled": True},
+        "dare_ties": {"method": "dare", "density": 0.3, "consensus": "ties", "scaled": True},
+        "breadcrumbs": {"method": "breadcrumbs", "density": 0.8, "gamma": 0.01, "scaled": True},
+        "della": {"method": "della", "density": 0.3, "epsilon": 0.1, "scaled": True},
+        "slerp": {"method": "slerp", "t": 0.5, "models": (0, 1)},
+        "variation_ratio": {"method": "variation_ratio", "scaled": True},
+        "sce": {"method": "sce", "select_topk": 0.1, "scaled": True},
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class MergingExperiment:
+    """One merging experiment (a config file's ``get_config()`` returns one).
+
+    Attributes:
+      name: the run folder's prefix.
+      dataset, data_dir: the image data set (``jaxkd.data.load_split``) and its TFDS folder.
+      model, model_kwargs: the architecture (``jaxkd.models.get``) of the base, experts and merges.
+      subsets: disjoint tuples of classes, one expert each.
+      val_per_class: training images per class held out as the validation split (λ search, the twin router).
+      base_steps, base_lr: the base's training on the whole training split (short: a weak generalist).
+      expert_steps, expert_lr: each expert's fine-tuning on its subset.
+      multitask_steps: the multitask reference's fine-tuning on every subset jointly (None: expert_steps times
+        the number of subsets, the experts' compute together).
+      batch_size, momentum, weight_decay: SGD with momentum and a cosine schedule, for every trained stage.
+      scale_grid: the λ candidates of the ``scaled`` merges.
+      merges: row name -> ``{"method": <jaxkd.merging function>, **its keyword arguments}``, plus
+        ``"scaled": True`` (λ searched) and, for two-model merges (slerp), ``"models": (i, j)``: the experts merged.
+      expert_merging: ``{"steps", "lr", "calibration_per_subset"}`` of the learned layer-wise merge, or ``{}``
+        to skip it.
+      twin_merging: ``{"rank", "steps", "lr"}`` of Twin-Merging's compression and router, or ``{}``.
+      scalearn: ``{"steps", "lr", "labels_per_class"}`` of ScaLearn's coefficients, or ``{}``.
+      seeds: every stage is repeated per seed (initialization, data order, DARE's drops).
+      data_seed: fixes the validation split and the calibration / ScaLearn subsets.
+    """
+
+    name: str = "digits_merging"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "mlp"
+    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"hidden_sizes": (64, 64)})
+    subsets: tuple = ((0, 1, 2), (3, 4, 5), (6, 7, 8, 9))
+    val_per_class: int = 10
+    base_steps: int = 40
+    base_lr: float = 0.05
+    expert_steps: int = 150
+    expert_lr: float = 0.02
+    multitask_steps: int | None = None
+    batch_size: int = 32
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scale_grid: tuple = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
+    merges: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_default_merges)
+    expert_merging: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"steps": 100, "lr": 0.01, "calibration_per_subset": 32})
+    twin_merging: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"rank": 8, "steps": 100, "lr": 0.01})
+    scalearn: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"steps": 100, "lr": 0.01, "labels_per_class": 5})
+    seeds: tuple = (0, 1, 2)
+    data_seed: int = 0
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    tensorboard: bool = True
+    out_dir: str = "runs"
+    compilation_cache: str | None = "default"
+
+    def check(self) -> None:
+        """Checks across fields (after every field's own)."""
+        classes = [c for s in self.subsets for c in s]
+        if len(self.subsets) < 2 or any(not s for s in self.subsets) or len(set(classes)) != len(classes):
+            raise ValueError(f"subsets must be at least two disjoint, non-empty tuples of classes, got "
+                             f"subsets={self.subsets!r}")
+        for name, spec in self.merges.items():
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("method"), str):
+                raise ValueError(f"merges[{name!r}] must be a dict with a 'method' (a jaxkd.merging function), "
+                                 f"got {spec!r}")
+        if not self.scale_grid or any(not isinstance(v, (int, float)) or v <= 0 for v in self.scale_grid):
+            raise ValueError(f"scale_grid must be positive numbers, got {self.scale_grid!r}")
+
+
+MergingExperiment.CHECKS = {
+    **{name: config_lib.at_least(1) for name in
+       ("base_steps", "expert_steps", "batch_size", "val_per_class", "eval_every")},
+    "multitask_steps": config_lib.optional(config_lib.at_least(1)), "checkpoint_every": config_lib.at_least(0),
+    "base_lr": config_lib.positive, "expert_lr": config_lib.positive, "weight_decay": config_lib.nonnegative,
+    "momentum": config_lib.check_momentum, "seeds": config_lib.check_seeds, "data_seed": config_lib.at_least(0),
+}
+
+#: The default run's config file.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits_merging.py")
+
+
+# ----- data -----
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    train: data.Split  # the training split less the validation images
+    val: data.Split
+    test: data.Split
+    mean: tuple
+    std: tuple
+    subsets: tuple  # tuples of classes
+
+    def of_subset(self, split: data.Split, k: int) -> data.Split:
+        return split.subset(np.flatnonzero(np.isin(split.labels, self.subsets[k])))
+
+    def arrays(self, split: data.Split) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, labels)``: the split normalized as the training loader normalizes it, in one batch."""
+        batch = next(iter(data.Loader(split.images, split.labels, batch_size=len(split), mean=self.mean,
+                                      std=self.std, shuffle=False, drop_remainder=False, num_epochs=1)))
+        return batch["image"], batch["label"]
+
+
+def load_data(cfg: MergingExperiment) -> Data:
+    train = data.load_split(cfg.dataset, "train", data_dir=cfg.data_dir)
+    test = data.load_split(cfg.dataset, "test", data_dir=cfg.data_dir)
+    mean, std = data.NORMALIZATION.get(cfg.dataset) or data.channel_stats(train.images)
+    held = data.subset_per_class(train.labels, cfg.val_per_class, cfg.data_seed)
+    rest = np.setdiff1d(np.arange(len(train)), held)
+    return Data(train.subset(rest), train.subset(held), test, mean, std, tuple(tuple(s) for s in cfg.subsets))
+
+
+# ----- scoring -----
+
+
+class Scorer:
+    """Accuracy of a parameter tree: per subset of the test split (10-way argmax) and overall; and the
+    validation split's overall accuracy (the λ search's criterion). One compiled forward for everything."""
+
+    def __init__(self, model: models.Model, dataset: Data, model_state: Mapping[str, Any]):
+        self.test_x, self.test_y = dataset.arrays(dataset.test)
+        self.val_x, self.val_y = dataset.arrays(dataset.val)
+        self.subsets = dataset.subsets
+        self.model_state = dict(model_state)
+        self._predict = jax.jit(lambda variables, x: jnp.argmax(model.apply(variables, x, train=False).logits, -1))
+
+    def predictions(self, params, x) -> np.ndarray:
+        return np.asarray(self._predict({"params": params, **self.model_state}, x))
+
+    def test(self, params) -> dict[str, float]:
+        return self.test_of_predictions(self.predictions(params, self.test_x))
+
+    def test_of_predictions(self, predicted: np.ndarray) -> dict[str, float]:
+        hit = predicted == self.test_y
+        out = {f"s{k}": float(hit[np.isin(self.test_y, s)].mean()) for k, s in enumerate(self.subsets)}
+        out["all"] = float(hit.mean())
+        return out
+
+    def validation(self, params) -> float:
+        return float((self.predictions(params, self.val_x) == self.val_y).mean())
+
+
+# ----- merges -----
+
+
+class MergeUnavailable(RuntimeError):
+    """The merge's function is not in this version of :mod:`jaxkd.merging`."""
+
+
+def merge_function(method: str) -> Callable:
+    fn = getattr(merging, method, None)
+    if fn is None:
+        raise MergeUnavailable(f"jaxkd.merging has no {method!r}")
+    return fn
+
+
+def call_merge(spec: Mapping[str, Any], base, experts: list, rng: jax.Array):
+    """The merge ``spec`` of the experts' parameters (around ``base``), by its function's signature: a
+    ``base`` argument gets the base, ``models`` the experts, ``weights`` one 1.0 per expert (linear's are
+    normalized to the uniform soup), ``rng`` a key; a two-model merge ``(a, b, t)`` gets ``spec["models"]``."""
+    fn = merge_function(spec["method"])
+    kwargs = {k: v for k, v in spec.items() if k not in ("method", "scaled", "models")}
+    params = inspect.signature(fn).parameters
+    chosen = [experts[i] for i in spec.get("models", range(len(experts)))]
+    if "a" in params and "b" in params:
+        if len(chosen) != 2:
+            raise ValueError(f"{spec['method']} merges two models: set 'models': (i, j) in its merges entry")
+        return fn(chosen[0], chosen[1], **kwargs)
+    if "base" in params:
+        kwargs["base"] = base
+    if "weights" in params and "weights" not in kwargs:
+        kwargs["weights"] = [1.0] * len(chosen)
+    if "rng" in params:
+        kwargs["rng"] = rng
+    return fn(models=chosen, **kwargs)
+
+
+def scaled(base, merged, scale: float):
+    """``base + scale · (merged − base)``, in float32."""
+    return jax.tree.map(lambda b, m: (b + scale * (m.astype(jnp.float32) - b)).astype(b.dtype), base, merged)
+
+
+def describe_merge(spec: Mapping[str, Any]) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("method", "scaled", "models"))
+    models_ = f" of experts {tuple(spec['models'])}" if "models" in spec else ""
+    return f"{spec['method']}({args}){models_}" + (" × λ" if spec.get("scaled") else "")
+
+
+# ----- the experiment -----
+
+
+def sgd(cfg: MergingExperiment, lr: float, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.cosine_decay_schedule(lr, steps)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(schedule, momentum=cfg.momentum)), schedule
+
+
+def stage_dir(out_dir: str, seed: int, stage: str) -> str:
+    return os.path.join(out_dir, "stages", f"seed{seed}", stage)
+
+
+def run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
+    with jax.default_prng_impl("rbg"):  # as experiments.distill: fast initialization compiles on CPU
+        return _run_experiment(cfg, out_dir)
+
+
+def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
+    started = time.time()
+    phases = Phases()
+    with phases.phase("data"):
+        dataset = load_data(cfg)
+    num_classes = dataset.train.num_classes
+    model = models.get(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+    ce = methods.parse("ce")
+    sample = {"image": dataset.arrays(dataset.val)[0][:cfg.batch_size],
+              "label": dataset.val.labels[:cfg.batch_size]}
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample["image"])
+    model_state = {k: v for k, v in abstract.items() if k != "params"}
+    if model_state:
+        raise ValueError(f"merging needs a model whose variables are its parameters; {cfg.model} also has "
+                         f"{sorted(model_state)} (batch statistics do not merge): use a model without them")
+    scorer = Scorer(model, dataset, {})
+    multitask_steps = cfg.multitask_steps or cfg.expert_steps * len(cfg.subsets)
+    total_steps = len(cfg.seeds) * (cfg.base_steps + len(cfg.subsets) * cfg.expert_steps + multitask_steps)
+    progress = progress_bar(total_steps)
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    extras: dict[str, list[Any]] = {}
+    skipped: dict[str, str] = {}
+    shared = {"dataset": cfg.dataset, "model": cfg.model, "model_kwargs": dict(cfg.model_kwargs),
+              "subsets": [list(s) for s in cfg.subsets], "val_per_class": cfg.val_per_class,
+              "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+              "data_seed": cfg.data_seed}
+
+    def record(row: str, scores: dict[str, float], extra: Any = None) -> None:
+        per_seed.setdefault(row, []).append(scores)
+        if extra is not None:
+            extras.setdefault(row, []).append(extra)
+
+    with PreemptionFlag() as preemption:
+        runner = Runner(out_dir, progress=progress, preemption=preemption, phases=phases, eval_every=cfg.eval_every,
+                        checkpoint_every=cfg.checkpoint_every, tensorboard=cfg.tensorboard)
+        evaluation = Evaluation(lambda state: {"accuracy": scorer.test(state.student.params)["all"]},
+                                prefix="test_", progress=("accuracy", ".3f"))
+
+        def train_stage(stage: str, seed: int, split: data.Split, steps: int, lr: float, init=None):
+            """The stage's parameters: loaded when finished, else trained (resumably) and saved."""
+            directory = stage_dir(out_dir, seed, stage)
+            if os.path.isdir(directory):
+                with phases.phase("checkpoints"):
+                    variables = load_variables(directory, abstract)
+                progress.update(steps)
+                return variables["params"]
+            tx, schedule = sgd(cfg, lr, steps)
+            rng = jax.random.fold_in(jax.random.PRNGKey(seed), zlib_hash(stage))
+            with phases.phase("setup"):
+                state = jaxkd.create(student=model, method=ce, tx=tx, sample_batch=sample, rng=rng,
+                                     student_variables=None if init is None else {"params": init})
+            loader = data.Loader(split.images, split.labels, batch_size=min(cfg.batch_size, len(split)),
+                                 mean=dataset.mean, std=dataset.std, shuffle=True, seed=seed, drop_remainder=True,
+                                 num_epochs=None, num_classes=num_classes)
+            config = {**shared, "stage": stage, "seed": seed, "steps": steps, "lr": lr, "examples": len(split),
+                      "init": None if init is None else jaxkd.checkpoint.fingerprint(init)["sha256"]}
+            state, _ = runner.fit(run=stage, seed=seed, state=state, loaders={"train": loader}, steps=steps,
+                                  lr_schedule=schedule, config=config, evaluation=evaluation)
+            variables = jax.device_get(state.student.variables())
+            with phases.phase("checkpoints"):
+                save_variables(directory, variables)
+            return variables["params"]
+
+        try:
+            for seed in cfg.seeds:
+                base = train_stage("base", seed, dataset.train, cfg.base_steps, cfg.base_lr)
+                experts = [train_stage(f"expert{k}", seed, dataset.of_subset(dataset.train, k), cfg.expert_steps,
+                                       cfg.expert_lr, init=base) for k in range(len(cfg.subsets))]
+                multitask = train_stage("multitask", seed, dataset.train, multitask_steps, cfg.expert_lr, init=base)
+                with phases.phase("evaluation"):
+                    record("base", scorer.test(base))
+                    for k, expert in enumerate(experts):
+                        record(f"expert{k}", scorer.test(expert))
+                    record("multitask", scorer.test(multitask))
+                for row, spec in cfg.merges.items():
+                    with phases.phase("evaluation"):
+                        result = cached_merge(out_dir, seed, row, spec, lambda: score_merge(
+                            cfg, spec, base, experts, scorer, jax.random.fold_in(jax.random.PRNGKey(seed), 7)))
+                    if "unavailable" in result:
+                        skipped[row] = result["unavailable"]
+                        continue
+                    record(row, result["scores"], result.get("scale"))
+                for row, learn in LEARNED.items():
+                    settings = getattr(cfg, row)
+                    if not settings:
+                        continue
+                    with phases.phase("evaluation"):
+                        result = cached_merge(out_dir, seed, row, dict(settings), lambda: learn(
+                            cfg, dataset, model, base, experts, scorer, seed, runner))
+                    if "unavailable" in result:
+                        skipped[row] = result["unavailable"]
+                        continue
+                    record(row, result["scores"])
+                jax.clear_caches()
+        finally:
+            runner.close()
+            progress.close()
+
+    summary = summarize(cfg, dataset, per_seed, extras, skipped, seconds=time.time() - started,
+                        multitask_steps=multitask_steps)
+    summary["time"] = phases.breakdown()
+    from experiments import report
+
+    report.write(out_dir, summary)
+    return summary
+
+
+def zlib_hash(text: str) -> int:
+    """A stable small integer of ``text`` (``hash`` of a str changes between processes)."""
+    import zlib
+
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def cached_merge(out_dir: str, seed: int, row: str, spec: Mapping[str, Any], compute: Callable[[], dict]) -> dict:
+    """The merge's result, read from ``merges/seed<seed>/<row>.json`` when written with the same spec, else
+    computed and written (atomically). A merge unavailable in this version of the library is not cached."""
+    path = os.path.join(out_dir, "merges", f"seed{seed}", f"{row}.json")
+    spec = json.loads(json.dumps(spec, default=str))
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("spec") == spec:
+            return cached
+    try:
+        result = compute()
+    except MergeUnavailable as e:
+        return {"unavailable": str(e)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({**result, "spec": spec}, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def score_merge(cfg: MergingExperiment, spec: Mapping[str, Any], base, experts: list, scorer: Scorer,
+                rng: jax.Array) -> dict[str, Any]:
+    """Test scores of one merge; with ``spec["scaled"]``, at the λ of ``scale_grid`` with the best validation
+    accuracy (the first of equals: the smallest)."""
+    merged = call_merge(spec, base, experts, rng)
+    if not spec.get("scaled"):
+        return {"scores": scorer.test(merged)}
+    accuracy = [scorer.validation(scaled(base, merged, s)) for s in cfg.scale_grid]
+    best = cfg.scale_grid[int(np.argmax(accuracy))]
+    return {"scores": scorer.test(scaled(base, merged, best)), "scale": float(best),
+            "val_accuracy": dict(zip(map(str, cfg.scale_grid), accuracy))}
+
+
+# ----- learned merges: row name -> (cfg, dataset, model, base, experts, scorer, seed, runner) -> result -----
+
+
+LEARNED: dict[str, Callable[..., dict[str, Any]]] = {}
+
+
+# ----- the table -----
+
+
+def summarize(cfg: MergingExperiment, dataset: Data, per_seed: dict, extras: dict, skipped: dict, *,
+              seconds: float, multitask_steps: int) -> dict[str, Any]:
+    names = [f"{{{','.join(map(str, s))}}}" for s in cfg.subsets]
+    keys = [f"s{k}" for k in range(len(cfg.subsets))] + ["all"]
+    header = ["run", "method", *(f"{n} (%)" for n in names), "all (%)", "λ (val)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
+    descriptions = {"base": f"ce, {cfg.base_steps} steps on all classes",
+                    "multitask": f"base + ce, {multitask_steps} steps on every subset jointly",
+                    **{f"expert{k}": f"base + ce, {cfg.expert_steps} steps on {n}" for k, n in enumerate(names)},
+                    **{row: describe_merge(spec) for row, spec in cfg.merges.items()},
+                    **{row: f"{row}({', '.join(f'{k}={v}' for k, v in getattr(cfg, row).items())})" for row in LEARNED}}
+    for row, scores in per_seed.items():
+        entry = {"run": row, "method": descriptions.get(row, row), "seeds": len(scores)}
+        cells = [row, f"`{entry['method']}`"]
+        for key in keys:
+            values = [100.0 * s[key] for s in scores]
+            mean = float(np.mean(values))
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            entry.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_per_seed": values})
+            cells.append(f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}")
+        scale = extras.get(row)
+        entry["scale_per_seed"] = scale
+        cells.append("" if not scale else ", ".join(f"{s:g}" for s in scale))
+        rows.append(entry)
+        lines.append("| " + " | ".join(cells) + " |")
+    subset_sizes = ", ".join(f"{n}: {int(np.isin(dataset.test.labels, s).sum())}" for n, s in
+                             zip(names, cfg.subsets))
+    caption = (f"{cfg.dataset}: {cfg.model} {dict(cfg.model_kwargs)}; base trained {cfg.base_steps} steps on "
+               f"{len(dataset.train)} training images (all classes), experts fine-tuned from it {cfg.expert_steps} "
+               f"steps each on their subset's images (10-way head kept). Test accuracy (%, 10-way argmax) on each "
+               f"subset's test images ({subset_sizes}) and on all {len(dataset.test)}, mean ± std over seeds "
+               f"{tuple(cfg.seeds)}. λ: the scaling of `× λ` merges, chosen per seed on the validation split "
+               f"({len(dataset.val)} held-out training images) from {tuple(cfg.scale_grid)}. Wall time "
+               f"{seconds / 60:.1f} min.")
+    if skipped:
+        caption += " Not run (not in this version of jaxkd.merging): " + "; ".join(
+            f"{row} ({why})" for row, why in skipped.items()) + "."
+    return {"rows": rows, "table": "\n".join(lines) + "\n\n" + caption, "seconds": seconds, "skipped": skipped,
+            "config": dataclasses.asdict(cfg)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_command(argv, run_experiment, description=__doc__, config_type=MergingExperiment,
+                       default_config=DEFAULT_CONFIG)
+
+
+if __name__ == "__main__":
+    # The importable module's classes, not __main__'s copies: config files import them from there.
+    from experiments import merging as merging_experiment
+
+    entry_point(merging_experiment.main)
