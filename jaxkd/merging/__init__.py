@@ -3,6 +3,29 @@
 Pure functions from parameter pytrees (a base and fine-tuned models with its structure) to one pytree.
 """
 
+from jaxkd.merging.sparsify import (
+    della_keep_probabilities,
+    della_mask,
+    magnitude_mask,
+    model_key,
+    outlier_mask,
+    random_mask,
+    rescale_kept,
+    sparsify_delta,
+)
+from jaxkd.merging.task_arithmetic import (
+    breadcrumbs,
+    dare,
+    della,
+    generalized_task_arithmetic,
+    linear,
+    task_arithmetic,
+    ties,
+)
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
 
-__all__ = ["check_count", "check_same_structure", "per_leaf_weights"]
+__all__ = ["check_count", "check_same_structure", "per_leaf_weights",
+           # task arithmetic family (jaxkd/merging/task_arithmetic.py, sparsify.py)
+           "linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "della", "generalized_task_arithmetic",
+           "magnitude_mask", "random_mask", "outlier_mask", "della_keep_probabilities", "della_mask",
+           "rescale_kept", "sparsify_delta", "model_key"]
