@@ -7,6 +7,7 @@ Models", 2024; github.com/arcee-ai/mergekit, ``merge_methods/slerp.py``), and Fu
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import jax
@@ -41,13 +42,14 @@ def slerp(a: PyTree, b: PyTree, t: Any, *, dot_threshold: float = 0.9995, eps: f
     are static Python floats); leaves of a concrete sharded ``a`` come back with ``a``'s sharding.
     """
     _check_two_models(a, b)
-    check_same_structure(a, [b], method="slerp", reference_name="a")
+    check_same_structure(a, [b], method="slerp", reference_name="a", names=["b"])
     check_number("slerp: dot_threshold", dot_threshold, low=0.0, high=1.0)
     check_number("slerp: eps", eps, low=0.0, low_open=True)
     (t_tree,) = per_leaf_weights([t], a, 1, method="slerp", name="t")
     for leaf in jax.tree_util.tree_leaves(t_tree):
         check_number("slerp: t", leaf)  # finite; extrapolation outside [0, 1] is allowed (see above)
-    return map_leaves(lambda x, y, s: _slerp_leaf(x, y, s, float(dot_threshold), float(eps)), a, b, t_tree)
+    return map_leaves(lambda x, y, s: like_base(_slerp_leaf(x, y, s, float(dot_threshold), float(eps)), x),
+                      a, b, t_tree)
 
 
 def _check_two_models(a: PyTree, b: PyTree) -> None:
@@ -71,13 +73,16 @@ def _safe_norm(x: jax.Array, eps: float) -> jax.Array:
     return jnp.where(big, jnp.sqrt(jnp.where(big, squared, 1.0)), 1.0)
 
 
+# One compiled kernel per leaf shape: called eagerly, a merge then compiles once per shape instead of once per
+# operation (and inside a caller's jit it is inlined). The put-back onto a's sharding happens outside it.
+@partial(jax.jit, static_argnums=(3, 4))
 def _slerp_leaf(x: Any, y: Any, t: Any, dot_threshold: float, eps: float) -> jax.Array:
     dtype = compute_dtype(x)
     u = jnp.asarray(x).astype(dtype)
     v = jnp.asarray(y).astype(dtype)
     t = jnp.asarray(t).astype(dtype)
     if u.size == 0:
-        return like_base((1 - t) * u + t * v, x)
+        return ((1 - t) * u + t * v).astype(x.dtype)
     # Normalise before multiplying so the dot product cannot overflow (as mergekit does).
     dot = jnp.clip(jnp.sum((u / _safe_norm(u, eps)) * (v / _safe_norm(v, eps))), -1.0, 1.0)
     linear = jnp.abs(dot) > dot_threshold
@@ -85,7 +90,7 @@ def _slerp_leaf(x: Any, y: Any, t: Any, dot_threshold: float, eps: float) -> jax
     sin_theta = jnp.sin(theta)
     coef_a = jnp.where(linear, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
     coef_b = jnp.where(linear, t, jnp.sin(t * theta) / sin_theta)
-    return like_base(coef_a * u + coef_b * v, x)
+    return (coef_a * u + coef_b * v).astype(x.dtype)
 
 
 __all__ = ["slerp"]
