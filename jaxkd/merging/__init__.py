@@ -24,8 +24,14 @@ from jaxkd.merging.task_arithmetic import (
 )
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
 
+# --- helper B: SLERP and FuseChat's merges (VaRM, SCE) ---
+from jaxkd.merging.fusechat import sce, variation_ratio, variation_ratio_weights
+from jaxkd.merging.slerp import slerp
+
 __all__ = ["check_count", "check_same_structure", "per_leaf_weights",
            # task arithmetic family (jaxkd/merging/task_arithmetic.py, sparsify.py)
            "linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "della", "generalized_task_arithmetic",
            "magnitude_mask", "random_mask", "outlier_mask", "della_keep_probabilities", "della_mask",
-           "rescale_kept", "sparsify_delta", "model_key"]
+           "rescale_kept", "sparsify_delta", "model_key",
+           # --- helper B ---
+           "sce", "slerp", "variation_ratio", "variation_ratio_weights"]
