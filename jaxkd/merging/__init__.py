@@ -4,5 +4,13 @@ Pure functions from parameter pytrees (a base and fine-tuned models with its str
 """
 
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
+# --- helper D: Twin-Merging and ScaLearn ---
+from jaxkd.merging.twin_merging import (LowRank, TwinRouter, TwinVectors, train_twin_router, twin_apply,
+                                        twin_compress, twin_merged_params, twin_router_features, twin_router_loss,
+                                        twin_router_weights)
+# --- end helper D ---
 
-__all__ = ["check_count", "check_same_structure", "per_leaf_weights"]
+__all__ = ["check_count", "check_same_structure", "per_leaf_weights",
+           # helper D
+           "LowRank", "TwinRouter", "TwinVectors", "train_twin_router", "twin_apply", "twin_compress",
+           "twin_merged_params", "twin_router_features", "twin_router_loss", "twin_router_weights"]
