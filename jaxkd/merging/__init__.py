@@ -8,9 +8,11 @@ from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weig
 from jaxkd.merging.twin_merging import (LowRank, TwinRouter, TwinVectors, train_twin_router, twin_apply,
                                         twin_compress, twin_merged_params, twin_router_features, twin_router_loss,
                                         twin_router_weights)
+from jaxkd.merging.scalearn import ScaLearnHead, scalearn_combine, scalearn_model, scalearn_omega
 # --- end helper D ---
 
 __all__ = ["check_count", "check_same_structure", "per_leaf_weights",
            # helper D
            "LowRank", "TwinRouter", "TwinVectors", "train_twin_router", "twin_apply", "twin_compress",
-           "twin_merged_params", "twin_router_features", "twin_router_loss", "twin_router_weights"]
+           "twin_merged_params", "twin_router_features", "twin_router_loss", "twin_router_weights",
+           "ScaLearnHead", "scalearn_combine", "scalearn_model", "scalearn_omega"]
