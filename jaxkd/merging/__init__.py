@@ -23,6 +23,12 @@ from jaxkd.merging.task_arithmetic import (
     ties,
 )
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
+# --- helper D: Twin-Merging and ScaLearn ---
+from jaxkd.merging.twin_merging import (LowRank, TwinRouter, TwinVectors, train_twin_router, twin_apply,
+                                        twin_compress, twin_merged_params, twin_router_features, twin_router_loss,
+                                        twin_router_weights)
+from jaxkd.merging.scalearn import ScaLearnHead, scalearn_combine, scalearn_model, scalearn_omega
+# --- end helper D ---
 
 # --- helper B: SLERP and FuseChat's merges (VaRM, SCE) ---
 from jaxkd.merging.fusechat import sce, variation_ratio, variation_ratio_weights
@@ -34,4 +40,8 @@ __all__ = ["check_count", "check_same_structure", "per_leaf_weights",
            "magnitude_mask", "random_mask", "outlier_mask", "della_keep_probabilities", "della_mask",
            "rescale_kept", "sparsify_delta", "model_key",
            # --- helper B ---
-           "sce", "slerp", "variation_ratio", "variation_ratio_weights"]
+           "sce", "slerp", "variation_ratio", "variation_ratio_weights",
+           # helper D
+           "LowRank", "TwinRouter", "TwinVectors", "train_twin_router", "twin_apply", "twin_compress",
+           "twin_merged_params", "twin_router_features", "twin_router_loss", "twin_router_weights",
+           "ScaLearnHead", "scalearn_combine", "scalearn_model", "scalearn_omega"]
