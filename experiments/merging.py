@@ -48,6 +48,7 @@ import inspect
 import json
 import os
 import time
+import zlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -60,6 +61,7 @@ from jaxkd import data, merging, methods, models
 from jaxkd.checkpoint import load_variables, save_variables
 
 from experiments import config as config_lib
+from experiments import report
 from experiments.run_log import PreemptionFlag
 from experiments.runner import Evaluation, Runner, entry_point, progress_bar, run_command
 from experiments.timing import Phases
@@ -113,7 +115,7 @@ class MergingExperiment:
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"hidden_sizes": (64, 64)})
     subsets: tuple = ((0, 1, 2), (3, 4, 5), (6, 7, 8, 9))
     val_per_class: int = 10
-    base_steps: int = 40
+    base_steps: int = 20
     base_lr: float = 0.05
     expert_steps: int = 150
     expert_lr: float = 0.02
@@ -121,11 +123,12 @@ class MergingExperiment:
     batch_size: int = 32
     momentum: float = 0.9
     weight_decay: float = 0.0
-    scale_grid: tuple = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
+    scale_grid: tuple = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.25, 1.5, 2.0)
     merges: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_default_merges)
     expert_merging: Mapping[str, Any] = dataclasses.field(
         default_factory=lambda: {"steps": 100, "lr": 0.01, "calibration_per_subset": 32})
-    twin_merging: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"rank": 8, "steps": 100, "lr": 0.01})
+    twin_merging: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"rank": 8, "scaling": 0.3, "steps": 200, "lr": 5e-3})
     scalearn: Mapping[str, Any] = dataclasses.field(
         default_factory=lambda: {"steps": 100, "lr": 0.01, "labels_per_class": 5})
     seeds: tuple = (0, 1, 2)
@@ -272,11 +275,6 @@ def describe_merge(spec: Mapping[str, Any]) -> str:
 # ----- the experiment -----
 
 
-def sgd(cfg: MergingExperiment, lr: float, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = optax.cosine_decay_schedule(lr, steps)
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(schedule, momentum=cfg.momentum)), schedule
-
-
 def stage_dir(out_dir: str, seed: int, stage: str) -> str:
     return os.path.join(out_dir, "stages", f"seed{seed}", stage)
 
@@ -286,6 +284,63 @@ def run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
         return _run_experiment(cfg, out_dir)
 
 
+@dataclasses.dataclass
+class Context:
+    """What every trained stage of a run shares."""
+
+    cfg: MergingExperiment
+    dataset: Data
+    model: models.Model
+    scorer: Scorer
+    runner: Runner
+    phases: Phases
+    out_dir: str
+    sample: dict
+    abstract: Any
+    shared: dict  # the settings every stage's checkpoint records
+
+    def train_stage(self, stage: str, seed: int, split: data.Split, steps: int, lr: float, init=None):
+        """The stage's parameters (``model`` trained with cross-entropy on ``split`` from ``init`` or a fresh
+        initialization): loaded when finished, else trained resumably and saved."""
+        directory = stage_dir(self.out_dir, seed, stage)
+        if os.path.isdir(directory):
+            with self.phases.phase("checkpoints"):
+                variables = load_variables(directory, self.abstract)
+            self.runner.progress.update(steps)
+            return variables["params"]
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash(stage))
+        config = {"init": None if init is None else jaxkd.checkpoint.fingerprint(init)["sha256"]}
+        evaluation = Evaluation(lambda state: {"accuracy": self.scorer.test(state.student.params)["all"]},
+                                prefix="test_", progress=("accuracy", ".3f"))
+        state = self.fit(stage, seed, self.model, None if init is None else {"params": init}, split, steps, lr,
+                         self.sgd(lr, steps), evaluation, config, rng)
+        variables = jax.device_get(state.student.variables())
+        with self.phases.phase("checkpoints"):
+            save_variables(directory, variables)
+        return variables["params"]
+
+    def sgd(self, lr: float, steps: int) -> optax.GradientTransformation:
+        """SGD with momentum, (coupled) weight decay and a cosine schedule: every stage's optimizer."""
+        return optax.chain(optax.add_decayed_weights(self.cfg.weight_decay),
+                           optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=self.cfg.momentum))
+
+    def fit(self, run: str, seed: int, model: models.Model, variables, split: data.Split, steps: int, lr: float,
+            tx: optax.GradientTransformation, evaluation: Evaluation, config: dict, rng: jax.Array):
+        """``model`` trained with cross-entropy on ``split`` for ``steps`` (resumably, through the runner)."""
+        cfg = self.cfg
+        with self.phases.phase("setup"):
+            state = jaxkd.create(student=model, method=methods.parse("ce"), tx=tx, sample_batch=self.sample, rng=rng,
+                                 student_variables=variables)
+        loader = data.Loader(split.images, split.labels, batch_size=min(cfg.batch_size, len(split)),
+                             mean=self.dataset.mean, std=self.dataset.std, shuffle=True, seed=seed,
+                             drop_remainder=True, num_epochs=None, num_classes=self.dataset.train.num_classes)
+        config = {**self.shared, **config, "run": run, "seed": seed, "steps": steps, "lr": lr, "examples": len(split)}
+        state, _ = self.runner.fit(run=run, seed=seed, state=state, loaders={"train": loader}, steps=steps,
+                                   lr_schedule=optax.cosine_decay_schedule(lr, steps), config=config,
+                                   evaluation=evaluation)
+        return state
+
+
 def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
     started = time.time()
     phases = Phases()
@@ -293,7 +348,6 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
         dataset = load_data(cfg)
     num_classes = dataset.train.num_classes
     model = models.get(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
-    ce = methods.parse("ce")
     sample = {"image": dataset.arrays(dataset.val)[0][:cfg.batch_size],
               "label": dataset.val.labels[:cfg.batch_size]}
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample["image"])
@@ -303,7 +357,9 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                          f"{sorted(model_state)} (batch statistics do not merge): use a model without them")
     scorer = Scorer(model, dataset, {})
     multitask_steps = cfg.multitask_steps or cfg.expert_steps * len(cfg.subsets)
-    total_steps = len(cfg.seeds) * (cfg.base_steps + len(cfg.subsets) * cfg.expert_steps + multitask_steps)
+    learned_steps = sum(getattr(cfg, row).get("steps", 0) for row in LEARNED_TRAINED)
+    total_steps = len(cfg.seeds) * (cfg.base_steps + len(cfg.subsets) * cfg.expert_steps + multitask_steps
+                                    + learned_steps)
     progress = progress_bar(total_steps)
     per_seed: dict[str, list[dict[str, float]]] = {}
     extras: dict[str, list[Any]] = {}
@@ -321,47 +377,21 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
     with PreemptionFlag() as preemption:
         runner = Runner(out_dir, progress=progress, preemption=preemption, phases=phases, eval_every=cfg.eval_every,
                         checkpoint_every=cfg.checkpoint_every, tensorboard=cfg.tensorboard)
-        evaluation = Evaluation(lambda state: {"accuracy": scorer.test(state.student.params)["all"]},
-                                prefix="test_", progress=("accuracy", ".3f"))
-
-        def train_stage(stage: str, seed: int, split: data.Split, steps: int, lr: float, init=None):
-            """The stage's parameters: loaded when finished, else trained (resumably) and saved."""
-            directory = stage_dir(out_dir, seed, stage)
-            if os.path.isdir(directory):
-                with phases.phase("checkpoints"):
-                    variables = load_variables(directory, abstract)
-                progress.update(steps)
-                return variables["params"]
-            tx, schedule = sgd(cfg, lr, steps)
-            rng = jax.random.fold_in(jax.random.PRNGKey(seed), zlib_hash(stage))
-            with phases.phase("setup"):
-                state = jaxkd.create(student=model, method=ce, tx=tx, sample_batch=sample, rng=rng,
-                                     student_variables=None if init is None else {"params": init})
-            loader = data.Loader(split.images, split.labels, batch_size=min(cfg.batch_size, len(split)),
-                                 mean=dataset.mean, std=dataset.std, shuffle=True, seed=seed, drop_remainder=True,
-                                 num_epochs=None, num_classes=num_classes)
-            config = {**shared, "stage": stage, "seed": seed, "steps": steps, "lr": lr, "examples": len(split),
-                      "init": None if init is None else jaxkd.checkpoint.fingerprint(init)["sha256"]}
-            state, _ = runner.fit(run=stage, seed=seed, state=state, loaders={"train": loader}, steps=steps,
-                                  lr_schedule=schedule, config=config, evaluation=evaluation)
-            variables = jax.device_get(state.student.variables())
-            with phases.phase("checkpoints"):
-                save_variables(directory, variables)
-            return variables["params"]
-
+        ctx = Context(cfg, dataset, model, scorer, runner, phases, out_dir, sample, abstract, shared)
         try:
             for seed in cfg.seeds:
-                base = train_stage("base", seed, dataset.train, cfg.base_steps, cfg.base_lr)
-                experts = [train_stage(f"expert{k}", seed, dataset.of_subset(dataset.train, k), cfg.expert_steps,
-                                       cfg.expert_lr, init=base) for k in range(len(cfg.subsets))]
-                multitask = train_stage("multitask", seed, dataset.train, multitask_steps, cfg.expert_lr, init=base)
+                base = ctx.train_stage("base", seed, dataset.train, cfg.base_steps, cfg.base_lr)
+                experts = [ctx.train_stage(f"expert{k}", seed, dataset.of_subset(dataset.train, k), cfg.expert_steps,
+                                           cfg.expert_lr, init=base) for k in range(len(cfg.subsets))]
+                multitask = ctx.train_stage("multitask", seed, dataset.train, multitask_steps, cfg.expert_lr,
+                                            init=base)
                 with phases.phase("evaluation"):
                     record("base", scorer.test(base))
                     for k, expert in enumerate(experts):
                         record(f"expert{k}", scorer.test(expert))
                     record("multitask", scorer.test(multitask))
                 for row, spec in cfg.merges.items():
-                    with phases.phase("evaluation"):
+                    with phases.phase("evaluation"):  # merging and scoring: nothing trains
                         result = cached_merge(out_dir, seed, row, spec, lambda: score_merge(
                             cfg, spec, base, experts, scorer, jax.random.fold_in(jax.random.PRNGKey(seed), 7)))
                     if "unavailable" in result:
@@ -369,12 +399,14 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                         continue
                     record(row, result["scores"], result.get("scale"))
                 for row, learn in LEARNED.items():
-                    settings = getattr(cfg, row)
+                    settings = dict(getattr(cfg, row))
                     if not settings:
                         continue
-                    with phases.phase("evaluation"):
-                        result = cached_merge(out_dir, seed, row, dict(settings), lambda: learn(
-                            cfg, dataset, model, base, experts, scorer, seed, runner))
+                    fresh = []
+                    result = cached_merge(out_dir, seed, row, settings,
+                                          lambda: fresh.append(True) or learn(ctx, settings, base, experts, seed))
+                    if not fresh and row in LEARNED_TRAINED:  # its steps were not run here
+                        progress.update(settings.get("steps", 0))
                     if "unavailable" in result:
                         skipped[row] = result["unavailable"]
                         continue
@@ -387,16 +419,12 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
     summary = summarize(cfg, dataset, per_seed, extras, skipped, seconds=time.time() - started,
                         multitask_steps=multitask_steps)
     summary["time"] = phases.breakdown()
-    from experiments import report
-
     report.write(out_dir, summary)
     return summary
 
 
-def zlib_hash(text: str) -> int:
+def stable_hash(text: str) -> int:
     """A stable small integer of ``text`` (``hash`` of a str changes between processes)."""
-    import zlib
-
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
@@ -434,10 +462,72 @@ def score_merge(cfg: MergingExperiment, spec: Mapping[str, Any], base, experts: 
             "val_accuracy": dict(zip(map(str, cfg.scale_grid), accuracy))}
 
 
-# ----- learned merges: row name -> (cfg, dataset, model, base, experts, scorer, seed, runner) -> result -----
+# ----- learned merges: row name -> fn(ctx, settings, base, experts, seed) -> {"scores": ..., ...} -----
 
 
-LEARNED: dict[str, Callable[..., dict[str, Any]]] = {}
+def subset_index(labels: np.ndarray, subsets: tuple) -> np.ndarray:
+    """Each label's subset (its expert's index); -1 for a class no subset has."""
+    index = np.full(len(labels), -1, np.int32)
+    for k, classes in enumerate(subsets):
+        index[np.isin(labels, classes)] = k
+    return index
+
+
+def twin_merging(ctx: Context, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
+    """Twin-Merging: the shared task-arithmetic merge (``scaling``) plus each expert's exclusive knowledge at rank
+    ``rank``, merged per test input by a router trained on the validation split's images to predict their subset
+    (:mod:`jaxkd.merging.twin_merging`); also reports the router's accuracy at picking the test image's subset."""
+    scorer, feature = ctx.scorer, settings.get("feature", "pooled")
+    with ctx.phases.phase("evaluation"):
+        twin = merging.twin_compress(base, experts, rank=settings["rank"], scaling=settings.get("scaling", 0.3))
+        task = subset_index(scorer.val_y, ctx.dataset.subsets)
+        keep = task >= 0
+        features = merging.twin_router_features(ctx.model, twin, scorer.val_x[keep], feature=feature)
+        router = merging.TwinRouter(num_experts=len(experts))
+        router_params = merging.train_twin_router(
+            router, features, task[keep], rng=jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash("router")),
+            steps=settings["steps"], learning_rate=settings["lr"])
+        logits = merging.twin_apply(ctx.model, twin, router, router_params, scorer.test_x, feature=feature)
+        routed = merging.twin_router_weights(
+            router, router_params, merging.twin_router_features(ctx.model, twin, scorer.test_x, feature=feature))
+    test_task = subset_index(scorer.test_y, ctx.dataset.subsets)
+    routing = float((np.argmax(np.asarray(routed), -1) == test_task)[test_task >= 0].mean())
+    return {"scores": scorer.test_of_predictions(np.argmax(np.asarray(logits), -1)), "router_test_accuracy": routing}
+
+
+def scalearn(ctx: Context, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
+    """ScaLearn (:func:`jaxkd.merging.scalearn_model`): the frozen experts' ``feature`` representations scaled by
+    learned ``ω`` and summed, then a new linear head; ``ω`` and the head trained with cross-entropy (Adam) on the
+    target task — all ten classes — from ``labels_per_class`` labeled training images per class."""
+    cfg, dataset = ctx.cfg, ctx.dataset
+    target = merging.scalearn_model([ctx.model] * len(experts), [{"params": e} for e in experts],
+                                    feature=settings.get("feature", "pooled"), num_classes=dataset.train.num_classes,
+                                    omega=settings.get("omega", "vector"))
+    split = dataset.train.subset(data.subset_per_class(dataset.train.labels, settings["labels_per_class"],
+                                                       cfg.data_seed))
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash("scalearn"))
+    predict = jax.jit(lambda variables, x: jnp.argmax(target.apply(variables, x, train=False).logits, -1))
+
+    def test(variables) -> dict[str, float]:
+        return ctx.scorer.test_of_predictions(np.asarray(predict(variables, ctx.scorer.test_x)))
+
+    evaluation = Evaluation(lambda state: {"accuracy": test(state.student.variables())["all"]}, prefix="test_",
+                            progress=("accuracy", ".3f"))
+    variables = target.init(rng, ctx.sample["image"])  # outside jit: the experts are not compiled in as constants
+    state = ctx.fit("scalearn", seed, target, variables, split, settings["steps"], settings["lr"],
+                    optax.adam(optax.cosine_decay_schedule(settings["lr"], settings["steps"])), evaluation,
+                    {"settings": settings}, rng)
+    return {"scores": test(jax.device_get(state.student.variables())), "examples": len(split)}
+
+
+def expert_merging(ctx: Context, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
+    raise MergeUnavailable("jaxkd.merging has no expert_merging")
+
+
+LEARNED: dict[str, Callable[..., dict[str, Any]]] = {
+    "expert_merging": expert_merging, "twin_merging": twin_merging, "scalearn": scalearn}
+#: The learned merges trained through the runner (their steps count on the progress bar).
+LEARNED_TRAINED = ("expert_merging", "scalearn")
 
 
 # ----- the table -----

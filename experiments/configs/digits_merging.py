@@ -12,7 +12,7 @@ def get_config() -> MergingExperiment:
         model_kwargs={"hidden_sizes": (64, 64)},
         subsets=((0, 1, 2), (3, 4, 5), (6, 7, 8, 9)),
         val_per_class=10,
-        base_steps=40,
+        base_steps=20,
         base_lr=0.05,
         expert_steps=150,
         expert_lr=0.02,
