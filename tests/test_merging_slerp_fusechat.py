@@ -100,8 +100,9 @@ def test_slerp_gradients_equal_mergekit_float64(case):
     ga, gb, gt = jax.grad(loss, argnums=(0, 1, 2))(a, b, t0)
     # d/dt by float64 central finite differences of mergekit's kernel.
     h = 1e-6
-    value = lambda t: float((torch.tensor(weights, dtype=torch.float64) * _torch_slerp64(a, b, t)[3]).sum())  # noqa: E731
-    fd = (value(t0 + h) - value(t0 - h)) / (2 * h)
+    w64 = torch.tensor(weights, dtype=torch.float64)
+    value = [float((w64 * _torch_slerp64(a, b, t)[3]).sum()) for t in (t0 + h, t0 - h)]
+    fd = (value[0] - value[1]) / (2 * h)
     np.testing.assert_allclose(gt, fd, rtol=1e-4, atol=1e-5)
     # d/da, d/db, d/dt by torch autograd through mergekit's kernel in float64.
     ta, tb, tt, out = _torch_slerp64(a, b, t0, requires_grad=True)
@@ -238,7 +239,8 @@ def test_bf16_in_bf16_out():
         want = merge(up(base), [up(m) for m in models])
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert g.dtype == jnp.bfloat16
-            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
+            np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                          np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
 
 
 def test_sharded_merges_equal_single_device_and_keep_sharding():

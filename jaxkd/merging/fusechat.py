@@ -118,8 +118,9 @@ def variance_topk_mask(deltas: jax.Array, fraction: float) -> jax.Array:
 
     ``k`` is computed in float32, as mergekit and the official code compute it (``count_nonzero`` returns a
     tensor, and an integer tensor times a Python float is a float32 tensor in PyTorch); in float64 it differs
-    for counts such as 90 · 0.7 (62 instead of 63). ``k`` depends on the values, so the top-k is a stable descending sort and a
-    rank test (jittable); ties in variance go to the earlier entry, where ``torch.topk`` leaves them unspecified.
+    for counts such as 90 · 0.7 (62 instead of 63). ``k`` depends on the values, so the top-k is a stable
+    descending sort and a rank test (jittable); ties in variance go to the earlier entry, where ``torch.topk``
+    leaves them unspecified.
     """
     variance = jnp.var(deltas, axis=0)
     flat = variance.reshape(-1)
