@@ -108,7 +108,9 @@ def _variation_ratio_weights_leaf(base_leaf, model_leaves):
 @jax.jit
 def _variation_ratio_leaf(base_leaf, model_leaves):
     deltas = _deltas(base_leaf, model_leaves)
-    merged = jnp.asarray(base_leaf).astype(deltas.dtype) + jnp.tensordot(mean_square_weights(deltas), deltas, 1)
+    weights = mean_square_weights(deltas).reshape((-1,) + (1,) * (deltas.ndim - 1))
+    # A broadcast product and a sum, not tensordot: a dot may run in TF32/bf16 passes on accelerators.
+    merged = jnp.asarray(base_leaf).astype(deltas.dtype) + jnp.sum(weights * deltas, axis=0)
     return merged.astype(jnp.result_type(base_leaf))
 
 
