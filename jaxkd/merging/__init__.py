@@ -5,4 +5,10 @@ Pure functions from parameter pytrees (a base and fine-tuned models with its str
 
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
 
-__all__ = ["check_count", "check_same_structure", "per_leaf_weights"]
+# --- helper B: SLERP and FuseChat's merges (VaRM, SCE) ---
+from jaxkd.merging.fusechat import sce, variation_ratio, variation_ratio_weights
+from jaxkd.merging.slerp import slerp
+
+__all__ = ["check_count", "check_same_structure", "per_leaf_weights",
+           # --- helper B ---
+           "sce", "slerp", "variation_ratio", "variation_ratio_weights"]

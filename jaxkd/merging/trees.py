@@ -33,16 +33,17 @@ def check_count(models: Sequence[PyTree], minimum: int, method: str) -> None:
 
 
 def check_same_structure(reference: PyTree, models: Sequence[PyTree], *, method: str,
-                         reference_name: str = "base") -> None:
+                         reference_name: str = "base", names: Sequence[str] | None = None) -> None:
     """Raise a ValueError naming the first path where a model's tree or a leaf's shape differs from the reference.
 
     The message names the path and, for a shape mismatch, both shapes, so a user merging two checkpoints of
-    different widths learns which layer disagrees.
+    different widths learns which layer disagrees. ``names`` (default ``models[i]``) are the models' names
+    in the message, e.g. ``["b"]`` for a two-argument merge.
     """
     ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference)
     for index, model in enumerate(models):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(model)
-        name = f"models[{index}]"
+        name = f"models[{index}]" if names is None else names[index]
         if treedef != ref_def:
             ref_paths = [_path(p) for p, _ in ref_leaves]
             paths = [_path(p) for p, _ in leaves]
