@@ -4,5 +4,9 @@ Pure functions from parameter pytrees (a base and fine-tuned models with its str
 """
 
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
+from jaxkd.merging.expert_merging import (chunk_plan, coefficients, expert_merging_model, expert_merging_participants,
+                                          expert_merging_variables, layer_importance, merged_params)
 
 __all__ = ["check_count", "check_same_structure", "per_leaf_weights"]
+__all__ += ["chunk_plan", "coefficients", "expert_merging_model", "expert_merging_participants",
+            "expert_merging_variables", "layer_importance", "merged_params"]
