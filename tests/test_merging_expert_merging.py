@@ -209,6 +209,21 @@ def test_gradient_matches_float64_central_differences(official):
         raw = {k: jnp.asarray(v, jnp.float64) + 0.1 * (np.arange(v.size).reshape(v.shape) - 1.5)
                for k, v in next(iter(variables["params"].values())).items()}
         f = jax.jit(lambda r: loss_of(method, linear_model(), variables, experts, batch, r))
+        if official:  # the official configuration's value by NumPy: λ = sigmoid(raw), T²·KL, MSE, L1 from λ₀
+            lam = 1.0 / (1.0 + np.exp(-as_vector(raw)))
+            dirs = directions(base, experts)
+            a = base["a"]["kernel"] + sum(l * da for l, (da, _) in zip(lam, dirs))
+            b = base["b"]["kernel"] + sum(l * db for l, (_, db) in zip(lam, dirs))
+            task = 0.0
+            for alpha, entry, e in zip((1.0, 2.0), ENTRIES, experts):
+                x, t = batch[entry], 2.0
+                s_logits, t_logits = x @ (a + b) / t, x @ (e["a"]["kernel"] + e["b"]["kernel"]) / t
+                log_q = s_logits - np.log(np.sum(np.exp(s_logits), axis=1, keepdims=True))
+                log_p = t_logits - np.log(np.sum(np.exp(t_logits), axis=1, keepdims=True))
+                kl = t * t * np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1))
+                task += alpha * (kl + np.mean((x @ a - x @ e["a"]["kernel"]) ** 2))
+            expected = task / 2 + 0.1 * np.sum(np.abs(lam - INIT)) / 3
+            np.testing.assert_allclose(float(f(raw)), expected, rtol=1e-10)
         grad = jax.grad(f)(raw)
         eps = 1e-6
         for k in raw:
