@@ -158,6 +158,18 @@ def test_merged_params_equal_base_plus_coefficient_weighted_task_vectors():
     np.testing.assert_allclose(merged["a"]["kernel"], a, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(merged["b"]["kernel"], b, rtol=1e-5, atol=1e-6)
     assert merged["a"]["kernel"].dtype == base["a"]["kernel"].dtype
+    # A bfloat16 base and experts: merged in float32 (τ formed there, not rounded in bf16), returned in bf16.
+    bf16 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), t)
+    variables16 = expert_merging_variables(bf16(base), [bf16(e) for e in experts], chunks=CHUNKS,
+                                           parametrization="linear")
+    variables16["params"]["coefficients"] = variables["params"]["coefficients"]
+    merged16 = merged_params(variables16)["b"]["kernel"]
+    up = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+    b16 = up(base["b"]["kernel"]) + sum(l * (up(e["b"]["kernel"]) - up(base["b"]["kernel"])) * (db != 0)
+                                        for l, e, (_, db) in zip(lam[2:], [experts[0], experts[0], experts[1], experts[1]],
+                                                                 directions(base, experts)[2:]))
+    assert merged16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(merged16, np.float64), up(b16), rtol=2.0**-8)  # one bf16 rounding
 
     # A leaf layer_of excludes stays at the base; a chunked group spans several leaves in name order; the
     # sigmoid parametrization starts at init.
