@@ -4,11 +4,13 @@ Pure functions from parameter pytrees (a base and fine-tuned models with its str
 """
 
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
+from jaxkd.merging.expert_merging import (chunk_plan, coefficients, expert_merging_model, expert_merging_participants,
+                                          expert_merging_variables, layer_importance, merged_params)
 
-# --- helper B: SLERP and FuseChat's merges (VaRM, SCE) ---
 from jaxkd.merging.fusechat import sce, variation_ratio, variation_ratio_weights
 from jaxkd.merging.slerp import slerp
 
 __all__ = ["check_count", "check_same_structure", "per_leaf_weights",
-           # --- helper B ---
-           "sce", "slerp", "variation_ratio", "variation_ratio_weights"]
+           "sce", "slerp", "variation_ratio", "variation_ratio_weights",
+           "chunk_plan", "coefficients", "expert_merging_model", "expert_merging_participants",
+           "expert_merging_variables", "layer_importance", "merged_params"]
