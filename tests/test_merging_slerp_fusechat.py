@@ -100,8 +100,9 @@ def test_slerp_gradients_equal_mergekit_float64(case):
     ga, gb, gt = jax.grad(loss, argnums=(0, 1, 2))(a, b, t0)
     # d/dt by float64 central finite differences of mergekit's kernel.
     h = 1e-6
-    value = lambda t: float((torch.tensor(weights, dtype=torch.float64) * _torch_slerp64(a, b, t)[3]).sum())  # noqa: E731
-    fd = (value(t0 + h) - value(t0 - h)) / (2 * h)
+    w64 = torch.tensor(weights, dtype=torch.float64)
+    value = [float((w64 * _torch_slerp64(a, b, t)[3]).sum()) for t in (t0 + h, t0 - h)]
+    fd = (value[0] - value[1]) / (2 * h)
     np.testing.assert_allclose(gt, fd, rtol=1e-4, atol=1e-5)
     # d/da, d/db, d/dt by torch autograd through mergekit's kernel in float64.
     ta, tb, tt, out = _torch_slerp64(a, b, t0, requires_grad=True)
@@ -165,6 +166,41 @@ def test_sce_equals_mergekit(shape, count, select_topk):
                                _mergekit("sce", [base, *models], select_topk=select_topk), rtol=1e-5, atol=1e-6)
 
 
+def _official_fusechat_sce(base, models, select_topk):
+    """The official SCE computation, transcribed with torch from FuseAI's FuseChat/mergekit/mergekit/merge_methods/
+    sce_merging.py (commit 6bad19c0; get_sce_mask, get_sce_weight, get_erase_mask, SCETask.execute): the
+    selection only enters the weights; erase and the mean use the whole updates; a zero divisor becomes 1."""
+    base = torch.tensor(base)
+    deltas = torch.stack([torch.tensor(m) - base for m in models])
+    selected = deltas
+    if select_topk < 1:
+        variance = torch.var(deltas, dim=0, unbiased=False)
+        k = int(select_topk * torch.count_nonzero(variance))
+        mask = torch.zeros_like(variance)
+        if k > 0:
+            mask.view(-1)[torch.topk(variance.abs().view(-1), k=k).indices] = 1
+        selected = deltas * mask
+    weights = [float(torch.sum(d ** 2)) / d.numel() for d in selected]
+    weights = [1 / len(weights)] * len(weights) if sum(weights) == 0 else [w / sum(weights) for w in weights]
+    weights = torch.tensor(weights).reshape((-1,) + (1,) * base.ndim)
+    majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+    erased = weights * (deltas.sign() == majority)
+    divisor = erased.sum(dim=0)
+    divisor[divisor == 0] = 1
+    return (base + (deltas * erased).sum(dim=0) / divisor).numpy()
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_fusechat_variant_equals_the_official_code(select_topk):
+    rng = np.random.default_rng(9)
+    base = _randn(rng, (3, 4))
+    models = [base + _randn(rng, (3, 4), 0.5) for _ in range(3)]
+    got = sce(base, models, select_topk=select_topk, variant="fusechat")
+    np.testing.assert_allclose(got, _official_fusechat_sce(base, models, select_topk), rtol=1e-5, atol=1e-6)
+    if select_topk < 1:  # the two variants differ once something is deselected
+        assert np.abs(got - np.asarray(sce(base, models, select_topk=select_topk))).max() > 1e-2
+
+
 def test_sce_selects_k_in_float32_as_mergekit():
     # 90 nonzero variances, select_topk 0.7: k = int(90 · 0.7) is 63 in float32 (mergekit's arithmetic: a
     # count tensor times a Python float is a float32 tensor) and 62 in float64 (62.99999999999999).
@@ -203,7 +239,8 @@ def test_bf16_in_bf16_out():
         want = merge(up(base), [up(m) for m in models])
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             assert g.dtype == jnp.bfloat16
-            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
+            np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                          np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
 
 
 def test_sharded_merges_equal_single_device_and_keep_sharding():
@@ -221,10 +258,13 @@ def test_sharded_merges_equal_single_device_and_keep_sharding():
     }
     for name, merge in merges.items():
         expected = merge(base, models)
-        for got in (merge(sharded_base, sharded_models), jax.jit(merge)(sharded_base, sharded_models)):
-            for g, e, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), jax.tree.leaves(sharded_base)):
-                np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6, err_msg=name)
-                assert g.sharding.is_equivalent_to(b.sharding, b.ndim), name
+        eager, jitted = merge(sharded_base, sharded_models), jax.jit(merge)(sharded_base, sharded_models)
+        for g, j, e, b in zip(*map(jax.tree.leaves, (eager, jitted, expected, sharded_base))):
+            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(j, e, rtol=1e-6, atol=1e-6, err_msg=name)
+            assert g.sharding == b.sharding, name  # eager: put back exactly where the base leaf lives
+            # Under jit the compiler picks the layout (P() for P(None, None, None)): the same placement.
+            assert j.sharding.is_equivalent_to(b.sharding, b.ndim), name
 
 
 # --- bad input --------------------------------------------------------------------------------------------
@@ -264,5 +304,7 @@ def test_errors():
     for bad in (0, 0.0, -0.2, 1.5, float("nan")):
         with pytest.raises(ValueError, match="select_topk"):
             sce(a, [b, b], select_topk=bad)
+    with pytest.raises(ValueError, match=r"sce: variant must be one of \('mergekit', 'fusechat'\)"):
+        sce(a, [b, b], variant="official")
     with pytest.raises(ValueError, match="select_topk must be a Python float"):
         jax.jit(lambda k: sce(a, [b, b], select_topk=k))(0.5)

@@ -44,13 +44,16 @@ LM_METHODS = {n for n, r in methods.REGISTRY.items() if r.inputs in ("tokens", "
 # against closed forms through their jitted losses in tests/test_lm_methods.py.)
 TRAINED_ELSEWHERE = CONV_METHODS | {"adpa", "alm", "dac_kl", "distillm", "gkd", "llava_mod", "lm_ce", "minillm",
                                     "preference_kd", "sparse_token_kd", "token_kd"}
+# Methods whose student is a merged model (its only parameters are merge coefficients, jaxkd.merging), not the
+# plain MLP here: tests/test_merging_expert_merging.py trains expert_merging in the jitted step.
+MERGED_STUDENT = {"expert_merging"}
 # Methods that read two tokenizations of one text train in tests/test_cross_tokenizer.py (parallel rows).
 TWO_TOKENIZATIONS = {n for n, r in methods.REGISTRY.items() if r.inputs == "two_tokenizations"}
 # Batch transforms alone (mixup, cutmix, inception_crop) have no loss of their own: tests/test_batch_transforms.py
 # trains them in chains (function_matching, a transform chain with its loss, trains here).
 TRANSFORMS_ONLY = {"mixup", "cutmix", "inception_crop"}
 NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in TRAINED_ELSEWHERE else n
-         for n in sorted(set(methods.REGISTRY) - TWO_TOKENIZATIONS - TRANSFORMS_ONLY)]
+         for n in sorted(set(methods.REGISTRY) - TWO_TOKENIZATIONS - TRANSFORMS_ONLY - MERGED_STUDENT)]
 
 
 def lm_fixtures(method):

@@ -29,8 +29,9 @@ from jaxkd.merging.twin_merging import (LowRank, TwinRouter, TwinVectors, train_
                                         twin_router_weights)
 from jaxkd.merging.scalearn import ScaLearnHead, scalearn_combine, scalearn_model, scalearn_omega
 # --- end helper D ---
+from jaxkd.merging.expert_merging import (chunk_plan, coefficients, expert_merging_model, expert_merging_participants,
+                                          expert_merging_variables, layer_importance, merged_params)
 
-# --- helper B: SLERP and FuseChat's merges (VaRM, SCE) ---
 from jaxkd.merging.fusechat import sce, variation_ratio, variation_ratio_weights
 from jaxkd.merging.slerp import slerp
 
@@ -44,4 +45,7 @@ __all__ = ["check_count", "check_same_structure", "per_leaf_weights",
            # helper D
            "LowRank", "TwinRouter", "TwinVectors", "train_twin_router", "twin_apply", "twin_compress",
            "twin_merged_params", "twin_router_features", "twin_router_loss", "twin_router_weights",
-           "ScaLearnHead", "scalearn_combine", "scalearn_model", "scalearn_omega"]
+           "ScaLearnHead", "scalearn_combine", "scalearn_model", "scalearn_omega",
+           # Expert Merging
+           "chunk_plan", "coefficients", "expert_merging_model", "expert_merging_participants",
+           "expert_merging_variables", "layer_importance", "merged_params"]

@@ -2,13 +2,15 @@
 
 * VaRM — Wan, Yang, Zhong, Quan, Huang, Bi, "FuseChat: Knowledge Fusion of Chat Models" (arXiv 2402.16107,
   2024; its first version was titled "Knowledge Fusion of Chat LLMs: A Preliminary Technical Report").
-  Official code: github.com/fanqiwan/FuseAI, ``FuseChat/merge/VaRM/{analysis,merge}.py`` (``merge_type
-  "square"``, ``merge_method "avg_param"``: one weight per parameter tensor).
+  Official code: github.com/fanqiwan/FuseAI (read at its mirror 18907305772/FuseAI, commit 41359744),
+  ``FuseChat/merge/VaRM/{analysis,merge}.py`` with ``merge_type "square"`` and ``merge_method
+  "avg_param"`` (one weight per parameter tensor), as its README runs them.
 * SCE — Wan, Zhong, Yang, Chen, Quan, "FuseChat: Knowledge Fusion of Chat Models" (arXiv 2408.07990, 2024;
-  EMNLP 2025), the report behind FuseChat-7B-v2.0. Official code: ``FuseChat/mergekit/mergekit/
-  merge_methods/sce_merging.py`` in the same repository; mergekit 0.1.5 ships it as ``sce``
-  (``merge_methods/sce.py``), which jaxkd follows. (FuseChat-3.0, 2025, is a preference-optimisation recipe,
-  not a merge.)
+  EMNLP 2025), the report behind FuseChat-7B-v2.0 (merged with ``select_topk: 0.1`` in bf16,
+  ``FuseChat/mergekit/fusechat_configs/fusechat-sce.yml``). Official code: ``FuseChat/mergekit/mergekit/
+  merge_methods/sce_merging.py`` in the same repository (commit 6bad19c0); mergekit 0.1.5 ships it as ``sce``
+  (``merge_methods/sce.py``), which jaxkd follows. (FuseChat-3.0, Yang et al. 2025, arXiv 2503.04222, fuses
+  by SFT and DPO, not by merging parameters.)
 
 Each merge takes a ``base`` parameter pytree (the pivot the targets were fine-tuned from) and ``models`` with
 its structure; per leaf, τᵢ = θᵢ − θ₀ is model i's update. Merges compute in float32 (float64 for float64
@@ -24,7 +26,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxkd.checks import check_number, is_concrete
+from jaxkd.checks import check_choice, check_number, is_concrete
 from jaxkd.merging.consensus import agreement_mask
 from jaxkd.merging.trees import check_count, check_same_structure, compute_dtype, like_base, map_leaves
 
@@ -106,7 +108,9 @@ def _variation_ratio_weights_leaf(base_leaf, model_leaves):
 @jax.jit
 def _variation_ratio_leaf(base_leaf, model_leaves):
     deltas = _deltas(base_leaf, model_leaves)
-    merged = jnp.asarray(base_leaf).astype(deltas.dtype) + jnp.tensordot(mean_square_weights(deltas), deltas, 1)
+    weights = mean_square_weights(deltas).reshape((-1,) + (1,) * (deltas.ndim - 1))
+    # A broadcast product and a sum, not tensordot: a dot may run in TF32/bf16 passes on accelerators.
+    merged = jnp.asarray(base_leaf).astype(deltas.dtype) + jnp.sum(weights * deltas, axis=0)
     return merged.astype(jnp.result_type(base_leaf))
 
 
@@ -116,8 +120,9 @@ def variance_topk_mask(deltas: jax.Array, fraction: float) -> jax.Array:
 
     ``k`` is computed in float32, as mergekit and the official code compute it (``count_nonzero`` returns a
     tensor, and an integer tensor times a Python float is a float32 tensor in PyTorch); in float64 it differs
-    for counts such as 90 · 0.7 (62 instead of 63). ``k`` depends on the values, so the top-k is a stable descending sort and a
-    rank test (jittable); ties in variance go to the earlier entry, where ``torch.topk`` leaves them unspecified.
+    for counts such as 90 · 0.7 (62 instead of 63). ``k`` depends on the values, so the top-k is a stable
+    descending sort and a rank test (jittable); ties in variance go to the earlier entry, where ``torch.topk``
+    leaves them unspecified.
     """
     variance = jnp.var(deltas, axis=0)
     flat = variance.reshape(-1)
@@ -128,8 +133,8 @@ def variance_topk_mask(deltas: jax.Array, fraction: float) -> jax.Array:
     return keep.reshape(variance.shape).astype(deltas.dtype)
 
 
-def sce(base: PyTree, models: Sequence[PyTree], *, select_topk: float = 1.0) -> PyTree:
-    """FuseChat v2's SCE merge (Select, Calculate, Erase), per leaf, as mergekit 0.1.5's ``sce_merge``:
+def sce(base: PyTree, models: Sequence[PyTree], *, select_topk: float = 1.0, variant: str = "mergekit") -> PyTree:
+    """FuseChat v2's SCE merge (Select, Calculate, Erase), per leaf; by default as mergekit 0.1.5's ``sce_merge``:
 
     1. **Select**: with ``select_topk < 1``, zero every update outside the ``select_topk`` fraction of
        entries with the largest variance across models (:func:`variance_topk_mask`).
@@ -138,33 +143,41 @@ def sce(base: PyTree, models: Sequence[PyTree], *, select_topk: float = 1.0) -> 
        :func:`jaxkd.merging.consensus.agreement_mask`) and drop the updates of the other sign.
     4. Disjoint mean: ``θ = θ₀ + Σᵢ wᵢ mᵢ τᵢ / max(Σᵢ wᵢ mᵢ, 1e-6)`` with ``mᵢ`` the agreement mask.
 
+    ``variant="fusechat"`` follows the official FuseChat code instead (``sce_merging.py``), which produced
+    FuseChat-7B-v2.0: the selection only decides the weights (step 2); erase and the mean use every entry of
+    the updates, and a divisor of 0 is replaced by 1 (no 1e-6 floor). With ``select_topk = 1`` the two agree.
+
     ``select_topk`` must lie in (0, 1] (1 keeps every entry; 0, mergekit's "keep nothing", would return the
     base unchanged and is refused as almost certainly a mistake for "trim nothing"). At least two models.
 
-    Where jaxkd differs: the equal-weight fallback applies only when every selected update is exactly 0
-    (mergekit: total mean square below 1e-6, see :func:`mean_square_weights`); updates are computed in float32
-    for bf16 models (mergekit subtracts in the models' dtype). The official FuseChat code differs from mergekit
-    in two more ways jaxkd does not follow: it uses the selection only to compute the weights (the erase step
-    and the mean use every entry of the updates), and it divides by 1 where the divisor is 0 instead of
-    flooring it at 1e-6.
+    Where jaxkd differs from both: the equal-weight fallback applies only when every selected update is exactly
+    0 (as the official code; mergekit: total mean square below 1e-6, see :func:`mean_square_weights`); updates
+    are computed in float32 for bf16 models (both subtract in the models' dtype).
     """
     _check(base, models, "sce")
     if not is_concrete(select_topk) or not isinstance(select_topk, (int, float)) or isinstance(select_topk, bool):
         raise ValueError(f"sce: select_topk must be a Python float in (0, 1] (a static hyper-parameter), "
                          f"got {select_topk!r}")
     check_number("sce: select_topk", select_topk, low=0.0, high=1.0, low_open=True)
+    check_choice("sce: variant", variant, ("mergekit", "fusechat"))
     fraction = float(select_topk)
-    return map_leaves(lambda b, ms: like_base(_sce_leaf(b, ms, fraction), b), base, list(models))
+    return map_leaves(lambda b, ms: like_base(_sce_leaf(b, ms, fraction, variant), b), base, list(models))
 
 
-@partial(jax.jit, static_argnums=2)
-def _sce_leaf(base_leaf, model_leaves, fraction: float):
+@partial(jax.jit, static_argnums=(2, 3))
+def _sce_leaf(base_leaf, model_leaves, fraction: float, variant: str):
     deltas = _deltas(base_leaf, model_leaves)
-    if fraction < 1:
-        deltas = deltas * variance_topk_mask(deltas, fraction)[None]
-    agree = agreement_mask(deltas)
-    weights = mean_square_weights(deltas).reshape((-1,) + (1,) * (deltas.ndim - 1)) * agree
-    merged = jnp.sum(weights * deltas, axis=0) / jnp.maximum(jnp.sum(weights, axis=0), _SCE_MIN_DIVISOR)
+    selected = deltas * variance_topk_mask(deltas, fraction)[None] if fraction < 1 else deltas
+    weights = mean_square_weights(selected)
+    if variant == "mergekit":
+        deltas = selected
+    weights = weights.reshape((-1,) + (1,) * (deltas.ndim - 1)) * agreement_mask(deltas)
+    divisor = jnp.sum(weights, axis=0)
+    if variant == "mergekit":
+        divisor = jnp.maximum(divisor, _SCE_MIN_DIVISOR)
+    else:
+        divisor = jnp.where(divisor == 0, 1.0, divisor)
+    merged = jnp.sum(weights * deltas, axis=0) / divisor
     return (jnp.asarray(base_leaf).astype(deltas.dtype) + merged).astype(jnp.result_type(base_leaf))
 
 

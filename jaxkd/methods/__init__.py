@@ -1,7 +1,7 @@
 """Distillation methods as composable transforms (see :mod:`jaxkd.methods.base`).
 
 The folders are the families, as in :mod:`jaxkd.losses`: :mod:`~jaxkd.methods.logit`,
-:mod:`~jaxkd.methods.feature`, :mod:`~jaxkd.methods.lm`, :mod:`~jaxkd.methods.fusion` and the batch
+:mod:`~jaxkd.methods.feature`, :mod:`~jaxkd.methods.lm`, :mod:`~jaxkd.methods.fusion`, :mod:`~jaxkd.methods.merge` and the batch
 transforms of :mod:`~jaxkd.methods.augment`. Every module that
 defines methods registers them (:func:`register`) and lists them in its ``__all__``; all of them are imported
 and exported here, so a new method is its own file ``jaxkd/methods/<family>/<method>.py`` (next to its loss,
@@ -16,7 +16,7 @@ and helpers one method uses internally stay in its module.
 from jaxkd._packages import export_modules, renamed_attributes
 
 #: The family folders, in the order the registry (and the README's method table) lists them.
-FAMILIES = ("logit", "feature", "lm", "fusion", "augment")
+FAMILIES = ("logit", "feature", "lm", "fusion", "merge", "augment")
 from jaxkd.methods.base import (
     LossAux,
     LossInputs,

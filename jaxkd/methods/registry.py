@@ -134,7 +134,7 @@ def method_table() -> str:
     """The README's method table (Markdown), one row per registered built-in method."""
     rows = ["| family | name (`methods.parse`) | paper | loss functions (`jaxkd.losses`) | status |",
             "|---|---|---|---|---|"]
-    folders = ("logit", "feature", "lm", "fusion", "augment", "")  # jaxkd.methods.FAMILIES, then user-registered ones
+    folders = ("logit", "feature", "lm", "fusion", "merge", "augment", "")  # jaxkd.methods.FAMILIES, then user-registered ones
 
     def order(entry: Registered):
         lead = LEADING_METHODS.index(entry.name) if entry.name in LEADING_METHODS else len(LEADING_METHODS)
