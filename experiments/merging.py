@@ -82,6 +82,18 @@ def _default_merges() -> dict[str, dict[str, Any]]:
     }
 
 
+def _default_learned() -> dict[str, dict[str, Any]]:
+    expert_merging = {"method": "expert_merging", "steps": 100, "lr": 0.5, "calibration_per_subset": 32,
+                      "batch_size": 16, "reg_weight": 5.0}
+    return {
+        "expert_merging": expert_merging,
+        # The official regularizer weight holds the coefficients at their start here (see the report).
+        "expert_merging_no_reg": {**expert_merging, "reg_weight": 0.0},
+        "twin_merging": {"method": "twin_merging", "rank": 8, "scaling": 0.3, "steps": 200, "lr": 5e-3},
+        "scalearn": {"method": "scalearn", "steps": 100, "lr": 0.01, "labels_per_class": 5},
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class MergingExperiment:
     """One merging experiment (a config file's ``get_config()`` returns one).
@@ -100,10 +112,8 @@ class MergingExperiment:
       scale_grid: the λ candidates of the ``scaled`` merges.
       merges: row name -> ``{"method": <jaxkd.merging function>, **its keyword arguments}``, plus
         ``"scaled": True`` (λ searched) and, for two-model merges (slerp), ``"models": (i, j)``: the experts merged.
-      expert_merging: ``{"steps", "lr", "calibration_per_subset"}`` of the learned layer-wise merge, or ``{}``
-        to skip it.
-      twin_merging: ``{"rank", "steps", "lr"}`` of Twin-Merging's compression and router, or ``{}``.
-      scalearn: ``{"steps", "lr", "labels_per_class"}`` of ScaLearn's coefficients, or ``{}``.
+      learned: row name -> ``{"method": "expert_merging" | "twin_merging" | "scalearn", **settings}``, the merges
+        that learn something (see :data:`LEARNED` for each one's settings).
       seeds: every stage is repeated per seed (initialization, data order, DARE's drops).
       data_seed: fixes the validation split and the calibration / ScaLearn subsets.
     """
@@ -125,12 +135,7 @@ class MergingExperiment:
     weight_decay: float = 0.0
     scale_grid: tuple = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.25, 1.5, 2.0)
     merges: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_default_merges)
-    expert_merging: Mapping[str, Any] = dataclasses.field(
-        default_factory=lambda: {"steps": 100, "lr": 0.01, "calibration_per_subset": 32})
-    twin_merging: Mapping[str, Any] = dataclasses.field(
-        default_factory=lambda: {"rank": 8, "scaling": 0.3, "steps": 200, "lr": 5e-3})
-    scalearn: Mapping[str, Any] = dataclasses.field(
-        default_factory=lambda: {"steps": 100, "lr": 0.01, "labels_per_class": 5})
+    learned: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_default_learned)
     seeds: tuple = (0, 1, 2)
     data_seed: int = 0
     eval_every: int = 50
@@ -151,6 +156,11 @@ class MergingExperiment:
                                  f"got {spec!r}")
         if not self.scale_grid or any(not isinstance(v, (int, float)) or v <= 0 for v in self.scale_grid):
             raise ValueError(f"scale_grid must be positive numbers, got {self.scale_grid!r}")
+        for name, spec in self.learned.items():
+            if not isinstance(spec, Mapping) or spec.get("method") not in LEARNED:
+                raise ValueError(f"learned[{name!r}] must be a dict with a 'method' in {sorted(LEARNED)}, got {spec!r}")
+            if name in self.merges:
+                raise ValueError(f"{name!r} is both a merge and a learned merge: rename one")
 
 
 MergingExperiment.CHECKS = {
@@ -357,7 +367,7 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                          f"{sorted(model_state)} (batch statistics do not merge): use a model without them")
     scorer = Scorer(model, dataset, {})
     multitask_steps = cfg.multitask_steps or cfg.expert_steps * len(cfg.subsets)
-    learned_steps = sum(getattr(cfg, row).get("steps", 0) for row in LEARNED_TRAINED)
+    learned_steps = sum(spec.get("steps", 0) for spec in cfg.learned.values() if spec["method"] in LEARNED_TRAINED)
     total_steps = len(cfg.seeds) * (cfg.base_steps + len(cfg.subsets) * cfg.expert_steps + multitask_steps
                                     + learned_steps)
     progress = progress_bar(total_steps)
@@ -398,14 +408,12 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                         skipped[row] = result["unavailable"]
                         continue
                     record(row, result["scores"], result.get("scale"))
-                for row, learn in LEARNED.items():
-                    settings = dict(getattr(cfg, row))
-                    if not settings:
-                        continue
+                for row, settings in cfg.learned.items():
+                    settings, learn = dict(settings), LEARNED[settings["method"]]
                     fresh = []
-                    result = cached_merge(out_dir, seed, row, settings,
-                                          lambda: fresh.append(True) or learn(ctx, settings, base, experts, seed))
-                    if not fresh and row in LEARNED_TRAINED:  # its steps were not run here
+                    result = cached_merge(out_dir, seed, row, settings, lambda: fresh.append(True) or learn(
+                        ctx, row, {k: v for k, v in settings.items() if k != "method"}, base, experts, seed))
+                    if not fresh and settings["method"] in LEARNED_TRAINED:  # its steps were not run here
                         progress.update(settings.get("steps", 0))
                     if "unavailable" in result:
                         skipped[row] = result["unavailable"]
@@ -473,7 +481,7 @@ def subset_index(labels: np.ndarray, subsets: tuple) -> np.ndarray:
     return index
 
 
-def twin_merging(ctx: Context, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
+def twin_merging(ctx: Context, row: str, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
     """Twin-Merging: the shared task-arithmetic merge (``scaling``) plus each expert's exclusive knowledge at rank
     ``rank``, merged per test input by a router trained on the validation split's images to predict their subset
     (:mod:`jaxkd.merging.twin_merging`); also reports the router's accuracy at picking the test image's subset."""
@@ -485,7 +493,7 @@ def twin_merging(ctx: Context, settings: dict, base, experts: list, seed: int) -
         features = merging.twin_router_features(ctx.model, twin, scorer.val_x[keep], feature=feature)
         router = merging.TwinRouter(num_experts=len(experts))
         router_params = merging.train_twin_router(
-            router, features, task[keep], rng=jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash("router")),
+            router, features, task[keep], rng=jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash(row)),
             steps=settings["steps"], learning_rate=settings["lr"])
         logits = merging.twin_apply(ctx.model, twin, router, router_params, scorer.test_x, feature=feature)
         routed = merging.twin_router_weights(
@@ -495,7 +503,7 @@ def twin_merging(ctx: Context, settings: dict, base, experts: list, seed: int) -
     return {"scores": scorer.test_of_predictions(np.argmax(np.asarray(logits), -1)), "router_test_accuracy": routing}
 
 
-def scalearn(ctx: Context, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
+def scalearn(ctx: Context, row: str, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
     """ScaLearn (:func:`jaxkd.merging.scalearn_model`): the frozen experts' ``feature`` representations scaled by
     learned ``ω`` and summed, then a new linear head; ``ω`` and the head trained with cross-entropy (Adam) on the
     target task — all ten classes — from ``labels_per_class`` labeled training images per class."""
@@ -505,7 +513,7 @@ def scalearn(ctx: Context, settings: dict, base, experts: list, seed: int) -> di
                                     omega=settings.get("omega", "vector"))
     split = dataset.train.subset(data.subset_per_class(dataset.train.labels, settings["labels_per_class"],
                                                        cfg.data_seed))
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash("scalearn"))
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash(row))
     predict = jax.jit(lambda variables, x: jnp.argmax(target.apply(variables, x, train=False).logits, -1))
 
     def test(variables) -> dict[str, float]:
@@ -514,19 +522,67 @@ def scalearn(ctx: Context, settings: dict, base, experts: list, seed: int) -> di
     evaluation = Evaluation(lambda state: {"accuracy": test(state.student.variables())["all"]}, prefix="test_",
                             progress=("accuracy", ".3f"))
     variables = target.init(rng, ctx.sample["image"])  # outside jit: the experts are not compiled in as constants
-    state = ctx.fit("scalearn", seed, target, variables, split, settings["steps"], settings["lr"],
+    state = ctx.fit(row, seed, target, variables, split, settings["steps"], settings["lr"],
                     optax.adam(optax.cosine_decay_schedule(settings["lr"], settings["steps"])), evaluation,
                     {"settings": settings}, rng)
     return {"scores": test(jax.device_get(state.student.variables())), "examples": len(split)}
 
 
-def expert_merging(ctx: Context, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
-    raise MergeUnavailable("jaxkd.merging has no expert_merging")
+def expert_merging(ctx: Context, row: str, settings: dict, base, experts: list, seed: int) -> dict[str, Any]:
+    """Expert Merging (:mod:`jaxkd.merging.expert_merging`, :func:`jaxkd.methods.expert_merging`): one coefficient
+    per layer and expert (``init`` 0.1, sigmoid parametrization), trained to align the merged model's logits (and
+    ``features``) with each expert's on that expert's unlabeled calibration images — ``calibration_per_subset``
+    training images of each subset, drawn once (``data_seed``), their labels never read; AdamW with the
+    official weight decay 1e-5 and clipping at norm 1, ``lr`` (the official 0.5 by default)."""
+    cfg, dataset, scorer = ctx.cfg, ctx.dataset, ctx.scorer
+    count = len(experts)
+    entries = tuple(f"calibration{k}" for k in range(count))
+    names = tuple(f"expert_{k}" for k in range(count))
+    pools = []
+    for k in range(count):
+        subset = dataset.of_subset(dataset.train, k)
+        chosen = np.random.default_rng([cfg.data_seed, k]).permutation(len(subset))[:settings["calibration_per_subset"]]
+        pools.append(subset.subset(np.sort(chosen)))
+    batch = min(settings.get("batch_size", 16), *(len(p) for p in pools))
+    loaders = {("train" if k == 0 else entries[k]): data.Loader(
+        pool.images, pool.labels, batch_size=batch, mean=dataset.mean, std=dataset.std, shuffle=True,
+        seed=seed + 1000 * k, drop_remainder=True, num_epochs=None) for k, pool in enumerate(pools)}
+
+    def combine(batches):  # images only: the labels stay in the loaders
+        return {entries[k]: batches["train" if k == 0 else entries[k]]["image"] for k in range(count)}
+
+    participants = merging.expert_merging_participants(ctx.model, base, experts, entries=entries, names=names,
+                                                       init=settings.get("init", 0.1))
+    method = methods.expert_merging(experts=names, entries=entries, features=tuple(settings.get("features", ())),
+                                    reg_weight=settings.get("reg_weight", 5.0))
+    steps, lr = settings["steps"], settings["lr"]
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-5))
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash(row))
+    sample = combine({name: loader.batch((0, 0)) for name, loader in loaders.items()})
+    with ctx.phases.phase("setup"):
+        state = jaxkd.create(participants=participants, method=method, tx=tx, sample_batch=sample, rng=rng)
+
+    def test(state) -> dict[str, float]:
+        return scorer.test(merging.merged_params(state.student.variables()))
+
+    evaluation = Evaluation(lambda state: {"accuracy": test(state)["all"]}, prefix="test_",
+                            progress=("accuracy", ".3f"))
+    config = {**ctx.shared, "run": row, "seed": seed, "settings": settings,
+              "base": jaxkd.checkpoint.fingerprint(base)["sha256"]}
+    state, _ = ctx.runner.fit(run=row, seed=seed, state=state, loaders=loaders, steps=steps,
+                              lr_schedule=lambda step: np.full(np.shape(step), lr), config=config, evaluation=evaluation,
+                              combine=combine)
+    variables = jax.device_get(state.student.variables())
+    lam = merging.coefficients(variables)
+    return {"scores": scorer.test(merging.merged_params(variables)),
+            "mean_coefficient_per_expert": [float(np.mean([np.asarray(v)[k] for v in lam.values()]))
+                                            for k in range(count)]}
 
 
+#: The learned merges by method: ``fn(ctx, row, settings, base, experts, seed) -> {"scores": ..., ...}``.
 LEARNED: dict[str, Callable[..., dict[str, Any]]] = {
     "expert_merging": expert_merging, "twin_merging": twin_merging, "scalearn": scalearn}
-#: The learned merges trained through the runner (their steps count on the progress bar).
+#: The learned merges trained through the runner, as run ``<row>`` (their steps count on the progress bar).
 LEARNED_TRAINED = ("expert_merging", "scalearn")
 
 
@@ -544,7 +600,7 @@ def summarize(cfg: MergingExperiment, dataset: Data, per_seed: dict, extras: dic
                     "multitask": f"base + ce, {multitask_steps} steps on every subset jointly",
                     **{f"expert{k}": f"base + ce, {cfg.expert_steps} steps on {n}" for k, n in enumerate(names)},
                     **{row: describe_merge(spec) for row, spec in cfg.merges.items()},
-                    **{row: f"{row}({', '.join(f'{k}={v}' for k, v in getattr(cfg, row).items())})" for row in LEARNED}}
+                    **{row: describe_merge(spec) for row, spec in cfg.learned.items()}}
     for row, scores in per_seed.items():
         entry = {"run": row, "method": descriptions.get(row, row), "seeds": len(scores)}
         cells = [row, f"`{entry['method']}`"]
