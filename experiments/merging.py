@@ -17,18 +17,27 @@ Per seed:
    images for ``expert_steps`` steps. Every expert keeps the 10-way head, so it forgets the other classes.
    The MULTITASK reference: the base fine-tuned on every subset jointly (the union of the subsets' images) for
    ``multitask_steps`` steps (default: the experts' steps together).
-4. Every merge of ``merges`` (:mod:`jaxkd.merging`; nothing trains): the task-vector merges' scaling
-   ``λ`` (``merged = base + λ·(merge − base)``: task arithmetic's λ, TIES' λ) is grid-searched over
-   ``scale_grid`` on the validation split's accuracy, as is standard (Ilharco et al. 2023; Yadav et al. 2023)
-   — the chosen λ is reported. Then the learned merges:
+4. Every merge of ``merges`` (:mod:`jaxkd.merging`; nothing trains): the soup (``linear``, uniform weights),
+   task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023), TIES (Yadav et al.,
+   NeurIPS 2023), DARE and DARE-TIES (Yu et al., "Language Models are Super Mario", ICML 2024), breadcrumbs
+   (Davari & Belilovsky, 2024), DELLA (Deep et al., 2024), SLERP, FuseChat's VaRM (``variation_ratio``) and SCE.
+   The task-vector merges (``"scaled": True``) are scaled ``merged = base + λ·(merge − base)`` (task
+   arithmetic's λ, TIES' λ), λ grid-searched over ``scale_grid`` on the validation split's accuracy, as is
+   standard, and reported. SLERP interpolates two models: by default experts 0 and 1 (``"models": (0, 1)``),
+   so the third subset is not in it.
+   Then the merges that learn (``learned``):
 
-   * ``expert_merging`` (:mod:`jaxkd.merging.expert_merging`): layer-wise coefficients trained on unlabeled
-     calibration batches, ``calibration_per_subset`` training images of each subset (their labels unused);
-   * ``twin_merging`` (:mod:`jaxkd.merging.twin_merging`): the shared expert plus SVD-compressed exclusive
-     knowledge, merged per input by a router trained on the validation split (labeled by subset);
-   * ``scalearn`` (:mod:`jaxkd.merging.scalearn`): scaling coefficients of the experts learned for a target
-     task, here all ten classes, on a small labeled training subset (``scalearn.labels_per_class`` images per
-     class of the training split).
+   * ``expert_merging`` (:mod:`jaxkd.merging.expert_merging`, Zhang et al. 2025): one coefficient per layer
+     and expert, trained to align the merged model with each expert on unlabeled calibration batches
+     (``calibration_per_subset`` training images of each subset; labels unused), with the official settings
+     (init 0.1, AdamW lr 0.5, regularizer weight 5) and, as ``expert_merging_no_reg``, without the
+     regularizer;
+   * ``twin_merging`` (:mod:`jaxkd.merging.twin_merging`, Lu et al., NeurIPS 2024): the shared task-arithmetic
+     merge plus each expert's rank-``rank`` exclusive knowledge, merged per input by a router trained on the
+     validation split (each image labeled with its subset);
+   * ``scalearn`` (:mod:`jaxkd.merging.scalearn`, Frohmann et al. 2024): the frozen experts' features scaled by
+     learned ``ω`` and summed, with a new head, trained for the target task — all ten classes — on a small
+     labeled subset of the training split (``labels_per_class`` images per class).
 
 5. Accuracy of every model on the test split: per subset (the test images of that subset's classes, argmax
    over all ten classes) and overall, mean ± std over seeds, printed as a Markdown table and written to
@@ -213,15 +222,14 @@ class Scorer:
     """Accuracy of a parameter tree: per subset of the test split (10-way argmax) and overall; and the
     validation split's overall accuracy (the λ search's criterion). One compiled forward for everything."""
 
-    def __init__(self, model: models.Model, dataset: Data, model_state: Mapping[str, Any]):
+    def __init__(self, model: models.Model, dataset: Data):
         self.test_x, self.test_y = dataset.arrays(dataset.test)
         self.val_x, self.val_y = dataset.arrays(dataset.val)
         self.subsets = dataset.subsets
-        self.model_state = dict(model_state)
         self._predict = jax.jit(lambda variables, x: jnp.argmax(model.apply(variables, x, train=False).logits, -1))
 
     def predictions(self, params, x) -> np.ndarray:
-        return np.asarray(self._predict({"params": params, **self.model_state}, x))
+        return np.asarray(self._predict({"params": params}, x))
 
     def test(self, params) -> dict[str, float]:
         return self.test_of_predictions(self.predictions(params, self.test_x))
@@ -365,7 +373,7 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
     if model_state:
         raise ValueError(f"merging needs a model whose variables are its parameters; {cfg.model} also has "
                          f"{sorted(model_state)} (batch statistics do not merge): use a model without them")
-    scorer = Scorer(model, dataset, {})
+    scorer = Scorer(model, dataset)
     multitask_steps = cfg.multitask_steps or cfg.expert_steps * len(cfg.subsets)
     learned_steps = sum(spec.get("steps", 0) for spec in cfg.learned.values() if spec["method"] in LEARNED_TRAINED)
     total_steps = len(cfg.seeds) * (cfg.base_steps + len(cfg.subsets) * cfg.expert_steps + multitask_steps
@@ -624,6 +632,17 @@ def summarize(cfg: MergingExperiment, dataset: Data, per_seed: dict, extras: dic
                f"{tuple(cfg.seeds)}. λ: the scaling of `× λ` merges, chosen per seed on the validation split "
                f"({len(dataset.val)} held-out training images) from {tuple(cfg.scale_grid)}. Wall time "
                f"{seconds / 60:.1f} min.")
+    notes = {"expert_merging": "{row}: coefficients fitted on unlabeled calibration images of each subset's "
+                               "training split (labels unused)",
+             "twin_merging": "{row}: router trained on the validation split (each image labeled with its subset), "
+                             "shared model = task arithmetic at the given scaling",
+             "scalearn": "{row}: ω and head trained on {labels} labeled training images per class (target task: "
+                         "all ten classes)"}
+    for row, spec in cfg.learned.items():
+        if row in per_seed:
+            caption += " " + notes[spec["method"]].format(row=row, labels=spec.get("labels_per_class")) + "."
+    if any("models" in spec for spec in cfg.merges.values()):
+        caption += " Two-model merges (`of experts (i, j)`) merge only those experts."
     if skipped:
         caption += " Not run (not in this version of jaxkd.merging): " + "; ".join(
             f"{row} ({why})" for row, why in skipped.items()) + "."
