@@ -111,7 +111,7 @@ class LMMergingExperiment:
     weight_decay: float = 0.01
     batch_size: int = 16
     merges: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_default_merges)
-    scale_grid: tuple = (0.5, 0.75, 1.0, 1.25, 1.5)
+    scale_grid: tuple = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
     seed: int = 0
     eval_every: int = 50
     checkpoint_every: int = 100
