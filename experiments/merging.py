@@ -382,6 +382,7 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
     per_seed: dict[str, list[dict[str, float]]] = {}
     extras: dict[str, list[Any]] = {}
     skipped: dict[str, str] = {}
+    details: dict[str, list[dict]] = {}  # what a learned merge reports besides its scores, per seed
     shared = {"dataset": cfg.dataset, "model": cfg.model, "model_kwargs": dict(cfg.model_kwargs),
               "subsets": [list(s) for s in cfg.subsets], "val_per_class": cfg.val_per_class,
               "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
@@ -427,6 +428,8 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                         skipped[row] = result["unavailable"]
                         continue
                     record(row, result["scores"])
+                    details.setdefault(row, []).append(
+                        {k: v for k, v in result.items() if k not in ("scores", "spec")})
                 jax.clear_caches()
         finally:
             runner.close()
@@ -434,6 +437,9 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
 
     summary = summarize(cfg, dataset, per_seed, extras, skipped, seconds=time.time() - started,
                         multitask_steps=multitask_steps)
+    for entry in summary["rows"]:
+        if entry["run"] in details:
+            entry["details_per_seed"] = details[entry["run"]]
     summary["time"] = phases.breakdown()
     report.write(out_dir, summary)
     return summary
