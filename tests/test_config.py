@@ -12,7 +12,9 @@ from experiments import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
 SHIPPED = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                 if not os.path.basename(p).startswith(("_", "lm_", "hf_")))
+                 if not os.path.basename(p).startswith(("_", "lm_", "hf_"))
+                 # experiments/merging.py's own config class (tests/test_experiment_merging.py loads it)
+                 and os.path.basename(p) != "digits_merging.py")
 # Language-model experiments have their own config classes (experiments/lm_*.py, experiments/hf_distill.py).
 LM_SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "lm_*.py")) + glob.glob(os.path.join(CONFIG_DIR, "hf_*.py")))
 
@@ -97,7 +99,7 @@ def test_shipped_configs_validate(path):
 
 def lm_config_type(path):
     """The config class of a shipped LM config file (each script has its own)."""
-    from experiments import hf_distill, lm_cross_tokenizer, lm_distill, lm_fusion
+    from experiments import hf_distill, lm_cross_tokenizer, lm_distill, lm_fusion, lm_merging
 
     name = os.path.basename(path)
     if name == "hf_distill.py":
@@ -106,6 +108,8 @@ def lm_config_type(path):
         return lm_cross_tokenizer.CrossTokenizerExperiment
     if name == "lm_fusion.py":
         return lm_fusion.LMFusionExperiment
+    if name == "lm_merging.py":
+        return lm_merging.LMMergingExperiment
     return lm_distill.LMExperiment
 
 
