@@ -24,7 +24,8 @@ distilled from each source model separately), then the targets merged in paramet
    ``stages/student_<domain>``).
 4. Merges of the students around the small base (:mod:`jaxkd.merging`, nothing trained), each ``× λ`` merge's
    scaling ``λ`` (``base + λ·(merge − base)``) chosen from ``scale_grid`` by the mean validation bits per
-   byte over the domains.
+   byte over the domains. The reference (``multitask_reference``): the small base tuned with ``lm_ce`` on
+   every domain's text at once, for the students' steps together (no teacher).
 5. Bits per byte on each domain's and the general test text (teacher forcing) for every model, printed as a
    Markdown table and written to ``results.md``/``results.json``. One seed (``seed``): the students and
    merges are deterministic given it; the spread over seeds is not measured here.
@@ -88,6 +89,8 @@ class LMMergingExperiment:
       warmup_steps, weight_decay, batch_size: AdamW with warm-up and cosine decay, every model.
       merges: row name -> ``{"method": <jaxkd.merging function>, **keyword arguments, "scaled": bool}``.
       scale_grid: the λ candidates of the ``scaled`` merges (chosen on the validation files).
+      multitask_reference: also train and score the small base tuned with ``lm_ce`` on every domain's training
+        text at once (the students' steps together): the reference the merges are read against.
       seed: data order and initializations.
     """
 
@@ -112,6 +115,7 @@ class LMMergingExperiment:
     batch_size: int = 16
     merges: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=_default_merges)
     scale_grid: tuple = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+    multitask_reference: bool = True
     seed: int = 0
     eval_every: int = 50
     checkpoint_every: int = 100
@@ -213,6 +217,15 @@ def run_experiment(cfg: LMMergingExperiment, out_dir: str) -> dict[str, Any]:
             for d in domains:
                 score(f"teacher: large tuned on {d}", "large", teachers[d][0])
             score("small base", "small", small_vars)
+            if cfg.multitask_reference:
+                # The reference merges are read against: the small base tuned on every domain at once, with
+                # lm_ce, for the students' steps together (cached like the bases).
+                joint = pack([f for f in train_files if domain_of(f[0], domains) is not None], cfg.seq_len)
+                joint_vars, _ = pretrained("small tuned on every domain", small_cfg, joint,
+                                           cfg.student_steps * len(domains), cfg.student_lr, val[domains[0]],
+                                           init=small_vars, init_key=small_key)
+                score(f"reference: small tuned on every domain (lm_ce, {cfg.student_steps * len(domains)} steps)",
+                      "small", joint_vars)
 
             students = {}
             for d in domains:

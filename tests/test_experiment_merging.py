@@ -181,9 +181,10 @@ def test_lm_merging_scores_every_model_then_resumes_without_training(corpus_dir,
         compilation_cache=None)
     summary = lm_merging.main(["--config", config, "--out", str(tmp_path / "run")])
     names = [r["model"] for r in summary["rows"]]
-    assert names[:6] == ["large base", "teacher: large tuned on alpha", "teacher: large tuned on beta", "small base",
-                         "student of the alpha teacher", "student of the beta teacher"]
-    assert set(names[6:]) == set(lm_merging.LMMergingExperiment().merges)
+    assert names[:7] == ["large base", "teacher: large tuned on alpha", "teacher: large tuned on beta", "small base",
+                         "reference: small tuned on every domain (lm_ce, 4 steps)", "student of the alpha teacher",
+                         "student of the beta teacher"]
+    assert set(names[7:]) == set(lm_merging.LMMergingExperiment().merges)
     assert all(np.isfinite(r[f"{c}_bpb"]) for r in summary["rows"] for c in ("alpha", "beta", "general"))
     assert os.path.isdir(tmp_path / "run" / "stages" / "student_alpha")
 
