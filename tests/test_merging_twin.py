@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd.merging.twin_merging import (LowRank, TwinRouter, train_twin_router, twin_apply, twin_compress,
-                                        twin_merged_params, twin_router_loss, twin_router_weights)
-from jaxkd.models.base import from_linen
+from jaxkd.merging.twin_merging import (LowRank, TwinRouter, TwinVectors, train_twin_router, twin_apply,
+                                        twin_compress, twin_merged_params, twin_router_features, twin_router_loss,
+                                        twin_router_weights)
+from jaxkd.models.base import Model, Outputs, from_linen
 
 SCALING = 0.3
 
@@ -74,8 +75,9 @@ def test_compression_is_numpy_truncated_svd_and_exact_at_full_rank():
     full_shapes = {"dense": {"kernel": (5, 3), "bias": (3,)}, "conv": {"kernel": (2, 2, 1, 3)}}
     base, models = _experts(1, full_shapes)
     twin = twin_compress(base, models, rank=3)
+    merge = jax.jit(twin_merged_params)  # one compile for the three experts
     for i, m in enumerate(models):
-        merged = twin_merged_params(twin, jnp.eye(3)[i])
+        merged = merge(twin, jnp.eye(3)[i])
         jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4), merged, m)
 
 
@@ -135,15 +137,28 @@ def test_router_softmax_per_input_params_and_forward_equal_numpy():
     np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-5)
 
     want_logits = []
+    merge = jax.jit(twin_merged_params)  # one compile for the four examples
     for b in range(len(x)):
         want = _np_merged(base, models, want_w[b], rank=1)
-        got = twin_merged_params(twin, got_w[b])
+        got = merge(twin, got_w[b])
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4), got, want)
         want_logits.append(_np_forward(want, np.float64(x[b]))[1])
     logits = twin_apply(net, twin, router, router_params, x, feature="hidden")
     np.testing.assert_allclose(logits, np.stack(want_logits), rtol=1e-4, atol=1e-4)
     in_groups = twin_apply(net, twin, router, router_params, x, feature="hidden", batch_size=3)
     np.testing.assert_allclose(in_groups, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_router_features_average_the_token_axes_of_the_shared_models_feature():
+    tokens = np.random.default_rng(4).normal(size=(2, 3, 4)).astype(np.float32)  # [batch, tokens, D]
+    model = Model(init=None, apply=lambda v, x, *, train, rngs=None: Outputs(
+        logits=x.sum(-1), features={"last_hidden": x * v["params"]["scale"]}, model_state={}))
+    twin = TwinVectors(shared={"scale": np.float32(2.0)}, exclusive={"scale": np.zeros((2,), np.float32)},
+                       num_experts=2, rank=1)
+    got = twin_router_features(model, twin, tokens, feature="last_hidden")
+    np.testing.assert_allclose(got, 2.0 * tokens.mean(axis=1), rtol=1e-6)
+    with pytest.raises(ValueError, match="does not sow a feature named 'hidden'"):
+        twin_router_features(model, twin, tokens, feature="hidden")
 
 
 def test_router_training_learns_separable_routes():
