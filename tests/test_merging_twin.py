@@ -81,6 +81,24 @@ def test_compression_is_numpy_truncated_svd_and_exact_at_full_rank():
         jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4), merged, m)
 
 
+def test_density_keeps_a_fraction_of_each_leafs_singular_values():
+    base, models = _experts()
+    weights = np.array([0.5, -0.25, 1.0])
+    # density 0.2: dense/kernel (6x4) keeps int(0.8) = 0 singular values, conv/kernel (12x5) int(1.0) = 1.
+    twin = twin_compress(base, models, density=0.2)
+    assert twin.exclusive["dense"]["kernel"].us.shape == (3, 6, 0)
+    assert twin.exclusive["conv"]["kernel"].us.shape == (3, 12, 1)
+    got = jax.jit(twin_merged_params)(twin, jnp.asarray(weights, jnp.float32))
+    shared = _np_shared(base, models)
+    want_conv = shared["conv"]["kernel"] + sum(
+        w * _np_rank_r(np.float64(m["conv"]["kernel"]) - shared["conv"]["kernel"], 1) for w, m in zip(weights, models))
+    np.testing.assert_allclose(got["conv"]["kernel"], want_conv, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["dense"]["kernel"], shared["dense"]["kernel"], rtol=1e-5, atol=1e-5)
+    want_bias = shared["dense"]["bias"] + sum(w * (np.float64(m["dense"]["bias"]) - shared["dense"]["bias"])
+                                              for w, m in zip(weights, models))
+    np.testing.assert_allclose(got["dense"]["bias"], want_bias, rtol=1e-5, atol=1e-5)
+
+
 def test_compress_under_jit_and_with_a_given_shared_merge():
     base, models = _experts()
     eager = twin_compress(base, models, rank=2)
@@ -183,6 +201,13 @@ def test_bad_input_is_refused():
         twin_compress(base, models, rank=0)
     with pytest.raises(ValueError, match="rank=5 exceeds the smaller side of 'dense/kernel'"):
         twin_compress(base, models, rank=5)
+    with pytest.raises(ValueError, match="exactly one of rank= .* and density="):
+        twin_compress(base, models)
+    with pytest.raises(ValueError, match="exactly one of rank= .* and density="):
+        twin_compress(base, models, rank=1, density=0.5)
+    for density in (0.0, 1.5):
+        with pytest.raises(ValueError, match="density"):
+            twin_compress(base, models, density=density)
     with pytest.raises(ValueError, match="at least 2 models"):
         twin_compress(base, models[:1], rank=1)
     other_tree = [models[0], {"dense": models[1]["dense"], "conv2": models[1]["conv"]}]
