@@ -135,7 +135,7 @@ def _fake_bernoulli(monkeypatch, masks, expected_probabilities):
         mask, expected = queue.pop(0)
         np.testing.assert_allclose(probabilities.numpy().reshape(np.shape(expected)), expected, rtol=1e-6,
                                    atol=1e-7)
-        return torch.from_numpy(np.asarray(mask, np.float32)).reshape(probabilities.shape).to(probabilities.dtype)
+        return torch.from_numpy(np.array(mask, np.float32)).reshape(probabilities.shape).to(probabilities.dtype)
 
     monkeypatch.setattr(mergekit.sparsify.torch, "bernoulli", bernoulli)
     return queue
@@ -201,7 +201,9 @@ def test_della_l1_rescale_matches_mergekit_with_the_same_masks(monkeypatch, cons
     for i, b in enumerate(_leaves(base)):
         deltas = _deltas(base, models, i)
         masks = [sp.della_mask(sp.model_key(key, i, j), jnp.asarray(d), 0.5, 0.2) for j, d in enumerate(deltas)]
-        queue = _fake_bernoulli(monkeypatch, masks, [_numpy_della_probabilities(d, 0.5, 0.2) for d in deltas])
+        # mergekit checks jaxkd's keep probabilities before taking jaxkd's masks.
+        probabilities = [np.asarray(sp.della_keep_probabilities(jnp.asarray(d), 0.5, 0.2)) for d in deltas]
+        queue = _fake_bernoulli(monkeypatch, masks, probabilities)
         expected = _mergekit(name, b, [_leaves(m)[i] for m in models], weight=WEIGHTS, density=[0.5] * 3,
                              epsilon=[0.2] * 3)
         assert not queue
@@ -367,3 +369,5 @@ def test_too_few_models_wrong_weight_counts_and_missing_rng_are_refused():
         merging.dare(base, models, WEIGHTS, density=0.5, rng=jax.random.key(0), rescale="l2")
     with pytest.raises(ValueError, match=r"consensus must be one of"):
         merging.breadcrumbs(base, models, WEIGHTS, density=0.5, consensus="count")
+    with pytest.raises(ValueError, match=r"density must be a Python float \(static under jit\)"):
+        jax.jit(lambda d: merging.ties(base, models, WEIGHTS, density=d))(0.5)
