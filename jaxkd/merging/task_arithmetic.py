@@ -73,8 +73,8 @@ def _check_rescale(method: str, rescale: Any) -> None:
 
 @functools.partial(jax.jit, static_argnames=("sparsification", "densities", "gammas", "epsilons", "rescale",
                                              "consensus", "normalize", "scale"))
-def _merge_leaf(base_leaf, model_leaves, weights, rng, leaf_index, *, sparsification, densities, gammas, epsilons, rescale,
-                consensus, normalize, scale):
+def _merge_leaf(base_leaf, model_leaves, weights, rng, leaf_index, *, sparsification, densities, gammas, epsilons,
+                rescale, consensus, normalize, scale):
     """One leaf of :func:`generalized_task_arithmetic`, compiled once per leaf shape and dtype (not op by op)."""
     dtype = compute_dtype(base_leaf)
     theta0 = base_leaf.astype(dtype)
@@ -82,9 +82,9 @@ def _merge_leaf(base_leaf, model_leaves, weights, rng, leaf_index, *, sparsifica
     for j, leaf in enumerate(model_leaves):
         delta = leaf.astype(dtype) - theta0
         if sparsification is not None:
-            delta = sp.sparsify_delta(delta, sparsification, density=densities[j],
-                                      key=None if rng is None else sp.model_key(rng, leaf_index, j), gamma=gammas[j], epsilon=epsilons[j],
-                                      rescale=rescale)
+            key = None if rng is None else sp.model_key(rng, leaf_index, j)
+            delta = sp.sparsify_delta(delta, sparsification, density=densities[j], key=key, gamma=gammas[j],
+                                      epsilon=epsilons[j], rescale=rescale)
         deltas.append(delta)
     deltas = jnp.stack(deltas)
     w = jnp.stack([jnp.asarray(v, dtype) for v in weights]).reshape((len(weights),) + (1,) * theta0.ndim)
@@ -271,8 +271,9 @@ def breadcrumbs(base: PyTree, models: Sequence[PyTree], weights: Sequence[Any], 
 
     Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks" (ECCV 2024),
     official code github.com/rezazzr/breadcrumbs. Equals mergekit's (defaults ``gamma=0.01``,
-    ``normalize=False``, no rescale). Per tensor, as mergekit; when ``density + gamma > 1`` fewer outliers are
-    dropped so that ``density`` is kept. ``density`` has no default (mergekit's 1.0 drops nothing, outliers
+    ``normalize=False``, no rescale). Ranked over the whole tensor, as mergekit; the official code
+    (``TaskVectorMiddleKeep``) ranks each row (a torch tensor's last axis) and leaves 0-d tensors whole. When
+    ``density + gamma > 1`` fewer outliers are dropped so that ``density`` is kept (mergekit's rule). ``density`` has no default (mergekit's 1.0 drops nothing, outliers
     included). No requirement on the weights' sum.
     """
     return generalized_task_arithmetic(base, models, weights, sparsification="magnitude_outliers", density=density,
