@@ -22,9 +22,10 @@ mergekit = pytest.importorskip("mergekit")
 from mergekit.merge_methods import registry  # noqa: E402
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 
-# A kernel, a 1-D bias, a 3-D kernel, a one-entry gain and a scalar.
-SHAPES = {"dense": {"kernel": (6, 5), "bias": (5,)}, "conv": {"kernel": (3, 2, 4)}, "gain": (1,), "temperature": ()}
-# DELLA ranks along axis 1, which a scalar lacks, and mergekit divides 0 by 0 for one-entry rows.
+# A kernel, a 1-D bias, a one-entry gain and a scalar (every merge but DELLA ranks the flattened tensor).
+SHAPES = {"dense": {"kernel": (6, 5), "bias": (5,)}, "gain": (1,), "temperature": ()}
+# DELLA ranks along axis 1 (of a 3-D kernel too), which a scalar lacks, and mergekit divides 0 by 0 for
+# one-entry rows.
 DELLA_SHAPES = {"dense": {"kernel": (6, 5), "bias": (5,)}, "conv": {"kernel": (3, 4, 2)}}
 WEIGHTS = [0.5, 1.0, 0.7]
 
@@ -270,12 +271,14 @@ def test_merges_under_jit_equal_the_eager_merges():
     def merge(base, models, key, weights):
         return (merging.ties(base, models, weights, density=0.5),
                 merging.dare(base, models, weights, density=0.5, rng=key, consensus="ties"),
-                merging.della(base, models, weights, density=0.5, epsilon=0.1, rng=key))
+                merging.della(base, models, weights, density=0.5, epsilon=0.1, rng=key),
+                merging.linear(models, weights))  # traced weights: the sum checks wait for concrete ones
 
     jitted = merge(base, models, key, WEIGHTS)  # the weights traced, the hyper-parameters static
     eager = (merging.ties(base, models, WEIGHTS, density=0.5),
              merging.dare(base, models, WEIGHTS, density=0.5, rng=key, consensus="ties"),
-             merging.della(base, models, WEIGHTS, density=0.5, epsilon=0.1, rng=key))
+             merging.della(base, models, WEIGHTS, density=0.5, epsilon=0.1, rng=key),
+             merging.linear(models, WEIGHTS))
     _assert_trees_close(jitted, eager, rtol=1e-6, atol=1e-6)
 
 
@@ -286,11 +289,11 @@ def test_fsdp_sharded_merge_equals_the_single_device_merge_and_keeps_the_shardin
     base, models = _setup(shapes)
     place = lambda t: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, specs)  # noqa: E731
     key = jax.random.key(9)
+    # The whole-tensor top-k (TIES; breadcrumbs sorts likewise), the per-row ranks (DELLA), random masks.
     merges = {
         "linear": lambda b, ms: merging.linear(ms, WEIGHTS),
         "ties": lambda b, ms: merging.ties(b, ms, WEIGHTS, density=0.5),
         "dare": lambda b, ms: merging.dare(b, ms, WEIGHTS, density=0.5, rng=key),
-        "breadcrumbs": lambda b, ms: merging.breadcrumbs(b, ms, WEIGHTS, density=0.5, gamma=0.1),
         "della": lambda b, ms: merging.della(b, ms, WEIGHTS, density=0.5, epsilon=0.1, rng=key),
     }
     sharded_base, sharded_models = place(base), [place(m) for m in models]

@@ -295,6 +295,7 @@ def della(base: PyTree, models: Sequence[PyTree], weights: Sequence[Any], *, den
     ``rescale: true`` is ``"l1"``. ``normalize=None`` picks mergekit's default for the consensus: True with
     ``"ties"`` (the paper's disjoint mean), False without. Rows are mergekit's (axis 1, a vector as one row;
     see :func:`jaxkd.merging.sparsify.della_keep_probabilities`). ``rng`` is required, as for :func:`dare`.
+    ``density`` and ``epsilon`` have no defaults (mergekit's: 1.0, which prunes nothing, and 0.15).
     No requirement on the weights' sum.
     """
     if normalize is None:
