@@ -368,6 +368,9 @@ def test_too_few_models_wrong_weight_counts_and_missing_rng_are_refused():
         merging.dare(base, models, WEIGHTS, density=0.5)
     with pytest.raises(ValueError, match=r"della: .*pass rng"):
         merging.della(base, models, WEIGHTS, density=0.5, epsilon=0.1)
+    with pytest.raises(ValueError, match=r"dare: rng must be a jax PRNG key"):
+        merging.dare(base, models, WEIGHTS, density=0.5, rng=0)
+    merging.dare(base, models, WEIGHTS, density=0.5, rng=jax.random.PRNGKey(0))  # a raw key is a key
     with pytest.raises(ValueError, match=r"rescale must be one of"):
         merging.dare(base, models, WEIGHTS, density=0.5, rng=jax.random.key(0), rescale="l2")
     with pytest.raises(ValueError, match=r"consensus must be one of"):

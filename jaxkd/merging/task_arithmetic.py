@@ -152,6 +152,11 @@ def generalized_task_arithmetic(
         raise ValueError(f"{method}: sparsification {sparsification!r} draws random masks: pass rng, a jax PRNG "
                          f"key (e.g. jax.random.key(0))")
 
+    if rng is not None and not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                                                or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
+        raise ValueError(f"{method}: rng must be a jax PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+                         f"got {type(rng).__name__}")
+
     base_leaves, treedef = jax.tree_util.tree_flatten(base)
     model_leaves = [treedef.flatten_up_to(m) for m in models]
     weight_leaves = [treedef.flatten_up_to(w) for w in per_model_weights]
