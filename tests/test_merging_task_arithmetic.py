@@ -22,11 +22,16 @@ mergekit = pytest.importorskip("mergekit")
 from mergekit.merge_methods import registry  # noqa: E402
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 
-# A kernel, a 1-D bias, a 3-D kernel, a one-entry gain and a scalar.
-SHAPES = {"dense": {"kernel": (6, 5), "bias": (5,)}, "conv": {"kernel": (3, 2, 4)}, "gain": (1,), "temperature": ()}
-# DELLA ranks along axis 1, which a scalar lacks, and mergekit divides 0 by 0 for one-entry rows.
-DELLA_SHAPES = {"dense": {"kernel": (6, 5), "bias": (5,)}, "conv": {"kernel": (3, 4, 2)}}
+# A kernel, a 1-D bias, a one-entry gain and a scalar (every merge but DELLA ranks the flattened tensor).
+SHAPES = {"dense": {"kernel": (8, 5), "bias": (8,)}, "gain": (1,), "temperature": ()}  # fsdp splits 8 rows
+# DELLA ranks along axis 1 (of a 3-D kernel too), which a scalar lacks, and mergekit divides 0 by 0 for
+# one-entry rows.
+DELLA_SHAPES = {"dense": {"kernel": (8, 5), "bias": (8,)}, "conv": {"kernel": (3, 4, 2)}}
 WEIGHTS = [0.5, 1.0, 0.7]
+# The masks the merges draw, redrawn here: compiled whole (one program per shape), not op by op.
+_random_mask = jax.jit(sp.random_mask, static_argnums=(1, 2))
+_della_mask = jax.jit(sp.della_mask, static_argnums=(2, 3))
+_della_keep_probabilities = jax.jit(sp.della_keep_probabilities, static_argnums=(1, 2))
 
 
 def _tree(shapes, rng, scale=1.0):
@@ -135,7 +140,7 @@ def _fake_bernoulli(monkeypatch, masks, expected_probabilities):
         mask, expected = queue.pop(0)
         np.testing.assert_allclose(probabilities.numpy().reshape(np.shape(expected)), expected, rtol=1e-6,
                                    atol=1e-7)
-        return torch.from_numpy(np.asarray(mask, np.float32)).reshape(probabilities.shape).to(probabilities.dtype)
+        return torch.from_numpy(np.array(mask, np.float32)).reshape(probabilities.shape).to(probabilities.dtype)
 
     monkeypatch.setattr(mergekit.sparsify.torch, "bernoulli", bernoulli)
     return queue
@@ -152,7 +157,7 @@ def test_dare_l1_rescale_matches_mergekit_with_the_same_masks(monkeypatch, conse
     merged = merging.dare(base, models, WEIGHTS, density=0.5, rng=key, consensus=consensus, rescale="l1")
     for i, b in enumerate(_leaves(base)):
         shape = np.shape(b)
-        masks = [sp.random_mask(sp.model_key(key, i, j), shape, 0.5) for j in range(3)]
+        masks = [_random_mask(sp.model_key(key, i, j), shape, 0.5) for j in range(3)]
         queue = _fake_bernoulli(monkeypatch, masks, [np.full(shape, 0.5)] * 3)
         expected = _mergekit(name, b, [_leaves(m)[i] for m in models], weight=WEIGHTS, density=[0.5] * 3)
         assert not queue  # one mask per model was drawn
@@ -180,7 +185,7 @@ def test_dare_inverse_density_matches_numpy(consensus):
     key = jax.random.key(4)
     merged = merging.dare(base, models, WEIGHTS, density=0.3, rng=key, consensus=consensus)
     for i, b in enumerate(_leaves(base)):
-        sparse = [d * np.asarray(sp.random_mask(sp.model_key(key, i, j), np.shape(b), 0.3)) / 0.3
+        sparse = [d * np.asarray(_random_mask(sp.model_key(key, i, j), np.shape(b), 0.3)) / 0.3
                   for j, d in enumerate(_deltas(base, models, i))]
         expected = _numpy_merge(b, sparse, WEIGHTS, consensus=consensus, normalize=False)
         np.testing.assert_allclose(_leaves(merged)[i], expected, rtol=1e-5, atol=1e-5)
@@ -200,8 +205,10 @@ def test_della_l1_rescale_matches_mergekit_with_the_same_masks(monkeypatch, cons
                            rescale="l1")
     for i, b in enumerate(_leaves(base)):
         deltas = _deltas(base, models, i)
-        masks = [sp.della_mask(sp.model_key(key, i, j), jnp.asarray(d), 0.5, 0.2) for j, d in enumerate(deltas)]
-        queue = _fake_bernoulli(monkeypatch, masks, [_numpy_della_probabilities(d, 0.5, 0.2) for d in deltas])
+        masks = [_della_mask(sp.model_key(key, i, j), jnp.asarray(d), 0.5, 0.2) for j, d in enumerate(deltas)]
+        # mergekit checks jaxkd's keep probabilities before taking jaxkd's masks.
+        probabilities = [np.asarray(_della_keep_probabilities(jnp.asarray(d), 0.5, 0.2)) for d in deltas]
+        queue = _fake_bernoulli(monkeypatch, masks, probabilities)
         expected = _mergekit(name, b, [_leaves(m)[i] for m in models], weight=WEIGHTS, density=[0.5] * 3,
                              epsilon=[0.2] * 3)
         assert not queue
@@ -216,7 +223,7 @@ def test_della_inverse_density_matches_numpy(consensus):
     for i, b in enumerate(_leaves(base)):
         sparse = []
         for j, d in enumerate(_deltas(base, models, i)):
-            mask = np.asarray(sp.della_mask(sp.model_key(key, i, j), jnp.asarray(d), 0.4, 0.1))
+            mask = np.asarray(_della_mask(sp.model_key(key, i, j), jnp.asarray(d), 0.4, 0.1))
             sparse.append(d * mask / _numpy_della_probabilities(d, 0.4, 0.1))
         expected = _numpy_merge(b, sparse, WEIGHTS, consensus=consensus, normalize=consensus is not None)
         np.testing.assert_allclose(_leaves(merged)[i], expected, rtol=1e-5, atol=1e-5)
@@ -268,35 +275,35 @@ def test_merges_under_jit_equal_the_eager_merges():
     def merge(base, models, key, weights):
         return (merging.ties(base, models, weights, density=0.5),
                 merging.dare(base, models, weights, density=0.5, rng=key, consensus="ties"),
-                merging.della(base, models, weights, density=0.5, epsilon=0.1, rng=key))
+                merging.linear(models, weights))  # traced weights: the sum checks wait for concrete ones
 
     jitted = merge(base, models, key, WEIGHTS)  # the weights traced, the hyper-parameters static
     eager = (merging.ties(base, models, WEIGHTS, density=0.5),
              merging.dare(base, models, WEIGHTS, density=0.5, rng=key, consensus="ties"),
-             merging.della(base, models, WEIGHTS, density=0.5, epsilon=0.1, rng=key))
+             merging.linear(models, WEIGHTS))
     _assert_trees_close(jitted, eager, rtol=1e-6, atol=1e-6)
 
 
 def test_fsdp_sharded_merge_equals_the_single_device_merge_and_keeps_the_shardings():
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(8), ("fsdp",))
-    shapes = {"kernel": (8, 4), "bias": (8,), "gain": (1,)}
-    specs = {"kernel": P("fsdp", None), "bias": P("fsdp"), "gain": P()}
-    base, models = _setup(shapes)
+    specs = {"dense": {"kernel": P("fsdp", None), "bias": P("fsdp")}, "gain": P(), "temperature": P()}
+    base, models = _setup()
     place = lambda t: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, specs)  # noqa: E731
     key = jax.random.key(9)
+    # The whole-tensor top-k (TIES; breadcrumbs sorts likewise), the per-row ranks (DELLA), random masks; the
+    # hyper-parameters of other tests, whose single-device programs are compiled already.
     merges = {
         "linear": lambda b, ms: merging.linear(ms, WEIGHTS),
         "ties": lambda b, ms: merging.ties(b, ms, WEIGHTS, density=0.5),
-        "dare": lambda b, ms: merging.dare(b, ms, WEIGHTS, density=0.5, rng=key),
-        "breadcrumbs": lambda b, ms: merging.breadcrumbs(b, ms, WEIGHTS, density=0.5, gamma=0.1),
+        "dare": lambda b, ms: merging.dare(b, ms, WEIGHTS, density=0.3, rng=key),
         "della": lambda b, ms: merging.della(b, ms, WEIGHTS, density=0.5, epsilon=0.1, rng=key),
     }
     sharded_base, sharded_models = place(base), [place(m) for m in models]
     for name, merge in merges.items():
         merged = merge(sharded_base, sharded_models)
         _assert_trees_close(merged, merge(base, models))
-        for leaf_name, leaf in merged.items():
-            assert leaf.sharding == NamedSharding(mesh, specs[leaf_name]), (name, leaf_name, leaf.sharding)
+        for leaf, spec in zip(_leaves(merged), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+            assert leaf.sharding == NamedSharding(mesh, spec), (name, leaf.shape, leaf.sharding)
 
 
 # -- refused input ------------------------------------------------------------------------------------------
@@ -306,9 +313,9 @@ def test_models_whose_trees_or_shapes_differ_are_refused():
     missing = {k: v for k, v in models[1].items() if k != "gain"}
     with pytest.raises(ValueError, match=r"ties: models\[1\]'s tree differs from base's.*gain"):
         merging.ties(base, [models[0], missing, models[2]], WEIGHTS, density=0.5)
-    narrow = {**models[2], "dense": {**models[2]["dense"], "kernel": np.zeros((6, 4), np.float32)}}
-    with pytest.raises(ValueError, match=r"models\[2\] differs from base at 'dense/kernel': shape \(6, 4\) vs "
-                                         r"base's \(6, 5\)"):
+    narrow = {**models[2], "dense": {**models[2]["dense"], "kernel": np.zeros((8, 4), np.float32)}}
+    with pytest.raises(ValueError, match=r"models\[2\] differs from base at 'dense/kernel': shape \(8, 4\) vs "
+                                         r"base's \(8, 5\)"):
         merging.task_arithmetic(base, [models[0], models[1], narrow], WEIGHTS)
     with pytest.raises(ValueError, match=r"models\[1\] differs from models\[0\] at 'dense/kernel'"):
         merging.linear([models[0], narrow], [0.5, 0.5])
@@ -363,7 +370,13 @@ def test_too_few_models_wrong_weight_counts_and_missing_rng_are_refused():
         merging.dare(base, models, WEIGHTS, density=0.5)
     with pytest.raises(ValueError, match=r"della: .*pass rng"):
         merging.della(base, models, WEIGHTS, density=0.5, epsilon=0.1)
+    with pytest.raises(ValueError, match=r"dare: rng must be a jax PRNG key"):
+        merging.dare(base, models, WEIGHTS, density=0.5, rng=0)
+    tiny = {"w": np.ones(3, np.float32)}
+    merging.dare(tiny, [tiny], [1.0], density=0.5, rng=jax.random.PRNGKey(0))  # a raw key is a key
     with pytest.raises(ValueError, match=r"rescale must be one of"):
         merging.dare(base, models, WEIGHTS, density=0.5, rng=jax.random.key(0), rescale="l2")
     with pytest.raises(ValueError, match=r"consensus must be one of"):
         merging.breadcrumbs(base, models, WEIGHTS, density=0.5, consensus="count")
+    with pytest.raises(ValueError, match=r"density must be a Python float \(static under jit\)"):
+        jax.jit(lambda d: merging.ties(base, models, WEIGHTS, density=d))(0.5)

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd.merging.twin_merging import (LowRank, TwinRouter, train_twin_router, twin_apply, twin_compress,
-                                        twin_merged_params, twin_router_loss, twin_router_weights)
-from jaxkd.models.base import from_linen
+from jaxkd.merging.twin_merging import (LowRank, TwinRouter, TwinVectors, train_twin_router, twin_apply,
+                                        twin_compress, twin_merged_params, twin_router_features, twin_router_loss,
+                                        twin_router_weights)
+from jaxkd.models.base import Model, Outputs, from_linen
 
 SCALING = 0.3
 
@@ -74,9 +75,28 @@ def test_compression_is_numpy_truncated_svd_and_exact_at_full_rank():
     full_shapes = {"dense": {"kernel": (5, 3), "bias": (3,)}, "conv": {"kernel": (2, 2, 1, 3)}}
     base, models = _experts(1, full_shapes)
     twin = twin_compress(base, models, rank=3)
+    merge = jax.jit(twin_merged_params)  # one compile for the three experts
     for i, m in enumerate(models):
-        merged = twin_merged_params(twin, jnp.eye(3)[i])
+        merged = merge(twin, jnp.eye(3)[i])
         jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4), merged, m)
+
+
+def test_density_keeps_a_fraction_of_each_leafs_singular_values():
+    base, models = _experts()
+    weights = np.array([0.5, -0.25, 1.0])
+    # density 0.2: dense/kernel (6x4) keeps int(0.8) = 0 singular values, conv/kernel (12x5) int(1.0) = 1.
+    twin = twin_compress(base, models, density=0.2)
+    assert twin.exclusive["dense"]["kernel"].us.shape == (3, 6, 0)
+    assert twin.exclusive["conv"]["kernel"].us.shape == (3, 12, 1)
+    got = jax.jit(twin_merged_params)(twin, jnp.asarray(weights, jnp.float32))
+    shared = _np_shared(base, models)
+    want_conv = shared["conv"]["kernel"] + sum(
+        w * _np_rank_r(np.float64(m["conv"]["kernel"]) - shared["conv"]["kernel"], 1) for w, m in zip(weights, models))
+    np.testing.assert_allclose(got["conv"]["kernel"], want_conv, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["dense"]["kernel"], shared["dense"]["kernel"], rtol=1e-5, atol=1e-5)
+    want_bias = shared["dense"]["bias"] + sum(w * (np.float64(m["dense"]["bias"]) - shared["dense"]["bias"])
+                                              for w, m in zip(weights, models))
+    np.testing.assert_allclose(got["dense"]["bias"], want_bias, rtol=1e-5, atol=1e-5)
 
 
 def test_compress_under_jit_and_with_a_given_shared_merge():
@@ -135,15 +155,28 @@ def test_router_softmax_per_input_params_and_forward_equal_numpy():
     np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-5)
 
     want_logits = []
+    merge = jax.jit(twin_merged_params)  # one compile for the four examples
     for b in range(len(x)):
         want = _np_merged(base, models, want_w[b], rank=1)
-        got = twin_merged_params(twin, got_w[b])
+        got = merge(twin, got_w[b])
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4), got, want)
         want_logits.append(_np_forward(want, np.float64(x[b]))[1])
     logits = twin_apply(net, twin, router, router_params, x, feature="hidden")
     np.testing.assert_allclose(logits, np.stack(want_logits), rtol=1e-4, atol=1e-4)
     in_groups = twin_apply(net, twin, router, router_params, x, feature="hidden", batch_size=3)
     np.testing.assert_allclose(in_groups, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_router_features_average_the_token_axes_of_the_shared_models_feature():
+    tokens = np.random.default_rng(4).normal(size=(2, 3, 4)).astype(np.float32)  # [batch, tokens, D]
+    model = Model(init=None, apply=lambda v, x, *, train, rngs=None: Outputs(
+        logits=x.sum(-1), features={"last_hidden": x * v["params"]["scale"]}, model_state={}))
+    twin = TwinVectors(shared={"scale": np.float32(2.0)}, exclusive={"scale": np.zeros((2,), np.float32)},
+                       num_experts=2, rank=1)
+    got = twin_router_features(model, twin, tokens, feature="last_hidden")
+    np.testing.assert_allclose(got, 2.0 * tokens.mean(axis=1), rtol=1e-6)
+    with pytest.raises(ValueError, match="does not sow a feature named 'hidden'"):
+        twin_router_features(model, twin, tokens, feature="hidden")
 
 
 def test_router_training_learns_separable_routes():
@@ -168,6 +201,13 @@ def test_bad_input_is_refused():
         twin_compress(base, models, rank=0)
     with pytest.raises(ValueError, match="rank=5 exceeds the smaller side of 'dense/kernel'"):
         twin_compress(base, models, rank=5)
+    with pytest.raises(ValueError, match="exactly one of rank= .* and density="):
+        twin_compress(base, models)
+    with pytest.raises(ValueError, match="exactly one of rank= .* and density="):
+        twin_compress(base, models, rank=1, density=0.5)
+    for density in (0.0, 1.5):
+        with pytest.raises(ValueError, match="density"):
+            twin_compress(base, models, density=density)
     with pytest.raises(ValueError, match="at least 2 models"):
         twin_compress(base, models[:1], rank=1)
     other_tree = [models[0], {"dense": models[1]["dense"], "conv2": models[1]["conv"]}]

@@ -23,29 +23,23 @@ from jaxkd.merging.task_arithmetic import (
     ties,
 )
 from jaxkd.merging.trees import check_count, check_same_structure, per_leaf_weights
-# --- helper D: Twin-Merging and ScaLearn ---
+from jaxkd.merging.expert_merging import (chunk_plan, coefficients, expert_merging_model, expert_merging_participants,
+                                          expert_merging_variables, layer_importance, merged_params)
+from jaxkd.merging.fusechat import sce, variation_ratio, variation_ratio_weights
+from jaxkd.merging.scalearn import ScaLearnHead, scalearn_combine, scalearn_model, scalearn_omega
+from jaxkd.merging.slerp import slerp
 from jaxkd.merging.twin_merging import (LowRank, TwinRouter, TwinVectors, train_twin_router, twin_apply,
                                         twin_compress, twin_merged_params, twin_router_features, twin_router_loss,
                                         twin_router_weights)
-from jaxkd.merging.scalearn import ScaLearnHead, scalearn_combine, scalearn_model, scalearn_omega
-# --- end helper D ---
-from jaxkd.merging.expert_merging import (chunk_plan, coefficients, expert_merging_model, expert_merging_participants,
-                                          expert_merging_variables, layer_importance, merged_params)
-
-from jaxkd.merging.fusechat import sce, variation_ratio, variation_ratio_weights
-from jaxkd.merging.slerp import slerp
 
 __all__ = ["check_count", "check_same_structure", "per_leaf_weights",
-           # task arithmetic family (jaxkd/merging/task_arithmetic.py, sparsify.py)
-           "linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "della", "generalized_task_arithmetic",
-           "magnitude_mask", "random_mask", "outlier_mask", "della_keep_probabilities", "della_mask",
-           "rescale_kept", "sparsify_delta", "model_key",
-           # --- helper B ---
            "sce", "slerp", "variation_ratio", "variation_ratio_weights",
-           # helper D
+           "chunk_plan", "coefficients", "expert_merging_model", "expert_merging_participants",
+           "expert_merging_variables", "layer_importance", "merged_params",
            "LowRank", "TwinRouter", "TwinVectors", "train_twin_router", "twin_apply", "twin_compress",
            "twin_merged_params", "twin_router_features", "twin_router_loss", "twin_router_weights",
            "ScaLearnHead", "scalearn_combine", "scalearn_model", "scalearn_omega",
-           # Expert Merging
-           "chunk_plan", "coefficients", "expert_merging_model", "expert_merging_participants",
-           "expert_merging_variables", "layer_importance", "merged_params"]
+           # task arithmetic family (jaxkd/merging/task_arithmetic.py, sparsify.py)
+           "linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "della", "generalized_task_arithmetic",
+           "magnitude_mask", "random_mask", "outlier_mask", "della_keep_probabilities", "della_mask",
+           "rescale_kept", "sparsify_delta", "model_key"]

@@ -20,6 +20,10 @@ Initialization as the official ``avg`` init: ``ωᵢ ~ N(init_scale / N, 0.001²
 (``omega_init_scale: 2.0``); dropout with rate 0.3 is applied to ``ω`` itself in training
 (``dropout_ratio: 0.3``; rescaled by ``1/(1 − p)`` as ``torch.nn.Dropout`` does).
 
+Not reproduced: the optional regularization ``λ Σᵢ (1 − mean_d ωᵢ,d)²`` (off in the default configurations) and
+the ``take_mean`` / ``take_softmax`` ablations. The official GLUE runs use learning rate 6e-3, batch size 32
+and 30 epochs, with every task's adapter as a source (the target's own included).
+
 jaxkd's form (:func:`scalearn_model`): the sources are whole frozen expert models (any
 :class:`~jaxkd.models.Model`); ``hᵢ`` is the feature they publish under one name (``"pooled"`` for the image
 models), the combination ``o = Σᵢ ωᵢ ⊙ hᵢ`` is published as the feature ``"combined"``, and a linear head

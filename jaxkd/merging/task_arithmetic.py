@@ -22,6 +22,7 @@ position in ``jax.tree_util.tree_leaves(base)``) draws from ``sparsify.model_key
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Optional, Sequence
 
@@ -68,6 +69,40 @@ def _per_model(method: str, name: str, value: Any, count: int, **bounds) -> list
 def _check_rescale(method: str, rescale: Any) -> None:
     if rescale not in sp.RESCALES:
         raise ValueError(f"{method}: rescale must be one of {sp.RESCALES}, got rescale={rescale!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("sparsification", "densities", "gammas", "epsilons", "rescale",
+                                             "consensus", "normalize", "scale"))
+def _merge_leaf(base_leaf, model_leaves, weights, rng, leaf_index, *, sparsification, densities, gammas, epsilons,
+                rescale, consensus, normalize, scale):
+    """One leaf of :func:`generalized_task_arithmetic`, compiled once per leaf shape and dtype (not op by op)."""
+    dtype = compute_dtype(base_leaf)
+    theta0 = base_leaf.astype(dtype)
+    deltas = []
+    for j, leaf in enumerate(model_leaves):
+        delta = leaf.astype(dtype) - theta0
+        if sparsification is not None:
+            key = None if rng is None else sp.model_key(rng, leaf_index, j)
+            delta = sp.sparsify_delta(delta, sparsification, density=densities[j], key=key, gamma=gammas[j],
+                                      epsilon=epsilons[j], rescale=rescale)
+        deltas.append(delta)
+    deltas = jnp.stack(deltas)
+    w = jnp.stack([jnp.asarray(v, dtype) for v in weights]).reshape((len(weights),) + (1,) * theta0.ndim)
+    weighted = deltas * w
+    if consensus == "ties":
+        agree = agreement_mask(weighted)
+        mixed = jnp.sum(weighted * agree, axis=0)
+        divisor = jnp.sum(w * agree, axis=0)
+        divisor = jnp.where(divisor == 0, 1, divisor)
+    else:
+        mixed = jnp.sum(weighted, axis=0)
+        divisor = jnp.sum(w, axis=0)
+        divisor = jnp.where(jnp.abs(divisor) < DIVISOR_EPS, 1, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if scale != 1:
+        mixed = mixed * scale
+    return (theta0 + mixed).astype(base_leaf.dtype)
 
 
 def generalized_task_arithmetic(
@@ -117,40 +152,36 @@ def generalized_task_arithmetic(
         raise ValueError(f"{method}: sparsification {sparsification!r} draws random masks: pass rng, a jax PRNG "
                          f"key (e.g. jax.random.key(0))")
 
+    if rng is not None and not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                                                                or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
+        raise ValueError(f"{method}: rng must be a jax PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+                         f"got {type(rng).__name__}")
+
     base_leaves, treedef = jax.tree_util.tree_flatten(base)
     model_leaves = [treedef.flatten_up_to(m) for m in models]
     weight_leaves = [treedef.flatten_up_to(w) for w in per_model_weights]
+    random = sparsification in ("random", "della_magprune") and rng is not None
     merged = []
     for i, base_leaf in enumerate(base_leaves):
-        dtype = compute_dtype(base_leaf)
-        theta0 = jnp.asarray(base_leaf, dtype)
-        deltas = []
-        for j in range(count):
-            delta = jnp.asarray(model_leaves[j][i], dtype) - theta0
-            if sparsification is not None:
-                key = sp.model_key(rng, i, j) if rng is not None else None
-                delta = sp.sparsify_delta(delta, sparsification, density=densities[j], key=key, gamma=gammas[j],
-                                          epsilon=epsilons[j], rescale=rescale)
-            deltas.append(delta)
-        deltas = jnp.stack(deltas)
-        w = jnp.stack([jnp.asarray(weight_leaves[j][i], dtype) for j in range(count)])
-        w = w.reshape((count,) + (1,) * theta0.ndim)
-        weighted = deltas * w
-        if consensus == "ties":
-            agree = agreement_mask(weighted)
-            mixed = jnp.sum(weighted * agree, axis=0)
-            divisor = jnp.sum(w * agree, axis=0)
-            divisor = jnp.where(divisor == 0, 1, divisor)
-        else:
-            mixed = jnp.sum(weighted, axis=0)
-            divisor = jnp.sum(w, axis=0)
-            divisor = jnp.where(jnp.abs(divisor) < DIVISOR_EPS, 1, divisor)
-        if normalize:
-            mixed = mixed / divisor
-        if scale != 1:
-            mixed = mixed * scale
-        merged.append(like_base(theta0 + mixed, base_leaf))
+        # The leaf index is traced: one compile per leaf shape, not per leaf.
+        out = _merge_leaf(base_leaf, tuple(m[i] for m in model_leaves), tuple(w[i] for w in weight_leaves),
+                          rng if random else None, np.int32(i),
+                          sparsification=sparsification, densities=tuple(densities), gammas=tuple(gammas),
+                          epsilons=tuple(epsilons), rescale=rescale, consensus=consensus, normalize=bool(normalize),
+                          scale=scale)
+        merged.append(like_base(out, base_leaf))
     return jax.tree_util.tree_unflatten(treedef, merged)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def _soup_leaf(model_leaves, weights, *, normalize):
+    """One leaf of :func:`linear`, compiled once per leaf shape and dtype."""
+    dtype = compute_dtype(model_leaves[0])
+    w = jnp.stack([jnp.asarray(v, dtype) for v in weights])
+    out = sum(w[j] * leaf.astype(dtype) for j, leaf in enumerate(model_leaves))
+    if normalize:
+        out = out / jnp.sum(w)
+    return out.astype(model_leaves[0].dtype)
 
 
 def linear(models: Sequence[PyTree], weights: Sequence[Any], *, normalize: bool = True) -> PyTree:
@@ -183,12 +214,7 @@ def linear(models: Sequence[PyTree], weights: Sequence[Any], *, normalize: bool 
             if normalize and total == 0:
                 raise ValueError(f"linear: the weights sum to 0 at {_path(path)!r}, so normalize=True cannot "
                                  f"divide by their sum")
-        dtype = compute_dtype(first)
-        w = jnp.stack([jnp.asarray(v, dtype) for v in ws])
-        total_w = jnp.sum(w)
-        out = sum(w[j] * jnp.asarray(model_leaves[j][i], dtype) for j in range(len(models)))
-        if normalize:
-            out = out / total_w
+        out = _soup_leaf(tuple(m[i] for m in model_leaves), tuple(ws), normalize=bool(normalize))
         merged.append(like_base(out, first))
     return jax.tree_util.tree_unflatten(treedef, merged)
 
@@ -250,8 +276,9 @@ def breadcrumbs(base: PyTree, models: Sequence[PyTree], weights: Sequence[Any], 
 
     Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks" (ECCV 2024),
     official code github.com/rezazzr/breadcrumbs. Equals mergekit's (defaults ``gamma=0.01``,
-    ``normalize=False``, no rescale). Per tensor, as mergekit; when ``density + gamma > 1`` fewer outliers are
-    dropped so that ``density`` is kept. ``density`` has no default (mergekit's 1.0 drops nothing, outliers
+    ``normalize=False``, no rescale). Ranked over the whole tensor, as mergekit; the official code
+    (``TaskVectorMiddleKeep``) ranks each row (a torch tensor's last axis) and leaves 0-d tensors whole. When
+    ``density + gamma > 1`` fewer outliers are dropped so that ``density`` is kept (mergekit's rule). ``density`` has no default (mergekit's 1.0 drops nothing, outliers
     included). No requirement on the weights' sum.
     """
     return generalized_task_arithmetic(base, models, weights, sparsification="magnitude_outliers", density=density,
@@ -273,6 +300,7 @@ def della(base: PyTree, models: Sequence[PyTree], weights: Sequence[Any], *, den
     ``rescale: true`` is ``"l1"``. ``normalize=None`` picks mergekit's default for the consensus: True with
     ``"ties"`` (the paper's disjoint mean), False without. Rows are mergekit's (axis 1, a vector as one row;
     see :func:`jaxkd.merging.sparsify.della_keep_probabilities`). ``rng`` is required, as for :func:`dare`.
+    ``density`` and ``epsilon`` have no defaults (mergekit's: 1.0, which prunes nothing, and 0.15).
     No requirement on the weights' sum.
     """
     if normalize is None:

@@ -10,8 +10,12 @@ Offline (:func:`twin_compress`), from a base ``θ0`` and experts ``θ1..θE``:
   ``θ* = θ0 + λ Σᵢ (θᵢ − θ0)`` with ``λ = 0.3`` (``generative/config/twin_merge.yml``: ``second_merge_method:
   task_arithmetic``, ``scaling: 0.3``; 0.29 in the discriminative config);
 * exclusive knowledge: ``θᵢ − θ*`` (= the task vector ``τᵢ`` minus the shared delta ``θ* − θ0``), compressed
-  per matrix leaf by a truncated SVD to rank ``r`` (``sparsify.svd(..., new_rank=r)``, rank 8 in the official
-  runs): ``θᵢ − θ* ≈ Uᵢ,r diag(Sᵢ,r) Vᵢ,rᵀ``, stored as the factors ``usᵢ = Uᵢ,r diag(Sᵢ,r)`` and ``vsᵢ = Vᵢ,r``.
+  per matrix leaf by a truncated SVD to rank ``r``: ``θᵢ − θ* ≈ Uᵢ,r diag(Sᵢ,r) Vᵢ,rᵀ``, stored as the factors
+  ``usᵢ = Uᵢ,r diag(Sᵢ,r)`` and ``vsᵢ = Vᵢ,r``. ``r`` is one rank for every leaf (``rank=``: the generative
+  runs' ``sparsify.svd(..., new_rank=8)``) or a fraction of each leaf's singular values (``density=``:
+  ``r = int(density · min(m, n))``, the discriminative runs' ``sparsify.svd(p, 1 - mask_rate)`` with
+  ``mask_rate = 0.9``, i.e. ``density = 0.1``; a leaf whose ``r`` rounds to 0 loses its exclusive part, as
+  there).
   Leaves of rank 0 or 1 (biases, norms) are kept dense and exact, as the official ``svd`` returns 1-D tensors
   unchanged. A leaf of rank > 2 (a conv kernel ``[kh, kw, cin, cout]``) is compressed as the matrix
   ``[kh·kw·cin, cout]`` (Flax kernels keep the output features last); the official code only meets 2-D
@@ -84,13 +88,15 @@ class TwinVectors:
         stack ``[experts, *leaf.shape]`` of ``θᵢ − θ*`` (leaves of rank 0 or 1), in the working precision
         (float32; float64 for float64 inputs).
       num_experts: ``E`` (static).
-      rank: ``r`` (static).
+      rank: ``r`` when one rank was given, else ``None`` (static).
+      density: the fraction of singular values kept per leaf when given instead, else ``None`` (static).
     """
 
     shared: PyTree
     exclusive: PyTree
     num_experts: int = flax.struct.field(pytree_node=False)
-    rank: int = flax.struct.field(pytree_node=False)
+    rank: int | None = flax.struct.field(pytree_node=False, default=None)
+    density: float | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def _task_arithmetic(base: PyTree, models: Sequence[PyTree], scaling: float) -> PyTree:
@@ -118,32 +124,42 @@ def _matrix_shape(shape: tuple) -> tuple[int, int]:
     return int(np.prod(shape[:-1])), int(shape[-1])
 
 
-def twin_compress(base: PyTree, models: Sequence[PyTree], *, rank: int, shared: Any = "task_arithmetic",
-                  scaling: float = DEFAULT_SCALING) -> TwinVectors:
-    """The shared model ``θ*`` and each expert's exclusive knowledge ``θᵢ − θ*``, truncated to rank ``rank``.
+def twin_compress(base: PyTree, models: Sequence[PyTree], *, rank: int | None = None, density: float | None = None,
+                  shared: Any = "task_arithmetic", scaling: float = DEFAULT_SCALING) -> TwinVectors:
+    """The shared model ``θ*`` and each expert's exclusive knowledge ``θᵢ − θ*``, truncated to low rank.
 
     Args:
       base: the pre-trained parameters ``θ0``.
       models: at least two fine-tuned experts with base's structure.
-      rank: ``r >= 1``, at most the smaller side of every matrix leaf (an ``[m, n]`` leaf keeps ``min(m, n)``
-        singular values at most; the official code silently keeps fewer there, jaxkd refuses).
+      rank: one rank ``r >= 1`` for every matrix leaf, at most the smaller side of each (an ``[m, n]`` leaf has
+        ``min(m, n)`` singular values; the official slicing silently keeps fewer there, jaxkd refuses).
+      density: instead of ``rank``, the fraction ``0 < density <= 1`` of each matrix leaf's singular values to
+        keep, ``r = int(density · min(m, n))`` (the official discriminative setting: 0.1). Give exactly one.
       shared: ``"task_arithmetic"`` (the official default: ``θ0 + scaling · Σ τᵢ``); a function
         ``(base, models) -> params`` such as a TIES merge with its hyper-parameters bound
         (``functools.partial``); or an already merged params pytree (the official ``--share_expert``).
-      scaling: task arithmetic's ``λ`` (0.3, the official generative configuration).
+      scaling: task arithmetic's ``λ`` (0.3, the official generative configuration; 0.29 discriminative).
 
-    Returns a :class:`TwinVectors`. Pure and jittable with ``rank``, ``shared`` and ``scaling`` static.
+    Returns a :class:`TwinVectors`. Pure and jittable with ``rank``/``density``, ``shared`` and ``scaling``
+    static.
 
     Raises:
-      ValueError: fewer than two experts, models or the shared model not of base's structure and shapes, a
-        ``rank`` below 1 or above a matrix leaf's smaller side, an unknown ``shared``.
+      ValueError: fewer than two experts, models or the shared model not of base's structure and shapes, both
+        or neither of ``rank`` and ``density``, a ``rank`` below 1 or above a matrix leaf's smaller side, a
+        ``density`` outside ``(0, 1]``, an unknown ``shared``.
     """
     check_count(models, 2, "twin_compress")
-    rank = check_int("rank", rank, low=1)
+    if (rank is None) == (density is None):
+        raise ValueError(f"twin_compress: give exactly one of rank= (one rank for every leaf) and density= (a fraction "
+                         f"of each leaf's singular values), got rank={rank!r}, density={density!r}")
+    if rank is not None:
+        rank = check_int("rank", rank, low=1)
+    else:
+        check_number("density", density, low=0.0, high=1.0, low_open=True)
     check_number("scaling", scaling)
     check_same_structure(base, models, method="twin_compress")
     for path, leaf in jax.tree_util.tree_flatten_with_path(base)[0]:
-        if np.ndim(leaf) >= 2 and rank > min(_matrix_shape(np.shape(leaf))):
+        if rank is not None and np.ndim(leaf) >= 2 and rank > min(_matrix_shape(np.shape(leaf))):
             m, n = _matrix_shape(np.shape(leaf))
             raise ValueError(f"twin_compress: rank={rank} exceeds the smaller side of {_path(path)!r} "
                              f"(shape {tuple(np.shape(leaf))}, compressed as a {m}x{n} matrix: at most {min(m, n)})")
@@ -155,11 +171,13 @@ def twin_compress(base: PyTree, models: Sequence[PyTree], *, rank: int, shared: 
         shape = tuple(np.shape(shared_leaf))
         if len(shape) < 2:
             return deltas  # kept dense and exact (the official svd returns 1-D tensors unchanged)
-        u, s, vh = jnp.linalg.svd(deltas.reshape(len(experts), *_matrix_shape(shape)), full_matrices=False)
-        return LowRank(us=u[..., :rank] * s[:, None, :rank], vs=jnp.swapaxes(vh[:, :rank, :], 1, 2), shape=shape)
+        matrix = _matrix_shape(shape)
+        r = rank if rank is not None else int(density * min(matrix))
+        u, s, vh = jnp.linalg.svd(deltas.reshape(len(experts), *matrix), full_matrices=False)
+        return LowRank(us=u[..., :r] * s[:, None, :r], vs=jnp.swapaxes(vh[:, :r, :], 1, 2), shape=shape)
 
     return TwinVectors(shared=merged, exclusive=jax.tree.map(exclusive, merged, *models),
-                       num_experts=len(models), rank=rank)
+                       num_experts=len(models), rank=rank, density=density)
 
 
 def twin_merged_params(twin: TwinVectors, router_weights: Array) -> PyTree:
