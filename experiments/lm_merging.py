@@ -245,7 +245,7 @@ def run_experiment(cfg: LMMergingExperiment, out_dir: str) -> dict[str, Any]:
                 try:
                     with phases.phase("evaluation"):
                         merged = merging_experiment.call_merge(spec, base_params, expert_params,
-                                                               jax.random.PRNGKey(cfg.seed))
+                                                               jax.random.key(cfg.seed))
                         if spec.get("scaled"):
                             by_scale = [domains_val(merging_experiment.scaled(base_params, merged, s))
                                         for s in cfg.scale_grid]

@@ -412,7 +412,7 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                 for row, spec in cfg.merges.items():
                     with phases.phase("evaluation"):  # merging and scoring: nothing trains
                         result = cached_merge(out_dir, seed, row, spec, lambda: score_merge(
-                            cfg, spec, base, experts, scorer, jax.random.fold_in(jax.random.PRNGKey(seed), 7)))
+                            cfg, spec, base, experts, scorer, jax.random.fold_in(jax.random.key(seed), 7)))
                     if "unavailable" in result:
                         skipped[row] = result["unavailable"]
                         continue

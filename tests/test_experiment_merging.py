@@ -28,7 +28,7 @@ TINY = [
     "model_kwargs={'hidden_sizes': (8,)}", "base_steps=3", "expert_steps=3", "multitask_steps=3", "seeds=(0,)",
     "batch_size=16", "eval_every=3", "compilation_cache=None", "tensorboard=False", "scale_grid=(0.5, 1.0)",
     "merges={'linear': {'method': 'linear'}, 'task_arithmetic': {'method': 'task_arithmetic', 'scaled': True}, "
-    "'nope': {'method': 'no_such_merge'}}",
+    "'dare': {'method': 'dare', 'density': 0.5, 'scaled': True}, 'nope': {'method': 'no_such_merge'}}",
     "learned={}",
 ]
 #: Every learned merge, a few steps each.
@@ -55,7 +55,7 @@ def _accuracy(params, x, y, subsets):
 def test_vision_run_matches_numpy_merges_then_resumes_without_training(tmp_path, monkeypatch):
     summary = merging_experiment.main(_args(tmp_path / "run"))
     rows = {r["run"]: r for r in summary["rows"]}
-    assert list(rows) == ["base", "expert0", "expert1", "expert2", "multitask", "linear", "task_arithmetic"]
+    assert list(rows) == ["base", "expert0", "expert1", "expert2", "multitask", "linear", "task_arithmetic", "dare"]
     assert "| linear |" in summary["table"] and "expert_merging" not in summary["table"]
     # A merge this version of jaxkd.merging lacks is reported under the table, not fatal.
     assert summary["skipped"] == {"nope": "jaxkd.merging has no 'no_such_merge'"}
@@ -88,7 +88,8 @@ def test_vision_run_matches_numpy_merges_then_resumes_without_training(tmp_path,
     np.testing.assert_allclose(expert_row, _accuracy(experts[1], test_x, test_y, cfg.subsets), atol=1e-9)
 
     # Every stage and merge is in the run folder: a re-run reads them back, no step runs again.
-    assert sorted(os.listdir(tmp_path / "run" / "merges" / "seed0")) == ["linear.json", "task_arithmetic.json"]
+    assert sorted(os.listdir(tmp_path / "run" / "merges" / "seed0")) == ["dare.json", "linear.json",
+                                                                        "task_arithmetic.json"]
 
     def no_steps(*args, **kwargs):
         def step(*args, **kwargs):
