@@ -316,6 +316,7 @@ def summarize(cfg, results, params_of, scales, skipped, test, *, seconds, genera
         lines.append(f"| {name} | {params_of[name]} | " + " | ".join(f"{bpb[c]:.4f}" for c in columns)
                      + f" | {mean:.4f} | {scale} |")
     sizes = ", ".join(f"{c}: {test[c]['num_bytes']} bytes" for c in columns)
+    tuned = ", ".join(f"{d}: {n} rows" for d, n in domain_rows.items())
     merges = "; ".join(f"{row}: {merging_experiment.describe_merge(spec)}" for row, spec in cfg.merges.items()
                        if row not in skipped)
     caption = (
@@ -323,7 +324,7 @@ def summarize(cfg, results, params_of, scales, skipped, test, *, seconds, genera
         f"teacher forcing; Python {sys.version_info.major}.{sys.version_info.minor} standard library"
         f"{'' if cfg.corpus_dir is None else f' (files of {cfg.corpus_dir})'}, byte-level rows of {cfg.seq_len} "
         f"tokens. Bases: {cfg.base_steps} steps on general text ({general_rows} rows); teachers: the large base "
-        f"tuned {cfg.teacher_steps} steps on each domain ({', '.join(f'{d}: {n} rows' for d, n in domain_rows.items())}); "
+        f"tuned {cfg.teacher_steps} steps on each domain ({tuned}); "
         f"students: the small base distilled {cfg.student_steps} steps from its domain's teacher on that domain "
         f"with `{cfg.method}`; merges of the students around the small base ({merges}), the `× λ` merges' λ "
         f"chosen from {tuple(cfg.scale_grid)} by the domains' mean validation-split bits per byte. One seed "

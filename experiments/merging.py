@@ -319,15 +319,22 @@ class Context:
 
     def train_stage(self, stage: str, seed: int, split: data.Split, steps: int, lr: float, init=None):
         """The stage's parameters (``model`` trained with cross-entropy on ``split`` from ``init`` or a fresh
-        initialization): loaded when finished, else trained resumably and saved."""
+        initialization): loaded when finished (with the same settings: another configuration in the same run
+        folder is refused, naming what differs), else trained resumably and saved."""
         directory = stage_dir(self.out_dir, seed, stage)
-        if os.path.isdir(directory):
+        config = {**self.shared, "init": None if init is None else jaxkd.checkpoint.fingerprint(init)["sha256"],
+                  "run": stage, "seed": seed, "steps": steps, "lr": lr, "examples": len(split)}
+        if os.path.isdir(directory) and os.path.exists(directory + ".json"):
+            with open(directory + ".json") as f:
+                differences = jaxkd.checkpoint.config_differences(json.load(f), config)
+            if differences:
+                raise ValueError(f"stage {stage!r} of seed {seed} in {directory} was trained with another "
+                                 f"configuration ({'; '.join(differences)}): use another --out")
             with self.phases.phase("checkpoints"):
                 variables = load_variables(directory, self.abstract)
             self.runner.progress.update(steps)
             return variables["params"]
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash(stage))
-        config = {"init": None if init is None else jaxkd.checkpoint.fingerprint(init)["sha256"]}
         evaluation = Evaluation(lambda state: {"accuracy": self.scorer.test(state.student.params)["all"]},
                                 prefix="test_", progress=("accuracy", ".3f"))
         state = self.fit(stage, seed, self.model, None if init is None else {"params": init}, split, steps, lr,
@@ -335,6 +342,7 @@ class Context:
         variables = jax.device_get(state.student.variables())
         with self.phases.phase("checkpoints"):
             save_variables(directory, variables)
+        write_json(directory + ".json", config)  # last: the stage is finished
         return variables["params"]
 
     def sgd(self, lr: float, steps: int) -> optax.GradientTransformation:
@@ -352,7 +360,7 @@ class Context:
         loader = data.Loader(split.images, split.labels, batch_size=min(cfg.batch_size, len(split)),
                              mean=self.dataset.mean, std=self.dataset.std, shuffle=True, seed=seed,
                              drop_remainder=True, num_epochs=None, num_classes=self.dataset.train.num_classes)
-        config = {**self.shared, **config, "run": run, "seed": seed, "steps": steps, "lr": lr, "examples": len(split)}
+        config = {**self.shared, "run": run, "seed": seed, "steps": steps, "lr": lr, "examples": len(split), **config}
         state, _ = self.runner.fit(run=run, seed=seed, state=state, loaders={"train": loader}, steps=steps,
                                    lr_schedule=optax.cosine_decay_schedule(lr, steps), config=config,
                                    evaluation=evaluation)
@@ -409,9 +417,12 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                     for k, expert in enumerate(experts):
                         record(f"expert{k}", scorer.test(expert))
                     record("multitask", scorer.test(multitask))
+                # What every merge's cached result depends on besides its own spec.
+                sources = {"models": jaxkd.checkpoint.fingerprint([base, *experts])["sha256"],
+                           "scale_grid": list(cfg.scale_grid), **shared}
                 for row, spec in cfg.merges.items():
                     with phases.phase("evaluation"):  # merging and scoring: nothing trains
-                        result = cached_merge(out_dir, seed, row, spec, lambda: score_merge(
+                        result = cached_merge(out_dir, seed, row, {"spec": spec, **sources}, lambda: score_merge(
                             cfg, spec, base, experts, scorer, jax.random.fold_in(jax.random.key(seed), 7)))
                     if "unavailable" in result:
                         skipped[row] = result["unavailable"]
@@ -420,8 +431,9 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                 for row, settings in cfg.learned.items():
                     settings, learn = dict(settings), LEARNED[settings["method"]]
                     fresh = []
-                    result = cached_merge(out_dir, seed, row, settings, lambda: fresh.append(True) or learn(
-                        ctx, row, {k: v for k, v in settings.items() if k != "method"}, base, experts, seed))
+                    learn_settings = {k: v for k, v in settings.items() if k != "method"}
+                    result = cached_merge(out_dir, seed, row, {"spec": settings, **sources}, lambda: (
+                        fresh.append(True) or learn(ctx, row, learn_settings, base, experts, seed)))
                     if not fresh and settings["method"] in LEARNED_TRAINED:  # its steps were not run here
                         progress.update(settings.get("steps", 0))
                     if "unavailable" in result:
@@ -429,7 +441,7 @@ def _run_experiment(cfg: MergingExperiment, out_dir: str) -> dict[str, Any]:
                         continue
                     record(row, result["scores"])
                     details.setdefault(row, []).append(
-                        {k: v for k, v in result.items() if k not in ("scores", "spec")})
+                        {k: v for k, v in result.items() if k not in ("scores", "key")})
                 jax.clear_caches()
         finally:
             runner.close()
@@ -450,24 +462,30 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
-def cached_merge(out_dir: str, seed: int, row: str, spec: Mapping[str, Any], compute: Callable[[], dict]) -> dict:
-    """The merge's result, read from ``merges/seed<seed>/<row>.json`` when written with the same spec, else
-    computed and written (atomically). A merge unavailable in this version of the library is not cached."""
+def write_json(path: str, value: Any) -> None:
+    """``value`` as JSON at ``path``, written to a temporary file and renamed (a kill leaves no half file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def cached_merge(out_dir: str, seed: int, row: str, key: Mapping[str, Any], compute: Callable[[], dict]) -> dict:
+    """The merge's result, read from ``merges/seed<seed>/<row>.json`` when written with the same ``key`` (its
+    spec, the merged models' fingerprint, the settings it read), else computed and written. A merge unavailable
+    in this version of the library is not cached."""
     path = os.path.join(out_dir, "merges", f"seed{seed}", f"{row}.json")
-    spec = json.loads(json.dumps(spec, default=str))
+    key = json.loads(json.dumps(key, default=str))
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached.get("spec") == spec:
+        if cached.get("key") == key:
             return cached
     try:
         result = compute()
     except MergeUnavailable as e:
         return {"unavailable": str(e)}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({**result, "spec": spec}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, {**result, "key": key})
     return result
 
 
@@ -584,7 +602,8 @@ def expert_merging(ctx: Context, row: str, settings: dict, base, experts: list, 
     config = {**ctx.shared, "run": row, "seed": seed, "settings": settings,
               "base": jaxkd.checkpoint.fingerprint(base)["sha256"]}
     state, _ = ctx.runner.fit(run=row, seed=seed, state=state, loaders=loaders, steps=steps,
-                              lr_schedule=lambda step: np.full(np.shape(step), lr), config=config, evaluation=evaluation,
+                              lr_schedule=lambda step: np.full(np.shape(step), lr), config=config,
+                              evaluation=evaluation,
                               combine=combine)
     variables = jax.device_get(state.student.variables())
     lam = merging.coefficients(variables)

@@ -107,6 +107,9 @@ def test_vision_run_matches_numpy_merges_then_resumes_without_training(tmp_path,
     monkeypatch.setattr(merging_experiment, "score_merge", only_unavailable)
     again = merging_experiment.main(_args(tmp_path / "run"))
     assert [r["all_per_seed"] for r in again["rows"]] == [r["all_per_seed"] for r in summary["rows"]]
+    # A stage finished with other settings is not silently reused: the run stops, naming what differs.
+    with pytest.raises(ValueError, match="stage 'expert0' of seed 0 .* another configuration .*steps"):
+        merging_experiment.main(_args(tmp_path / "run", ["expert_steps=4"]))
 
 
 # Slow (~20 s): three learned merges compiled and trained; the fast test above covers the stages, the merges and
