@@ -54,7 +54,8 @@ from jaxkd.models import lm as lm_models
 from experiments import config as config_lib
 from experiments import merging as merging_experiment
 from experiments.lm_fusion import check_domains, domain_of, eval_set, pack
-from experiments.lm_training import bpb_evaluator, lm_participant, optimizer, pretrained_lm, schedule
+from experiments.lm_training import (bpb_evaluator, lm_participant, optimizer, pretrained_lm, rows_fingerprint,
+                                     schedule)
 from experiments.run_log import PreemptionFlag
 from experiments.runner import Evaluation, Runner, entry_point, progress_bar, run_command
 from experiments.timing import Phases
@@ -273,7 +274,16 @@ def distilled_student(cfg, runner, phases, out_dir, domain, method, small_cfg, s
     """The small base distilled from ``teacher`` on ``rows`` (resumably); loaded when already finished."""
     teacher_vars, teacher_key = teacher
     directory = os.path.join(out_dir, "stages", f"student_{domain}")
-    if os.path.isdir(directory):
+    config = {"method": cfg.method, "domain": domain, "student_base": small_key, "teacher": teacher_key,
+              "steps": cfg.student_steps, "lr": cfg.student_lr, "warmup_steps": cfg.warmup_steps,
+              "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+              "rows": rows_fingerprint(rows.tokens, rows.mask)}
+    if os.path.isdir(directory) and os.path.exists(directory + ".json"):
+        with open(directory + ".json") as f:
+            differences = jaxkd.checkpoint.config_differences(json.load(f), config)
+        if differences:
+            raise ValueError(f"the student of {domain!r} in {directory} was distilled with another configuration "
+                             f"({'; '.join(differences)}): use another --out")
         with phases.phase("checkpoints"):
             variables = load_variables(directory, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                                small_vars))
@@ -287,9 +297,6 @@ def distilled_student(cfg, runner, phases, out_dir, domain, method, small_cfg, s
                              tx=optimizer(cfg.student_lr, cfg.student_steps, cfg.warmup_steps, cfg.weight_decay),
                              sample_batch=sample, rng=jax.random.PRNGKey(cfg.seed))
     loader = TextLoader(rows.tokens, rows.mask, batch_size=cfg.batch_size, seed=cfg.seed, num_epochs=None)
-    config = {"method": cfg.method, "domain": domain, "student_base": small_key, "teacher": teacher_key,
-              "steps": cfg.student_steps, "lr": cfg.student_lr, "warmup_steps": cfg.warmup_steps,
-              "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
     evaluation = Evaluation(lambda state: {"bpb": evaluate_val(state.student.variables())}, prefix="val_",
                             progress=("bpb", ".4f"))
     state, _ = runner.fit(run=f"student_{domain}", seed=cfg.seed, state=state, loaders={"train": loader},
@@ -299,6 +306,7 @@ def distilled_student(cfg, runner, phases, out_dir, domain, method, small_cfg, s
     variables = jax.device_get(state.student.variables())
     with phases.phase("checkpoints"):
         save_variables(directory, variables)
+    merging_experiment.write_json(directory + ".json", config)  # last: the student is finished
     return variables
 
 

@@ -200,6 +200,9 @@ def test_lm_merging_scores_every_model_then_resumes_without_training(corpus_dir,
     monkeypatch.setattr(jaxkd, "make_train_step", no_steps)
     again = lm_merging.main(["--config", config, "--out", str(tmp_path / "run")])
     assert again["rows"] == summary["rows"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="student of 'alpha' .* another configuration .*lr"):
+        lm_merging.main(["--config", config, "--out", str(tmp_path / "run"), "--set", "student_lr=0.01"])
 
 
 def test_bad_lm_configs_are_refused(tmp_path):
