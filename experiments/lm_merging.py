@@ -1,8 +1,8 @@
 """Merging students distilled from different teachers (FuseChat's recipe) on the Python standard library's source
 code: one small student per teacher, each distilled from the same small base on its teacher's domain, then merged
-in parameter space into one student (offline, 2 CPU cores, a few minutes).
+in parameter space into one student (offline, 2 CPU cores).
 
-    python -m experiments.lm_merging                        # experiments/configs/lm_merging.py
+    python -m experiments.lm_merging                        # experiments/configs/lm_merging.py (~6 min)
     python -m experiments.lm_merging --set student_steps=50 --set base_steps=100
 
 Wan et al., "FuseChat: Knowledge Fusion of Chat Models" (2024): pairwise knowledge fusion (a target model

@@ -1,7 +1,7 @@
 """Model merging on digits: experts fine-tuned from one base on disjoint class subsets, merged back into one
-model by every method of :mod:`jaxkd.merging`; print a table (offline, 2 CPU cores, a few minutes).
+model by every method of :mod:`jaxkd.merging`; print a table (offline, 2 CPU cores).
 
-    python -m experiments.merging                          # experiments/configs/digits_merging.py
+    python -m experiments.merging                          # experiments/configs/digits_merging.py (~1.6 min)
     python -m experiments.merging --set seeds=(0,) --set expert_steps=100
     python -m experiments.merging --set "merges.ties_d05={'method': 'ties', 'density': 0.5}"
 

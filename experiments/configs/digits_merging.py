@@ -1,6 +1,6 @@
 """The default merging run (``python -m experiments.merging``): a 2-hidden-layer MLP trained briefly on all ten
 digits (the base), fine-tuned into three experts on {0,1,2}, {3,4,5} and {6,7,8,9}, merged by every method of
-jaxkd.merging; three seeds."""
+jaxkd.merging; three seeds. 1.6 min on 2 CPU cores without a compilation cache (measured)."""
 
 from experiments.merging import MergingExperiment
 

@@ -1,7 +1,8 @@
 """The default merging-of-distilled-students run (``python -m experiments.lm_merging``): a 4-layer base LM tuned
 into two teachers on ``encodings/`` and ``asyncio/``, a 2-layer student distilled from each on its domain, the two
 students merged. The bases are lm_fusion's (the same settings: a run of either reuses them from
-``runs/fusion_models``). One seed."""
+``runs/fusion_models``). One seed. 5.7 min on 2 CPU cores from nothing (corpus, seven models, compiles; measured),
+1.4 min when the four pretrained models are cached."""
 
 from experiments.lm_merging import LMMergingExperiment
 
