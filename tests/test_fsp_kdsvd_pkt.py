@@ -205,7 +205,7 @@ def test_fsp_kdsvd_and_pkt_run_in_the_jitted_train_step():
 
 def test_channel_mismatches_are_refused_when_the_state_is_created():
     wide = models.get("resnet8x4", num_classes=NUM_CLASSES)  # stem 32 channels, the student's 16
-    wide_vars = wide.init(jax.random.PRNGKey(1), BATCH["image"])
+    wide_vars = jax.jit(wide.init)(jax.random.PRNGKey(1), BATCH["image"])  # one compile, not one per op
     for spec, match in (("fsp", r"fsp: features 'stem', 'stage1'"), ("kdsvd", r"kdsvd: features 'stage1', 'stage2'")):
         with pytest.raises(ValueError, match=match):
             jaxkd.create(student=STUDENT, teacher=wide, teacher_variables=wide_vars, method=methods.parse(spec),
