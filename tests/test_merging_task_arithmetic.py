@@ -374,6 +374,8 @@ def test_too_few_models_wrong_weight_counts_and_missing_rng_are_refused():
         merging.dare(base, models, WEIGHTS, density=0.5, rng=0)
     tiny = {"w": np.ones(3, np.float32)}
     merging.dare(tiny, [tiny], [1.0], density=0.5, rng=jax.random.PRNGKey(0))  # a raw key is a key
+    with jax.default_prng_impl("rbg"):  # so is a raw key of another implementation (shape (4,))
+        merging.dare(tiny, [tiny], [1.0], density=0.5, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"rescale must be one of"):
         merging.dare(base, models, WEIGHTS, density=0.5, rng=jax.random.key(0), rescale="l2")
     with pytest.raises(ValueError, match=r"consensus must be one of"):

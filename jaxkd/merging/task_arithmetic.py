@@ -152,8 +152,9 @@ def generalized_task_arithmetic(
         raise ValueError(f"{method}: sparsification {sparsification!r} draws random masks: pass rng, a jax PRNG "
                          f"key (e.g. jax.random.key(0))")
 
+    # A typed key, or a raw uint32 key of any implementation (threefry's shape (2,), rbg's (4,)).
     if rng is not None and not (isinstance(rng, jax.Array) and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                                                                or (rng.dtype == jnp.uint32 and rng.shape == (2,)))):
+                                                                or (rng.dtype == jnp.uint32 and rng.ndim == 1))):
         raise ValueError(f"{method}: rng must be a jax PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
                          f"got {type(rng).__name__}")
 
