@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jaxkd
-from jaxkd import methods, models
+from jaxkd import methods, models, sharding
 from jaxkd.merging import (chunk_plan, coefficients, expert_merging_model, expert_merging_participants,
                            expert_merging_variables, layer_importance, merged_params)
 from jaxkd.methods import LossInputs
@@ -331,3 +331,35 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="is not a merged model"):
         jaxkd.create(participants=plain, method=methods.expert_merging(experts=("expert_0",), entries=("calib_0",)),
                      tx=optax.sgd(0.1), sample_batch=batch, rng=jax.random.PRNGKey(0))
+
+
+def test_on_an_fsdp_mesh_the_step_equals_one_device_and_the_merge_sources_are_sharded():
+    """The merge sources are variables of the participant, so the train state shards them like parameters
+    (fsdp over 8 simulated devices), and the sharded steps give the single-device coefficients and losses."""
+    model = models.get("mlp", num_classes=8, hidden_sizes=(64,))  # dense1 kernel [16, 64]: big enough to split
+    rng = np.random.default_rng(0)
+    batch = {k: rng.normal(size=(8, 4, 4, 1)).astype(np.float32) for k in ENTRIES}
+    base = model.init(jax.random.PRNGKey(0), batch["calib_0"])["params"]
+    experts = [jax.tree.map(lambda p, s=s: p + 0.3 * jax.random.normal(jax.random.PRNGKey(s), p.shape), base)
+               for s in (1, 2)]
+    method = methods.parse("expert_merging(experts=('expert_0', 'expert_1'), entries=('calib_0', 'calib_1'), "
+                           "features=('hidden1',), reg_weight=0.01)")
+
+    def run(mesh):
+        parts = expert_merging_participants(model, base, experts, entries=ENTRIES, names=NAMES)
+        state = jaxkd.create(participants=parts, method=method, sample_batch=batch, rng=jax.random.PRNGKey(0),
+                             tx=optax.adam(0.05), mesh=mesh)
+        step, losses = jaxkd.make_train_step(mesh=mesh), []
+        for _ in range(2):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        return state, losses
+
+    single, single_losses = run(None)
+    sharded, sharded_losses = run(sharding.make_mesh({"fsdp": 8}))
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+                 coefficients(sharded.student.variables()), coefficients(single.student.variables()))
+    sources = sharded.student.variables()["expert_merging"]
+    assert sources["base"]["dense1"]["kernel"].addressable_shards[0].data.shape == (16, 8)
+    assert all(k.addressable_shards[0].data.shape == (16, 8) for k in sources["experts"]["dense1"]["dense1.kernel"])
