@@ -6,12 +6,13 @@
 * :mod:`jaxkd.train_state`, :mod:`jaxkd.steps` — the teacher/student state and its jitted steps.
 * :mod:`jaxkd.eval_metrics` — what an evaluation measures (top-1, agreement, teacher–student KL, bits per byte).
 * :mod:`jaxkd.inference` — a model mapped over a dataset (every offline pass: caches, class means, scores).
+* :mod:`jaxkd.merging` — merges in parameter space (soups, task arithmetic, TIES, DARE, SLERP, FuseChat, learned).
 * :mod:`jaxkd.checks` — the argument checks every part shares.
 * :mod:`jaxkd.precision` — mixed-precision policies of trained participants (``policy("bfloat16")``).
 * :mod:`jaxkd.sharding`, :mod:`jaxkd.checkpoint`, :mod:`jaxkd.data`, :mod:`jaxkd.models`.
 """
 
-from jaxkd import batch, checks, eval_metrics, inference, losses, methods, precision
+from jaxkd import batch, checks, eval_metrics, inference, losses, merging, methods, precision
 from jaxkd.participants import Participant
 from jaxkd.steps import NonFiniteError, StepFailedError, evaluate, make_eval_step, make_train_step
 from jaxkd.train_state import TrainState, create
@@ -32,6 +33,7 @@ __all__ = [
     "losses",
     "make_eval_step",
     "make_train_step",
+    "merging",
     "methods",
     "precision",
 ]
