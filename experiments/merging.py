@@ -463,11 +463,8 @@ def stable_hash(text: str) -> int:
 
 
 def write_json(path: str, value: Any) -> None:
-    """``value`` as JSON at ``path``, written to a temporary file and renamed (a kill leaves no half file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    """``value`` as JSON at ``path``, atomically; what JSON cannot represent is written as its text."""
+    report.write_json(path, value, default=str)
 
 
 def cached_merge(out_dir: str, seed: int, row: str, key: Mapping[str, Any], compute: Callable[[], dict]) -> dict:

@@ -95,13 +95,19 @@ def summarize(rows: list[Row], metrics: list[Metric], *, baseline: str | None, c
     return {"rows": json_rows, "table": "\n".join(lines) + "\n\n" + caption, "seconds": seconds}
 
 
+def write_json(path: str, value: Any, *, default: Any = None) -> None:
+    """``value`` as JSON at ``path``, written to a temporary file and renamed (a kill never leaves half a file);
+    ``default`` as in :func:`json.dump` (``str``: write what JSON cannot represent as its text)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2, default=default)
+    os.replace(path + ".tmp", path)
+
+
 def write(out_dir: str, summary: dict[str, Any]) -> None:
     """``results.json`` (written to a temporary file and renamed: a kill never leaves half a file) and
     ``results.md``."""
-    tmp = os.path.join(out_dir, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    write_json(os.path.join(out_dir, "results.json"), summary)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(summary["table"] + f"\n\nWall time: {summary['seconds']:.0f} s.\n")
         if "time" in summary:  # experiments.timing: seconds by phase, compiling taken out of each
