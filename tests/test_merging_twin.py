@@ -224,3 +224,25 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="expert_labels must lie in"):
         train_twin_router(TwinRouter(num_experts=2, hidden=()), np.zeros((4, 2), np.float32), np.array([0, 1, 2, 0]),
                           rng=jax.random.PRNGKey(0), steps=1)
+
+
+def test_fsdp_sharded_experts_give_the_single_device_twin_and_merged_params_keep_the_sharding():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxkd import sharding
+
+    mesh = sharding.make_mesh({"fsdp": 8})
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=(16, 64)).astype(np.float32), "b": rng.normal(size=(64,)).astype(np.float32)}
+    experts = [jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), base) for _ in range(3)]
+    layout = {"w": NamedSharding(mesh, PartitionSpec(None, "fsdp")), "b": NamedSharding(mesh, PartitionSpec())}
+    put = lambda tree: jax.tree.map(jax.device_put, tree, layout)  # noqa: E731
+    single = twin_compress(base, experts, rank=4)
+    sharded = twin_compress(put(base), [put(e) for e in experts], rank=4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                 sharded, single)
+    routes = np.array([0.2, 0.5, 0.3], np.float32)
+    merged = twin_merged_params(sharded, routes)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                 merged, twin_merged_params(single, routes))
+    assert merged["w"].sharding.is_equivalent_to(layout["w"], 2) and sharded.shared["w"].sharding == layout["w"]
