@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jaxkd
-from jaxkd import methods
+from jaxkd import methods, sharding
 from jaxkd.merging.scalearn import scalearn_model, scalearn_omega
 from jaxkd.models.base import Model, Outputs
 
@@ -125,3 +125,30 @@ def test_bad_input_is_refused():
         scalearn_model(wide, wide_vars, feature="h", num_classes=2).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="does not sow a feature named 'pooled'; it sows: \\['h'\\]"):
         scalearn_model(models, source_vars, feature="pooled", num_classes=2).init(jax.random.PRNGKey(0), x)
+
+
+def test_on_an_fsdp_mesh_the_step_equals_one_device_and_the_sources_are_sharded():
+    """The experts are variables of the participant, so the train state shards them like parameters (fsdp
+    over 8 simulated devices), and the sharded steps give the single-device ω, head and losses."""
+    rng = np.random.default_rng(4)
+    models, source_vars = _sources(rng, count=2, d_in=16, d=64)  # each expert's [16, 64] kernel can be split
+    model = scalearn_model(models, source_vars, feature="h", num_classes=3)
+    batch = {"image": rng.normal(size=(8, 16)).astype(np.float32), "label": rng.integers(0, 3, 8)}
+
+    def run(mesh):
+        state = jaxkd.create(student=model, method=methods.ce(), tx=optax.adam(0.05), sample_batch=batch,
+                             rng=jax.random.PRNGKey(0), mesh=mesh)
+        step, losses = jaxkd.make_train_step(mesh=mesh), []
+        for _ in range(2):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["ce"]))
+        return state, losses
+
+    single, single_losses = run(None)
+    sharded, sharded_losses = run(sharding.make_mesh({"fsdp": 8}))
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                 sharded.student.params, single.student.params)
+    for i in range(2):
+        w = sharded.student.model_state["sources"][f"source_{i}"]["params"]["w"]
+        assert w.addressable_shards[0].data.shape == (16, 8)
